@@ -1,0 +1,125 @@
+"""The backend contract: what the batcher and executor need from a runtime (ONNX Runtime, TensorRT).
+
+Lifecycle: the constructor only stores its ``BackendConfig``; ``open()`` loads (slow: engine build,
+session creation; called off the event loop); ``run()`` executes one batch on one instance and is
+always called from that instance's own thread (one instance = one execution context + one stream,
+or one ONNX Runtime session slot), so an instance never runs two batches at once; ``close()``
+releases everything. Backends never see gRPC or the batcher.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import pathlib
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+Shape = Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output. ``dims`` excludes the batch dimension when the model batches
+    (max_batch_size > 0), as in config.pbtxt; -1 marks a variable dimension."""
+
+    name: str
+    datatype: str  # wire name, e.g. "FP32"
+    dims: Shape
+    optional: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeRange:
+    """min/opt/max of one input in one optimization profile; full shapes, batch dimension included."""
+
+    min: Shape
+    opt: Shape
+    max: Shape
+
+    def contains(self, shape: Shape) -> bool:
+        return len(shape) == len(self.min) and all(lo <= d <= hi for d, lo, hi in zip(shape, self.min, self.max))
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimization profile (or any shape-range contract) and the instances that serve it."""
+
+    index: int
+    inputs: Mapping[str, ShapeRange]
+    instances: Tuple[int, ...]
+
+    def fits(self, shapes: Mapping[str, Shape]) -> bool:
+        """True if every input shape (batch included) lies inside this profile's min/max."""
+        return all(name not in self.inputs or self.inputs[name].contains(s) for name, s in shapes.items())
+
+    def distance(self, shapes: Mapping[str, Shape]) -> int:
+        """Manhattan distance to ``opt`` over every input (Triton's GetMostOptimizedProfile rule)."""
+        return sum(
+            abs(d - o) for name, s in shapes.items() if name in self.inputs for d, o in zip(s, self.inputs[name].opt)
+        )
+
+    def describe(self) -> str:
+        return f"profile {self.index} (" + "; ".join(
+            f"{n}: min {list(r.min)} max {list(r.max)}" for n, r in self.inputs.items()
+        ) + ")"
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """Outputs of one batch, with the time spent in each stage (Triton's compute_input/infer/output)."""
+
+    outputs: Dict[str, np.ndarray]
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig:
+    """What a backend is told about the model it serves (built by the repository from config.pbtxt)."""
+
+    name: str
+    version: str
+    model_dir: pathlib.Path  # the version folder, e.g. <repo>/mlp/1
+    default_model_filename: str  # "" -> the backend's default (model.onnx, model.plan)
+    max_batch_size: int
+    inputs: Sequence[TensorSpec]  # empty -> the backend declares them (auto-complete)
+    outputs: Sequence[TensorSpec]
+    instance_count: int = 1
+    parameters: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    cuda_graphs: bool = False
+    cache_dir: Optional[pathlib.Path] = None
+    device_id: int = 0
+
+
+class Backend(abc.ABC):
+    """One model version loaded on one runtime."""
+
+    platform: str = ""  # reported by ModelMetadata / ModelConfig, e.g. "onnxruntime_onnx", "tensorrt_plan"
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Loads the model and creates every instance. Blocking; raises ModelLoadError naming the tensor."""
+
+    @abc.abstractmethod
+    def io(self) -> Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]:
+        """(inputs, outputs) as the model file declares them; valid after open()."""
+
+    def profiles(self) -> Sequence[Profile]:
+        """Shape ranges the batcher must respect; empty means any shape allowed by the dims."""
+        return ()
+
+    def instance_count(self) -> int:
+        return self.config.instance_count
+
+    @abc.abstractmethod
+    def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
+        """Runs one batch on ``instance``. Called only from that instance's thread."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Releases every resource; the backend is unusable afterwards."""
