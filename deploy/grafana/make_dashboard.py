@@ -144,6 +144,20 @@ def panels() -> List[Dict[str, Any]]:
                           "CANCELED, BACKEND (execution error), OTHER.",
                           [("sum by (model, reason) (rate(nv_inference_request_failure{%s}[%s]))" % (SEL, RI),
                             "{{model}} {{reason}}")], "reqps", stack=True))
+    out.append(timeseries(lay, "Rejected and timed-out requests",
+                          "trtserve_requests_rejected_total (queue full) and trtserve_requests_timed_out_total "
+                          "(queue timeout) per second.",
+                          [("sum by (model) (rate(trtserve_requests_rejected_total{%s}[%s]))" % (SEL, RI),
+                            "{{model}} rejected"),
+                           ("sum by (model) (rate(trtserve_requests_timed_out_total{%s}[%s]))" % (SEL, RI),
+                            "{{model}} timed out")], "reqps"))
+    out.append(timeseries(lay, "Model state",
+                          "1 while a model version is in the state (trtserve_model_state), and its last load time "
+                          "in seconds (trtserve_model_load_seconds).",
+                          [('max by (model, version, state) (trtserve_model_state{%s} == 1)' % SEL,
+                            "{{model}} v{{version}} {{state}}"),
+                           ("max by (model, version) (trtserve_model_load_seconds{%s})" % SEL,
+                            "{{model}} v{{version}} load s")], "short"))
     out.append(timeseries(lay, "Throughput by server",
                           "Requests/s per trtserve instance: shows how evenly clients spread the load.",
                           [("sum by (instance) (rate(nv_inference_request_success{%s}[%s]))" % (SEL, RI),
@@ -158,6 +172,15 @@ def panels() -> List[Dict[str, Any]]:
                           "Time from arrival to the start of execution (batching delay included), from "
                           "trtserve_queue_duration_seconds.",
                           quantiles("trtserve_queue_duration_seconds_bucket", (0.5, 0.99)), "s"))
+    out.append(timeseries(lay, "Compute time p50 / p99",
+                          "Compute time (input + infer + output) of the batch that served each request, from "
+                          "trtserve_compute_duration_seconds.",
+                          quantiles("trtserve_compute_duration_seconds_bucket", (0.5, 0.99)), "s"))
+    out.append(timeseries(lay, "Queue share of latency",
+                          "Fraction of end-to-end time spent waiting in the queue (Triton counters).",
+                          [("sum by (model) (rate(nv_inference_queue_duration_us{%s}[%s])) / sum by (model) "
+                            "(rate(nv_inference_request_duration_us{%s}[%s]))" % (SEL, RI, SEL, RI), "{{model}}")],
+                          "percentunit"))
     out.append(timeseries(lay, "Average time per request by phase (Triton counters)",
                           "Cumulative microsecond counters divided by successful requests, as Triton users chart "
                           "them: request, queue, compute input/infer/output.",
