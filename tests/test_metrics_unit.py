@@ -114,6 +114,7 @@ def test_success_counters_and_durations_exact(obs: PrometheusObserver) -> None:
         obs.batch_done("m", "1", 4, 2, 200_000, 4 * MS, 400_000, True)
     for _ in range(6):
         ok(obs, rows=2)
+    fail(obs, "backend")  # its rows do not count
     s = scrape(obs)
     lab = {"model": "m", "version": "1"}
     assert s.value("nv_inference_request_success", **lab) == 6
@@ -124,8 +125,9 @@ def test_success_counters_and_durations_exact(obs: PrometheusObserver) -> None:
     assert s.value("nv_inference_compute_input_duration_us", **lab) == 6 * 100
     assert s.value("nv_inference_compute_infer_duration_us", **lab) == 6 * 2000
     assert s.value("nv_inference_compute_output_duration_us", **lab) == 6 * 200
-    for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER"):
+    for reason in ("REJECTED", "CANCELED", "OTHER"):
         assert s.value("nv_inference_request_failure", reason=reason, **lab) == 0
+    assert s.value("nv_inference_request_failure", reason="BACKEND", **lab) == 1
     assert s.value("trtserve_request_duration_seconds_count", **lab) == 6
     assert s.value("trtserve_request_duration_seconds_sum", **lab) == pytest.approx(6 * 0.005)
     assert s.value("trtserve_compute_duration_seconds_sum", **lab) == pytest.approx(6 * 0.0023)
@@ -151,6 +153,13 @@ def test_failures_by_reason(obs: PrometheusObserver) -> None:
     assert s.value("nv_inference_queue_duration_us", **lab) == 0
     assert s.value("trtserve_request_duration_seconds_count", **lab) == 0
     assert s.value("trtserve_queue_duration_seconds_count", **lab) == 0
+
+
+def test_negative_durations_are_clamped_like_statistics(obs: PrometheusObserver) -> None:
+    ok(obs, request_ns=-5, queue_ns=-1, ci=-1, cf=-1, co=-1)
+    s = scrape(obs)
+    assert s.value("nv_inference_request_duration_us", model="m", version="1") == 0
+    assert s.value("trtserve_request_duration_seconds_bucket", le="0.0001", model="m", version="1") == 1
 
 
 def test_latency_histogram_buckets_are_cumulative_and_inclusive(obs: PrometheusObserver) -> None:
@@ -182,7 +191,7 @@ def test_batch_size_histogram(obs: PrometheusObserver) -> None:
         assert s.value("trtserve_batch_size_bucket", le=le, **lab) == n, le
     assert s.value("trtserve_batch_size_count", **lab) == 6  # every formed batch ...
     assert s.value("nv_inference_exec_count", **lab) == 5  # ... but only successful executions count here
-    assert s.value("nv_inference_count", **lab) == 1 + 3 + 4 + 1024 + 2000
+    assert s.value("nv_inference_count", **lab) == 0  # rows come from successful requests, not batches
 
 
 def test_pending_gauge_and_queue_depth_per_priority(obs: PrometheusObserver) -> None:

@@ -12,8 +12,9 @@ What counts where (Triton's rules, ``core`` src/infer_stats.cc, so ModelStatisti
 
 - ``nv_inference_request_success`` and the five ``nv_inference_*_duration_us`` counters: successful requests
   only; failures add to ``nv_inference_request_failure{reason}`` and nothing else.
-- ``nv_inference_count`` (rows) and ``nv_inference_exec_count``: batches that executed successfully, as
-  Triton's backends report batch statistics only when not every response failed.
+- ``nv_inference_count``: rows of successful requests (a request of batch n counts n, padding never
+  counts); ``nv_inference_exec_count``: batches that executed successfully, as Triton's backends report
+  batch statistics only when not every response failed. ``statistics.py`` counts the same way.
 - ``trtserve_request/queue/compute_duration_seconds``: successful requests, so that ``_sum`` matches the
   ``*_duration_us`` counters and instant rejections do not drag the quantiles down; compute is the
   request's input + infer + output time. ``trtserve_batch_size``: every formed batch, failed or not.
@@ -162,15 +163,19 @@ class PrometheusObserver(Observer):
                 elif reason == "timeout":
                     s.timed_out += 1
                 return
+            # Clamped as statistics.py does, so both report the same sums.
+            request_ns, queue_ns = max(0, request_ns), max(0, queue_ns)
+            ci, cf, co = max(0, compute_input_ns), max(0, compute_infer_ns), max(0, compute_output_ns)
             s.success += 1
+            s.inference_count += rows
             s.request_ns += request_ns
             s.queue_ns += queue_ns
-            s.compute_input_ns += compute_input_ns
-            s.compute_infer_ns += compute_infer_ns
-            s.compute_output_ns += compute_output_ns
+            s.compute_input_ns += ci
+            s.compute_infer_ns += cf
+            s.compute_output_ns += co
             s.request_s.observe(request_ns / 1e9)
             s.queue_s.observe(queue_ns / 1e9)
-            s.compute_s.observe((compute_input_ns + compute_infer_ns + compute_output_ns) / 1e9)
+            s.compute_s.observe((ci + cf + co) / 1e9)
 
     def batch_done(
         self, model: str, version: str, batch_size: int, requests: int, compute_input_ns: int,
@@ -180,7 +185,6 @@ class PrometheusObserver(Observer):
             s = self._get(model, version)
             s.batch_size.observe(batch_size)
             if ok:
-                s.inference_count += batch_size
                 s.exec_count += 1
 
     def model_state(self, model: str, version: str, state: str, load_s: float = 0.0) -> None:
