@@ -6,9 +6,11 @@ from __future__ import annotations
 
 
 class TrtServeError(Exception):
-    """Base class: ``code`` is a grpc.StatusCode name."""
+    """Base class: ``code`` is a grpc.StatusCode name; ``reason`` is the failure reason reported to
+    the observers (statistics and the ``reason`` label of nv_inference_request_failure)."""
 
     code = "INTERNAL"
+    reason = "backend"
 
     @property
     def message(self) -> str:
@@ -17,30 +19,49 @@ class TrtServeError(Exception):
 
 class InvalidArgument(TrtServeError):
     code = "INVALID_ARGUMENT"
+    reason = "invalid"
 
 
 class NotFound(TrtServeError):
     code = "NOT_FOUND"
+    reason = "invalid"
 
 
 class Unavailable(TrtServeError):
     code = "UNAVAILABLE"
+    reason = "unavailable"
 
 
 class DeadlineExceeded(TrtServeError):
     code = "DEADLINE_EXCEEDED"
+    reason = "timeout"
 
 
 class Cancelled(TrtServeError):
     code = "CANCELLED"
+    reason = "cancelled"
 
 
 class Unimplemented(TrtServeError):
     code = "UNIMPLEMENTED"
+    reason = "invalid"
 
 
 class AlreadyExists(TrtServeError):
     code = "ALREADY_EXISTS"
+    reason = "invalid"
+
+
+class QueueFull(Unavailable):
+    """The priority level's queue is at max_queue_size (Triton answers UNAVAILABLE too)."""
+
+    reason = "rejected"
+
+
+class QueueTimeout(Unavailable):
+    """The queue policy's timeout expired with timeout_action REJECT."""
+
+    reason = "timeout"
 
 
 class Internal(TrtServeError):

@@ -1,5 +1,1 @@
-"""Observers of the core's events (``events.Observer``) and the ``/metrics`` endpoint.
-
-Import the modules themselves (``metrics.prometheus``, ``metrics.http``, ``metrics.statistics``) so that
-importing one never pulls in the others.
-"""
+"""Observers of the core's events: ModelStatistics (statistics.py) and Prometheus (prometheus.py)."""

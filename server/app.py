@@ -1,0 +1,99 @@
+"""The server: wires repository, batchers, observers, gRPC service and metrics endpoint, and runs
+them in order (start: load models -> serve; stop: not ready -> finish in-flight -> unload)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import pathlib
+from typing import List, Optional
+
+import grpc
+
+from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
+from trtserve.server.events import Fanout, Observer
+from trtserve.server.metrics.statistics import Statistics
+from trtserve.server.protocol import health
+from trtserve.server.protocol.service import InferenceService
+from trtserve.server.repository.registry import ModelRepository
+
+log = logging.getLogger("trtserve")
+INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    model_repository: pathlib.Path
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001  # 0 picks a free port
+    metrics_port: Optional[int] = 8002  # None disables /metrics; 0 picks a free port
+    max_message_bytes: int = INT32_MAX  # Triton's limit; grpcio's default 4 MiB is too small for tensors
+    drain_seconds: float = 30.0
+    cache_dir: Optional[pathlib.Path] = None  # TensorRT plan cache
+    gpu_metrics: bool = True
+
+
+class TrtServer:
+    """Lifecycle: ``await start()`` -> serving; ``await stop()`` drains and releases everything."""
+
+    def __init__(self, options: ServerOptions, extra_observers: Optional[List[Observer]] = None) -> None:
+        self.options = options
+        self.statistics = Statistics()
+        self.prometheus = None
+        observers: List[Observer] = [self.statistics]
+        if options.metrics_port is not None:
+            from trtserve.server.metrics.prometheus import PrometheusObserver
+
+            self.prometheus = PrometheusObserver(gpu=options.gpu_metrics)
+            observers.append(self.prometheus)
+        observers.extend(extra_observers or [])
+        self.observer = Fanout(observers)
+        self.repository = ModelRepository(options.model_repository, self.observer, options.cache_dir,
+                                          options.drain_seconds)
+        self.service = InferenceService(self.repository, self.statistics, self.observer)
+        self.grpc_port: Optional[int] = None
+        self.metrics_port: Optional[int] = None
+        self._server: Optional[grpc.aio.Server] = None
+        self._health = None
+        self._metrics_server = None
+
+    async def start(self) -> int:
+        """Loads every model, then starts serving; returns the bound gRPC port."""
+        opts = [("grpc.max_send_message_length", self.options.max_message_bytes),
+                ("grpc.max_receive_message_length", self.options.max_message_bytes),
+                ("grpc.so_reuseport", 0)]
+        self._server = grpc.aio.server(options=opts)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self._server)
+        self._health = health.add_health(self._server)
+        health.add_reflection(self._server)
+        self.grpc_port = self._server.add_insecure_port(f"{self.options.host}:{self.options.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {self.options.host}:{self.options.grpc_port}")
+        await self.repository.load_all()
+        if self.prometheus is not None and self.options.metrics_port is not None:
+            from trtserve.server.metrics.http import MetricsServer
+
+            self._metrics_server = MetricsServer(self.prometheus.registry, self.options.host, self.options.metrics_port)
+            self.metrics_port = self._metrics_server.start()
+        await self._server.start()
+        await health.set_serving(self._health, True)
+        log.info("trtserve serving gRPC on %s:%d (metrics: %s)", self.options.host, self.grpc_port,
+                 self.metrics_port if self.metrics_port is not None else "off")
+        return self.grpc_port
+
+    async def stop(self, grace: Optional[float] = None) -> None:
+        """Drain: readiness false first, refuse new inferences, let in-flight RPCs finish within
+        ``grace`` seconds (default: drain_seconds), then unload models and stop /metrics."""
+        grace = self.options.drain_seconds if grace is None else grace
+        self.service.accepting = False
+        if self._health is not None:
+            await health.set_serving(self._health, False)
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.repository.close()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

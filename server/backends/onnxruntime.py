@@ -1,0 +1,92 @@
+"""ONNX Runtime on CPU: the embedded default backend, so ``trtserve serve`` works on any machine.
+
+One InferenceSession is shared by every instance: ``InferenceSession.run`` is thread-safe, and each
+instance's thread runs one batch at a time, so ``instance_group.count`` sets how many batches run at
+once. Intra-op threads are split between instances so two batches do not fight over every core.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from trtserve.server.backends.base import Backend, BatchResult, TensorSpec
+from trtserve.server.errors import Internal, ModelLoadError
+
+# ONNX Runtime type strings -> wire datatypes
+_ORT_TYPES = {
+    "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(bfloat16)": "BF16",
+    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
+    "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
+}
+
+
+def _dims(shape) -> Tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+class OnnxRuntimeBackend(Backend):
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._session = None
+        self._io: Optional[Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]] = None
+
+    def open(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ModelLoadError(f"model '{self.config.name}': onnxruntime is not installed "
+                                 "(pip install 'trtserve[cpu]')") from None
+        path = self.config.model_dir / (self.config.default_model_filename or "model.onnx")
+        if not path.is_file():
+            raise ModelLoadError(f"model '{self.config.name}': {path} does not exist")
+        opts = ort.SessionOptions()
+        threads = self.config.parameters.get("trtserve.intra_op_threads")
+        cores = os.cpu_count() or 1
+        opts.intra_op_num_threads = int(threads) if threads else max(1, cores // max(1, self.config.instance_count))
+        opts.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types; the message says what is wrong
+            raise ModelLoadError(f"model '{self.config.name}': ONNX Runtime cannot load {path}: {e}") from None
+        ins, outs = [], []
+        for kind, metas, out in (("input", self._session.get_inputs(), ins),
+                                 ("output", self._session.get_outputs(), outs)):
+            for m in metas:
+                if m.type not in _ORT_TYPES:
+                    raise ModelLoadError(f"model '{self.config.name}': {kind} '{m.name}' has unsupported type {m.type}")
+                out.append(TensorSpec(m.name, _ORT_TYPES[m.type], _dims(m.shape)))
+        self._io = (tuple(ins), tuple(outs))
+
+    def io(self) -> Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]:
+        if self._io is None:
+            raise RuntimeError("io() before open()")
+        return self._io
+
+    def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
+        if self._session is None:
+            raise Internal(f"model '{self.config.name}': backend is closed")
+        t0 = time.perf_counter_ns()
+        feed = {k: (v.astype(str) if v.dtype == object else v) for k, v in inputs.items()}
+        t1 = time.perf_counter_ns()
+        try:
+            results = self._session.run(list(outputs), feed)
+        except Exception as e:  # a failed batch: every request in it gets INTERNAL with this text
+            raise Internal(f"model '{self.config.name}': ONNX Runtime failed: {e}") from None
+        t2 = time.perf_counter_ns()
+        out = {}
+        for name, value in zip(outputs, results):
+            arr = np.asarray(value)
+            if arr.dtype.kind == "U":
+                arr = np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(arr)
+            out[name] = arr
+        t3 = time.perf_counter_ns()
+        return BatchResult(out, compute_input_ns=t1 - t0, compute_infer_ns=t2 - t1, compute_output_ns=t3 - t2)
+
+    def close(self) -> None:
+        self._session = None

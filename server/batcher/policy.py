@@ -1,0 +1,118 @@
+"""Pure batch formation: (pending requests, now, policy, free instances) -> run this batch | wait.
+
+No clock is read and nothing sleeps here, so tests pass ``now`` instead of waiting.
+
+The rules, in order:
+1. The head is the oldest request of the highest priority level (level 1 first, FIFO inside a level;
+   requests delayed by ``timeout_action: DELAY`` come after all others).
+2. The head's batch takes every later queued request that can share it (same shape class, or
+   paddable to one, still fitting a profile and max_batch_size), in that same order. A request is
+   never split across batches.
+3. The batch runs on a free instance whose profile fits it, the one closest to ``opt`` first. If the
+   fitting profiles have no free instance, the head alone is tried; otherwise the batch waits for a
+   slot (it never runs where no profile accepts it).
+4. It runs now when it is full (max_batch_size), when a prefix of it reaches a preferred batch size
+   (the largest such prefix runs), when its head has waited max_queue_delay, or when nothing is
+   executing on this model's instances. The last rule is why an idle executor never waits: the
+   queue has already given the batch everything it can (rule 2), so waiting could only help if new
+   requests arrived, and meanwhile the device would sit idle; under load, batches form while others
+   run, which is where batching pays. While another batch runs, a partial batch waits up to
+   max_queue_delay for more requests on a second instance instead of competing with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+from trtserve.server.backends.base import Profile
+from trtserve.server.batcher.request import Pending, Shape
+from trtserve.server.batcher.shapes import ShapeRules
+from trtserve.server.repository.model_config import BatchingPolicy
+
+
+@dataclasses.dataclass
+class Plan:
+    """Either a batch to run (``requests`` non-empty) or how long to wait (None: until something happens)."""
+
+    requests: List[Pending] = dataclasses.field(default_factory=list)
+    rows: int = 0
+    shapes: Dict[str, Shape] = dataclasses.field(default_factory=dict)
+    instance: Optional[int] = None
+    profile: Optional[Profile] = None
+    wait_s: Optional[float] = None
+
+
+def _gather(pending: Sequence[Pending], rules: ShapeRules, enabled: bool) -> Tuple[List[Pending], int, Dict]:
+    head = pending[0]
+    batch, rows, shapes = [head], head.rows, dict(head.shapes)
+    if not enabled:
+        return batch, rows, shapes
+    for r in pending[1:]:
+        if rows >= rules.max_batch_size:
+            break
+        merged = rules.merge(rows, shapes, r.rows, r.shapes)
+        if merged is not None:
+            rows, shapes = merged
+            batch.append(r)
+    return batch, rows, shapes
+
+
+def _place(rules: ShapeRules, rows: int, shapes: Dict[str, Shape],
+           free: Set[int]) -> Tuple[Optional[int], Optional[Profile]]:
+    if not rules.profiles:
+        return (min(free), None) if free else (None, None)
+    for p in rules.fitting(rows, shapes):
+        idle = sorted(i for i in p.instances if i in free)
+        if idle:
+            return idle[0], p
+    return None, None
+
+
+def _preferred_prefix(batch: List[Pending], preferred: Sequence[int]) -> int:
+    """Length of the longest prefix whose rows equal a preferred size (0 if none)."""
+    best, rows = 0, 0
+    for i, r in enumerate(batch):
+        rows += r.rows
+        if rows in preferred:
+            best = i + 1
+    return best
+
+
+def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: ShapeRules, free: Set[int],
+         busy: bool) -> Plan:
+    """Decides the next batch. ``pending`` is in scheduling order (rule 1); ``free`` are idle
+    instances; ``busy`` says whether any batch of this model is executing."""
+    if not pending or not free:
+        return Plan()
+    batch, rows, shapes = _gather(pending, rules, policy.enabled)
+    instance, profile = _place(rules, rows, shapes, free)
+    if instance is None and len(batch) > 1:
+        head = pending[0]
+        batch, rows, shapes = [head], head.rows, dict(head.shapes)
+        instance, profile = _place(rules, rows, shapes, free)
+    if instance is None:
+        return Plan()  # every fitting profile is busy: a slot's release wakes the scheduler
+
+    def run(reqs: List[Pending]) -> Plan:
+        if len(reqs) == len(batch):
+            return Plan(reqs, rows, shapes, instance, profile)
+        r_rows, r_shapes = reqs[0].rows, dict(reqs[0].shapes)
+        for r in reqs[1:]:
+            merged = rules.merge(r_rows, r_shapes, r.rows, r.shapes)
+            assert merged is not None  # a prefix of a mergeable batch is mergeable
+            r_rows, r_shapes = merged
+        inst, prof = _place(rules, r_rows, r_shapes, free)
+        return Plan(reqs, r_rows, r_shapes, inst if inst is not None else instance, prof or profile)
+
+    if not policy.enabled or rows >= rules.max_batch_size:
+        return run(batch)
+    cut = _preferred_prefix(batch, policy.preferred_batch_sizes)
+    if cut:
+        return run(batch[:cut])
+    if not busy:
+        return run(batch)
+    waited = now - batch[0].arrival
+    delay = policy.max_queue_delay_us / 1e6
+    if waited >= delay:
+        return run(batch)
+    return Plan(wait_s=delay - waited)

@@ -1,0 +1,299 @@
+"""DynamicBatcher: one asyncio task per model version that ties queue, policy, assembly and the
+executor pool together, and settles every request's future exactly once.
+
+Everything here runs on the event loop; only ``_work`` (stack -> backend.run -> split) runs on an
+instance's thread. The loop sleeps on an Event (new request, released slot, cancellation) with a
+timeout for the next deadline or queue delay: no busy waiting.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from trtserve.server.backends.base import Backend, BatchResult
+from trtserve.server.batcher import assemble, policy
+from trtserve.server.batcher.request import Pending, RequestResult
+from trtserve.server.batcher.shapes import ShapeRules, describe_profiles
+from trtserve.server.errors import (DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout,
+                                    TrtServeError, Unavailable)
+from trtserve.server.events import Observer
+from trtserve.server.executor.pool import ExecutorPool
+from trtserve.server.repository.model_config import ModelSpec
+
+log = logging.getLogger("trtserve.batcher")
+
+
+def settle(fut: "asyncio.Future", result: Optional[RequestResult] = None,
+           error: Optional[BaseException] = None) -> bool:
+    """Answers a request once; False if it was already answered or cancelled."""
+    if fut.done():
+        return False
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+    return True
+
+
+class DynamicBatcher:
+    """Queues requests for one model version and runs them in batches on the backend's instances."""
+
+    def __init__(self, spec: ModelSpec, backend: Backend, observer: Observer,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.spec = spec
+        self._backend = backend
+        self._observer = observer
+        self._clock = clock
+        self._rules = ShapeRules(
+            batches=spec.batches, max_batch_size=max(1, spec.max_batch_size), paddable=frozenset(spec.pad_values),
+            profiles=tuple(backend.profiles()),
+        )
+        self._unpad = {
+            out: (inp, tuple(i for i, d in enumerate(spec.output(out).dims) if d == -1))  # type: ignore[union-attr]
+            for out, inp in spec.unpad.items()
+        }
+        self._pool = ExecutorPool(backend.instance_count(), name=spec.name)
+        self._queues: Dict[int, Deque[Pending]] = {lvl: collections.deque()
+                                                    for lvl in range(1, spec.batching.levels + 1)}
+        self._delayed: Deque[Pending] = collections.deque()
+        self._wake = asyncio.Event()
+        self._running: Dict[int, "asyncio.Task"] = {}
+        self._seq = itertools.count()
+        self._batch_seq = itertools.count()
+        self._next_to_settle = 0
+        self._finished: Dict[int, Callable[[], None]] = {}
+        self._task: Optional["asyncio.Task"] = None
+        self._closing = False
+        self._stopped = asyncio.Event()
+
+    # ---- public API -------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return sum(len(q) for q in self._queues.values()) + len(self._delayed)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.spec.name}")
+
+    def submit(self, inputs: Mapping[str, np.ndarray], outputs: Tuple[str, ...], rows: int, priority: int = 0,
+               timeout_us: int = 0, deadline: Optional[float] = None) -> "asyncio.Future[RequestResult]":
+        """Queues a validated request; returns the future its answer arrives on.
+
+        Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
+        Unavailable when the model is shutting down or the priority level's queue is full.
+        """
+        if self._closing:
+            raise Unavailable(f"model '{self.spec.name}' is unloading; retry once it is ready again")
+        b = self.spec.batching
+        try:
+            level = b.level_of(priority) if b.enabled else 1
+        except ValueError as e:
+            raise InvalidArgument(f"model '{self.spec.name}': {e}") from None
+        shapes = {n: tuple(a.shape[1:] if self.spec.batches else a.shape) for n, a in inputs.items()}
+        if not self._rules.accepts(rows, shapes):
+            full = {n: list(s) for n, s in self._rules.full(rows, shapes).items()}
+            raise InvalidArgument(f"model '{self.spec.name}': input shapes {full} fit no optimization profile; "
+                                  f"profiles: {describe_profiles(self._rules.profiles)}")
+        qp = b.queue_policy(level)
+        queue = self._queues[level]
+        if qp.max_queue_size and len(queue) >= qp.max_queue_size:
+            raise QueueFull(f"model '{self.spec.name}': the queue for priority level {level} is full "
+                              f"(max_queue_size {qp.max_queue_size}); request rejected")
+        now = self._clock()
+        timeout = qp.default_timeout_us
+        if timeout_us > 0 and qp.allow_timeout_override:
+            timeout = min(timeout, timeout_us) if timeout else timeout_us
+        fut: "asyncio.Future[RequestResult]" = asyncio.get_running_loop().create_future()
+        req = Pending(inputs=inputs, outputs=outputs, rows=rows, shapes=shapes, level=level, arrival=now,
+                      future=fut, queue_deadline=(now + timeout / 1e6) if timeout else None, deadline=deadline,
+                      seq=next(self._seq))
+        queue.append(req)
+        self._observer.request_queued(self.spec.name, self.spec.version, level)
+        fut.add_done_callback(self._on_done)
+        self._wake.set()
+        return fut
+
+    async def stop(self, timeout: Optional[float] = None) -> None:
+        """Stops accepting, lets queued and running batches finish (up to ``timeout`` s), then
+        answers anything left UNAVAILABLE and shuts the instance threads down."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._stopped.wait()), timeout)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+        for req in self._drain_all():
+            settle(req.future, error=Unavailable(f"model '{self.spec.name}' was unloaded before the request ran"))
+        if self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown)
+
+    # ---- scheduling loop --------------------------------------------------------------------
+    def _on_done(self, fut: "asyncio.Future") -> None:
+        if fut.cancelled():
+            self._wake.set()  # the loop purges it from its queue
+
+    def _ordered(self) -> List[Pending]:
+        out: List[Pending] = []
+        for lvl in sorted(self._queues):
+            out.extend(self._queues[lvl])
+        out.extend(self._delayed)
+        return out
+
+    def _purge_and_expire(self, now: float) -> Optional[float]:
+        """Answers expired requests, drops cancelled ones, moves DELAY timeouts behind everything
+        else; returns the next time something expires (or None)."""
+        nxt: Optional[float] = None
+        newly_delayed: List[Pending] = []
+        for lvl in list(self._queues):
+            keep: Deque[Pending] = collections.deque()
+            for r in self._queues[lvl]:
+                if self._expire(r, now):
+                    continue
+                if r.queue_deadline is not None and now >= r.queue_deadline:
+                    if self.spec.batching.queue_policy(r.level).timeout_action == "DELAY":
+                        r.delayed = True
+                        newly_delayed.append(r)
+                        continue
+                    self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
+                    settle(r.future, error=QueueTimeout(
+                        f"model '{self.spec.name}': request timed out in the queue after "
+                        f"{(now - r.arrival) * 1e6:.0f} us (queue policy timeout, timeout_action REJECT)"))
+                    continue
+                keep.append(r)
+                nxt = _earliest(nxt, r.deadline, r.queue_deadline)
+            self._queues[lvl] = keep
+        kept = [r for r in self._delayed if not self._expire(r, now)]
+        self._delayed = collections.deque(kept + newly_delayed)
+        for r in self._delayed:
+            nxt = _earliest(nxt, r.deadline)
+        return nxt
+
+    def _expire(self, r: Pending, now: float) -> bool:
+        """True (and answered, if needed) when ``r`` was cancelled or its client deadline passed."""
+        if r.future.done():  # cancelled by the client
+            self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
+            return True
+        if r.deadline is not None and now >= r.deadline:
+            self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
+            settle(r.future, error=DeadlineExceeded(
+                f"model '{self.spec.name}': the request's deadline expired after "
+                f"{(now - r.arrival) * 1e3:.1f} ms in the queue; it was not executed"))
+            return True
+        return False
+
+    async def _loop(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                now = self._clock()
+                next_deadline = self._purge_and_expire(now)
+                if self._closing and not self.pending and not self._running:
+                    break
+                p = policy.plan(self._ordered(), now, self.spec.batching, self._rules, self._pool.free(),
+                                busy=bool(self._running))
+                if p.requests:
+                    self._dispatch(p, now)
+                    continue
+                waits = [w for w in (p.wait_s, None if next_deadline is None else next_deadline - now)
+                         if w is not None]
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, min(waits)) if waits else None)
+                except asyncio.TimeoutError:
+                    pass
+        except Exception:  # a bug here must not leave requests hanging: answer them all
+            log.exception("batcher loop for model '%s' failed", self.spec.name)
+            for req in self._drain_all():
+                settle(req.future, error=Internal(f"model '{self.spec.name}': scheduler failure"))
+        finally:
+            self._stopped.set()
+
+    def _drain_all(self) -> List[Pending]:
+        reqs = self._ordered()
+        for q in self._queues.values():
+            q.clear()
+        self._delayed.clear()
+        for r in reqs:
+            self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
+        return reqs
+
+    def _dispatch(self, p: policy.Plan, now: float) -> None:
+        taken = set(id(r) for r in p.requests)
+        for lvl, q in self._queues.items():
+            if any(id(r) in taken for r in q):
+                self._queues[lvl] = collections.deque(r for r in q if id(r) not in taken)
+        self._delayed = collections.deque(r for r in self._delayed if id(r) not in taken)
+        for r in p.requests:
+            self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
+        assert p.instance is not None
+        self._pool.acquire(p.instance)
+        seq = next(self._batch_seq)
+        task = asyncio.get_running_loop().create_task(self._execute(p, seq, now))
+        self._running[seq] = task
+
+    def _work(self, p: policy.Plan) -> Tuple[BatchResult, Sequence[Dict[str, np.ndarray]], int]:
+        t0 = time.perf_counter_ns()
+        names = tuple(dict.fromkeys(n for r in p.requests for n in r.outputs))
+        inputs = assemble.stack(p.requests, p.shapes, self.spec.pad_values, self.spec.batches)
+        t1 = time.perf_counter_ns()
+        assert p.instance is not None
+        result = self._backend.run(p.instance, inputs, names)
+        t2 = time.perf_counter_ns()
+        per_request = assemble.split(result.outputs, p.requests, self._unpad, self.spec.batches)
+        return result, per_request, (t1 - t0) + (time.perf_counter_ns() - t2)
+
+    async def _execute(self, p: policy.Plan, seq: int, dispatched: float) -> None:
+        assert p.instance is not None
+        error: Optional[BaseException] = None
+        try:
+            result, per_request, extra_ns = await self._pool.run(p.instance, lambda: self._work(p))
+        except TrtServeError as e:
+            error = e
+        except Exception as e:  # a backend bug fails this batch only; the scheduler keeps serving
+            log.exception("model '%s': batch of %d rows failed", self.spec.name, p.rows)
+            error = Internal(f"model '{self.spec.name}': batch execution failed: {type(e).__name__}: {e}")
+        finally:
+            self._pool.release(p.instance)
+            self._wake.set()
+        name, version = self.spec.name, self.spec.version
+        if error is not None:
+            self._observer.batch_done(name, version, p.rows, len(p.requests), 0, 0, 0, ok=False)
+            self._finish(seq, lambda: [settle(r.future, error=error) for r in p.requests])
+            self._running.pop(seq, None)
+            return
+        cin = result.compute_input_ns + extra_ns
+        self._observer.batch_done(name, version, p.rows, len(p.requests), cin, result.compute_infer_ns,
+                                  result.compute_output_ns, ok=True)
+
+        def answer() -> None:
+            for r, outs in zip(p.requests, per_request):
+                settle(r.future, RequestResult(
+                    outputs=outs, queue_ns=int((dispatched - r.arrival) * 1e9), compute_input_ns=cin,
+                    compute_infer_ns=result.compute_infer_ns, compute_output_ns=result.compute_output_ns,
+                    batch_size=p.rows))
+
+        self._finish(seq, answer)
+        self._running.pop(seq, None)
+
+    def _finish(self, seq: int, answer: Callable[[], object]) -> None:
+        """Answers now, or in dispatch order when preserve_ordering is set."""
+        if not self.spec.batching.preserve_ordering:
+            answer()
+            return
+        self._finished[seq] = answer
+        while self._next_to_settle in self._finished:
+            self._finished.pop(self._next_to_settle)()
+            self._next_to_settle += 1
+
+
+def _earliest(current: Optional[float], *times: Optional[float]) -> Optional[float]:
+    for t in times:
+        if t is not None and (current is None or t < current):
+            current = t
+    return current

@@ -1,0 +1,69 @@
+"""Pure shape logic: which requests may share a batch, padded to what, on which profile.
+
+Requests share a batch when every input has the same non-batch shape, or, for inputs the model marks
+paddable (``trtserve.pad.<input>``), when the padded shape (element-wise max over the batch) still
+fits one optimization profile together with the batch's total rows. A backend without profiles
+(ONNX Runtime) accepts any shape within the config dims, so only max_batch_size limits it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from trtserve.server.backends.base import Profile
+
+Shape = Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeRules:
+    batches: bool  # max_batch_size > 0
+    max_batch_size: int
+    paddable: frozenset  # input names that may be padded
+    profiles: Tuple[Profile, ...]  # empty: no shape-range limits
+
+    def full(self, rows: int, shapes: Mapping[str, Shape]) -> Dict[str, Shape]:
+        """Shapes with the batch dimension in front (as the backend sees them)."""
+        return {n: ((rows,) + s if self.batches else s) for n, s in shapes.items()}
+
+    def fitting(self, rows: int, shapes: Mapping[str, Shape]) -> Tuple[Profile, ...]:
+        """Profiles that accept this batch, best (closest to opt, then smallest max batch) first."""
+        if not self.profiles:
+            return ()
+        full = self.full(rows, shapes)
+        fits = [p for p in self.profiles if p.fits(full)]
+        return tuple(sorted(fits, key=lambda p: (p.distance(full), _max_rows(p), p.index)))
+
+    def accepts(self, rows: int, shapes: Mapping[str, Shape]) -> bool:
+        if self.batches and rows > self.max_batch_size:
+            return False
+        return not self.profiles or bool(self.fitting(rows, shapes))
+
+    def merge(self, rows: int, shapes: Mapping[str, Shape], other_rows: int,
+              other: Mapping[str, Shape]) -> Optional[Tuple[int, Dict[str, Shape]]]:
+        """(rows, padded shapes) of the batch with ``other`` added, or None if they cannot share one."""
+        if not self.batches or set(shapes) != set(other):
+            return None
+        total = rows + other_rows
+        if total > self.max_batch_size:
+            return None
+        merged: Dict[str, Shape] = {}
+        for name, s in shapes.items():
+            o = other[name]
+            if s == o:
+                merged[name] = s
+            elif name in self.paddable and len(s) == len(o):
+                merged[name] = tuple(max(a, b) for a, b in zip(s, o))
+            else:
+                return None
+        if self.profiles and not self.fitting(total, merged):
+            return None
+        return total, merged
+
+
+def _max_rows(p: Profile) -> int:
+    return max((r.max[0] for r in p.inputs.values() if r.max), default=0)
+
+
+def describe_profiles(profiles: Sequence[Profile]) -> str:
+    return "; ".join(p.describe() for p in profiles) or "none"

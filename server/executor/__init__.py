@@ -1,0 +1,1 @@
+"""Executor: instance slots, each with its own thread (and on the GPU its own stream and buffers)."""

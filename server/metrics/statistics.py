@@ -1,0 +1,103 @@
+"""Per-model-version counters behind the ModelStatistics RPC (Triton's semantics).
+
+It is an Observer fed by the same events as the Prometheus observer, so the RPC and /metrics agree.
+Triton's meanings: ``success``/``fail`` count requests and their end-to-end ns; ``queue`` and
+``compute_*`` sum over successful requests; ``inference_count`` is rows, ``execution_count`` batches;
+``batch_stats`` has one entry per executed batch size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Dict, List, Tuple
+
+from trtserve.server.events import Observer
+
+
+@dataclasses.dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += max(0, int(ns))
+
+
+@dataclasses.dataclass
+class BatchStats:
+    compute_input: Duration = dataclasses.field(default_factory=Duration)
+    compute_infer: Duration = dataclasses.field(default_factory=Duration)
+    compute_output: Duration = dataclasses.field(default_factory=Duration)
+
+
+@dataclasses.dataclass
+class VersionStats:
+    last_inference_ms: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = dataclasses.field(default_factory=Duration)
+    fail: Duration = dataclasses.field(default_factory=Duration)
+    queue: Duration = dataclasses.field(default_factory=Duration)
+    compute_input: Duration = dataclasses.field(default_factory=Duration)
+    compute_infer: Duration = dataclasses.field(default_factory=Duration)
+    compute_output: Duration = dataclasses.field(default_factory=Duration)
+    batches: Dict[int, BatchStats] = dataclasses.field(default_factory=dict)
+
+
+class Statistics(Observer):
+    """Thread-safe (events may come from instance threads in future backends)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats: Dict[Tuple[str, str], VersionStats] = {}
+
+    def _get(self, model: str, version: str) -> VersionStats:
+        key = (model, version)
+        if key not in self._stats:
+            self._stats[key] = VersionStats()
+        return self._stats[key]
+
+    def request_done(self, model: str, version: str, ok: bool, reason: str, rows: int, request_ns: int,
+                     queue_ns: int, compute_input_ns: int, compute_infer_ns: int, compute_output_ns: int) -> None:
+        with self._lock:
+            s = self._get(model, version)
+            if ok:
+                s.success.add(request_ns)
+                s.queue.add(queue_ns)
+                s.compute_input.add(compute_input_ns)
+                s.compute_infer.add(compute_infer_ns)
+                s.compute_output.add(compute_output_ns)
+                s.inference_count += rows
+                s.last_inference_ms = int(time.time() * 1000)
+            else:
+                s.fail.add(request_ns)
+
+    def batch_done(self, model: str, version: str, batch_size: int, requests: int, compute_input_ns: int,
+                   compute_infer_ns: int, compute_output_ns: int, ok: bool) -> None:
+        if not ok:
+            return
+        with self._lock:
+            s = self._get(model, version)
+            s.execution_count += 1
+            b = s.batches.setdefault(batch_size, BatchStats())
+            b.compute_input.add(compute_input_ns)
+            b.compute_infer.add(compute_infer_ns)
+            b.compute_output.add(compute_output_ns)
+
+    def snapshot(self, model: str, version: str) -> VersionStats:
+        """A copy, so the RPC encodes a consistent view."""
+        with self._lock:
+            s = self._get(model, version)
+            return dataclasses.replace(
+                s, success=dataclasses.replace(s.success), fail=dataclasses.replace(s.fail),
+                queue=dataclasses.replace(s.queue), compute_input=dataclasses.replace(s.compute_input),
+                compute_infer=dataclasses.replace(s.compute_infer),
+                compute_output=dataclasses.replace(s.compute_output),
+                batches={k: BatchStats(dataclasses.replace(v.compute_input), dataclasses.replace(v.compute_infer),
+                                       dataclasses.replace(v.compute_output)) for k, v in s.batches.items()})
+
+    def versions(self) -> List[Tuple[str, str]]:
+        with self._lock:
+            return sorted(self._stats)

@@ -1,0 +1,1 @@
+"""gRPC edge: the KServe v2 / Triton service, request decoding, status mapping, health."""

@@ -1,0 +1,1 @@
+"""Model repository: Triton-layout folders -> validated model specs -> loaded, versioned models."""

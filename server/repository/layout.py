@@ -1,0 +1,46 @@
+"""Scans a Triton-layout model repository: ``<repo>/<model>/config.pbtxt`` and ``<model>/<N>/<file>``."""
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import List, Sequence
+
+from trtserve.server.errors import NotFound
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def model_names(repo: pathlib.Path) -> List[str]:
+    """Every folder in the repository that looks like a model (has a config or a version folder)."""
+    names = []
+    for p in sorted(repo.iterdir()) if repo.is_dir() else ():
+        if p.is_dir() and not p.name.startswith(".") and _MODEL_NAME.match(p.name):
+            if (p / "config.pbtxt").is_file() or any(v.is_dir() and v.name.isdigit() for v in p.iterdir()):
+                names.append(p.name)
+    return names
+
+
+def model_dir(repo: pathlib.Path, name: str) -> pathlib.Path:
+    """The folder of ``name``; NotFound for unknown names (and for anything that would leave the repo)."""
+    if not _MODEL_NAME.match(name) or name in (".", ".."):
+        raise NotFound(f"model '{name}' is not in the repository")
+    path = repo / name
+    if not path.is_dir():
+        raise NotFound(f"model '{name}' is not in the repository {repo}")
+    return path
+
+
+def available_versions(path: pathlib.Path) -> List[int]:
+    """Numeric version folders, ascending."""
+    return sorted(int(v.name) for v in path.iterdir() if v.is_dir() and v.name.isdigit())
+
+
+def select_versions(available: Sequence[int], policy) -> List[int]:
+    """Applies a ModelVersionPolicy message (latest{num_versions} / all / specific{versions})."""
+    choice = policy.WhichOneof("policy_choice") if policy is not None else None
+    if choice == "all":
+        return list(available)
+    if choice == "specific":
+        return [v for v in available if v in set(policy.specific.versions)]
+    n = policy.latest.num_versions if choice == "latest" and policy.latest.num_versions > 0 else 1
+    return list(available)[-n:]

@@ -1,0 +1,186 @@
+"""Internal, validated view of a model's config.pbtxt (the ModelConfig proto stays the wire form).
+
+``ModelSpec.from_proto`` is the single place that interprets Triton's config fields and trtserve's
+own ``parameters`` keys, so the batcher and backends read plain dataclasses, never protobuf.
+
+trtserve parameters (config.pbtxt ``parameters { key: ... value: { string_value: ... } }``):
+- ``trtserve.pad.<INPUT>``: pad value; marks that input's variable dimensions as paddable, so requests
+  whose variable dims differ may share a batch (padded up to the batch's largest).
+- ``trtserve.unpad.<OUTPUT>``: name of an input; the output's variable dims follow that input's
+  variable dims position by position, so each request's output is sliced back to its own size.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Mapping, Optional, Tuple
+
+from trtserve import dtypes
+from trtserve.server.backends.base import TensorSpec
+from trtserve.server.errors import ModelLoadError
+
+PAD_PREFIX = "trtserve.pad."
+UNPAD_PREFIX = "trtserve.unpad."
+
+
+@dataclasses.dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ModelQueuePolicy for one priority level."""
+
+    timeout_action: str = "REJECT"  # or "DELAY"
+    default_timeout_us: int = 0  # 0 = never times out in the queue
+    allow_timeout_override: bool = False
+    max_queue_size: int = 0  # 0 = unbounded
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingPolicy:
+    """Triton's dynamic_batching block plus the model's max_batch_size."""
+
+    enabled: bool = False  # dynamic_batching present; otherwise each request runs as its own batch
+    max_batch_size: int = 0
+    preferred_batch_sizes: Tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    preserve_ordering: bool = False
+    priority_levels: int = 0  # 0 = one level
+    default_priority_level: int = 0
+    default_queue_policy: QueuePolicy = QueuePolicy()
+    priority_queue_policy: Mapping[int, QueuePolicy] = dataclasses.field(default_factory=dict)
+
+    @property
+    def levels(self) -> int:
+        """Number of queues (priority levels are 1..levels; 1 is the highest)."""
+        return max(1, self.priority_levels)
+
+    def level_of(self, priority: int) -> int:
+        """Maps a request's ``priority`` parameter (0 = default) to a level; ValueError if out of range."""
+        if priority == 0:
+            return self.default_priority_level if self.default_priority_level > 0 else 1
+        if priority < 0 or priority > self.levels:
+            raise ValueError(f"priority {priority} is outside 1..{self.levels} (0 means the model default)")
+        return priority
+
+    def queue_policy(self, level: int) -> QueuePolicy:
+        return self.priority_queue_policy.get(level, self.default_queue_policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything the server needs to know about one model version, validated."""
+
+    name: str
+    version: str
+    platform: str
+    max_batch_size: int
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[TensorSpec, ...]
+    batching: BatchingPolicy
+    instance_count: int
+    parameters: Mapping[str, str]
+    pad_values: Mapping[str, float]  # input -> pad value (paddable inputs only)
+    unpad: Mapping[str, str]  # output -> input whose variable dims it follows
+    cuda_graphs: bool = False
+
+    @property
+    def batches(self) -> bool:
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> Optional[TensorSpec]:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> Optional[TensorSpec]:
+        return next((t for t in self.outputs if t.name == name), None)
+
+    @classmethod
+    def from_proto(cls, config, version: str) -> "ModelSpec":
+        """Builds and checks the spec from a (complete) ``inference.ModelConfig`` message."""
+        name = config.name
+        if config.max_batch_size < 0:
+            raise ModelLoadError(f"model '{name}': max_batch_size must be >= 0, got {config.max_batch_size}")
+        inputs = tuple(_tensor(name, "input", t, t.data_type, t.dims, t.optional) for t in config.input)
+        outputs = tuple(_tensor(name, "output", t, t.data_type, t.dims, False) for t in config.output)
+        if not inputs or not outputs:
+            raise ModelLoadError(f"model '{name}': config declares {len(inputs)} inputs and {len(outputs)} outputs; "
+                                 "both must be at least 1")
+        for kind, group in (("input", inputs), ("output", outputs)):
+            seen = set()
+            for t in group:
+                if t.name in seen:
+                    raise ModelLoadError(f"model '{name}': {kind} '{t.name}' is declared twice")
+                seen.add(t.name)
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        pad_values: Dict[str, float] = {}
+        unpad: Dict[str, str] = {}
+        for key, value in params.items():
+            if key.startswith(PAD_PREFIX):
+                tname = key[len(PAD_PREFIX):]
+                if not any(t.name == tname for t in inputs):
+                    raise ModelLoadError(f"model '{name}': parameter '{key}' names unknown input '{tname}'")
+                try:
+                    pad_values[tname] = float(value)
+                except ValueError:
+                    raise ModelLoadError(f"model '{name}': parameter '{key}' must be a number, got {value!r}") from None
+            elif key.startswith(UNPAD_PREFIX):
+                oname = key[len(UNPAD_PREFIX):]
+                if not any(t.name == oname for t in outputs) or not any(t.name == value for t in inputs):
+                    raise ModelLoadError(f"model '{name}': parameter '{key}' must map an output to an input, "
+                                         f"got {oname!r} -> {value!r}")
+                unpad[oname] = value
+        batching = _batching(config)
+        count = sum(max(1, g.count) for g in config.instance_group) if config.instance_group else 1
+        graphs = bool(config.optimization.cuda.graphs) if config.HasField("optimization") else False
+        return cls(
+            name=name, version=version, platform=config.platform or config.backend,
+            max_batch_size=config.max_batch_size, inputs=inputs, outputs=outputs, batching=batching,
+            instance_count=count, parameters=params, pad_values=pad_values, unpad=unpad, cuda_graphs=graphs,
+        )
+
+
+def _tensor(model: str, kind: str, t, data_type: int, dims, optional: bool) -> TensorSpec:
+    from trtserve.protos import model_config_pb2 as mc
+
+    enum_name = mc.DataType.Name(data_type)
+    if enum_name not in dtypes.BY_CONFIG:
+        raise ModelLoadError(f"model '{model}': {kind} '{t.name}' has unsupported data_type {enum_name}")
+    for d in dims:
+        if d == 0 or d < -1:
+            raise ModelLoadError(f"model '{model}': {kind} '{t.name}' has invalid dims {list(dims)} "
+                                 "(each must be > 0 or -1)")
+    return TensorSpec(t.name, dtypes.BY_CONFIG[enum_name].wire, tuple(int(d) for d in dims), optional)
+
+
+def _queue_policy(p) -> QueuePolicy:
+    from trtserve.protos import model_config_pb2 as mc
+
+    return QueuePolicy(
+        timeout_action=mc.ModelQueuePolicy.TimeoutAction.Name(p.timeout_action),
+        default_timeout_us=int(p.default_timeout_microseconds),
+        allow_timeout_override=bool(p.allow_timeout_override),
+        max_queue_size=int(p.max_queue_size),
+    )
+
+
+def _batching(config) -> BatchingPolicy:
+    name = config.name
+    if config.WhichOneof("scheduling_choice") != "dynamic_batching":
+        return BatchingPolicy(enabled=False, max_batch_size=config.max_batch_size)
+    db = config.dynamic_batching
+    if config.max_batch_size == 0:
+        raise ModelLoadError(f"model '{name}': dynamic_batching needs max_batch_size > 0")
+    for p in db.preferred_batch_size:
+        if p <= 0 or p > config.max_batch_size:
+            raise ModelLoadError(f"model '{name}': preferred_batch_size {p} is outside 1..{config.max_batch_size}")
+    levels = int(db.priority_levels)
+    if levels and not (1 <= db.default_priority_level <= levels):
+        raise ModelLoadError(f"model '{name}': default_priority_level {db.default_priority_level} "
+                             f"is outside 1..{levels}")
+    per_level = {int(k): _queue_policy(v) for k, v in db.priority_queue_policy.items()}
+    for k in per_level:
+        if not (1 <= k <= max(1, levels)):
+            raise ModelLoadError(f"model '{name}': priority_queue_policy for level {k} but priority_levels is {levels}")
+    return BatchingPolicy(
+        enabled=True, max_batch_size=config.max_batch_size,
+        preferred_batch_sizes=tuple(sorted(set(int(p) for p in db.preferred_batch_size))),
+        max_queue_delay_us=int(db.max_queue_delay_microseconds), preserve_ordering=bool(db.preserve_ordering),
+        priority_levels=levels, default_priority_level=int(db.default_priority_level),
+        default_queue_policy=_queue_policy(db.default_queue_policy), priority_queue_policy=per_level,
+    )

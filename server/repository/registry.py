@@ -1,0 +1,229 @@
+"""Load/unload/ready state per model version; owns each version's backend and batcher.
+
+Loading is slow and blocking (ONNX Runtime sessions, TensorRT engine builds), so it runs in a worker
+thread; the event loop keeps serving other models meanwhile. A reload loads the new versions first
+and swaps them in, then drains the old batchers, so in-flight requests finish on the old instances.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Dict, List, Optional, Tuple
+
+from trtserve.protos import model_config_pb2 as mc
+from trtserve.server.backends import create_backend
+from trtserve.server.backends.base import Backend, BackendConfig, TensorSpec
+from trtserve.server.batcher.scheduler import DynamicBatcher
+from trtserve.server.errors import ModelLoadError, NotFound, TrtServeError, Unavailable
+from trtserve.server.events import Observer
+from trtserve.server.repository import layout, pbtxt
+from trtserve.server.repository.model_config import ModelSpec
+
+log = logging.getLogger("trtserve.repository")
+
+
+@dataclasses.dataclass
+class ModelVersion:
+    """One loaded (or failed) model version."""
+
+    name: str
+    version: str
+    state: str  # LOADING, READY, UNLOADING, UNAVAILABLE
+    reason: str = ""
+    spec: Optional[ModelSpec] = None
+    config: Optional[mc.ModelConfig] = None  # complete config, as the ModelConfig RPC returns it
+    backend: Optional[Backend] = None
+    batcher: Optional[DynamicBatcher] = None
+
+
+def _specs(config: mc.ModelConfig, group) -> Tuple[TensorSpec, ...]:
+    from trtserve import dtypes
+
+    return tuple(TensorSpec(t.name, dtypes.BY_CONFIG[mc.DataType.Name(t.data_type)].wire, tuple(t.dims),
+                            getattr(t, "optional", False)) for t in group)
+
+
+class ModelRepository:
+    """The set of models served from one repository folder."""
+
+    def __init__(self, root: pathlib.Path, observer: Observer, cache_dir: Optional[pathlib.Path] = None,
+                 drain_seconds: float = 30.0) -> None:
+        self.root = root
+        self._observer = observer
+        self._cache_dir = cache_dir
+        self._drain_seconds = drain_seconds
+        self._models: Dict[str, Dict[str, ModelVersion]] = {}
+        self._reasons: Dict[str, str] = {}  # model-level load failure (e.g. bad config.pbtxt)
+        self._locks: Dict[str, asyncio.Lock] = {}
+
+    # ---- queries ----------------------------------------------------------------------------
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The ready version asked for (latest ready when ``version`` is empty)."""
+        versions = self._models.get(name)
+        if not versions:
+            if name in self._reasons:
+                raise Unavailable(f"model '{name}' is not ready: {self._reasons[name]}")
+            raise NotFound(f"model '{name}' is not loaded" + (
+                " (it is in the repository: load it first)" if (self.root / name).is_dir() else ""))
+        if version:
+            mv = versions.get(version)
+            if mv is None:
+                raise NotFound(f"model '{name}' has no version {version!r}; loaded versions: "
+                               f"{sorted(versions, key=_vkey)}")
+            if mv.state != "READY":
+                raise Unavailable(f"model '{name}' version {version} is not ready ({mv.state}"
+                                  f"{': ' + mv.reason if mv.reason else ''})")
+            return mv
+        ready = [v for v in versions.values() if v.state == "READY"]
+        if not ready:
+            states = ", ".join(f"{v.version}: {v.state}{' (' + v.reason + ')' if v.reason else ''}"
+                               for v in versions.values())
+            raise Unavailable(f"model '{name}' has no ready version ({states})")
+        return max(ready, key=lambda v: _vkey(v.version))
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+            return True
+        except TrtServeError:
+            return False
+
+    def versions(self, name: str) -> List[ModelVersion]:
+        if name not in self._models:
+            raise NotFound(f"model '{name}' is not loaded")
+        return sorted(self._models[name].values(), key=lambda v: _vkey(v.version))
+
+    def loaded(self) -> List[ModelVersion]:
+        return [v for name in sorted(self._models) for v in self.versions(name)]
+
+    def index(self) -> List[Tuple[str, str, str, str]]:
+        """(name, version, state, reason) for every model in the repository folder or loaded."""
+        rows = []
+        for name in sorted(set(layout.model_names(self.root)) | set(self._models) | set(self._reasons)):
+            if name in self._models:
+                rows.extend((name, v.version, v.state, v.reason) for v in self.versions(name))
+            elif name in self._reasons:
+                rows.append((name, "", "UNAVAILABLE", self._reasons[name]))
+            else:
+                rows.append((name, "", "", ""))
+        return rows
+
+    # ---- load / unload ----------------------------------------------------------------------
+    async def load_all(self) -> None:
+        for name in layout.model_names(self.root):
+            try:
+                await self.load(name)
+            except TrtServeError as e:
+                log.error("model '%s' failed to load: %s", name, e.message)
+
+    async def load(self, name: str) -> None:
+        """Loads (or reloads) every version the model's version policy selects."""
+        model_path = layout.model_dir(self.root, name)
+        async with self._lock(name):
+            t0 = time.monotonic()
+            try:
+                base = pbtxt.read_config(model_path)
+                wanted = [str(v) for v in layout.select_versions(layout.available_versions(model_path),
+                                                                  base.version_policy if base.HasField(
+                                                                      "version_policy") else None)]
+                if not wanted:
+                    raise ModelLoadError(f"model '{name}': no version folder (e.g. {model_path}/1/) matches its "
+                                         "version policy")
+            except TrtServeError as e:
+                self._reasons[name] = e.message
+                raise
+            self._reasons.pop(name, None)
+            old = self._models.get(name, {})
+            new: Dict[str, ModelVersion] = {}
+            errors = []
+            for v in wanted:
+                self._observer.model_state(name, v, "LOADING")
+                mv = ModelVersion(name, v, "LOADING")
+                try:
+                    spec, config, backend = await asyncio.get_running_loop().run_in_executor(
+                        None, self._open_version, model_path, base, v)
+                except TrtServeError as e:
+                    mv.state, mv.reason = "UNAVAILABLE", e.message
+                    errors.append(e)
+                except Exception as e:  # an unexpected loader failure is reported like a load error
+                    log.exception("model '%s' version %s failed to load", name, v)
+                    mv.state, mv.reason = "UNAVAILABLE", f"{type(e).__name__}: {e}"
+                    errors.append(ModelLoadError(f"model '{name}' version {v}: {mv.reason}"))
+                else:
+                    mv.spec, mv.config, mv.backend, mv.state = spec, config, backend, "READY"
+                    mv.batcher = DynamicBatcher(spec, backend, self._observer)
+                    mv.batcher.start()
+                self._observer.model_state(name, v, mv.state, time.monotonic() - t0)
+                new[v] = mv
+            self._models[name] = new
+            await self._retire(list(old.values()))
+            if errors:
+                raise errors[0]
+
+    async def unload(self, name: str) -> None:
+        if name not in self._models and name not in self._reasons:
+            raise NotFound(f"model '{name}' is not loaded")
+        async with self._lock(name):
+            self._reasons.pop(name, None)
+            old = list(self._models.pop(name, {}).values())
+            await self._retire(old)
+
+    async def close(self) -> None:
+        for name in list(self._models):
+            await self.unload(name)
+
+    async def _retire(self, versions: List[ModelVersion]) -> None:
+        """Stops old versions: queued and running requests finish (up to the drain time)."""
+        for mv in versions:
+            self._observer.model_state(mv.name, mv.version, "UNLOADING")
+            if mv.batcher is not None:
+                await mv.batcher.stop(self._drain_seconds)
+            if mv.backend is not None:
+                await asyncio.get_running_loop().run_in_executor(None, mv.backend.close)
+            mv.state = "UNAVAILABLE"
+            mv.reason = "unloaded"
+            self._observer.model_state(mv.name, mv.version, "UNAVAILABLE")
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        if name not in self._locks:
+            self._locks[name] = asyncio.Lock()
+        return self._locks[name]
+
+    def _open_version(self, model_path: pathlib.Path, base: mc.ModelConfig,
+                      version: str) -> Tuple[ModelSpec, mc.ModelConfig, Backend]:
+        """Blocking: builds the backend, auto-completes and checks the config, validates the spec."""
+        config = mc.ModelConfig()
+        config.CopyFrom(base)
+        vdir = model_path / version
+        config.platform = pbtxt.guess_platform(config, vdir)
+        count = sum(max(1, g.count) for g in config.instance_group) if config.instance_group else 1
+        bcfg = BackendConfig(
+            name=config.name, version=version, model_dir=vdir, default_model_filename=config.default_model_filename,
+            max_batch_size=config.max_batch_size, inputs=_specs(config, config.input),
+            outputs=_specs(config, config.output), instance_count=count,
+            parameters={k: v.string_value for k, v in config.parameters.items()},
+            cuda_graphs=bool(config.optimization.cuda.graphs), cache_dir=self._cache_dir,
+        )
+        backend = create_backend(config.platform, bcfg)
+        backend.open()
+        try:
+            inputs, outputs = backend.io()
+            if not config.input and not config.output:
+                pbtxt.autocomplete(config, inputs, outputs, None)
+            else:
+                pbtxt.check_against_model(config, inputs, outputs)
+            if not config.instance_group:
+                config.instance_group.add(count=count, kind=mc.ModelInstanceGroup.KIND_CPU
+                                          if config.platform == "onnxruntime_onnx" else mc.ModelInstanceGroup.KIND_GPU)
+            spec = ModelSpec.from_proto(config, version)
+        except BaseException:
+            backend.close()
+            raise
+        return spec, config, backend
+
+
+def _vkey(v: str) -> int:
+    return int(v) if v.isdigit() else -1

@@ -1,0 +1,92 @@
+"""``trtserve`` command line: ``serve`` (the server) and the client-side ``infer``, ``models``, ``bench``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pathlib
+import signal
+import sys
+from typing import List, Optional
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"TRTSERVE_{name}", default)
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="start the gRPC inference server",
+                       description="Serve a Triton-style model repository over the KServe v2 gRPC protocol. "
+                                   "Every flag also reads TRTSERVE_<FLAG> from the environment.")
+    p.add_argument("--model-repository", type=pathlib.Path, default=_env("MODEL_REPOSITORY", "") or None,
+                   help="model repository folder (default: the bundled example repository)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", "8001")))
+    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "8002")),
+                   help="HTTP port for /metrics (-1 disables it)")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--drain-seconds", type=float, default=float(_env("DRAIN_SECONDS", "30")),
+                   help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
+    p.add_argument("--max-message-bytes", type=int, default=int(_env("MAX_MESSAGE_BYTES", str(2**31 - 1))))
+    p.add_argument("--cache-dir", type=pathlib.Path, default=_env("CACHE_DIR", "") or None,
+                   help="where built TensorRT plans are cached (default: ~/.cache/trtserve)")
+    p.add_argument("--no-gpu-metrics", action="store_true", help="do not query NVML")
+    p.set_defaults(func=serve)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from trtserve.server.app import ServerOptions, TrtServer
+    from trtserve.server.examples import REPOSITORY
+
+    options = ServerOptions(
+        model_repository=(args.model_repository or REPOSITORY).resolve(), host=args.host, grpc_port=args.grpc_port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port, max_message_bytes=args.max_message_bytes,
+        drain_seconds=args.drain_seconds,
+        cache_dir=args.cache_dir or pathlib.Path(os.path.expanduser("~/.cache/trtserve")),
+        gpu_metrics=not args.no_gpu_metrics,
+    )
+    server = TrtServer(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"trtserve: serving {options.model_repository} on {options.host}:{server.grpc_port} "
+          f"(metrics {server.metrics_port if server.metrics_port is not None else 'off'})", flush=True)
+    await stop.wait()
+    logging.getLogger("trtserve").info("signal received: draining (up to %.0f s)", options.drain_seconds)
+    await server.stop()
+    print("trtserve: stopped", flush=True)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_serve(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trtserve", description="TensorRT inference server (KServe v2 / Triton gRPC)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    try:  # the client-side commands live in trtserve.client (no server imports there)
+        from trtserve.client import cli as client_cli
+    except ImportError:
+        client_cli = None
+    if client_cli is not None:
+        for name in ("add_infer_parser", "add_models_parser", "add_bench_parser"):
+            if hasattr(client_cli, name):
+                getattr(client_cli, name)(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
