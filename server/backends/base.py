@@ -116,6 +116,10 @@ class Backend(abc.ABC):
     def instance_count(self) -> int:
         return self.config.instance_count
 
+    def check_request(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Backend-specific checks of one request before it joins a batch (raise InvalidArgument),
+        so data this runtime cannot take fails that request alone, not its whole batch."""
+
     @abc.abstractmethod
     def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
         """Runs one batch on ``instance``. Called only from that instance's thread."""

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from trtserve.server.backends.base import Backend, BatchResult, TensorSpec
-from trtserve.server.errors import Internal, ModelLoadError
+from trtserve.server.errors import Internal, InvalidArgument, ModelLoadError
 
 # ONNX Runtime type strings -> wire datatypes
 _ORT_TYPES = {
@@ -22,6 +22,12 @@ _ORT_TYPES = {
     "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
     "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
 }
+
+
+def _to_str(arr: np.ndarray) -> np.ndarray:
+    out = np.empty(arr.shape, dtype=object)
+    out.reshape(-1)[:] = [b.decode("utf-8") for b in arr.reshape(-1)]
+    return out
 
 
 def _dims(shape) -> Tuple[int, ...]:
@@ -68,11 +74,22 @@ class OnnxRuntimeBackend(Backend):
             raise RuntimeError("io() before open()")
         return self._io
 
+    def check_request(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """ONNX Runtime holds strings as UTF-8 text: BYTES elements must decode."""
+        for name, arr in inputs.items():
+            if arr.dtype == object:
+                for i, item in enumerate(arr.reshape(-1)):
+                    try:
+                        item.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise InvalidArgument(f"input '{name}': BYTES element {i} is not valid UTF-8 ({e.reason} at "
+                                              f"byte {e.start}); ONNX Runtime string tensors must be UTF-8") from None
+
     def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
         if self._session is None:
             raise Internal(f"model '{self.config.name}': backend is closed")
         t0 = time.perf_counter_ns()
-        feed = {k: (v.astype(str) if v.dtype == object else v) for k, v in inputs.items()}
+        feed = {k: (_to_str(v) if v.dtype == object else v) for k, v in inputs.items()}
         t1 = time.perf_counter_ns()
         try:
             results = self._session.run(list(outputs), feed)

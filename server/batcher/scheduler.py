@@ -94,6 +94,7 @@ class DynamicBatcher:
             level = b.level_of(priority) if b.enabled else 1
         except ValueError as e:
             raise InvalidArgument(f"model '{self.spec.name}': {e}") from None
+        self._backend.check_request(inputs)
         shapes = {n: tuple(a.shape[1:] if self.spec.batches else a.shape) for n, a in inputs.items()}
         if not self._rules.accepts(rows, shapes):
             full = {n: list(s) for n, s in self._rules.full(rows, shapes).items()}

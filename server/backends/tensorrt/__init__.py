@@ -1,0 +1,203 @@
+"""TensorRT backend (platform "tensorrt_plan"): serves ``model.plan``, or builds ``model.onnx`` at load time.
+
+Imports without TensorRT or CuPy; ``open()`` then fails the model load saying the backend is unavailable.
+Module map: compat (version rules, dtype table, lazy imports), profiles (config -> optimization profiles),
+build (ONNX -> plan, plan cache), engine (deserialize + validate by name), context (one instance).
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, Profile, TensorSpec
+from trtserve.server.errors import InvalidArgument, ModelLoadError
+
+from . import compat
+from .build import BuildOptions, OnnxBuilder, PlanCache, default_cache_dir, param_bool, plan_cache_key, sha256_file
+from .context import InstanceContext
+from .engine import EngineInfo, deserialize, inspect_engine, specs_from_engine, validate
+from .profiles import (
+    Layout,
+    batch_coverage_gap,
+    has_profile_parameters,
+    layout_for_build,
+    layout_for_plan,
+    parse_profiles,
+)
+
+__all__ = ["TensorRTBackend", "LoadReport"]
+
+log = logging.getLogger("trtserve.tensorrt")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How the engine came to be: for logs, tests and the benchmark."""
+
+    source: str  # "plan" or "onnx"
+    path: pathlib.Path
+    cache_key: str = ""
+    cache_hit: bool = False
+    build_s: float = 0.0
+    tensorrt: str = ""
+    graph_buckets: Tuple[Tuple[int, ...], ...] = ()  # per instance
+
+
+class TensorRTBackend(Backend):
+    """One model version on one GPU: an engine shared by ``instance_count`` contexts, each on its own stream."""
+
+    platform = "tensorrt_plan"
+
+    def __init__(self, config: BackendConfig) -> None:
+        super().__init__(config)
+        self._what = f"model '{config.name}' version {config.version}"
+        self._runtime: Any = None
+        self._engine: Any = None
+        self._info: Optional[EngineInfo] = None
+        self._layout: Optional[Layout] = None
+        self._instances: List[InstanceContext] = []
+        self._io: Optional[Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]] = None
+        self._profiles: Tuple[Profile, ...] = ()
+        self.report: Optional[LoadReport] = None
+
+    # ---- loading ----
+
+    def _model_path(self) -> pathlib.Path:
+        d = self.config.model_dir
+        if self.config.default_model_filename:
+            p = d / self.config.default_model_filename
+            if not p.is_file():
+                raise ModelLoadError(f"{self._what}: {p} does not exist")
+            return p
+        for name in ("model.plan", "model.onnx"):
+            if (d / name).is_file():
+                return d / name
+        raise ModelLoadError(f"{self._what}: neither model.plan nor model.onnx in {d}")
+
+    def _plan_from_onnx(self, trt: Any, path: pathlib.Path, share: bool) -> Tuple[bytes, Layout, bool, LoadReport]:
+        """Builds (or takes from the cache) the plan; returns (plan, layout, every-profile-covers-max, report)."""
+        cfg = self.config
+        v = compat.trt_version(trt)
+        builder: Optional[OnnxBuilder] = None
+        if cfg.inputs:
+            inputs = [(s.name, tuple(s.dims)) for s in cfg.inputs]
+        else:  # auto-complete: the network says what the inputs are
+            builder = OnnxBuilder(trt, path, self._what)
+            inputs = [(i.name, i.shape[1:] if cfg.max_batch_size > 0 else i.shape) for i in builder.inputs()]
+        logical = parse_profiles(cfg.parameters, inputs, cfg.max_batch_size)
+        every = not has_profile_parameters(cfg.parameters)
+        gap = batch_coverage_gap(logical, cfg.max_batch_size, every)
+        if gap:
+            raise ModelLoadError(f"{self._what}: {gap}")
+        layout = layout_for_build(len(logical), cfg.instance_count, share)
+        options = BuildOptions.from_parameters(cfg.parameters, [logical[i] for i in layout.physical_to_logical])
+        options.check_version(v)
+        gpu = compat.gpu_name(cfg.device_id)
+        key = plan_cache_key(sha256_file(path), options, trt.__version__, gpu)
+        cache = PlanCache(cfg.cache_dir or default_cache_dir())
+        plan = cache.get(key) if options.plan_cache else None
+        if plan is not None:
+            log.info("%s: plan cache hit %s", self._what, cache.path(key))
+            return plan, layout, every, LoadReport("onnx", path, key, True, 0.0, trt.__version__)
+        t0 = time.monotonic()
+        builder = builder or OnnxBuilder(trt, path, self._what)
+        timing = cache.timing_cache_path(trt.__version__, gpu) if options.timing_cache else None
+        plan = builder.build(options, timing)
+        build_s = time.monotonic() - t0
+        if options.plan_cache:
+            cache.put(key, plan, {"model": cfg.name, "onnx": str(path), "tensorrt": trt.__version__, "gpu": gpu,
+                                  "options": options.canonical(), "build_s": round(build_s, 2)})
+        return plan, layout, every, LoadReport("onnx", path, key, False, build_s, trt.__version__)
+
+    def open(self) -> None:
+        trt = compat.import_tensorrt()
+        cupy = compat.import_cupy()
+        cfg = self.config
+        v = compat.trt_version(trt)
+        share = compat.contexts_may_share_profile(v)
+        path = self._model_path()
+        with cupy.cuda.Device(cfg.device_id):
+            layout: Optional[Layout] = None
+            if path.suffix == ".onnx":
+                plan, layout, every, report = self._plan_from_onnx(trt, path, share)
+            else:
+                plan = path.read_bytes()
+                every = not param_bool(cfg.parameters, "trtserve.split_batch_profiles", False)
+                report = LoadReport("plan", path, tensorrt=trt.__version__)
+            self._runtime = trt.Runtime(compat.logger())
+            self._engine = deserialize(trt, self._runtime, plan, self._what)
+            info = inspect_engine(trt, self._engine, self._what)
+            validate(info, cfg, self._what, every)
+            if layout is None:
+                layout = layout_for_plan(len(info.profiles), cfg.instance_count, share)
+            self._info, self._layout = info, layout
+            buckets = _graph_buckets(cfg)
+            captured = []
+            try:
+                for i in range(cfg.instance_count):  # in order: on 8.6 instance 0 must take profile 0 first
+                    inst = InstanceContext(trt, self._engine, info, i, layout.instance_to_physical[i], cfg.device_id,
+                                           cfg.max_batch_size > 0, self._what)
+                    self._instances.append(inst)
+                    inst.open()
+                    captured.append(inst.capture_graphs(buckets) if cfg.cuda_graphs else ())
+            except BaseException:
+                self.close()
+                raise
+        self.report = LoadReport(report.source, report.path, report.cache_key, report.cache_hit, report.build_s,
+                                 report.tensorrt, tuple(captured))
+        ins, outs = specs_from_engine(info, cfg.max_batch_size)
+        self._io = (list(cfg.inputs) or ins, list(cfg.outputs) or outs)
+        self._profiles = self._make_profiles(info, layout)
+        log.info("%s: ready, %d instance(s), %s", self._what, cfg.instance_count,
+                 "; ".join(p.describe() + f" -> instances {list(p.instances)}" for p in self._profiles))
+
+    @staticmethod
+    def _make_profiles(info: EngineInfo, layout: Layout) -> Tuple[Profile, ...]:
+        """Logical profiles that at least one instance serves, with their instances."""
+        out = []
+        for logical in sorted(set(layout.physical_to_logical)):
+            instances = layout.instances_of(logical)
+            if not instances:
+                continue
+            physical = layout.instance_to_physical[instances[0]]
+            out.append(Profile(logical, dict(info.profiles[physical]), instances))
+        return tuple(out)
+
+    # ---- the contract ----
+
+    def io(self) -> Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]:
+        if self._io is None:
+            raise RuntimeError(f"{self._what}: io() before open()")
+        return self._io
+
+    def profiles(self) -> Sequence[Profile]:
+        return self._profiles
+
+    def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
+        if not 0 <= instance < len(self._instances):
+            raise InvalidArgument(f"{self._what}: no instance {instance} (have {len(self._instances)})")
+        return self._instances[instance].run(inputs, outputs)
+
+    def close(self) -> None:
+        """Reverse order of construction: contexts (and their graphs, buffers), engine, runtime."""
+        for inst in reversed(self._instances):
+            inst.close()
+        self._instances = []
+        self._engine = None
+        self._runtime = None
+
+
+def _graph_buckets(config: BackendConfig) -> Optional[List[int]]:
+    """Explicit graph batch sizes from parameter trtserve.graph_batch_sizes ("1,2,4,8"), else None (powers of 2)."""
+    raw = config.parameters.get("trtserve.graph_batch_sizes", "").strip()
+    if not raw:
+        return None
+    try:
+        return [int(x) for x in raw.replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        raise ModelLoadError(f"parameter 'trtserve.graph_batch_sizes': expected '1,2,4,...', got {raw!r}") from None
