@@ -1,0 +1,88 @@
+"""Per-instance IO buffers: one CuPy device buffer and one pinned host mirror per tensor, allocated once.
+
+Why this shape (shared/reference/tensorrt-api.md §4.5, §6.3):
+- device buffers are sized for the profile's max shape and never resized, so TensorRT tensor addresses and
+  captured CUDA graphs stay valid for the instance's life; at least 512 bytes each, so an address is never 0
+  (CuPy returns ptr 0 for a 0-byte allocation: the "bindings[x] || nullBindingOK" failure);
+- copies go through pinned memory with ``cudaMemcpyAsync`` on the instance's own stream: CuPy's
+  ``copy_from_host``/``copy_to_host`` use the legacy default stream and would serialize every instance.
+CuPy is imported lazily: this module imports on a machine without CUDA.
+"""
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import numpy as np
+
+MIN_BYTES = 512  # CuPy's allocation unit; also keeps TensorRT's 256-byte address alignment
+
+
+def _cupy() -> Any:
+    import cupy  # noqa: PLC0415 - optional dependency
+
+    return cupy
+
+
+def nbytes_of(shape: Tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+class StagedTensor:
+    """One IO tensor of one instance: ``capacity`` bytes on the device and the same in pinned host memory."""
+
+    def __init__(self, name: str, dtype: np.dtype, max_shape: Tuple[int, ...]) -> None:
+        cupy = _cupy()
+        self.name = name
+        self.dtype = np.dtype(dtype)
+        self.max_shape = tuple(max_shape)
+        self.capacity = nbytes_of(self.max_shape, self.dtype)
+        size = max(self.capacity, MIN_BYTES)
+        self.device = cupy.empty(size, dtype=cupy.uint8)
+        self._pinned = cupy.cuda.alloc_pinned_memory(size)  # keeps the pinned block alive
+        self.host = np.frombuffer(self._pinned, dtype=np.uint8, count=size)
+        if self.ptr == 0 or self.ptr % 256:
+            raise RuntimeError(f"tensor '{name}': device buffer address {self.ptr:#x} is null or not 256-byte aligned")
+
+    @property
+    def ptr(self) -> int:
+        return int(self.device.data.ptr)
+
+    def pack(self, array: np.ndarray, pad_to_bytes: int = 0) -> int:
+        """Copies ``array`` into the pinned mirror (zero-filling up to ``pad_to_bytes``); returns its bytes."""
+        n = array.nbytes
+        if n > self.capacity or pad_to_bytes > self.capacity:
+            raise ValueError(f"tensor '{self.name}': {max(n, pad_to_bytes)} bytes exceed the buffer's {self.capacity}")
+        dst = self.host[:n].view(self.dtype).reshape(array.shape)
+        np.copyto(dst, array, casting="no")
+        if pad_to_bytes > n:
+            self.host[n:pad_to_bytes] = 0
+        return n
+
+    def upload(self, nbytes: int, stream: Any) -> None:
+        """Enqueues pinned -> device for the first ``nbytes`` on ``stream``."""
+        if nbytes:
+            cupy = _cupy()
+            cupy.cuda.runtime.memcpyAsync(
+                self.ptr, self.host.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
+            )
+
+    def download(self, nbytes: int, stream: Any) -> None:
+        """Enqueues device -> pinned for the first ``nbytes`` on ``stream``."""
+        if nbytes > self.capacity:
+            raise ValueError(f"tensor '{self.name}': {nbytes} bytes exceed the buffer's {self.capacity}")
+        if nbytes:
+            cupy = _cupy()
+            cupy.cuda.runtime.memcpyAsync(
+                self.host.ctypes.data, self.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
+            )
+
+    def result(self, shape: Tuple[int, ...]) -> np.ndarray:
+        """A fresh array with the downloaded data (the pinned mirror is reused by the next batch)."""
+        n = nbytes_of(shape, self.dtype)
+        return self.host[:n].view(self.dtype).reshape(shape).copy()
+
+    def free(self) -> None:
+        """Drops the buffers (CuPy returns them to its pools)."""
+        self.device = None
+        self.host = None  # type: ignore[assignment]
+        self._pinned = None
