@@ -81,7 +81,7 @@ class ModelRepository:
         if not ready:
             states = ", ".join(f"{v.version}: {v.state}{' (' + v.reason + ')' if v.reason else ''}"
                                for v in versions.values())
-            raise Unavailable(f"model '{name}' has no ready version ({states})")
+            raise Unavailable(f"model '{name}' is not ready: no version is ready ({states})")
         return max(ready, key=lambda v: _vkey(v.version))
 
     def is_ready(self, name: str, version: str = "") -> bool:
