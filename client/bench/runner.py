@@ -1,0 +1,167 @@
+"""One benchmark run: read the model, build one request, sweep the levels, summarize each.
+
+Separate from the CLI so tests and notebooks call ``await run(BenchConfig(...))`` directly.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
+
+import numpy as np
+
+from trtserve.client import _codec
+from trtserve.client._channel import make_spec
+from trtserve.client.aio import AsyncInferenceClient
+from trtserve.client.bench import inputs as bench_inputs
+from trtserve.client.bench.load import Load, run_closed, run_open
+from trtserve.client.bench.stats import LevelStats, summarize
+
+__all__ = ["BenchConfig", "BenchResult", "Progress", "run"]
+
+
+@dataclass
+class BenchConfig:
+    """What to load and how; exactly one of ``concurrency`` / ``request_rate`` is non-empty."""
+
+    url: str
+    model: str
+    version: str = ""
+    concurrency: Sequence[int] = ()
+    request_rate: Sequence[float] = ()
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    batch: int = 1
+    shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    input_data: str = "random"  # random | zero | path to .npz
+    timeout_s: Optional[float] = 30.0
+    inflight_per_channel: int = 200
+    seed: int = 0
+    headers: Mapping[str, str] = field(default_factory=dict)
+    tls: Mapping[str, object] = field(default_factory=dict)  # make_spec keyword arguments (root_cert, ...)
+
+    def mode(self) -> str:
+        if bool(self.concurrency) == bool(self.request_rate):
+            raise ValueError("give exactly one of --concurrency and --request-rate")
+        return "concurrency" if self.concurrency else "request_rate"
+
+
+@dataclass
+class BenchResult:
+    """Per-level statistics plus the raw in-window latencies (s) that the plot draws."""
+
+    config: BenchConfig
+    target: str
+    batch: int
+    inputs: List[Tuple[str, str, Tuple[int, ...]]]
+    channels: int
+    levels: List[LevelStats] = field(default_factory=list)
+    latencies_s: Dict[float, List[float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """JSON-ready summary: run description, generator, and one entry per level."""
+        c = self.config
+        return {
+            "model": c.model, "version": c.version, "url": c.url, "target": self.target,
+            "mode": c.mode(), "batch": self.batch, "duration_s": c.duration_s, "warmup_s": c.warmup_s,
+            "input_data": c.input_data,
+            "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in self.inputs],
+            "generator": {"channels": self.channels, "inflight_per_channel": c.inflight_per_channel,
+                          "python": platform.python_version(), "machine": platform.machine(),
+                          "host": platform.node()},
+            "levels": [s.as_dict() for s in self.levels],
+        }
+
+
+class Progress:
+    """The progress line on a stream: redrawn in place on a terminal, one line per level otherwise."""
+
+    def __init__(self, stream: Optional[TextIO] = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
+        self._label = ""
+
+    def level(self, label: str) -> None:
+        self._label = label
+
+    def update(self, phase: str, elapsed_s: float, total_s: float, ok: int, errors: int) -> None:
+        if not self._tty:
+            return
+        width = 20
+        filled = int(width * (elapsed_s / total_s if total_s > 0 else 1.0))
+        bar = "#" * filled + "-" * (width - filled)
+        self._stream.write(f"\r{self._label} {phase:7s} [{bar}] {elapsed_s:5.1f}/{total_s:.0f}s "
+                           f"ok={ok} err={errors}   ")
+        self._stream.flush()
+
+    def finish(self, stats: LevelStats) -> None:
+        errs = ",".join(f"{k}:{v}" for k, v in stats.errors_by_status.items()) or "0"
+        self._stream.write(("\r" if self._tty else "") + f"{self._label}: {stats.requests_per_s:.1f} req/s, "
+                           f"p50 {stats.p50_ms:.3f} ms, p99 {stats.p99_ms:.3f} ms, errors {errs}" + " " * 10 + "\n")
+        self._stream.flush()
+
+
+async def _prepare(config: BenchConfig) -> Tuple[bytes, int, List[bench_inputs.TensorSpec]]:
+    """Reads metadata and config, builds the tensors and serializes the one request every call reuses."""
+    spec_kw = dict(config.tls)
+    async with AsyncInferenceClient(config.url, headers=config.headers, **spec_kw) as client:
+        meta = await client.model_metadata(config.model, config.version or None)
+        model_config = await client.model_config(config.model, config.version or None)
+    mbs = int(model_config.max_batch_size)
+    if config.input_data not in ("random", "zero"):
+        with np.load(config.input_data, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        names = [t.name for t in meta.inputs]
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise ValueError(f"{config.input_data}: no array for input(s) {missing}; it holds {sorted(arrays)}")
+        batch = int(arrays[names[0]].shape[0]) if mbs > 0 and names else 1
+        shapes = {n: list(arrays[n].shape[1:] if mbs > 0 else arrays[n].shape) for n in names}
+        specs = bench_inputs.plan_inputs(meta, mbs, batch, shapes)
+        data = {n: arrays[n] for n in names}
+    else:
+        batch = config.batch
+        specs = bench_inputs.plan_inputs(meta, mbs, batch, config.shapes)
+        data = bench_inputs.make_data(specs, config.input_data, config.seed)
+    types = {s.name: s.datatype for s in specs}
+    request = _codec.build_infer_request(config.model, data, version=config.version or None, datatypes=types)
+    return request.SerializeToString(), batch, specs
+
+
+async def run(config: BenchConfig, progress: Optional[Progress] = None) -> BenchResult:
+    """Sweeps every level in order on one set of channels and returns their statistics."""
+    mode = config.mode()
+    levels: List[float] = [float(x) for x in (config.concurrency or config.request_rate)]
+    if any(x <= 0 for x in levels):
+        raise ValueError(f"levels must be positive, got {levels}")
+    if config.duration_s <= 0 or config.warmup_s < 0:
+        raise ValueError(f"duration must be > 0 and warmup >= 0, got {config.duration_s} and {config.warmup_s}")
+    payload, batch, specs = await _prepare(config)
+    spec = make_spec(config.url, headers=config.headers, **dict(config.tls))
+    if mode == "concurrency":
+        peak_inflight = max(levels)
+    else:  # Little's law with a 50 ms latency budget; more channels than needed cost little
+        peak_inflight = max(levels) * 0.05
+    channels = max(1, math.ceil(peak_inflight / max(1, config.inflight_per_channel)))
+    result = BenchResult(config, spec.target, batch, [(s.name, s.datatype, s.shape) for s in specs], channels)
+    prog = progress
+    async with Load(spec, payload, channels, config.timeout_s) as load:
+        for level in levels:
+            label = f"concurrency {int(level)}" if mode == "concurrency" else f"rate {level:g}/s"
+            if prog is not None:
+                prog.level(label)
+            update = prog.update if prog is not None else None
+            if mode == "concurrency":
+                rec = await run_closed(load, int(level), config.warmup_s, config.duration_s, update)
+            else:
+                rec = await run_open(load, level, config.warmup_s, config.duration_s, config.seed, progress=update)
+            lats, errs, lags = rec.in_window()
+            stats = summarize(mode, int(level) if mode == "concurrency" else level, rec.window_s, batch, lats,
+                              errs, lags)
+            result.levels.append(stats)
+            result.latencies_s[level] = lats
+            if prog is not None:
+                prog.finish(stats)
+    return result
