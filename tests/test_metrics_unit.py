@@ -69,6 +69,11 @@ class Scrape:
     def series(self, name: str) -> List[Dict[str, str]]:
         return [dict(labels) for n, labels in self.samples if n == name]
 
+    def matching(self, name: str, **labels: str) -> List[Tuple[Dict[str, str], float]]:
+        """(labels, value) of every sample of ``name`` whose labels include ``labels``."""
+        want = set(labels.items())
+        return [(dict(lab), v) for (n, lab), v in self.samples.items() if n == name and want <= lab]
+
 
 def scrape(observer: PrometheusObserver) -> Scrape:
     return Scrape(render(observer.registry).decode())
