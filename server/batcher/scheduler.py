@@ -119,6 +119,10 @@ class DynamicBatcher:
         self._wake.set()
         return fut
 
+    def poke(self) -> None:
+        """Re-evaluates the queue now (tests with an injected clock call this after moving time)."""
+        self._wake.set()
+
     async def stop(self, timeout: Optional[float] = None) -> None:
         """Stops accepting, lets queued and running batches finish (up to ``timeout`` s), then
         answers anything left UNAVAILABLE and shuts the instance threads down."""

@@ -1,0 +1,406 @@
+"""The batcher's rules, deterministically: pure ``policy.plan`` with explicit ``now``, and the
+scheduler with an injected clock and a fake backend whose batches are held by an Event."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pytest
+
+from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, Profile, ShapeRange, TensorSpec
+from trtserve.server.batcher import policy as pol
+from trtserve.server.batcher.request import Pending
+from trtserve.server.batcher.scheduler import DynamicBatcher
+from trtserve.server.batcher.shapes import ShapeRules
+from trtserve.server.errors import DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout
+from trtserve.server.events import Observer
+from trtserve.server.repository.model_config import BatchingPolicy, ModelSpec, QueuePolicy
+
+# ---------------------------------------------------------------------------------------------
+# pure policy
+
+
+def pend(rows=1, arrival=0.0, level=1, shape=(4,), seq=0) -> Pending:
+    loop_future = None  # the pure policy never touches the future
+    return Pending(inputs={}, outputs=("y",), rows=rows, shapes={"x": shape}, level=level, arrival=arrival,
+                   future=loop_future, seq=seq)  # type: ignore[arg-type]
+
+
+RULES = ShapeRules(batches=True, max_batch_size=8, paddable=frozenset(), profiles=())
+ON = BatchingPolicy(enabled=True, max_batch_size=8, max_queue_delay_us=1000)
+
+
+def test_idle_executor_runs_at_once():
+    p = pol.plan([pend(), pend()], now=0.0, policy=ON, rules=RULES, free={0}, busy=False)
+    assert len(p.requests) == 2 and p.rows == 2 and p.instance == 0
+
+
+def test_busy_executor_waits_for_queue_delay():
+    p = pol.plan([pend(arrival=0.0)], now=0.0004, policy=ON, rules=RULES, free={1}, busy=True)
+    assert not p.requests and p.wait_s == pytest.approx(0.0006)
+    p = pol.plan([pend(arrival=0.0)], now=0.001, policy=ON, rules=RULES, free={1}, busy=True)
+    assert len(p.requests) == 1
+
+
+def test_full_batch_runs_even_when_busy_and_never_exceeds_max():
+    reqs = [pend(rows=3, seq=i) for i in range(4)]  # 12 rows queued, max 8
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free={1}, busy=True)
+    assert not p.requests  # 6 rows (3+3) < 8 and 3 more would overflow: waits for the delay
+    reqs = [pend(rows=4, seq=i) for i in range(3)]
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free={1}, busy=True)
+    assert p.rows == 8 and len(p.requests) == 2
+
+
+def test_preferred_size_cuts_the_largest_preferred_prefix():
+    policy = BatchingPolicy(enabled=True, max_batch_size=8, preferred_batch_sizes=(2, 4), max_queue_delay_us=10**6)
+    reqs = [pend(seq=i) for i in range(5)]
+    p = pol.plan(reqs, now=0.0, policy=policy, rules=RULES, free={1}, busy=True)
+    assert p.rows == 4 and len(p.requests) == 4
+
+
+def test_request_is_never_split():
+    reqs = [pend(rows=5), pend(rows=5)]
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free={0}, busy=False)
+    assert p.rows == 5 and len(p.requests) == 1
+
+
+def test_no_free_instance_means_wait_for_event():
+    p = pol.plan([pend()], now=0.0, policy=ON, rules=RULES, free=set(), busy=True)
+    assert not p.requests and p.wait_s is None
+
+
+def test_strict_priority_then_fifo():
+    reqs = [pend(level=1, seq=5, shape=(4,)), pend(level=2, seq=1, shape=(4,))]
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free={0}, busy=False)
+    assert [r.seq for r in p.requests] == [5, 1]  # order given = level order; head is level 1
+
+
+def test_different_shapes_do_not_mix_without_padding():
+    reqs = [pend(shape=(4,)), pend(shape=(5,)), pend(shape=(4,))]
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free={0}, busy=False)
+    assert len(p.requests) == 2 and all(r.shapes["x"] == (4,) for r in p.requests)
+
+
+def _profiles():
+    # profile 0: up to 4 rows of length <= 8; profile 1: up to 8 rows of length <= 32
+    return (Profile(0, {"x": ShapeRange((1, 1), (4, 8), (4, 8))}, (0,)),
+            Profile(1, {"x": ShapeRange((1, 1), (8, 32), (8, 32))}, (1,)))
+
+
+def test_padding_groups_within_one_profile_and_picks_closest_opt():
+    rules = ShapeRules(batches=True, max_batch_size=8, paddable=frozenset({"x"}), profiles=_profiles())
+    reqs = [pend(shape=(3,)), pend(shape=(7,)), pend(shape=(20,))]
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=rules, free={0, 1}, busy=False)
+    assert len(p.requests) == 3 and p.shapes == {"x": (20,)} and p.profile.index == 1 and p.instance == 1
+    p = pol.plan(reqs[:2], now=0.0, policy=ON, rules=rules, free={0, 1}, busy=False)
+    assert p.shapes == {"x": (7,)} and p.profile.index == 0 and p.instance == 0
+
+
+def test_never_builds_a_batch_no_profile_accepts():
+    rules = ShapeRules(batches=True, max_batch_size=8, paddable=frozenset({"x"}), profiles=_profiles())
+    assert not rules.accepts(1, {"x": (33,)})
+    assert rules.merge(4, {"x": (8,)}, 4, {"x": (33,)}) is None
+    reqs = [pend(rows=4, shape=(30,)), pend(rows=4, shape=(30,)), pend(rows=1, shape=(2,))]
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=rules, free={0, 1}, busy=False)
+    assert p.rows == 8 and p.profile.index == 1
+
+
+def test_fitting_profile_busy_runs_head_on_another_fitting_profile():
+    rules = ShapeRules(batches=True, max_batch_size=8, paddable=frozenset({"x"}), profiles=_profiles())
+    reqs = [pend(rows=2, shape=(4,)), pend(rows=4, shape=(4,))]  # 6 rows only fit profile 1 (busy)
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=rules, free={0}, busy=True)
+    assert not p.requests and p.wait_s == pytest.approx(0.001)  # partial batch while busy: queue delay
+    p = pol.plan(reqs, now=0.002, policy=ON, rules=rules, free={0}, busy=True)
+    assert p.rows == 2 and p.instance == 0 and p.profile.index == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# scheduler with a fake backend and an injected clock
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeBackend(Backend):
+    """y = 2 * x; batches block until ``release`` is set; records batch sizes; can fail on demand."""
+
+    platform = "fake"
+
+    def __init__(self, instances: int = 1, profiles: Sequence[Profile] = ()) -> None:
+        super().__init__(BackendConfig("m", "1", None, "", 8, (), (), instance_count=instances))  # type: ignore
+        self.release = threading.Event()
+        self.release.set()
+        self.batches: List[int] = []
+        self.fail_when_rows: Optional[int] = None
+        self._profiles = tuple(profiles)
+        self.started = threading.Semaphore(0)
+
+    def open(self) -> None:
+        pass
+
+    def io(self):
+        return (), ()
+
+    def profiles(self):
+        return self._profiles
+
+    def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs) -> BatchResult:
+        self.started.release()
+        self.release.wait(10)
+        x = inputs["x"]
+        self.batches.append(x.shape[0])
+        if self.fail_when_rows is not None and x.shape[0] == self.fail_when_rows:
+            raise RuntimeError("injected failure")
+        return BatchResult({"y": x * 2}, 1, 2, 3)
+
+    def close(self) -> None:
+        pass
+
+
+class Recorder(Observer):
+    def __init__(self) -> None:
+        self.pending = 0
+        self.batches: List[int] = []
+
+    def request_queued(self, model, version, priority):
+        self.pending += 1
+
+    def request_dequeued(self, model, version, priority):
+        self.pending -= 1
+
+    def batch_done(self, model, version, batch_size, requests, *a, **k):
+        self.batches.append(batch_size)
+
+
+def spec(**batching) -> ModelSpec:
+    b = dict(enabled=True, max_batch_size=8)
+    b.update(batching)
+    return ModelSpec(name="m", version="1", platform="fake", max_batch_size=8,
+                     inputs=(TensorSpec("x", "FP32", (-1,)),), outputs=(TensorSpec("y", "FP32", (-1,)),),
+                     batching=BatchingPolicy(**b), instance_count=1, parameters={},
+                     pad_values={}, unpad={})
+
+
+def x(rows=1, n=4, value=1.0):
+    return {"x": np.full((rows, n), value, np.float32)}
+
+
+async def started(backend: FakeBackend) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, backend.started.acquire)
+
+
+async def make(spec_: ModelSpec, backend: FakeBackend, clock=None):
+    rec = Recorder()
+    b = DynamicBatcher(spec_, backend, rec, clock or Clock())
+    b.start()
+    return b, rec
+
+
+async def test_batches_form_while_executor_busy():
+    backend = FakeBackend()
+    backend.release.clear()
+    b, rec = await make(spec(), backend)
+    first = b.submit(x(), ("y",), 1)
+    await started(backend)  # batch 1 (one row) is running and held
+    rest = [b.submit(x(value=i), ("y",), 1) for i in range(5)]
+    await asyncio.sleep(0)
+    assert rec.pending == 5
+    backend.release.set()
+    results = await asyncio.gather(first, *rest)
+    assert backend.batches == [1, 5]  # the five queued requests ran as one batch
+    for i, r in enumerate(results[1:]):
+        np.testing.assert_array_equal(r.outputs["y"], np.full((1, 4), 2 * i, np.float32))
+        assert r.batch_size == 5
+    assert rec.pending == 0
+    await b.stop()
+
+
+async def test_queue_delay_with_injected_clock():
+    clock = Clock()
+    backend = FakeBackend(instances=2)
+    backend.release.clear()
+    b, rec = await make(spec(max_queue_delay_us=1000), backend, clock)
+    blocker = b.submit(x(), ("y",), 1)
+    await started(backend)  # instance 0 busy -> instance 1 free, partial batches wait for the delay
+    waiting = b.submit(x(rows=2), ("y",), 2)
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and rec.pending == 1
+    clock.t += 0.0011
+    b.poke()
+    await started(backend)
+    backend.release.set()
+    await asyncio.gather(blocker, waiting)
+    assert sorted(backend.batches) == [1, 2]
+    await b.stop()
+
+
+async def test_priorities_strict_between_levels():
+    backend = FakeBackend()
+    backend.release.clear()
+    b, _ = await make(spec(priority_levels=2, default_priority_level=2, max_batch_size=8,
+                           preferred_batch_sizes=(1,)), backend)
+    order: List[str] = []
+    blocker = b.submit(x(), ("y",), 1)
+    await started(backend)
+    low = [b.submit(x(), ("y",), 1, priority=2) for _ in range(2)]
+    high = [b.submit(x(), ("y",), 1, priority=1) for _ in range(2)]
+    for name, futs in (("low", low), ("high", high)):
+        for f in futs:
+            f.add_done_callback(lambda _f, n=name: order.append(n))
+    backend.release.set()
+    await asyncio.gather(blocker, *low, *high)
+    assert order == ["high", "high", "low", "low"]
+    await b.stop()
+
+
+async def test_queue_full_is_rejected_fast():
+    backend = FakeBackend()
+    backend.release.clear()
+    b, _ = await make(spec(default_queue_policy=QueuePolicy(max_queue_size=2)), backend)
+    running = b.submit(x(), ("y",), 1)
+    await started(backend)
+    queued = [b.submit(x(), ("y",), 1) for _ in range(2)]
+    with pytest.raises(QueueFull, match="full"):
+        b.submit(x(), ("y",), 1)
+    backend.release.set()
+    await asyncio.gather(running, *queued)
+    await b.stop()
+
+
+async def test_queue_timeout_reject_and_delay():
+    clock = Clock()
+    backend = FakeBackend()
+    backend.release.clear()
+    b, rec = await make(spec(priority_levels=2, default_priority_level=1,
+                             priority_queue_policy={
+                                 1: QueuePolicy(timeout_action="REJECT", default_timeout_us=1000),
+                                 2: QueuePolicy(timeout_action="DELAY", default_timeout_us=1000,
+                                                allow_timeout_override=True)},
+                             preferred_batch_sizes=(1,)), backend, clock)
+    running = b.submit(x(), ("y",), 1, priority=2, timeout_us=10**9)
+    await started(backend)
+    rejected = b.submit(x(), ("y",), 1, priority=1)
+    delayed = b.submit(x(value=7), ("y",), 1, priority=2, timeout_us=500)  # override lowers the timeout
+    clock.t += 0.002
+    b.poke()
+    with pytest.raises(QueueTimeout, match="timed out"):
+        await rejected
+    fresh = b.submit(x(value=3), ("y",), 1, priority=2)
+    order: List[str] = []
+    delayed.add_done_callback(lambda f: order.append("delayed"))
+    fresh.add_done_callback(lambda f: order.append("fresh"))
+    backend.release.set()
+    await asyncio.gather(running, delayed, fresh)
+    assert order == ["fresh", "delayed"]  # DELAY: a timed-out request runs after the others
+    assert rec.pending == 0
+    await b.stop()
+
+
+async def test_deadline_expired_in_queue_is_never_executed():
+    clock = Clock()
+    backend = FakeBackend()
+    backend.release.clear()
+    b, rec = await make(spec(), backend, clock)
+    running = b.submit(x(), ("y",), 1)
+    await started(backend)
+    doomed = b.submit(x(rows=3), ("y",), 3, deadline=clock.t + 0.01)
+    clock.t += 0.02
+    b.poke()
+    with pytest.raises(DeadlineExceeded, match="not executed"):
+        await doomed
+    backend.release.set()
+    await running
+    assert 3 not in backend.batches and rec.pending == 0
+    await b.stop()
+
+
+async def test_cancel_removes_from_queue():
+    backend = FakeBackend()
+    backend.release.clear()
+    b, rec = await make(spec(), backend)
+    running = b.submit(x(), ("y",), 1)
+    await started(backend)
+    cancelled = b.submit(x(rows=3), ("y",), 3)
+    kept = b.submit(x(rows=2), ("y",), 2)
+    cancelled.cancel()
+    await asyncio.sleep(0.01)
+    backend.release.set()
+    await asyncio.gather(running, kept)
+    assert backend.batches == [1, 2] and rec.pending == 0
+    await b.stop()
+
+
+async def test_failed_batch_answers_each_request_once_and_keeps_serving():
+    backend = FakeBackend()
+    backend.fail_when_rows = 3
+    backend.release.clear()
+    b, _ = await make(spec(), backend)
+    running = b.submit(x(), ("y",), 1)
+    await started(backend)
+    doomed = [b.submit(x(), ("y",), 1) for _ in range(3)]
+    backend.release.set()
+    await running
+    results = await asyncio.gather(*doomed, return_exceptions=True)
+    assert all(isinstance(r, Internal) and "injected failure" in str(r) for r in results)
+    ok = await b.submit(x(rows=2), ("y",), 2)
+    assert ok.outputs["y"].shape == (2, 4)
+    await b.stop()
+
+
+async def test_padding_and_slicing_back():
+    profiles = (Profile(0, {"x": ShapeRange((1, 1), (8, 16), (8, 16))}, (0,)),)
+    backend = FakeBackend(profiles=profiles)
+    backend.release.clear()
+    s = spec()
+    s = ModelSpec(**{**s.__dict__, "pad_values": {"x": -1.0}, "unpad": {"y": "x"}})
+    b, _ = await make(s, backend)
+    first = b.submit(x(n=2), ("y",), 1)
+    await started(backend)
+    a = b.submit({"x": np.arange(3, dtype=np.float32)[None]}, ("y",), 1)
+    c = b.submit({"x": np.arange(5, dtype=np.float32)[None].repeat(2, 0)}, ("y",), 2)
+    backend.release.set()
+    await first
+    ra, rc = await asyncio.gather(a, c)
+    assert backend.batches == [1, 3]
+    np.testing.assert_array_equal(ra.outputs["y"], 2 * np.arange(3, dtype=np.float32)[None])
+    np.testing.assert_array_equal(rc.outputs["y"], 2 * np.arange(5, dtype=np.float32)[None].repeat(2, 0))
+    with pytest.raises(InvalidArgument, match="fit no optimization profile"):
+        b.submit({"x": np.zeros((1, 17), np.float32)}, ("y",), 1)
+    await b.stop()
+
+
+async def test_preserve_ordering_across_instances():
+    backend = FakeBackend(instances=2)
+    s = spec(preserve_ordering=True, preferred_batch_sizes=(1,))
+    b, _ = await make(s, backend)
+    order: List[int] = []
+    futs = [b.submit(x(value=i), ("y",), 1) for i in range(6)]
+    for i, f in enumerate(futs):
+        f.add_done_callback(lambda _f, i=i: order.append(i))
+    await asyncio.gather(*futs)
+    assert order == sorted(order)
+    await b.stop()
+
+
+async def test_stop_drains_queue_then_rejects_new():
+    backend = FakeBackend()
+    b, _ = await make(spec(), backend)
+    futs = [b.submit(x(), ("y",), 1) for _ in range(4)]
+    await b.stop(timeout=5)
+    assert all(f.done() and not f.exception() for f in futs)
+    with pytest.raises(Exception, match="unloading"):
+        b.submit(x(), ("y",), 1)
+
+
+def test_non_batching_model_runs_each_request_alone():
+    s = spec(enabled=False)
+    rules = ShapeRules(batches=True, max_batch_size=8, paddable=frozenset(), profiles=())
+    p = pol.plan([pend(), pend()], 0.0, s.batching, rules, {0}, busy=False)
+    assert len(p.requests) == 1
