@@ -69,6 +69,8 @@ def encode_tensor(name: str, array: np.ndarray, datatype: Optional[str] = None) 
         pb.ModelInferRequest.InferInputTensor, bytes]:
     """One input tensor's metadata and its raw bytes; ``datatype`` overrides the one inferred from the dtype."""
     array = np.asarray(array)
+    if not array.dtype.isnative:  # the table knows native dtypes; the raw bytes are written little-endian below
+        array = array.astype(array.dtype.newbyteorder("="))
     try:
         wire = datatype.upper() if datatype else dtypes.wire_of(array)
         dtypes.from_wire(wire)
