@@ -9,17 +9,16 @@ must match, the text must parse with prometheus-client's parser, and ModelStatis
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import pathlib
-import threading
 import time
 import urllib.request
-from typing import Callable, Dict, Optional, TypeVar
+from typing import Callable, Dict, Iterator, Optional, TypeVar
 
 import numpy as np
 import pytest
 
+from .conftest import RunningServer
 from .models import identity
 from .test_metrics_unit import Scrape
 
@@ -33,38 +32,6 @@ REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
 
 
 # --- helpers, shared with test_prometheus_integration.py ---------------------------------------------
-
-
-class LiveServer:
-    """A real TrtServer (gRPC and /metrics on free loopback ports) on its own event loop thread, so that
-    tests can use tritonclient's blocking client."""
-
-    def __init__(self, repo: pathlib.Path) -> None:
-        from trtserve.server.app import ServerOptions, TrtServer
-
-        self._server = TrtServer(ServerOptions(model_repository=repo, host="127.0.0.1", grpc_port=0,
-                                               metrics_port=0, drain_seconds=5.0))
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="metrics-live-server", daemon=True)
-        self.grpc_url = self.metrics_url = ""
-        self.metrics_port = 0
-
-    def __enter__(self) -> LiveServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._server.start(), self._loop).result(timeout=60)
-        assert self._server.metrics_port, "the server did not start /metrics"
-        self.metrics_port = int(self._server.metrics_port)
-        self.grpc_url = f"127.0.0.1:{self._server.grpc_port}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self._server.stop(grace=2.0), self._loop).result(timeout=60)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
 
 
 def scrape(url: str) -> Scrape:
@@ -196,15 +163,19 @@ def load_and_send(grpc_url: str, metrics_url: str) -> Dict[str, Dict[str, float]
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory):
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server of its own (module-wide), so that its counters start at zero."""
     repo = tmp_path_factory.mktemp("metrics_repo")
     write_models(repo)
-    with LiveServer(repo) as server:
+    server = RunningServer(repo)
+    try:
         yield server
+    finally:
+        server.stop()
 
 
-def test_counters_histograms_and_statistics_agree(live: LiveServer) -> None:
-    client = grpcclient.InferenceServerClient(live.grpc_url)
+def test_counters_histograms_and_statistics_agree(live: RunningServer) -> None:
+    client = grpcclient.InferenceServerClient(live.url)
     fast, slow = {"model": FAST, "version": "1"}, {"model": SLOW, "version": "1"}
     before = scrape(live.metrics_url)
     for lab in (fast, slow):  # READY models export zeros at once, so rate() sees the first request
@@ -212,7 +183,7 @@ def test_counters_histograms_and_statistics_agree(live: LiveServer) -> None:
         assert before.value("trtserve_model_state", state="READY", **lab) == 1
         assert before.value("trtserve_model_load_seconds", **lab) > 0
 
-    expected = load_and_send(live.grpc_url, live.metrics_url)
+    expected = load_and_send(live.url, live.metrics_url)
     # request_done is reported before the response is sent; the bounded wait only guards a slow scrape.
     s = wait_for(lambda: scrape(live.metrics_url),
                  lambda m: m.value("nv_inference_request_success", **slow) == 3, timeout_s=5)
@@ -264,7 +235,7 @@ def check_statistics_agree(stats: dict, s: Scrape, lab: Dict[str, str]) -> None:
         assert n == sum(c for size, c in per_size.items() if size <= float(labels["le"])), labels
 
 
-def test_exposition_parses_and_has_every_name_deploy_uses(live: LiveServer) -> None:
+def test_exposition_parses_and_has_every_name_deploy_uses(live: RunningServer) -> None:
     """Every name the dashboard and HPA use (deploy/metrics-used.txt) is in the live output."""
     s = scrape(live.metrics_url)  # parses with prometheus-client's parser, or fails here
     used = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "metrics-used.txt"

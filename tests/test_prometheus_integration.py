@@ -19,7 +19,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from .test_metrics_live import FAST, LiveServer, expect_error, infer, scrape, wait_for, write_models
+from .conftest import RunningServer
+from .test_metrics_live import FAST, expect_error, infer, scrape, wait_for, write_models
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install -y prometheus)")
@@ -123,19 +124,22 @@ def bucket_quantile(q: float, buckets: Dict[float, float]) -> float:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tuple[LiveServer, Prometheus]]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tuple[RunningServer, Prometheus]]:
     repo = tmp_path_factory.mktemp("prom_repo")
     write_models(repo)
-    with LiveServer(repo) as server:
-        prom = Prometheus(tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{server.metrics_port}")
+    server = RunningServer(repo)
+    try:
+        prom = Prometheus(tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{server.server.metrics_port}")
         prom.start()
         try:
             yield server, prom
         finally:
             prom.stop()
+    finally:
+        server.stop()
 
 
-def test_promql_request_count_and_p99(stack: Tuple[LiveServer, Prometheus]) -> None:
+def test_promql_request_count_and_p99(stack: Tuple[RunningServer, Prometheus]) -> None:
     server, prom = stack
     sel = f'model="{FAST}",version="1"'
     up = wait_for(lambda: prom.scalar('up{job="trtserve"}'), lambda v: v == 1, timeout_s=20)
@@ -144,7 +148,7 @@ def test_promql_request_count_and_p99(stack: Tuple[LiveServer, Prometheus]) -> N
     assert wait_for(lambda: prom.scalar(f"trtserve_request_duration_seconds_count{{{sel}}}"),
                     lambda v: v == 0, timeout_s=20) == 0
 
-    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client = grpcclient.InferenceServerClient(server.url)
     sizes = [1, 2, 3, 4, 5, 6, 7, 8] * 3
     for rows in sizes:
         infer(client, FAST, rows)
