@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from trtserve.client._channel import ChannelSpec
+from trtserve.client._errors import InferenceServerError
 
 __all__ = ["LevelRecords", "Load", "run_closed", "run_open"]
 
@@ -78,7 +79,11 @@ class Load:
             self._channels.append(ch)
             # identity (de)serializers: the request is bytes already and the response stays unparsed
             self._calls.append(ch.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None))
-        await asyncio.gather(*(ch.channel_ready() for ch in self._channels))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in self._channels)), 30.0)
+        except asyncio.TimeoutError:
+            await self.__aexit__()
+            raise InferenceServerError("UNAVAILABLE", f"could not connect to {self._spec.target} within 30 s") from None
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,0 +1,202 @@
+"""The load tester end to end: on the real server's ``mlp`` (short runs; fields and files, not speed),
+on stand-in servers for error counting and open-loop lateness, and the ceiling entry point."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+from trtserve.client.bench import report
+from trtserve.client.bench.ceiling import SERVICE, _config, _metadata, start_trivial_server
+from trtserve.client.bench.runner import BenchConfig, run
+from trtserve.client.cli import main as client_main
+from trtserve.protos import grpc_service_pb2 as pb
+
+LEVEL_FIELDS = {"mode", "level", "window_s", "batch", "requests", "errors", "errors_by_status", "requests_per_s",
+                "rows_per_s", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms", "send_lag_p99_ms"}
+
+
+def _png_shape(path) -> tuple:
+    from matplotlib.image import imread
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    return imread(str(path)).shape
+
+
+def test_bench_closed_loop_on_mlp_writes_csv_json_png(example_server, tmp_path, capsys):
+    out = {k: tmp_path / f"b.{k}" for k in ("csv", "json", "png")}
+    code = client_main(["bench", "--url", example_server.url, "-m", "mlp", "--concurrency", "1,4", "--duration", "0.6",
+                        "--warmup", "0.2", "--batch", "2", "--csv", str(out["csv"]), "--json", str(out["json"]),
+                        "--plot", str(out["png"])])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "concurrency 1:" in captured.err and "concurrency 4:" in captured.err  # progress/summary on stderr
+    table = captured.out.splitlines()
+    assert table[1].split()[:3] == ["level", "req/s", "rows/s"] and len(table) == 4
+
+    with open(out["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == report.CSV_FIELDS
+    assert [(r["mode"], r["level"], r["batch"]) for r in rows] == [("concurrency", "1", "2"), ("concurrency", "4", "2")]
+    for r in rows:
+        assert int(r["requests"]) > 0 and r["errors"] == "0" and r["errors_by_status"] == ""
+        assert float(r["rows_per_s"]) == pytest.approx(2 * float(r["requests_per_s"]))
+        p = [float(r[k]) for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")]
+        assert 0 < p[0] <= p[1] <= p[2] <= p[3] <= p[4]
+
+    doc = json.loads(out["json"].read_text())
+    assert (doc["model"], doc["mode"], doc["batch"], doc["url"]) == ("mlp", "concurrency", 2, example_server.url)
+    assert doc["inputs"] == [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 64]}]
+    assert doc["generator"]["channels"] == 1
+    assert [lv["level"] for lv in doc["levels"]] == [1, 4] and set(doc["levels"][0]) == LEVEL_FIELDS
+    assert doc["levels"][1]["requests"] == int(rows[1]["requests"])
+
+    h, w, _ = _png_shape(out["png"])
+    assert (w, h) == (1200, 480)
+
+
+async def test_bench_open_loop_on_mlp(example_server):
+    result = await run(BenchConfig(url=example_server.url, model="mlp", request_rate=[50.0, 150.0], duration_s=0.8,
+                                   warmup_s=0.2, input_data="zero", seed=3))
+    assert [s.mode for s in result.levels] == ["request_rate", "request_rate"]
+    for stats, rate in zip(result.levels, (50.0, 150.0)):
+        assert stats.errors == 0 and stats.requests > 0
+        assert stats.requests_per_s == pytest.approx(rate, rel=0.6)  # Poisson over 0.8 s: loose on purpose
+        assert stats.p50_ms <= stats.p99_ms <= stats.max_ms
+        assert len(result.latencies_s[rate]) == stats.requests
+
+
+async def test_bench_input_file_and_shape_rules(example_server, tmp_path):
+    np.savez(tmp_path / "in.npz", INPUT0=np.ones((3, 64), np.float32))
+    result = await run(BenchConfig(url=example_server.url, model="mlp", concurrency=[2], duration_s=0.3,
+                                   warmup_s=0.0, input_data=str(tmp_path / "in.npz")))
+    assert result.batch == 3 and result.inputs == [("INPUT0", "FP32", (3, 64))] and result.levels[0].errors == 0
+    with pytest.raises(ValueError, match="exceeds"):
+        await run(BenchConfig(url=example_server.url, model="mlp", concurrency=[1], batch=64))
+    with pytest.raises(ValueError, match="exactly one"):
+        await run(BenchConfig(url=example_server.url, model="mlp"))
+
+
+def test_bench_cli_errors(example_server, capsys):
+    assert client_main(["bench", "--url", example_server.url, "-m", "nope", "--duration", "0.2"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert client_main(["bench", "--url", example_server.url, "-m", "mlp", "--shared-memory", "system"]) == 2
+    assert "only 'none'" in capsys.readouterr().err
+    assert client_main(["bench", "--url", example_server.url, "-m", "mlp", "--shape", "INPUT0:65"]) == 2
+    assert "does not match" in capsys.readouterr().err
+
+
+def _failing_every_other_handler() -> grpc.GenericRpcHandler:
+    """ModelInfer alternates success and RESOURCE_EXHAUSTED; metadata/config as the trivial model."""
+    calls = {"n": 0}  # per-server state, owned by this handler
+
+    async def infer(request: bytes, context):
+        calls["n"] += 1
+        if calls["n"] % 2:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        response = pb.ModelInferResponse(model_name="trivial")
+        return response.SerializeToString()
+
+    async def metadata(request, context):
+        return _metadata()
+
+    async def config(request, context):
+        return pb.ModelConfigResponse(config=_config())
+
+    def unary(fn, req_type):
+        return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req_type.FromString,
+                                                   response_serializer=lambda m: m.SerializeToString())
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(infer),
+        "ModelMetadata": unary(metadata, pb.ModelMetadataRequest),
+        "ModelConfig": unary(config, pb.ModelConfigRequest),
+    })
+
+
+async def test_errors_are_counted_by_status(tmp_path):
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_failing_every_other_handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        result = await run(BenchConfig(url=f"127.0.0.1:{port}", model="trivial", concurrency=[4], duration_s=0.4,
+                                       warmup_s=0.1))
+    finally:
+        await server.stop(0)
+    stats = result.levels[0]
+    assert set(stats.errors_by_status) == {"RESOURCE_EXHAUSTED"} and stats.errors > 0 and stats.requests > 0
+    assert abs(stats.errors - stats.requests) <= 8  # every other call fails
+    report.write_csv(result, str(tmp_path / "e.csv"))
+    row = next(csv.DictReader(open(tmp_path / "e.csv")))
+    assert row["errors_by_status"] == f"RESOURCE_EXHAUSTED:{stats.errors}"
+
+
+def _slow_handler(delay_s: float) -> grpc.GenericRpcHandler:
+    """One request at a time, each taking ``delay_s``: a server that cannot keep up with the offered rate."""
+    lock = asyncio.Lock()
+
+    async def infer(request: bytes, context):
+        async with lock:
+            await asyncio.sleep(delay_s)
+        return pb.ModelInferResponse(model_name="trivial").SerializeToString()
+
+    async def metadata(request, context):
+        return _metadata()
+
+    async def config(request, context):
+        return pb.ModelConfigResponse(config=_config())
+
+    def unary(fn, req_type):
+        return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req_type.FromString,
+                                                   response_serializer=lambda m: m.SerializeToString())
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(infer),
+        "ModelMetadata": unary(metadata, pb.ModelMetadataRequest),
+        "ModelConfig": unary(config, pb.ModelConfigRequest),
+    })
+
+
+async def test_open_loop_latency_counts_queueing_from_the_scheduled_time():
+    """Offered 200/s to a server doing 50/s: latency grows with the backlog instead of hiding it."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_slow_handler(0.02),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        result = await run(BenchConfig(url=f"127.0.0.1:{port}", model="trivial", request_rate=[200.0],
+                                       duration_s=1.0, warmup_s=0.0, seed=1))
+    finally:
+        await server.stop(0)
+    stats = result.levels[0]
+    assert stats.errors == 0
+    # ~200 requests at 20 ms each take ~4 s; the last one waited ~3 s behind the others
+    assert stats.requests_per_s == pytest.approx(50, rel=0.25)
+    assert stats.max_ms > 2000 and stats.p50_ms > 500
+
+
+async def test_trivial_server_answers_the_bench():
+    server, port = await start_trivial_server()
+    try:
+        result = await run(BenchConfig(url=f"127.0.0.1:{port}", model="trivial", concurrency=[1, 16],
+                                       duration_s=0.3, warmup_s=0.1, inflight_per_channel=8))
+    finally:
+        await server.stop(0)
+    assert result.channels == 2 and all(s.requests > 0 and s.errors == 0 for s in result.levels)
+
+
+def test_ceiling_entry_point():
+    run_ = subprocess.run([sys.executable, "-m", "trtserve.client.bench.ceiling", "--concurrency", "1,4",
+                           "--duration", "0.3", "--warmup", "0.1", "--servers", "1"],
+                          capture_output=True, text=True, timeout=90)
+    assert run_.returncode == 0, run_.stderr
+    last = run_.stdout.strip().splitlines()[-1]
+    assert last.startswith("load generator ceiling: ") and float(last.split()[3]) > 0
