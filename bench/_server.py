@@ -1,0 +1,43 @@
+"""Starts ``trtserve serve`` in a child process (so load and server do not share a GIL) and stops it."""
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+
+class ServerProcess:
+    """``with ServerProcess(repo) as s: s.url``; the server picks a free port and prints it."""
+
+    def __init__(self, repo: pathlib.Path, extra: Optional[List[str]] = None) -> None:
+        self.repo = repo
+        self.extra = extra or []
+        self.proc: Optional[subprocess.Popen] = None
+        self.url = ""
+
+    def __enter__(self) -> "ServerProcess":
+        cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(self.repo), "--grpc-port", "0",
+               "--metrics-port", "-1", "--log-level", "warning", "--no-gpu-metrics"] + self.extra
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            m = re.search(r" on ([\d.]+):(\d+) ", line)
+            if m:
+                self.url = f"{m.group(1)}:{m.group(2)}"
+                return self
+            if time.monotonic() > deadline:
+                break
+        self.__exit__()
+        raise RuntimeError("trtserve did not start")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
