@@ -14,7 +14,7 @@ from trtserve import dtypes
 from trtserve.server.backends.base import BackendConfig, ShapeRange, TensorSpec
 from trtserve.server.backends.tensorrt import compat
 from trtserve.server.backends.tensorrt.build import BuildOptions, PlanCache, param_bool, param_int, plan_cache_key
-from trtserve.server.backends.tensorrt.engine import EngineInfo, IOTensor, specs_from_engine, validate
+from trtserve.server.backends.tensorrt.engine import EngineInfo, IOTensor, model_specs, validate
 from trtserve.server.backends.tensorrt.profiles import (
     batch_coverage_gap,
     has_profile_parameters,
@@ -260,9 +260,9 @@ def test_validate_errors_name_the_tensor(info: EngineInfo, config: BackendConfig
         validate(info, config, "m")
 
 
-def test_specs_from_engine_drop_batch_dim() -> None:
-    ins, outs = specs_from_engine(_info(), 8)
-    assert ins == [TensorSpec("x", "FP32", (16,))] and outs == [TensorSpec("y", "FP32", (4,))]
+def test_model_specs_are_full_engine_shapes() -> None:
+    ins, outs = model_specs(_info())
+    assert ins == [TensorSpec("x", "FP32", (-1, 16))] and outs == [TensorSpec("y", "FP32", (-1, 4))]
     validate(_info(), _config(inputs=[], outputs=[]), "m")  # auto-complete: no declared IO
 
 

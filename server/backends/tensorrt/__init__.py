@@ -20,7 +20,7 @@ from trtserve.server.errors import InvalidArgument, ModelLoadError
 from . import compat
 from .build import BuildOptions, OnnxBuilder, PlanCache, default_cache_dir, param_bool, plan_cache_key, sha256_file
 from .context import InstanceContext
-from .engine import EngineInfo, deserialize, inspect_engine, specs_from_engine, validate
+from .engine import EngineInfo, deserialize, inspect_engine, model_specs, validate
 from .profiles import (
     Layout,
     batch_coverage_gap,
@@ -150,8 +150,7 @@ class TensorRTBackend(Backend):
                 raise
         self.report = LoadReport(report.source, report.path, report.cache_key, report.cache_hit, report.build_s,
                                  report.tensorrt, tuple(captured))
-        ins, outs = specs_from_engine(info, cfg.max_batch_size)
-        self._io = (list(cfg.inputs) or ins, list(cfg.outputs) or outs)
+        self._io = model_specs(info)
         self._profiles = self._make_profiles(info, layout)
         log.info("%s: ready, %d instance(s), %s", self._what, cfg.instance_count,
                  "; ".join(p.describe() + f" -> instances {list(p.instances)}" for p in self._profiles))
@@ -171,6 +170,7 @@ class TensorRTBackend(Backend):
     # ---- the contract ----
 
     def io(self) -> Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]:
+        """Engine IO with full shapes (batch dimension included, -1 where dynamic)."""
         if self._io is None:
             raise RuntimeError(f"{self._what}: io() before open()")
         return self._io

@@ -91,11 +91,12 @@ def _config_dims(t: IOTensor, max_batch_size: int) -> Tuple[int, ...]:
     return t.shape[1:] if max_batch_size > 0 else t.shape
 
 
-def specs_from_engine(info: EngineInfo, max_batch_size: int) -> Tuple[List[TensorSpec], List[TensorSpec]]:
-    """Config-style specs (batch dimension dropped when the model batches) for auto-complete."""
+def model_specs(info: EngineInfo) -> Tuple[List[TensorSpec], List[TensorSpec]]:
+    """IO as the engine declares it: full shapes, batch dimension included, -1 where dynamic (what the
+    repository's auto-complete and config check expect from ``Backend.io()``)."""
     return (
-        [TensorSpec(t.name, t.wire, _config_dims(t, max_batch_size)) for t in info.inputs],
-        [TensorSpec(t.name, t.wire, _config_dims(t, max_batch_size)) for t in info.outputs],
+        [TensorSpec(t.name, t.wire, t.shape) for t in info.inputs],
+        [TensorSpec(t.name, t.wire, t.shape) for t in info.outputs],
     )
 
 

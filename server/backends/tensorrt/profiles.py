@@ -179,7 +179,8 @@ def batch_coverage_gap(profiles: Sequence[ProfileSpec], max_batch_size: int, eve
         if every_profile and hi < max_batch_size:
             return (
                 f"profile {i} allows at most {hi} rows but max_batch_size is {max_batch_size} "
-                f"(declare the profiles in '{PROFILES_KEY}' to split batch sizes across profiles)"
+                f"(to split batch sizes across profiles declare them in '{PROFILES_KEY}', or for a prebuilt plan set "
+                f"'trtserve.split_batch_profiles')"
             )
         ranges.append((lo, hi))
     missing = [b for b in range(1, max_batch_size + 1) if not any(lo <= b <= hi for lo, hi in ranges)]

@@ -1,0 +1,285 @@
+"""Raw TensorRT rows/s versus rows/s through TensorRTBackend.run() on 1/2/4 instances (needs a GPU).
+
+    python -m bench.gpu_backend [--seconds 1.0] [--out DIR] [--models small,heavy]
+
+For each model and batch size B it measures:
+  raw       execute_async_v3 in a loop on one context at batch B (device buffers only, no copies)
+  raw+io    the same with H2D before and D2H after each execute (one stream)
+  run xN    TensorRTBackend.run() from N instance threads (pinned staging, copies, checks, result arrays)
+  batcher xN  the server's DynamicBatcher + executor pool over N instances, fed requests of B/4 rows
+            (max_batch_size B, so every batch has B rows when the queue is full)
+and prints a table; "best/raw" is the best column of a kind over raw (rows/s throughout). Models (deterministic weights, via ``onnx``):
+  small     MLP 64 -> 256 -> 16, FP32 (TF32)
+  heavy     MLP 256 -> 4x4096 -> 256, FP16 weights and IO (compute-heavy, little IO per row)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import pathlib
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    n_in: int
+    n_out: int
+    wire: str
+    max_batch: int
+    batches: Tuple[int, ...]
+    make: Callable[[pathlib.Path], None]
+    parameters: Dict[str, str]
+
+
+def make_deep_mlp(path: pathlib.Path, n_in: int = 256, hidden: int = 4096, layers: int = 4, n_out: int = 256) -> None:
+    """FP16 MLP: n_in -> (hidden, Relu) x layers -> n_out; weights scaled to keep activations O(1)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    dims = [n_in] + [hidden] * layers + [n_out]
+    nodes, inits, prev = [], [], "INPUT0"
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float16)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        out = "OUTPUT0" if i == len(dims) - 2 else f"h{i}"
+        mm = out if i == len(dims) - 2 else f"m{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [mm]))
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [mm], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes, "deep_mlp",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT16, ["batch", n_in])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT16, ["batch", n_out])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="trtserve-bench")
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def _models() -> Dict[str, BenchModel]:
+    from trtserve.server.examples.make_mlp import make_mlp
+
+    return {
+        "small": BenchModel("small", 64, 16, "FP32", 256, (1, 8, 64, 256),
+                            lambda p: make_mlp(p, 64, 256, 16), {}),
+        "heavy": BenchModel("heavy", 256, 256, "FP16", 1024, (16, 128, 1024),
+                            lambda p: make_deep_mlp(p), {"trtserve.fp16": "true"}),
+    }
+
+
+def _timed_loop(step: Callable[[], None], seconds: float) -> Tuple[int, float]:
+    """Runs ``step`` until ``seconds`` pass; (iterations, elapsed s)."""
+    n, t0 = 0, time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        step()
+        n += 1
+        now = time.perf_counter()
+        if now >= deadline:
+            return n, now - t0
+
+
+def raw_rows_per_s(backend, batch: int, seconds: float, with_io: bool) -> float:
+    """execute_async_v3 in a loop on instance 0's context and stream, bypassing run() (its buffers, its profile)."""
+    import cupy
+
+    inst = backend._instances[0]  # the bench looks inside on purpose: same context, stream and buffers
+    ctx, stream = inst._ctx, inst._stream
+    tensors = inst._tensors
+    shapes = {t.name: (batch,) + tuple(inst._ranges[t.name].max[1:]) for t in inst._info.inputs}
+    with cupy.cuda.Device(backend.config.device_id):
+        for name, shape in shapes.items():
+            assert ctx.set_input_shape(name, shape), name
+        assert ctx.infer_shapes() == []
+        for name, t in tensors.items():
+            assert ctx.set_tensor_address(name, t.ptr), name
+        in_bytes = {n: int(np.prod(s)) * tensors[n].dtype.itemsize for n, s in shapes.items()}
+        out_bytes = {t.name: int(np.prod(ctx.get_tensor_shape(t.name))) * tensors[t.name].dtype.itemsize
+                     for t in inst._info.outputs}
+
+        def step() -> None:
+            for _ in range(20):  # enqueue ahead like a real pipeline; sync every 20
+                if with_io:
+                    for n, b in in_bytes.items():
+                        tensors[n].upload(b, stream)
+                assert ctx.execute_async_v3(stream.ptr)
+                if with_io:
+                    for n, b in out_bytes.items():
+                        tensors[n].download(b, stream)
+            stream.synchronize()
+
+        step()
+        n, dt = _timed_loop(step, seconds)
+    return n * 20 * batch / dt
+
+
+def run_rows_per_s(backend, model: BenchModel, batch: int, instances: int, seconds: float) -> float:
+    """run() from ``instances`` threads, each on its own instance, for ``seconds``."""
+    from trtserve.dtypes import from_wire
+
+    x = np.random.default_rng(0).standard_normal((batch, model.n_in)).astype(from_wire(model.wire).numpy)
+    counts = [0] * instances
+    barrier = threading.Barrier(instances + 1)
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        backend.run(i, {"INPUT0": x}, ["OUTPUT0"])  # warm
+        barrier.wait()
+        while not stop.is_set():
+            backend.run(i, {"INPUT0": x}, ["OUTPUT0"])
+            counts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(instances)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    stop.wait(seconds)  # the main thread sleeps on the event: no busy wait
+    c0 = sum(counts)
+    dt = time.perf_counter() - t0
+    stop.set()
+    for t in threads:
+        t.join()
+    return c0 * batch / dt
+
+
+class _FirstInstances:
+    """The backend seen through its first ``n`` instances, so one engine serves the 1/2/4-instance rows."""
+
+    def __init__(self, backend, n: int) -> None:
+        self._b = backend
+        self._n = n
+
+    def profiles(self):
+        return [dataclasses.replace(p, instances=tuple(i for i in p.instances if i < self._n))
+                for p in self._b.profiles() if any(i < self._n for i in p.instances)]
+
+    def instance_count(self) -> int:
+        return self._n
+
+    def check_request(self, inputs) -> None:
+        self._b.check_request(inputs)
+
+    def run(self, instance, inputs, outputs):
+        return self._b.run(instance, inputs, outputs)
+
+
+def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, seconds: float) -> float:
+    """Closed loop through DynamicBatcher.submit with enough requests in flight to keep every instance busy."""
+    from google.protobuf import text_format
+
+    from trtserve.dtypes import from_wire
+    from trtserve.protos import model_config_pb2 as mc
+    from trtserve.server.batcher.scheduler import DynamicBatcher
+    from trtserve.server.events import Observer
+    from trtserve.server.repository.model_config import ModelSpec
+
+    t = f"TYPE_{model.wire}"
+    text = (f'name: "{model.name}" platform: "tensorrt_plan" max_batch_size: {batch} '
+            f'input [{{ name: "INPUT0" data_type: {t} dims: [{model.n_in}] }}] '
+            f'output [{{ name: "OUTPUT0" data_type: {t} dims: [{model.n_out}] }}] '
+            f'instance_group [{{ count: {instances} kind: KIND_GPU }}] dynamic_batching {{ }}')
+    spec = ModelSpec.from_proto(text_format.Parse(text, mc.ModelConfig()), "1")
+    rows = max(1, batch // 4)
+    x = np.random.default_rng(0).standard_normal((rows, model.n_in)).astype(from_wire(model.wire).numpy)
+
+    async def main() -> float:
+        batcher = DynamicBatcher(spec, _FirstInstances(backend, instances), Observer())  # type: ignore[arg-type]
+        batcher.start()
+        done = 0
+        stop_at = 0.0
+
+        async def client() -> None:
+            nonlocal done
+            while time.perf_counter() < stop_at:
+                await batcher.submit({"INPUT0": x}, ("OUTPUT0",), rows)
+                done += rows
+
+        stop_at = time.perf_counter() + 0.3  # warm-up
+        await asyncio.gather(*(client() for _ in range(8 * instances)))
+        done = 0
+        t0 = time.perf_counter()
+        stop_at = t0 + seconds
+        await asyncio.gather(*(client() for _ in range(8 * instances)))
+        dt = time.perf_counter() - t0
+        await batcher.stop()
+        return done / dt
+
+    return asyncio.run(main())
+
+
+def bench_model(model: BenchModel, workdir: pathlib.Path, seconds: float, instance_counts: Sequence[int]) -> List[List[str]]:
+    from trtserve.server.backends.base import BackendConfig, TensorSpec
+    from trtserve.server.backends.tensorrt import TensorRTBackend
+
+    d = workdir / model.name / "1"
+    model.make(d / "model.onnx")
+    # one engine for every instance count: on TensorRT 8.6 each instance has its own profile copy
+    cfg = BackendConfig(
+        name=model.name, version="1", model_dir=d, default_model_filename="", max_batch_size=model.max_batch,
+        inputs=[TensorSpec("INPUT0", model.wire, (model.n_in,))], outputs=[TensorSpec("OUTPUT0", model.wire, (model.n_out,))],
+        instance_count=max(instance_counts), parameters=model.parameters, cache_dir=workdir / "cache",
+    )
+    backend = TensorRTBackend(cfg)
+    t0 = time.monotonic()
+    backend.open()
+    print(f"# {model.name}: open {time.monotonic() - t0:.1f} s (cache hit {backend.report.cache_hit})", flush=True)
+    rows = []
+    try:
+        for b in model.batches:
+            raw = raw_rows_per_s(backend, b, seconds, with_io=False)
+            raw_io = raw_rows_per_s(backend, b, seconds, with_io=True)
+            runs = [run_rows_per_s(backend, model, b, n, seconds) for n in instance_counts]
+            batched = [batcher_rows_per_s(backend, model, b, n, seconds) for n in instance_counts]
+            rows.append([model.name, str(b), f"{raw:,.0f}", f"{raw_io:,.0f}"] + [f"{r:,.0f}" for r in runs]
+                        + [f"{r:,.0f}" for r in batched] + [f"{max(runs) / raw:.0%}", f"{max(batched) / raw:.0%}"])
+            print("  " + " | ".join(rows[-1]), flush=True)
+    finally:
+        backend.close()
+    return rows
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=1.0, help="measuring time per cell")
+    p.add_argument("--models", default="small,heavy")
+    p.add_argument("--instances", default="1,2,4")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="work folder (plans are cached there)")
+    a = p.parse_args(list(argv) or None)
+    from trtserve.server.backends.tensorrt import compat
+
+    ok, why = compat.available()
+    if not ok:
+        print(f"needs CUDA, CuPy and TensorRT: {why}", file=sys.stderr)
+        return 2
+    counts = [int(x) for x in a.instances.split(",")]
+    models = _models()
+    workdir = a.out or pathlib.Path(tempfile.mkdtemp(prefix="trtserve-bench-"))
+    print(f"TensorRT {why}, GPU {compat.gpu_name(0)}, {a.seconds:.1f} s per cell", flush=True)
+    table: List[List[str]] = []
+    for name in a.models.split(","):
+        table += bench_model(models[name], workdir, a.seconds, counts)
+    head = (["model", "batch", "raw rows/s", "raw+io rows/s"] + [f"run x{n}" for n in counts]
+            + [f"batcher x{n}" for n in counts] + ["run best/raw", "batcher best/raw"])
+    widths = [max(len(r[i]) for r in [head] + table) for i in range(len(head))]
+    print()
+    for r in [head, ["-" * w for w in widths]] + table:
+        print(" | ".join(c.rjust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
