@@ -248,3 +248,33 @@ def test_exposition_parses_and_has_every_name_deploy_uses(live: RunningServer) -
                and not (n.startswith(("nv_gpu_", "nv_energy_")) and not gpu_present)]  # absent without a GPU
     assert not missing, f"deploy/metrics-used.txt names metrics the server does not export: {missing}"
     assert s.types["nv_inference_request_success"] == "counter"  # Triton's name, no _total
+
+
+def test_model_state_follows_reload_and_unload(serve_repo, tmp_path: pathlib.Path) -> None:
+    """trtserve_model_state agrees with the repository index through a reload in place and an unload."""
+    identity(tmp_path, "metrics_state", "FP32", 8, "[ 4 ]", "dynamic_batching { }")
+    server = serve_repo(tmp_path)
+    client = grpcclient.InferenceServerClient(server.url)
+    lab = {"model": "metrics_state", "version": "1"}
+
+    def shown() -> Dict[str, float]:
+        return {d["state"]: v for d, v in scrape(server.metrics_url).matching("trtserve_model_state", **lab)}
+
+    def indexed() -> str:
+        (entry,) = [m for m in client.get_model_repository_index(as_json=True)["models"]
+                    if m["name"] == "metrics_state"]
+        return entry.get("state", "")  # proto3 JSON leaves out an empty state
+
+    infer(client, "metrics_state", 2)
+    client.load_model("metrics_state")  # a new copy of version 1, then the old one retires
+    assert indexed() == "READY" and shown()["READY"] == 1
+    infer(client, "metrics_state", 1)
+    s = scrape(server.metrics_url)
+    assert s.value("nv_inference_request_success", **lab) == 2  # the series survived the reload
+    assert s.value("nv_inference_count", **lab) == 3
+    client.unload_model("metrics_state")
+    assert indexed() in ("UNAVAILABLE", ""), client.get_model_repository_index(as_json=True)
+    assert shown() == {"LOADING": 0, "READY": 0, "UNLOADING": 0, "UNAVAILABLE": 1}
+    s = scrape(server.metrics_url)
+    assert s.matching("nv_inference_request_success", **lab) == []  # an unloaded version's series are gone
+    assert s.matching("trtserve_batch_size_count", **lab) == []

@@ -255,6 +255,42 @@ def test_model_state_and_unload_removes_series(obs: PrometheusObserver) -> None:
     assert s.value("trtserve_model_load_seconds", **lab) == 0.5
 
 
+def _state(o: PrometheusObserver, model: str = "m", version: str = "1") -> Optional[str]:
+    s = scrape(o)
+    current = [d["state"] for d in s.series("trtserve_model_state")
+               if d["model"] == model and d["version"] == version and s.value("trtserve_model_state", **d) == 1]
+    assert len(current) <= 1, current
+    return current[0] if current else None
+
+
+def test_reload_in_place_keeps_series(obs: PrometheusObserver) -> None:
+    """The registry loads the new copy of a version, then retires the old one under the same name."""
+    ok(obs)
+    for state, shown in [("LOADING", "READY"), ("READY", "READY"), ("UNLOADING", "READY"), ("UNAVAILABLE", "READY")]:
+        obs.model_state("m", "1", state, load_s=0.25)
+        assert _state(obs) == shown, state
+    s = scrape(obs)
+    assert s.value("nv_inference_request_success", model="m", version="1") == 1  # counting goes on
+    assert s.value("trtserve_model_load_seconds", model="m", version="1") == 0.25
+
+
+def test_failed_reload_and_failed_load() -> None:
+    o = PrometheusObserver(gpu=False)
+    o.model_state("m", "1", "LOADING")
+    assert _state(o) == "LOADING"
+    o.model_state("m", "1", "UNAVAILABLE")  # the first load failed
+    assert _state(o) == "UNAVAILABLE"
+    o.model_state("m", "1", "LOADING")
+    o.model_state("m", "1", "READY", load_s=1.0)
+    ok(o)
+    # A reload whose new copy fails: the old copy is still retired, as the registry does.
+    for state, shown in [("LOADING", "READY"), ("UNAVAILABLE", "READY"), ("UNLOADING", "UNLOADING"),
+                         ("UNAVAILABLE", "UNAVAILABLE")]:
+        o.model_state("m", "1", state)
+        assert _state(o) == shown, state
+    assert scrape(o).series("nv_inference_request_success") == []
+
+
 def test_own_registry_and_fanout() -> None:
     a, b = PrometheusObserver(gpu=False), PrometheusObserver(gpu=False)
     Fanout([a]).request_done("m", "1", True, "", 1, MS, 0, 0, 0, 0)

@@ -22,8 +22,11 @@ What counts where (Triton's rules, ``core`` src/infer_stats.cc, so ModelStatisti
   Triton's timeout_action REJECT) -> REJECTED, cancelled -> CANCELED, backend -> BACKEND,
   invalid and unavailable -> OTHER (anything unknown -> OTHER). All four are exported from the start as 0,
   so that ``rate()`` sees the first failure.
-- On UNAVAILABLE (unloaded or failed to load) a version's series are removed; its
-  ``trtserve_model_state`` stays, so an operator can still see that it went away.
+- A version may be loaded again while its old copy still serves (the registry reports LOADING, READY
+  for the new copy, then UNLOADING, UNAVAILABLE for the old one, all under the same model and version),
+  so the state is kept per copy: READY while any copy is ready, and the version's series are removed
+  only when its last copy becomes UNAVAILABLE (unloaded or failed to load). ``trtserve_model_state``
+  stays after that, so an operator can still see that it went away.
 """
 from __future__ import annotations
 
@@ -113,6 +116,7 @@ class PrometheusObserver(Observer):
         self.registry = CollectorRegistry(auto_describe=False)
         self._lock = threading.Lock()
         self._series: Dict[_Key, _Series] = {}
+        self._copies: Dict[_Key, List[str]] = {}  # state of each loaded copy of a version, oldest first
         self._states: Dict[_Key, str] = {}
         self.registry.register(_ModelCollector(self))
         self._gpu = None
@@ -190,8 +194,11 @@ class PrometheusObserver(Observer):
     def model_state(self, model: str, version: str, state: str, load_s: float = 0.0) -> None:
         key = (model, version)
         with self._lock:
-            self._states[key] = state
-            if state == "UNAVAILABLE":
+            copies = self._copies.setdefault(key, [])
+            _apply_state(copies, state)
+            self._states[key] = _shown_state(copies)
+            if not copies:  # the last copy is gone: so are its series
+                del self._copies[key]
                 self._series.pop(key, None)
             elif state == "READY":
                 self._get(model, version).load_s = load_s
@@ -203,6 +210,47 @@ class PrometheusObserver(Observer):
         with self._lock:
             series = {k: _copy_series(s) for k, s in self._series.items()}
             return series, dict(self._states)
+
+
+def _apply_state(copies: List[str], state: str) -> None:
+    """Moves the copy that ``state`` is about: LOADING starts a copy, READY ends the newest load,
+    UNLOADING starts retiring the oldest ready copy, UNAVAILABLE ends a retiring copy (else a failed
+    load, else the oldest copy)."""
+
+    def find(wanted: str, newest: bool = False) -> Optional[int]:
+        order = range(len(copies) - 1, -1, -1) if newest else range(len(copies))
+        return next((i for i in order if copies[i] == wanted), None)
+
+    if state == "LOADING":
+        copies.append(state)
+        return
+    if state not in ("READY", "UNLOADING", "UNAVAILABLE"):  # unknown to this module: the only copy shows it
+        copies[:] = [state]
+        return
+    if state == "READY":
+        i = find("LOADING", newest=True)
+    elif state == "UNLOADING":
+        i = find("READY")
+        i = find("LOADING") if i is None else i
+    else:
+        i = find("UNLOADING")
+        i = find("LOADING", newest=True) if i is None else i
+        i = (0 if copies else None) if i is None else i
+        if i is not None:
+            del copies[i]
+        return
+    if i is None:
+        copies.append(state)
+    else:
+        copies[i] = state
+
+
+def _shown_state(copies: List[str]) -> str:
+    """READY while any copy serves; otherwise what the copies are doing; UNAVAILABLE with none."""
+    for state in ("READY", "LOADING", "UNLOADING"):
+        if state in copies:
+            return state
+    return copies[0] if copies else "UNAVAILABLE"
 
 
 def _copy_series(s: _Series) -> _Series:
