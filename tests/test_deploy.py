@@ -960,3 +960,189 @@ def test_kserve_runtime_and_inference_service_agree() -> None:
     for key, value in env.items():
         if key in CLI_FLAGS and CLI_FLAGS[key] in flags:
             assert flags[CLI_FLAGS[key]] == value, key
+
+
+# ---------------------------------------------------------------- the image's runtime, without Docker
+
+
+class EntrypointServer:
+    """trtserve started the way the images start it (entrypoint.sh, TRTSERVE_* variables), on loopback."""
+
+    def __init__(self, tmp: pathlib.Path, drain_seconds: int = 5) -> None:
+        wrapper = tmp / "trtserve"
+        wrapper.write_text('#!/bin/sh\nexec "%s" -m trtserve "$@"\n' % sys.executable)
+        wrapper.chmod(0o755)
+        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.drain_seconds = drain_seconds
+        self.env = dict(os.environ, TRTSERVE_BIN=str(wrapper), TRTSERVE_MODEL_REPOSITORY="",
+                        TRTSERVE_HOST="127.0.0.1", TRTSERVE_GRPC_PORT=str(self.grpc_port),
+                        TRTSERVE_METRICS_PORT=str(self.metrics_port), TRTSERVE_LOG_LEVEL="info",
+                        TRTSERVE_DRAIN_SECONDS=str(drain_seconds), TRTSERVE_CACHE_DIR=str(tmp / "cache"),
+                        PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        self.log = open(str(tmp / "server.log"), "w+")
+        self.proc = subprocess.Popen(["sh", str(DOCKER / "entrypoint.sh")], env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=str(tmp))
+
+    def health(self) -> subprocess.CompletedProcess:
+        """The image's HEALTHCHECK command, run with the container's environment."""
+        return subprocess.run([sys.executable, str(DOCKER / "healthcheck.py"), "--timeout", "2"], env=self.env,
+                              capture_output=True, text=True, timeout=30)
+
+    def wait_healthy(self, timeout: float = 90.0) -> None:
+        """Poll the health check as Docker would, until it passes."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "server exited: %s" % self.output()
+            if self.health().returncode == 0:
+                return
+            time.sleep(0.3)
+        raise AssertionError("never healthy: %s" % self.output())
+
+    def output(self) -> str:
+        """What the server printed so far."""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def close(self) -> None:
+        """Kill the server if it is still running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+def _infer(url: str, n: int) -> None:
+    """n requests to the bundled example model with the unmodified tritonclient."""
+    np = pytest.importorskip("numpy")
+    tgrpc = pytest.importorskip("tritonclient.grpc")
+    client = tgrpc.InferenceServerClient(url)
+    try:
+        for i in range(n):
+            inp = tgrpc.InferInput("INPUT0", [1 + i % 4, 64], "FP32")
+            inp.set_data_from_numpy(np.full((1 + i % 4, 64), i, np.float32))
+            result = client.infer("mlp", [inp])
+            assert result.as_numpy("OUTPUT0").shape == (1 + i % 4, 16)
+    finally:
+        client.close()
+
+
+def test_entrypoint_server_health_and_sigterm(tmp_path: pathlib.Path) -> None:
+    """Started by the entrypoint, trtserve passes the image's health check, serves, and on SIGTERM
+    (what `docker stop` and the kubelet send to PID 1) drains and exits well within the grace period."""
+    import signal
+    import time
+
+    pytest.importorskip("trtserve.cli", reason="trtserve.cli not written yet")
+    server = EntrypointServer(tmp_path, drain_seconds=5)
+    try:
+        server.wait_healthy()
+        _infer("127.0.0.1:%d" % server.grpc_port, 8)
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(server.drain_seconds + TERMINATION_MARGIN_S)
+        assert code == 0, server.output()
+        assert time.monotonic() - start < server.drain_seconds + TERMINATION_MARGIN_S
+        assert server.health().returncode == 1
+    finally:
+        server.close()
+
+
+def _http_json(url: str, timeout: float = 10.0) -> Any:
+    """GET a JSON document (loopback only)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL built here
+        return json.loads(resp.read().decode())
+
+
+def test_prometheus_evaluates_dashboard_and_alerts_against_live_trtserve(tmp_path: pathlib.Path) -> None:
+    """A real Prometheus, configured from deploy/prometheus (target moved to loopback), scrapes a live
+    trtserve; every dashboard query evaluates without error, the core panels return data, and the
+    alert rules load and evaluate healthy."""
+    import time
+    import urllib.parse
+
+    prometheus = find_tool("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus not installed (Debian package prometheus)")
+    pytest.importorskip("trtserve.cli", reason="trtserve.cli not written yet")
+    server = EntrypointServer(tmp_path)
+    prom_proc = None
+    try:
+        config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+        config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+        config["rule_files"] = [str(DEPLOY / "prometheus" / r) for r in config["rule_files"]]
+        jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+        assert jobs["trtserve"]["static_configs"][0]["targets"] == ["trtserve:8002"]
+        jobs["trtserve"]["static_configs"][0]["targets"] = ["127.0.0.1:%d" % server.metrics_port]
+        prom_port = free_port()
+        jobs["prometheus"]["static_configs"][0]["targets"] = ["127.0.0.1:%d" % prom_port]
+        cfg = tmp_path / "prometheus.yml"
+        cfg.write_text(yaml.safe_dump(config))
+        prom_log = open(str(tmp_path / "prometheus.log"), "w")
+        prom_proc = subprocess.Popen([prometheus, "--config.file=%s" % cfg, "--storage.tsdb.path=%s" % (tmp_path / "tsdb"),
+                                      "--web.listen-address=127.0.0.1:%d" % prom_port],
+                                     stdout=prom_log, stderr=subprocess.STDOUT)
+        api = "http://127.0.0.1:%d/api/v1" % prom_port
+        server.wait_healthy()
+
+        def query(expr: str) -> List[Dict[str, Any]]:
+            doc = _http_json(api + "/query?" + urllib.parse.urlencode({"query": expr}))
+            assert doc["status"] == "success", (expr, doc)
+            return doc["data"]["result"]
+
+        def wait_for(expr: str, timeout: float = 60.0) -> None:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    if query(expr):
+                        return
+                except OSError:  # Prometheus still starting
+                    pass
+                assert time.monotonic() < deadline, "no result for %s" % expr
+                time.sleep(0.3)
+
+        # Requests only after a first scrape, so rate() sees the counters go up.
+        wait_for('nv_inference_request_success{job="trtserve",model="mlp"}')
+        _infer("127.0.0.1:%d" % server.grpc_port, 40)
+        wait_for('nv_inference_request_success{job="trtserve",model="mlp"} >= 40')
+        time.sleep(2.5)  # two more scrapes
+
+        board = json.loads(DASHBOARD.read_text())
+        empty: List[str] = []
+        for expr in dashboard_exprs(board):
+            concrete = expr.replace("$__rate_interval", "1m").replace('=~"$model"', '=~".*"') \
+                .replace('=~"$instance"', '=~".*"')
+            assert "$" not in concrete, concrete
+            result = query(concrete)
+            if not result:
+                empty.append(concrete)
+            for series in result:
+                value = float(series["value"][1])
+                assert value == value and abs(value) != float("inf"), ("not a number", concrete, series)
+        unexpected = [e for e in empty if "nv_gpu_" not in e]  # GPU series exist only where NVML sees a GPU
+        assert not unexpected, "dashboard queries with no data against a live server: %s" % unexpected
+
+        p99 = query('histogram_quantile(0.99, sum by (le) (rate(trtserve_request_duration_seconds_bucket'
+                    '{model="mlp"}[1m])))')
+        assert p99 and 0 < float(p99[0]["value"][1]) < 10
+
+        groups = _http_json(api + "/rules")["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        assert len(rules) == len(alert_exprs())
+        deadline = time.monotonic() + 20
+        while any(r.get("health") != "ok" for r in rules):
+            assert time.monotonic() < deadline, [(r["name"], r.get("health"), r.get("lastError")) for r in rules]
+            time.sleep(0.5)
+            rules = [r for g in _http_json(api + "/rules")["data"]["groups"] for r in g["rules"]]
+    finally:
+        if prom_proc is not None:
+            prom_proc.terminate()
+            try:
+                prom_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                prom_proc.kill()
+        server.close()
