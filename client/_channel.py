@@ -119,7 +119,7 @@ def resolve_addresses(url: Url) -> List[str]:
 
 
 def service_config(round_robin: bool, retries: int) -> str:
-    """JSON service config: load balancing and the UNAVAILABLE-only retry policy.
+    """JSON service config: load balancing (with health checks) and the UNAVAILABLE-only retry policy.
 
     gRPC retries a call only until the first response headers arrive, and UNAVAILABLE is what a
     call gets when it never reached a server (refused connection, GOAWAY before the stream was
@@ -128,6 +128,9 @@ def service_config(round_robin: bool, retries: int) -> str:
     config: dict = {}
     if round_robin:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
+        # client-side health checking (gRFC A17): a draining server turns NOT_SERVING before it stops,
+        # and round_robin stops picking it then; servers without grpc.health.v1 count as healthy
+        config["healthCheckConfig"] = {"serviceName": SERVICE}
     if retries > 0:
         config["methodConfig"] = [{
             "name": [{"service": SERVICE}],
