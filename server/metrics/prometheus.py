@@ -33,13 +33,16 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import threading
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..events import Observer
+
+if TYPE_CHECKING:
+    from .gpu import GpuCollector
 
 # Our observer reasons -> Triton's ``reason`` label values (REJECTED, CANCELED, BACKEND, OTHER).
 FAILURE_REASONS: Mapping[str, str] = {
@@ -119,7 +122,7 @@ class PrometheusObserver(Observer):
         self._copies: Dict[_Key, List[str]] = {}  # state of each loaded copy of a version, oldest first
         self._states: Dict[_Key, str] = {}
         self.registry.register(_ModelCollector(self))
-        self._gpu = None
+        self._gpu: Optional[GpuCollector] = None
         if gpu:
             from .gpu import nvml_collector  # NVML is optional: no pynvml, no GPU -> no collector, no series
 
