@@ -6,14 +6,16 @@ import asyncio
 import dataclasses
 import logging
 import pathlib
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 import grpc
 
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
+from trtserve.server.backends import BackendFactory
 from trtserve.server.events import Fanout, Observer
 from trtserve.server.metrics.statistics import Statistics
 from trtserve.server.protocol import health
+from trtserve.server.protocol.shm import SharedMemoryRegistry
 from trtserve.server.protocol.service import InferenceService
 from trtserve.server.repository.registry import ModelRepository
 
@@ -31,6 +33,8 @@ class ServerOptions:
     drain_seconds: float = 30.0
     cache_dir: Optional[pathlib.Path] = None  # TensorRT plan cache
     gpu_metrics: bool = True
+    # extra platform name -> backend factory (config.pbtxt ``platform``); for embedders and fault-injection tests
+    backend_factories: Mapping[str, BackendFactory] = dataclasses.field(default_factory=dict)
 
 
 class TrtServer:
@@ -49,8 +53,9 @@ class TrtServer:
         observers.extend(extra_observers or [])
         self.observer = Fanout(observers)
         self.repository = ModelRepository(options.model_repository, self.observer, options.cache_dir,
-                                          options.drain_seconds)
-        self.service = InferenceService(self.repository, self.statistics, self.observer)
+                                          options.drain_seconds, options.backend_factories)
+        self.shared_memory = SharedMemoryRegistry()
+        self.service = InferenceService(self.repository, self.statistics, self.observer, self.shared_memory)
         self.grpc_port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self._server: Optional[grpc.aio.Server] = None
@@ -91,6 +96,7 @@ class TrtServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.repository.close()
+        self.shared_memory.close()  # every client region unmapped / IPC handle closed
         if self._metrics_server is not None:
             self._metrics_server.stop()
 
