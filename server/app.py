@@ -97,8 +97,10 @@ class TrtServer:
             await self._server.stop(grace)
         await self.repository.close()
         self.shared_memory.close()  # every client region unmapped / IPC handle closed
-        if self._metrics_server is not None:
-            self._metrics_server.stop()
+        if self._metrics_server is not None:  # its stop() waits for the HTTP thread: not on the loop
+            await asyncio.get_running_loop().run_in_executor(None, self._metrics_server.stop)
+        if self.prometheus is not None:
+            self.prometheus.close()  # releases NVML
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -11,10 +11,10 @@ import dataclasses
 import logging
 import pathlib
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from trtserve.protos import model_config_pb2 as mc
-from trtserve.server.backends import create_backend
+from trtserve.server.backends import BackendFactory, create_backend
 from trtserve.server.backends.base import Backend, BackendConfig, TensorSpec
 from trtserve.server.batcher.scheduler import DynamicBatcher
 from trtserve.server.errors import ModelLoadError, NotFound, TrtServeError, Unavailable
@@ -50,8 +50,9 @@ class ModelRepository:
     """The set of models served from one repository folder."""
 
     def __init__(self, root: pathlib.Path, observer: Observer, cache_dir: Optional[pathlib.Path] = None,
-                 drain_seconds: float = 30.0) -> None:
+                 drain_seconds: float = 30.0, backend_factories: Optional[Mapping[str, BackendFactory]] = None) -> None:
         self.root = root
+        self._factories = dict(backend_factories or {})
         self._observer = observer
         self._cache_dir = cache_dir
         self._drain_seconds = drain_seconds
@@ -207,7 +208,7 @@ class ModelRepository:
             parameters={k: v.string_value for k, v in config.parameters.items()},
             cuda_graphs=bool(config.optimization.cuda.graphs), cache_dir=self._cache_dir,
         )
-        backend = create_backend(config.platform, bcfg)
+        backend = create_backend(config.platform, bcfg, self._factories)
         backend.open()
         try:
             inputs, outputs = backend.io()
