@@ -79,6 +79,9 @@ def serialize_bytes(array: np.ndarray) -> bytes:
 
 def deserialize_bytes(buf: bytes, count: int) -> np.ndarray:
     """Wire BYTES -> flat object array of ``count`` elements; ValueError if the prefixes are corrupt."""
+    if count * 4 > len(buf):  # checked before allocating: a tiny message must not claim a huge tensor
+        raise ValueError(f"BYTES data runs past the end: {count} elements need at least {count * 4} bytes "
+                         f"of length prefixes, got {len(buf)} bytes")
     out = np.empty(count, dtype=object)
     view = memoryview(buf)
     pos = 0

@@ -13,6 +13,17 @@ log = logging.getLogger("trtserve.protocol")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+# gRPC carries the status message in a trailer; clients drop trailers over 16 KiB (8 KiB soft limit) and then
+# report RESOURCE_EXHAUSTED instead of our status, so messages echoing a huge name are cut to this length.
+MAX_MESSAGE_CHARS = 4096
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[:MAX_MESSAGE_CHARS] + f"... ({len(message) - MAX_MESSAGE_CHARS} more characters cut)"
+
+
 def grpc_code(error: TrtServeError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
 
@@ -26,11 +37,11 @@ def rpc(method: F) -> F:
         try:
             return await method(self, request, context)
         except TrtServeError as e:
-            await context.abort(grpc_code(e), e.message)
+            await context.abort(grpc_code(e), _bounded(e.message))
         except grpc.aio.AbortError:
             raise
         except Exception as e:
             log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: {type(e).__name__}: {e}")
+            await context.abort(grpc.StatusCode.INTERNAL, _bounded(f"{method.__name__}: {type(e).__name__}: {e}"))
 
     return wrapper  # type: ignore[return-value]

@@ -25,7 +25,11 @@ def model_dir(repo: pathlib.Path, name: str) -> pathlib.Path:
     if not _MODEL_NAME.match(name) or name in (".", ".."):
         raise NotFound(f"model '{name}' is not in the repository")
     path = repo / name
-    if not path.is_dir():
+    try:
+        found = path.is_dir()
+    except OSError:  # e.g. ENAMETOOLONG: a name no folder can have
+        found = False
+    if not found:
         raise NotFound(f"model '{name}' is not in the repository {repo}")
     return path
 
