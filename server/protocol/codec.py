@@ -63,7 +63,8 @@ def _from_contents(name: str, dt: dtypes.DataType, shape: Tuple[int, ...], conte
         arr = np.empty(count, dtype=object)
         arr[:] = list(values)
         return arr.reshape(shape)
-    arr = np.asarray(values, dtype=np.int64 if dt.numpy.kind in "iu" else None)
+    # uint64_contents may exceed int64: read unsigned fields as uint64 so no value overflows here
+    arr = np.asarray(values, dtype={"i": np.int64, "u": np.uint64}.get(dt.numpy.kind))
     if dt.numpy.kind in "iu":
         info = np.iinfo(dt.numpy)
         if arr.size and (arr.min() < info.min or arr.max() > info.max):
