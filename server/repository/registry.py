@@ -68,7 +68,7 @@ class ModelRepository:
             if name in self._reasons:
                 raise Unavailable(f"model '{name}' is not ready: {self._reasons[name]}")
             raise NotFound(f"model '{name}' is not loaded" + (
-                " (it is in the repository: load it first)" if (self.root / name).is_dir() else ""))
+                " (it is in the repository: load it first)" if _in_repository(self.root, name) else ""))
         if version:
             mv = versions.get(version)
             if mv is None:
@@ -224,6 +224,16 @@ class ModelRepository:
             backend.close()
             raise
         return spec, config, backend
+
+
+def _in_repository(root: pathlib.Path, name: str) -> bool:
+    """Whether ``name`` is a model folder of the repository; "", "..", "../x" are not (so a request
+    cannot probe folders outside the repository, and a 300-byte name is not an OSError)."""
+    try:
+        layout.model_dir(root, name)
+    except NotFound:
+        return False
+    return True
 
 
 def _vkey(v: str) -> int:
