@@ -12,15 +12,18 @@ from typing import List, Optional
 class ServerProcess:
     """``with ServerProcess(repo) as s: s.url``; the server picks a free port and prints it."""
 
-    def __init__(self, repo: pathlib.Path, extra: Optional[List[str]] = None) -> None:
+    def __init__(self, repo: Optional[pathlib.Path], extra: Optional[List[str]] = None,
+                 command: Optional[List[str]] = None) -> None:
         self.repo = repo
         self.extra = extra or []
+        self.command = command  # another server that prints "... on HOST:PORT ..." (e.g. bench.ceiling_server)
         self.proc: Optional[subprocess.Popen] = None
         self.url = ""
 
     def __enter__(self) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(self.repo), "--grpc-port", "0",
-               "--metrics-port", "-1", "--log-level", "warning", "--no-gpu-metrics"] + self.extra
+        cmd = self.command or [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(self.repo),
+                               "--grpc-port", "0", "--metrics-port", "-1", "--log-level", "warning",
+                               "--no-gpu-metrics"] + self.extra
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 120
         assert self.proc.stdout is not None
