@@ -16,6 +16,7 @@ from trtserve.server.events import Fanout, Observer
 from trtserve.server.metrics.statistics import Statistics
 from trtserve.server.protocol import health
 from trtserve.server.protocol.shm import SharedMemoryRegistry
+from trtserve.server.protocol.security import BearerTokenInterceptor, TlsOptions
 from trtserve.server.protocol.service import InferenceService
 from trtserve.server.repository.registry import ModelRepository
 
@@ -35,6 +36,9 @@ class ServerOptions:
     gpu_metrics: bool = True
     # extra platform name -> backend factory (config.pbtxt ``platform``); for embedders and fault-injection tests
     backend_factories: Mapping[str, BackendFactory] = dataclasses.field(default_factory=dict)
+    tls: Optional[TlsOptions] = None  # None: plaintext (loopback, or TLS terminated in front)
+    auth_token: Optional[str] = None  # require "authorization: Bearer <token>" on every RPC but health
+    max_concurrent_streams: int = 0  # per HTTP/2 connection; 0 = grpc's default
 
 
 class TrtServer:
@@ -67,11 +71,18 @@ class TrtServer:
         opts = [("grpc.max_send_message_length", self.options.max_message_bytes),
                 ("grpc.max_receive_message_length", self.options.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
-        self._server = grpc.aio.server(options=opts)
+        if self.options.max_concurrent_streams > 0:
+            opts.append(("grpc.max_concurrent_streams", self.options.max_concurrent_streams))
+        interceptors = [BearerTokenInterceptor(self.options.auth_token)] if self.options.auth_token else []
+        self._server = grpc.aio.server(options=opts, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self._server)
         self._health = health.add_health(self._server)
         health.add_reflection(self._server)
-        self.grpc_port = self._server.add_insecure_port(f"{self.options.host}:{self.options.grpc_port}")
+        address = f"{self.options.host}:{self.options.grpc_port}"
+        if self.options.tls is not None:
+            self.grpc_port = self._server.add_secure_port(address, self.options.tls.credentials())
+        else:
+            self.grpc_port = self._server.add_insecure_port(address)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {self.options.host}:{self.options.grpc_port}")
         await self.repository.load_all()

@@ -20,10 +20,10 @@ from trtserve.server.examples import REPOSITORY as EXAMPLE_REPOSITORY
 class RunningServer:
     """A started TrtServer; ``url`` is "127.0.0.1:<port>", ``metrics_url`` the /metrics address."""
 
-    def __init__(self, repo: pathlib.Path, metrics: bool = True, drain_seconds: float = 5.0) -> None:
+    def __init__(self, repo: pathlib.Path, metrics: bool = True, drain_seconds: float = 5.0, **options) -> None:
         self.repo = repo
         self.server = TrtServer(ServerOptions(model_repository=repo, grpc_port=0, metrics_port=0 if metrics else None,
-                                              drain_seconds=drain_seconds, gpu_metrics=False))
+                                              drain_seconds=drain_seconds, gpu_metrics=False, **options))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="trtserve-test-server", daemon=True)
         self._thread.start()
@@ -55,11 +55,12 @@ def example_server() -> Iterator[RunningServer]:
 
 @pytest.fixture
 def serve_repo() -> Iterator[Callable[..., RunningServer]]:
-    """``serve_repo(path, metrics=True)`` starts a server on ``path``; all are stopped after the test."""
+    """``serve_repo(path, metrics=True, **ServerOptions fields)`` starts a server on ``path``; all are
+    stopped after the test."""
     started: List[RunningServer] = []
 
-    def start(repo: pathlib.Path, metrics: bool = True, drain_seconds: float = 5.0) -> RunningServer:
-        s = RunningServer(repo, metrics=metrics, drain_seconds=drain_seconds)
+    def start(repo: pathlib.Path, metrics: bool = True, drain_seconds: float = 5.0, **options) -> RunningServer:
+        s = RunningServer(repo, metrics=metrics, drain_seconds=drain_seconds, **options)
         started.append(s)
         return s
 

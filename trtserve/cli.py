@@ -33,11 +33,22 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--cache-dir", type=pathlib.Path, default=_env("CACHE_DIR", "") or None,
                    help="where built TensorRT plans are cached (default: ~/.cache/trtserve)")
     p.add_argument("--no-gpu-metrics", action="store_true", help="do not query NVML")
+    p.add_argument("--grpc-server-cert", type=pathlib.Path, default=_env("GRPC_SERVER_CERT", "") or None,
+                   help="PEM certificate: serve gRPC over TLS (with --grpc-server-key)")
+    p.add_argument("--grpc-server-key", type=pathlib.Path, default=_env("GRPC_SERVER_KEY", "") or None)
+    p.add_argument("--grpc-root-cert", type=pathlib.Path, default=_env("GRPC_ROOT_CERT", "") or None,
+                   help="PEM CA: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--auth-token-file", type=pathlib.Path, default=_env("AUTH_TOKEN_FILE", "") or None,
+                   help="file holding a bearer token every RPC except health checks must present "
+                        "(or set TRTSERVE_AUTH_TOKEN)")
+    p.add_argument("--max-concurrent-streams", type=int, default=int(_env("MAX_CONCURRENT_STREAMS", "0")),
+                   help="limit on concurrent RPCs per client connection (0: grpc's default)")
     p.set_defaults(func=serve)
 
 
 async def _serve(args: argparse.Namespace) -> int:
     from trtserve.server.app import ServerOptions, TrtServer
+    from trtserve.server.protocol.security import TlsOptions
     from trtserve.server.examples import REPOSITORY
 
     options = ServerOptions(
@@ -47,6 +58,17 @@ async def _serve(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir or pathlib.Path(os.path.expanduser("~/.cache/trtserve")),
         gpu_metrics=not args.no_gpu_metrics,
     )
+    if (args.grpc_server_cert is None) != (args.grpc_server_key is None):
+        raise SystemExit("trtserve: --grpc-server-cert and --grpc-server-key go together")
+    if args.grpc_server_cert is not None:
+        options.tls = TlsOptions(args.grpc_server_cert, args.grpc_server_key, args.grpc_root_cert)
+    elif args.grpc_root_cert is not None:
+        raise SystemExit("trtserve: --grpc-root-cert (mutual TLS) needs --grpc-server-cert and --grpc-server-key")
+    token = os.environ.get("TRTSERVE_AUTH_TOKEN", "")
+    if args.auth_token_file is not None:
+        token = args.auth_token_file.read_text().strip()
+    options.auth_token = token or None
+    options.max_concurrent_streams = args.max_concurrent_streams
     server = TrtServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
