@@ -8,7 +8,7 @@ expected and what arrived.
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -72,14 +72,28 @@ def _from_contents(name: str, dt: dtypes.DataType, shape: Tuple[int, ...], conte
     return arr.astype(dt.numpy).reshape(shape)
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
-    """Returns ({name: array}, {name: wire datatype}); InvalidArgument on any malformed tensor."""
+# (input tensor, datatype, shape) -> its data from shared memory; see protocol/shm.py
+ShmReader = Callable[[Any, dtypes.DataType, Tuple[int, ...]], Any]
+
+
+def decode_inputs(request: pb.ModelInferRequest, shm_reader: Optional[ShmReader] = None,
+                  ) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """Returns ({name: array}, {name: wire datatype}); InvalidArgument on any malformed tensor.
+
+    With ``shm_reader``, inputs that name a shared-memory region are read through it and have no
+    raw_input_contents entry: as in Triton and its clients, the raw entries belong, in order, to
+    the inputs that do not use shared memory.
+    """
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    in_shm = [shm_reader is not None and "shared_memory_region" in t.parameters for t in request.inputs]
+    n_data = len(request.inputs) - sum(in_shm)
+    if raw and len(raw) != n_data:
         raise InvalidArgument(f"raw_input_contents has {len(raw)} entries but the request has "
-                              f"{len(request.inputs)} inputs; send one entry per input, in order")
+                              f"{n_data} inputs{' not in shared memory' if n_data != len(request.inputs) else ''}; "
+                              "send one entry per input, in order")
     arrays: Dict[str, np.ndarray] = {}
     types: Dict[str, str] = {}
+    raw_index = 0
     for i, t in enumerate(request.inputs):
         if t.name in arrays:
             raise InvalidArgument(f"input '{t.name}' appears more than once in the request")
@@ -88,12 +102,20 @@ def decode_inputs(request: pb.ModelInferRequest) -> Tuple[Dict[str, np.ndarray],
                                   f"known: {', '.join(dtypes.BY_WIRE)}")
         dt = dtypes.BY_WIRE[t.datatype]
         shape = _shape(t.name, t.shape)
+        if in_shm[i]:
+            assert shm_reader is not None
+            if t.HasField("contents") and any(len(getattr(t.contents, f)) for f in _CONTENT_FIELDS):
+                raise InvalidArgument(f"input '{t.name}': sets typed contents and a shared memory region; use one")
+            arrays[t.name] = shm_reader(t, dt, shape)
+            types[t.name] = t.datatype
+            continue
         has_contents = t.HasField("contents") and any(len(getattr(t.contents, f)) for f in _CONTENT_FIELDS)
         if raw:
             if has_contents:
                 raise InvalidArgument(f"input '{t.name}': sets typed contents while the request uses "
                                       "raw_input_contents; use one or the other for all inputs")
-            arrays[t.name] = _from_raw(t.name, dt, shape, raw[i])
+            arrays[t.name] = _from_raw(t.name, dt, shape, raw[raw_index])
+            raw_index += 1
         elif has_contents or (math.prod(shape) if shape else 1) == 0:
             arrays[t.name] = _from_contents(t.name, dt, shape, t.contents) if has_contents else np.empty(
                 shape, dtype=dt.numpy)
@@ -105,13 +127,13 @@ def decode_inputs(request: pb.ModelInferRequest) -> Tuple[Dict[str, np.ndarray],
     return arrays, types
 
 
-def requested_outputs(request: pb.ModelInferRequest) -> Tuple[str, ...]:
+def requested_outputs(request: pb.ModelInferRequest, allow_shm: bool = False) -> Tuple[str, ...]:
     """Names of the requested outputs in request order (empty = all); duplicates rejected."""
     names = []
     for o in request.outputs:
         if o.name in names:
             raise InvalidArgument(f"output '{o.name}' is requested more than once")
-        if "shared_memory_region" in o.parameters:
+        if "shared_memory_region" in o.parameters and not allow_shm:
             raise InvalidArgument(f"output '{o.name}': shared memory outputs are not supported by this server")
         names.append(o.name)
     return tuple(names)
@@ -119,14 +141,20 @@ def requested_outputs(request: pb.ModelInferRequest) -> Tuple[str, ...]:
 
 def encode_response(
     request: pb.ModelInferRequest, model_name: str, version: str, outputs: Mapping[str, np.ndarray],
-    datatypes: Mapping[str, str],
+    datatypes: Mapping[str, str], in_shm: Collection[str] = (),
 ) -> pb.ModelInferResponse:
-    """One ``raw_output_contents`` entry per output, in ``outputs`` order (tritonclient/perf_analyzer need it)."""
+    """One ``raw_output_contents`` entry per output, in ``outputs`` order (tritonclient/perf_analyzer need it).
+
+    Outputs in ``in_shm`` were written to shared memory: they keep their name, datatype and shape
+    and get an empty entry, as Triton does.
+    """
     response = pb.ModelInferResponse(model_name=model_name, model_version=version, id=request.id)
     for name, arr in outputs.items():
         wire = datatypes[name]
         response.outputs.add(name=name, datatype=wire, shape=list(arr.shape))
-        if wire == "BYTES":
+        if name in in_shm:
+            response.raw_output_contents.append(b"")
+        elif wire == "BYTES":
             response.raw_output_contents.append(dtypes.serialize_bytes(arr))
         else:
             want = dtypes.BY_WIRE[wire].numpy

@@ -1,25 +1,27 @@
 """``inference.GRPCInferenceService`` on grpc.aio: decode -> validate -> batcher -> encode.
 
-Handlers only translate; the work happens in the repository and the batcher. Shared-memory, trace
-and log RPCs are inherited from the generated base class, which answers UNIMPLEMENTED, and the
-ServerMetadata extensions list only what is implemented here.
+Handlers only translate; the work happens in the repository and the batcher. The shared-memory
+RPCs and the tensors that name regions go through protocol/shm.py; trace and log RPCs are
+inherited from the generated base class, which answers UNIMPLEMENTED, and the ServerMetadata
+extensions list only what works here.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
-from typing import AsyncIterator, Optional, Tuple
+from typing import AsyncIterator, Dict, Optional, Tuple
 
 import grpc
 
-from trtserve import __version__
+from trtserve import __version__, dtypes
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.server.errors import InvalidArgument, TrtServeError, Unavailable
 from trtserve.server.events import Observer
 from trtserve.server.metrics.statistics import Statistics
-from trtserve.server.protocol import codec, convert
+from trtserve.server.protocol import codec, convert, shm
 from trtserve.server.protocol.status import grpc_code, rpc
 from trtserve.server.repository.registry import ModelRepository
 from trtserve.server.repository.validation import output_datatypes, validate_request
@@ -28,6 +30,11 @@ log = logging.getLogger("trtserve.protocol")
 
 EXTENSIONS = ("model_configuration", "model_repository", "schedule_policy", "statistics")
 _RESERVED_IGNORED = ("binary_data_output", "headers")
+
+
+def _uses_shm(request: pb.ModelInferRequest) -> bool:
+    return any(shm.REGION in t.parameters for t in request.inputs) or any(
+        shm.REGION in o.parameters for o in request.outputs)
 
 
 def _schedule_params(request: pb.ModelInferRequest) -> Tuple[int, int]:
@@ -54,10 +61,12 @@ def _schedule_params(request: pb.ModelInferRequest) -> Tuple[int, int]:
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 / Triton gRPC service."""
 
-    def __init__(self, repository: ModelRepository, statistics: Statistics, observer: Observer) -> None:
+    def __init__(self, repository: ModelRepository, statistics: Statistics, observer: Observer,
+                 shared_memory: Optional[shm.SharedMemoryRegistry] = None) -> None:
         self._repo = repository
         self._stats = statistics
         self._observer = observer
+        self.shared_memory = shared_memory if shared_memory is not None else shm.SharedMemoryRegistry()
         self.accepting = True  # false while draining: ServerReady answers false, new inferences UNAVAILABLE
 
     # ---- health and metadata ----------------------------------------------------------------
@@ -75,7 +84,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="trtserve", version=__version__, extensions=list(EXTENSIONS))
+        return pb.ServerMetadataResponse(name="trtserve", version=__version__,
+                                         extensions=list(EXTENSIONS) + list(self.shared_memory.extensions()))
 
     @rpc
     async def ModelMetadata(self, request, context):
@@ -124,6 +134,73 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         await self._repo.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # ---- shared memory ------------------------------------------------------------------------
+    @rpc
+    async def SystemSharedMemoryStatus(self, request, context):
+        response = pb.SystemSharedMemoryStatusResponse()
+        for r in self.shared_memory.status("system", request.name):
+            response.regions[r.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+        return response
+
+    @rpc
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.shared_memory.register_system(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.shared_memory.unregister("system", request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryStatus(self, request, context):
+        response = pb.CudaSharedMemoryStatusResponse()
+        for r in self.shared_memory.status("CUDA", request.name):
+            response.regions[r.name].CopyFrom(pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, device_id=r.device_id, byte_size=r.byte_size))
+        return response
+
+    @rpc
+    async def CudaSharedMemoryRegister(self, request, context):
+        # opening an IPC handle can take milliseconds (peer mapping): keep it off the event loop
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.shared_memory.register_cuda, request.name, request.raw_handle, request.device_id,
+            request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryUnregister(self, request, context):
+        self.shared_memory.unregister("CUDA", request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    def _decode_shm(self, request: pb.ModelInferRequest, mv, req_shm: shm.RequestShm):
+        """decode + validate for a request that names shared-memory regions; resolves its output
+        regions (bounds, overlap, size when the shape is known) before it is queued."""
+        spec, backend = mv.spec, mv.backend
+        # a backend that copies device-to-device itself takes CUDA inputs as DeviceTensor descriptors
+        device_tensors = bool(getattr(backend, "accepts_device_tensors", False))
+        device_id = getattr(getattr(backend, "config", None), "device_id", 0)
+
+        def reader(t, dt: dtypes.DataType, shape: Tuple[int, ...]):
+            ref = shm.shm_ref(t.parameters, f"input '{t.name}'")
+            data = req_shm.read_input(t.name, dt, shape, ref, device_tensors)
+            if isinstance(data, shm.DeviceTensor) and data.device_id != device_id:
+                raise InvalidArgument(f"input '{t.name}': CUDA shared memory region '{ref.region}' is on device "
+                                      f"{data.device_id} but model '{spec.name}' runs on device {device_id}")
+            return data
+
+        arrays, types = codec.decode_inputs(request, reader)
+        rows, names = validate_request(spec, arrays, types, codec.requested_outputs(request, allow_shm=True))
+        for o in request.outputs:
+            ref = shm.shm_ref(o.parameters, f"output '{o.name}'")
+            if ref is not None:
+                req_shm.add_output(o.name, ref)
+        for t in spec.outputs:
+            full = ((rows,) if spec.batches else ()) + tuple(t.dims)
+            req_shm.check_output_size(t.name, dtypes.BY_WIRE[t.datatype], full)
+        return arrays, types, rows, names
+
     # ---- inference ----------------------------------------------------------------------------
     @rpc
     async def ModelInfer(self, request, context):
@@ -139,15 +216,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         spec, batcher = mv.spec, mv.batcher
         assert spec is not None and batcher is not None
         rows = 0
+        # requests without shared memory take exactly the path they took before it existed
+        req_shm = self.shared_memory.request() if _uses_shm(request) else None
         try:
-            arrays, types = codec.decode_inputs(request)
-            rows, names = validate_request(spec, arrays, types, codec.requested_outputs(request))
+            if req_shm is None:
+                arrays, types = codec.decode_inputs(request)
+                rows, names = validate_request(spec, arrays, types, codec.requested_outputs(request))
+            else:
+                arrays, types, rows, names = self._decode_shm(request, mv, req_shm)
             priority, timeout_us = _schedule_params(request)
             deadline = None if remaining is None else time.monotonic() + remaining
             result = await batcher.submit(arrays, names, rows, priority, timeout_us, deadline)
             dts = output_datatypes(spec)
-            response = codec.encode_response(request, spec.name, spec.version,
-                                             {n: result.outputs[n] for n in names}, dts)
+            outputs: Dict[str, object] = {n: result.outputs[n] for n in names}
+            if req_shm is not None:
+                for name in req_shm.outputs:
+                    req_shm.write_output(name, dts[name], outputs[name])
+            response = codec.encode_response(request, spec.name, spec.version, outputs, dts,
+                                             req_shm.outputs if req_shm is not None else ())
         except TrtServeError as e:
             self._observer.request_done(spec.name, spec.version, False, e.reason, rows,
                                         time.perf_counter_ns() - t0, 0, 0, 0, 0)
@@ -156,6 +242,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self._observer.request_done(spec.name, spec.version, False, "cancelled", rows,
                                         time.perf_counter_ns() - t0, 0, 0, 0, 0)
             raise
+        finally:
+            if req_shm is not None:
+                # the region may close now if it was unregistered meanwhile; see RequestShm.release
+                # for the one case (a cancelled request whose backend may still read device memory)
+                # where it stays mapped instead
+                req_shm.release(finished=not isinstance(sys.exc_info()[1], asyncio.CancelledError))
         self._observer.request_done(spec.name, spec.version, True, "", rows, time.perf_counter_ns() - t0,
                                     result.queue_ns, result.compute_input_ns, result.compute_infer_ns,
                                     result.compute_output_ns)
