@@ -1,0 +1,521 @@
+"""System shared memory end to end with the unmodified tritonclient and its shared_memory helpers,
+every error case with its status, the registry's lifetimes, perf_analyzer --shared-memory system,
+and the CUDA server path on a fake CUDA (host memory standing in for device memory).
+"""
+from __future__ import annotations
+
+import base64
+import ctypes
+import csv
+import mmap
+import os
+import pathlib
+import subprocess
+import uuid
+from typing import Callable, Dict, Iterator, List
+
+import numpy as np
+import pytest
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+tshm = pytest.importorskip("tritonclient.utils.shared_memory")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from .models import add_sub, copy_example, identity  # noqa: E402
+from trtserve.server.errors import AlreadyExists, InvalidArgument, NotFound  # noqa: E402
+from trtserve.server.examples.make_mlp import reference  # noqa: E402
+from trtserve.server.protocol.shm import CudaApi, SharedMemoryRegistry, ShmRef  # noqa: E402
+from trtserve import dtypes  # noqa: E402
+
+PA = os.environ.get("PERF_ANALYZER") or "/tmp/perf-analyzer/perf_analyzer"
+
+
+def _status(e: pytest.ExceptionInfo) -> str:
+    return str(e.value.status())
+
+
+@pytest.fixture(scope="module")
+def shm_repo(tmp_path_factory) -> pathlib.Path:
+    repo = tmp_path_factory.mktemp("shm_repo")
+    copy_example(repo, "mlp")
+    add_sub(repo, "add_sub")
+    identity(repo, "ident_bytes", "BYTES", dims="[ 3 ]")
+    identity(repo, "ident_u8", "UINT8", dims="[ 5 ]")
+    return repo
+
+
+@pytest.fixture
+def server(serve_repo, shm_repo):
+    return serve_repo(shm_repo, metrics=False)
+
+
+@pytest.fixture
+def client(server) -> Iterator:
+    c = grpcclient.InferenceServerClient(server.url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def regions() -> Iterator[Callable[..., object]]:
+    """``regions(name, size)`` -> a tritonclient system region on a fresh key; destroyed after the test."""
+    made: List[object] = []
+
+    def make(name: str, size: int):
+        h = tshm.create_shared_memory_region(name, f"/trtserve_test_{uuid.uuid4().hex[:12]}", size)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        tshm.destroy_shared_memory_region(h)
+
+
+def _key(handle) -> str:
+    return handle._shm_key
+
+
+def _register(client, handle, size: int, offset: int = 0) -> None:
+    client.register_system_shared_memory(handle._triton_shm_name, _key(handle), size, offset)
+
+
+def _mlp_input(x: np.ndarray, region: str, nbytes: int, offset: int = 0):
+    i = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
+    i.set_shared_memory(region, nbytes, offset)
+    return i
+
+
+# ---- happy paths --------------------------------------------------------------------------------------------------
+
+def test_metadata_lists_system_shared_memory_only_when_it_works(client):
+    ext = client.get_server_metadata().extensions
+    assert "system_shared_memory" in ext
+    try:
+        import cupy  # noqa: F401
+
+        has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        has_gpu = False
+    assert ("cuda_shared_memory" in ext) == has_gpu
+
+
+def test_input_and_output_in_shared_memory(client, regions):
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    h_in, h_out = regions("in", x.nbytes), regions("out", 4 * 16 * 4)
+    tshm.set_shared_memory_region(h_in, [x])
+    _register(client, h_in, x.nbytes)
+    _register(client, h_out, 4 * 16 * 4)
+    out = grpcclient.InferRequestedOutput("OUTPUT0")
+    out.set_shared_memory("out", 4 * 16 * 4)
+    result = client.infer("mlp", [_mlp_input(x, "in", x.nbytes)], outputs=[out])
+    meta = result.get_output("OUTPUT0")
+    assert (meta.datatype, list(meta.shape)) == ("FP32", [4, 16])
+    # like Triton: one (empty) raw_output_contents entry per output, the data only in the region
+    assert list(result.get_response().raw_output_contents) == [b""]
+    got = tshm.get_contents_as_numpy(h_out, np.float32, meta.shape)
+    np.testing.assert_allclose(got, reference(x), rtol=1e-5, atol=1e-5)
+    status = client.get_system_shared_memory_status()
+    assert {r.name: (r.key, r.offset, r.byte_size) for r in status.regions.values()} == {
+        "in": (_key(h_in), 0, x.nbytes), "out": (_key(h_out), 0, 256)}
+    client.unregister_system_shared_memory()
+    assert not client.get_system_shared_memory_status().regions
+
+
+def test_offsets_inside_one_region_and_registered_offset(client, regions):
+    x = np.arange(2 * 64, dtype=np.float32).reshape(2, 64) / 100
+    h = regions("big", 8192)
+    tshm.set_shared_memory_region(h, [x], offset=1000)  # the tensor lies at byte 1000 of the object
+    # region registered from byte 512 of the object; the tensor is at offset 488 inside the region
+    client.register_system_shared_memory("big", _key(h), 4096, offset=512)
+    out = grpcclient.InferRequestedOutput("OUTPUT0")
+    out.set_shared_memory("big", 2 * 16 * 4, offset=3000 - 512)
+    client.infer("mlp", [_mlp_input(x, "big", x.nbytes, offset=1000 - 512)], outputs=[out])
+    got = tshm.get_contents_as_numpy(h, np.float32, [2, 16], offset=3000)
+    np.testing.assert_allclose(got, reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_output_in_region_input_in_message_and_the_reverse(client, regions):
+    x = np.random.default_rng(1).random((3, 64), dtype=np.float32)
+    h_out = regions("o", 1024)
+    _register(client, h_out, 1024)
+    inp = grpcclient.InferInput("INPUT0", [3, 64], "FP32")
+    inp.set_data_from_numpy(x)
+    out = grpcclient.InferRequestedOutput("OUTPUT0")
+    out.set_shared_memory("o", 1024)
+    client.infer("mlp", [inp], outputs=[out])
+    np.testing.assert_allclose(tshm.get_contents_as_numpy(h_out, np.float32, [3, 16]), reference(x), rtol=1e-5,
+                               atol=1e-5)
+    h_in = regions("i", x.nbytes)
+    tshm.set_shared_memory_region(h_in, [x])
+    _register(client, h_in, x.nbytes)
+    result = client.infer("mlp", [_mlp_input(x, "i", x.nbytes)])
+    np.testing.assert_allclose(result.as_numpy("OUTPUT0"), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_inputs_raw_entries_belong_to_the_others(client, regions):
+    """INPUT0 in shared memory, INPUT1 in raw_input_contents (the only raw entry), outputs split too."""
+    a = np.random.default_rng(2).random((2, 16), dtype=np.float32)
+    b = np.random.default_rng(3).random((2, 16), dtype=np.float32)
+    h = regions("mix", 4096)
+    tshm.set_shared_memory_region(h, [a])
+    _register(client, h, 4096)
+    i0 = grpcclient.InferInput("INPUT0", [2, 16], "FP32")
+    i0.set_shared_memory("mix", a.nbytes)
+    i1 = grpcclient.InferInput("INPUT1", [2, 16], "FP32")
+    i1.set_data_from_numpy(b)
+    o0 = grpcclient.InferRequestedOutput("OUTPUT0")
+    o0.set_shared_memory("mix", a.nbytes, offset=1024)
+    o1 = grpcclient.InferRequestedOutput("OUTPUT1")
+    result = client.infer("add_sub", [i0, i1], outputs=[o0, o1])
+    raw = result.get_response().raw_output_contents
+    assert len(raw) == 2 and raw[0] == b""
+    np.testing.assert_allclose(result.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
+    np.testing.assert_allclose(tshm.get_contents_as_numpy(h, np.float32, [2, 16], offset=1024), a + b, rtol=1e-6)
+
+
+def test_bytes_and_odd_offsets(client, regions):
+    strings = np.array([[b"alpha", b"", "ünï".encode()]], dtype=object)
+    wire = dtypes.serialize_bytes(strings)
+    h = regions("s", 4096)
+    tshm.set_shared_memory_region(h, [np.frombuffer(wire, dtype=np.uint8)], offset=3)
+    _register(client, h, 4096)
+    i = grpcclient.InferInput("INPUT0", [1, 3], "BYTES")
+    i.set_shared_memory("s", len(wire), offset=3)
+    o = grpcclient.InferRequestedOutput("OUTPUT0")
+    o.set_shared_memory("s", 200, offset=1001)
+    client.infer("ident_bytes", [i], outputs=[o])
+    got = tshm.get_contents_as_numpy(h, np.object_, [1, 3], offset=1001)
+    assert got.tolist() == strings.tolist()
+    u8 = np.arange(5, dtype=np.uint8).reshape(1, 5)
+    tshm.set_shared_memory_region(h, [u8], offset=2001)  # unaligned for nothing: uint8
+    i = grpcclient.InferInput("INPUT0", [1, 5], "UINT8")
+    i.set_shared_memory("s", 5, offset=2001)
+    assert client.infer("ident_u8", [i]).as_numpy("OUTPUT0").tolist() == u8.tolist()
+
+
+def test_concurrent_requests_share_an_input_region(client, regions):
+    """perf_analyzer's pattern: one input region read by many in-flight requests, outputs apart."""
+    x = np.random.default_rng(4).random((1, 64), dtype=np.float32)
+    h_in, h_out = regions("cin", x.nbytes), regions("cout", 16 * 64 * 4)
+    tshm.set_shared_memory_region(h_in, [x])
+    _register(client, h_in, x.nbytes)
+    _register(client, h_out, 16 * 64 * 4)
+    done: List[object] = []
+    for k in range(16):
+        o = grpcclient.InferRequestedOutput("OUTPUT0")
+        o.set_shared_memory("cout", 64, offset=64 * k)
+        client.async_infer("mlp", [_mlp_input(x, "cin", x.nbytes)], lambda result, error: done.append(error),
+                           outputs=[o])
+    import time
+
+    deadline = time.monotonic() + 30
+    while len(done) < 16 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == [None] * 16
+    got = tshm.get_contents_as_numpy(h_out, np.float32, [16, 16])
+    np.testing.assert_allclose(got, np.repeat(reference(x), 16, axis=0), rtol=1e-5, atol=1e-5)
+
+
+# ---- errors, each with its status ---------------------------------------------------------------------------------
+
+def test_registration_errors(client, regions):
+    h = regions("r", 1024)
+    _register(client, h, 1024)
+    with pytest.raises(InferenceServerException, match="already in manager") as e:
+        _register(client, h, 512)
+    assert _status(e) == "StatusCode.ALREADY_EXISTS"
+    with pytest.raises(InferenceServerException, match="does not fit") as e:
+        client.register_system_shared_memory("r2", _key(h), 1024, 1)
+    assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="byte size must be > 0") as e:
+        client.register_system_shared_memory("r3", _key(h), 0)
+    assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="no shared memory object") as e:
+        client.register_system_shared_memory("r4", "/trtserve_no_such_key_" + uuid.uuid4().hex, 16)
+    assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+    for bad in ("../etc/passwd", "/a/b", "", "/"):
+        with pytest.raises(InferenceServerException, match="not a POSIX shared-memory name") as e:
+            client.register_system_shared_memory("r5", bad, 16)
+        assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="Unable to find system shared memory region: 'nope'") as e:
+        client.get_system_shared_memory_status("nope")
+    assert _status(e) == "StatusCode.NOT_FOUND"
+    client.unregister_system_shared_memory("nope")  # unknown names are fine, as in Triton
+    assert list(client.get_system_shared_memory_status("r").regions) == ["r"]
+
+
+def test_unknown_region_and_reuse_after_unregister(client, regions):
+    x = np.zeros((1, 64), dtype=np.float32)
+    with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'ghost'") as e:
+        client.infer("mlp", [_mlp_input(x, "ghost", x.nbytes)])
+    assert _status(e) == "StatusCode.NOT_FOUND"
+    h = regions("gone", x.nbytes)
+    _register(client, h, x.nbytes)
+    client.infer("mlp", [_mlp_input(x, "gone", x.nbytes)])
+    client.unregister_system_shared_memory("gone")
+    with pytest.raises(InferenceServerException, match="'gone' was unregistered") as e:
+        client.infer("mlp", [_mlp_input(x, "gone", x.nbytes)])
+    assert _status(e) == "StatusCode.NOT_FOUND"
+    _register(client, h, x.nbytes)  # the name is free again
+    client.infer("mlp", [_mlp_input(x, "gone", x.nbytes)])
+
+
+def test_bad_offsets_and_sizes(client, regions):
+    x = np.zeros((2, 64), dtype=np.float32)
+    h = regions("b", 1024)
+    _register(client, h, 1024)
+    cases = [
+        (_mlp_input(x, "b", x.nbytes - 4), "does not match shape \\[2, 64\\]"),
+        (_mlp_input(x, "b", x.nbytes, offset=513), "past the end of system shared memory region 'b'"),
+        (_mlp_input(np.zeros((3, 64), np.float32), "b", 768, offset=512), "past the end"),
+    ]
+    for inp, message in cases:
+        with pytest.raises(InferenceServerException, match=message) as e:
+            client.infer("mlp", [inp])
+        assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+    out = grpcclient.InferRequestedOutput("OUTPUT0")
+    out.set_shared_memory("b", 2 * 16 * 4 - 1, offset=512)
+    tshm.set_shared_memory_region(h, [x])
+    with pytest.raises(InferenceServerException, match="too small for shape \\[2, 16\\]") as e:
+        client.infer("mlp", [_mlp_input(x, "b", x.nbytes)], outputs=[out])
+    assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+    out.set_shared_memory("b", 2 * 16 * 4, offset=1000)
+    with pytest.raises(InferenceServerException, match="past the end") as e:
+        client.infer("mlp", [_mlp_input(x, "b", x.nbytes)], outputs=[out])
+    assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_malformed_parameters(client, regions):
+    h = regions("p", 1024)
+    _register(client, h, 1024)
+    x = np.zeros((1, 64), dtype=np.float32)
+    inp = grpcclient.InferInput("INPUT0", [1, 64], "FP32")
+    inp._input.parameters["shared_memory_region"].string_param = "p"  # no byte size
+    with pytest.raises(InferenceServerException, match="'shared_memory_byte_size' is required") as e:
+        client.infer("mlp", [inp])
+    assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+    inp = _mlp_input(x, "p", x.nbytes)
+    inp._input.parameters["shared_memory_offset"].string_param = "0"
+    with pytest.raises(InferenceServerException, match="must be an integer") as e:
+        client.infer("mlp", [inp])
+    assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_overlapping_output_regions_are_refused(client, regions):
+    a = np.ones((1, 16), dtype=np.float32)
+    h = regions("ov", 4096)
+    tshm.set_shared_memory_region(h, [a, a])
+    _register(client, h, 4096)
+    # a second name for the same bytes of the same object: the overlap is found through the key
+    client.register_system_shared_memory("ov_alias", _key(h), 2048, offset=2048)
+    inputs = []
+    for k, name in enumerate(("INPUT0", "INPUT1")):
+        i = grpcclient.InferInput(name, [1, 16], "FP32")
+        i.set_shared_memory("ov", 64, offset=64 * k)
+        inputs.append(i)
+    o0, o1 = grpcclient.InferRequestedOutput("OUTPUT0"), grpcclient.InferRequestedOutput("OUTPUT1")
+    o0.set_shared_memory("ov", 64, offset=2100)
+    o1.set_shared_memory("ov_alias", 64, offset=60)  # object bytes 2108..2172 vs 2100..2164
+    with pytest.raises(InferenceServerException, match="outputs 'OUTPUT0' and 'OUTPUT1' overlap") as e:
+        client.infer("add_sub", inputs, outputs=[o0, o1])
+    assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+    o1.set_shared_memory("ov_alias", 64, offset=116)  # 2164..2228: adjacent, fine
+    client.infer("add_sub", inputs, outputs=[o0, o1])
+    got = tshm.get_contents_as_numpy(h, np.float32, [2, 16], offset=2100)
+    np.testing.assert_array_equal(got, np.stack([a[0] + a[0], a[0] - a[0]]))
+
+
+def test_shrunk_object_is_refused_not_a_crash(client):
+    key = f"/trtserve_test_{uuid.uuid4().hex[:12]}"
+    path = pathlib.Path("/dev/shm") / key.lstrip("/")
+    if not path.parent.is_dir():
+        pytest.skip("no /dev/shm")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, 8192)
+        client.register_system_shared_memory("shrink", key, 8192)
+        os.ftruncate(fd, 100)  # the owner shrinks it: touching the lost pages would raise SIGBUS
+        x = np.zeros((1, 64), dtype=np.float32)
+        with pytest.raises(InferenceServerException, match="was shrunk after registration") as e:
+            client.infer("mlp", [_mlp_input(x, "shrink", x.nbytes, offset=4096)])
+        assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+        assert client.is_server_live()
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def test_cuda_regions_without_a_gpu(client):
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("this machine has a GPU: see tests/gpu/test_cuda_shm.py")
+    except Exception:
+        pass
+    client.unregister_cuda_shared_memory()  # perf_analyzer does this first, GPU or not
+    assert not client.get_cuda_shared_memory_status().regions
+    with pytest.raises(InferenceServerException, match="no usable GPU") as e:
+        client.register_cuda_shared_memory("c", base64.b64encode(b"\0" * 64), 0, 1024)
+    assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_server_stop_unmaps_every_region(serve_repo, shm_repo, regions):
+    s = serve_repo(shm_repo, metrics=False)
+    c = grpcclient.InferenceServerClient(s.url)
+    h = regions("z", 4096)
+    _register(c, h, 4096)
+    c.close()
+    registry = s.server.shared_memory
+    region = registry.status("system", "z")[0]
+    s.stop()
+    assert region._mmap is None and region._fd == -1
+    assert registry.status("system") == []
+    with pytest.raises(Exception, match="shutting down"):
+        registry.register_system("again", _key(h), 0, 16)
+    s.stop = lambda: None  # already stopped; the fixture's teardown must not stop it twice
+
+
+# ---- the registry's lifetimes -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def posix_object() -> Iterator[str]:
+    key = f"/trtserve_test_{uuid.uuid4().hex[:12]}"
+    h = tshm.create_shared_memory_region("unused", key, 4096)
+    yield key
+    tshm.destroy_shared_memory_region(h)
+
+
+def test_unregister_while_in_flight_defers_the_unmap(posix_object):
+    reg = SharedMemoryRegistry(cuda=None)
+    reg.register_system("r", posix_object, 0, 4096)
+    shm = reg.request()
+    arr = shm.read_input("INPUT0", dtypes.BY_WIRE["FP32"], (4,), ShmRef("r", 0, 16))
+    assert not arr.flags.writeable  # the server can never write an input region
+    reg.unregister("system", "r")
+    with pytest.raises(NotFound, match="was unregistered"):
+        reg.request().read_input("INPUT0", dtypes.BY_WIRE["FP32"], (4,), ShmRef("r", 0, 16))
+    region = shm._held[0]
+    assert region._mmap is not None  # still mapped for the request in flight
+    assert arr.tolist() == [0.0] * 4
+    shm.release()
+    assert region._mmap is None  # closed by the last lease (the view keeps its pages alive)
+    assert arr.tolist() == [0.0] * 4
+
+
+def test_registry_rejects_duplicates_across_kinds_and_checks_devices(posix_object):
+    cuda = FakeCuda(devices=2)
+    reg = SharedMemoryRegistry(cuda=cuda)
+    reg.register_system("x", posix_object, 0, 64)
+    with pytest.raises(AlreadyExists):  # one namespace for both kinds
+        reg.register_cuda("x", cuda.allocate(64), 0, 64)
+    with pytest.raises(InvalidArgument, match="device 2 does not exist"):
+        reg.register_cuda("y", cuda.allocate(64), 2, 64)
+    with pytest.raises(InvalidArgument, match="64"):
+        reg.register_cuda("y", b"short", 0, 64)
+    with pytest.raises(InvalidArgument, match="exceeds the allocation"):
+        reg.register_cuda("y", cuda.allocate(64), 1, 65)
+    with pytest.raises(InvalidArgument, match="cannot open the IPC handle"):
+        reg.register_cuda("y", b"\1" * 64, 0, 64)
+    reg.register_cuda("y", cuda.allocate(64), 1, 64)
+    with pytest.raises(NotFound, match="registered as system shared memory, not CUDA"):
+        reg.status("CUDA", "x")
+    reg.unregister("CUDA", "x")  # wrong kind: nothing happens
+    assert [r.name for r in reg.status("system")] == ["x"]
+    reg.close()
+    assert cuda.open_count == 0
+    assert reg.extensions() == ("system_shared_memory", "cuda_shared_memory")
+
+
+# ---- the CUDA path of the server, on a fake CUDA -------------------------------------------------------------------
+
+class FakeCuda(CudaApi):
+    """Host buffers stand in for device allocations; a "handle" is 64 bytes naming one buffer."""
+
+    def __init__(self, devices: int = 1) -> None:
+        self.devices = devices
+        self.buffers: Dict[bytes, ctypes.Array] = {}
+        self.open_count = 0
+
+    def allocate(self, nbytes: int) -> bytes:
+        handle = uuid.uuid4().bytes * 4
+        self.buffers[handle] = (ctypes.c_ubyte * nbytes)()
+        return handle
+
+    def array(self, handle: bytes) -> np.ndarray:
+        return np.ctypeslib.as_array(self.buffers[handle])
+
+    def device_count(self) -> int:
+        return self.devices
+
+    def open_handle(self, raw_handle: bytes, device_id: int) -> int:
+        if raw_handle not in self.buffers:
+            raise RuntimeError("cudaErrorInvalidValue: invalid argument")
+        self.open_count += 1
+        return ctypes.addressof(self.buffers[raw_handle])
+
+    def close_handle(self, ptr: int, device_id: int) -> None:
+        self.open_count -= 1
+
+    def allocation_size(self, ptr: int, device_id: int):
+        for buf in self.buffers.values():
+            if ctypes.addressof(buf) == ptr:
+                return ctypes.sizeof(buf)
+        return None
+
+    def copy(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+
+def test_cuda_regions_through_the_server_on_a_fake_gpu(server, client):
+    fake = FakeCuda(devices=1)
+    real = server.server.service.shared_memory
+    server.server.service.shared_memory = SharedMemoryRegistry(cuda=fake)
+    try:
+        assert "cuda_shared_memory" in client.get_server_metadata().extensions
+        x = np.random.default_rng(5).random((2, 64), dtype=np.float32)
+        h_in, h_out = fake.allocate(x.nbytes), fake.allocate(2 * 16 * 4)
+        fake.array(h_in)[:] = x.reshape(-1).view(np.uint8)
+        client.register_cuda_shared_memory("cin", base64.b64encode(h_in), 0, x.nbytes)
+        client.register_cuda_shared_memory("cout", base64.b64encode(h_out), 0, 128)
+        status = client.get_cuda_shared_memory_status()
+        assert {r.name: (r.device_id, r.byte_size) for r in status.regions.values()} == {
+            "cin": (0, x.nbytes), "cout": (0, 128)}
+        out = grpcclient.InferRequestedOutput("OUTPUT0")
+        out.set_shared_memory("cout", 128)
+        result = client.infer("mlp", [_mlp_input(x, "cin", x.nbytes)], outputs=[out])
+        assert list(result.get_response().raw_output_contents) == [b""]
+        got = fake.array(h_out).view(np.float32).reshape(2, 16)
+        np.testing.assert_allclose(got, reference(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(InferenceServerException, match="already in manager") as e:
+            client.register_cuda_shared_memory("cin", base64.b64encode(h_in), 0, x.nbytes)
+        assert _status(e) == "StatusCode.ALREADY_EXISTS"
+        with pytest.raises(InferenceServerException, match="device 3 does not exist") as e:
+            client.register_cuda_shared_memory("c3", base64.b64encode(fake.allocate(8)), 3, 8)
+        assert _status(e) == "StatusCode.INVALID_ARGUMENT"
+        client.unregister_cuda_shared_memory("cin")
+        assert fake.open_count == 1
+        with pytest.raises(InferenceServerException, match="'cin' was unregistered") as e:
+            client.infer("mlp", [_mlp_input(x, "cin", x.nbytes)])
+        assert _status(e) == "StatusCode.NOT_FOUND"
+    finally:
+        server.server.service.shared_memory.close()
+        server.server.service.shared_memory = real
+    assert fake.open_count == 0
+
+
+# ---- perf_analyzer ------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not pathlib.Path(PA).is_file(), reason=f"perf_analyzer not found ({PA})")
+def test_perf_analyzer_system_shared_memory(server, tmp_path):
+    out = tmp_path / "pa.csv"
+    cmd = [PA, "-m", "mlp", "-i", "grpc", "-u", server.url, "--shared-memory", "system",
+           "--output-shared-memory-size", "4096", "--concurrency-range", "1:4:3", "-b", "2",
+           "--measurement-interval", "1000", "--stability-percentage", "100", "-f", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(int(r["Concurrency"]) for r in rows) == [1, 4]
+    assert all(float(r["Inferences/Second"]) > 0 for r in rows)
+    # perf_analyzer unregisters its regions at the end; nothing is left mapped in the server
+    assert server.server.shared_memory.status("system") == []
