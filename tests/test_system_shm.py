@@ -519,3 +519,67 @@ def test_perf_analyzer_system_shared_memory(server, tmp_path):
     assert all(float(r["Inferences/Second"]) > 0 for r in rows)
     # perf_analyzer unregisters its regions at the end; nothing is left mapped in the server
     assert server.server.shared_memory.status("system") == []
+
+
+# ---- trtserve's own client helpers (client/shm.py) ----------------------------------------------------------------
+
+def test_client_helpers_end_to_end(server, shm_repo):
+    import asyncio
+
+    from trtserve.client import AsyncInferenceClient, InferenceClient
+    from trtserve.client import shm as cshm
+
+    x = np.random.default_rng(6).random((3, 64), dtype=np.float32)
+    b = np.random.default_rng(7).random((3, 16), dtype=np.float32)
+    key = f"/trtserve_test_{uuid.uuid4().hex[:12]}"
+    with InferenceClient(server.url) as client, cshm.create_shared_memory_region("data", key, 8192) as region:
+        cshm.set_shared_memory_region(region, [x])
+        assert cshm.get_contents_as_numpy(region, "FP32", [3, 64]).tolist() == x.tolist()
+        cshm.register(client, region)
+        assert dict((n, r.byte_size) for n, r in cshm.status(client).regions.items()) == {"data": 8192}
+        request = cshm.build_request("mlp", [cshm.shm_input("INPUT0", "FP32", x.shape, region)],
+                                     [cshm.shm_output("OUTPUT0", region, offset=4096)])
+        out = cshm.outputs(client.model_infer(request), {"OUTPUT0": (region, 4096)})
+        np.testing.assert_allclose(out["OUTPUT0"], reference(x), rtol=1e-5, atol=1e-5)
+        # mixed: INPUT0 from the region, INPUT1 as an ordinary array; one output each way
+        cshm.set_shared_memory_region(region, [b[:, :16]])
+        request = cshm.build_request("add_sub", [cshm.shm_input("INPUT0", "FP32", (3, 16), region)],
+                                     ["OUTPUT1", cshm.shm_output("OUTPUT0", region, 192, offset=1024)],
+                                     arrays={"INPUT1": b})
+        out = cshm.outputs(client.model_infer(request), {"OUTPUT0": (region, 1024)})
+        np.testing.assert_array_equal(out["OUTPUT0"], b + b)
+        np.testing.assert_array_equal(out["OUTPUT1"], b - b)
+        # the same object, seen through tritonclient's helper: interoperable
+        h = tshm.create_shared_memory_region("peek", key, 8192)
+        try:
+            np.testing.assert_array_equal(tshm.get_contents_as_numpy(h, np.float32, [3, 16], offset=1024), b + b)
+        finally:
+            tshm.destroy_shared_memory_region(h)
+        cshm.unregister(client, region)
+        assert not cshm.status(client).regions
+
+        async def aio() -> None:
+            async with AsyncInferenceClient(server.url) as ac:
+                await cshm.register(ac, region, offset=4096, byte_size=4096)
+                st = await cshm.status(ac, "system", "data")
+                assert (st.regions["data"].offset, st.regions["data"].byte_size) == (4096, 4096)
+                await cshm.unregister(ac, "", "system")
+
+        asyncio.run(aio())
+    assert not pathlib.Path("/dev/shm", key.lstrip("/")).exists()  # the creator unlinked it
+
+
+def test_client_helpers_bytes_and_bounds():
+    from trtserve.client import shm as cshm
+
+    key = f"/trtserve_test_{uuid.uuid4().hex[:12]}"
+    with cshm.create_shared_memory_region("s", key, 64) as region:
+        strings = np.array([b"ab", b"", "ü".encode()], dtype=object)
+        cshm.set_shared_memory_region(region, [strings], offset=5)
+        assert cshm.get_contents_as_numpy(region, np.object_, [3], offset=5).tolist() == strings.tolist()
+        with pytest.raises(ValueError, match="do not fit"):
+            cshm.set_shared_memory_region(region, [np.zeros(16, np.float32)], offset=1)
+        with pytest.raises(FileExistsError):
+            cshm.create_shared_memory_region("t", key, 64, create_only=True)
+        with pytest.raises(ValueError, match="give byte_size for BYTES"):
+            cshm.shm_input("x", "BYTES", [3], region)
