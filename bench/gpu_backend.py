@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import pathlib
 import sys
 import tempfile
@@ -259,6 +260,7 @@ def main(argv: Sequence[str] = ()) -> int:
     p.add_argument("--instances", default="1,2,4")
     p.add_argument("--out", type=pathlib.Path, default=None, help="work folder (plans are cached there)")
     a = p.parse_args(list(argv) or None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from trtserve.server.backends.tensorrt import compat
 
     ok, why = compat.available()

@@ -4,7 +4,6 @@ plan-cache reuse, CUDA graphs, dtypes and load-time validation."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import pathlib
 import shutil
 import threading

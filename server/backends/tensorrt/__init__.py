@@ -10,10 +10,11 @@ import logging
 import pathlib
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from trtserve.dtypes import from_wire
 from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, Profile, TensorSpec
 from trtserve.server.errors import InvalidArgument, ModelLoadError
 
@@ -177,6 +178,17 @@ class TensorRTBackend(Backend):
 
     def profiles(self) -> Sequence[Profile]:
         return self._profiles
+
+    def check_request(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Exact dtypes before batching: TensorRT never casts, and one bad request must not fail its batch."""
+        if self._info is None:
+            return
+        for t in self._info.inputs:
+            a = inputs.get(t.name)
+            want = from_wire(t.wire).numpy
+            if a is not None and a.dtype != want:
+                raise InvalidArgument(f"{self._what}: input '{t.name}': datatype {a.dtype} does not match the "
+                                      f"model's {t.wire} ({want})")
 
     def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
         if not 0 <= instance < len(self._instances):

@@ -13,7 +13,7 @@ import re
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from trtserve.dtypes import from_wire
 from trtserve.server.errors import ModelLoadError
