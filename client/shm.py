@@ -25,9 +25,11 @@ when it exits (Python < 3.13). CuPy is imported only by the CUDA functions.
 from __future__ import annotations
 
 import base64
+import contextlib
 import mmap
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+import uuid
+from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -41,6 +43,7 @@ __all__ = [
     "SystemRegion",
     "as_cupy",
     "build_request",
+    "registered_request",
     "create_cuda_shared_memory_region",
     "create_shared_memory_region",
     "destroy_shared_memory_region",
@@ -402,3 +405,50 @@ def outputs(response: pb.ModelInferResponse, regions: Mapping[str, Union[Region,
         region, offset = where if isinstance(where, tuple) else (where, 0)
         result[t.name] = get_contents_as_numpy(region, t.datatype, list(t.shape), offset)
     return result
+
+
+@contextlib.asynccontextmanager
+async def registered_request(client: Any, model: str, data: Mapping[str, np.ndarray],
+                             output_sizes: Mapping[str, int], kind: str = "system",
+                             datatypes: Optional[Mapping[str, str]] = None, version: Optional[Union[str, int]] = None,
+                             device_id: int = 0) -> AsyncIterator[pb.ModelInferRequest]:
+    """A reusable request whose inputs and outputs all live in freshly registered regions.
+
+    For load generators (``trtserve bench --shared-memory``, perf_analyzer's pattern): one region
+    per input, filled once, and one per output ({name: byte size}), shared by every request sent
+    while the context is open; ``client`` is an AsyncInferenceClient. On exit the regions are
+    unregistered and destroyed.
+    """
+    if kind not in ("system", "cuda"):
+        raise ValueError(f"shared memory kind must be system or cuda, got {kind!r}")
+    tag = uuid.uuid4().hex[:12]
+    types = dict(datatypes or {})
+    made: List[Region] = []
+
+    def region(name: str, size: int) -> Region:
+        r = (create_cuda_shared_memory_region(f"trtserve_{tag}_{name}", size, device_id) if kind == "cuda"
+             else create_shared_memory_region(f"trtserve_{tag}_{name}", f"/trtserve_{tag}_{len(made)}", size))
+        made.append(r)
+        return r
+
+    registered: List[Region] = []
+    try:
+        inputs = []
+        for name, array in data.items():
+            tensor, raw = _codec.encode_tensor(name, array, types.get(name))
+            r = region(f"in_{name}", max(1, len(raw)))
+            set_shared_memory_region(r, [np.frombuffer(raw, dtype=np.uint8)])
+            inputs.append(shm_input(name, tensor.datatype, list(tensor.shape), r, byte_size=len(raw)))
+        outs = [shm_output(name, region(f"out_{name}", size)) for name, size in output_sizes.items()]
+        for r in made:
+            await register(client, r)
+            registered.append(r)
+        yield build_request(model, inputs, outs, version=version)
+    finally:
+        for r in registered:
+            try:
+                await unregister(client, r)
+            except InferenceServerError:
+                pass
+        for r in made:
+            destroy_shared_memory_region(r)

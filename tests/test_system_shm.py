@@ -583,3 +583,26 @@ def test_client_helpers_bytes_and_bounds():
             cshm.create_shared_memory_region("t", key, 64, create_only=True)
         with pytest.raises(ValueError, match="give byte_size for BYTES"):
             cshm.shm_input("x", "BYTES", [3], region)
+
+
+def test_registered_request_for_load_generators(server):
+    import asyncio
+
+    from trtserve.client import AsyncInferenceClient
+    from trtserve.client import shm as cshm
+    from trtserve.protos import grpc_service_pb2 as pb
+
+    x = np.random.default_rng(8).random((2, 64), dtype=np.float32)
+
+    async def go() -> None:
+        async with AsyncInferenceClient(server.url) as ac:
+            async with cshm.registered_request(ac, "mlp", {"INPUT0": x}, {"OUTPUT0": 2 * 16 * 4}) as request:
+                assert len(request.raw_input_contents) == 0
+                assert len((await cshm.status(ac)).regions) == 2
+                payload = request.SerializeToString()  # what a load generator sends again and again
+                for _ in range(3):
+                    response = await ac.model_infer(pb.ModelInferRequest.FromString(payload))
+                    assert list(response.raw_output_contents) == [b""]
+            assert not (await cshm.status(ac)).regions
+
+    asyncio.run(go())
