@@ -195,7 +195,8 @@ def bench_command(args: argparse.Namespace) -> int:
         config = BenchConfig(url=a.url, model=a.model, version=a.model_version or "", concurrency=concurrency,
                              request_rate=rate, duration_s=a.duration, warmup_s=a.warmup, batch=a.batch,
                              shapes=parse_shapes(a.shape), input_data=a.input_data, timeout_s=a.timeout,
-                             inflight_per_channel=a.inflight_per_channel, seed=a.seed, headers=headers,
+                             inflight_per_channel=a.inflight_per_channel, engine=a.engine, seed=a.seed,
+                             headers=headers,
                              tls={k: v for k, v in kw.items() if v is not None})
         result = asyncio.run(run(config, None if a.quiet else Progress()))
         print(report.format_table(result))
@@ -235,6 +236,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds (default %(default)s)")
     p.add_argument("--inflight-per-channel", type=int, default=200,
                    help="requests in flight per gRPC channel (default %(default)s)")
+    p.add_argument("--engine", default="asyncio", choices=["asyncio", "threads"],
+                   help="asyncio: grpc.aio, one event loop (default); threads: one thread per request in flight "
+                        "making blocking calls, as perf_analyzer's sync mode (lower latency for a lone request "
+                        "on small machines, fewer requests/s with many in flight)")
     p.add_argument("--seed", type=int, default=0, help="seed for random data and Poisson arrivals")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     p.set_defaults(func=bench_command)

@@ -4,6 +4,7 @@ Separate from the CLI so tests and notebooks call ``await run(BenchConfig(...))`
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import platform
 import sys
@@ -16,7 +17,8 @@ from trtserve.client import _codec
 from trtserve.client._channel import make_spec
 from trtserve.client.aio import AsyncInferenceClient
 from trtserve.client.bench import inputs as bench_inputs
-from trtserve.client.bench.load import Load, run_closed, run_open
+from trtserve.client.bench.load import LevelRecords, Load, run_closed, run_open
+from trtserve.client.bench.threaded import ThreadLoad, run_closed_threaded, run_open_threaded
 from trtserve.client.bench.stats import LevelStats, summarize
 
 __all__ = ["BenchConfig", "BenchResult", "Progress", "run"]
@@ -38,6 +40,7 @@ class BenchConfig:
     input_data: str = "random"  # random | zero | path to .npz
     timeout_s: Optional[float] = 30.0
     inflight_per_channel: int = 200
+    engine: str = "asyncio"  # asyncio: grpc.aio (default); threads: blocking stub, see bench/threaded.py
     seed: int = 0
     headers: Mapping[str, str] = field(default_factory=dict)
     tls: Mapping[str, object] = field(default_factory=dict)  # make_spec keyword arguments (root_cert, ...)
@@ -68,7 +71,8 @@ class BenchResult:
             "mode": c.mode(), "batch": self.batch, "duration_s": c.duration_s, "warmup_s": c.warmup_s,
             "input_data": c.input_data,
             "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in self.inputs],
-            "generator": {"channels": self.channels, "inflight_per_channel": c.inflight_per_channel,
+            "generator": {"engine": c.engine, "channels": self.channels,
+                          "inflight_per_channel": c.inflight_per_channel,
                           "python": platform.python_version(), "machine": platform.machine(),
                           "host": platform.node()},
             "levels": [s.as_dict() for s in self.levels],
@@ -130,9 +134,29 @@ async def _prepare(config: BenchConfig) -> Tuple[bytes, int, List[bench_inputs.T
     return request.SerializeToString(), batch, specs
 
 
+def _start_level(progress: Optional[Progress], mode: str, level: float):
+    if progress is None:
+        return None
+    progress.level(f"concurrency {int(level)}" if mode == "concurrency" else f"rate {level:g}/s")
+    return progress.update
+
+
+def _finish_level(result: BenchResult, progress: Optional[Progress], mode: str, level: float,
+                  rec: LevelRecords) -> None:
+    lats, errs, lags = rec.in_window()
+    stats = summarize(mode, int(level) if mode == "concurrency" else level, rec.window_s, result.batch, lats,
+                      errs, lags)
+    result.levels.append(stats)
+    result.latencies_s[level] = lats
+    if progress is not None:
+        progress.finish(stats)
+
+
 async def run(config: BenchConfig, progress: Optional[Progress] = None) -> BenchResult:
     """Sweeps every level in order on one set of channels and returns their statistics."""
     mode = config.mode()
+    if config.engine not in ("threads", "asyncio"):
+        raise ValueError(f"engine must be threads or asyncio, got {config.engine!r}")
     levels: List[float] = [float(x) for x in (config.concurrency or config.request_rate)]
     if any(x <= 0 for x in levels):
         raise ValueError(f"levels must be positive, got {levels}")
@@ -146,22 +170,27 @@ async def run(config: BenchConfig, progress: Optional[Progress] = None) -> Bench
         peak_inflight = max(levels) * 0.05
     channels = max(1, math.ceil(peak_inflight / max(1, config.inflight_per_channel)))
     result = BenchResult(config, spec.target, batch, [(s.name, s.datatype, s.shape) for s in specs], channels)
-    prog = progress
-    async with Load(spec, payload, channels, config.timeout_s) as load:
-        for level in levels:
-            label = f"concurrency {int(level)}" if mode == "concurrency" else f"rate {level:g}/s"
-            if prog is not None:
-                prog.level(label)
-            update = prog.update if prog is not None else None
-            if mode == "concurrency":
-                rec = await run_closed(load, int(level), config.warmup_s, config.duration_s, update)
-            else:
-                rec = await run_open(load, level, config.warmup_s, config.duration_s, config.seed, progress=update)
-            lats, errs, lags = rec.in_window()
-            stats = summarize(mode, int(level) if mode == "concurrency" else level, rec.window_s, batch, lats,
-                              errs, lags)
-            result.levels.append(stats)
-            result.latencies_s[level] = lats
-            if prog is not None:
-                prog.finish(stats)
+    if config.engine == "asyncio":
+        async with Load(spec, payload, channels, config.timeout_s) as load:
+            for level in levels:
+                update = _start_level(progress, mode, level)
+                if mode == "concurrency":
+                    rec = await run_closed(load, int(level), config.warmup_s, config.duration_s, update)
+                else:
+                    rec = await run_open(load, level, config.warmup_s, config.duration_s, config.seed,
+                                         progress=update)
+                _finish_level(result, progress, mode, level, rec)
+    else:
+        def sweep() -> None:
+            with ThreadLoad(spec, payload, channels, config.timeout_s) as load:
+                for level in levels:
+                    update = _start_level(progress, mode, level)
+                    if mode == "concurrency":
+                        rec = run_closed_threaded(load, int(level), config.warmup_s, config.duration_s, update)
+                    else:
+                        rec = run_open_threaded(load, level, config.warmup_s, config.duration_s, config.seed,
+                                                progress=update)
+                    _finish_level(result, progress, mode, level, rec)
+
+        await asyncio.get_running_loop().run_in_executor(None, sweep)
     return result
