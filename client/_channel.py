@@ -146,7 +146,8 @@ def service_config(round_robin: bool, retries: int) -> str:
 
 
 def channel_options(round_robin: bool = False, retries: int = 2, keepalive: Optional[KeepAliveOptions] = None,
-                    tls: Optional[TlsOptions] = None, extra: Sequence[Tuple[str, object]] = ()) -> List[Tuple[str, object]]:
+                    tls: Optional[TlsOptions] = None,
+                    extra: Sequence[Tuple[str, object]] = ()) -> List[Tuple[str, object]]:
     """Options shared by both clients: INT32_MAX messages, keepalive, retry/LB service config, then ``extra``."""
     ka = keepalive or KeepAliveOptions()
     options: List[Tuple[str, object]] = [

@@ -45,7 +45,8 @@ class AsyncInferenceClient:
         if self._spec.credentials is None:
             self._channel = grpc.aio.insecure_channel(self._spec.target, options=self._spec.options)
         else:
-            self._channel = grpc.aio.secure_channel(self._spec.target, self._spec.credentials, options=self._spec.options)
+            self._channel = grpc.aio.secure_channel(self._spec.target, self._spec.credentials,
+                                                    options=self._spec.options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     @property
@@ -64,7 +65,7 @@ class AsyncInferenceClient:
         await self.close()
 
     async def _call(self, rpc: str, request, timeout: Optional[float] = None,
-              headers: Optional[Mapping[str, str]] = None):
+                    headers: Optional[Mapping[str, str]] = None):
         """The one place RPCs are made, so grpc.RpcError is translated once."""
         meta = self._spec.metadata + tuple((k.lower(), str(v)) for k, v in (headers or {}).items())
         try:
@@ -90,27 +91,28 @@ class AsyncInferenceClient:
         return await self._call("ServerMetadata", pb.ServerMetadataRequest(), timeout)
 
     async def model_metadata(self, model: str, version: Version = None,
-                       timeout: Optional[float] = None) -> pb.ModelMetadataResponse:
+                             timeout: Optional[float] = None) -> pb.ModelMetadataResponse:
         """Inputs and outputs (name, datatype, shape with -1 for variable dims) of a model."""
         return await self._call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=_v(version)), timeout)
 
-    async def model_config(self, model: str, version: Version = None, timeout: Optional[float] = None) -> mc.ModelConfig:
+    async def model_config(self, model: str, version: Version = None,
+                           timeout: Optional[float] = None) -> mc.ModelConfig:
         """The model's effective configuration (Triton's ModelConfig message)."""
         return (await self._call("ModelConfig", pb.ModelConfigRequest(name=model, version=_v(version)), timeout)).config
 
     async def model_statistics(self, model: str = "", version: Version = None,
-                         timeout: Optional[float] = None) -> pb.ModelStatisticsResponse:
+                               timeout: Optional[float] = None) -> pb.ModelStatisticsResponse:
         """Per-model counts and durations (model "" = every model)."""
         return await self._call("ModelStatistics", pb.ModelStatisticsRequest(name=model, version=_v(version)), timeout)
 
     # repository
     async def repository_index(self, ready: bool = False,
-                         timeout: Optional[float] = None) -> List[pb.RepositoryIndexResponse.ModelIndex]:
+                               timeout: Optional[float] = None) -> List[pb.RepositoryIndexResponse.ModelIndex]:
         """Every model in the repository with version, state and reason (``ready``: only ready ones)."""
         return list((await self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), timeout)).models)
 
     async def load_model(self, model: str, config: Optional[str] = None, files: Optional[Mapping[str, bytes]] = None,
-                   timeout: Optional[float] = None) -> None:
+                         timeout: Optional[float] = None) -> None:
         """Loads (or reloads) a model; ``config`` JSON and ``files`` override the repository's, as in Triton."""
         await self._call("RepositoryModelLoad", _codec.load_request(model, config, files), timeout)
 
@@ -120,10 +122,10 @@ class AsyncInferenceClient:
 
     # inference
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None,
-              version: Version = None, priority: Optional[int] = None, timeout: Optional[float] = None,
-              request_id: Optional[str] = None, datatypes: Optional[Mapping[str, str]] = None,
-              parameters: Optional[Mapping[str, Union[bool, int, float, str]]] = None,
-              headers: Optional[Mapping[str, str]] = None) -> Dict[str, np.ndarray]:
+                    version: Version = None, priority: Optional[int] = None, timeout: Optional[float] = None,
+                    request_id: Optional[str] = None, datatypes: Optional[Mapping[str, str]] = None,
+                    parameters: Optional[Mapping[str, Union[bool, int, float, str]]] = None,
+                    headers: Optional[Mapping[str, str]] = None) -> Dict[str, np.ndarray]:
         """Runs ``model`` on ``inputs`` ({name: array}) and returns {output name: array}.
 
         ``timeout`` (s) is the call's deadline, also sent as Triton's ``timeout`` parameter;
@@ -135,6 +137,6 @@ class AsyncInferenceClient:
         return _codec.decode_infer_response(await self._call("ModelInfer", request, timeout, headers))
 
     async def model_infer(self, request: pb.ModelInferRequest, timeout: Optional[float] = None,
-                    headers: Optional[Mapping[str, str]] = None) -> pb.ModelInferResponse:
+                          headers: Optional[Mapping[str, str]] = None) -> pb.ModelInferResponse:
         """The raw ModelInfer RPC, for callers that build (and reuse) the request message themselves."""
         return await self._call("ModelInfer", request, timeout, headers)

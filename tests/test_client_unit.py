@@ -233,7 +233,7 @@ async def test_tls_with_root_cert_and_server_name(tmp_path):
         await server.stop(0)
 
 
-# targets and channel options -------------------------------------------------------------------------------------------
+# targets and channel options ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("url,expected", [
     ("localhost:8001", ("localhost:8001", False)),

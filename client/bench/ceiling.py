@@ -17,7 +17,6 @@ from typing import List, Optional, Sequence, Tuple
 import grpc
 import numpy as np
 
-from trtserve.client import _codec
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import model_config_pb2 as mc
 

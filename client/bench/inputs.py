@@ -48,7 +48,8 @@ def plan_inputs(metadata: pb.ModelMetadataResponse, max_batch_size: int, batch: 
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if max_batch_size <= 0 and batch > 1:
-        raise ValueError(f"model '{metadata.name}' does not batch (max_batch_size 0); --batch {batch} needs one that does")
+        raise ValueError(f"model '{metadata.name}' does not batch (max_batch_size 0); --batch {batch} needs one "
+                         "that does")
     if max_batch_size > 0 and batch > max_batch_size:
         raise ValueError(f"--batch {batch} exceeds model '{metadata.name}' max_batch_size {max_batch_size}")
     unknown = sorted(set(shapes) - {t.name for t in metadata.inputs})
