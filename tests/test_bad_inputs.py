@@ -217,6 +217,11 @@ EMPTY_CASES = [
     ("all zero", _empty("id_var", "FP32", (0, 0)), ["INPUT0", "batch size 0"]),
     ("scalar", _empty("mlp", "FP32", (), raw=b"\0" * 4), ["INPUT0", "rank 0"]),
     ("zero dims, stray bytes", _empty("id_var", "FP32", (1, 0), raw=b"\0" * 4), ["INPUT0", "4 bytes", "0 bytes"]),
+    # regression (found by bench/fuzz.py): NumPy refused these shapes -> INTERNAL "array is too big"
+    ("zero next to huge dims (no data)", _empty("mlp", "FP32", (0, (1 << 63) - 1, 2), raw=None),
+     ["INPUT0", "dimensions whose product"]),
+    ("zero next to huge dims (raw)", _empty("mlp", "FP32", (0, (1 << 63) - 1, 2)), ["INPUT0", "dimensions whose product"]),
+    ("zero next to huge dims (BYTES)", _empty("mlp", "BYTES", (1 << 62, 0, 4)), ["INPUT0", "dimensions whose product"]),
 ]
 
 

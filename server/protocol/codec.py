@@ -29,6 +29,10 @@ def _shape(name: str, shape: Sequence[int]) -> Tuple[int, ...]:
     if count > MAX_ELEMENTS:
         raise InvalidArgument(f"input '{name}': shape {list(shape)} has {count} elements, more than the "
                               f"{MAX_ELEMENTS} any request may carry")
+    span = math.prod(d for d in shape if d)  # NumPy rejects huge dims even next to a 0 ("array is too big")
+    if span > MAX_ELEMENTS:
+        raise InvalidArgument(f"input '{name}': shape {list(shape)} has dimensions whose product ({span}) is more "
+                              f"than the {MAX_ELEMENTS} elements any request may carry")
     return tuple(int(d) for d in shape)
 
 
