@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import ctypes
 import csv
-import mmap
 import os
 import pathlib
 import subprocess
@@ -17,9 +16,16 @@ from typing import Callable, Dict, Iterator, List
 import numpy as np
 import pytest
 
-grpcclient = pytest.importorskip("tritonclient.grpc")
-tshm = pytest.importorskip("tritonclient.utils.shared_memory")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+try:  # the unmodified tritonclient; the tests that do not need it run without it (e.g. on Python 3.9)
+    import tritonclient.grpc as grpcclient
+    import tritonclient.utils.shared_memory as tshm
+    from tritonclient.utils import InferenceServerException
+    _NO_TC = ""
+except Exception as e:  # ImportError, or pkg_resources missing under tritonclient
+    grpcclient = tshm = None  # type: ignore[assignment]
+    InferenceServerException = Exception  # type: ignore[assignment,misc]
+    _NO_TC = f"tritonclient unusable here: {type(e).__name__}: {e}"
+needs_tc = pytest.mark.skipif(bool(_NO_TC), reason=_NO_TC or "-")
 
 from .models import add_sub, copy_example, identity  # noqa: E402
 from trtserve.server.errors import AlreadyExists, InvalidArgument, NotFound  # noqa: E402
@@ -87,6 +93,7 @@ def _mlp_input(x: np.ndarray, region: str, nbytes: int, offset: int = 0):
 
 # ---- happy paths --------------------------------------------------------------------------------------------------
 
+@needs_tc
 def test_metadata_lists_system_shared_memory_only_when_it_works(client):
     ext = client.get_server_metadata().extensions
     assert "system_shared_memory" in ext
@@ -99,6 +106,7 @@ def test_metadata_lists_system_shared_memory_only_when_it_works(client):
     assert ("cuda_shared_memory" in ext) == has_gpu
 
 
+@needs_tc
 def test_input_and_output_in_shared_memory(client, regions):
     x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
     h_in, h_out = regions("in", x.nbytes), regions("out", 4 * 16 * 4)
@@ -121,6 +129,7 @@ def test_input_and_output_in_shared_memory(client, regions):
     assert not client.get_system_shared_memory_status().regions
 
 
+@needs_tc
 def test_offsets_inside_one_region_and_registered_offset(client, regions):
     x = np.arange(2 * 64, dtype=np.float32).reshape(2, 64) / 100
     h = regions("big", 8192)
@@ -134,6 +143,7 @@ def test_offsets_inside_one_region_and_registered_offset(client, regions):
     np.testing.assert_allclose(got, reference(x), rtol=1e-5, atol=1e-5)
 
 
+@needs_tc
 def test_output_in_region_input_in_message_and_the_reverse(client, regions):
     x = np.random.default_rng(1).random((3, 64), dtype=np.float32)
     h_out = regions("o", 1024)
@@ -152,6 +162,7 @@ def test_output_in_region_input_in_message_and_the_reverse(client, regions):
     np.testing.assert_allclose(result.as_numpy("OUTPUT0"), reference(x), rtol=1e-5, atol=1e-5)
 
 
+@needs_tc
 def test_mixed_inputs_raw_entries_belong_to_the_others(client, regions):
     """INPUT0 in shared memory, INPUT1 in raw_input_contents (the only raw entry), outputs split too."""
     a = np.random.default_rng(2).random((2, 16), dtype=np.float32)
@@ -173,6 +184,7 @@ def test_mixed_inputs_raw_entries_belong_to_the_others(client, regions):
     np.testing.assert_allclose(tshm.get_contents_as_numpy(h, np.float32, [2, 16], offset=1024), a + b, rtol=1e-6)
 
 
+@needs_tc
 def test_bytes_and_odd_offsets(client, regions):
     strings = np.array([[b"alpha", b"", "ünï".encode()]], dtype=object)
     wire = dtypes.serialize_bytes(strings)
@@ -193,6 +205,7 @@ def test_bytes_and_odd_offsets(client, regions):
     assert client.infer("ident_u8", [i]).as_numpy("OUTPUT0").tolist() == u8.tolist()
 
 
+@needs_tc
 def test_concurrent_requests_share_an_input_region(client, regions):
     """perf_analyzer's pattern: one input region read by many in-flight requests, outputs apart."""
     x = np.random.default_rng(4).random((1, 64), dtype=np.float32)
@@ -218,6 +231,7 @@ def test_concurrent_requests_share_an_input_region(client, regions):
 
 # ---- errors, each with its status ---------------------------------------------------------------------------------
 
+@needs_tc
 def test_registration_errors(client, regions):
     h = regions("r", 1024)
     _register(client, h, 1024)
@@ -244,6 +258,7 @@ def test_registration_errors(client, regions):
     assert list(client.get_system_shared_memory_status("r").regions) == ["r"]
 
 
+@needs_tc
 def test_unknown_region_and_reuse_after_unregister(client, regions):
     x = np.zeros((1, 64), dtype=np.float32)
     with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'ghost'") as e:
@@ -260,6 +275,7 @@ def test_unknown_region_and_reuse_after_unregister(client, regions):
     client.infer("mlp", [_mlp_input(x, "gone", x.nbytes)])
 
 
+@needs_tc
 def test_bad_offsets_and_sizes(client, regions):
     x = np.zeros((2, 64), dtype=np.float32)
     h = regions("b", 1024)
@@ -285,6 +301,7 @@ def test_bad_offsets_and_sizes(client, regions):
     assert _status(e) == "StatusCode.INVALID_ARGUMENT"
 
 
+@needs_tc
 def test_malformed_parameters(client, regions):
     h = regions("p", 1024)
     _register(client, h, 1024)
@@ -301,6 +318,7 @@ def test_malformed_parameters(client, regions):
     assert _status(e) == "StatusCode.INVALID_ARGUMENT"
 
 
+@needs_tc
 def test_overlapping_output_regions_are_refused(client, regions):
     a = np.ones((1, 16), dtype=np.float32)
     h = regions("ov", 4096)
@@ -325,6 +343,7 @@ def test_overlapping_output_regions_are_refused(client, regions):
     np.testing.assert_array_equal(got, np.stack([a[0] + a[0], a[0] - a[0]]))
 
 
+@needs_tc
 def test_shrunk_object_is_refused_not_a_crash(client):
     key = f"/trtserve_test_{uuid.uuid4().hex[:12]}"
     path = pathlib.Path("/dev/shm") / key.lstrip("/")
@@ -345,6 +364,7 @@ def test_shrunk_object_is_refused_not_a_crash(client):
         path.unlink()
 
 
+@needs_tc
 def test_cuda_regions_without_a_gpu(client):
     try:
         import cupy
@@ -360,6 +380,7 @@ def test_cuda_regions_without_a_gpu(client):
     assert _status(e) == "StatusCode.INVALID_ARGUMENT"
 
 
+@needs_tc
 def test_server_stop_unmaps_every_region(serve_repo, shm_repo, regions):
     s = serve_repo(shm_repo, metrics=False)
     c = grpcclient.InferenceServerClient(s.url)
@@ -380,10 +401,11 @@ def test_server_stop_unmaps_every_region(serve_repo, shm_repo, regions):
 
 @pytest.fixture
 def posix_object() -> Iterator[str]:
+    from trtserve.client import shm as cshm
+
     key = f"/trtserve_test_{uuid.uuid4().hex[:12]}"
-    h = tshm.create_shared_memory_region("unused", key, 4096)
-    yield key
-    tshm.destroy_shared_memory_region(h)
+    with cshm.create_shared_memory_region("unused", key, 4096):
+        yield key
 
 
 def test_unregister_while_in_flight_defers_the_unmap(posix_object):
@@ -467,6 +489,7 @@ class FakeCuda(CudaApi):
         ctypes.memmove(dst, src, nbytes)
 
 
+@needs_tc
 def test_cuda_regions_through_the_server_on_a_fake_gpu(server, client):
     fake = FakeCuda(devices=1)
     real = server.server.service.shared_memory
@@ -512,7 +535,9 @@ def test_perf_analyzer_system_shared_memory(server, tmp_path):
     cmd = [PA, "-m", "mlp", "-i", "grpc", "-u", server.url, "--shared-memory", "system",
            "--output-shared-memory-size", "4096", "--concurrency-range", "1:4:3", "-b", "2",
            "--measurement-interval", "1000", "--stability-percentage", "100", "-f", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # close_fds=False lets Python spawn without fork(): a fork() of this process, whose gRPC threads are
+    # busy, runs grpcio's fork handlers in the child and sometimes aborts it (epoll_wait: Bad file descriptor)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, close_fds=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     assert sorted(int(r["Concurrency"]) for r in rows) == [1, 4]
@@ -549,12 +574,12 @@ def test_client_helpers_end_to_end(server, shm_repo):
         out = cshm.outputs(client.model_infer(request), {"OUTPUT0": (region, 1024)})
         np.testing.assert_array_equal(out["OUTPUT0"], b + b)
         np.testing.assert_array_equal(out["OUTPUT1"], b - b)
-        # the same object, seen through tritonclient's helper: interoperable
-        h = tshm.create_shared_memory_region("peek", key, 8192)
-        try:
-            np.testing.assert_array_equal(tshm.get_contents_as_numpy(h, np.float32, [3, 16], offset=1024), b + b)
-        finally:
-            tshm.destroy_shared_memory_region(h)
+        if tshm is not None:  # the same object, seen through tritonclient's helper: interoperable
+            h = tshm.create_shared_memory_region("peek", key, 8192)
+            try:
+                np.testing.assert_array_equal(tshm.get_contents_as_numpy(h, np.float32, [3, 16], offset=1024), b + b)
+            finally:
+                tshm.destroy_shared_memory_region(h)
         cshm.unregister(client, region)
         assert not cshm.status(client).regions
 

@@ -60,7 +60,7 @@ class CudaApi:
         """Maps a peer process's allocation; returns its device pointer in this process."""
         cp = self._cupy()
         with cp.cuda.Device(device_id):
-            return int(cp.cuda.runtime.ipcOpenMemHandle(raw_handle, cp.cuda.runtime.cudaIpcMemLazyEnablePeerAccess))
+            return int(cp.cuda.runtime.ipcOpenMemHandle(bytes(raw_handle)))  # flags: cudaIpcMemLazyEnablePeerAccess
 
     def close_handle(self, ptr: int, device_id: int) -> None:
         cp = self._cupy()
