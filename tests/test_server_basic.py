@@ -286,3 +286,26 @@ def test_large_message(example_server):
         resp = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req)
     np.testing.assert_allclose(np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(32, 16), reference(x),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_model_warmup_runs_before_ready(tmp_path, serve_repo):
+    models.copy_example(tmp_path)
+    text = (tmp_path / "mlp" / "config.pbtxt").read_text()
+    (tmp_path / "mlp" / "config.pbtxt").write_text(text + """
+model_warmup [ { name: "zeros" batch_size: 4 count: 2
+  inputs { key: "INPUT0" value { data_type: TYPE_FP32 dims: [ 64 ] zero_data: true } } } ]
+""")
+    models.copy_example(tmp_path, "bad_warmup")
+    text = (tmp_path / "bad_warmup" / "config.pbtxt").read_text()
+    (tmp_path / "bad_warmup" / "config.pbtxt").write_text(text + """
+model_warmup [ { name: "wrong" batch_size: 1
+  inputs { key: "INPUT0" value { data_type: TYPE_FP32 dims: [ 3 ] random_data: true } } } ]
+""")
+    s = serve_repo(tmp_path, metrics=False)
+    with grpcclient.InferenceServerClient(s.url) as c:
+        assert c.is_model_ready("mlp")
+        assert not c.is_model_ready("bad_warmup")
+        reasons = {m.name: m.reason for m in c.get_model_repository_index().models}
+        assert "model_warmup 'wrong' failed" in reasons["bad_warmup"]
+        # warm-up is not inference: statistics start at zero
+        assert c.get_inference_statistics("mlp").model_stats[0].inference_count == 0

@@ -220,6 +220,7 @@ class ModelRepository:
                 config.instance_group.add(count=count, kind=mc.ModelInstanceGroup.KIND_CPU
                                           if config.platform == "onnxruntime_onnx" else mc.ModelInstanceGroup.KIND_GPU)
             spec = ModelSpec.from_proto(config, version)
+            _warm_up(config, spec, backend)
         except BaseException:
             backend.close()
             raise
@@ -234,6 +235,41 @@ def _in_repository(root: pathlib.Path, name: str) -> bool:
     except NotFound:
         return False
     return True
+
+
+def _warm_up(config: mc.ModelConfig, spec: ModelSpec, backend: Backend) -> None:
+    """Runs config.pbtxt's ``model_warmup`` samples on every instance before the model reports READY
+    (Triton's rule: first requests must not pay for lazy initialisation)."""
+    import numpy as np
+
+    from trtserve import dtypes
+
+    rng = np.random.default_rng(0)
+    for w in config.model_warmup:
+        rows = max(1, w.batch_size)
+        inputs = {}
+        for name, sample in w.inputs.items():
+            t = spec.input(name)
+            if t is None:
+                raise ModelLoadError(f"model '{spec.name}': model_warmup '{w.name}' names unknown input '{name}'")
+            dt = dtypes.BY_CONFIG[mc.DataType.Name(sample.data_type)]
+            shape = ((rows,) if spec.batches else ()) + tuple(sample.dims)
+            if sample.WhichOneof("input_data_type") == "input_data_file":
+                raw = (backend.config.model_dir.parent / "warmup" / sample.input_data_file).read_bytes()
+                arr = np.frombuffer(raw, dtype=dt.numpy).reshape(shape)
+            elif sample.WhichOneof("input_data_type") == "random_data" and dt.numpy.kind in "fiu":
+                arr = (rng.random(shape) * 2).astype(dt.numpy)
+            else:
+                arr = np.zeros(shape, dtype=dt.numpy) if dt.wire != "BYTES" else np.full(shape, b"", dtype=object)
+            inputs[name] = arr
+        outputs = tuple(t.name for t in spec.outputs)
+        for instance in range(backend.instance_count()):
+            for _ in range(max(1, w.count)):
+                try:
+                    backend.run(instance, inputs, outputs)
+                except Exception as e:  # a model that cannot run its own warm-up sample is not ready
+                    raise ModelLoadError(f"model '{spec.name}': model_warmup '{w.name}' failed on instance "
+                                         f"{instance}: {e}") from None
 
 
 def _vkey(v: str) -> int:
