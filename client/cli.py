@@ -184,8 +184,6 @@ def bench_command(args: argparse.Namespace) -> int:
     from trtserve.client.bench.runner import BenchConfig, Progress, run
 
     def go(a: argparse.Namespace) -> int:
-        if a.shared_memory != "none":
-            raise ValueError(f"--shared-memory {a.shared_memory}: only 'none' is supported")
         kw = _connection_kwargs(a)
         headers = kw.pop("headers")
         concurrency = _levels(a.concurrency, int)
@@ -196,6 +194,7 @@ def bench_command(args: argparse.Namespace) -> int:
                              request_rate=rate, duration_s=a.duration, warmup_s=a.warmup, batch=a.batch,
                              shapes=parse_shapes(a.shape), input_data=a.input_data, timeout_s=a.timeout,
                              inflight_per_channel=a.inflight_per_channel, engine=a.engine, seed=a.seed,
+                             shared_memory=a.shared_memory, output_shared_memory_size=a.output_shared_memory_size,
                              headers=headers,
                              tls={k: v for k, v in kw.items() if v is not None})
         result = asyncio.run(run(config, None if a.quiet else Progress()))
@@ -232,7 +231,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the run and its levels to this JSON file")
     p.add_argument("--plot", help="write a PNG: latency-throughput curve and latency histogram")
     p.add_argument("--shared-memory", default="none", choices=["none", "system", "cuda"],
-                   help="only none is supported (accepted for perf_analyzer-style command lines)")
+                   help="none: tensors in the request (default); system/cuda: inputs written once into registered "
+                        "shared-memory regions, outputs returned in others (the server must support it)")
+    p.add_argument("--output-shared-memory-size", type=int, default=102400,
+                   help="bytes per output region when the output shape has -1 dims (default %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds (default %(default)s)")
     p.add_argument("--inflight-per-channel", type=int, default=200,
                    help="requests in flight per gRPC channel (default %(default)s)")

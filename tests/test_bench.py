@@ -88,10 +88,30 @@ async def test_bench_input_file_and_shape_rules(example_server, tmp_path):
 def test_bench_cli_errors(example_server, capsys):
     assert client_main(["bench", "--url", example_server.url, "-m", "nope", "--duration", "0.2"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
-    assert client_main(["bench", "--url", example_server.url, "-m", "mlp", "--shared-memory", "system"]) == 2
-    assert "only 'none'" in capsys.readouterr().err
     assert client_main(["bench", "--url", example_server.url, "-m", "mlp", "--shape", "INPUT0:65"]) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+async def test_bench_with_system_shared_memory(example_server):
+    import os
+
+    from trtserve.client import AsyncInferenceClient
+
+    async with AsyncInferenceClient(example_server.url) as c:
+        if "system_shared_memory" not in (await c.server_metadata()).extensions:
+            pytest.skip("server does not offer system shared memory")
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    result = await run(BenchConfig(url=example_server.url, model="mlp", concurrency=[2], duration_s=0.4,
+                                   warmup_s=0.1, batch=4, shared_memory="system"))
+    stats = result.levels[0]
+    assert stats.errors == 0 and stats.requests > 0 and stats.rows_per_s == pytest.approx(4 * stats.requests_per_s)
+    assert result.as_dict()["shared_memory"] == "system"
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert not {n for n in after - before if n.startswith("trtserve_")}  # regions unregistered and unlinked
+    async with AsyncInferenceClient(example_server.url) as c:
+        from trtserve.client import shm
+
+        assert not (await shm.status(c)).regions
 
 
 def _failing_every_other_handler() -> grpc.GenericRpcHandler:

@@ -13,6 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
+from trtserve import dtypes
 from trtserve.client import _codec
 from trtserve.client._channel import make_spec
 from trtserve.client.aio import AsyncInferenceClient
@@ -40,6 +41,8 @@ class BenchConfig:
     input_data: str = "random"  # random | zero | path to .npz
     timeout_s: Optional[float] = 30.0
     inflight_per_channel: int = 200
+    shared_memory: str = "none"  # none | system | cuda: tensors in regions registered once (client/shm.py)
+    output_shared_memory_size: int = 102400  # bytes per output region when its shape has -1 (perf_analyzer's)
     engine: str = "asyncio"  # asyncio: grpc.aio (default); threads: blocking stub, see bench/threaded.py
     seed: int = 0
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -69,7 +72,7 @@ class BenchResult:
         return {
             "model": c.model, "version": c.version, "url": c.url, "target": self.target,
             "mode": c.mode(), "batch": self.batch, "duration_s": c.duration_s, "warmup_s": c.warmup_s,
-            "input_data": c.input_data,
+            "input_data": c.input_data, "shared_memory": c.shared_memory,
             "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in self.inputs],
             "generator": {"engine": c.engine, "channels": self.channels,
                           "inflight_per_channel": c.inflight_per_channel,
@@ -107,12 +110,21 @@ class Progress:
         self._stream.flush()
 
 
-async def _prepare(config: BenchConfig) -> Tuple[bytes, int, List[bench_inputs.TensorSpec]]:
-    """Reads metadata and config, builds the tensors and serializes the one request every call reuses."""
-    spec_kw = dict(config.tls)
-    async with AsyncInferenceClient(config.url, headers=config.headers, **spec_kw) as client:
-        meta = await client.model_metadata(config.model, config.version or None)
-        model_config = await client.model_config(config.model, config.version or None)
+@dataclass
+class _Prepared:
+    """What one run sends: the tensors, their specs and batch, and the byte size of every output."""
+
+    data: Dict[str, np.ndarray]
+    types: Dict[str, str]
+    batch: int
+    specs: List[bench_inputs.TensorSpec]
+    output_sizes: Dict[str, int]
+
+
+async def _prepare(client: AsyncInferenceClient, config: BenchConfig) -> _Prepared:
+    """Reads metadata and config and builds the tensors every call reuses."""
+    meta = await client.model_metadata(config.model, config.version or None)
+    model_config = await client.model_config(config.model, config.version or None)
     mbs = int(model_config.max_batch_size)
     if config.input_data not in ("random", "zero"):
         with np.load(config.input_data, allow_pickle=False) as f:
@@ -129,9 +141,13 @@ async def _prepare(config: BenchConfig) -> Tuple[bytes, int, List[bench_inputs.T
         batch = config.batch
         specs = bench_inputs.plan_inputs(meta, mbs, batch, config.shapes)
         data = bench_inputs.make_data(specs, config.input_data, config.seed)
-    types = {s.name: s.datatype for s in specs}
-    request = _codec.build_infer_request(config.model, data, version=config.version or None, datatypes=types)
-    return request.SerializeToString(), batch, specs
+    sizes = {}
+    for t in meta.outputs:  # as perf_analyzer: exact when the shape is known, else --output-shared-memory-size
+        dims = ([batch] + list(t.shape[1:])) if mbs > 0 else list(t.shape)
+        dt = dtypes.BY_WIRE.get(t.datatype)
+        known = dt is not None and dt.itemsize > 0 and all(d >= 0 for d in dims)
+        sizes[t.name] = max(1, math.prod(dims) * dt.itemsize) if known else config.output_shared_memory_size
+    return _Prepared(data, {s.name: s.datatype for s in specs}, batch, specs, sizes)
 
 
 def _start_level(progress: Optional[Progress], mode: str, level: float):
@@ -162,14 +178,33 @@ async def run(config: BenchConfig, progress: Optional[Progress] = None) -> Bench
         raise ValueError(f"levels must be positive, got {levels}")
     if config.duration_s <= 0 or config.warmup_s < 0:
         raise ValueError(f"duration must be > 0 and warmup >= 0, got {config.duration_s} and {config.warmup_s}")
-    payload, batch, specs = await _prepare(config)
+    if config.shared_memory not in ("none", "system", "cuda"):
+        raise ValueError(f"shared memory must be none, system or cuda, got {config.shared_memory!r}")
+    async with AsyncInferenceClient(config.url, headers=config.headers, **dict(config.tls)) as client:
+        prep = await _prepare(client, config)
+        version = config.version or None
+        if config.shared_memory == "none":
+            request = _codec.build_infer_request(config.model, prep.data, version=version, datatypes=prep.types)
+            return await _sweep(config, progress, mode, levels, prep, request.SerializeToString())
+        from trtserve.client import shm  # inputs written once into registered regions, outputs land in others
+
+        async with shm.registered_request(client, config.model, prep.data, prep.output_sizes,
+                                          kind=config.shared_memory, datatypes=prep.types,
+                                          version=version) as request:
+            return await _sweep(config, progress, mode, levels, prep, request.SerializeToString())
+
+
+async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, levels: List[float],
+                 prep: _Prepared, payload: bytes) -> BenchResult:
+    """Every level in order on one set of channels, each call sending ``payload``."""
     spec = make_spec(config.url, headers=config.headers, **dict(config.tls))
     if mode == "concurrency":
         peak_inflight = max(levels)
     else:  # Little's law with a 50 ms latency budget; more channels than needed cost little
         peak_inflight = max(levels) * 0.05
     channels = max(1, math.ceil(peak_inflight / max(1, config.inflight_per_channel)))
-    result = BenchResult(config, spec.target, batch, [(s.name, s.datatype, s.shape) for s in specs], channels)
+    result = BenchResult(config, spec.target, prep.batch, [(s.name, s.datatype, s.shape) for s in prep.specs],
+                         channels)
     if config.engine == "asyncio":
         async with Load(spec, payload, channels, config.timeout_s) as load:
             for level in levels:
