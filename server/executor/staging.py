@@ -24,7 +24,10 @@ def _cupy() -> Any:
 
 
 def nbytes_of(shape: Tuple[int, ...], dtype: np.dtype) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    n = dtype.itemsize
+    for d in shape:  # a plain loop: np.prod costs microseconds per call on the hot path
+        n *= int(d)
+    return n
 
 
 class StagedTensor:
@@ -38,14 +41,16 @@ class StagedTensor:
         self.capacity = nbytes_of(self.max_shape, self.dtype)
         size = max(self.capacity, MIN_BYTES)
         self.device = cupy.empty(size, dtype=cupy.uint8)
+        self._ptr = int(self.device.data.ptr)
         self._pinned = cupy.cuda.alloc_pinned_memory(size)  # keeps the pinned block alive
         self.host = np.frombuffer(self._pinned, dtype=np.uint8, count=size)
+        self._host_ptr = int(self.host.ctypes.data)  # .ctypes builds an object per access: read it once
         if self.ptr == 0 or self.ptr % 256:
             raise RuntimeError(f"tensor '{name}': device buffer address {self.ptr:#x} is null or not 256-byte aligned")
 
     @property
     def ptr(self) -> int:
-        return int(self.device.data.ptr)
+        return self._ptr
 
     def pack(self, array: np.ndarray, pad_to_bytes: int = 0) -> int:
         """Copies ``array`` into the pinned mirror (zero-filling up to ``pad_to_bytes``); returns its bytes."""
@@ -63,7 +68,7 @@ class StagedTensor:
         if nbytes:
             cupy = _cupy()
             cupy.cuda.runtime.memcpyAsync(
-                self.ptr, self.host.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
+                self.ptr, self._host_ptr, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
             )
 
     def download(self, nbytes: int, stream: Any) -> None:
@@ -73,7 +78,7 @@ class StagedTensor:
         if nbytes:
             cupy = _cupy()
             cupy.cuda.runtime.memcpyAsync(
-                self.host.ctypes.data, self.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
+                self._host_ptr, self.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
             )
 
     def result(self, shape: Tuple[int, ...]) -> np.ndarray:

@@ -1,10 +1,12 @@
 """One instance: one IExecutionContext pinned to one profile for life, one non-default stream, fixed buffers.
 
 A batch, all on the instance's stream: pack into pinned memory -> H2D -> ``set_input_shape`` for every input
--> ``infer_shapes() == []`` -> ``set_tensor_address`` for every IO tensor -> ``execute_async_v3`` -> D2H of the
-valid bytes -> event record + synchronize. Every TensorRT return value is checked and a failure names the
-tensor and the reason. With CUDA graphs on, a batch whose size has a captured bucket replays the graph instead
-(inputs zero-padded to the bucket). Only the instance's own thread calls ``run``.
+-> ``infer_shapes() == []`` -> ``execute_async_v3`` -> D2H of the valid bytes -> event record + synchronize.
+``set_tensor_address`` runs for every IO tensor once at open (the buffers never move, so re-setting them per batch
+would only cost time), and shapes are set again only when they differ from the previous batch's (re-setting an
+unchanged shape only repeats TensorRT's shape work, as Polygraphy notes). Every TensorRT return value is
+checked and a failure names the tensor and the reason. With CUDA graphs on, a batch whose size has a captured
+bucket replays the graph instead (inputs zero-padded to the bucket). Only the instance's own thread calls ``run``.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class InstanceContext:
         self._batched = batched
         self._what = f"{what} instance {index} (profile {profile})"
         self._ranges: Mapping[str, ShapeRange] = info.profiles[profile]
+        self._in_dtypes = {t.name: from_wire(t.wire).numpy for t in info.inputs}
         self._ctx: Any = None
         self._stream: Any = None
         self._activation: Any = None
@@ -59,13 +62,17 @@ class InstanceContext:
         self._events: List[Any] = []
         self._graphs: Dict[int, _Graph] = {}
         self._buckets: Tuple[int, ...] = ()
+        self._cupy: Any = None
+        # input shapes last set on the context, and the output shapes TensorRT inferred for them
+        self._shapes: Dict[str, Tuple[int, ...]] = {}
+        self._out_shapes: Dict[str, Tuple[int, ...]] = {}
 
     # ---- lifecycle ----
 
     def open(self) -> None:
         """Creates the context, pins its profile, allocates every buffer and sets every address once."""
         trt = self._trt
-        cupy = compat.import_cupy()
+        cupy = self._cupy = compat.import_cupy()
         v = compat.trt_version(trt)
         self._stream = cupy.cuda.Stream(non_blocking=True)
         if compat.has_user_managed_profile_memory(v):
@@ -119,6 +126,7 @@ class InstanceContext:
             if g is not None:
                 self._graphs[rows] = g
         self._buckets = tuple(sorted(self._graphs))
+        self._shapes, self._out_shapes = {}, {}  # capture left the context at the last bucket's shapes
         return self._buckets
 
     def _capture(self, rows: int) -> Optional[_Graph]:
@@ -128,7 +136,6 @@ class InstanceContext:
             self._set_shape(name, shape, load=True)
         self._infer_shapes(load=True)
         out_shapes = {t.name: tuple(ctx.get_tensor_shape(t.name)) for t in self._info.outputs}
-        self._set_addresses()
         if not ctx.execute_async_v3(stream.ptr):  # warm-up: the first enqueue after a shape change allocates
             log.warning("%s", compat.with_trt_error(f"{self._what}: warm-up for graph of {rows} rows failed"))
             return None
@@ -204,7 +211,7 @@ class InstanceContext:
         rows: Optional[int] = None
         for t in self._info.inputs:
             a = inputs[t.name]
-            want = from_wire(t.wire).numpy
+            want = self._in_dtypes[t.name]
             if a.dtype != want:
                 raise InvalidArgument(
                     f"{self._what}: input '{t.name}': datatype {a.dtype} does not match the model's {t.wire} ({want})"
@@ -230,13 +237,15 @@ class InstanceContext:
         unknown = [n for n in wanted if n not in out_names]
         if unknown:
             raise InvalidArgument(f"{self._what}: unknown output(s) {unknown}; outputs: {sorted(out_names)}")
-        cupy = compat.import_cupy()
-        with cupy.cuda.Device(self._device_id):
-            try:
-                out_shapes, t1, in_ns, exec_ns, out_ns = self._execute(cupy, inputs, rows, wanted)
-            except BaseException:
-                self._drain()  # nothing may still read the pinned buffers when the next batch packs them
-                raise
+        cupy = self._cupy
+        if cupy.cuda.runtime.getDevice() != self._device_id:  # the calling thread's current device
+            cupy.cuda.runtime.setDevice(self._device_id)
+        try:
+            out_shapes, t1, in_ns, exec_ns, out_ns = self._execute(cupy, inputs, rows, wanted)
+        except BaseException:
+            self._shapes, self._out_shapes = {}, {}
+            self._drain()  # nothing may still read the pinned buffers when the next batch packs them
+            raise
         t2 = time.perf_counter_ns()
         result = {name: self._tensors[name].result(out_shapes[name]) for name in wanted}
         t3 = time.perf_counter_ns()
@@ -278,19 +287,24 @@ class InstanceContext:
         for name, n in sizes.items():
             self._tensors[name].upload(n, stream)
         ev_in.record(stream)
-        for name, a in inputs.items():
-            self._set_shape(name, tuple(a.shape))
-        self._infer_shapes()
-        self._set_addresses()
+        shapes = {name: tuple(a.shape) for name, a in inputs.items()}
+        if shapes != self._shapes:
+            self._shapes = {}
+            for name, shape in shapes.items():
+                self._set_shape(name, shape)
+            self._infer_shapes()
+            out_shapes = {}
+            for t in self._info.outputs:
+                shape = tuple(self._ctx.get_tensor_shape(t.name))
+                if any(d < 0 for d in shape):
+                    raise Internal(f"{self._what}: output '{t.name}' shape {list(shape)} unknown after infer_shapes")
+                out_shapes[t.name] = shape
+            self._shapes, self._out_shapes = shapes, out_shapes
         if not self._ctx.execute_async_v3(stream.ptr):
             raise Internal(compat.with_trt_error(f"{self._what}: execute_async_v3 failed"))
         ev_exec.record(stream)
-        out_shapes = {}
-        for name in wanted:
-            shape = tuple(self._ctx.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise Internal(f"{self._what}: output '{name}' shape {list(shape)} unknown after execute")
-            out_shapes[name] = shape
+        out_shapes = {name: self._out_shapes[name] for name in wanted}
+        for name, shape in out_shapes.items():
             self._tensors[name].download(nbytes_of(shape, self._tensors[name].dtype), stream)
         ev_done.record(stream)
         ev_done.synchronize()
