@@ -229,6 +229,30 @@ def test_concurrent_requests_share_an_input_region(client, regions):
     np.testing.assert_allclose(got, np.repeat(reference(x), 16, axis=0), rtol=1e-5, atol=1e-5)
 
 
+@needs_tc
+def test_streaming_with_shared_memory(client, regions):
+    import queue
+
+    x = np.random.default_rng(9).random((2, 64), dtype=np.float32)
+    h_in, h_out = regions("sin", x.nbytes), regions("sout", 4 * 2 * 16 * 4)
+    tshm.set_shared_memory_region(h_in, [x])
+    _register(client, h_in, x.nbytes)
+    _register(client, h_out, 4 * 2 * 16 * 4)
+    answers: "queue.Queue" = queue.Queue()
+    client.start_stream(lambda result, error: answers.put((result, error)))
+    try:
+        for k in range(4):
+            o = grpcclient.InferRequestedOutput("OUTPUT0")
+            o.set_shared_memory("sout", 128, offset=128 * k)
+            client.async_stream_infer("mlp", [_mlp_input(x, "sin", x.nbytes)], outputs=[o], request_id=str(k))
+        got = [answers.get(timeout=30) for _ in range(4)]
+    finally:
+        client.stop_stream()
+    assert [e for _, e in got] == [None] * 4
+    out = tshm.get_contents_as_numpy(h_out, np.float32, [4, 2, 16])
+    for k in range(4):
+        np.testing.assert_allclose(out[k], reference(x), rtol=1e-5, atol=1e-5)
+
 # ---- errors, each with its status ---------------------------------------------------------------------------------
 
 @needs_tc
@@ -397,6 +421,46 @@ def test_server_stop_unmaps_every_region(serve_repo, shm_repo, regions):
     s.stop = lambda: None  # already stopped; the fixture's teardown must not stop it twice
 
 
+# ---- a fake CUDA, so the CUDA code paths run on any machine ---------------------------------------------------
+
+class FakeCuda(CudaApi):
+    """Host buffers stand in for device allocations; a "handle" is 64 bytes naming one buffer."""
+
+    def __init__(self, devices: int = 1) -> None:
+        self.devices = devices
+        self.buffers: Dict[bytes, ctypes.Array] = {}
+        self.open_count = 0
+
+    def allocate(self, nbytes: int) -> bytes:
+        handle = uuid.uuid4().bytes * 4
+        self.buffers[handle] = (ctypes.c_ubyte * nbytes)()
+        return handle
+
+    def array(self, handle: bytes) -> np.ndarray:
+        return np.ctypeslib.as_array(self.buffers[handle])
+
+    def device_count(self) -> int:
+        return self.devices
+
+    def open_handle(self, raw_handle: bytes, device_id: int) -> int:
+        if raw_handle not in self.buffers:
+            raise RuntimeError("cudaErrorInvalidValue: invalid argument")
+        self.open_count += 1
+        return ctypes.addressof(self.buffers[raw_handle])
+
+    def close_handle(self, ptr: int, device_id: int) -> None:
+        self.open_count -= 1
+
+    def allocation_size(self, ptr: int, device_id: int):
+        for buf in self.buffers.values():
+            if ctypes.addressof(buf) == ptr:
+                return ctypes.sizeof(buf)
+        return None
+
+    def copy(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+
 # ---- the registry's lifetimes -------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -449,45 +513,28 @@ def test_registry_rejects_duplicates_across_kinds_and_checks_devices(posix_objec
     assert reg.extensions() == ("system_shared_memory", "cuda_shared_memory")
 
 
+
+def test_cancelled_request_keeps_device_regions_mapped(posix_object):
+    """A cancelled RPC may leave the backend copying from a DeviceTensor: its CUDA region must not close."""
+    cuda = FakeCuda(devices=1)
+    reg = SharedMemoryRegistry(cuda=cuda)
+    handle = cuda.allocate(256)
+    reg.register_cuda("dev", handle, 0, 256)
+    reg.register_system("sys", posix_object, 0, 256)
+    shm = reg.request()
+    t = shm.read_input("INPUT0", dtypes.BY_WIRE["FP32"], (2, 4), ShmRef("dev", 32, 32), device_tensors=True)
+    iface = t.__cuda_array_interface__
+    assert (iface["shape"], iface["typestr"], iface["data"], iface["version"]) == ((2, 4), "<f4", (t.ptr, True), 3)
+    assert t.ptr == ctypes.addressof(cuda.buffers[handle]) + 32 and t.nbytes == 32 and t.ndim == 2
+    shm.read_input("INPUT1", dtypes.BY_WIRE["FP32"], (4,), ShmRef("sys", 0, 16))
+    reg.unregister("CUDA")
+    reg.unregister("system")
+    shm.release(finished=False)
+    assert cuda.open_count == 1  # still mapped: the backend may be reading it
+    assert reg.status("CUDA") == [] and reg.status("system") == []
+
+
 # ---- the CUDA path of the server, on a fake CUDA -------------------------------------------------------------------
-
-class FakeCuda(CudaApi):
-    """Host buffers stand in for device allocations; a "handle" is 64 bytes naming one buffer."""
-
-    def __init__(self, devices: int = 1) -> None:
-        self.devices = devices
-        self.buffers: Dict[bytes, ctypes.Array] = {}
-        self.open_count = 0
-
-    def allocate(self, nbytes: int) -> bytes:
-        handle = uuid.uuid4().bytes * 4
-        self.buffers[handle] = (ctypes.c_ubyte * nbytes)()
-        return handle
-
-    def array(self, handle: bytes) -> np.ndarray:
-        return np.ctypeslib.as_array(self.buffers[handle])
-
-    def device_count(self) -> int:
-        return self.devices
-
-    def open_handle(self, raw_handle: bytes, device_id: int) -> int:
-        if raw_handle not in self.buffers:
-            raise RuntimeError("cudaErrorInvalidValue: invalid argument")
-        self.open_count += 1
-        return ctypes.addressof(self.buffers[raw_handle])
-
-    def close_handle(self, ptr: int, device_id: int) -> None:
-        self.open_count -= 1
-
-    def allocation_size(self, ptr: int, device_id: int):
-        for buf in self.buffers.values():
-            if ctypes.addressof(buf) == ptr:
-                return ctypes.sizeof(buf)
-        return None
-
-    def copy(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
-        ctypes.memmove(dst, src, nbytes)
-
 
 @needs_tc
 def test_cuda_regions_through_the_server_on_a_fake_gpu(server, client):

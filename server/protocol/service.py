@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from typing import AsyncIterator, Dict, Optional, Tuple
 
@@ -218,6 +217,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         rows = 0
         # requests without shared memory take exactly the path they took before it existed
         req_shm = self.shared_memory.request() if _uses_shm(request) else None
+        cancelled = False
         try:
             if req_shm is None:
                 arrays, types = codec.decode_inputs(request)
@@ -239,6 +239,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                         time.perf_counter_ns() - t0, 0, 0, 0, 0)
             raise
         except asyncio.CancelledError:
+            cancelled = True
             self._observer.request_done(spec.name, spec.version, False, "cancelled", rows,
                                         time.perf_counter_ns() - t0, 0, 0, 0, 0)
             raise
@@ -247,7 +248,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 # the region may close now if it was unregistered meanwhile; see RequestShm.release
                 # for the one case (a cancelled request whose backend may still read device memory)
                 # where it stays mapped instead
-                req_shm.release(finished=not isinstance(sys.exc_info()[1], asyncio.CancelledError))
+                req_shm.release(finished=not cancelled)
         self._observer.request_done(spec.name, spec.version, True, "", rows, time.perf_counter_ns() - t0,
                                     result.queue_ns, result.compute_input_ns, result.compute_infer_ns,
                                     result.compute_output_ns)
