@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve import dtypes
-from trtserve.server.errors import AlreadyExists, Internal, InvalidArgument, NotFound
+from trtserve.server.errors import AlreadyExists, Internal, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger("trtserve.shm")
 
@@ -368,7 +368,7 @@ class SharedMemoryRegistry:
         with self._lock:
             if self._closed:
                 region.close()
-                raise Internal("the server is shutting down")
+                raise Unavailable("the server is shutting down and accepts no new shared memory regions")
             if region.name in self._regions:
                 region.close()
                 raise AlreadyExists(f"shared memory region '{region.name}' already in manager")
