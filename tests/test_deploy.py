@@ -474,6 +474,18 @@ def compose_default(value: str) -> str:
     return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
 
 
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.gpu.yml"])
+def test_compose_files_follow_the_compose_spec(name: str) -> None:
+    """Each compose file parses with a strict Compose Specification parser (compose-spec on PyPI,
+    Python 3.10+), so unknown keys and malformed values fail; ${VAR:-default} take their defaults."""
+    compose_spec = pytest.importorskip("compose_spec", reason="compose-spec (Python 3.10+) not installed")
+    text = compose_default((DEPLOY / "compose" / name).read_text())
+    parsed = compose_spec.PyCompose.from_yaml(text)
+    assert set(parsed.service_names()) == set(yaml.safe_load(text)["services"])
+    with pytest.raises(ValueError):
+        compose_spec.PyCompose.from_yaml(text.replace("services:", "services:\n  bad:\n    restrat: always", 1))
+
+
 def test_compose_stack_is_wired_together() -> None:
     """Build files, bind mounts, the Prometheus target, Grafana's data source and dashboard paths agree."""
     cdir = DEPLOY / "compose"
