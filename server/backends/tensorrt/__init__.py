@@ -107,7 +107,8 @@ class TensorRTBackend(Backend):
             return plan, layout, every, LoadReport("onnx", path, key, True, 0.0, trt.__version__)
         t0 = time.monotonic()
         builder = builder or OnnxBuilder(trt, path, self._what)
-        timing = cache.timing_cache_path(trt.__version__, gpu) if options.timing_cache else None
+        persist = options.timing_cache and compat.timing_cache_reloads(v)
+        timing = cache.timing_cache_path(trt.__version__, gpu) if persist else None
         plan = builder.build(options, timing)
         build_s = time.monotonic() - t0
         if options.plan_cache:

@@ -7,7 +7,7 @@ Build options come from config.pbtxt ``parameters`` (profiles: see profiles.py):
     trtserve.tf32 = "false"           clear BuilderFlag.TF32 (on by default)
     trtserve.workspace_mb = "1024"    workspace memory pool limit
     trtserve.optimization_level = "3" builder_optimization_level (0-5; lower builds faster)
-    trtserve.timing_cache = "false"   do not load/save the timing cache
+    trtserve.timing_cache = "false"   do not load/save the timing cache (saved on TensorRT >= 10 only)
     trtserve.plan_cache = "false"     always rebuild, never write a plan
 
 The cache key is sha256 of: the ONNX bytes' sha256, the resolved build options (engine profiles included),
@@ -50,7 +50,9 @@ def param_bool(parameters: Mapping[str, str], key: str, default: bool) -> bool:
     raise ModelLoadError(f"parameter '{key}': expected true/false, got {parameters[key]!r}")
 
 
-def param_int(parameters: Mapping[str, str], key: str, default: Optional[int], lo: int = 0, hi: int = 1 << 40) -> Optional[int]:
+def param_int(
+    parameters: Mapping[str, str], key: str, default: Optional[int], lo: int = 0, hi: int = 1 << 40
+) -> Optional[int]:
     if key not in parameters:
         return default
     try:
@@ -233,7 +235,8 @@ class OnnxBuilder:
         log.info("%s: parsing %s", what, onnx_path)
         if not self._parser.parse_from_file(str(onnx_path)):
             errors = [str(self._parser.get_error(i)) for i in range(self._parser.num_errors)]
-            raise ModelLoadError(f"{what}: TensorRT could not parse {onnx_path.name}: " + "; ".join(errors or ["no detail"]))
+            detail = "; ".join(errors or ["no detail"])
+            raise ModelLoadError(f"{what}: TensorRT could not parse {onnx_path.name}: {detail}")
         log.info("%s: parsed in %.1f s (%d layers)", what, time.monotonic() - t0, self._network.num_layers)
 
     def inputs(self) -> List[NetworkInput]:
@@ -273,7 +276,8 @@ class OnnxBuilder:
             blob = timing_cache_path.read_bytes() if timing_cache_path.exists() else b""
             cache = config.create_timing_cache(blob)
             if not config.set_timing_cache(cache, False):
-                log.warning("%s: timing cache %s does not match this GPU; starting a new one", self._what, timing_cache_path)
+                log.warning("%s: timing cache %s does not fit this GPU; starting a new one", self._what,
+                            timing_cache_path)
                 cache = config.create_timing_cache(b"")
                 config.set_timing_cache(cache, False)
         if compat.has_progress_monitor(v):

@@ -74,6 +74,13 @@ def has_user_managed_profile_memory(v: Version) -> bool:
     return v >= (10, 1)
 
 
+def timing_cache_reloads(v: Version) -> bool:
+    """A saved timing cache loads back on 10+; 8.6.0 fails to deserialize its Myelin entries ("myelinCache.h::
+    deserializeFromBuffer ... Error Code 1", then "The timing cache will not be used!"; seen on an H100), so on 8.6
+    the timing cache is not persisted."""
+    return v >= (10, 0)
+
+
 def has_builder_optimization_level(v: Version) -> bool:
     """IBuilderConfig.builder_optimization_level arrived in 8.6."""
     return v >= (8, 6)

@@ -88,7 +88,8 @@ class InstanceContext:
         except RuntimeError:
             ok = False
         if ok is False:
-            raise ModelLoadError(compat.with_trt_error(f"{self._what}: cannot select optimization profile {self.profile}"))
+            msg = f"{self._what}: cannot select optimization profile {self.profile}"
+            raise ModelLoadError(compat.with_trt_error(msg))
         self._stream.synchronize()
         if compat.has_user_managed_profile_memory(v):
             size = self._engine.get_device_memory_size_for_profile_v2(self.profile)

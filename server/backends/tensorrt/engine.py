@@ -68,7 +68,8 @@ def inspect_engine(trt: ModuleType, engine: Any, what: str) -> EngineInfo:
             wire = compat.wire_of_trt(engine.get_tensor_dtype(name))
         except KeyError as e:
             raise ModelLoadError(f"{what}: tensor '{name}': {e.args[0]}") from None
-        if engine.get_tensor_location(name) != trt.TensorLocation.DEVICE or (is_input and engine.is_shape_inference_io(name)):
+        on_host = engine.get_tensor_location(name) != trt.TensorLocation.DEVICE
+        if on_host or (is_input and engine.is_shape_inference_io(name)):
             raise ModelLoadError(f"{what}: input '{name}' is a shape tensor (host memory); not supported")
         if engine.get_tensor_vectorized_dim(name) != -1:
             raise ModelLoadError(
