@@ -315,8 +315,8 @@ def register(client: Client, region: Region, offset: int = 0, byte_size: Optiona
                                                      device_id=region.device_id,
                                                      byte_size=region.byte_size if byte_size is None else byte_size)
         return client._call("CudaSharedMemoryRegister", request)
-    request = pb.SystemSharedMemoryRegisterRequest(name=region.name, key=region.key, offset=offset,
-                                                   byte_size=region.byte_size - offset if byte_size is None else byte_size)
+    size = region.byte_size - offset if byte_size is None else byte_size
+    request = pb.SystemSharedMemoryRegisterRequest(name=region.name, key=region.key, offset=offset, byte_size=size)
     return client._call("SystemSharedMemoryRegister", request)
 
 

@@ -572,7 +572,8 @@ class RequestShm:
         for other, (oregion, oref) in self.outputs.items():
             oobj, ostart = oregion.identity()
             olo = ostart + oref.offset
-            if obj == oobj and ref.byte_size and oref.byte_size and lo < olo + oref.byte_size and olo < lo + ref.byte_size:
+            disjoint = lo + ref.byte_size <= olo or olo + oref.byte_size <= lo
+            if obj == oobj and ref.byte_size and oref.byte_size and not disjoint:
                 raise InvalidArgument(f"outputs '{other}' and '{name}' overlap in shared memory (region "
                                       f"'{oref.region}' bytes {oref.offset}..{oref.offset + oref.byte_size} and region "
                                       f"'{ref.region}' bytes {ref.offset}..{ref.offset + ref.byte_size}); give each "

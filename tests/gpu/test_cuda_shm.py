@@ -185,7 +185,8 @@ def test_client_process_end_to_end_on_onnxruntime(server) -> None:
                                rtol=1e-5, atol=1e-5)
 
 
-def test_offsets_errors_and_unregister(peers, stub, server) -> None:  # stub first torn down: unregister before peers exit
+def test_offsets_errors_and_unregister(peers, stub, server) -> None:
+    # fixture order: stub is torn down first, so the regions are unregistered before the peers exit
     x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
     peer = peers(8192)
     peer.write(1024, x.tobytes())
