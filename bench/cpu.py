@@ -52,7 +52,7 @@ def load_perf_analyzer(pa: str, url: str, level: int, duration: float) -> Option
         cmd = [pa, "-m", "m", "-i", "grpc", "-u", url, "--concurrency-range", f"{level}:{level}",
                "--measurement-interval", str(int(duration * 1000)), "--stability-percentage", "100",
                "--max-trials", "10", "-f", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, close_fds=False)
         if proc.returncode != 0 or not out.exists():
             print(f"perf_analyzer failed at concurrency {level}: {proc.stdout[-300:]} {proc.stderr[-300:]}",
                   file=sys.stderr)

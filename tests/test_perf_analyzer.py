@@ -35,7 +35,9 @@ def test_perf_analyzer_concurrency_sweep(example_server, tmp_path):
     out = tmp_path / "pa.csv"
     cmd = [PA, "-m", "mlp", "-i", "grpc", "-u", example_server.url, "--concurrency-range", "1:4",
            "--measurement-interval", "1000", "--stability-percentage", "100", "-f", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # close_fds=False lets subprocess use posix_spawn instead of fork(): a forked child of this
+    # multi-threaded (gRPC) process sometimes aborts in epoll_wait under Python 3.9
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, close_fds=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     assert sorted(int(r["Concurrency"]) for r in rows) == [1, 2, 3, 4]
