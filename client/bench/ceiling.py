@@ -34,7 +34,9 @@ def _metadata() -> pb.ModelMetadataResponse:
 
 
 def _config() -> mc.ModelConfig:
-    return mc.ModelConfig(name=TRIVIAL_MODEL, platform="trivial", max_batch_size=32)
+    return mc.ModelConfig(name=TRIVIAL_MODEL, platform="trivial", max_batch_size=32,
+                          input=[mc.ModelInput(name="INPUT0", data_type=mc.TYPE_FP32, dims=[64])],
+                          output=[mc.ModelOutput(name="OUTPUT0", data_type=mc.TYPE_FP32, dims=[16])])
 
 
 def _response(batch: int = 1) -> bytes:
@@ -66,6 +68,9 @@ def _handlers(response: bytes) -> grpc.GenericRpcHandler:
     async def ready(request, context) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=True)
 
+    async def server_metadata(request, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="trivial", version="0")  # no "statistics": perf_analyzer skips them
+
     def unary(fn, req_type):
         return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req_type.FromString,
                                                    response_serializer=lambda m: m.SerializeToString())
@@ -77,6 +82,7 @@ def _handlers(response: bytes) -> grpc.GenericRpcHandler:
         "ModelConfig": unary(config, pb.ModelConfigRequest),
         "ServerLive": unary(live, pb.ServerLiveRequest),
         "ServerReady": unary(ready, pb.ServerReadyRequest),
+        "ServerMetadata": unary(server_metadata, pb.ServerMetadataRequest),
     })
 
 
@@ -136,6 +142,12 @@ class trivial_server_processes:
                 proc.terminate()
 
 
+async def _serve_forever(port: int) -> None:
+    server, bound = await start_trivial_server(port)
+    print(f"trivial server on 127.0.0.1:{bound} (model '{TRIVIAL_MODEL}'); Ctrl-C stops it", flush=True)
+    await server.wait_for_termination()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the sweep and prints the generator's ceiling in requests/s."""
     from trtserve.client.bench.report import format_table
@@ -148,7 +160,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--servers", type=int, default=2, help="trivial server processes sharing the port")
     p.add_argument("--inflight-per-channel", type=int, default=200)
     p.add_argument("--engine", default="asyncio", choices=["asyncio", "threads"])
+    p.add_argument("--serve", type=int, metavar="PORT",
+                   help="only run one trivial server on PORT (0: any) until stopped, e.g. for perf_analyzer")
     args = p.parse_args(argv)
+    if args.serve is not None:
+        try:
+            asyncio.run(_serve_forever(args.serve))
+        except KeyboardInterrupt:
+            pass
+        return 0
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     with trivial_server_processes(args.servers) as port:
         config = BenchConfig(url=f"127.0.0.1:{port}", model=TRIVIAL_MODEL, concurrency=levels,

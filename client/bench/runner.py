@@ -197,7 +197,8 @@ async def run(config: BenchConfig, progress: Optional[Progress] = None) -> Bench
 async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, levels: List[float],
                  prep: _Prepared, payload: bytes) -> BenchResult:
     """Every level in order on one set of channels, each call sending ``payload``."""
-    spec = make_spec(config.url, headers=config.headers, **dict(config.tls))
+    # retries=0: a load tester counts an UNAVAILABLE, it must not hide it behind a retry
+    spec = make_spec(config.url, headers=config.headers, retries=0, **dict(config.tls))
     if mode == "concurrency":
         peak_inflight = max(levels)
     else:  # Little's law with a 50 ms latency budget; more channels than needed cost little
