@@ -4,6 +4,7 @@ Where a socket is needed the trivial grpc.aio server of client/bench/ceiling.py 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import shutil
@@ -189,6 +190,32 @@ async def test_errors_from_a_real_channel_are_translated_once():
         await server.stop(0)
 
 
+async def test_deadline_exceeded_is_translated():
+    """A server slower than the deadline: the call ends DEADLINE_EXCEEDED on time (gRPC rounds tiny deadlines
+    up to its timer tick, so the server is made slow rather than the deadline tiny)."""
+    from trtserve.client.bench.ceiling import SERVICE
+
+    async def slow_live(request, context):
+        await asyncio.sleep(2.0)
+        return pb.ServerLiveResponse(live=True)
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "ServerLive": grpc.unary_unary_rpc_method_handler(slow_live, pb.ServerLiveRequest.FromString,
+                                                          lambda m: m.SerializeToString())}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncInferenceClient(f"127.0.0.1:{port}") as client:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(InferenceServerError) as e:
+                await client.is_server_live(timeout=0.1)
+            assert e.value.status == "DEADLINE_EXCEEDED" and loop.time() - t0 < 1.5
+    finally:
+        await server.stop(0)
+
+
 def test_unreachable_server_is_unavailable():
     with socket_closed_port() as port:
         with InferenceClient(f"127.0.0.1:{port}", retries=1) as client:
@@ -269,6 +296,7 @@ def test_channel_options_and_service_config():
     assert opts["grpc.lb_policy_name"] == "round_robin" and opts["grpc.keepalive_time_ms"] == 2**31 - 1
     config = json.loads(opts["grpc.service_config"])
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": "inference.GRPCInferenceService"}
     policy = config["methodConfig"][0]["retryPolicy"]
     assert policy["maxAttempts"] == 3 and policy["retryableStatusCodes"] == ["UNAVAILABLE"]
     no_retry = dict(_channel.channel_options(retries=0))
