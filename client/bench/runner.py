@@ -92,6 +92,9 @@ class Progress:
 
     def level(self, label: str) -> None:
         self._label = label
+        if not self._tty:  # a log gets one line as each level starts and one as it ends
+            self._stream.write(f"{label}: running\n")
+            self._stream.flush()
 
     def update(self, phase: str, elapsed_s: float, total_s: float, ok: int, errors: int) -> None:
         if not self._tty:
@@ -105,8 +108,10 @@ class Progress:
 
     def finish(self, stats: LevelStats) -> None:
         errs = ",".join(f"{k}:{v}" for k, v in stats.errors_by_status.items()) or "0"
-        self._stream.write(("\r" if self._tty else "") + f"{self._label}: {stats.requests_per_s:.1f} req/s, "
-                           f"p50 {stats.p50_ms:.3f} ms, p99 {stats.p99_ms:.3f} ms, errors {errs}" + " " * 10 + "\n")
+        line = (f"{self._label}: {stats.requests_per_s:.1f} req/s, p50 {stats.p50_ms:.3f} ms, "
+                f"p99 {stats.p99_ms:.3f} ms, errors {errs}")
+        # on a terminal, overwrite the progress bar (padding clears what is left of it)
+        self._stream.write(f"\r{line}{' ' * 10}\n" if self._tty else f"{line}\n")
         self._stream.flush()
 
 
