@@ -5,6 +5,7 @@
 For each model and batch size B it measures:
   raw       execute_async_v3 in a loop on one context at batch B (device buffers only, no copies)
   raw+io    the same with H2D before and D2H after each execute (one stream)
+  raw xN    the raw loop on N contexts at once, one thread and stream each: what the GPU gives N streams
   run xN    TensorRTBackend.run() from N instance threads (pinned staging, copies, checks, result arrays)
   batcher xN  the server's DynamicBatcher + executor pool over N instances, fed requests of B/4 rows
             (max_batch_size B, so every batch has B rows when the queue is full)
@@ -93,11 +94,11 @@ def _timed_loop(step: Callable[[], None], seconds: float) -> Tuple[int, float]:
             return n, now - t0
 
 
-def raw_rows_per_s(backend, batch: int, seconds: float, with_io: bool) -> float:
-    """execute_async_v3 in a loop on instance 0's context and stream, bypassing run() (its buffers, its profile)."""
+def raw_rows_per_s(backend, batch: int, seconds: float, with_io: bool, instance: int = 0) -> float:
+    """execute_async_v3 in a loop on one instance's context and stream, bypassing run() (its buffers, profile)."""
     import cupy
 
-    inst = backend._instances[0]  # the bench looks inside on purpose: same context, stream and buffers
+    inst = backend._instances[instance]  # the bench looks inside on purpose: same context, stream and buffers
     ctx, stream = inst._ctx, inst._stream
     tensors = inst._tensors
     shapes = {t.name: (batch,) + tuple(inst._ranges[t.name].max[1:]) for t in inst._info.inputs}
@@ -124,7 +125,23 @@ def raw_rows_per_s(backend, batch: int, seconds: float, with_io: bool) -> float:
 
         step()
         n, dt = _timed_loop(step, seconds)
+    inst._shapes = {}  # the bench changed the context's shapes behind run()'s back
     return n * 20 * batch / dt
+
+
+def raw_parallel_rows_per_s(backend, batch: int, seconds: float, instances: int) -> float:
+    """The raw loop on ``instances`` contexts at once (one thread each); total rows/s."""
+    rates = [0.0] * instances
+
+    def work(i: int) -> None:
+        rates[i] = raw_rows_per_s(backend, batch, seconds, with_io=False, instance=i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(instances)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(rates)
 
 
 def run_rows_per_s(backend, model: BenchModel, batch: int, instances: int, seconds: float) -> float:
@@ -222,7 +239,10 @@ def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, s
     return asyncio.run(main())
 
 
-def bench_model(model: BenchModel, workdir: pathlib.Path, seconds: float, instance_counts: Sequence[int]) -> List[List[str]]:
+def bench_model(
+    model: BenchModel, workdir: pathlib.Path, seconds: float, instance_counts: Sequence[int], graphs: bool,
+    with_batcher: bool,
+) -> List[List[str]]:
     from trtserve.server.backends.base import BackendConfig, TensorSpec
     from trtserve.server.backends.tensorrt import TensorRTBackend
 
@@ -232,20 +252,26 @@ def bench_model(model: BenchModel, workdir: pathlib.Path, seconds: float, instan
     cfg = BackendConfig(
         name=model.name, version="1", model_dir=d, default_model_filename="", max_batch_size=model.max_batch,
         inputs=[TensorSpec("INPUT0", model.wire, (model.n_in,))], outputs=[TensorSpec("OUTPUT0", model.wire, (model.n_out,))],
-        instance_count=max(instance_counts), parameters=model.parameters, cache_dir=workdir / "cache",
+        instance_count=max(instance_counts), cache_dir=workdir / "cache", cuda_graphs=graphs,
+        parameters=dict(model.parameters, **({"trtserve.graph_batch_sizes": ",".join(map(str, model.batches))}
+                                             if graphs else {})),
     )
     backend = TensorRTBackend(cfg)
     t0 = time.monotonic()
     backend.open()
-    print(f"# {model.name}: open {time.monotonic() - t0:.1f} s (cache hit {backend.report.cache_hit})", flush=True)
+    print(f"# {model.name}: open {time.monotonic() - t0:.1f} s (cache hit {backend.report.cache_hit}, "
+          f"graph buckets {backend.report.graph_buckets[0] if graphs else 'off'})", flush=True)
     rows = []
     try:
         for b in model.batches:
             raw = raw_rows_per_s(backend, b, seconds, with_io=False)
             raw_io = raw_rows_per_s(backend, b, seconds, with_io=True)
+            raw_par = raw_parallel_rows_per_s(backend, b, seconds, max(instance_counts))
             runs = [run_rows_per_s(backend, model, b, n, seconds) for n in instance_counts]
-            batched = [batcher_rows_per_s(backend, model, b, n, seconds) for n in instance_counts]
-            rows.append([model.name, str(b), f"{raw:,.0f}", f"{raw_io:,.0f}"] + [f"{r:,.0f}" for r in runs]
+            batched = ([batcher_rows_per_s(backend, model, b, n, seconds) for n in instance_counts] if with_batcher
+                       else [float("nan")] * len(instance_counts))
+            rows.append([model.name + (" +graphs" if graphs else ""), str(b), f"{raw:,.0f}", f"{raw_io:,.0f}",
+                         f"{raw_par:,.0f}"] + [f"{r:,.0f}" for r in runs]
                         + [f"{r:,.0f}" for r in batched] + [f"{max(runs) / raw:.0%}", f"{max(batched) / raw:.0%}"])
             print("  " + " | ".join(rows[-1]), flush=True)
     finally:
@@ -259,6 +285,8 @@ def main(argv: Sequence[str] = ()) -> int:
     p.add_argument("--models", default="small,heavy")
     p.add_argument("--instances", default="1,2,4")
     p.add_argument("--out", type=pathlib.Path, default=None, help="work folder (plans are cached there)")
+    p.add_argument("--cuda-graphs", action="store_true", help="also run each model with CUDA graphs on")
+    p.add_argument("--no-batcher", action="store_true", help="skip the batcher columns")
     a = p.parse_args(list(argv) or None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from trtserve.server.backends.tensorrt import compat
@@ -273,8 +301,9 @@ def main(argv: Sequence[str] = ()) -> int:
     print(f"TensorRT {why}, GPU {compat.gpu_name(0)}, {a.seconds:.1f} s per cell", flush=True)
     table: List[List[str]] = []
     for name in a.models.split(","):
-        table += bench_model(models[name], workdir, a.seconds, counts)
-    head = (["model", "batch", "raw rows/s", "raw+io rows/s"] + [f"run x{n}" for n in counts]
+        for graphs in (False, True) if a.cuda_graphs else (False,):
+            table += bench_model(models[name], workdir, a.seconds, counts, graphs, not a.no_batcher)
+    head = (["model", "batch", "raw rows/s", "raw+io rows/s", f"raw x{max(counts)}"] + [f"run x{n}" for n in counts]
             + [f"batcher x{n}" for n in counts] + ["run best/raw", "batcher best/raw"])
     widths = [max(len(r[i]) for r in [head] + table) for i in range(len(head))]
     print()
