@@ -195,6 +195,7 @@ def bench_command(args: argparse.Namespace) -> int:
                              shapes=parse_shapes(a.shape), input_data=a.input_data, timeout_s=a.timeout,
                              inflight_per_channel=a.inflight_per_channel, engine=a.engine, seed=a.seed,
                              shared_memory=a.shared_memory, output_shared_memory_size=a.output_shared_memory_size,
+                             processes=a.processes,
                              headers=headers,
                              tls={k: v for k, v in kw.items() if v is not None})
         result = asyncio.run(run(config, None if a.quiet else Progress()))
@@ -242,6 +243,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="asyncio: grpc.aio, one event loop (default); threads: one thread per request in flight "
                         "making blocking calls, as perf_analyzer's sync mode (lower latency for a lone request "
                         "on small machines, fewer requests/s with many in flight)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="generator processes sharing each level (one process drives about 10k requests/s; "
+                        "see python -m trtserve.client.bench.ceiling)")
     p.add_argument("--seed", type=int, default=0, help="seed for random data and Poisson arrivals")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     p.set_defaults(func=bench_command)

@@ -85,6 +85,26 @@ async def test_bench_input_file_and_shape_rules(example_server, tmp_path):
         await run(BenchConfig(url=example_server.url, model="mlp"))
 
 
+async def test_bench_in_several_processes(example_server):
+    """Two generator processes share each level; their records merge into one window."""
+    result = await run(BenchConfig(url=example_server.url, model="mlp", concurrency=[1, 4], request_rate=[],
+                                   duration_s=0.5, warmup_s=0.2, processes=2))
+    assert [s.level for s in result.levels] == [1, 4] and all(s.requests > 0 and s.errors == 0 for s in result.levels)
+    assert result.as_dict()["generator"]["processes"] == 2 and result.channels == 2
+    rated = await run(BenchConfig(url=example_server.url, model="mlp", request_rate=[100.0], duration_s=0.8,
+                                  warmup_s=0.1, processes=2))
+    assert rated.levels[0].errors == 0 and rated.levels[0].requests_per_s == pytest.approx(100, rel=0.6)
+    with pytest.raises(ValueError, match="asyncio engine"):
+        await run(BenchConfig(url=example_server.url, model="mlp", concurrency=[1], processes=2, engine="threads"))
+
+
+def test_split_shares():
+    from trtserve.client.bench.procs import split
+
+    assert split(5, 2, integer=True) == [3, 2] and split(1, 3, integer=True) == [1, 0, 0]
+    assert split(300.0, 3, integer=False) == [100.0, 100.0, 100.0]
+
+
 def test_bench_cli_errors(example_server, capsys):
     assert client_main(["bench", "--url", example_server.url, "-m", "nope", "--duration", "0.2"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
@@ -220,7 +240,7 @@ async def test_trivial_server_answers_the_bench(engine):
 
 def test_ceiling_entry_point():
     run_ = subprocess.run([sys.executable, "-m", "trtserve.client.bench.ceiling", "--concurrency", "1,4",
-                           "--duration", "0.3", "--warmup", "0.1", "--servers", "1"],
+                           "--duration", "0.3", "--warmup", "0.1", "--servers", "1", "--processes", "2"],
                           capture_output=True, text=True, timeout=90)
     assert run_.returncode == 0, run_.stderr
     last = run_.stdout.strip().splitlines()[-1]

@@ -119,13 +119,22 @@ async def _report(progress: Optional[ProgressFn], t0: float, warmup_s: float, du
             pass
 
 
+async def _start_time(start_at: Optional[float]) -> float:
+    """Now, or ``start_at`` (time.monotonic(), the loop's clock) after sleeping until it: aligns processes."""
+    loop = asyncio.get_running_loop()
+    if start_at is None:
+        return loop.time()
+    await asyncio.sleep(max(0.0, start_at - loop.time()))
+    return start_at
+
+
 async def run_closed(load: Load, concurrency: int, warmup_s: float, duration_s: float,
-                     progress: Optional[ProgressFn] = None) -> LevelRecords:
+                     progress: Optional[ProgressFn] = None, start_at: Optional[float] = None) -> LevelRecords:
     """N workers each send, await the answer, send again; measures completions in [warmup, warmup+duration)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
+    t0 = await _start_time(start_at)
     rec = LevelRecords(t0 + warmup_s, t0 + warmup_s + duration_s)
     stop_at = rec.window_end
     per_channel = math.ceil(concurrency / load.channels)
@@ -166,7 +175,8 @@ def poisson_schedule(rate: float, duration_s: float, seed: int = 0) -> np.ndarra
 
 
 async def run_open(load: Load, rate: float, warmup_s: float, duration_s: float, seed: int = 0,
-                   max_inflight: int = 20000, progress: Optional[ProgressFn] = None) -> LevelRecords:
+                   max_inflight: int = 20000, progress: Optional[ProgressFn] = None,
+                   start_at: Optional[float] = None) -> LevelRecords:
     """Poisson arrivals at ``rate``/s; each latency counts from the scheduled send time.
 
     At ``max_inflight`` outstanding requests the scheduler waits for one to finish; the waiting
@@ -174,7 +184,7 @@ async def run_open(load: Load, rate: float, warmup_s: float, duration_s: float, 
     """
     loop = asyncio.get_running_loop()
     schedule = poisson_schedule(rate, warmup_s + duration_s, seed)
-    t0 = loop.time() + 0.01
+    t0 = await _start_time(start_at) if start_at is not None else loop.time() + 0.01
     rec = LevelRecords(t0 + warmup_s, t0 + warmup_s + duration_s)
     slots = asyncio.Semaphore(max_inflight)
     tasks = set()

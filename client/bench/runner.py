@@ -41,6 +41,7 @@ class BenchConfig:
     input_data: str = "random"  # random | zero | path to .npz
     timeout_s: Optional[float] = 30.0
     inflight_per_channel: int = 200
+    processes: int = 1  # generator processes (asyncio engine in each); more when one process is the limit
     shared_memory: str = "none"  # none | system | cuda: tensors in regions registered once (client/shm.py)
     output_shared_memory_size: int = 102400  # bytes per output region when its shape has -1 (perf_analyzer's)
     engine: str = "asyncio"  # asyncio: grpc.aio (default); threads: blocking stub, see bench/threaded.py
@@ -74,7 +75,7 @@ class BenchResult:
             "mode": c.mode(), "batch": self.batch, "duration_s": c.duration_s, "warmup_s": c.warmup_s,
             "input_data": c.input_data, "shared_memory": c.shared_memory,
             "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in self.inputs],
-            "generator": {"engine": c.engine, "channels": self.channels,
+            "generator": {"engine": c.engine, "processes": c.processes, "channels": self.channels,
                           "inflight_per_channel": c.inflight_per_channel,
                           "python": platform.python_version(), "machine": platform.machine(),
                           "host": platform.node()},
@@ -102,8 +103,8 @@ class Progress:
         width = 20
         filled = int(width * (elapsed_s / total_s if total_s > 0 else 1.0))
         bar = "#" * filled + "-" * (width - filled)
-        self._stream.write(f"\r{self._label} {phase:7s} [{bar}] {elapsed_s:5.1f}/{total_s:.0f}s "
-                           f"ok={ok} err={errors}   ")
+        counts = f"ok={ok} err={errors}" if ok >= 0 else ""
+        self._stream.write(f"\r{self._label} {phase:7s} [{bar}] {elapsed_s:5.1f}/{total_s:.0f}s {counts}   ")
         self._stream.flush()
 
     def finish(self, stats: LevelStats) -> None:
@@ -155,6 +156,24 @@ async def _prepare(client: AsyncInferenceClient, config: BenchConfig) -> _Prepar
     return _Prepared(data, {s.name: s.datatype for s in specs}, batch, specs, sizes)
 
 
+async def _tick(update, warmup_s: float, duration_s: float, done: asyncio.Event, interval_s: float = 0.25) -> None:
+    """Time-only progress while other processes carry the load (their counts arrive at the end)."""
+    if update is None:
+        return
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while not done.is_set():
+        elapsed = loop.time() - t0
+        if elapsed < warmup_s:
+            update("warmup", elapsed, warmup_s, -1, -1)
+        else:
+            update("measure", min(elapsed - warmup_s, duration_s), duration_s, -1, -1)
+        try:
+            await asyncio.wait_for(done.wait(), interval_s)
+        except asyncio.TimeoutError:
+            pass
+
+
 def _start_level(progress: Optional[Progress], mode: str, level: float):
     if progress is None:
         return None
@@ -178,6 +197,9 @@ async def run(config: BenchConfig, progress: Optional[Progress] = None) -> Bench
     mode = config.mode()
     if config.engine not in ("threads", "asyncio"):
         raise ValueError(f"engine must be threads or asyncio, got {config.engine!r}")
+    if config.processes < 1 or (config.processes > 1 and config.engine != "asyncio"):
+        raise ValueError(f"--processes must be >= 1 and needs the asyncio engine, got {config.processes} "
+                         f"with {config.engine}")
     levels: List[float] = [float(x) for x in (config.concurrency or config.request_rate)]
     if any(x <= 0 for x in levels):
         raise ValueError(f"levels must be positive, got {levels}")
@@ -211,7 +233,26 @@ async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, l
     channels = max(1, math.ceil(peak_inflight / max(1, config.inflight_per_channel)))
     result = BenchResult(config, spec.target, prep.batch, [(s.name, s.datatype, s.shape) for s in prep.specs],
                          channels)
-    if config.engine == "asyncio":
+    if config.processes > 1:
+        from trtserve.client.bench.procs import ProcessPool, channels_each
+
+        spec_kwargs = dict(config.tls, url=config.url, headers=dict(config.headers), retries=0)
+        loop = asyncio.get_running_loop()
+        each = channels_each(channels, config.processes)
+        result.channels = each * config.processes
+        with ProcessPool(config.processes, spec_kwargs, payload, each, config.timeout_s) as pool:
+            for level in levels:
+                update = _start_level(progress, mode, level)
+                done = asyncio.Event()
+                ticker = asyncio.ensure_future(_tick(update, config.warmup_s, config.duration_s, done))
+                try:
+                    rec = await loop.run_in_executor(None, pool.run_level, mode, level, config.warmup_s,
+                                                     config.duration_s, config.seed)
+                finally:
+                    done.set()
+                    await ticker
+                _finish_level(result, progress, mode, level, rec)
+    elif config.engine == "asyncio":
         async with Load(spec, payload, channels, config.timeout_s) as load:
             for level in levels:
                 update = _start_level(progress, mode, level)
