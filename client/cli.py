@@ -121,7 +121,7 @@ def infer_command(args: argparse.Namespace) -> int:
     return _run(go, args)
 
 
-def add_infer_parser(subparsers) -> argparse.ArgumentParser:
+def add_infer_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Registers ``infer``."""
     p = subparsers.add_parser("infer", help="send one inference request and print the outputs",
                               description="Send one inference request built from .npy files or random data.")
@@ -155,7 +155,7 @@ def models_command(args: argparse.Namespace) -> int:
     return _run(go, args)
 
 
-def add_models_parser(subparsers) -> argparse.ArgumentParser:
+def add_models_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Registers ``models``."""
     p = subparsers.add_parser("models", help="list the server's models and their state",
                               description="List the models of the server's repository with version, state and reason.")
@@ -209,7 +209,7 @@ def bench_command(args: argparse.Namespace) -> int:
     return _run(go, args)
 
 
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+def add_bench_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Registers ``bench``."""
     p = subparsers.add_parser(
         "bench", help="load-test a model: throughput and latency per concurrency or request rate",

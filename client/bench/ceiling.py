@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Awaitable, Callable, List, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
@@ -52,26 +52,28 @@ def _handlers(response: bytes) -> grpc.GenericRpcHandler:
     async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return response
 
-    async def metadata(request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext):
+    async def metadata(request: pb.ModelMetadataRequest,
+                       context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         if request.name != TRIVIAL_MODEL:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model: '{request.name}'")
         return _metadata()
 
-    async def config(request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext):
+    async def config(request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
         if request.name != TRIVIAL_MODEL:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model: '{request.name}'")
         return pb.ModelConfigResponse(config=_config())
 
-    async def live(request, context) -> pb.ServerLiveResponse:
+    async def live(request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ready(request, context) -> pb.ServerReadyResponse:
+    async def ready(request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=True)
 
-    async def server_metadata(request, context) -> pb.ServerMetadataResponse:
+    async def server_metadata(request: pb.ServerMetadataRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="trivial", version="0")  # no "statistics": perf_analyzer skips them
 
-    def unary(fn, req_type):
+    def unary(fn: Callable[..., Awaitable[object]], req_type: type) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req_type.FromString,
                                                    response_serializer=lambda m: m.SerializeToString())
 
@@ -180,7 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(result))
     best = max(result.levels, key=lambda s: s.requests_per_s)
     print(f"load generator ceiling: {best.requests_per_s:.0f} requests/s (concurrency {int(best.level)}, "
-          f"p50 {best.p50_ms:.3f} ms; engine {args.engine} x{args.processes} process(es); {args.servers} trivial server process(es), same machine)")
+          f"p50 {best.p50_ms:.3f} ms; engine {args.engine} x{args.processes} process(es); "
+          f"{args.servers} trivial server process(es), same machine)")
     return 0
 
 

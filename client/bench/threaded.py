@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import List, Optional, Set
+from typing import Callable, List, Optional, Set
 
 import grpc
 
@@ -70,7 +70,7 @@ class ThreadLoad:
         except grpc.RpcError as e:
             return e.code().name
 
-    def start(self, index: int, on_done) -> None:
+    def start(self, index: int, on_done: Callable[[Optional[str]], None]) -> None:
         """Starts one ModelInfer on channel ``index % channels``; ``on_done(status or None)`` runs on completion."""
         future = self._calls[index % len(self._calls)].future(self._payload, timeout=self._timeout_s,
                                                               metadata=self._spec.metadata or None)
