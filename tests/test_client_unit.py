@@ -260,6 +260,40 @@ async def test_tls_with_root_cert_and_server_name(tmp_path):
         await server.stop(0)
 
 
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+async def test_mutual_tls_client_cert_and_key(tmp_path):
+    """A server that requires a client certificate signed by its CA: served with one, refused without."""
+    p = {n: str(tmp_path / n) for n in ("ca.key", "ca.pem", "s.key", "s.csr", "s.pem", "c.key", "c.csr", "c.pem",
+                                        "ext")}
+    (tmp_path / "ext").write_text("subjectAltName=DNS:trtserve-test\n")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", p["ca.key"], "-out", p["ca.pem"], "-days", "1",
+             "-subj", "/CN=test-ca")
+    for who, cn in (("s", "trtserve-test"), ("c", "client")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", p[f"{who}.key"], "-out", p[f"{who}.csr"],
+                 "-subj", f"/CN={cn}")
+        _openssl("x509", "-req", "-in", p[f"{who}.csr"], "-CA", p["ca.pem"], "-CAkey", p["ca.key"],
+                 "-CAcreateserial", "-out", p[f"{who}.pem"], "-days", "1", "-extfile", p["ext"])
+    read = lambda n: (tmp_path / n).read_bytes()  # noqa: E731
+    creds = grpc.ssl_server_credentials([(read("s.key"), read("s.pem"))], root_certificates=read("ca.pem"),
+                                        require_client_auth=True)
+    server, port = await start_trivial_server(credentials=creds)
+    try:
+        async with AsyncInferenceClient(f"127.0.0.1:{port}", root_cert=p["ca.pem"], client_cert=p["c.pem"],
+                                        client_key=p["c.key"], server_name="trtserve-test") as client:
+            assert await client.is_server_live(timeout=10)
+        async with AsyncInferenceClient(f"127.0.0.1:{port}", root_cert=read("ca.pem"), server_name="trtserve-test",
+                                        retries=0) as anonymous:
+            with pytest.raises(InferenceServerError) as e:
+                await anonymous.is_server_live(timeout=5)
+            assert e.value.status == "UNAVAILABLE"
+    finally:
+        await server.stop(0)
+
+
 # targets and channel options ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("url,expected", [
