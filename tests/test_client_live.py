@@ -131,6 +131,10 @@ def test_several_addresses_to_one_server(example_server):
         assert c.target == f"ipv4:127.0.0.1:{port},127.0.0.1:{port}"
         for _ in range(4):
             assert c.infer("mlp", {"INPUT0": _x(1)})["OUTPUT0"].shape == (1, 16)
+    # dns:/// resolves to every address of the name; round robin skips those that refuse (e.g. ::1 here)
+    with InferenceClient(f"dns:///localhost:{port}") as c:
+        for _ in range(4):
+            assert c.infer("mlp", {"INPUT0": _x(1)}, timeout=10)["OUTPUT0"].shape == (1, 16)
 
 
 @pytest.fixture(scope="module")
