@@ -19,7 +19,8 @@ from trtserve.client.cli import main as client_main
 from trtserve.protos import grpc_service_pb2 as pb
 
 LEVEL_FIELDS = {"mode", "level", "window_s", "batch", "requests", "errors", "errors_by_status", "requests_per_s",
-                "rows_per_s", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms", "send_lag_p99_ms"}
+                "rows_per_s", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms", "send_lag_p99_ms",
+                "server_requests", "server_latency_ms", "server_queue_ms", "server_compute_ms", "client_overhead_ms"}
 
 
 def _png_shape(path) -> tuple:
@@ -39,7 +40,8 @@ def test_bench_closed_loop_on_mlp_writes_csv_json_png(example_server, tmp_path, 
     assert code == 0, captured.err
     assert "concurrency 1:" in captured.err and "concurrency 4:" in captured.err  # progress/summary on stderr
     table = captured.out.splitlines()
-    assert table[1].split()[:3] == ["level", "req/s", "rows/s"] and len(table) == 4
+    assert table[1].split()[:3] == ["level", "req/s", "rows/s"] and table[1].endswith("server ms")
+    assert len(table) == 4
 
     with open(out["csv"]) as f:
         rows = list(csv.DictReader(f))
@@ -50,6 +52,10 @@ def test_bench_closed_loop_on_mlp_writes_csv_json_png(example_server, tmp_path, 
         assert float(r["rows_per_s"]) == pytest.approx(2 * float(r["requests_per_s"]))
         p = [float(r[k]) for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")]
         assert 0 < p[0] <= p[1] <= p[2] <= p[3] <= p[4]
+        # the server's ModelStatistics over the same window: same requests (give or take the edges)
+        assert abs(int(r["server_requests"]) - int(r["requests"])) <= 8
+        assert 0 < float(r["server_latency_ms"]) <= float(r["mean_ms"])
+        assert float(r["client_overhead_ms"]) == pytest.approx(float(r["mean_ms"]) - float(r["server_latency_ms"]))
 
     doc = json.loads(out["json"].read_text())
     assert (doc["model"], doc["mode"], doc["batch"], doc["url"]) == ("mlp", "concurrency", 2, example_server.url)

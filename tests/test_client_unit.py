@@ -382,6 +382,18 @@ def test_summarize_and_window():
         stats.summarize("concurrency", 1, 0.0, 1, [])
 
 
+def test_server_view_from_statistics_snapshots():
+    before = {"success": (10, 10_000_000), "queue": (10, 1_000_000), "compute_infer": (4, 4_000_000)}
+    after = {"success": (30, 50_000_000), "queue": (30, 3_000_000), "compute_infer": (8, 8_000_000),
+             "compute_input": (20, 2_000_000)}
+    view = stats.server_view(before, after)
+    assert view == {"server_requests": 20, "server_latency_ms": 2.0, "server_queue_ms": 0.1,
+                    "server_compute_ms": pytest.approx(1.0 + 0.1)}
+    assert stats.server_view(before, before) == {"server_requests": 0}
+    s = stats.summarize("concurrency", 1, 1.0, 1, [0.003, 0.003], server=view)
+    assert s.server_requests == 20 and s.client_overhead_ms == pytest.approx(1.0)
+
+
 def test_histogram():
     edges, counts = stats.histogram([0.0, 1.0, 2.0, 3.0, 4.0], bins=4)
     assert edges == [0.0, 1.0, 2.0, 3.0, 4.0] and counts == [1, 1, 1, 2]

@@ -106,10 +106,11 @@ class ProcessPool:
             raise RuntimeError(f"load generator process failed: {message[1]}")
         return message
 
-    def run_level(self, mode: str, level: float, warmup_s: float, duration_s: float, seed: int) -> LevelRecords:
+    def run_level(self, mode: str, level: float, warmup_s: float, duration_s: float, seed: int,
+                  start_at: Optional[float] = None) -> LevelRecords:
         """Runs one level on every process at once (blocking) and concatenates their records."""
         shares = split(level, self._n, integer=mode == "concurrency")
-        start_at = time.monotonic() + _START_SLACK_S
+        start_at = max(start_at or 0.0, time.monotonic() + _START_SLACK_S)
         for i, ((_, conn), share) in enumerate(zip(self._procs, shares)):
             conn.send((mode, share, warmup_s, duration_s, seed * 1009 + i, start_at))
         merged = LevelRecords(start_at + warmup_s, start_at + warmup_s + duration_s)

@@ -15,7 +15,8 @@ from trtserve.client.bench.stats import LevelStats
 __all__ = ["CSV_FIELDS", "format_table", "write_csv", "write_json", "write_plot"]
 
 CSV_FIELDS = ("mode", "level", "batch", "window_s", "requests", "errors", "requests_per_s", "rows_per_s",
-              "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms", "send_lag_p99_ms", "errors_by_status")
+              "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms", "send_lag_p99_ms", "errors_by_status",
+              "server_requests", "server_latency_ms", "server_queue_ms", "server_compute_ms", "client_overhead_ms")
 
 
 def _row(s: LevelStats) -> List[object]:
@@ -27,13 +28,14 @@ def _row(s: LevelStats) -> List[object]:
 def format_table(result: BenchResult) -> str:
     """A fixed-width table, one line per level, for the terminal."""
     head = f"{'level':>10} {'req/s':>10} {'rows/s':>10} {'p50 ms':>9} {'p90 ms':>9} {'p95 ms':>9} " \
-           f"{'p99 ms':>9} {'max ms':>9} {'errors':>7}"
+           f"{'p99 ms':>9} {'max ms':>9} {'errors':>7} {'server ms':>9}"
     lines = [f"model {result.config.model}  target {result.target}  batch {result.batch}  "
              f"channels {result.channels}  window {result.config.duration_s:g}s", head]
     for s in result.levels:
         level = f"{int(s.level)}" if s.mode == "concurrency" else f"{s.level:g}/s"
         lines.append(f"{level:>10} {s.requests_per_s:10.1f} {s.rows_per_s:10.1f} {s.p50_ms:9.3f} {s.p90_ms:9.3f} "
-                     f"{s.p95_ms:9.3f} {s.p99_ms:9.3f} {s.max_ms:9.3f} {s.errors:7d}")
+                     f"{s.p95_ms:9.3f} {s.p99_ms:9.3f} {s.max_ms:9.3f} {s.errors:7d} "
+                     f"{'-' if s.server_latency_ms is None else format(s.server_latency_ms, '.3f'):>9}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,8 @@ Separate from the CLI so tests and notebooks call ``await run(BenchConfig(...))`
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import math
 import platform
 import sys
@@ -16,11 +18,12 @@ import numpy as np
 from trtserve import dtypes
 from trtserve.client import _codec
 from trtserve.client._channel import make_spec
+from trtserve.client._errors import InferenceServerError
 from trtserve.client.aio import AsyncInferenceClient
 from trtserve.client.bench import inputs as bench_inputs
 from trtserve.client.bench.load import LevelRecords, Load, run_closed, run_open
 from trtserve.client.bench.threaded import ThreadLoad, run_closed_threaded, run_open_threaded
-from trtserve.client.bench.stats import LevelStats, summarize
+from trtserve.client.bench.stats import LevelStats, server_view, summarize
 
 __all__ = ["BenchConfig", "BenchResult", "Progress", "run"]
 
@@ -182,10 +185,10 @@ def _start_level(progress: Optional[Progress], mode: str, level: float):
 
 
 def _finish_level(result: BenchResult, progress: Optional[Progress], mode: str, level: float,
-                  rec: LevelRecords) -> None:
+                  rec: LevelRecords, server: Optional[Dict[str, float]] = None) -> None:
     lats, errs, lags = rec.in_window()
     stats = summarize(mode, int(level) if mode == "concurrency" else level, rec.window_s, result.batch, lats,
-                      errs, lags)
+                      errs, lags, server)
     result.levels.append(stats)
     result.latencies_s[level] = lats
     if progress is not None:
@@ -212,18 +215,46 @@ async def run(config: BenchConfig, progress: Optional[Progress] = None) -> Bench
         version = config.version or None
         if config.shared_memory == "none":
             request = _codec.build_infer_request(config.model, prep.data, version=version, datatypes=prep.types)
-            return await _sweep(config, progress, mode, levels, prep, request.SerializeToString())
+            return await _sweep(config, progress, mode, levels, prep, request.SerializeToString(), client)
         from trtserve.client import shm  # inputs written once into registered regions, outputs land in others
 
         async with shm.registered_request(client, config.model, prep.data, prep.output_sizes,
                                           kind=config.shared_memory, datatypes=prep.types,
                                           version=version) as request:
-            return await _sweep(config, progress, mode, levels, prep, request.SerializeToString())
+            return await _sweep(config, progress, mode, levels, prep, request.SerializeToString(), client)
+
+
+async def _server_window(client: AsyncInferenceClient, config: BenchConfig, start: float,
+                         end: float) -> Optional[Dict[str, float]]:
+    """ModelStatistics snapshots at the window's edges (loop clock), turned into the server's means."""
+    loop = asyncio.get_running_loop()
+
+    async def snapshot() -> Dict[str, Tuple[int, int]]:
+        response = await client.model_statistics(config.model, config.version or None, timeout=10)
+        totals: Dict[str, Tuple[int, int]] = {}
+        for ms in response.model_stats:
+            if ms.name != config.model:
+                continue
+            for name in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+                d = getattr(ms.inference_stats, name)
+                count, ns = totals.get(name, (0, 0))
+                totals[name] = (count + int(d.count), ns + int(d.ns))
+        return totals
+
+    try:
+        await asyncio.sleep(max(0.0, start - loop.time()))
+        before = await snapshot()
+        await asyncio.sleep(max(0.0, end - loop.time()))
+        after = await snapshot()
+    except InferenceServerError:
+        return None
+    return server_view(before, after)
 
 
 async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, levels: List[float],
-                 prep: _Prepared, payload: bytes) -> BenchResult:
-    """Every level in order on one set of channels, each call sending ``payload``."""
+                 prep: _Prepared, payload: bytes, client: AsyncInferenceClient) -> BenchResult:
+    """Every level in order on one set of channels, each call sending ``payload``; the server's
+    statistics for the same window are read beside the load when it keeps them."""
     # retries=0: a load tester counts an UNAVAILABLE, it must not hide it behind a retry
     spec = make_spec(config.url, headers=config.headers, retries=0, **dict(config.tls))
     if mode == "concurrency":
@@ -233,46 +264,62 @@ async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, l
     channels = max(1, math.ceil(peak_inflight / max(1, config.inflight_per_channel)))
     result = BenchResult(config, spec.target, prep.batch, [(s.name, s.datatype, s.shape) for s in prep.specs],
                          channels)
-    if config.processes > 1:
-        from trtserve.client.bench.procs import ProcessPool, channels_each
+    try:
+        keeps_stats = "statistics" in (await client.server_metadata(timeout=10)).extensions
+    except InferenceServerError:
+        keeps_stats = False
+    loop = asyncio.get_running_loop()
+    w, d = config.warmup_s, config.duration_s
+    async with contextlib.AsyncExitStack() as stack:
+        if config.processes > 1:
+            from trtserve.client.bench.procs import ProcessPool, channels_each
 
-        spec_kwargs = dict(config.tls, url=config.url, headers=dict(config.headers), retries=0)
-        loop = asyncio.get_running_loop()
-        each = channels_each(channels, config.processes)
-        result.channels = each * config.processes
-        with ProcessPool(config.processes, spec_kwargs, payload, each, config.timeout_s) as pool:
-            for level in levels:
-                update = _start_level(progress, mode, level)
+            spec_kwargs = dict(config.tls, url=config.url, headers=dict(config.headers), retries=0)
+            each = channels_each(channels, config.processes)
+            result.channels = each * config.processes
+            pool = ProcessPool(config.processes, spec_kwargs, payload, each, config.timeout_s)
+            await loop.run_in_executor(None, pool.__enter__)
+            stack.push_async_callback(loop.run_in_executor, None, pool.__exit__)
+            lead_s = 0.5  # the processes need the command before the start
+
+            async def one(level: float, start_at: float, update) -> LevelRecords:
                 done = asyncio.Event()
-                ticker = asyncio.ensure_future(_tick(update, config.warmup_s, config.duration_s, done))
+                ticker = asyncio.ensure_future(_tick(update, w, d, done))
                 try:
-                    rec = await loop.run_in_executor(None, pool.run_level, mode, level, config.warmup_s,
-                                                     config.duration_s, config.seed)
+                    return await loop.run_in_executor(None, pool.run_level, mode, level, w, d, config.seed, start_at)
                 finally:
                     done.set()
                     await ticker
-                _finish_level(result, progress, mode, level, rec)
-    elif config.engine == "asyncio":
-        async with Load(spec, payload, channels, config.timeout_s) as load:
-            for level in levels:
-                update = _start_level(progress, mode, level)
-                if mode == "concurrency":
-                    rec = await run_closed(load, int(level), config.warmup_s, config.duration_s, update)
-                else:
-                    rec = await run_open(load, level, config.warmup_s, config.duration_s, config.seed,
-                                         progress=update)
-                _finish_level(result, progress, mode, level, rec)
-    else:
-        def sweep() -> None:
-            with ThreadLoad(spec, payload, channels, config.timeout_s) as load:
-                for level in levels:
-                    update = _start_level(progress, mode, level)
-                    if mode == "concurrency":
-                        rec = run_closed_threaded(load, int(level), config.warmup_s, config.duration_s, update)
-                    else:
-                        rec = run_open_threaded(load, level, config.warmup_s, config.duration_s, config.seed,
-                                                progress=update)
-                    _finish_level(result, progress, mode, level, rec)
+        elif config.engine == "asyncio":
+            load = await stack.enter_async_context(Load(spec, payload, channels, config.timeout_s))
+            lead_s = 0.02
 
-        await asyncio.get_running_loop().run_in_executor(None, sweep)
+            async def one(level: float, start_at: float, update) -> LevelRecords:
+                if mode == "concurrency":
+                    return await run_closed(load, int(level), w, d, update, start_at)
+                return await run_open(load, level, w, d, config.seed, progress=update, start_at=start_at)
+        else:
+            tload = ThreadLoad(spec, payload, channels, config.timeout_s)
+            await loop.run_in_executor(None, tload.__enter__)
+            stack.callback(tload.__exit__)
+            lead_s = 0.02
+
+            async def one(level: float, start_at: float, update) -> LevelRecords:
+                if mode == "concurrency":
+                    return await loop.run_in_executor(None, run_closed_threaded, tload, int(level), w, d, update,
+                                                      start_at)
+                return await loop.run_in_executor(
+                    None, functools.partial(run_open_threaded, tload, level, w, d, config.seed, progress=update,
+                                            start_at=start_at))
+
+        for level in levels:
+            update = _start_level(progress, mode, level)
+            start_at = loop.time() + lead_s
+            server = (asyncio.ensure_future(_server_window(client, config, start_at + w, start_at + w + d))
+                      if keeps_stats else None)
+            try:
+                rec = await one(level, start_at, update)
+            finally:
+                server_view_ = await server if server is not None else None
+            _finish_level(result, progress, mode, level, rec, server_view_)
     return result

@@ -9,7 +9,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["PERCENTILES", "LevelStats", "histogram", "nearest_rank", "percentiles", "summarize", "window"]
+__all__ = ["PERCENTILES", "LevelStats", "histogram", "nearest_rank", "percentiles", "server_view", "summarize",
+           "window"]
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 
@@ -70,6 +71,12 @@ class LevelStats:
     max_ms: float = math.nan
     mean_ms: float = math.nan
     send_lag_p99_ms: float = 0.0  # open loop: how late the generator sent (its own ceiling showing)
+    # the server's own view of the same window (ModelStatistics deltas), None when it keeps none
+    server_requests: Optional[int] = None
+    server_latency_ms: Optional[float] = None  # mean, receipt to response, as the server counts it
+    server_queue_ms: Optional[float] = None
+    server_compute_ms: Optional[float] = None  # input + infer + output
+    client_overhead_ms: Optional[float] = None  # mean_ms - server_latency_ms: network and client
 
     def as_dict(self) -> dict:
         """Plain dict for JSON (NaN becomes None, which JSON can carry)."""
@@ -77,9 +84,31 @@ class LevelStats:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
+def server_view(before: Mapping[str, Tuple[int, int]], after: Mapping[str, Tuple[int, int]]) -> Dict[str, float]:
+    """Means in ms from two ModelStatistics snapshots ({field: (count, ns)}); fields without requests are left out."""
+    out: Dict[str, float] = {}
+
+    def mean_ms(name: str) -> Optional[float]:
+        c0, n0 = before.get(name, (0, 0))
+        c1, n1 = after.get(name, (0, 0))
+        return (n1 - n0) / (c1 - c0) / 1e6 if c1 > c0 else None
+
+    success = mean_ms("success")
+    out["server_requests"] = after.get("success", (0, 0))[0] - before.get("success", (0, 0))[0]
+    if success is not None:
+        out["server_latency_ms"] = success
+    queue = mean_ms("queue")
+    if queue is not None:
+        out["server_queue_ms"] = queue
+    parts = [mean_ms(f) for f in ("compute_input", "compute_infer", "compute_output")]
+    if any(p is not None for p in parts):
+        out["server_compute_ms"] = sum(p for p in parts if p is not None)
+    return out
+
+
 def summarize(mode: str, level: float, window_s: float, batch: int, latencies_s: Sequence[float],
               errors_by_status: Optional[Mapping[str, int]] = None,
-              send_lags_s: Sequence[float] = ()) -> LevelStats:
+              send_lags_s: Sequence[float] = (), server: Optional[Mapping[str, float]] = None) -> LevelStats:
     """LevelStats from the successful latencies (seconds) and error counts of one measurement window."""
     if window_s <= 0:
         raise ValueError(f"window must be positive, got {window_s}")
@@ -95,4 +124,11 @@ def summarize(mode: str, level: float, window_s: float, batch: int, latencies_s:
         stats.mean_ms = sum(ordered) / n * 1e3
     if send_lags_s:
         stats.send_lag_p99_ms = nearest_rank(sorted(send_lags_s), 99.0) * 1e3
+    if server:
+        stats.server_requests = int(server.get("server_requests", 0))
+        stats.server_latency_ms = server.get("server_latency_ms")
+        stats.server_queue_ms = server.get("server_queue_ms")
+        stats.server_compute_ms = server.get("server_compute_ms")
+        if stats.server_latency_ms is not None and n:
+            stats.client_overhead_ms = stats.mean_ms - stats.server_latency_ms
     return stats

@@ -88,20 +88,28 @@ def _report_until(finished: threading.Event, progress: Optional[ProgressFn], t0:
                   duration_s: float, rec: LevelRecords, interval_s: float = 0.25) -> None:
     """Blocks until ``finished``, calling ``progress`` every interval (Event.wait: no busy wait)."""
     while not finished.wait(interval_s if progress is not None else None):
-        elapsed = time.perf_counter() - t0
+        elapsed = time.monotonic() - t0
         if elapsed < warmup_s:
             progress("warmup", elapsed, warmup_s, len(rec.ok), len(rec.errors))
         else:
             progress("measure", min(elapsed - warmup_s, duration_s), duration_s, len(rec.ok), len(rec.errors))
 
 
+def _wait_until(start_at: Optional[float]) -> float:
+    """Now, or ``start_at`` (time.monotonic()) after sleeping until it, so other clocks line up."""
+    if start_at is None:
+        return time.monotonic()
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    return start_at
+
+
 def run_closed_threaded(load: ThreadLoad, concurrency: int, warmup_s: float, duration_s: float,
-                        progress: Optional[ProgressFn] = None) -> LevelRecords:
+                        progress: Optional[ProgressFn] = None, start_at: Optional[float] = None) -> LevelRecords:
     """N threads, each a blocking call after another (perf_analyzer's sync mode): no hand-off per call."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    clock = time.perf_counter
-    t0 = clock()
+    clock = time.monotonic  # the clock asyncio and the other engines use: records and windows compare
+    t0 = _wait_until(start_at)
     rec = LevelRecords(t0 + warmup_s, t0 + warmup_s + duration_s)
     per_channel = -(-concurrency // load.channels)
     finished = threading.Event()
@@ -136,11 +144,12 @@ def run_closed_threaded(load: ThreadLoad, concurrency: int, warmup_s: float, dur
 
 
 def run_open_threaded(load: ThreadLoad, rate: float, warmup_s: float, duration_s: float, seed: int = 0,
-                      max_inflight: int = 20000, progress: Optional[ProgressFn] = None) -> LevelRecords:
+                      max_inflight: int = 20000, progress: Optional[ProgressFn] = None,
+                      start_at: Optional[float] = None) -> LevelRecords:
     """Poisson arrivals at ``rate``/s from this thread; latency from each scheduled send time."""
-    clock = time.perf_counter
+    clock = time.monotonic
     schedule = poisson_schedule(rate, warmup_s + duration_s, seed)
-    t0 = clock() + 0.01
+    t0 = _wait_until(start_at) if start_at is not None else clock() + 0.01
     rec = LevelRecords(t0 + warmup_s, t0 + warmup_s + duration_s)
     slots = threading.BoundedSemaphore(max_inflight)
     lock = threading.Lock()
