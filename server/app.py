@@ -39,6 +39,7 @@ class ServerOptions:
     tls: Optional[TlsOptions] = None  # None: plaintext (loopback, or TLS terminated in front)
     auth_token: Optional[str] = None  # require "authorization: Bearer <token>" on every RPC but health
     max_concurrent_streams: int = 0  # per HTTP/2 connection; 0 = grpc's default
+    drain_notice_seconds: float = 0.5  # on stop: NOT_SERVING this long before new calls are refused
 
 
 class TrtServer:
@@ -101,9 +102,14 @@ class TrtServer:
         """Drain: readiness false first, refuse new inferences, let in-flight RPCs finish within
         ``grace`` seconds (default: drain_seconds), then unload models and stop /metrics."""
         grace = self.options.drain_seconds if grace is None else grace
-        self.service.accepting = False
+        self.service.ready = False
         if self._health is not None:
             await health.set_serving(self._health, False)
+            # still serving for a moment: clients that watch health (round robin with health checks,
+            # load balancers) move away before calls start being refused; grpc core answers calls it
+            # had received but not dispatched at shutdown with CANCELLED, which no client may retry
+            await asyncio.sleep(min(self.options.drain_notice_seconds, grace / 4))
+        self.service.accepting = False
         if self._server is not None:
             await self._server.stop(grace)
         await self.repository.close()

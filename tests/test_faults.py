@@ -383,8 +383,10 @@ def test_sigterm_drains_in_flight_refuses_new_and_exits_within_the_deadline(tmp_
             assert in_flight >= n // 2, (in_flight, one)
             t_term = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
-            with pytest.raises(grpc.RpcError) as e:  # new work is refused while draining
+            time.sleep(0.1)  # readiness goes false at once ...
+            assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+            time.sleep(0.7)  # ... and after the 0.5 s drain notice new work is refused
+            with pytest.raises(grpc.RpcError) as e:
                 stub.ModelInfer(_slow_request(999), timeout=5)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
             outcomes: Dict[str, int] = {}

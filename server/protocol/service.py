@@ -66,7 +66,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self._stats = statistics
         self._observer = observer
         self.shared_memory = shared_memory if shared_memory is not None else shm.SharedMemoryRegistry()
-        self.accepting = True  # false while draining: ServerReady answers false, new inferences UNAVAILABLE
+        self.ready = True  # false from the start of a drain: ServerReady/ModelReady answer false
+        self.accepting = True  # false once the drain stops taking work: new inferences UNAVAILABLE
 
     # ---- health and metadata ----------------------------------------------------------------
     @rpc
@@ -75,11 +76,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.accepting)
+        return pb.ServerReadyResponse(ready=self.ready and self.accepting)
 
     @rpc
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.accepting and self._repo.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self.ready and self.accepting and self._repo.is_ready(request.name, request.version))
 
     @rpc
     async def ServerMetadata(self, request, context):
