@@ -81,3 +81,14 @@ def triton_client(example_server):
 def stop_server(s: Optional[RunningServer]) -> None:
     if s is not None:
         s.stop()
+
+
+def spawn(cmd, **kwargs) -> "subprocess.CompletedProcess":
+    """subprocess.run without fork(): a forked child of a process running gRPC threads can abort
+    (gRPC's fork handlers) before it execs. Python uses posix_spawn only for a full executable path,
+    close_fds=False and no cwd, so callers pass absolute paths instead of cwd."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which(cmd[0]) or cmd[0]
+    return subprocess.run([exe, *cmd[1:]], close_fds=False, **kwargs)

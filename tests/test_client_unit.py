@@ -8,12 +8,13 @@ import asyncio
 import json
 import math
 import shutil
-import subprocess
 import sys
 
 import grpc
 import numpy as np
 import pytest
+
+from tests.conftest import spawn
 
 from trtserve import dtypes
 from trtserve.client import AsyncInferenceClient, InferenceClient, InferenceServerError, bf16_to_float32, \
@@ -243,7 +244,7 @@ class socket_closed_port:
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 async def test_tls_with_root_cert_and_server_name(tmp_path):
     key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+    spawn(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
                     str(cert), "-days", "1", "-subj", "/CN=trtserve-test", "-addext",
                     "subjectAltName=DNS:trtserve-test"], check=True, capture_output=True)
     creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
@@ -261,7 +262,7 @@ async def test_tls_with_root_cert_and_server_name(tmp_path):
 
 
 def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
+    spawn(["openssl", *args], check=True, capture_output=True)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
@@ -460,5 +461,5 @@ def test_client_imports_nothing_from_the_server():
             "trtserve.client.bench.report, trtserve.client.bench.ceiling; "
             "bad = sorted(m for m in sys.modules if m.startswith('trtserve.server') or m == 'matplotlib'); "
             "print(bad); sys.exit(1 if bad else 0)")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    run = spawn([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr

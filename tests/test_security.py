@@ -4,13 +4,13 @@ from __future__ import annotations
 import logging
 import pathlib
 import shutil
-import subprocess
 
 import grpc
 import numpy as np
 import pytest
 
 from tests import models
+from tests.conftest import spawn
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.server.protocol.security import TlsOptions
@@ -19,7 +19,10 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="open
 
 
 def _openssl(*args: str, cwd: pathlib.Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+    """openssl with every file name made absolute (spawn() cannot take a cwd)."""
+    names = ("ca.key", "ca.pem", "san.ext", "server.key", "server.csr", "server.pem", "client.key", "client.csr",
+             "client.pem")
+    spawn(["openssl", *[str(cwd / a) if a in names else a for a in args]], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,8 @@ def pki(tmp_path_factory) -> pathlib.Path:
     for name in ("server", "client"):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                  "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-set_serial", "1" if name == "server" else "2",
                  "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
     return d
 
