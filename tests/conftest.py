@@ -6,6 +6,14 @@ on any repository; ``example_server`` is the bundled example, shared by a whole 
 """
 from __future__ import annotations
 
+import os
+
+# Tests fork subprocesses (openssl, perf_analyzer, trtserve serve, kubectl, ...) from a process that runs
+# gRPC servers and channels. Python 3.9 forks with fork() (3.10+ uses vfork), and grpcio's fork handlers
+# then abort the child ("epoll_wait error: Bad file descriptor"). The server itself never forks, so the
+# test process turns gRPC's fork support off before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import asyncio
 import pathlib
 import threading
