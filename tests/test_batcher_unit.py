@@ -116,6 +116,85 @@ def test_fitting_profile_busy_runs_head_on_another_fitting_profile():
     assert p.rows == 2 and p.instance == 0 and p.profile.index == 0
 
 
+def test_complete_batch_queues_behind_a_busy_instance():
+    """Rule 5: no idle instance, but a complete batch (max_batch_size) goes behind the running one."""
+    reqs = [pend(rows=4, seq=i) for i in range(3)]
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free=set(), busy=True, queueable={0})
+    assert p.rows == 8 and len(p.requests) == 2 and p.instance == 0
+
+
+def test_partial_batch_does_not_queue_behind_it_waits_to_grow():
+    p = pol.plan([pend(rows=3)], now=0.0, policy=ON, rules=RULES, free=set(), busy=True, queueable={0})
+    assert not p.requests  # could still grow on the queue: no commitment to an instance yet
+    p = pol.plan([pend(rows=3)], now=0.5, policy=ON, rules=RULES, free=set(), busy=True, queueable={0})
+    assert not p.requests  # even past max_queue_delay: it goes to the first instance that frees up
+
+
+def test_preferred_prefix_and_unbatched_requests_queue_behind():
+    policy = BatchingPolicy(enabled=True, max_batch_size=8, preferred_batch_sizes=(2,), max_queue_delay_us=10**6)
+    reqs = [pend(seq=i) for i in range(3)]
+    p = pol.plan(reqs, now=0.0, policy=policy, rules=RULES, free=set(), busy=True, queueable={0})
+    assert p.rows == 2 and [r.seq for r in p.requests] == [0, 1]
+    off = BatchingPolicy(enabled=False, max_batch_size=8)
+    p = pol.plan(reqs, now=0.0, policy=off, rules=RULES, free=set(), busy=True, queueable={0})
+    assert p.rows == 1 and p.instance == 0
+
+
+def test_queue_behind_only_on_an_instance_whose_profile_fits():
+    rules = ShapeRules(batches=True, max_batch_size=8, paddable=frozenset(), profiles=_profiles())
+    reqs = [pend(rows=4, shape=(20,)), pend(rows=4, shape=(20,))]  # 8 rows of 20: profile 1 only
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=rules, free=set(), busy=True, queueable={0})
+    assert not p.requests
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=rules, free=set(), busy=True, queueable={0, 1})
+    assert p.rows == 8 and p.instance == 1
+
+
+def test_idle_instance_is_preferred_over_queueing():
+    reqs = [pend(rows=4, seq=i) for i in range(2)]
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free={1}, busy=True, queueable={0})
+    assert p.instance == 1
+
+
+def test_stack_writes_into_staging_arrays_when_they_match():
+    from trtserve.server.batcher import assemble
+    a, b = np.ones((2, 4), np.float32), np.full((1, 4), 2, np.float32)
+    reqs = [Pending(inputs={"x": a}, outputs=("y",), rows=2, shapes={"x": (4,)}, level=1, arrival=0.0,
+                    future=None), Pending(inputs={"x": b}, outputs=("y",), rows=1, shapes={"x": (4,)}, level=1,
+                                          arrival=0.0, future=None)]  # type: ignore[arg-type]
+    staging = {"x": np.zeros((3, 4), np.float32)}
+    out = assemble.stack(reqs, {"x": (4,)}, {}, True, staging)
+    assert out["x"] is staging["x"] and staging["x"].tolist() == [[1.0] * 4, [1.0] * 4, [2.0] * 4]
+    wrong = {"x": np.zeros((5, 4), np.float32)}  # not this batch's shape: fresh memory, staging untouched
+    out = assemble.stack(reqs, {"x": (4,)}, {}, True, wrong)
+    assert out["x"] is not wrong["x"] and not wrong["x"].any() and out["x"].shape == (3, 4)
+    padded = {"x": np.zeros((3, 6), np.float32)}
+    reqs[1] = Pending(inputs={"x": np.full((1, 6), 3, np.float32)}, outputs=("y",), rows=1, shapes={"x": (6,)},
+                      level=1, arrival=0.0, future=None)  # type: ignore[arg-type]
+    out = assemble.stack(reqs, {"x": (6,)}, {"x": -1.0}, True, padded)
+    assert out["x"] is padded["x"] and padded["x"][0].tolist() == [1, 1, 1, 1, -1, -1]
+    assert padded["x"][2].tolist() == [3] * 6
+
+
+def test_pool_depth_counts_batches_per_instance():
+    from trtserve.server.executor.pool import ExecutorPool
+    pool = ExecutorPool(2, depth=2)
+    try:
+        pool.acquire(0)
+        assert pool.free() == {1} and pool.queueable() == {0} and pool.busy()
+        pool.acquire(0)
+        assert pool.queueable() == set()
+        with pytest.raises(RuntimeError, match="already holds 2"):
+            pool.acquire(0)
+        pool.release(0)
+        pool.release(0)
+        with pytest.raises(RuntimeError, match="holds no batch"):
+            pool.release(0)
+        assert pool.free() == {0, 1} and not pool.busy()
+        assert ExecutorPool(1, depth=1).queueable() == set()
+    finally:
+        pool.shutdown()
+
+
 # ---------------------------------------------------------------------------------------------
 # scheduler with a fake backend and an injected clock
 
@@ -179,13 +258,13 @@ class Recorder(Observer):
         self.batches.append(batch_size)
 
 
-def spec(**batching) -> ModelSpec:
+def spec(batches_per_instance: int = 2, **batching) -> ModelSpec:
     b = dict(enabled=True, max_batch_size=8)
     b.update(batching)
     return ModelSpec(name="m", version="1", platform="fake", max_batch_size=8,
                      inputs=(TensorSpec("x", "FP32", (-1,)),), outputs=(TensorSpec("y", "FP32", (-1,)),),
                      batching=BatchingPolicy(**b), instance_count=1, parameters={},
-                     pad_values={}, unpad={})
+                     pad_values={}, unpad={}, batches_per_instance=batches_per_instance)
 
 
 def x(rows=1, n=4, value=1.0):
@@ -220,6 +299,27 @@ async def test_batches_form_while_executor_busy():
         assert r.batch_size == 5
     assert rec.pending == 0
     await b.stop()
+
+
+async def test_complete_batch_waits_on_the_instance_not_the_queue():
+    """With batches_per_instance 2 a full batch leaves the queue while instance 0 is busy and starts as soon
+    as the running batch ends; its queue time still runs until it started. With 1 it stays queued."""
+    for depth, pending_while_held in ((2, 0), (1, 8)):
+        clock = Clock()
+        backend = FakeBackend()
+        backend.release.clear()
+        b, rec = await make(spec(batches_per_instance=depth), backend, clock)
+        first = b.submit(x(), ("y",), 1)
+        await started(backend)
+        full = [b.submit(x(value=i), ("y",), 1) for i in range(8)]  # exactly max_batch_size rows
+        await asyncio.sleep(0.01)
+        assert rec.pending == pending_while_held
+        clock.t += 0.005  # the full batch waits 5 ms for the first one
+        backend.release.set()
+        results = await asyncio.gather(first, *full)
+        assert backend.batches == [1, 8]
+        assert all(r.queue_ns >= 4_900_000 for r in results[1:]), (depth, [r.queue_ns for r in results])
+        await b.stop()
 
 
 async def test_queue_delay_with_injected_clock():
@@ -283,7 +383,7 @@ async def test_queue_timeout_reject_and_delay():
                                  1: QueuePolicy(timeout_action="REJECT", default_timeout_us=1000),
                                  2: QueuePolicy(timeout_action="DELAY", default_timeout_us=1000,
                                                 allow_timeout_override=True)},
-                             preferred_batch_sizes=(1,)), backend, clock)
+                             preferred_batch_sizes=(1,), batches_per_instance=1), backend, clock)
     running = b.submit(x(), ("y",), 1, priority=2, timeout_us=10**9)
     await started(backend)
     rejected = b.submit(x(), ("y",), 1, priority=1)
@@ -404,3 +504,48 @@ def test_non_batching_model_runs_each_request_alone():
     rules = ShapeRules(batches=True, max_batch_size=8, paddable=frozenset(), profiles=())
     p = pol.plan([pend(), pend()], 0.0, s.batching, rules, {0}, busy=False)
     assert len(p.requests) == 1
+
+
+@pytest.mark.parametrize("value, depth", [(None, 2), ("1", 1), ("2", 2), ("3", None), ("x", None)])
+def test_batches_per_instance_parameter(value, depth):
+    from google.protobuf import text_format
+
+    from trtserve.protos import model_config_pb2 as mc
+    from trtserve.server.errors import ModelLoadError
+    text = ('name: "m" max_batch_size: 8 input [{ name: "x" data_type: TYPE_FP32 dims: [4] }] '
+            'output [{ name: "y" data_type: TYPE_FP32 dims: [4] }]')
+    if value is not None:
+        text += f' parameters {{ key: "trtserve.batches_per_instance" value: {{ string_value: "{value}" }} }}'
+    config = text_format.Parse(text, mc.ModelConfig())
+    if depth is None:
+        with pytest.raises(ModelLoadError, match="trtserve.batches_per_instance' must be 1 or 2"):
+            ModelSpec.from_proto(config, "1")
+    else:
+        assert ModelSpec.from_proto(config, "1").batches_per_instance == depth
+
+
+def test_device_pieces_stay_pieces_for_the_backend_to_copy():
+    """CUDA shared-memory inputs (objects with __cuda_array_interface__) are never touched on the host:
+    a batch containing one becomes a Gather of the pieces in row order; padding them is refused."""
+    from trtserve.server.backends.base import Gather
+    from trtserve.server.batcher import assemble
+
+    class Dev:  # what protocol/shm.DeviceTensor looks like to the batcher
+        def __init__(self, shape):
+            self.shape, self.dtype, self.nbytes = shape, np.dtype(np.float32), 4 * int(np.prod(shape))
+
+        @property
+        def __cuda_array_interface__(self):
+            return {"shape": self.shape, "typestr": "<f4", "data": (0, True), "version": 3, "strides": None}
+
+    dev, host = Dev((2, 4)), np.ones((1, 4), np.float32)
+    reqs = [Pending(inputs={"x": dev}, outputs=("y",), rows=2, shapes={"x": (4,)}, level=1, arrival=0.0,
+                    future=None), Pending(inputs={"x": host}, outputs=("y",), rows=1, shapes={"x": (4,)}, level=1,
+                                          arrival=0.0, future=None)]  # type: ignore[arg-type]
+    out = assemble.stack(reqs, {"x": (4,)}, {}, True, {"x": np.zeros((3, 4), np.float32)})
+    assert isinstance(out["x"], Gather) and out["x"].parts == (dev, host) and out["x"].shape == (3, 4)
+    assert assemble.stack(reqs[:1], {"x": (4,)}, {}, True)["x"] is dev  # alone: handed over as it is
+    reqs[1] = Pending(inputs={"x": np.ones((1, 6), np.float32)}, outputs=("y",), rows=1, shapes={"x": (6,)},
+                      level=1, arrival=0.0, future=None)  # type: ignore[arg-type]
+    with pytest.raises(Internal, match="cannot be padded"):
+        assemble.stack(reqs, {"x": (6,)}, {"x": 0.0}, True)

@@ -192,14 +192,15 @@ def batching_cases(draw):
             pending.append(Pending(inputs={}, outputs=("y",), rows=rows, shapes={"x": (length,)}, level=1,
                                    arrival=draw(st.floats(0, 0.02)), future=None, seq=i))  # type: ignore[arg-type]
     free = draw(st.sets(st.integers(0, 2), max_size=3))
-    return rules, pol, pending, free, draw(st.booleans()), draw(st.floats(0, 0.05))
+    queueable = draw(st.sets(st.integers(0, 2), max_size=3)) - free
+    return rules, pol, pending, free, queueable, draw(st.booleans()), draw(st.floats(0, 0.05))
 
 
 @FAST
 @given(batching_cases())
 def test_plan_respects_max_batch_profiles_and_never_splits(case):
-    rules, pol, pending, free, busy, now = case
-    p = policy.plan(pending, now, pol, rules, free, busy)
+    rules, pol, pending, free, queueable, busy, now = case
+    p = policy.plan(pending, now, pol, rules, free, busy, queueable)
     if not p.requests:
         assert p.wait_s is None or p.wait_s >= 0
         return
@@ -209,7 +210,9 @@ def test_plan_respects_max_batch_profiles_and_never_splits(case):
     assert p.rows == sum(r.rows for r in p.requests) <= rules.max_batch_size  # whole requests, never over max
     if not pol.enabled:
         assert len(p.requests) == 1
-    assert p.instance in free
+    assert p.instance in free or p.instance in queueable
+    if p.instance not in free:  # behind a running batch: only complete batches (rule 5)
+        assert not pol.enabled or p.rows >= rules.max_batch_size or p.rows in pol.preferred_batch_sizes
     for r in p.requests:  # every request fits the batch shape: equal, or padded up when paddable
         own, batch = r.shapes["x"], p.shapes["x"]
         assert own == batch or ("x" in rules.paddable and all(a <= b for a, b in zip(own, batch)))

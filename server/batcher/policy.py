@@ -18,11 +18,18 @@ The rules, in order:
    requests arrived, and meanwhile the device would sit idle; under load, batches form while others
    run, which is where batching pays. While another batch runs, a partial batch waits up to
    max_queue_delay for more requests on a second instance instead of competing with it.
+5. When no idle instance fits, a batch that is already complete (max_batch_size or a preferred size
+   reached, or dynamic batching off) may queue behind the one running on a fitting instance
+   (``queueable``: an instance with one batch in flight). It starts the moment that batch ends, on
+   the instance's own thread, so the device does not sit idle while the event loop hands results
+   back and forms the next batch (measured: ~0.6 ms per batch, which at large batches cost 75 % of
+   the GPU's rows/s). Only complete batches queue: a partial one could still grow while it waits,
+   and waiting on the queue is how it grows; a complete one cannot, so queueing it early costs nothing.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import AbstractSet, Dict, List, Optional, Sequence, Set, Tuple
 
 from trtserve.server.backends.base import Profile
 from trtserve.server.batcher.request import Pending, Shape
@@ -79,13 +86,18 @@ def _preferred_prefix(batch: List[Pending], preferred: Sequence[int]) -> int:
 
 
 def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: ShapeRules, free: Set[int],
-         busy: bool) -> Plan:
+         busy: bool, queueable: AbstractSet[int] = frozenset()) -> Plan:
     """Decides the next batch. ``pending`` is in scheduling order (rule 1); ``free`` are idle
-    instances; ``busy`` says whether any batch of this model is executing."""
-    if not pending or not free:
+    instances; ``busy`` says whether any batch of this model is executing; ``queueable`` are busy
+    instances that may take one complete batch behind the running one (rule 5)."""
+    if not pending or not (free or queueable):
         return Plan()
     batch, rows, shapes = _gather(pending, rules, policy.enabled)
     instance, profile = _place(rules, rows, shapes, free)
+    if instance is None and queueable:
+        queued = _queue_behind(batch, rows, shapes, policy, rules, queueable)
+        if queued is not None:
+            return queued
     if instance is None and len(batch) > 1:
         head = pending[0]
         batch, rows, shapes = [head], head.rows, dict(head.shapes)
@@ -116,3 +128,23 @@ def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: 
     if waited >= delay:
         return run(batch)
     return Plan(wait_s=delay - waited)
+
+
+def _queue_behind(batch: List[Pending], rows: int, shapes: Dict[str, Shape], policy: BatchingPolicy,
+                  rules: ShapeRules, queueable: AbstractSet[int]) -> Optional[Plan]:
+    """Rule 5: the complete batch (or its largest preferred prefix) on a busy instance that fits it."""
+    if policy.enabled and rows < rules.max_batch_size:
+        cut = _preferred_prefix(batch, policy.preferred_batch_sizes)
+        if not cut:
+            return None  # partial: it waits on the queue, where it can still grow
+        if cut < len(batch):
+            batch = batch[:cut]
+            rows, shapes = batch[0].rows, dict(batch[0].shapes)
+            for r in batch[1:]:
+                merged = rules.merge(rows, shapes, r.rows, r.shapes)
+                assert merged is not None  # a prefix of a mergeable batch is mergeable
+                rows, shapes = merged
+    instance, profile = _place(rules, rows, shapes, set(queueable))
+    if instance is None:
+        return None
+    return Plan(batch, rows, shapes, instance, profile)

@@ -58,7 +58,7 @@ class DynamicBatcher:
             out: (inp, tuple(i for i, d in enumerate(spec.output(out).dims) if d == -1))  # type: ignore[union-attr]
             for out, inp in spec.unpad.items()
         }
-        self._pool = ExecutorPool(backend.instance_count(), name=spec.name)
+        self._pool = ExecutorPool(backend.instance_count(), name=spec.name, depth=spec.batches_per_instance)
         self._queues: Dict[int, Deque[Pending]] = {lvl: collections.deque()
                                                     for lvl in range(1, spec.batching.levels + 1)}
         self._delayed: Deque[Pending] = collections.deque()
@@ -71,6 +71,10 @@ class DynamicBatcher:
         self._task: Optional["asyncio.Task"] = None
         self._closing = False
         self._stopped = asyncio.Event()
+        # the queues are scanned for expiry only when something can have changed: a cancellation, or the
+        # earliest deadline passing (a full scan per loop iteration was O(queue) at every wake-up)
+        self._scan_needed = False
+        self._next_expiry: Optional[float] = None
 
     # ---- public API -------------------------------------------------------------------------
     @property
@@ -114,6 +118,7 @@ class DynamicBatcher:
                       future=fut, queue_deadline=(now + timeout / 1e6) if timeout else None, deadline=deadline,
                       seq=next(self._seq))
         queue.append(req)
+        self._next_expiry = _earliest(self._next_expiry, req.deadline, req.queue_deadline)
         self._observer.request_queued(self.spec.name, self.spec.version, level)
         fut.add_done_callback(self._on_done)
         self._wake.set()
@@ -142,6 +147,7 @@ class DynamicBatcher:
     # ---- scheduling loop --------------------------------------------------------------------
     def _on_done(self, fut: "asyncio.Future") -> None:
         if fut.cancelled():
+            self._scan_needed = True
             self._wake.set()  # the loop purges it from its queue
 
     def _ordered(self) -> List[Pending]:
@@ -154,6 +160,9 @@ class DynamicBatcher:
     def _purge_and_expire(self, now: float) -> Optional[float]:
         """Answers expired requests, drops cancelled ones, moves DELAY timeouts behind everything
         else; returns the next time something expires (or None)."""
+        if not self._scan_needed and (self._next_expiry is None or now < self._next_expiry):
+            return self._next_expiry
+        self._scan_needed = False
         nxt: Optional[float] = None
         newly_delayed: List[Pending] = []
         for lvl in list(self._queues):
@@ -178,6 +187,7 @@ class DynamicBatcher:
         self._delayed = collections.deque(kept + newly_delayed)
         for r in self._delayed:
             nxt = _earliest(nxt, r.deadline)
+        self._next_expiry = nxt
         return nxt
 
     def _expire(self, r: Pending, now: float) -> bool:
@@ -202,7 +212,7 @@ class DynamicBatcher:
                 if self._closing and not self.pending and not self._running:
                     break
                 p = policy.plan(self._ordered(), now, self.spec.batching, self._rules, self._pool.free(),
-                                busy=bool(self._running))
+                                busy=self._pool.busy(), queueable=self._pool.queueable())
                 if p.requests:
                     self._dispatch(p, now)
                     continue
@@ -229,11 +239,17 @@ class DynamicBatcher:
         return reqs
 
     def _dispatch(self, p: policy.Plan, now: float) -> None:
-        taken = set(id(r) for r in p.requests)
-        for lvl, q in self._queues.items():
-            if any(id(r) in taken for r in q):
-                self._queues[lvl] = collections.deque(r for r in q if id(r) not in taken)
-        self._delayed = collections.deque(r for r in self._delayed if id(r) not in taken)
+        q = self._queues[p.requests[0].level]
+        n = len(p.requests)
+        if not p.requests[0].delayed and len(q) >= n and all(q[i] is r for i, r in enumerate(p.requests)):
+            for _ in range(n):  # the usual case: the batch is the head of one level's queue
+                q.popleft()
+        else:
+            taken = set(id(r) for r in p.requests)
+            for lvl, q in self._queues.items():
+                if any(id(r) in taken for r in q):
+                    self._queues[lvl] = collections.deque(r for r in q if id(r) not in taken)
+            self._delayed = collections.deque(r for r in self._delayed if id(r) not in taken)
         for r in p.requests:
             self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
         assert p.instance is not None
@@ -242,22 +258,26 @@ class DynamicBatcher:
         task = asyncio.get_running_loop().create_task(self._execute(p, seq, now))
         self._running[seq] = task
 
-    def _work(self, p: policy.Plan) -> Tuple[BatchResult, Sequence[Dict[str, np.ndarray]], int]:
+    def _work(self, p: policy.Plan) -> Tuple[BatchResult, Sequence[Dict[str, np.ndarray]], int, float]:
+        started = self._clock()  # a batch queued behind another (policy rule 5) waited until now
         t0 = time.perf_counter_ns()
         names = tuple(dict.fromkeys(n for r in p.requests for n in r.outputs))
-        inputs = assemble.stack(p.requests, p.shapes, self.spec.pad_values, self.spec.batches)
+        staging = None
+        if len(p.requests) > 1:  # one request goes as it is: its array is the batch
+            staging = self._backend.staging(p.instance, self._rules.full(p.rows, p.shapes))  # type: ignore[arg-type]
+        inputs = assemble.stack(p.requests, p.shapes, self.spec.pad_values, self.spec.batches, staging)
         t1 = time.perf_counter_ns()
         assert p.instance is not None
         result = self._backend.run(p.instance, inputs, names)
         t2 = time.perf_counter_ns()
         per_request = assemble.split(result.outputs, p.requests, self._unpad, self.spec.batches)
-        return result, per_request, (t1 - t0) + (time.perf_counter_ns() - t2)
+        return result, per_request, (t1 - t0) + (time.perf_counter_ns() - t2), started
 
     async def _execute(self, p: policy.Plan, seq: int, dispatched: float) -> None:
         assert p.instance is not None
         error: Optional[BaseException] = None
         try:
-            result, per_request, extra_ns = await self._pool.run(p.instance, lambda: self._work(p))
+            result, per_request, extra_ns, started = await self._pool.run(p.instance, lambda: self._work(p))
         except TrtServeError as e:
             error = e
         except Exception as e:  # a backend bug fails this batch only; the scheduler keeps serving
@@ -279,7 +299,7 @@ class DynamicBatcher:
         def answer() -> None:
             for r, outs in zip(p.requests, per_request):
                 settle(r.future, RequestResult(
-                    outputs=outs, queue_ns=int((dispatched - r.arrival) * 1e9), compute_input_ns=cin,
+                    outputs=outs, queue_ns=int((max(started, dispatched) - r.arrival) * 1e9), compute_input_ns=cin,
                     compute_infer_ns=result.compute_infer_ns, compute_output_ns=result.compute_output_ns,
                     batch_size=p.rows))
 

@@ -21,6 +21,10 @@ class ShapeRules:
     max_batch_size: int
     paddable: frozenset  # input names that may be padded
     profiles: Tuple[Profile, ...]  # empty: no shape-range limits
+    # fitting() answers per (rows, shapes): the scheduler asks for the same few keys on every submit, merge and
+    # placement (~10 us each with sorting); bounded, since variable dims could make the key space large
+    _fits: Dict[tuple, Tuple[Profile, ...]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def full(self, rows: int, shapes: Mapping[str, Shape]) -> Dict[str, Shape]:
         """Shapes with the batch dimension in front (as the backend sees them)."""
@@ -30,9 +34,17 @@ class ShapeRules:
         """Profiles that accept this batch, best (closest to opt, then smallest max batch) first."""
         if not self.profiles:
             return ()
+        key = (rows, tuple(shapes.items()))
+        hit = self._fits.get(key)
+        if hit is not None:
+            return hit
         full = self.full(rows, shapes)
         fits = [p for p in self.profiles if p.fits(full)]
-        return tuple(sorted(fits, key=lambda p: (p.distance(full), _max_rows(p), p.index)))
+        answer = tuple(sorted(fits, key=lambda p: (p.distance(full), _max_rows(p), p.index)))
+        if len(self._fits) >= _FIT_CACHE_SIZE:
+            self._fits.clear()
+        self._fits[key] = answer
+        return answer
 
     def accepts(self, rows: int, shapes: Mapping[str, Shape]) -> bool:
         if self.batches and rows > self.max_batch_size:
@@ -59,6 +71,9 @@ class ShapeRules:
         if self.profiles and not self.fitting(total, merged):
             return None
         return total, merged
+
+
+_FIT_CACHE_SIZE = 4096
 
 
 def _max_rows(p: Profile) -> int:

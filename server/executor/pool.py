@@ -1,38 +1,54 @@
 """N instance slots, one thread each: blocking backend work runs off the event loop, one batch per
-instance at a time (an instance owns one execution context + stream, which must not run twice)."""
+instance at a time (an instance owns one execution context + stream, which must not run twice).
+
+An instance may hold ``depth`` batches: the running one and, behind it in its thread's FIFO, the
+next one, which starts without waiting for the event loop (see policy rule 5)."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Callable, List, Set, TypeVar
+from typing import Callable, Dict, List, Set, TypeVar
 
 T = TypeVar("T")
 
 
 class ExecutorPool:
-    """Tracks which instances are free; ``run`` executes on that instance's own thread."""
+    """Tracks how many batches each instance holds; ``run`` executes on that instance's own thread."""
 
-    def __init__(self, count: int, name: str = "trtserve") -> None:
+    def __init__(self, count: int, name: str = "trtserve", depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
         self._threads: List[concurrent.futures.ThreadPoolExecutor] = [
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-inst{i}")
             for i in range(count)
         ]
-        self._free: Set[int] = set(range(count))
+        self._held: Dict[int, int] = {i: 0 for i in range(count)}
+        self._depth = depth
 
     @property
     def size(self) -> int:
         return len(self._threads)
 
     def free(self) -> Set[int]:
-        return set(self._free)
+        """Idle instances (nothing running)."""
+        return {i for i, n in self._held.items() if n == 0}
+
+    def queueable(self) -> Set[int]:
+        """Busy instances that can take one more batch behind the running one."""
+        return {i for i, n in self._held.items() if 0 < n < self._depth}
+
+    def busy(self) -> bool:
+        return any(self._held.values())
 
     def acquire(self, instance: int) -> None:
-        if instance not in self._free:
-            raise RuntimeError(f"instance {instance} is already running a batch")
-        self._free.discard(instance)
+        if self._held[instance] >= self._depth:
+            raise RuntimeError(f"instance {instance} already holds {self._held[instance]} batches")
+        self._held[instance] += 1
 
     def release(self, instance: int) -> None:
-        self._free.add(instance)
+        if self._held[instance] <= 0:
+            raise RuntimeError(f"instance {instance} holds no batch")
+        self._held[instance] -= 1
 
     async def run(self, instance: int, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._threads[instance], fn)

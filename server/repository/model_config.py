@@ -8,6 +8,10 @@ trtserve parameters (config.pbtxt ``parameters { key: ... value: { string_value:
   whose variable dims differ may share a batch (padded up to the batch's largest).
 - ``trtserve.unpad.<OUTPUT>``: name of an input; the output's variable dims follow that input's
   variable dims position by position, so each request's output is sliced back to its own size.
+- ``trtserve.batches_per_instance``: 1 or 2 (default 2): how many batches an instance may hold, the running
+  one and one complete batch queued behind it so the device never waits for the event loop between
+  batches (batcher policy rule 5). 1: a batch leaves the queue only for an idle instance, so a later
+  higher-priority request can still overtake it.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from trtserve.server.errors import ModelLoadError
 
 PAD_PREFIX = "trtserve.pad."
 UNPAD_PREFIX = "trtserve.unpad."
+DEPTH_KEY = "trtserve.batches_per_instance"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +84,7 @@ class ModelSpec:
     pad_values: Mapping[str, float]  # input -> pad value (paddable inputs only)
     unpad: Mapping[str, str]  # output -> input whose variable dims it follows
     cuda_graphs: bool = False
+    batches_per_instance: int = 2
 
     @property
     def batches(self) -> bool:
@@ -125,6 +131,9 @@ class ModelSpec:
                     raise ModelLoadError(f"model '{name}': parameter '{key}' must map an output to an input, "
                                          f"got {oname!r} -> {value!r}")
                 unpad[oname] = value
+        raw_depth = params.get(DEPTH_KEY, "2").strip()
+        if raw_depth not in ("1", "2"):
+            raise ModelLoadError(f"model '{name}': parameter '{DEPTH_KEY}' must be 1 or 2, got {raw_depth!r}")
         batching = _batching(config)
         count = sum(max(1, g.count) for g in config.instance_group) if config.instance_group else 1
         graphs = bool(config.optimization.cuda.graphs) if config.HasField("optimization") else False
@@ -132,6 +141,7 @@ class ModelSpec:
             name=name, version=version, platform=config.platform or config.backend,
             max_batch_size=config.max_batch_size, inputs=inputs, outputs=outputs, batching=batching,
             instance_count=count, parameters=params, pad_values=pad_values, unpad=unpad, cuda_graphs=graphs,
+            batches_per_instance=int(raw_depth),
         )
 
 
