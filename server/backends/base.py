@@ -65,6 +65,27 @@ class Profile:
         ) + ")"
 
 
+@dataclasses.dataclass(frozen=True)
+class Gather:
+    """A batch input left in pieces because some are in device memory (CUDA shared memory inputs, see
+    ``Backend.accepts_device_tensors``): host arrays and objects with ``__cuda_array_interface__``,
+    in row order, each of ``shape[1:]``. The backend copies every piece to its rows on its own stream
+    (device to device for device pieces), so nothing makes a round trip through host memory."""
+
+    parts: Tuple[object, ...]
+    shape: Shape
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def is_host(array: object) -> bool:
+    """True for a NumPy array; False for device tensors and ``Gather``."""
+    return isinstance(array, np.ndarray)
+
+
 @dataclasses.dataclass
 class BatchResult:
     """Outputs of one batch, with the time spent in each stage (Triton's compute_input/infer/output)."""
@@ -97,6 +118,9 @@ class Backend(abc.ABC):
     """One model version loaded on one runtime."""
 
     platform: str = ""  # reported by ModelMetadata / ModelConfig, e.g. "onnxruntime_onnx", "tensorrt_plan"
+    # True: CUDA shared-memory inputs arrive as device tensors (and batches of them as ``Gather``), which
+    # ``run`` copies device to device; False: the server copies them to host memory first
+    accepts_device_tensors: bool = False
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
@@ -119,6 +143,13 @@ class Backend(abc.ABC):
     def check_request(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Backend-specific checks of one request before it joins a batch (raise InvalidArgument),
         so data this runtime cannot take fails that request alone, not its whole batch."""
+
+    def staging(self, instance: int, shapes: Mapping[str, Shape]) -> Optional[Dict[str, np.ndarray]]:
+        """Writable host arrays of exactly these (full) shapes that ``run`` on ``instance`` reads in place,
+        or None. The batcher stacks a batch's requests straight into them, saving an allocation and
+        one copy of every input per batch (TensorRT: the instance's pinned staging buffers). Called only
+        from the instance's thread, right before ``run``."""
+        return None
 
     @abc.abstractmethod
     def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:

@@ -1,33 +1,49 @@
 """Pure NumPy: concatenate (and pad) requests into one batch; slice outputs back per request."""
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from trtserve.server.backends.base import Gather, is_host
 from trtserve.server.batcher.request import Pending, Shape
 from trtserve.server.errors import Internal
 
 
 def stack(requests: Sequence[Pending], shapes: Mapping[str, Shape], pad_values: Mapping[str, float],
-          batches: bool) -> Dict[str, np.ndarray]:
-    """Batch inputs: rows concatenated along dim 0, paddable dims filled with the input's pad value."""
+          batches: bool, out: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+    """Batch inputs: rows concatenated along dim 0, paddable dims filled with the input's pad value.
+    ``out`` (the backend's staging arrays of the batch's full shapes) receives the batch in place."""
     if not batches or len(requests) == 1 and all(requests[0].shapes[n] == s for n, s in shapes.items()):
-        return {n: np.asarray(a) for n, a in requests[0].inputs.items()}
+        return {n: a if is_host(a) or hasattr(a, "__cuda_array_interface__") else np.asarray(a)
+                for n, a in requests[0].inputs.items()}
     rows = sum(r.rows for r in requests)
-    out: Dict[str, np.ndarray] = {}
+    batched: Dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
         parts = [r.inputs[name] for r in requests]
-        if all(p.shape[1:] == shape for p in parts):
-            out[name] = np.concatenate(parts, axis=0)
+        if not all(is_host(p) for p in parts):  # device tensors: the backend copies each piece in place
+            if not all(p.shape[1:] == shape for p in parts):
+                raise Internal(f"input '{name}': device tensors cannot be padded (the server stages paddable "
+                               "inputs through host memory)")
+            batched[name] = Gather(tuple(parts), (rows,) + tuple(shape), np.dtype(parts[0].dtype))
             continue
-        batch = np.full((rows,) + tuple(shape), pad_values.get(name, 0), dtype=parts[0].dtype)
+        dst = out.get(name) if out is not None else None
+        if dst is not None and (dst.shape != (rows,) + tuple(shape) or dst.dtype != parts[0].dtype):
+            dst = None  # not this batch's layout: build it in fresh memory
+        if all(p.shape[1:] == shape for p in parts):
+            batched[name] = np.concatenate(parts, axis=0, out=dst)
+            continue
+        if dst is None:
+            batch = np.full((rows,) + tuple(shape), pad_values.get(name, 0), dtype=parts[0].dtype)
+        else:
+            batch = dst
+            batch.fill(pad_values.get(name, 0))
         offset = 0
         for p in parts:
             batch[(slice(offset, offset + p.shape[0]),) + tuple(slice(0, d) for d in p.shape[1:])] = p
             offset += p.shape[0]
-        out[name] = batch
-    return out
+        batched[name] = batch
+    return batched
 
 
 def split(outputs: Mapping[str, np.ndarray], requests: Sequence[Pending],

@@ -10,7 +10,7 @@ CuPy is imported lazily: this module imports on a machine without CUDA.
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Sequence, Tuple
 
 import numpy as np
 
@@ -57,11 +57,19 @@ class StagedTensor:
         n = array.nbytes
         if n > self.capacity or pad_to_bytes > self.capacity:
             raise ValueError(f"tensor '{self.name}': {max(n, pad_to_bytes)} bytes exceed the buffer's {self.capacity}")
-        dst = self.host[:n].view(self.dtype).reshape(array.shape)
-        np.copyto(dst, array, casting="no")
+        if array.__array_interface__["data"][0] != self._host_ptr:  # else stacked in place (see view)
+            dst = self.host[:n].view(self.dtype).reshape(array.shape)
+            np.copyto(dst, array, casting="no")
         if pad_to_bytes > n:
             self.host[n:pad_to_bytes] = 0
         return n
+
+    def view(self, shape: Tuple[int, ...]) -> np.ndarray:
+        """The pinned mirror as an array of ``shape``, to be filled in place before ``pack``."""
+        n = nbytes_of(shape, self.dtype)
+        if n > self.capacity:
+            raise ValueError(f"tensor '{self.name}': {n} bytes exceed the buffer's {self.capacity}")
+        return self.host[:n].view(self.dtype).reshape(shape)
 
     def upload(self, nbytes: int, stream: Any) -> None:
         """Enqueues pinned -> device for the first ``nbytes`` on ``stream``."""
@@ -70,6 +78,31 @@ class StagedTensor:
             cupy.cuda.runtime.memcpyAsync(
                 self.ptr, self._host_ptr, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
             )
+
+    def gather(self, parts: Sequence[Any], stream: Any) -> int:
+        """Enqueues each piece into its rows of the device buffer on ``stream``: device pieces (objects with
+        ``__cuda_array_interface__``, e.g. a client's CUDA shared memory) device to device, host pieces
+        through their place in the pinned mirror. Returns the bytes written."""
+        cupy = _cupy()
+        rt = cupy.cuda.runtime
+        offset = 0
+        for p in parts:
+            cai = getattr(p, "__cuda_array_interface__", None)
+            n = int(p.nbytes)
+            if offset + n > self.capacity:
+                raise ValueError(f"tensor '{self.name}': {offset + n} bytes exceed the buffer's {self.capacity}")
+            if cai is not None:
+                if cai.get("strides") is not None:
+                    raise ValueError(f"tensor '{self.name}': a device piece must be C-contiguous")
+                if n:
+                    rt.memcpyAsync(self.ptr + offset, int(cai["data"][0]), n, rt.memcpyDeviceToDevice, stream.ptr)
+            else:
+                src = np.ascontiguousarray(p)
+                np.copyto(self.host[offset:offset + n].view(self.dtype).reshape(src.shape), src, casting="no")
+                if n:
+                    rt.memcpyAsync(self.ptr + offset, self._host_ptr + offset, n, rt.memcpyHostToDevice, stream.ptr)
+            offset += n
+        return offset
 
     def download(self, nbytes: int, stream: Any) -> None:
         """Enqueues device -> pinned for the first ``nbytes`` on ``stream``."""

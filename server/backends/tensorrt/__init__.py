@@ -53,6 +53,7 @@ class TensorRTBackend(Backend):
     """One model version on one GPU: an engine shared by ``instance_count`` contexts, each on its own stream."""
 
     platform = "tensorrt_plan"
+    accepts_device_tensors = True  # CUDA shared-memory inputs are copied device to device (context.py)
 
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
@@ -190,6 +191,11 @@ class TensorRTBackend(Backend):
             if a is not None and a.dtype != want:
                 raise InvalidArgument(f"{self._what}: input '{t.name}': datatype {a.dtype} does not match the "
                                       f"model's {t.wire} ({want})")
+
+    def staging(self, instance: int, shapes: Mapping[str, Tuple[int, ...]]) -> Optional[Dict[str, np.ndarray]]:
+        if not 0 <= instance < len(self._instances):
+            return None
+        return self._instances[instance].staging(shapes)
 
     def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
         if not 0 <= instance < len(self._instances):

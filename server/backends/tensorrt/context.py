@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve.dtypes import from_wire
-from trtserve.server.backends.base import BatchResult, ShapeRange
+from trtserve.server.backends.base import BatchResult, Gather, ShapeRange, is_host
 from trtserve.server.errors import Internal, InvalidArgument, ModelLoadError
 from trtserve.server.executor import graphs as graph_util
 from trtserve.server.executor.staging import StagedTensor, nbytes_of
@@ -229,6 +229,17 @@ class InstanceContext:
                 rows = int(a.shape[0])
         return rows
 
+    def staging(self, shapes: Mapping[str, Tuple[int, ...]]) -> Optional[Dict[str, np.ndarray]]:
+        """Views of the pinned input buffers with these shapes (None if any does not fit): the batcher stacks
+        into them and ``pack`` then finds the data already in place."""
+        out: Dict[str, np.ndarray] = {}
+        for name, shape in shapes.items():
+            t = self._tensors.get(name)
+            if t is None or not self._ranges[name].contains(tuple(shape)):
+                return None
+            out[name] = t.view(tuple(shape))
+        return out
+
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
         """Runs one batch; called only from this instance's thread."""
         t0 = time.perf_counter_ns()
@@ -270,7 +281,8 @@ class InstanceContext:
         stream = self._stream
         ev_start, ev_in, ev_exec, ev_done = self._events
         bucket = graph_util.pick_bucket(self._buckets, rows) if rows is not None and self._buckets else None
-        if bucket is not None and all(tuple(a.shape[1:]) == self._ranges[n].max[1:] for n, a in inputs.items()):
+        if bucket is not None and all(is_host(a) and tuple(a.shape[1:]) == self._ranges[n].max[1:]
+                                      for n, a in inputs.items()):  # a graph replays its captured host copies
             g = self._graphs[bucket]
             for name, a in inputs.items():
                 t = self._tensors[name]
@@ -282,11 +294,14 @@ class InstanceContext:
             ev_done.synchronize()
             out_shapes = {n: (rows,) + g.out_shapes[n][1:] for n in wanted}
             return out_shapes, t1, 0, int(cupy.cuda.get_elapsed_time(ev_start, ev_done) * 1e6), 0
-        sizes = {name: self._tensors[name].pack(a) for name, a in inputs.items()}
+        sizes = {name: self._tensors[name].pack(a) for name, a in inputs.items() if is_host(a)}
         t1 = time.perf_counter_ns()
         ev_start.record(stream)
         for name, n in sizes.items():
             self._tensors[name].upload(n, stream)
+        for name, a in inputs.items():
+            if not is_host(a):  # CUDA shared memory: device to device, piece by piece, on this stream
+                self._tensors[name].gather(a.parts if isinstance(a, Gather) else (a,), stream)
         ev_in.record(stream)
         shapes = {name: tuple(a.shape) for name, a in inputs.items()}
         if shapes != self._shapes:
