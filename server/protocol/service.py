@@ -184,7 +184,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         def reader(t, dt: dtypes.DataType, shape: Tuple[int, ...]):
             ref = shm.shm_ref(t.parameters, f"input '{t.name}'")
-            data = req_shm.read_input(t.name, dt, shape, ref, device_tensors)
+            # a paddable input may be padded into a batch, which happens in host memory
+            data = req_shm.read_input(t.name, dt, shape, ref, device_tensors and t.name not in spec.pad_values)
             if isinstance(data, shm.DeviceTensor) and data.device_id != device_id:
                 raise InvalidArgument(f"input '{t.name}': CUDA shared memory region '{ref.region}' is on device "
                                       f"{data.device_id} but model '{spec.name}' runs on device {device_id}")
