@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import pathlib
 import re
+import collections
 import subprocess
 import sys
+import threading
 import time
-from typing import List, Optional
+from typing import Deque, List, Optional
 
 
 class ServerProcess:
@@ -19,6 +21,7 @@ class ServerProcess:
         self.command = command  # another server that prints "... on HOST:PORT ..." (e.g. bench.ceiling_server)
         self.proc: Optional[subprocess.Popen] = None
         self.url = ""
+        self.tail: Deque[str] = collections.deque(maxlen=200)  # the server's last log lines
 
     def __enter__(self) -> "ServerProcess":
         cmd = self.command or [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(self.repo),
@@ -31,11 +34,18 @@ class ServerProcess:
             m = re.search(r" on ([\d.]+):(\d+) ", line)
             if m:
                 self.url = f"{m.group(1)}:{m.group(2)}"
+                # keep reading: a full pipe would block the server's logging (and so the server)
+                threading.Thread(target=self._drain, daemon=True).start()
                 return self
             if time.monotonic() > deadline:
                 break
         self.__exit__()
         raise RuntimeError("trtserve did not start")
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.tail.append(line)
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:

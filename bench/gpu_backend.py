@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -191,6 +191,9 @@ class _FirstInstances:
     def check_request(self, inputs) -> None:
         self._b.check_request(inputs)
 
+    def staging(self, instance, shapes):
+        return self._b.staging(instance, shapes)
+
     def run(self, instance, inputs, outputs):
         return self._b.run(instance, inputs, outputs)
 
@@ -226,12 +229,14 @@ def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, s
                 await batcher.submit({"INPUT0": x}, ("OUTPUT0",), rows)
                 done += rows
 
+        # 16 requests of B/4 rows per instance: one batch running, one queued behind it (policy rule 5), and
+        # one forming on the queue
         stop_at = time.perf_counter() + 0.3  # warm-up
-        await asyncio.gather(*(client() for _ in range(8 * instances)))
+        await asyncio.gather(*(client() for _ in range(16 * instances)))
         done = 0
         t0 = time.perf_counter()
         stop_at = t0 + seconds
-        await asyncio.gather(*(client() for _ in range(8 * instances)))
+        await asyncio.gather(*(client() for _ in range(16 * instances)))
         dt = time.perf_counter() - t0
         await batcher.stop()
         return done / dt
@@ -241,8 +246,9 @@ def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, s
 
 def bench_model(
     model: BenchModel, workdir: pathlib.Path, seconds: float, instance_counts: Sequence[int], graphs: bool,
-    with_batcher: bool,
+    with_batcher: bool, results: Optional[List[dict]] = None,
 ) -> List[List[str]]:
+    """Table rows (strings) for one model; ``results`` (if given) receives the same numbers as dicts."""
     from trtserve.server.backends.base import BackendConfig, TensorSpec
     from trtserve.server.backends.tensorrt import TensorRTBackend
 
@@ -270,6 +276,10 @@ def bench_model(
             runs = [run_rows_per_s(backend, model, b, n, seconds) for n in instance_counts]
             batched = ([batcher_rows_per_s(backend, model, b, n, seconds) for n in instance_counts] if with_batcher
                        else [float("nan")] * len(instance_counts))
+            if results is not None:
+                results.append({"model": model.name, "graphs": graphs, "batch": b, "raw": raw, "raw_io": raw_io,
+                                "raw_parallel": raw_par, "parallel": max(instance_counts),
+                                "run": dict(zip(instance_counts, runs)), "batcher": dict(zip(instance_counts, batched))})
             rows.append([model.name + (" +graphs" if graphs else ""), str(b), f"{raw:,.0f}", f"{raw_io:,.0f}",
                          f"{raw_par:,.0f}"] + [f"{r:,.0f}" for r in runs]
                         + [f"{r:,.0f}" for r in batched] + [f"{max(runs) / raw:.0%}", f"{max(batched) / raw:.0%}"])

@@ -3,6 +3,7 @@
 #   bash tests/gpu/device_session.sh unpack            join /tmp/trtkit/p.* (kit + builder, see below), unpack
 #   bash tests/gpu/device_session.sh tests [PYTEST_ARGS]  python3.9 -m pytest tests/gpu (log: $OUT/gpu-tests.log)
 #   bash tests/gpu/device_session.sh bench [ARGS]       python3.9 -m bench.gpu_backend (log: $OUT/bench.log)
+#   bash tests/gpu/device_session.sh gpu [ARGS]         python3.9 -m bench.gpu, the GPU suite (log: $OUT/bench-gpu.log)
 #   bash tests/gpu/device_session.sh python ARGS        python3.9 with the kit and the checkout on the path
 # The parts p.NN are one byte stream: the kit tarball (zstd -19 --long=31; KIT_BYTES long) followed by TensorRT's
 # builder resource (zstd --long=31); made from make-kit.sh's output by recompressing (fewer, 60 MiB parts).
@@ -10,7 +11,7 @@ set -euo pipefail
 # Our own folder, not make-kit's /tmp/gpukit: another session may hold the same machine with its own kit there.
 K=/tmp/trtkit
 kit_env() {  # what the kit's env.sh exports, for this folder
-  export PATH="$K/py39/usr/bin:$PATH" PYTHONHOME="$K/py39/usr" PYTHONUNBUFFERED=1
+  export PATH="$K/pa:$K/py39/usr/bin:$PATH" PYTHONHOME="$K/py39/usr" PYTHONUNBUFFERED=1
   export PYTHONPATH="$PWD:$K/site"
   export LD_LIBRARY_PATH="$K/py39/usr/lib/x86_64-linux-gnu:$K/site/nvidia/cuda_runtime/lib:$K/site/nvidia/cuda_nvrtc/lib:$K/site/tensorrt${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
@@ -42,6 +43,11 @@ case "${1:-}" in
     shift
     kit_env
     python3.9 -m bench.gpu_backend "$@" 2>&1 | tee "$OUT/bench.log"
+    ;;
+  gpu)
+    shift
+    kit_env
+    python3.9 -m bench.gpu "$@" 2>&1 | tee -a "$OUT/bench-gpu.log"
     ;;
   python)
     shift

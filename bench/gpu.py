@@ -1,0 +1,377 @@
+"""GPU benchmark suite, side by side on the lent GPU machine (``python -m bench.gpu``; needs CUDA, CuPy, TensorRT).
+
+Parts (``--parts``, default all; each merges its numbers into OUT/gpu.json, so parts may run in separate calls):
+  executor  raw engine (execute_async_v3 loop) vs TensorRTBackend.run() vs DynamicBatcher + executor, small and
+            heavy MLP, instances 1/2/4, CUDA graphs off/on (bench/gpu_backend.py)
+  server    the full server in a child process under perf_analyzer on the same machine: heavy MLP with 1/2/4
+            instances (CUDA graphs off/on; gRPC bytes and CUDA shared memory), small MLP; served rows/s vs raw
+  resnet    ResNet-18-shaped FP16 model (bench/resnet.py): raw compute-only images/s at the batch size vs
+            images/s through the server with CUDA shared memory (perf_analyzer, trtserve bench) at 8/32/64
+Writes OUT/gpu.md and, where matplotlib is installed, OUT/gpu.png; ``--render`` redoes both from OUT/gpu.json
+on another machine (the GPU kit carries no matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+HEAVY_REQ_ROWS = 256  # rows per request for the heavy MLP (4 requests fill a batch of 1024)
+RESNET_MAX_BATCH = 128
+RESNET_REQ_IMAGES = 16
+
+
+def _pa() -> str:
+    from bench.cpu import perf_analyzer_path
+
+    return perf_analyzer_path()
+
+
+def _stats(url: str, model: str) -> Dict[str, int]:
+    from trtserve.client import InferenceClient
+
+    with InferenceClient(url) as c:
+        s = c.model_statistics(model).model_stats[0]
+        return {"inferences": s.inference_count, "executions": s.execution_count}
+
+
+def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: str = "none",
+                  window_ms: int = 1500) -> Optional[dict]:
+    """One concurrency level; rows/s is perf_analyzer's Inferences/Second (requests x batch)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "pa.csv"
+        cmd = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", str(batch), "--concurrency-range", f"{level}:{level}",
+               "--measurement-interval", str(window_ms), "--stability-percentage", "100", "--max-trials", "6",
+               "-f", str(out)]
+        if shm != "none":
+            cmd += ["--shared-memory", shm, "--output-shared-memory-size", str(1 << 20)]
+        before = _stats(url, model)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, close_fds=False)
+        after = _stats(url, model)
+        if proc.returncode != 0 or not out.exists():
+            print(f"perf_analyzer failed ({model} c={level} shm={shm}): {proc.stdout[-600:]} {proc.stderr[-600:]}",
+                  flush=True)
+            return None
+        row = next(csv.DictReader(out.open()))
+    execs = after["executions"] - before["executions"]
+    return {"tool": "perf_analyzer", "rows_per_s": float(row["Inferences/Second"]),
+            "p50_ms": float(row["p50 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
+            "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else float("nan")}
+
+
+def trtserve_bench(url: str, model: str, level: int, batch: int, shm: str, seconds: float) -> Optional[dict]:
+    from trtserve.client.bench.runner import BenchConfig, run
+
+    before = _stats(url, model)
+    try:
+        r = asyncio.run(run(BenchConfig(url=url, model=model, concurrency=[level], duration_s=seconds,
+                                        warmup_s=1.0, batch=batch, shared_memory=shm))).levels[0]
+    except Exception as e:  # report and go on: one failed level must not lose the rest of the run
+        print(f"trtserve bench failed ({model} c={level} shm={shm}): {e}", flush=True)
+        return None
+    after = _stats(url, model)
+    execs = after["executions"] - before["executions"]
+    return {"tool": "trtserve bench", "rows_per_s": r.rows_per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+            "errors": r.errors, "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else 0}
+
+
+# ---- parts -----------------------------------------------------------------------------------------------------
+
+def part_executor(work: pathlib.Path, seconds: float) -> List[dict]:
+    from bench.gpu_backend import _models, bench_model
+
+    results: List[dict] = []
+    models = _models()
+    for name in ("heavy", "small"):
+        for graphs in (False, True):
+            bench_model(models[name], work, seconds, [1, 2, 4], graphs, True, results)
+    return results
+
+
+def _open(name: str, model_dir: pathlib.Path, wire: str, dims_in: Sequence[int], dims_out: Sequence[int],
+          max_batch: int, instances: int, work: pathlib.Path, params: Dict[str, str]):
+    from trtserve.server.backends.base import BackendConfig, TensorSpec
+    from trtserve.server.backends.tensorrt import TensorRTBackend
+
+    cfg = BackendConfig(name=name, version="1", model_dir=model_dir, default_model_filename="",
+                        max_batch_size=max_batch, inputs=[TensorSpec("INPUT0", wire, tuple(dims_in))],
+                        outputs=[TensorSpec("OUTPUT0", wire, tuple(dims_out))], instance_count=instances,
+                        cache_dir=work / "cache", parameters=params)
+    backend = TensorRTBackend(cfg)
+    t0 = time.monotonic()
+    backend.open()
+    print(f"# {name}: open {time.monotonic() - t0:.1f} s (cache hit {backend.report.cache_hit})", flush=True)
+    return backend
+
+
+def _plan_path(work: pathlib.Path, backend) -> pathlib.Path:
+    from trtserve.server.backends.tensorrt.build import PlanCache
+
+    return PlanCache(work / "cache").path(backend.report.cache_key)
+
+
+def _config(name: str, wire: str, dims_in: Sequence[int], dims_out: Sequence[int], max_batch: int, instances: int,
+            graphs: bool = False, params: Optional[Dict[str, str]] = None) -> str:
+    text = (f'name: "{name}"\nplatform: "tensorrt_plan"\nmax_batch_size: {max_batch}\n'
+            f'input [ {{ name: "INPUT0", data_type: TYPE_{wire}, dims: {list(dims_in)} }} ]\n'
+            f'output [ {{ name: "OUTPUT0", data_type: TYPE_{wire}, dims: {list(dims_out)} }} ]\n'
+            f'instance_group [ {{ count: {instances}, kind: KIND_GPU }} ]\ndynamic_batching {{ }}\n')
+    if graphs:
+        text += "optimization { cuda { graphs: true } }\n"
+    for k, v in (params or {}).items():
+        text += f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n'
+    return text
+
+
+def _serve(repo: pathlib.Path, work: pathlib.Path):
+    from bench._server import ServerProcess
+
+    return ServerProcess(repo, extra=["--cache-dir", str(work / "cache")])
+
+
+def part_server(work: pathlib.Path, seconds: float) -> List[dict]:
+    from bench.gpu_backend import _models, raw_rows_per_s
+
+    pa = _pa()
+    models = _models()
+    repo = work / "server_repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    raw: Dict[str, float] = {}
+    plans: Dict[str, pathlib.Path] = {}
+    ref_batch = {"heavy": 1024, "small": 256}
+    for key in ("heavy", "small"):
+        m = models[key]
+        d = work / m.name / "1"
+        m.make(d / "model.onnx")
+        b = _open(m.name, d, m.wire, [m.n_in], [m.n_out], m.max_batch, 4, work, dict(m.parameters))
+        try:
+            raw[key] = raw_rows_per_s(b, ref_batch[key], seconds, with_io=False)
+            plans[key] = _plan_path(work, b)
+        finally:
+            b.close()
+    setups = [("heavy_i1", "heavy", 1, False), ("heavy_i2", "heavy", 2, False), ("heavy_i4", "heavy", 4, False),
+              ("heavy_i4_graphs", "heavy", 4, True), ("small_i1", "small", 1, False), ("small_i4", "small", 4, False)]
+    for name, key, n, graphs in setups:
+        m = models[key]
+        (repo / name / "1").mkdir(parents=True)
+        os.symlink(plans[key], repo / name / "1" / "model.plan")
+        params = {"trtserve.graph_batch_sizes": "256,512,768,1024"} if graphs else {}
+        (repo / name / "config.pbtxt").write_text(_config(name, m.wire, [m.n_in], [m.n_out], m.max_batch, n,
+                                                          graphs, params))
+    rows: List[dict] = []
+    with _serve(repo, work) as s:
+        for name, key, n, graphs in setups:
+            batch = HEAVY_REQ_ROWS if key == "heavy" else 1
+            levels = (4, 16) if key == "heavy" else (1, 8, 32)
+            transports = ("none", "cuda") if name == "heavy_i4" else ("none",)
+            for shm in transports:
+                for level in levels:
+                    r = perf_analyzer(pa, s.url, name, level, batch, shm) if pa else None
+                    if r is None:
+                        continue
+                    r.update(model=name, base=key, instances=n, graphs=graphs, shm=shm, concurrency=level,
+                             batch=batch, raw_rows_per_s=raw[key], raw_batch=ref_batch[key])
+                    rows.append(r)
+                    print(f"  {name:16} shm={shm:4} c={level:<3} {r['rows_per_s']:12,.0f} rows/s  "
+                          f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
+                          f"{r['rows_per_s'] / raw[key]:.0%} of raw", flush=True)
+    return rows
+
+
+def part_resnet(work: pathlib.Path, seconds: float) -> List[dict]:
+    from bench.gpu_backend import raw_rows_per_s
+    from bench.resnet import make_resnet18
+
+    pa = _pa()
+    repo = work / "resnet_repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    d = repo / "resnet" / "1"
+    make_resnet18(d / "model.onnx")
+    params = {"trtserve.fp16": "true"}
+    (repo / "resnet" / "config.pbtxt").write_text(
+        _config("resnet", "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, 2, params=params))
+    b = _open("resnet", d, "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, 2, work, params)
+    raw: Dict[int, Dict[str, float]] = {}
+    try:
+        for batch in (RESNET_REQ_IMAGES, 64, RESNET_MAX_BATCH):
+            raw[batch] = {"compute": raw_rows_per_s(b, batch, seconds, with_io=False),
+                          "with_io": raw_rows_per_s(b, batch, seconds, with_io=True)}
+            print(f"  resnet raw batch {batch}: {raw[batch]['compute']:,.0f} images/s compute only, "
+                  f"{raw[batch]['with_io']:,.0f} with H2D/D2H", flush=True)
+    finally:
+        b.close()
+    rows: List[dict] = [{"kind": "raw", "batch": k, **v} for k, v in raw.items()]
+    with _serve(repo, work) as s:
+        runs = [("cuda", "perf_analyzer", c) for c in (8, 32, 64)] + [("cuda", "trtserve bench", c) for c in (8, 32, 64)]
+        runs += [("none", "perf_analyzer", 32), ("system", "perf_analyzer", 32)]
+        for shm, tool, level in runs:
+            if tool == "perf_analyzer":
+                r = perf_analyzer(pa, s.url, "resnet", level, RESNET_REQ_IMAGES, shm) if pa else None
+            else:
+                r = trtserve_bench(s.url, "resnet", level, RESNET_REQ_IMAGES, shm, max(3.0, seconds * 4))
+            if r is None:
+                continue
+            r.update(kind="served", shm=shm, concurrency=level, batch=RESNET_REQ_IMAGES,
+                     raw_compute_max_batch=raw[RESNET_MAX_BATCH]["compute"])
+            rows.append(r)
+            print(f"  resnet {tool:15} shm={shm:6} c={level:<3} {r['rows_per_s']:9,.0f} images/s  "
+                  f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
+                  f"{r['rows_per_s'] / raw[RESNET_MAX_BATCH]['compute']:.0%} of raw at {RESNET_MAX_BATCH}", flush=True)
+    return rows
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+def render(data: dict, out: pathlib.Path) -> None:
+    """gpu.md (and gpu.png when matplotlib is there) from the collected numbers."""
+    md = ["# GPU benchmarks", "", f"Measured by `python -m bench.gpu` on {data.get('machine', '?')}, "
+          f"{data.get('when', '?')}. Load generators run on the same machine as the server. "
+          "rows/s = batch rows (images for ResNet) per second.", ""]
+    ex = data.get("executor") or []
+    if ex:
+        md += ["## Engine vs executor vs batcher (in process)", "",
+               "raw = `execute_async_v3` loop on one context, no copies; raw+io = with H2D/D2H; raw xN = the raw loop "
+               "on N contexts at once; run xN = `TensorRTBackend.run()` from N instance threads (pinned staging, "
+               "copies, checks, result arrays); batcher xN = `DynamicBatcher` + executor over N instances, fed "
+               "requests of B/4 rows. rows/s.", "",
+               "| model | graphs | batch | raw | raw+io | raw x4 | run x1 | run x2 | run x4 | batcher x1 | batcher x2 "
+               "| batcher x4 | best run / raw | best batcher / raw |",
+               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in ex:
+            run = {int(k): v for k, v in r["run"].items()}
+            bat = {int(k): v for k, v in r["batcher"].items()}
+            md.append(f"| {r['model']} | {'on' if r['graphs'] else 'off'} | {r['batch']} | {r['raw']:,.0f} | "
+                      f"{r['raw_io']:,.0f} | {r['raw_parallel']:,.0f} | "
+                      + " | ".join(f"{run[n]:,.0f}" for n in (1, 2, 4)) + " | "
+                      + " | ".join(f"{bat[n]:,.0f}" for n in (1, 2, 4))
+                      + f" | {max(run.values()) / r['raw']:.0%} | {max(bat.values()) / r['raw']:.0%} |")
+    sv = data.get("server") or []
+    if sv:
+        md += ["", "## Full server under perf_analyzer (same machine)", "",
+               f"Heavy MLP: requests of {HEAVY_REQ_ROWS} rows (`-b {HEAVY_REQ_ROWS}`), max_batch_size 1024; small "
+               "MLP: 1 row per request. served/raw = rows/s over the raw engine loop at batch 1024 (heavy) or 256 "
+               "(small) on one context. mean batch = rows per execution from ModelStatistics over the same window.",
+               "", "| model | instances | CUDA graphs | transport | concurrency | rows/s | p50 ms | p99 ms | "
+               "mean batch | served / raw |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sv:
+            md.append(f"| {r['base']} | {r['instances']} | {'on' if r['graphs'] else 'off'} | "
+                      f"{'CUDA shm' if r['shm'] == 'cuda' else 'gRPC bytes'} | {r['concurrency']} | "
+                      f"{r['rows_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch']:.0f} | "
+                      f"{r['rows_per_s'] / r['raw_rows_per_s']:.0%} |")
+    rn = data.get("resnet") or []
+    if rn:
+        raw = [r for r in rn if r["kind"] == "raw"]
+        md += ["", "## ResNet-18-shaped FP16 model, shared memory", "",
+               "Raw engine (2 contexts' engine, one context measured): " + "; ".join(
+                   f"batch {r['batch']}: {r['compute']:,.0f} images/s compute only, {r['with_io']:,.0f} with "
+                   "H2D/D2H" for r in raw) + ".", "",
+               f"Served: requests of {RESNET_REQ_IMAGES} images (FP32 3x224x224, 9.6 MB per request), 2 instances, "
+               f"max_batch_size {RESNET_MAX_BATCH}; served/raw = images/s over the raw compute-only rate at batch "
+               f"{RESNET_MAX_BATCH}.", "",
+               "| load tool | transport | concurrency | images/s | p50 ms | p99 ms | mean batch | served / raw |",
+               "|---|---|---:|---:|---:|---:|---:|---:|"]
+        names = {"cuda": "CUDA shm", "system": "system shm", "none": "gRPC bytes"}
+        for r in rn:
+            if r["kind"] != "served":
+                continue
+            md.append(f"| {r['tool']} | {names[r['shm']]} | {r['concurrency']} | {r['rows_per_s']:,.0f} | "
+                      f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch']:.0f} | "
+                      f"{r['rows_per_s'] / r['raw_compute_max_batch']:.0%} |")
+    try:
+        _plot(data, out / "gpu.png")
+        md += ["", "![GPU benchmarks](gpu.png)"]
+    except ImportError:
+        print("matplotlib not installed: gpu.png not drawn (run --render elsewhere)", flush=True)
+    (out / "gpu.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out / 'gpu.md'}", flush=True)
+
+
+def _plot(data: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    heavy = [r for r in data.get("executor") or [] if r["model"] == "heavy" and not r["graphs"]]
+    if heavy:
+        xs = [r["batch"] for r in heavy]
+        ax[0].plot(xs, [r["raw"] for r in heavy], "-o", label="raw engine")
+        for n in (1, 4):
+            ax[0].plot(xs, [r["run"][str(n)] if str(n) in r["run"] else r["run"][n] for r in heavy], "--s",
+                       label=f"run() x{n}")
+            ax[0].plot(xs, [r["batcher"][str(n)] if str(n) in r["batcher"] else r["batcher"][n] for r in heavy],
+                       "-^", label=f"batcher x{n}")
+        ax[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="rows/s", title="heavy MLP in process")
+        ax[0].legend(fontsize=7)
+    sv = [r for r in data.get("server") or [] if r["base"] == "heavy"]
+    for label in sorted({(r["instances"], r["graphs"], r["shm"]) for r in sv}):
+        pts = [r for r in sv if (r["instances"], r["graphs"], r["shm"]) == label]
+        ax[1].plot([r["concurrency"] for r in pts], [r["rows_per_s"] for r in pts], "-o",
+                   label=f"x{label[0]}{' graphs' if label[1] else ''}{' CUDA shm' if label[2] == 'cuda' else ''}")
+    if sv:
+        ax[1].axhline(sv[0]["raw_rows_per_s"], color="k", ls=":", label="raw at 1024")
+        ax[1].set(xlabel="concurrency", ylabel="rows/s", title="heavy MLP served (perf_analyzer)")
+        ax[1].legend(fontsize=7)
+    rn = [r for r in data.get("resnet") or [] if r["kind"] == "served"]
+    for key in sorted({(r["tool"], r["shm"]) for r in rn}):
+        pts = [r for r in rn if (r["tool"], r["shm"]) == key]
+        ax[2].plot([r["concurrency"] for r in pts], [r["rows_per_s"] for r in pts], "-o", label=f"{key[0]} {key[1]}")
+    if rn:
+        ax[2].axhline(rn[0]["raw_compute_max_batch"], color="k", ls=":", label="raw compute at 128")
+        ax[2].set(xlabel="concurrency", ylabel="images/s", title="ResNet-18-shaped served")
+        ax[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="executor,server,resnet")
+    p.add_argument("--seconds", type=float, default=0.7, help="measuring time per in-process cell")
+    p.add_argument("--work", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "trtserve-gpu-bench",
+                   help="models and the plan cache (reused by later parts and calls)")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(os.environ.get("OUT") or DOCS))
+    p.add_argument("--render", action="store_true", help="only redraw gpu.md/gpu.png from OUT/gpu.json")
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    store = a.out / "gpu.json"
+    data = json.loads(store.read_text()) if store.exists() else {}
+    if a.render:
+        render(data, a.out)
+        return 0
+    from trtserve.server.backends.tensorrt import compat
+
+    ok, why = compat.available()
+    if not ok:
+        print(f"needs CUDA, CuPy and TensorRT: {why}", file=sys.stderr)
+        return 2
+    a.work.mkdir(parents=True, exist_ok=True)
+    data["machine"] = (f"{compat.gpu_name(0)}, TensorRT {why}, {os.cpu_count()} CPU cores, "
+                       f"Python {platform.python_version()}")
+    data["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    parts = {"executor": part_executor, "server": part_server, "resnet": part_resnet}
+    for name in a.parts.split(","):
+        t0 = time.monotonic()
+        print(f"== {name}", flush=True)
+        data[name] = parts[name](a.work, a.seconds)
+        store.write_text(json.dumps(data, indent=1))
+        print(f"== {name} done in {time.monotonic() - t0:.0f} s", flush=True)
+    render(data, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

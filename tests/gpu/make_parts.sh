@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds the parts that tests/gpu/device_session.sh unpacks on the lent GPU machine, into .gpukit/p.NN (git ignores it):
+# make-kit.sh's kit (CPython 3.9, TensorRT 8.6.0 with the builder, CuPy 13, NumPy 2.0, our cp39 dependencies) plus
+# perf_analyzer's binary (../shared/perf-analyzer/setup.sh), recompressed with zstd -19 --long=31 into one byte stream
+# cut in 60 MiB parts: fewer uploads than make-kit's 56 MiB parts at -12 (each upload is one `run` call).
+#   usage: bash tests/gpu/make_parts.sh          then upload .gpukit/p.00 (with zstd, kit_bytes.txt), p.01, ... in order
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+SHARED=$ROOT/../shared
+W=${GPUKIT_WORK:-/tmp/trtkit-build}
+rm -rf "$W/kit" "$W/tree" && mkdir -p "$W"
+bash "$SHARED/gpu-kit/make-kit.sh" "$W/kit" --builder grpcio==1.80.0 'protobuf>=6.31,<7' grpcio-health-checking==1.80.0 \
+  grpcio-reflection==1.80.0 prometheus-client onnx onnxruntime python-rapidjson packaging ml_dtypes
+mkdir -p "$W/tree"
+cat "$W"/kit/kit.* | zstd -q -d | tar -x -C "$W/tree"
+cat "$W"/kit/builder.* | zstd -q -d --long=27 -o "$W/builder.so"
+rm -rf "$W/tree/site/onnx/backend/test"  # 62 MB of ONNX conformance data
+PA=${PA_HOME:-/tmp/perf-analyzer}
+[ -x "$PA/whl/perf_analyzer/bin/perf_analyzer" ] || bash "$SHARED/perf-analyzer/setup.sh" "$PA"
+mkdir -p "$W/tree/pa" && cp "$PA/whl/perf_analyzer/bin/perf_analyzer" "$W/tree/pa/"
+tar -C "$W/tree" -cf - . | zstd -q -19 -T0 --long=31 -o "$W/kit.tar.zst" -f
+zstd -q -19 -T0 --long=31 -f "$W/builder.so" -o "$W/builder.zst"
+rm -rf "$ROOT/.gpukit" && mkdir -p "$ROOT/.gpukit"
+stat -c %s "$W/kit.tar.zst" > "$ROOT/.gpukit/kit_bytes.txt"
+cp "$(command -v zstd)" "$ROOT/.gpukit/zstd"
+cat "$W/kit.tar.zst" "$W/builder.zst" | split -b 60M -d -a 2 - "$ROOT/.gpukit/p."
+ls -la "$ROOT/.gpukit"
