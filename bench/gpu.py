@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Sequence
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 HEAVY_REQ_ROWS = 256  # rows per request for the heavy MLP (4 requests fill a batch of 1024)
 RESNET_MAX_BATCH = 128
-RESNET_REQ_IMAGES = 16
+RESNET_INSTANCES = int(os.environ.get("TRTSERVE_BENCH_RESNET_INSTANCES", "2"))
+RESNET_REQ_IMAGES = int(os.environ.get("TRTSERVE_BENCH_RESNET_IMAGES", "16"))  # images per request
 
 
 def _pa() -> str:
@@ -200,8 +201,8 @@ def part_resnet(work: pathlib.Path, seconds: float) -> List[dict]:
     make_resnet18(d / "model.onnx")
     params = {"trtserve.fp16": "true"}
     (repo / "resnet" / "config.pbtxt").write_text(
-        _config("resnet", "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, 2, params=params))
-    b = _open("resnet", d, "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, 2, work, params)
+        _config("resnet", "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, RESNET_INSTANCES, params=params))
+    b = _open("resnet", d, "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, RESNET_INSTANCES, work, params)
     raw: Dict[int, Dict[str, float]] = {}
     try:
         for batch in (RESNET_REQ_IMAGES, 64, RESNET_MAX_BATCH):
@@ -214,7 +215,8 @@ def part_resnet(work: pathlib.Path, seconds: float) -> List[dict]:
     rows: List[dict] = [{"kind": "raw", "batch": k, **v} for k, v in raw.items()]
     with _serve(repo, work) as s:
         runs = [("cuda", "perf_analyzer", c) for c in (8, 32, 64)] + [("cuda", "trtserve bench", c) for c in (8, 32, 64)]
-        runs += [("none", "perf_analyzer", 32), ("system", "perf_analyzer", 32)]
+        if os.environ.get("TRTSERVE_BENCH_RESNET_CUDA_ONLY") != "1":
+            runs += [("none", "perf_analyzer", 32), ("system", "perf_analyzer", 32)]
         for shm, tool, level in runs:
             if tool == "perf_analyzer":
                 r = perf_analyzer(pa, s.url, "resnet", level, RESNET_REQ_IMAGES, shm) if pa else None
@@ -222,7 +224,7 @@ def part_resnet(work: pathlib.Path, seconds: float) -> List[dict]:
                 r = trtserve_bench(s.url, "resnet", level, RESNET_REQ_IMAGES, shm, max(3.0, seconds * 4))
             if r is None:
                 continue
-            r.update(kind="served", shm=shm, concurrency=level, batch=RESNET_REQ_IMAGES,
+            r.update(kind="served", shm=shm, concurrency=level, batch=RESNET_REQ_IMAGES, instances=RESNET_INSTANCES,
                      raw_compute_max_batch=raw[RESNET_MAX_BATCH]["compute"])
             rows.append(r)
             print(f"  resnet {tool:15} shm={shm:6} c={level:<3} {r['rows_per_s']:9,.0f} images/s  "
@@ -273,21 +275,20 @@ def render(data: dict, out: pathlib.Path) -> None:
     if rn:
         raw = [r for r in rn if r["kind"] == "raw"]
         md += ["", "## ResNet-18-shaped FP16 model, shared memory", "",
-               "Raw engine (2 contexts' engine, one context measured): " + "; ".join(
+               "Raw engine (one context, engine built for the instance count's profiles): " + "; ".join(
                    f"batch {r['batch']}: {r['compute']:,.0f} images/s compute only, {r['with_io']:,.0f} with "
                    "H2D/D2H" for r in raw) + ".", "",
-               f"Served: requests of {RESNET_REQ_IMAGES} images (FP32 3x224x224, 9.6 MB per request), 2 instances, "
-               f"max_batch_size {RESNET_MAX_BATCH}; served/raw = images/s over the raw compute-only rate at batch "
-               f"{RESNET_MAX_BATCH}.", "",
-               "| load tool | transport | concurrency | images/s | p50 ms | p99 ms | mean batch | served / raw |",
-               "|---|---|---:|---:|---:|---:|---:|---:|"]
+               f"Served: FP32 3x224x224 inputs (602 KB per image), max_batch_size {RESNET_MAX_BATCH}; served/raw = "
+               f"images/s over the raw compute-only rate at batch {RESNET_MAX_BATCH}.", "",
+               "| load tool | transport | images per request | instances | concurrency | images/s | p50 ms | p99 ms | "
+               "mean batch | served / raw |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         names = {"cuda": "CUDA shm", "system": "system shm", "none": "gRPC bytes"}
         for r in rn:
             if r["kind"] != "served":
                 continue
-            md.append(f"| {r['tool']} | {names[r['shm']]} | {r['concurrency']} | {r['rows_per_s']:,.0f} | "
-                      f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch']:.0f} | "
-                      f"{r['rows_per_s'] / r['raw_compute_max_batch']:.0%} |")
+            md.append(f"| {r['tool']} | {names[r['shm']]} | {r['batch']} | {r.get('instances', RESNET_INSTANCES)} | "
+                      f"{r['concurrency']} | {r['rows_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                      f"{r['mean_batch']:.0f} | {r['rows_per_s'] / r['raw_compute_max_batch']:.0%} |")
     try:
         _plot(data, out / "gpu.png")
         md += ["", "![GPU benchmarks](gpu.png)"]
@@ -325,9 +326,10 @@ def _plot(data: dict, path: pathlib.Path) -> None:
         ax[1].set(xlabel="concurrency", ylabel="rows/s", title="heavy MLP served (perf_analyzer)")
         ax[1].legend(fontsize=7)
     rn = [r for r in data.get("resnet") or [] if r["kind"] == "served"]
-    for key in sorted({(r["tool"], r["shm"]) for r in rn}):
-        pts = [r for r in rn if (r["tool"], r["shm"]) == key]
-        ax[2].plot([r["concurrency"] for r in pts], [r["rows_per_s"] for r in pts], "-o", label=f"{key[0]} {key[1]}")
+    for key in sorted({(r["tool"], r["shm"], r["batch"], r.get("instances", 2)) for r in rn if r["shm"] == "cuda"}):
+        pts = [r for r in rn if (r["tool"], r["shm"], r["batch"], r.get("instances", 2)) == key]
+        ax[2].plot([r["concurrency"] for r in pts], [r["rows_per_s"] for r in pts], "-o",
+                   label=f"{key[0]}, CUDA shm, {key[2]}/req, x{key[3]}")
     if rn:
         ax[2].axhline(rn[0]["raw_compute_max_batch"], color="k", ls=":", label="raw compute at 128")
         ax[2].set(xlabel="concurrency", ylabel="images/s", title="ResNet-18-shaped served")
