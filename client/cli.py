@@ -239,10 +239,11 @@ def add_bench_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
     p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds (default %(default)s)")
     p.add_argument("--inflight-per-channel", type=int, default=200,
                    help="requests in flight per gRPC channel (default %(default)s)")
-    p.add_argument("--engine", default="asyncio", choices=["asyncio", "threads"],
-                   help="asyncio: grpc.aio, one event loop (default); threads: one thread per request in flight "
-                        "making blocking calls, as perf_analyzer's sync mode (lower latency for a lone request "
-                        "on small machines, fewer requests/s with many in flight)")
+    p.add_argument("--engine", default="auto", choices=["auto", "asyncio", "threads"],
+                   help="auto (default): threads for closed-loop levels of <= 4 in flight, asyncio above; asyncio: "
+                        "grpc.aio, one event loop; threads: one thread per request in flight making blocking calls, "
+                        "as perf_analyzer's sync mode (lower latency for a lone request, fewer requests/s with many "
+                        "in flight)")
     p.add_argument("--processes", type=int, default=1,
                    help="generator processes sharing each level (one process drives about 10k requests/s; "
                         "see python -m trtserve.client.bench.ceiling)")

@@ -60,7 +60,8 @@ def test_bench_closed_loop_on_mlp_writes_csv_json_png(example_server, tmp_path, 
     doc = json.loads(out["json"].read_text())
     assert (doc["model"], doc["mode"], doc["batch"], doc["url"]) == ("mlp", "concurrency", 2, example_server.url)
     assert doc["inputs"] == [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 64]}]
-    assert doc["generator"]["channels"] == 1 and doc["generator"]["engine"] == "asyncio"
+    assert doc["generator"]["channels"] == 1 and doc["generator"]["engine"] == "auto"
+    assert doc["generator"]["engine_per_level"] == ["threads", "threads"]  # levels 1 and 4: the blocking stub
     assert [lv["level"] for lv in doc["levels"]] == [1, 4] and set(doc["levels"][0]) == LEVEL_FIELDS
     assert doc["levels"][1]["requests"] == int(rows[1]["requests"])
 
@@ -78,6 +79,15 @@ async def test_bench_open_loop_on_mlp(example_server, engine):
         assert stats.requests_per_s == pytest.approx(rate, rel=0.6)  # Poisson over 0.8 s: loose on purpose
         assert stats.p50_ms <= stats.p99_ms <= stats.max_ms
         assert len(result.latencies_s[rate]) == stats.requests
+
+
+async def test_auto_sweep_runs_each_level_on_its_engine(example_server):
+    result = await run(BenchConfig(url=example_server.url, model="mlp", concurrency=[1, 8], duration_s=0.6,
+                                   warmup_s=0.2, input_data="zero"))
+    assert result.as_dict()["generator"]["engine_per_level"] == ["threads", "asyncio"]
+    for stats in result.levels:
+        assert stats.errors == 0 and stats.requests > 0 and stats.server_requests is not None
+        assert abs(stats.server_requests - stats.requests) <= 8  # both windows line up with the server's view
 
 
 async def test_bench_input_file_and_shape_rules(example_server, tmp_path):
@@ -251,3 +261,13 @@ def test_ceiling_entry_point():
     assert run_.returncode == 0, run_.stderr
     last = run_.stdout.strip().splitlines()[-1]
     assert last.startswith("load generator ceiling: ") and float(last.split()[3]) > 0
+
+
+def test_auto_engine_picks_blocking_calls_for_few_in_flight():
+    from trtserve.client.bench.runner import level_engine
+
+    assert [level_engine("auto", "concurrency", n) for n in (1, 4, 5, 128)] == ["threads", "threads", "asyncio",
+                                                                                   "asyncio"]
+    assert level_engine("auto", "request_rate", 1) == "asyncio"  # open loop: grpc.aio schedules the sends
+    assert level_engine("threads", "concurrency", 64) == "threads" and level_engine("asyncio", "concurrency", 1) == \
+        "asyncio"

@@ -161,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
     p.add_argument("--servers", type=int, default=2, help="trivial server processes sharing the port")
     p.add_argument("--inflight-per-channel", type=int, default=200)
-    p.add_argument("--engine", default="asyncio", choices=["asyncio", "threads"])
+    p.add_argument("--engine", default="auto", choices=["auto", "asyncio", "threads"])
     p.add_argument("--processes", type=int, default=1, help="generator processes")
     p.add_argument("--serve", type=int, metavar="PORT",
                    help="only run one trivial server on PORT (0: any) until stopped, e.g. for perf_analyzer")
