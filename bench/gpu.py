@@ -317,26 +317,27 @@ def _plot(data: dict, path: pathlib.Path) -> None:
         ax[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="rows/s", title="heavy MLP in process")
         ax[0].legend(fontsize=7)
     sv = [r for r in data.get("server") or [] if r["base"] == "heavy"]
-    for label in sorted({(r["instances"], r["graphs"], r["shm"]) for r in sv}):
-        pts = [r for r in sv if (r["instances"], r["graphs"], r["shm"]) == label]
-        ax[1].plot([r["concurrency"] for r in pts], [r["rows_per_s"] for r in pts], "-o",
-                   label=f"x{label[0]}{' graphs' if label[1] else ''}{' CUDA shm' if label[2] == 'cuda' else ''}")
-    if sv:
-        ax[1].axhline(sv[0]["raw_rows_per_s"], color="k", ls=":", label="raw at 1024")
-        ax[1].set(xlabel="concurrency", ylabel="rows/s", title="heavy MLP served (perf_analyzer)")
-        ax[1].legend(fontsize=7)
-    rn = [r for r in data.get("resnet") or [] if r["kind"] == "served"]
-    for key in sorted({(r["tool"], r["shm"], r["batch"], r.get("instances", 2)) for r in rn if r["shm"] == "cuda"}):
-        pts = [r for r in rn if (r["tool"], r["shm"], r["batch"], r.get("instances", 2)) == key]
-        ax[2].plot([r["concurrency"] for r in pts], [r["rows_per_s"] for r in pts], "-o",
-                   label=f"{key[0]}, CUDA shm, {key[2]}/req, x{key[3]}")
-    if rn:
-        ax[2].axhline(rn[0]["raw_compute_max_batch"], color="k", ls=":", label="raw compute at 128")
-        ax[2].set(xlabel="concurrency", ylabel="images/s", title="ResNet-18-shaped served")
-        ax[2].legend(fontsize=7)
+    _curves(ax[1], sv, lambda r: (r["instances"], r["graphs"], r["shm"]),
+            lambda k: f"x{k[0]}{' graphs' if k[1] else ''}{' CUDA shm' if k[2] == 'cuda' else ''}",
+            "raw_rows_per_s", "raw at 1024", "rows/s", "heavy MLP served (perf_analyzer)")
+    rn = [r for r in data.get("resnet") or [] if r["kind"] == "served" and r["shm"] == "cuda"]
+    _curves(ax[2], rn, lambda r: (r["tool"], r["batch"], r.get("instances", 2)),
+            lambda k: f"{k[0]}, CUDA shm, {k[1]}/req, x{k[2]}", "raw_compute_max_batch", "raw compute at 128",
+            "images/s", "ResNet-18-shaped served")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _curves(ax, rows: List[dict], key, label, ref: str, ref_label: str, ylabel: str, title: str) -> None:
+    """One throughput-vs-concurrency line per configuration, and the raw engine's rate as a reference."""
+    for k in sorted({key(r) for r in rows}):
+        pts = [r for r in rows if key(r) == k]
+        ax.plot([r["concurrency"] for r in pts], [r["rows_per_s"] for r in pts], "-o", label=label(k))
+    if rows:
+        ax.axhline(rows[0][ref], color="k", ls=":", label=ref_label)
+        ax.set(xlabel="concurrency", ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
