@@ -549,3 +549,25 @@ def test_device_pieces_stay_pieces_for_the_backend_to_copy():
                       level=1, arrival=0.0, future=None)  # type: ignore[arg-type]
     with pytest.raises(Internal, match="cannot be padded"):
         assemble.stack(reqs, {"x": (6,)}, {"x": 0.0}, True)
+
+
+async def test_batch_abandoned_while_queued_behind_is_not_executed():
+    """A complete batch waiting on the instance (rule 5) whose clients all cancelled never runs."""
+    backend = FakeBackend()
+    backend.release.clear()
+    b, rec = await make(spec(), backend)
+    first = b.submit(x(), ("y",), 1)
+    await started(backend)
+    behind = [b.submit(x(value=i), ("y",), 1) for i in range(8)]  # a full batch, queued behind the first
+    await asyncio.sleep(0.01)
+    assert rec.pending == 0
+    for f in behind:
+        f.cancel()
+    backend.release.set()
+    await first
+    await asyncio.sleep(0.05)
+    assert backend.batches == [1]  # the abandoned batch of 8 never reached the backend
+    later = await b.submit(x(value=5), ("y",), 1)  # and the instance serves the next request
+    np.testing.assert_array_equal(later.outputs["y"], np.full((1, 4), 10, np.float32))
+    assert backend.batches == [1, 1]
+    await b.stop()

@@ -260,6 +260,10 @@ class DynamicBatcher:
 
     def _work(self, p: policy.Plan) -> Tuple[BatchResult, Sequence[Dict[str, np.ndarray]], int, float]:
         started = self._clock()  # a batch queued behind another (policy rule 5) waited until now
+        if all(r.future.done() or (r.deadline is not None and started >= r.deadline) for r in p.requests):
+            # every client gave up while the batch waited on the instance: do not spend the device on it
+            # (reading done() from this thread is a plain state read; a race only means running it anyway)
+            raise _Abandoned()
         t0 = time.perf_counter_ns()
         names = tuple(dict.fromkeys(n for r in p.requests for n in r.outputs))
         staging = None
@@ -276,8 +280,13 @@ class DynamicBatcher:
     async def _execute(self, p: policy.Plan, seq: int, dispatched: float) -> None:
         assert p.instance is not None
         error: Optional[BaseException] = None
+        abandoned = False
         try:
             result, per_request, extra_ns, started = await self._pool.run(p.instance, lambda: self._work(p))
+        except _Abandoned:
+            abandoned = True
+            error = DeadlineExceeded(f"model '{self.spec.name}': the request was cancelled or its deadline "
+                                     "expired while its batch waited for an instance; it was not executed")
         except TrtServeError as e:
             error = e
         except Exception as e:  # a backend bug fails this batch only; the scheduler keeps serving
@@ -288,7 +297,8 @@ class DynamicBatcher:
             self._wake.set()
         name, version = self.spec.name, self.spec.version
         if error is not None:
-            self._observer.batch_done(name, version, p.rows, len(p.requests), 0, 0, 0, ok=False)
+            if not abandoned:  # an abandoned batch never executed: no execution to count
+                self._observer.batch_done(name, version, p.rows, len(p.requests), 0, 0, 0, ok=False)
             self._finish(seq, lambda: [settle(r.future, error=error) for r in p.requests])
             self._running.pop(seq, None)
             return
@@ -315,6 +325,10 @@ class DynamicBatcher:
         while self._next_to_settle in self._finished:
             self._finished.pop(self._next_to_settle)()
             self._next_to_settle += 1
+
+
+class _Abandoned(Exception):
+    """Raised on the instance thread when nobody waits for the batch any more."""
 
 
 def _earliest(current: Optional[float], *times: Optional[float]) -> Optional[float]:
