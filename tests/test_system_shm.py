@@ -10,6 +10,8 @@ import csv
 import os
 import pathlib
 import subprocess
+import threading
+import time
 import uuid
 from typing import Callable, Dict, Iterator, List
 
@@ -28,6 +30,7 @@ except Exception as e:  # ImportError, or pkg_resources missing under tritonclie
 needs_tc = pytest.mark.skipif(bool(_NO_TC), reason=_NO_TC or "-")
 
 from .models import add_sub, copy_example, identity  # noqa: E402
+from trtserve.server.backends.base import Backend, BatchResult, Gather, TensorSpec  # noqa: E402
 from trtserve.server.errors import AlreadyExists, InvalidArgument, NotFound  # noqa: E402
 from trtserve.server.examples.make_mlp import reference  # noqa: E402
 from trtserve.server.protocol.shm import CudaApi, SharedMemoryRegistry, ShmRef  # noqa: E402
@@ -571,6 +574,139 @@ def test_cuda_regions_through_the_server_on_a_fake_gpu(server, client):
     finally:
         server.server.service.shared_memory.close()
         server.server.service.shared_memory = real
+    assert fake.open_count == 0
+
+
+class DeviceCopyBackend(Backend):
+    """What the TensorRT backend does with CUDA shared memory, on the fake CUDA (device pointers are host
+    pointers here): takes DeviceTensor and Gather inputs, and writes outputs into requests' device
+    destinations itself. OUTPUT0 = 2 * INPUT0; the host result it returns is 2 * INPUT0 + 1000, a marker
+    that shows whether the server wrote an output from the host result or left the backend's copy alone."""
+
+    platform = "devcopy"
+    accepts_device_tensors = True
+    seen: List[List[str]] = []  # per batch: the kind of each input piece
+    gate = threading.Event()  # a batch whose input is all -1 waits for it (holds the instance)
+
+    def open(self) -> None:
+        pass
+
+    def io(self):
+        return ((TensorSpec("INPUT0", "FP32", (-1, 4)),), (TensorSpec("OUTPUT0", "FP32", (-1, 4)),))
+
+    @staticmethod
+    def _host(piece) -> np.ndarray:
+        if isinstance(piece, np.ndarray):
+            return piece
+        buf = (ctypes.c_ubyte * piece.nbytes).from_address(piece.ptr)  # "device" memory of the fake
+        return np.frombuffer(bytes(buf), np.float32).reshape(piece.shape)
+
+    def run(self, instance, inputs, outputs):
+        return self.run_to_device(instance, inputs, outputs, ())
+
+    def run_to_device(self, instance, inputs, outputs, destinations):
+        x = inputs["INPUT0"]
+        parts = x.parts if isinstance(x, Gather) else (x,)
+        DeviceCopyBackend.seen.append([type(p).__name__ for p in parts])
+        x = np.concatenate([self._host(p) for p in parts], axis=0)
+        if (x == -1).all():
+            DeviceCopyBackend.gate.wait(30)
+        y = 2 * x
+        delivered = {}
+        for d in destinations:
+            ptr, room = d.outputs["OUTPUT0"]
+            rows = np.ascontiguousarray(y[d.row_offset:d.row_offset + d.rows])
+            assert rows.nbytes <= room
+            ctypes.memmove(ptr, rows.ctypes.data, rows.nbytes)
+            delivered[d.request] = frozenset({"OUTPUT0"})
+        return BatchResult({"OUTPUT0": y + 1000}, delivered=delivered)
+
+    def close(self) -> None:
+        pass
+
+
+def test_device_inputs_and_outputs_through_the_batcher_on_a_fake_gpu(tmp_path):
+    """Four requests in one batch: CUDA input and CUDA output (x2), CUDA input with the output in the
+    response, raw input with the output in the response. The backend gets a Gather of DeviceTensor and
+    ndarray pieces, writes the two CUDA outputs itself, and the server leaves those alone."""
+    import concurrent.futures
+
+    import grpc
+
+    from tests.test_faults import OptionsServer
+    from trtserve.protos import grpc_service_pb2 as pb
+    from trtserve.protos import grpc_service_pb2_grpc as pbg
+    from trtserve.server.app import ServerOptions
+
+    from .models import write_config
+    write_config(tmp_path, "dev", """
+name: "dev" platform: "devcopy" max_batch_size: 8
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]
+output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]
+dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 2000000 }
+""")
+    (tmp_path / "dev" / "1").mkdir()
+    DeviceCopyBackend.seen = []
+    DeviceCopyBackend.gate.clear()
+    server = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, metrics_port=None,
+                                         gpu_metrics=False, backend_factories={"devcopy": DeviceCopyBackend}))
+    fake = FakeCuda(devices=1)
+    real = server.server.service.shared_memory
+    server.server.service.shared_memory = SharedMemoryRegistry(cuda=fake)
+    channel = grpc.insecure_channel(server.url)
+    try:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        xs = [np.arange(4, dtype=np.float32).reshape(1, 4) + 10 * i for i in range(4)]
+        h_in, h_out = fake.allocate(4 * 16), fake.allocate(4 * 16)
+        fake.array(h_in)[:] = np.concatenate(xs).reshape(-1).view(np.uint8)
+        for name, h in (("din", h_in), ("dout", h_out)):
+            stub.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(
+                name=name, raw_handle=h, device_id=0, byte_size=64), timeout=10)
+
+        def request(i: int) -> pb.ModelInferRequest:
+            r = pb.ModelInferRequest(model_name="dev", id=str(i))
+            t = r.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+            if i < 3:
+                t.parameters["shared_memory_region"].string_param = "din"
+                t.parameters["shared_memory_byte_size"].int64_param = 16
+                t.parameters["shared_memory_offset"].int64_param = 16 * i
+            else:
+                r.raw_input_contents.append(xs[i].tobytes())
+            if i < 2:
+                o = r.outputs.add(name="OUTPUT0")
+                o.parameters["shared_memory_region"].string_param = "dout"
+                o.parameters["shared_memory_byte_size"].int64_param = 16
+                o.parameters["shared_memory_offset"].int64_param = 16 * i
+            return r
+
+        blocker = pb.ModelInferRequest(model_name="dev")
+        blocker.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+        blocker.raw_input_contents.append(np.full((1, 4), -1, np.float32).tobytes())
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            held = pool.submit(stub.ModelInfer, blocker, timeout=30)  # keeps the one instance busy
+            deadline = time.monotonic() + 10
+            while not DeviceCopyBackend.seen and time.monotonic() < deadline:
+                time.sleep(0.01)
+            futures = [pool.submit(stub.ModelInfer, request(i), timeout=30) for i in range(4)]
+            time.sleep(0.3)  # the four queue up: one batch of the preferred size
+            DeviceCopyBackend.gate.set()
+            answers = [f.result() for f in futures]
+            held.result()
+        assert len(DeviceCopyBackend.seen) == 2 and sorted(DeviceCopyBackend.seen[1]) == [
+            "DeviceTensor", "DeviceTensor", "DeviceTensor", "ndarray"]
+        out = fake.array(h_out).view(np.float32).reshape(4, 4)
+        for i in (0, 1):  # written by the backend, device to device; the server did not overwrite them
+            assert list(answers[i].raw_output_contents) == [b""]  # the output lives in the region
+            np.testing.assert_array_equal(out[i], 2 * xs[i][0])
+        for i in (2, 3):  # in the response, from the host result
+            got = np.frombuffer(answers[i].raw_output_contents[0], np.float32)
+            np.testing.assert_array_equal(got, 2 * xs[i][0] + 1000)
+        stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest(), timeout=10)
+    finally:
+        channel.close()
+        server.server.service.shared_memory.close()
+        server.server.service.shared_memory = real
+        server.stop()
     assert fake.open_count == 0
 
 

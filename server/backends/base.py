@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import pathlib
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -86,6 +86,17 @@ def is_host(array: object) -> bool:
     return isinstance(array, np.ndarray)
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceDestination:
+    """Outputs one request of a batch wants in device memory (CUDA shared memory): its rows of each named
+    output go to ``(device pointer, bytes available)``. Only given to backends with ``accepts_device_tensors``."""
+
+    request: int  # index of the request in the batch
+    row_offset: int
+    rows: int
+    outputs: Mapping[str, Tuple[int, int]]
+
+
 @dataclasses.dataclass
 class BatchResult:
     """Outputs of one batch, with the time spent in each stage (Triton's compute_input/infer/output)."""
@@ -94,6 +105,8 @@ class BatchResult:
     compute_input_ns: int = 0
     compute_infer_ns: int = 0
     compute_output_ns: int = 0
+    # request index -> outputs already written to that request's DeviceDestination (the server skips them)
+    delivered: Dict[int, FrozenSet[str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +167,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
         """Runs one batch on ``instance``. Called only from that instance's thread."""
+
+    def run_to_device(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
+                      destinations: Sequence[DeviceDestination]) -> BatchResult:
+        """``run`` that also writes outputs straight into requests' device memory where it can, saying which in
+        ``BatchResult.delivered``; whatever it does not deliver the server writes from the host result."""
+        return self.run(instance, inputs, outputs)
 
     @abc.abstractmethod
     def close(self) -> None:

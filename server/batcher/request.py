@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, FrozenSet, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -26,6 +26,7 @@ class Pending:
     deadline: Optional[float] = None  # the client's gRPC deadline (batcher clock)
     delayed: bool = False  # timed out under timeout_action DELAY: runs only after all others
     seq: int = 0  # arrival order, for FIFO and preserve_ordering
+    device_outputs: Mapping[str, Tuple[int, int]] = dataclasses.field(default_factory=dict)  # see DeviceDestination
 
 
 @dataclasses.dataclass
@@ -38,3 +39,4 @@ class RequestResult:
     compute_infer_ns: int
     compute_output_ns: int
     batch_size: int
+    delivered: FrozenSet[str] = frozenset()  # outputs the backend already wrote into the request's device memory

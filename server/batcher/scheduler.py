@@ -16,7 +16,7 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tup
 
 import numpy as np
 
-from trtserve.server.backends.base import Backend, BatchResult
+from trtserve.server.backends.base import Backend, BatchResult, DeviceDestination
 from trtserve.server.batcher import assemble, policy
 from trtserve.server.batcher.request import Pending, RequestResult
 from trtserve.server.batcher.shapes import ShapeRules, describe_profiles
@@ -85,8 +85,10 @@ class DynamicBatcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.spec.name}")
 
     def submit(self, inputs: Mapping[str, np.ndarray], outputs: Tuple[str, ...], rows: int, priority: int = 0,
-               timeout_us: int = 0, deadline: Optional[float] = None) -> "asyncio.Future[RequestResult]":
-        """Queues a validated request; returns the future its answer arrives on.
+               timeout_us: int = 0, deadline: Optional[float] = None,
+               device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None) -> "asyncio.Future[RequestResult]":
+        """Queues a validated request; returns the future its answer arrives on. ``device_outputs``: outputs
+        the backend may write straight into device memory (name -> pointer, bytes; CUDA shared memory).
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -116,7 +118,7 @@ class DynamicBatcher:
         fut: "asyncio.Future[RequestResult]" = asyncio.get_running_loop().create_future()
         req = Pending(inputs=inputs, outputs=outputs, rows=rows, shapes=shapes, level=level, arrival=now,
                       future=fut, queue_deadline=(now + timeout / 1e6) if timeout else None, deadline=deadline,
-                      seq=next(self._seq))
+                      seq=next(self._seq), device_outputs=device_outputs or {})
         queue.append(req)
         self._next_expiry = _earliest(self._next_expiry, req.deadline, req.queue_deadline)
         self._observer.request_queued(self.spec.name, self.spec.version, level)
@@ -272,10 +274,27 @@ class DynamicBatcher:
         inputs = assemble.stack(p.requests, p.shapes, self.spec.pad_values, self.spec.batches, staging)
         t1 = time.perf_counter_ns()
         assert p.instance is not None
-        result = self._backend.run(p.instance, inputs, names)
+        destinations = self._destinations(p.requests)
+        if destinations:
+            result = self._backend.run_to_device(p.instance, inputs, names, destinations)
+        else:
+            result = self._backend.run(p.instance, inputs, names)
         t2 = time.perf_counter_ns()
         per_request = assemble.split(result.outputs, p.requests, self._unpad, self.spec.batches)
         return result, per_request, (t1 - t0) + (time.perf_counter_ns() - t2), started
+
+    def _destinations(self, requests: Sequence[Pending]) -> List[DeviceDestination]:
+        """Where requests want outputs in device memory: each one's rows (an unbatched model: the whole
+        output). Outputs sliced back per request along variable dims (``trtserve.unpad``) are not
+        contiguous rows, so the server writes those from the host result."""
+        out: List[DeviceDestination] = []
+        offset = 0
+        for i, r in enumerate(requests):
+            wanted = {n: d for n, d in r.device_outputs.items() if n not in self._unpad}
+            if wanted:
+                out.append(DeviceDestination(i, offset if self.spec.batches else 0, r.rows, wanted))
+            offset += r.rows
+        return out
 
     async def _execute(self, p: policy.Plan, seq: int, dispatched: float) -> None:
         assert p.instance is not None
@@ -307,11 +326,11 @@ class DynamicBatcher:
                                   result.compute_output_ns, ok=True)
 
         def answer() -> None:
-            for r, outs in zip(p.requests, per_request):
+            for i, (r, outs) in enumerate(zip(p.requests, per_request)):
                 settle(r.future, RequestResult(
                     outputs=outs, queue_ns=int((max(started, dispatched) - r.arrival) * 1e9), compute_input_ns=cin,
                     compute_infer_ns=result.compute_infer_ns, compute_output_ns=result.compute_output_ns,
-                    batch_size=p.rows))
+                    batch_size=p.rows, delivered=result.delivered.get(i, frozenset())))
 
         self._finish(seq, answer)
         self._running.pop(seq, None)

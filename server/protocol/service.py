@@ -176,7 +176,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def _decode_shm(self, request: pb.ModelInferRequest, mv, req_shm: shm.RequestShm):
         """decode + validate for a request that names shared-memory regions; resolves its output
-        regions (bounds, overlap, size when the shape is known) before it is queued."""
+        regions (bounds, overlap, size when the shape is known) before it is queued, and, for a backend
+        that copies device to device, which outputs it may write into CUDA regions itself."""
         spec, backend = mv.spec, mv.backend
         # a backend that copies device-to-device itself takes CUDA inputs as DeviceTensor descriptors
         device_tensors = bool(getattr(backend, "accepts_device_tensors", False))
@@ -200,7 +201,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         for t in spec.outputs:
             full = ((rows,) if spec.batches else ()) + tuple(t.dims)
             req_shm.check_output_size(t.name, dtypes.BY_WIRE[t.datatype], full)
-        return arrays, types, rows, names
+        device_outputs = {}
+        if device_tensors:
+            for name in req_shm.outputs:
+                dest = req_shm.device_destination(name, device_id)
+                if dest is not None:
+                    device_outputs[name] = dest
+        return arrays, types, rows, names, device_outputs
 
     # ---- inference ----------------------------------------------------------------------------
     @rpc
@@ -221,19 +228,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         req_shm = self.shared_memory.request() if _uses_shm(request) else None
         cancelled = False
         try:
+            device_outputs = None
             if req_shm is None:
                 arrays, types = codec.decode_inputs(request)
                 rows, names = validate_request(spec, arrays, types, codec.requested_outputs(request))
             else:
-                arrays, types, rows, names = self._decode_shm(request, mv, req_shm)
+                arrays, types, rows, names, device_outputs = self._decode_shm(request, mv, req_shm)
             priority, timeout_us = _schedule_params(request)
             deadline = None if remaining is None else time.monotonic() + remaining
-            result = await batcher.submit(arrays, names, rows, priority, timeout_us, deadline)
+            result = await batcher.submit(arrays, names, rows, priority, timeout_us, deadline, device_outputs)
             dts = output_datatypes(spec)
             outputs: Dict[str, object] = {n: result.outputs[n] for n in names}
             if req_shm is not None:
                 for name in req_shm.outputs:
-                    req_shm.write_output(name, dts[name], outputs[name])
+                    if name not in result.delivered:  # the backend wrote those into device memory already
+                        req_shm.write_output(name, dts[name], outputs[name])
             response = codec.encode_response(request, spec.name, spec.version, outputs, dts,
                                              req_shm.outputs if req_shm is not None else ())
         except TrtServeError as e:

@@ -580,6 +580,17 @@ class RequestShm:
                                       "output its own bytes")
         self.outputs[name] = (region, ref)
 
+    def device_destination(self, name: str, device_id: int) -> Optional[Tuple[int, int]]:
+        """(device pointer, byte size) of an output's CUDA region on ``device_id``, for a backend that writes
+        results there itself (device to device); None for system regions or another device. The region
+        then counts as handed to the backend (see ``release``)."""
+        region, ref = self.outputs[name]
+        if not isinstance(region, CudaRegion) or region.device_id != device_id:
+            return None
+        ptr = region.address(ref.offset, ref.byte_size, f"output '{name}'")
+        self._device_regions.add(region.name)
+        return ptr, ref.byte_size
+
     def check_output_size(self, name: str, dt: dtypes.DataType, shape: Sequence[int]) -> None:
         """Fails before inference when an output's full shape is known and will not fit its region."""
         if name not in self.outputs or dt.wire == "BYTES" or any(d < 0 for d in shape):

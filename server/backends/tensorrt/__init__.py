@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve.dtypes import from_wire
-from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, Profile, TensorSpec
+from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, DeviceDestination, Profile, TensorSpec
 from trtserve.server.errors import InvalidArgument, ModelLoadError
 
 from . import compat
@@ -198,9 +198,13 @@ class TensorRTBackend(Backend):
         return self._instances[instance].staging(shapes)
 
     def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
+        return self.run_to_device(instance, inputs, outputs, ())
+
+    def run_to_device(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
+                      destinations: Sequence[DeviceDestination]) -> BatchResult:
         if not 0 <= instance < len(self._instances):
             raise InvalidArgument(f"{self._what}: no instance {instance} (have {len(self._instances)})")
-        return self._instances[instance].run(inputs, outputs)
+        return self._instances[instance].run(inputs, outputs, destinations)
 
     def close(self) -> None:
         """Reverse order of construction: contexts (and their graphs, buffers), engine, runtime."""

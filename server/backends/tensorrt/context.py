@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve.dtypes import from_wire
-from trtserve.server.backends.base import BatchResult, Gather, ShapeRange, is_host
+from trtserve.server.backends.base import BatchResult, DeviceDestination, Gather, ShapeRange, is_host
 from trtserve.server.errors import Internal, InvalidArgument, ModelLoadError
 from trtserve.server.executor import graphs as graph_util
 from trtserve.server.executor.staging import StagedTensor, nbytes_of
@@ -240,8 +240,10 @@ class InstanceContext:
             out[name] = t.view(tuple(shape))
         return out
 
-    def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
-        """Runs one batch; called only from this instance's thread."""
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
+            destinations: Sequence[DeviceDestination] = ()) -> BatchResult:
+        """Runs one batch; called only from this instance's thread. ``destinations``: requests' rows of
+        outputs copied device to device into their CUDA shared memory, on this stream, before it is waited for."""
         t0 = time.perf_counter_ns()
         rows = self.check_inputs(inputs)
         wanted = list(outputs) or [t.name for t in self._info.outputs]
@@ -253,7 +255,7 @@ class InstanceContext:
         if cupy.cuda.runtime.getDevice() != self._device_id:  # the calling thread's current device
             cupy.cuda.runtime.setDevice(self._device_id)
         try:
-            out_shapes, t1, in_ns, exec_ns, out_ns = self._execute(cupy, inputs, rows, wanted)
+            out_shapes, t1, in_ns, exec_ns, out_ns, delivered = self._execute(cupy, inputs, rows, wanted, destinations)
         except BaseException:
             self._shapes, self._out_shapes = {}, {}
             self._drain()  # nothing may still read the pinned buffers when the next batch packs them
@@ -266,6 +268,7 @@ class InstanceContext:
             compute_input_ns=(t1 - t0) + in_ns,
             compute_infer_ns=exec_ns,
             compute_output_ns=out_ns + (t3 - t2),
+            delivered=delivered,
         )
 
     def _drain(self) -> None:
@@ -274,10 +277,36 @@ class InstanceContext:
         except Exception as e:  # noqa: BLE001 - report the original error, log this one
             log.error("%s: stream synchronize after a failed batch: %s", self._what, e)
 
+    def _to_devices(self, destinations: Sequence[DeviceDestination], out_shapes: Mapping[str, Tuple[int, ...]],
+                    stream: Any) -> Dict[int, frozenset]:
+        """Enqueues device-to-device copies of each destination's rows of each output; returns what went where."""
+        rt = self._cupy.cuda.runtime
+        delivered: Dict[int, frozenset] = {}
+        for d in destinations:
+            done = []
+            for name, (ptr, room) in d.outputs.items():
+                shape = out_shapes.get(name)
+                if shape is None:
+                    continue
+                t = self._tensors[name]
+                row_bytes = nbytes_of(tuple(shape[1:]), t.dtype) if self._batched else nbytes_of(shape, t.dtype)
+                n = d.rows * row_bytes if self._batched else row_bytes
+                start = d.row_offset * row_bytes if self._batched else 0
+                if n > room or start + n > t.capacity:  # the server checked sizes; never write past a region
+                    continue
+                if n:
+                    rt.memcpyAsync(ptr, t.ptr + start, n, rt.memcpyDeviceToDevice, stream.ptr)
+                done.append(name)
+            if done:
+                delivered[d.request] = frozenset(done)
+        return delivered
+
     def _execute(
-        self, cupy: ModuleType, inputs: Mapping[str, np.ndarray], rows: Optional[int], wanted: Sequence[str]
-    ) -> Tuple[Dict[str, Tuple[int, ...]], int, int, int, int]:
-        """Enqueues one batch and waits for it: (output shapes, host pack end ns, input/infer/output GPU ns)."""
+        self, cupy: ModuleType, inputs: Mapping[str, np.ndarray], rows: Optional[int], wanted: Sequence[str],
+        destinations: Sequence[DeviceDestination] = (),
+    ) -> Tuple[Dict[str, Tuple[int, ...]], int, int, int, int, Dict[int, frozenset]]:
+        """Enqueues one batch and waits for it: (output shapes, host pack end ns, input/infer/output GPU ns,
+        outputs delivered to device destinations)."""
         stream = self._stream
         ev_start, ev_in, ev_exec, ev_done = self._events
         bucket = graph_util.pick_bucket(self._buckets, rows) if rows is not None and self._buckets else None
@@ -290,10 +319,11 @@ class InstanceContext:
             t1 = time.perf_counter_ns()
             ev_start.record(stream)
             g.graph.launch(stream=stream)
+            out_shapes = {n: (rows,) + g.out_shapes[n][1:] for n in wanted}
+            delivered = self._to_devices(destinations, out_shapes, stream) if destinations else {}
             ev_done.record(stream)
             ev_done.synchronize()
-            out_shapes = {n: (rows,) + g.out_shapes[n][1:] for n in wanted}
-            return out_shapes, t1, 0, int(cupy.cuda.get_elapsed_time(ev_start, ev_done) * 1e6), 0
+            return out_shapes, t1, 0, int(cupy.cuda.get_elapsed_time(ev_start, ev_done) * 1e6), 0, delivered
         sizes = {name: self._tensors[name].pack(a) for name, a in inputs.items() if is_host(a)}
         t1 = time.perf_counter_ns()
         ev_start.record(stream)
@@ -322,6 +352,7 @@ class InstanceContext:
         out_shapes = {name: self._out_shapes[name] for name in wanted}
         for name, shape in out_shapes.items():
             self._tensors[name].download(nbytes_of(shape, self._tensors[name].dtype), stream)
+        delivered = self._to_devices(destinations, out_shapes, stream) if destinations else {}
         ev_done.record(stream)
         ev_done.synchronize()
         return (
@@ -330,4 +361,5 @@ class InstanceContext:
             int(cupy.cuda.get_elapsed_time(ev_start, ev_in) * 1e6),
             int(cupy.cuda.get_elapsed_time(ev_in, ev_exec) * 1e6),
             int(cupy.cuda.get_elapsed_time(ev_exec, ev_done) * 1e6),
+            delivered,
         )
