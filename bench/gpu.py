@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import functools
 import json
 import os
 import pathlib
@@ -29,8 +30,6 @@ from typing import Dict, List, Optional, Sequence
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 HEAVY_REQ_ROWS = 256  # rows per request for the heavy MLP (4 requests fill a batch of 1024)
 RESNET_MAX_BATCH = 128
-RESNET_INSTANCES = int(os.environ.get("TRTSERVE_BENCH_RESNET_INSTANCES", "2"))
-RESNET_REQ_IMAGES = int(os.environ.get("TRTSERVE_BENCH_RESNET_IMAGES", "16"))  # images per request
 
 
 def _pa() -> str:
@@ -190,7 +189,10 @@ def part_server(work: pathlib.Path, seconds: float) -> List[dict]:
     return rows
 
 
-def part_resnet(work: pathlib.Path, seconds: float) -> List[dict]:
+def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances: int = 2,
+                transports: Sequence[str] = ("cuda", "none", "system")) -> List[dict]:
+    """``images`` per request, ``instances`` execution contexts; CUDA shared memory at 8/32/64 in flight with both
+    load tools, the other transports with perf_analyzer at 32."""
     from bench.gpu_backend import raw_rows_per_s
     from bench.resnet import make_resnet18
 
@@ -201,11 +203,11 @@ def part_resnet(work: pathlib.Path, seconds: float) -> List[dict]:
     make_resnet18(d / "model.onnx")
     params = {"trtserve.fp16": "true"}
     (repo / "resnet" / "config.pbtxt").write_text(
-        _config("resnet", "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, RESNET_INSTANCES, params=params))
-    b = _open("resnet", d, "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, RESNET_INSTANCES, work, params)
+        _config("resnet", "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, instances, params=params))
+    b = _open("resnet", d, "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, instances, work, params)
     raw: Dict[int, Dict[str, float]] = {}
     try:
-        for batch in (RESNET_REQ_IMAGES, 64, RESNET_MAX_BATCH):
+        for batch in sorted({images, 64, RESNET_MAX_BATCH}):
             raw[batch] = {"compute": raw_rows_per_s(b, batch, seconds, with_io=False),
                           "with_io": raw_rows_per_s(b, batch, seconds, with_io=True)}
             print(f"  resnet raw batch {batch}: {raw[batch]['compute']:,.0f} images/s compute only, "
@@ -214,17 +216,17 @@ def part_resnet(work: pathlib.Path, seconds: float) -> List[dict]:
         b.close()
     rows: List[dict] = [{"kind": "raw", "batch": k, **v} for k, v in raw.items()]
     with _serve(repo, work) as s:
-        runs = [("cuda", "perf_analyzer", c) for c in (8, 32, 64)] + [("cuda", "trtserve bench", c) for c in (8, 32, 64)]
-        if os.environ.get("TRTSERVE_BENCH_RESNET_CUDA_ONLY") != "1":
-            runs += [("none", "perf_analyzer", 32), ("system", "perf_analyzer", 32)]
+        runs = [("cuda", tool, c) for tool in ("perf_analyzer", "trtserve bench") for c in (8, 32, 64)
+                if "cuda" in transports]
+        runs += [(t, "perf_analyzer", 32) for t in transports if t != "cuda"]
         for shm, tool, level in runs:
             if tool == "perf_analyzer":
-                r = perf_analyzer(pa, s.url, "resnet", level, RESNET_REQ_IMAGES, shm) if pa else None
+                r = perf_analyzer(pa, s.url, "resnet", level, images, shm) if pa else None
             else:
-                r = trtserve_bench(s.url, "resnet", level, RESNET_REQ_IMAGES, shm, max(3.0, seconds * 4))
+                r = trtserve_bench(s.url, "resnet", level, images, shm, max(3.0, seconds * 4))
             if r is None:
                 continue
-            r.update(kind="served", shm=shm, concurrency=level, batch=RESNET_REQ_IMAGES, instances=RESNET_INSTANCES,
+            r.update(kind="served", shm=shm, concurrency=level, batch=images, instances=instances,
                      raw_compute_max_batch=raw[RESNET_MAX_BATCH]["compute"])
             rows.append(r)
             print(f"  resnet {tool:15} shm={shm:6} c={level:<3} {r['rows_per_s']:9,.0f} images/s  "
@@ -286,7 +288,7 @@ def render(data: dict, out: pathlib.Path) -> None:
         for r in rn:
             if r["kind"] != "served":
                 continue
-            md.append(f"| {r['tool']} | {names[r['shm']]} | {r['batch']} | {r.get('instances', RESNET_INSTANCES)} | "
+            md.append(f"| {r['tool']} | {names[r['shm']]} | {r['batch']} | {r.get('instances', 2)} | "
                       f"{r['concurrency']} | {r['rows_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                       f"{r['mean_batch']:.0f} | {r['rows_per_s'] / r['raw_compute_max_batch']:.0%} |")
     try:
@@ -340,6 +342,10 @@ def _curves(ax, rows: List[dict], key, label, ref: str, ref_label: str, ylabel: 
         ax.legend(fontsize=7)
 
 
+def _resnet_key(r: dict) -> tuple:
+    return r["kind"], r["batch"], r.get("instances"), r.get("shm"), r.get("tool"), r.get("concurrency")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="executor,server,resnet")
@@ -348,6 +354,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="models and the plan cache (reused by later parts and calls)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(os.environ.get("OUT") or DOCS))
     p.add_argument("--render", action="store_true", help="only redraw gpu.md/gpu.png from OUT/gpu.json")
+    p.add_argument("--resnet-images", type=int, default=16, help="images per request (resnet part)")
+    p.add_argument("--resnet-instances", type=int, default=2, help="instance_group count (resnet part)")
+    p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     store = a.out / "gpu.json"
@@ -365,11 +374,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data["machine"] = (f"{compat.gpu_name(0)}, TensorRT {why}, {os.cpu_count()} CPU cores, "
                        f"Python {platform.python_version()}")
     data["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    parts = {"executor": part_executor, "server": part_server, "resnet": part_resnet}
+    parts = {"executor": part_executor, "server": part_server,
+             "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
+                                         transports=a.resnet_transports.split(","))}
     for name in a.parts.split(","):
         t0 = time.monotonic()
         print(f"== {name}", flush=True)
-        data[name] = parts[name](a.work, a.seconds)
+        new = parts[name](a.work, a.seconds)
+        if name == "resnet":  # runs with other --resnet-* settings add to the table instead of replacing it
+            fresh = {_resnet_key(r) for r in new}
+            new = [r for r in data.get(name) or [] if _resnet_key(r) not in fresh] + new
+        data[name] = new
         store.write_text(json.dumps(data, indent=1))
         print(f"== {name} done in {time.monotonic() - t0:.0f} s", flush=True)
     render(data, a.out)
