@@ -108,11 +108,14 @@ def main(argv=None) -> int:
     p.add_argument("--levels", default="1,8,32,128")
     p.add_argument("--models", default="mlp,wide")
     p.add_argument("--no-perf-analyzer", action="store_true")
+    p.add_argument("--out", type=pathlib.Path, default=OUT, help="where cpu.md and the plots go")
+    p.add_argument("--name", default="cpu", help="file name stem: NAME.md, NAME_<model>.png")
     a = p.parse_args(argv)
+    out_dir = a.out
     levels = [int(x) for x in a.levels.split(",")]
     pa = "" if a.no_perf_analyzer else perf_analyzer_path()
     tools = ["trtserve bench"] + (["perf_analyzer"] if pa else [])
-    OUT.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.node()}, {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     md = [f"# CPU benchmarks\n\nMeasured by `python -m bench.cpu --duration {a.duration:g} --levels {a.levels}` on "
           f"{machine}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Server, load generator and (for the "
@@ -180,11 +183,14 @@ def main(argv=None) -> int:
                              f" p50 {b1['p50_ms']:.2f} vs {b2['p50_ms']:.2f} ms "
                              f"({(b1['p50_ms'] / b2['p50_ms'] - 1) * 100:+.0f}%)")
         md.append("\n" + "\n".join(lines))
-        png = OUT / f"cpu_{model}.png"
-        plot(model, rows, png)
-        md.append(f"\n![{model}]({png.name})\n")
-    (OUT / "cpu.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {OUT / 'cpu.md'}")
+        png = out_dir / f"{a.name}_{model}.png"
+        try:
+            plot(model, rows, png)
+            md.append(f"\n![{model}]({png.name})\n")
+        except ImportError:  # e.g. the GPU kit, which carries no matplotlib
+            print("matplotlib not installed: no plot", file=sys.stderr)
+    (out_dir / f"{a.name}.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out_dir / (a.name + '.md')}")
     return 0
 
 
