@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -63,7 +64,7 @@ class DynamicBatcher:
                                                     for lvl in range(1, spec.batching.levels + 1)}
         self._delayed: Deque[Pending] = collections.deque()
         self._wake = asyncio.Event()
-        self._running: Dict[int, "asyncio.Task"] = {}
+        self._running: Dict[int, "asyncio.Future"] = {}  # one per batch handed to an instance, until answered
         self._seq = itertools.count()
         self._batch_seq = itertools.count()
         self._next_to_settle = 0
@@ -257,8 +258,20 @@ class DynamicBatcher:
         assert p.instance is not None
         self._pool.acquire(p.instance)
         seq = next(self._batch_seq)
-        task = asyncio.get_running_loop().create_task(self._execute(p, seq, now))
-        self._running[seq] = task
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._running[seq] = done
+
+        def finished(f: "concurrent.futures.Future") -> None:  # on the instance thread
+            try:
+                loop.call_soon_threadsafe(self._complete, p, seq, now, f, done)
+            except RuntimeError:  # the loop is closed: the process is exiting, nobody waits for the answer
+                pass
+
+        # a plain done-callback, not a Task awaiting run_in_executor: the result is handled in the first loop
+        # iteration after the thread finishes (a Task, a future chain and two loop iterations per batch less:
+        # fake backend, 0.4 ms per batch, one instance: 1,070-1,205 -> 1,476-1,509 batches/s)
+        self._pool.submit(p.instance, lambda: self._work(p)).add_done_callback(finished)
 
     def _work(self, p: policy.Plan) -> Tuple[BatchResult, Sequence[Dict[str, np.ndarray]], int, float]:
         started = self._clock()  # a batch queued behind another (policy rule 5) waited until now
@@ -296,12 +309,25 @@ class DynamicBatcher:
             offset += r.rows
         return out
 
-    async def _execute(self, p: policy.Plan, seq: int, dispatched: float) -> None:
+    def _complete(self, p: policy.Plan, seq: int, dispatched: float, f: "concurrent.futures.Future",
+                  done: "asyncio.Future") -> None:
+        """On the loop, once the instance thread finished ``_work``: answers the batch's requests and frees
+        the instance."""
+        assert p.instance is not None
+        try:
+            self._answer(p, seq, dispatched, f)
+        finally:
+            self._running.pop(seq, None)
+            if not done.done():
+                done.set_result(None)
+        self._wake.set()  # the freed instance: the loop plans what runs next
+
+    def _answer(self, p: policy.Plan, seq: int, dispatched: float, f: "concurrent.futures.Future") -> None:
         assert p.instance is not None
         error: Optional[BaseException] = None
         abandoned = False
         try:
-            result, per_request, extra_ns, started = await self._pool.run(p.instance, lambda: self._work(p))
+            result, per_request, extra_ns, started = f.result()
         except _Abandoned:
             abandoned = True
             error = DeadlineExceeded(f"model '{self.spec.name}': the request was cancelled or its deadline "
@@ -309,17 +335,15 @@ class DynamicBatcher:
         except TrtServeError as e:
             error = e
         except Exception as e:  # a backend bug fails this batch only; the scheduler keeps serving
-            log.exception("model '%s': batch of %d rows failed", self.spec.name, p.rows)
+            log.exception("model '%s': batch of %d rows failed", self.spec.name, p.rows, exc_info=e)
             error = Internal(f"model '{self.spec.name}': batch execution failed: {type(e).__name__}: {e}")
         finally:
             self._pool.release(p.instance)
-            self._wake.set()
         name, version = self.spec.name, self.spec.version
         if error is not None:
             if not abandoned:  # an abandoned batch never executed: no execution to count
                 self._observer.batch_done(name, version, p.rows, len(p.requests), 0, 0, 0, ok=False)
             self._finish(seq, lambda: [settle(r.future, error=error) for r in p.requests])
-            self._running.pop(seq, None)
             return
         cin = result.compute_input_ns + extra_ns
         self._observer.batch_done(name, version, p.rows, len(p.requests), cin, result.compute_infer_ns,
@@ -333,7 +357,6 @@ class DynamicBatcher:
                     batch_size=p.rows, delivered=result.delivered.get(i, frozenset())))
 
         self._finish(seq, answer)
-        self._running.pop(seq, None)
 
     def _finish(self, seq: int, answer: Callable[[], object]) -> None:
         """Answers now, or in dispatch order when preserve_ordering is set."""

@@ -53,6 +53,10 @@ class ExecutorPool:
     async def run(self, instance: int, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._threads[instance], fn)
 
+    def submit(self, instance: int, fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
+        """Starts ``fn`` on the instance's thread; the caller hands the result back to its loop itself."""
+        return self._threads[instance].submit(fn)
+
     def shutdown(self) -> None:
         for t in self._threads:
             t.shutdown(wait=True)
