@@ -9,7 +9,7 @@ trtserve parameters (config.pbtxt ``parameters { key: ... value: { string_value:
 - ``trtserve.unpad.<OUTPUT>``: name of an input; the output's variable dims follow that input's
   variable dims position by position, so each request's output is sliced back to its own size.
 - ``trtserve.batches_per_instance``: 1 or 2 (default 2): how many batches an instance may hold, the running
-  one and one complete batch queued behind it so the device never waits for the event loop between
+  one and one complete batch queued behind it, so the device does not wait for the event loop between
   batches (batcher policy rule 5). 1: a batch leaves the queue only for an idle instance, so a later
   higher-priority request can still overtake it.
 """
