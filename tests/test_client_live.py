@@ -146,6 +146,7 @@ def dtype_server(tmp_path_factory):
     for wire in WIRES:
         models.identity(repo, f"ident_{wire}", wire)
     _bf16_identity(repo)
+    _bf16_scale(repo)
     s = RunningServer(repo, metrics=False)
     yield s
     s.stop()
@@ -163,6 +164,27 @@ def _bf16_identity(repo: pathlib.Path) -> None:
     models.write_config(repo, "ident_BF16", 'name: "ident_BF16"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
                         'input [ { name: "INPUT0", data_type: TYPE_BF16, dims: [ 4 ] } ]\n'
                         'output [ { name: "OUTPUT0", data_type: TYPE_BF16, dims: [ 4 ] } ]\n')
+
+
+def _bf16_scale(repo: pathlib.Path) -> None:
+    """OUTPUT0 (BF16) = INPUT0 (BF16) * SCALE (FP32), computed in FP32: BF16 and FP32 inputs in one request,
+    a BF16 output that is not its input."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["INPUT0"], ["x32"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["x32", "SCALE"], ["y32"]),
+         helper.make_node("Cast", ["y32"], ["OUTPUT0"], to=TensorProto.BFLOAT16)], "scale_BF16",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.BFLOAT16, ["batch", 4]),
+         helper.make_tensor_value_info("SCALE", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.BFLOAT16, ["batch", 4])])
+    models._save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
+                 repo / "scale_BF16" / "1" / "model.onnx")
+    models.write_config(repo, "scale_BF16", 'name: "scale_BF16"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+                        'input [ { name: "INPUT0", data_type: TYPE_BF16, dims: [ 4 ] },'
+                        ' { name: "SCALE", data_type: TYPE_FP32, dims: [ 1 ] } ]\n'
+                        'output [ { name: "OUTPUT0", data_type: TYPE_BF16, dims: [ 4 ] } ]\n'
+                        'dynamic_batching { }\n')
 
 
 def _sample(wire: str) -> np.ndarray:
@@ -200,9 +222,6 @@ async def test_every_dtype_round_trips_async(dtype_server):
             assert out.tolist() == x.tolist(), wire
 
 
-@pytest.mark.xfail(reason="server: the ONNX Runtime backend hands BF16 to ORT as uint16 ('Unexpected input data "
-                          "type. Actual: (tensor(uint16)), expected: (tensor(bfloat16))'); the client side is "
-                          "covered by test_client_unit", strict=False)
 def test_bf16_round_trips(dtype_server):
     x = np.array([[1.0, -2.5, 3.140625, 0.0], [7.0, 8.0, -0.5, 1e-3]], np.float32)
     with InferenceClient(dtype_server.url) as c:
@@ -211,6 +230,15 @@ def test_bf16_round_trips(dtype_server):
     assert out.dtype == np.uint16
     np.testing.assert_array_equal(out, float32_to_bf16(x))
     np.testing.assert_allclose(bf16_to_float32(out), x, rtol=1e-2)
+
+
+def test_bf16_computes_with_fp32_inputs_beside_it(dtype_server):
+    x = np.array([[1.0, -2.5, 3.140625, 0.5], [7.0, 8.0, -0.5, 1e-3]], np.float32)
+    scale = np.array([[2.0], [-4.0]], np.float32)
+    with InferenceClient(dtype_server.url) as c:
+        out = c.infer("scale_BF16", {"INPUT0": x, "SCALE": scale}, datatypes={"INPUT0": "BF16"})["OUTPUT0"]
+    assert out.dtype == np.uint16 and out.shape == (2, 4)
+    np.testing.assert_allclose(bf16_to_float32(out), bf16_to_float32(float32_to_bf16(x)) * scale, rtol=1e-2)
 
 
 def test_load_unload(tmp_path, serve_repo):

@@ -7,6 +7,7 @@ do not fight over every core; ``trtserve.intra_op_threads`` overrides it.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from typing import Dict, Mapping, Optional, Sequence, Tuple
@@ -23,6 +24,9 @@ _ORT_TYPES = {
     "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
     "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
 }
+
+
+_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16 (onnx itself is not a runtime dependency)
 
 
 def _to_str(arr: np.ndarray) -> np.ndarray:
@@ -42,6 +46,8 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(config)
         self._session = None
         self._io: Optional[Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]] = None
+        self._bf16: frozenset = frozenset()  # BF16 inputs and outputs: NumPy has no bfloat16 (see _run_bf16)
+        self._ort = None
 
     def open(self) -> None:
         try:
@@ -72,6 +78,8 @@ class OnnxRuntimeBackend(Backend):
                     raise ModelLoadError(f"model '{self.config.name}': {kind} '{m.name}' has unsupported type {m.type}")
                 out.append(TensorSpec(m.name, _ORT_TYPES[m.type], _dims(m.shape)))
         self._io = (tuple(ins), tuple(outs))
+        self._bf16 = frozenset(t.name for t in ins + outs if t.datatype == "BF16")
+        self._ort = ort
 
     def io(self) -> Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]:
         if self._io is None:
@@ -96,7 +104,7 @@ class OnnxRuntimeBackend(Backend):
         feed = {k: (_to_str(v) if v.dtype == object else v) for k, v in inputs.items()}
         t1 = time.perf_counter_ns()
         try:
-            results = self._session.run(list(outputs), feed)
+            results = self._run_bf16(feed, outputs) if self._bf16 else self._session.run(list(outputs), feed)
         except Exception as e:  # a failed batch: every request in it gets INTERNAL with this text
             raise Internal(f"model '{self.config.name}': ONNX Runtime failed: {e}") from None
         t2 = time.perf_counter_ns()
@@ -108,6 +116,24 @@ class OnnxRuntimeBackend(Backend):
             out[name] = arr
         t3 = time.perf_counter_ns()
         return BatchResult(out, compute_input_ns=t1 - t0, compute_infer_ns=t2 - t1, compute_output_ns=t3 - t2)
+
+    def _run_bf16(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list:
+        """BF16 travels as uint16 bit patterns (the wire's raw bytes). NumPy has no bfloat16, so ``run`` refuses
+        such tensors either way: inputs go in as OrtValues typed BFLOAT16 over the same memory, outputs are
+        read back as uint16 from the OrtValue's buffer."""
+        ov = self._ort.OrtValue
+        values = {n: ov.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(a), _ONNX_BFLOAT16)
+                  if n in self._bf16 else ov.ortvalue_from_numpy(a) for n, a in feed.items()}
+        results = []
+        for v in self._session.run_with_ort_values(list(outputs), values):
+            if v.data_type() != "tensor(bfloat16)":
+                results.append(v.numpy())
+                continue
+            shape = tuple(v.shape())
+            count = int(np.prod(shape)) if shape else 1
+            raw = (ctypes.c_uint16 * count).from_address(v.data_ptr()) if count else ()
+            results.append(np.array(raw, dtype=np.uint16).reshape(shape))  # a copy: the OrtValue owns the memory
+        return results
 
     def close(self) -> None:
         self._session = None
