@@ -137,6 +137,19 @@ def test_several_addresses_to_one_server(example_server):
             assert c.infer("mlp", {"INPUT0": _x(1)}, timeout=10)["OUTPUT0"].shape == (1, 16)
 
 
+def _ort_bf16() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return hasattr(onnxruntime.OrtValue, "ortvalue_from_numpy_with_onnx_type")
+
+
+# older onnxruntime (1.19 on Python 3.9) cannot type a NumPy buffer as bfloat16: those models fail to load
+# with a message saying so (test_bf16_model_on_old_onnxruntime_fails_to_load_clearly)
+_NEEDS_ORT_BF16 = pytest.mark.skipif(not _ort_bf16(), reason="onnxruntime without ortvalue_from_numpy_with_onnx_type")
+
+
 @pytest.fixture(scope="module")
 def dtype_server(tmp_path_factory):
     """One server with an identity model per datatype (and BF16, which needs its own ONNX type)."""
@@ -222,6 +235,7 @@ async def test_every_dtype_round_trips_async(dtype_server):
             assert out.tolist() == x.tolist(), wire
 
 
+@_NEEDS_ORT_BF16
 def test_bf16_round_trips(dtype_server):
     x = np.array([[1.0, -2.5, 3.140625, 0.0], [7.0, 8.0, -0.5, 1e-3]], np.float32)
     with InferenceClient(dtype_server.url) as c:
@@ -232,6 +246,7 @@ def test_bf16_round_trips(dtype_server):
     np.testing.assert_allclose(bf16_to_float32(out), x, rtol=1e-2)
 
 
+@_NEEDS_ORT_BF16
 def test_bf16_computes_with_fp32_inputs_beside_it(dtype_server):
     x = np.array([[1.0, -2.5, 3.140625, 0.5], [7.0, 8.0, -0.5, 1e-3]], np.float32)
     scale = np.array([[2.0], [-4.0]], np.float32)
@@ -239,6 +254,15 @@ def test_bf16_computes_with_fp32_inputs_beside_it(dtype_server):
         out = c.infer("scale_BF16", {"INPUT0": x, "SCALE": scale}, datatypes={"INPUT0": "BF16"})["OUTPUT0"]
     assert out.dtype == np.uint16 and out.shape == (2, 4)
     np.testing.assert_allclose(bf16_to_float32(out), bf16_to_float32(float32_to_bf16(x)) * scale, rtol=1e-2)
+
+
+@pytest.mark.skipif(_ort_bf16(), reason="this onnxruntime serves BF16")
+def test_bf16_model_on_old_onnxruntime_fails_to_load_clearly(dtype_server):
+    with InferenceClient(dtype_server.url) as c:
+        assert not c.is_model_ready("ident_BF16")
+        index = {m.name: m for m in c.repository_index()}
+        assert "onnxruntime" in index["ident_BF16"].reason and "BF16" in index["ident_BF16"].reason
+        assert c.is_model_ready("ident_FP32")  # the other models load and serve
 
 
 def test_load_unload(tmp_path, serve_repo):

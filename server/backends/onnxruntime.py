@@ -79,6 +79,11 @@ class OnnxRuntimeBackend(Backend):
                 out.append(TensorSpec(m.name, _ORT_TYPES[m.type], _dims(m.shape)))
         self._io = (tuple(ins), tuple(outs))
         self._bf16 = frozenset(t.name for t in ins + outs if t.datatype == "BF16")
+        if self._bf16 and not hasattr(ort.OrtValue, "ortvalue_from_numpy_with_onnx_type"):
+            self._session = None
+            raise ModelLoadError(f"model '{self.config.name}': BF16 tensors ({', '.join(sorted(self._bf16))}) need "
+                                 f"OrtValue.ortvalue_from_numpy_with_onnx_type, which onnxruntime {ort.__version__} "
+                                 "lacks; upgrade onnxruntime (tested with 1.32)")
         self._ort = ort
 
     def io(self) -> Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]:
