@@ -571,3 +571,18 @@ async def test_batch_abandoned_while_queued_behind_is_not_executed():
     np.testing.assert_array_equal(later.outputs["y"], np.full((1, 4), 10, np.float32))
     assert backend.batches == [1, 1]
     await b.stop()
+
+
+async def test_a_failure_while_answering_still_answers_every_request():
+    class Broken(Recorder):
+        def batch_done(self, *args, **kwargs) -> None:
+            raise RuntimeError("observer bug")
+
+    backend = FakeBackend()
+    b = DynamicBatcher(spec(), backend, Broken(), Clock())
+    b.start()
+    for _ in range(2):  # answered (not left hanging), and the instance is free for the next batch
+        with pytest.raises(Internal, match="failed to answer the batch"):
+            await asyncio.wait_for(b.submit(x(), ("y",), 1), 5)
+    assert backend.batches == [1, 1]
+    await asyncio.wait_for(b.stop(), 5)

@@ -316,6 +316,10 @@ class DynamicBatcher:
         assert p.instance is not None
         try:
             self._answer(p, seq, dispatched, f)
+        except Exception:  # a bug while answering must not leave the batch's requests without an answer
+            log.exception("model '%s': answering a batch of %d rows failed", self.spec.name, p.rows)
+            for r in p.requests:
+                settle(r.future, error=Internal(f"model '{self.spec.name}': failed to answer the batch"))
         finally:
             self._running.pop(seq, None)
             if not done.done():
