@@ -46,19 +46,25 @@ def load_trtserve(url: str, level: int, duration: float) -> Dict[str, float]:
     return {"rps": r.requests_per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors}
 
 
-def load_perf_analyzer(pa: str, url: str, level: int, duration: float) -> Optional[Dict[str, float]]:
+def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: str = "m", batch: int = 1,
+                       shm: str = "none", max_trials: int = 10) -> Optional[Dict[str, float]]:
+    """One concurrency level of perf_analyzer; rps is requests/s, rows_per_s its Inferences/Second (requests x
+    batch). ``shm``: none, system or cuda (output regions of 1 MiB). None when perf_analyzer fails."""
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "pa.csv"
-        cmd = [pa, "-m", "m", "-i", "grpc", "-u", url, "--concurrency-range", f"{level}:{level}",
+        cmd = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", str(batch), "--concurrency-range", f"{level}:{level}",
                "--measurement-interval", str(int(duration * 1000)), "--stability-percentage", "100",
-               "--max-trials", "10", "-f", str(out)]
+               "--max-trials", str(max_trials), "-f", str(out)]
+        if shm != "none":
+            cmd += ["--shared-memory", shm, "--output-shared-memory-size", str(1 << 20)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, close_fds=False)
         if proc.returncode != 0 or not out.exists():
-            print(f"perf_analyzer failed at concurrency {level}: {proc.stdout[-300:]} {proc.stderr[-300:]}",
-                  file=sys.stderr)
+            print(f"perf_analyzer failed ({model} concurrency {level} shm={shm}): {proc.stdout[-600:]} "
+                  f"{proc.stderr[-600:]}", file=sys.stderr, flush=True)
             return None
         row = next(csv.DictReader(out.open()))
-        return {"rps": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
+        rows_per_s = float(row["Inferences/Second"])
+        return {"rps": rows_per_s / batch, "rows_per_s": rows_per_s, "p50_ms": float(row["p50 latency"]) / 1000,
                 "p99_ms": float(row["p99 latency"]) / 1000, "errors": 0}
 
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import functools
 import json
 import os
 import pathlib
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,25 +46,16 @@ def _stats(url: str, model: str) -> Dict[str, int]:
 
 def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: str = "none",
                   window_ms: int = 1500) -> Optional[dict]:
-    """One concurrency level; rows/s is perf_analyzer's Inferences/Second (requests x batch)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp) / "pa.csv"
-        cmd = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", str(batch), "--concurrency-range", f"{level}:{level}",
-               "--measurement-interval", str(window_ms), "--stability-percentage", "100", "--max-trials", "6",
-               "-f", str(out)]
-        if shm != "none":
-            cmd += ["--shared-memory", shm, "--output-shared-memory-size", str(1 << 20)]
-        before = _stats(url, model)
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, close_fds=False)
-        after = _stats(url, model)
-        if proc.returncode != 0 or not out.exists():
-            print(f"perf_analyzer failed ({model} c={level} shm={shm}): {proc.stdout[-600:]} {proc.stderr[-600:]}",
-                  flush=True)
-            return None
-        row = next(csv.DictReader(out.open()))
+    """One concurrency level (bench.cpu's runner) plus the mean formed batch from ModelStatistics."""
+    from bench.cpu import load_perf_analyzer
+
+    before = _stats(url, model)
+    r = load_perf_analyzer(pa, url, level, window_ms / 1000, model=model, batch=batch, shm=shm, max_trials=6)
+    after = _stats(url, model)
+    if r is None:
+        return None
     execs = after["executions"] - before["executions"]
-    return {"tool": "perf_analyzer", "rows_per_s": float(row["Inferences/Second"]),
-            "p50_ms": float(row["p50 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
+    return {"tool": "perf_analyzer", "rows_per_s": r["rows_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
             "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else float("nan")}
 
 

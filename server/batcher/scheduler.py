@@ -313,7 +313,6 @@ class DynamicBatcher:
                   done: "asyncio.Future") -> None:
         """On the loop, once the instance thread finished ``_work``: answers the batch's requests and frees
         the instance."""
-        assert p.instance is not None
         try:
             self._answer(p, seq, dispatched, f)
         except Exception:  # a bug while answering must not leave the batch's requests without an answer

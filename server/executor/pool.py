@@ -5,7 +5,6 @@ An instance may hold ``depth`` batches: the running one and, behind it in its th
 next one, which starts without waiting for the event loop (see policy rule 5)."""
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 from typing import Callable, Dict, List, Set, TypeVar
 
@@ -13,7 +12,7 @@ T = TypeVar("T")
 
 
 class ExecutorPool:
-    """Tracks how many batches each instance holds; ``run`` executes on that instance's own thread."""
+    """Tracks how many batches each instance holds; ``submit`` runs work on that instance's own thread."""
 
     def __init__(self, count: int, name: str = "trtserve", depth: int = 2) -> None:
         if depth < 1:
@@ -49,9 +48,6 @@ class ExecutorPool:
         if self._held[instance] <= 0:
             raise RuntimeError(f"instance {instance} holds no batch")
         self._held[instance] -= 1
-
-    async def run(self, instance: int, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._threads[instance], fn)
 
     def submit(self, instance: int, fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
         """Starts ``fn`` on the instance's thread; the caller hands the result back to its loop itself."""
