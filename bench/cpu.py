@@ -10,8 +10,8 @@ Writes docs/benchmarks/cpu.md (tables + ratios) and a PNG per model.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
+import json
 import os
 import pathlib
 import platform
@@ -27,7 +27,6 @@ import numpy as np
 
 from bench._server import ServerProcess
 from bench.batching import _counts, make_repo
-from trtserve.client.bench.runner import BenchConfig, run
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 MODELS = {"mlp": (64, 16), "wide": (1024, 1024)}
@@ -40,10 +39,21 @@ def perf_analyzer_path() -> str:
     return ""
 
 
-def load_trtserve(url: str, level: int, duration: float) -> Dict[str, float]:
-    r = asyncio.run(run(BenchConfig(url=url, model="m", concurrency=[level], duration_s=duration,
-                                    warmup_s=min(1.0, duration / 3)))).levels[0]
-    return {"rps": r.requests_per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors}
+def load_trtserve(url: str, level: int, duration: float, model: str = "m") -> Optional[Dict[str, float]]:
+    """One closed-loop level of ``trtserve bench``, run as users run it: the CLI in its own process (which also
+    picks its gRPC client settings before gRPC loads, see trtserve/cli.py). None when it fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "trtserve", "bench", "--url", url, "--model", model, "--concurrency",
+               str(level), "--duration", str(duration), "--warmup", str(min(1.0, duration / 3)), "--json", str(out),
+               "--quiet"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0 or not out.exists():
+            print(f"trtserve bench failed ({model} concurrency {level}): {proc.stdout[-600:]} {proc.stderr[-600:]}",
+                  file=sys.stderr, flush=True)
+            return None
+        r = json.loads(out.read_text())["levels"][0]
+    return {"rps": r["requests_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "errors": r["errors"]}
 
 
 def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: str = "m", batch: int = 1,

@@ -1,8 +1,9 @@
 """GPU benchmark suite, side by side on the lent GPU machine (``python -m bench.gpu``; needs CUDA, CuPy, TensorRT).
 
 Parts (``--parts``, default all; each merges its numbers into OUT/gpu.json, so parts may run in separate calls):
-  executor  raw engine (execute_async_v3 loop) vs TensorRTBackend.run() vs DynamicBatcher + executor, small and
-            heavy MLP, instances 1/2/4, CUDA graphs off/on (bench/gpu_backend.py)
+  executor  raw engine (execute_async_v3 loop) vs TensorRTBackend.run() vs DynamicBatcher + executor: ResNet-18-
+            shaped conv net (inputs in host and in device memory), small and heavy MLP (CUDA graphs off/on),
+            instances 1/2/4 (bench/gpu_backend.py)
   server    the full server in a child process under perf_analyzer on the same machine: heavy MLP with 1/2/4
             instances (CUDA graphs off/on; gRPC bytes and CUDA shared memory), small MLP; served rows/s vs raw
   resnet    ResNet-18-shaped FP16 model (bench/resnet.py): raw compute-only images/s at the batch size vs
@@ -82,8 +83,9 @@ def part_executor(work: pathlib.Path, seconds: float) -> List[dict]:
 
     results: List[dict] = []
     models = _models()
-    for name in ("heavy", "small"):
-        for graphs in (False, True):
+    for name in ("conv", "heavy", "small"):
+        # graphs replay captured host copies, so they never apply to the conv net's device-resident inputs
+        for graphs in (False,) if name == "conv" else (False, True):
             bench_model(models[name], work, seconds, [1, 2, 4], graphs, True, results)
     return results
 
@@ -138,12 +140,12 @@ def part_server(work: pathlib.Path, seconds: float) -> List[dict]:
     shutil.rmtree(repo, ignore_errors=True)
     raw: Dict[str, float] = {}
     plans: Dict[str, pathlib.Path] = {}
-    ref_batch = {"heavy": 1024, "small": 256}
+    ref_batch = {"heavy": 1024, "small": 256}  # also the served max_batch_size
     for key in ("heavy", "small"):
         m = models[key]
         d = work / m.name / "1"
         m.make(d / "model.onnx")
-        b = _open(m.name, d, m.wire, [m.n_in], [m.n_out], m.max_batch, 4, work, dict(m.parameters))
+        b = _open(m.name, d, m.wire, m.dims_in, m.dims_out, ref_batch[key], 4, work, dict(m.parameters))
         try:
             raw[key] = raw_rows_per_s(b, ref_batch[key], seconds, with_io=False)
             plans[key] = _plan_path(work, b)
@@ -156,7 +158,7 @@ def part_server(work: pathlib.Path, seconds: float) -> List[dict]:
         (repo / name / "1").mkdir(parents=True)
         os.symlink(plans[key], repo / name / "1" / "model.plan")
         params = {"trtserve.graph_batch_sizes": "256,512,768,1024"} if graphs else {}
-        (repo / name / "config.pbtxt").write_text(_config(name, m.wire, [m.n_in], [m.n_out], m.max_batch, n,
+        (repo / name / "config.pbtxt").write_text(_config(name, m.wire, m.dims_in, m.dims_out, ref_batch[key], n,
                                                           graphs, params))
     rows: List[dict] = []
     with _serve(repo, work) as s:
@@ -237,14 +239,17 @@ def render(data: dict, out: pathlib.Path) -> None:
                "raw = `execute_async_v3` loop on one context, no copies; raw+io = with H2D/D2H; raw xN = the raw loop "
                "on N contexts at once; run xN = `TensorRTBackend.run()` from N instance threads (pinned staging, "
                "copies, checks, result arrays); batcher xN = `DynamicBatcher` + executor over N instances, fed "
-               "requests of B/4 rows. rows/s.", "",
+               "requests of B/4 rows. rows/s. conv = ResNet-18-shaped (bench/resnet.py; a row is an image); its "
+               "\"inputs in device memory\" rows feed run() and the batcher CuPy arrays, as CUDA shared memory "
+               "does.", "",
                "| model | graphs | batch | raw | raw+io | raw x4 | run x1 | run x2 | run x4 | batcher x1 | batcher x2 "
                "| batcher x4 | best run / raw | best batcher / raw |",
                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ex:
             run = {int(k): v for k, v in r["run"].items()}
             bat = {int(k): v for k, v in r["batcher"].items()}
-            md.append(f"| {r['model']} | {'on' if r['graphs'] else 'off'} | {r['batch']} | {r['raw']:,.0f} | "
+            where = ", inputs in device memory" if r.get("inputs") == "device" else ""
+            md.append(f"| {r['model']}{where} | {'on' if r['graphs'] else 'off'} | {r['batch']} | {r['raw']:,.0f} | "
                       f"{r['raw_io']:,.0f} | {r['raw_parallel']:,.0f} | "
                       + " | ".join(f"{run[n]:,.0f}" for n in (1, 2, 4)) + " | "
                       + " | ".join(f"{bat[n]:,.0f}" for n in (1, 2, 4))
@@ -296,16 +301,17 @@ def _plot(data: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
-    heavy = [r for r in data.get("executor") or [] if r["model"] == "heavy" and not r["graphs"]]
-    if heavy:
-        xs = [r["batch"] for r in heavy]
-        ax[0].plot(xs, [r["raw"] for r in heavy], "-o", label="raw engine")
-        for n in (1, 4):
-            ax[0].plot(xs, [r["run"][str(n)] if str(n) in r["run"] else r["run"][n] for r in heavy], "--s",
-                       label=f"run() x{n}")
-            ax[0].plot(xs, [r["batcher"][str(n)] if str(n) in r["batcher"] else r["batcher"][n] for r in heavy],
-                       "-^", label=f"batcher x{n}")
-        ax[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="rows/s", title="heavy MLP in process")
+    ex = data.get("executor") or []
+    for model, graphs, inputs, label in (("heavy", False, "host", "heavy MLP"), ("heavy", True, "host", "heavy MLP, graphs"),
+                                         ("conv", False, "host", "conv, host inputs"),
+                                         ("conv", False, "device", "conv, device inputs")):
+        pts = [r for r in ex if r["model"] == model and r["graphs"] == graphs and r.get("inputs", "host") == inputs]
+        if pts:
+            ax[0].plot([r["batch"] for r in pts], [100 * max(r["batcher"].values()) / r["raw"] for r in pts], "-o",
+                       label=label)
+    if ex:
+        ax[0].axhline(90, color="k", ls=":", label="goal 90 %")
+        ax[0].set(xscale="log", xlabel="batch", ylabel="best batcher / raw (%)", title="batcher + executor vs raw")
         ax[0].legend(fontsize=7)
     sv = [r for r in data.get("server") or [] if r["base"] == "heavy"]
     _curves(ax[1], sv, lambda r: (r["instances"], r["graphs"], r["shm"]),

@@ -1,6 +1,6 @@
 """Raw TensorRT rows/s versus rows/s through TensorRTBackend.run() on 1/2/4 instances (needs a GPU).
 
-    python -m bench.gpu_backend [--seconds 1.0] [--out DIR] [--models small,heavy]
+    python -m bench.gpu_backend [--seconds 1.0] [--out DIR] [--models small,heavy,conv]
 
 For each model and batch size B it measures:
   raw       execute_async_v3 in a loop on one context at batch B (device buffers only, no copies)
@@ -11,7 +11,10 @@ For each model and batch size B it measures:
             (max_batch_size B, so every batch has B rows when the queue is full)
 and prints a table; "best/raw" is the best column of a kind over raw (rows/s throughout). Models (deterministic weights, via ``onnx``):
   small     MLP 64 -> 256 -> 16, FP32 (TF32)
-  heavy     MLP 256 -> 4x4096 -> 256, FP16 weights and IO (compute-heavy, little IO per row)
+  heavy     MLP 256 -> 4x4096 -> 256, FP16 weights and IO (many FLOPs per row, little IO; yet a batch of 1024
+            takes only ~0.16 ms on an H200, so at B/4 rows per request the Python front end's request rate shows)
+  conv      ResNet-18-shaped conv net (bench/resnet.py), FP32 IO with FP16 compute, 602 KB per image: measured
+            with host inputs and with inputs already in device memory (CUDA shared memory's path)
 """
 from __future__ import annotations
 
@@ -33,13 +36,16 @@ import numpy as np
 @dataclass(frozen=True)
 class BenchModel:
     name: str
-    n_in: int
-    n_out: int
+    dims_in: Tuple[int, ...]  # per row (config dims), batch dimension excluded
+    dims_out: Tuple[int, ...]
     wire: str
     max_batch: int
     batches: Tuple[int, ...]
     make: Callable[[pathlib.Path], None]
     parameters: Dict[str, str]
+    # also feed the batcher requests whose inputs are already in device memory (what CUDA shared memory hands
+    # the backend): for models whose inputs are large next to their compute, host copies would be measured
+    device_inputs: bool = False
 
 
 def make_deep_mlp(path: pathlib.Path, n_in: int = 256, hidden: int = 4096, layers: int = 4, n_out: int = 256) -> None:
@@ -72,13 +78,16 @@ def make_deep_mlp(path: pathlib.Path, n_in: int = 256, hidden: int = 4096, layer
 
 
 def _models() -> Dict[str, BenchModel]:
+    from bench.resnet import make_resnet18
     from trtserve.server.examples.make_mlp import make_mlp
 
     return {
-        "small": BenchModel("small", 64, 16, "FP32", 256, (1, 8, 64, 256),
+        "small": BenchModel("small", (64,), (16,), "FP32", 256, (1, 8, 64, 256),
                             lambda p: make_mlp(p, 64, 256, 16), {}),
-        "heavy": BenchModel("heavy", 256, 256, "FP16", 1024, (16, 128, 1024),
+        "heavy": BenchModel("heavy", (256,), (256,), "FP16", 4096, (16, 128, 1024, 4096),
                             lambda p: make_deep_mlp(p), {"trtserve.fp16": "true"}),
+        "conv": BenchModel("conv", (3, 224, 224), (1000,), "FP32", 128, (32, 128),
+                           lambda p: make_resnet18(p), {"trtserve.fp16": "true"}, device_inputs=True),
     }
 
 
@@ -144,11 +153,22 @@ def raw_parallel_rows_per_s(backend, batch: int, seconds: float, instances: int)
     return sum(rates)
 
 
-def run_rows_per_s(backend, model: BenchModel, batch: int, instances: int, seconds: float) -> float:
-    """run() from ``instances`` threads, each on its own instance, for ``seconds``."""
+def _input(model: BenchModel, rows: int, device: bool):
+    """Deterministic input rows; on the device (a CuPy array, as CUDA shared memory hands them over) if asked."""
     from trtserve.dtypes import from_wire
 
-    x = np.random.default_rng(0).standard_normal((batch, model.n_in)).astype(from_wire(model.wire).numpy)
+    x = np.random.default_rng(0).standard_normal((rows,) + model.dims_in).astype(from_wire(model.wire).numpy)
+    if not device:
+        return x
+    import cupy
+
+    return cupy.asarray(x)
+
+
+def run_rows_per_s(backend, model: BenchModel, batch: int, instances: int, seconds: float,
+                   device: bool = False) -> float:
+    """run() from ``instances`` threads, each on its own instance, for ``seconds``."""
+    x = _input(model, batch, device)
     counts = [0] * instances
     barrier = threading.Barrier(instances + 1)
     stop = threading.Event()
@@ -194,15 +214,22 @@ class _FirstInstances:
     def staging(self, instance, shapes):
         return self._b.staging(instance, shapes)
 
+    accepts_device_tensors = True
+
     def run(self, instance, inputs, outputs):
         return self._b.run(instance, inputs, outputs)
 
+    def run_to_device(self, instance, inputs, outputs, destinations):
+        return self._b.run_to_device(instance, inputs, outputs, destinations)
 
-def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, seconds: float) -> float:
-    """Closed loop through DynamicBatcher.submit with enough requests in flight to keep every instance busy."""
+
+def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, seconds: float,
+                       device: bool = False) -> float:
+    """Closed loop through DynamicBatcher.submit with enough requests in flight to keep every instance busy;
+    ``device``: each request's input is a CuPy array (the batcher hands the pieces to the backend, which copies
+    them device to device into its buffers, as for CUDA shared-memory requests)."""
     from google.protobuf import text_format
 
-    from trtserve.dtypes import from_wire
     from trtserve.protos import model_config_pb2 as mc
     from trtserve.server.batcher.scheduler import DynamicBatcher
     from trtserve.server.events import Observer
@@ -210,12 +237,12 @@ def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, s
 
     t = f"TYPE_{model.wire}"
     text = (f'name: "{model.name}" platform: "tensorrt_plan" max_batch_size: {batch} '
-            f'input [{{ name: "INPUT0" data_type: {t} dims: [{model.n_in}] }}] '
-            f'output [{{ name: "OUTPUT0" data_type: {t} dims: [{model.n_out}] }}] '
+            f'input [{{ name: "INPUT0" data_type: {t} dims: {list(model.dims_in)} }}] '
+            f'output [{{ name: "OUTPUT0" data_type: {t} dims: {list(model.dims_out)} }}] '
             f'instance_group [{{ count: {instances} kind: KIND_GPU }}] dynamic_batching {{ }}')
     spec = ModelSpec.from_proto(text_format.Parse(text, mc.ModelConfig()), "1")
     rows = max(1, batch // 4)
-    x = np.random.default_rng(0).standard_normal((rows, model.n_in)).astype(from_wire(model.wire).numpy)
+    x = _input(model, rows, device)
 
     async def main() -> float:
         batcher = DynamicBatcher(spec, _FirstInstances(backend, instances), Observer())  # type: ignore[arg-type]
@@ -257,7 +284,7 @@ def bench_model(
     # one engine for every instance count: on TensorRT 8.6 each instance has its own profile copy
     cfg = BackendConfig(
         name=model.name, version="1", model_dir=d, default_model_filename="", max_batch_size=model.max_batch,
-        inputs=[TensorSpec("INPUT0", model.wire, (model.n_in,))], outputs=[TensorSpec("OUTPUT0", model.wire, (model.n_out,))],
+        inputs=[TensorSpec("INPUT0", model.wire, model.dims_in)], outputs=[TensorSpec("OUTPUT0", model.wire, model.dims_out)],
         instance_count=max(instance_counts), cache_dir=workdir / "cache", cuda_graphs=graphs,
         parameters=dict(model.parameters, **({"trtserve.graph_batch_sizes": ",".join(map(str, model.batches))}
                                              if graphs else {})),
@@ -273,17 +300,21 @@ def bench_model(
             raw = raw_rows_per_s(backend, b, seconds, with_io=False)
             raw_io = raw_rows_per_s(backend, b, seconds, with_io=True)
             raw_par = raw_parallel_rows_per_s(backend, b, seconds, max(instance_counts))
-            runs = [run_rows_per_s(backend, model, b, n, seconds) for n in instance_counts]
-            batched = ([batcher_rows_per_s(backend, model, b, n, seconds) for n in instance_counts] if with_batcher
-                       else [float("nan")] * len(instance_counts))
-            if results is not None:
-                results.append({"model": model.name, "graphs": graphs, "batch": b, "raw": raw, "raw_io": raw_io,
-                                "raw_parallel": raw_par, "parallel": max(instance_counts),
-                                "run": dict(zip(instance_counts, runs)), "batcher": dict(zip(instance_counts, batched))})
-            rows.append([model.name + (" +graphs" if graphs else ""), str(b), f"{raw:,.0f}", f"{raw_io:,.0f}",
-                         f"{raw_par:,.0f}"] + [f"{r:,.0f}" for r in runs]
-                        + [f"{r:,.0f}" for r in batched] + [f"{max(runs) / raw:.0%}", f"{max(batched) / raw:.0%}"])
-            print("  " + " | ".join(rows[-1]), flush=True)
+            for device in (False, True) if model.device_inputs else (False,):
+                runs = [run_rows_per_s(backend, model, b, n, seconds, device) for n in instance_counts]
+                batched = ([batcher_rows_per_s(backend, model, b, n, seconds, device) for n in instance_counts]
+                           if with_batcher else [float("nan")] * len(instance_counts))
+                where = "device" if device else "host"
+                if results is not None:
+                    results.append({"model": model.name, "graphs": graphs, "batch": b, "inputs": where, "raw": raw,
+                                    "raw_io": raw_io, "raw_parallel": raw_par, "parallel": max(instance_counts),
+                                    "run": dict(zip(instance_counts, runs)),
+                                    "batcher": dict(zip(instance_counts, batched))})
+                label = model.name + (" +graphs" if graphs else "") + (", inputs on device" if device else "")
+                rows.append([label, str(b), f"{raw:,.0f}", f"{raw_io:,.0f}", f"{raw_par:,.0f}"]
+                            + [f"{r:,.0f}" for r in runs] + [f"{r:,.0f}" for r in batched]
+                            + [f"{max(runs) / raw:.0%}", f"{max(batched) / raw:.0%}"])
+                print("  " + " | ".join(rows[-1]), flush=True)
     finally:
         backend.close()
     return rows
@@ -292,7 +323,7 @@ def bench_model(
 def main(argv: Sequence[str] = ()) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=1.0, help="measuring time per cell")
-    p.add_argument("--models", default="small,heavy")
+    p.add_argument("--models", default="small,heavy,conv")
     p.add_argument("--instances", default="1,2,4")
     p.add_argument("--out", type=pathlib.Path, default=None, help="work folder (plans are cached there)")
     p.add_argument("--cuda-graphs", action="store_true", help="also run each model with CUDA graphs on")

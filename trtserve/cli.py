@@ -105,7 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bench_grpc_experiments(argv: List[str]) -> None:
+    """For ``trtserve bench``: gRPC's EventEngine client off, unless GRPC_EXPERIMENTS is already set.
+
+    With it on (grpcio's default), every blocking call's completion passes between gRPC's own threads and the
+    caller's: 4 voluntary context switches per call against 1 without it, and ~50 us more client CPU (grpcio
+    1.80 and 1.85, ``python -m bench.client_floor``). A load generator should add as little of its own to the
+    latency it reports as it can (issue #6: agree with perf_analyzer at concurrency 1). gRPC reads the variable
+    once, when it is imported, so this runs before anything imports grpc; the library API is left as it is."""
+    if "bench" not in argv[:1] or "GRPC_EXPERIMENTS" in os.environ:
+        return
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(x) for x in version("grpcio").split(".")[:2])
+    except Exception:  # noqa: BLE001 - no metadata (e.g. the GPU kit's unpacked site): leave gRPC's defaults
+        return
+    if (major, minor) >= (1, 70):  # the releases this was measured on carry the experiment
+        os.environ["GRPC_EXPERIMENTS"] = "-event_engine_client"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _bench_grpc_experiments(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -24,11 +24,11 @@ def main(workdir: pathlib.Path) -> None:
         d = workdir / name / "1"
         if not (d / "model.onnx").exists():
             m.make(d / "model.onnx")
-        cfg = BackendConfig(name, "1", d, "", m.max_batch, [TensorSpec("INPUT0", m.wire, (m.n_in,))],
-                            [TensorSpec("OUTPUT0", m.wire, (m.n_out,))], 4, m.parameters, cache_dir=workdir / "cache")
+        cfg = BackendConfig(name, "1", d, "", m.max_batch, [TensorSpec("INPUT0", m.wire, m.dims_in)],
+                            [TensorSpec("OUTPUT0", m.wire, m.dims_out)], 4, m.parameters, cache_dir=workdir / "cache")
         b = TensorRTBackend(cfg)
         b.open()
-        x = np.random.default_rng(0).standard_normal((batch, m.n_in)).astype(np.float16 if m.wire == "FP16" else np.float32)
+        x = np.random.default_rng(0).standard_normal((batch,) + m.dims_in).astype(np.float16 if m.wire == "FP16" else np.float32)
         for _ in range(50):
             b.run(0, {"INPUT0": x}, ["OUTPUT0"])
         t0 = time.perf_counter()

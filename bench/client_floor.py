@@ -1,0 +1,122 @@
+"""What the load generator's own gRPC client adds to one request's round trip (issue #6, concurrency 1).
+
+    python -m bench.client_floor [--duration 3] [--url HOST:PORT --model M]
+
+Without ``--url`` it starts ``bench.ceiling_server`` (answers at once, so the round trip is all client, network
+stack and gRPC). With one request in flight it measures perf_analyzer, ``trtserve bench --engine threads`` and a
+bare blocking gRPC loop, the Python ones in child processes under each GRPC_EXPERIMENTS setting (gRPC reads it
+once, at import), several rounds interleaved, and prints the medians of requests/s, p50 and, for the bare loop, client CPU and voluntary context switches
+per call: the thread hand-offs inside gRPC's client are what set a Python client's floor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+from bench._server import ServerProcess
+from bench.cpu import load_perf_analyzer, perf_analyzer_path
+
+VARIANTS = ("", "-event_engine_client")  # GRPC_EXPERIMENTS values; "" = gRPC's defaults
+
+_LOOP = r"""
+import json, resource, sys, time
+import grpc
+import numpy as np
+from trtserve.protos import grpc_service_pb2 as pb
+url, model, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+req = pb.ModelInferRequest(model_name=model)
+req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
+req.raw_input_contents.append(np.zeros((1, 64), np.float32).tobytes())
+payload = req.SerializeToString()
+call = grpc.insecure_channel(url).unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                              request_serializer=None, response_deserializer=None)
+for _ in range(300):
+    call(payload)
+lat = []
+r0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    s = time.perf_counter()
+    call(payload)
+    lat.append(time.perf_counter() - s)
+dt, cpu, r1 = time.perf_counter() - t0, time.process_time() - c0, resource.getrusage(resource.RUSAGE_SELF)
+n = len(lat)
+print(json.dumps({"rps": n / dt, "p50_ms": float(np.median(lat)) * 1e3, "cpu_us": cpu / n * 1e6,
+                  "ctx_switches": (r1.ru_nvcsw - r0.ru_nvcsw) / n}))
+"""
+
+
+def _env(experiments: str) -> Dict[str, str]:
+    """Set even when empty ("": gRPC's defaults), so ``trtserve bench`` leaves it as given."""
+    return dict(os.environ, GRPC_EXPERIMENTS=experiments)
+
+
+def bare_loop(url: str, model: str, seconds: float, experiments: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _LOOP, url, model, str(seconds)], capture_output=True, text=True,
+                         env=_env(experiments), timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def trtserve_bench(url: str, model: str, seconds: float, experiments: str) -> Optional[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "b.json")
+        proc = subprocess.run([sys.executable, "-m", "trtserve", "bench", "--url", url, "--model", model,
+                               "--concurrency", "1", "--duration", str(seconds), "--warmup", "1", "--engine",
+                               "threads", "--json", path, "--quiet"],
+                              capture_output=True, text=True, env=_env(experiments), timeout=300)
+        if proc.returncode != 0:
+            print(f"trtserve bench failed: {proc.stdout[-400:]} {proc.stderr[-400:]}", file=sys.stderr)
+            return None
+        level = json.load(open(path))["levels"][0]
+        return {"rps": level["requests_per_s"], "p50_ms": level["p50_ms"]}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=3.0)
+    p.add_argument("--url", help="an already running server (default: start bench.ceiling_server)")
+    p.add_argument("--model", default="m")
+    p.add_argument("--rounds", type=int, default=3, help="every client measured this many times, interleaved")
+    a = p.parse_args(argv)
+    pa = perf_analyzer_path()
+    rows: List[tuple] = []
+
+    def measure(url: str) -> None:
+        for _ in range(a.rounds):  # interleaved, so a noisy neighbour hits every client alike
+            if pa:
+                r = load_perf_analyzer(pa, url, 1, a.duration, model=a.model)
+                if r:
+                    rows.append(("perf_analyzer", "-", r["rps"], r["p50_ms"], None, None))
+            for exp in VARIANTS:
+                r = bare_loop(url, a.model, a.duration, exp)
+                rows.append(("bare grpc loop", exp or "default", r["rps"], r["p50_ms"], r["cpu_us"],
+                             r["ctx_switches"]))
+                b = trtserve_bench(url, a.model, a.duration, exp)
+                if b:
+                    rows.append(("trtserve bench", exp or "default", b["rps"], b["p50_ms"], None, None))
+
+    if a.url:
+        measure(a.url)
+    else:
+        with ServerProcess(None, command=[sys.executable, "-m", "bench.ceiling_server", "--model", a.model,
+                                          "--inputs", "64", "--outputs", "16"]) as s:
+            measure(s.url)
+    print(f"concurrency 1, {os.cpu_count()} CPU cores, grpcio {__import__('grpc').__version__}")
+    print(f"medians of {a.rounds} rounds, {a.duration:g} s each")
+    print(f"{'client':16} {'GRPC_EXPERIMENTS':22} {'req/s':>8} {'p50 ms':>7} {'cpu us/call':>11} {'ctx sw/call':>11}")
+    for key in dict.fromkeys((tool, exp) for tool, exp, *_ in rows):
+        mine = [r[2:] for r in rows if r[:2] == key]
+        rps, p50, cpu, cs = (None if any(m[i] is None for m in mine) else statistics.median(m[i] for m in mine)
+                             for i in range(4))
+        print(f"{key[0]:16} {key[1]:22} {rps:8.0f} {p50:7.3f} {'' if cpu is None else f'{cpu:11.0f}'} "
+              f"{'' if cs is None else f'{cs:11.2f}'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
