@@ -26,6 +26,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
+from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
+
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 HEAVY_REQ_ROWS = 256  # rows per request for the heavy MLP (4 requests fill a batch of 1024)
 RESNET_MAX_BATCH = 128
@@ -232,7 +234,8 @@ def render(data: dict, out: pathlib.Path) -> None:
     """gpu.md (and gpu.png when matplotlib is there) from the collected numbers."""
     md = ["# GPU benchmarks", "", f"Measured by `python -m bench.gpu` on {data.get('machine', '?')}, "
           f"{data.get('when', '?')}. Load generators run on the same machine as the server. "
-          "rows/s = batch rows (images for ResNet) per second.", ""]
+          "rows/s = batch rows (images for ResNet) per second. In-process parts ran with sys.setswitchinterval "
+          f"{data.get('switch_interval_us', 5000):g} us (what `trtserve serve` sets; Python's default is 5000 us).", ""]
     ex = data.get("executor") or []
     if ex:
         md += ["## Engine vs executor vs batcher (in process)", "",
@@ -352,7 +355,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--resnet-images", type=int, default=16, help="images per request (resnet part)")
     p.add_argument("--resnet-instances", type=int, default=2, help="instance_group count (resnet part)")
     p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
+    p.add_argument("--switch-interval-us", type=float, default=DEFAULT_GIL_SWITCH_INTERVAL_US,
+                   help="sys.setswitchinterval for the in-process parts, as `trtserve serve` sets it")
     a = p.parse_args(argv)
+    if a.switch_interval_us > 0:
+        sys.setswitchinterval(a.switch_interval_us / 1e6)
     a.out.mkdir(parents=True, exist_ok=True)
     store = a.out / "gpu.json"
     data = json.loads(store.read_text()) if store.exists() else {}
@@ -369,6 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data["machine"] = (f"{compat.gpu_name(0)}, TensorRT {why}, {os.cpu_count()} CPU cores, "
                        f"Python {platform.python_version()}")
     data["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    data["switch_interval_us"] = a.switch_interval_us
     parts = {"executor": part_executor, "server": part_server,
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","))}

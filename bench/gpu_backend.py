@@ -32,6 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
+
 
 @dataclass(frozen=True)
 class BenchModel:
@@ -328,7 +330,11 @@ def main(argv: Sequence[str] = ()) -> int:
     p.add_argument("--out", type=pathlib.Path, default=None, help="work folder (plans are cached there)")
     p.add_argument("--cuda-graphs", action="store_true", help="also run each model with CUDA graphs on")
     p.add_argument("--no-batcher", action="store_true", help="skip the batcher columns")
+    p.add_argument("--switch-interval-us", type=float, default=DEFAULT_GIL_SWITCH_INTERVAL_US,
+                   help="sys.setswitchinterval for this process, as `trtserve serve` sets it (0: Python's 5000 us)")
     a = p.parse_args(list(argv) or None)
+    if a.switch_interval_us > 0:
+        sys.setswitchinterval(a.switch_interval_us / 1e6)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from trtserve.server.backends.tensorrt import compat
 

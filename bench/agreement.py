@@ -1,0 +1,89 @@
+"""trtserve bench against perf_analyzer on the same server (issue #6): throughput and p50 at each concurrency.
+
+    python -m bench.agreement [--models mlp] [--modes on,off] [--levels 1,8,32] [--rounds 3] [--duration 2.5]
+
+Starts trtserve on the CPU (ONNX Runtime, bench.batching's repository: the example MLP or the wide model, dynamic
+batching on or off) in a child process and measures every level with both tools ``--rounds`` times, interleaved,
+so the server's own drift (on a busy host it moves single measurements by 10-30 %) hits both alike; prints each
+tool's medians and the differences, against the issue's band of 15 %. ``trtserve bench`` runs as users run it,
+the CLI in its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from bench._server import ServerProcess
+from bench.batching import make_repo
+from bench.cpu import load_perf_analyzer, load_trtserve, perf_analyzer_path
+
+BAND = 0.15
+
+
+def compare(url: str, levels: Sequence[int], rounds: int, duration: float, pa: str) -> Dict[Tuple[str, int], dict]:
+    """Medians of req/s and p50 per (tool, level)."""
+    got: Dict[Tuple[str, int], List[dict]] = {}
+    for _ in range(rounds):
+        for level in levels:
+            for tool in ("perf_analyzer", "trtserve bench"):
+                r = (load_perf_analyzer(pa, url, level, duration) if tool == "perf_analyzer"
+                     else load_trtserve(url, level, duration))
+                if r is not None:
+                    got.setdefault((tool, level), []).append(r)
+    return {k: {"rps": statistics.median(r["rps"] for r in v), "p50_ms": statistics.median(r["p50_ms"] for r in v),
+                "n": len(v)} for k, v in got.items()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="mlp")
+    p.add_argument("--modes", default="on,off", help="dynamic batching on, off")
+    p.add_argument("--levels", default="1,8,32")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=2.5)
+    p.add_argument("--out", type=pathlib.Path, help="also write the table to this Markdown file")
+    a = p.parse_args(argv)
+    pa = perf_analyzer_path()
+    if not pa:
+        print("perf_analyzer not found (bash ../shared/perf-analyzer/setup.sh /tmp/perf-analyzer)", file=sys.stderr)
+        return 2
+    levels = [int(x) for x in a.levels.split(",")]
+    lines = [f"trtserve bench vs perf_analyzer, medians of {a.rounds} interleaved rounds of {a.duration:g} s; "
+             f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             "| model | batching | concurrency | perf_analyzer req/s | trtserve bench req/s | diff | "
+             "perf_analyzer p50 ms | trtserve bench p50 ms | diff | within 15 % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    worst = 0.0
+    for model in a.models.split(","):
+        for mode in a.modes.split(","):
+            with tempfile.TemporaryDirectory() as tmp, ServerProcess(make_repo(pathlib.Path(tmp), mode, model, 1)) as s:
+                med = compare(s.url, levels, a.rounds, a.duration, pa)
+            for level in levels:
+                ref, ours = med.get(("perf_analyzer", level)), med.get(("trtserve bench", level))
+                if ref is None or ours is None:
+                    lines.append(f"| {model} | {mode} | {level} | failed | | | | | | |")
+                    continue
+                d_rps = ours["rps"] / ref["rps"] - 1
+                d_p50 = ours["p50_ms"] / ref["p50_ms"] - 1
+                worst = max(worst, abs(d_rps), abs(d_p50))
+                ok = abs(d_rps) <= BAND and abs(d_p50) <= BAND
+                lines.append(f"| {model} | {mode} | {level} | {ref['rps']:.0f} | {ours['rps']:.0f} | {d_rps:+.0%} | "
+                             f"{ref['p50_ms']:.2f} | {ours['p50_ms']:.2f} | {d_p50:+.0%} | {'yes' if ok else 'NO'} |")
+                print(lines[-1], flush=True)
+    lines += ["", f"largest difference: {worst:.0%}"]
+    print("\n".join(lines[:4] + lines[-2:]))
+    if a.out:
+        a.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
