@@ -214,8 +214,10 @@ class DynamicBatcher:
                 next_deadline = self._purge_and_expire(now)
                 if self._closing and not self.pending and not self._running:
                     break
-                p = policy.plan(self._ordered(), now, self.spec.batching, self._rules, self._pool.free(),
-                                busy=self._pool.busy(), queueable=self._pool.queueable())
+                free, queueable = self._pool.free(), self._pool.queueable()
+                # every instance full (the usual case under load, woken by each new request): nothing to plan
+                p = policy.plan(self._ordered(), now, self.spec.batching, self._rules, free,
+                                busy=self._pool.busy(), queueable=queueable) if free or queueable else policy.Plan()
                 if p.requests:
                     self._dispatch(p, now)
                     continue
@@ -354,6 +356,8 @@ class DynamicBatcher:
 
         def answer() -> None:
             for i, (r, outs) in enumerate(zip(p.requests, per_request)):
+                # _on_done only watches for cancellations: unhook it rather than have the loop run it per answer
+                r.future.remove_done_callback(self._on_done)
                 settle(r.future, RequestResult(
                     outputs=outs, queue_ns=int((max(started, dispatched) - r.arrival) * 1e9), compute_input_ns=cin,
                     compute_infer_ns=result.compute_infer_ns, compute_output_ns=result.compute_output_ns,
