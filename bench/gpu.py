@@ -235,7 +235,7 @@ def render(data: dict, out: pathlib.Path) -> None:
     md = ["# GPU benchmarks", "", f"Measured by `python -m bench.gpu` on {data.get('machine', '?')}, "
           f"{data.get('when', '?')}. Load generators run on the same machine as the server. "
           "rows/s = batch rows (images for ResNet) per second. In-process parts ran with sys.setswitchinterval "
-          f"{data.get('switch_interval_us', 5000):g} us (what `trtserve serve` sets; Python's default is 5000 us).", ""]
+          f"{data.get('switch_interval_us', 5000):g} us (what `trtserve serve` sets where TensorRT sees a CUDA device; Python's default is 5000 us).", ""]
     ex = data.get("executor") or []
     if ex:
         md += ["## Engine vs executor vs batcher (in process)", "",

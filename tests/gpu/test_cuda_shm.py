@@ -361,7 +361,7 @@ dynamic_batching { }
         ref = ort_run(session, {"INPUT0": np.array(xi, np.float32)})["OUTPUT0"]
         np.testing.assert_allclose(np.array(yi, np.float32), ref, rtol=1e-2, atol=1e-2)
         worst = max(worst, float(np.abs(np.array(yi, np.float32) - ref).max()))
-    batches = [line for line in out["stats"].splitlines() if "batch_size" in line]
+    batches = ", ".join(line.split(":")[1].strip() for line in out["stats"].splitlines() if "batch_size:" in line)
     print(f"16 concurrent requests (8 from CUDA shared memory, 8 raw): max |trt - ort| = {worst:.2e}; "
           f"batch sizes formed: {batches}")
 
