@@ -57,8 +57,11 @@ class SleepingBackend:
                            compute_infer_ns=0, compute_output_ns=0)
 
 
-def measure(batch: int, instances: int, run_s: float, seconds: float) -> float:
-    """Requests/s of batch/4 rows, 16 closed-loop clients per instance (bench.gpu_backend's load)."""
+def closed_loop(backend, wire: str, dims_in: Sequence[int], dims_out: Sequence[int], batch: int, instances: int,
+                inputs: Mapping[str, object], rows: int, seconds: float) -> float:
+    """Requests/s through DynamicBatcher.submit over ``backend``'s first ``instances`` (max_batch_size ``batch``),
+    16 closed-loop clients per instance each sending ``inputs`` (``rows`` rows): one batch running on every
+    instance, one queued behind it (policy rule 5) and one forming on the queue. Shared with bench.gpu_backend."""
     from google.protobuf import text_format
 
     from trtserve.protos import model_config_pb2 as mc
@@ -66,16 +69,15 @@ def measure(batch: int, instances: int, run_s: float, seconds: float) -> float:
     from trtserve.server.events import Observer
     from trtserve.server.repository.model_config import ModelSpec
 
+    t = f"TYPE_{wire}"
     text = (f'name: "m" platform: "tensorrt_plan" max_batch_size: {batch} '
-            f'input [{{ name: "INPUT0" data_type: TYPE_FP16 dims: [{N_IN}] }}] '
-            f'output [{{ name: "OUTPUT0" data_type: TYPE_FP16 dims: [{N_IN}] }}] '
+            f'input [{{ name: "INPUT0" data_type: {t} dims: {list(dims_in)} }}] '
+            f'output [{{ name: "OUTPUT0" data_type: {t} dims: {list(dims_out)} }}] '
             f'instance_group [{{ count: {instances} kind: KIND_GPU }}] dynamic_batching {{ }}')
     spec = ModelSpec.from_proto(text_format.Parse(text, mc.ModelConfig()), "1")
-    rows = max(1, batch // 4)
-    x = np.random.default_rng(0).standard_normal((rows, N_IN)).astype(np.float16)
 
     async def main() -> float:
-        batcher = DynamicBatcher(spec, SleepingBackend(instances, batch, run_s), Observer())  # type: ignore[arg-type]
+        batcher = DynamicBatcher(spec, backend, Observer())
         batcher.start()
         done = 0
         stop_at = 0.0
@@ -83,7 +85,7 @@ def measure(batch: int, instances: int, run_s: float, seconds: float) -> float:
         async def client() -> None:
             nonlocal done
             while time.perf_counter() < stop_at:
-                await batcher.submit({"INPUT0": x}, ("OUTPUT0",), rows)
+                await batcher.submit(inputs, ("OUTPUT0",), rows)  # type: ignore[arg-type]
                 done += 1
 
         stop_at = time.perf_counter() + 0.3  # warm-up
@@ -97,6 +99,14 @@ def measure(batch: int, instances: int, run_s: float, seconds: float) -> float:
         return done / dt
 
     return asyncio.run(main())
+
+
+def measure(batch: int, instances: int, run_s: float, seconds: float) -> float:
+    """Requests/s of batch/4 rows against the sleeping backend (bench.gpu_backend's load)."""
+    rows = max(1, batch // 4)
+    x = np.random.default_rng(0).standard_normal((rows, N_IN)).astype(np.float16)
+    return closed_loop(SleepingBackend(instances, batch, run_s), "FP16", (N_IN,), (N_IN,), batch, instances,
+                       {"INPUT0": x}, rows, seconds)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

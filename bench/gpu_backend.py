@@ -19,7 +19,6 @@ and prints a table; "best/raw" is the best column of a kind over raw (rows/s thr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import pathlib
@@ -230,47 +229,12 @@ def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, s
     """Closed loop through DynamicBatcher.submit with enough requests in flight to keep every instance busy;
     ``device``: each request's input is a CuPy array (the batcher hands the pieces to the backend, which copies
     them device to device into its buffers, as for CUDA shared-memory requests)."""
-    from google.protobuf import text_format
+    from bench.batcher_overhead import closed_loop
 
-    from trtserve.protos import model_config_pb2 as mc
-    from trtserve.server.batcher.scheduler import DynamicBatcher
-    from trtserve.server.events import Observer
-    from trtserve.server.repository.model_config import ModelSpec
-
-    t = f"TYPE_{model.wire}"
-    text = (f'name: "{model.name}" platform: "tensorrt_plan" max_batch_size: {batch} '
-            f'input [{{ name: "INPUT0" data_type: {t} dims: {list(model.dims_in)} }}] '
-            f'output [{{ name: "OUTPUT0" data_type: {t} dims: {list(model.dims_out)} }}] '
-            f'instance_group [{{ count: {instances} kind: KIND_GPU }}] dynamic_batching {{ }}')
-    spec = ModelSpec.from_proto(text_format.Parse(text, mc.ModelConfig()), "1")
     rows = max(1, batch // 4)
     x = _input(model, rows, device)
-
-    async def main() -> float:
-        batcher = DynamicBatcher(spec, _FirstInstances(backend, instances), Observer())  # type: ignore[arg-type]
-        batcher.start()
-        done = 0
-        stop_at = 0.0
-
-        async def client() -> None:
-            nonlocal done
-            while time.perf_counter() < stop_at:
-                await batcher.submit({"INPUT0": x}, ("OUTPUT0",), rows)
-                done += rows
-
-        # 16 requests of B/4 rows per instance: one batch running, one queued behind it (policy rule 5), and
-        # one forming on the queue
-        stop_at = time.perf_counter() + 0.3  # warm-up
-        await asyncio.gather(*(client() for _ in range(16 * instances)))
-        done = 0
-        t0 = time.perf_counter()
-        stop_at = t0 + seconds
-        await asyncio.gather(*(client() for _ in range(16 * instances)))
-        dt = time.perf_counter() - t0
-        await batcher.stop()
-        return done / dt
-
-    return asyncio.run(main())
+    return rows * closed_loop(_FirstInstances(backend, instances), model.wire, model.dims_in, model.dims_out, batch,
+                              instances, {"INPUT0": x}, rows, seconds)
 
 
 def bench_model(

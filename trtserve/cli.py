@@ -140,10 +140,12 @@ def _bench_grpc_experiments(argv: List[str]) -> None:
     """For ``trtserve bench``: gRPC's EventEngine client off, unless GRPC_EXPERIMENTS is already set.
 
     With it on (grpcio's default), every blocking call's completion passes between gRPC's own threads and the
-    caller's: 4 voluntary context switches per call against 1 without it, and ~50 us more client CPU (grpcio
-    1.80 and 1.85, ``python -m bench.client_floor``). A load generator should add as little of its own to the
-    latency it reports as it can (issue #6: agree with perf_analyzer at concurrency 1). gRPC reads the variable
-    once, when it is imported, so this runs before anything imports grpc; the library API is left as it is."""
+    caller's: 4 voluntary context switches per call against 1 without it, and 50-120 us more client CPU
+    (``python -m bench.client_floor``: grpcio 1.85 on the 2-core VM, 1.80 on the H200 host's 16 cores, where the
+    round trip to a server that answers at once fell from 0.76 to 0.59 ms). A load generator should add as little
+    of its own to the latency it reports as it can (issue #6: agree with perf_analyzer at concurrency 1). gRPC
+    reads the variable once, when it is imported, so this runs before anything imports grpc; the library API is
+    left as it is."""
     if "bench" not in argv[:1] or "GRPC_EXPERIMENTS" in os.environ:
         return
     try:
