@@ -16,11 +16,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from typing import Dict, List, Optional
 
 from bench._server import ServerProcess
-from bench.cpu import load_perf_analyzer, perf_analyzer_path
+from bench.cpu import load_perf_analyzer, load_trtserve, perf_analyzer_path
 
 VARIANTS = ("", "-event_engine_client")  # GRPC_EXPERIMENTS values; "" = gRPC's defaults
 
@@ -62,20 +61,6 @@ def bare_loop(url: str, model: str, seconds: float, experiments: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def trtserve_bench(url: str, model: str, seconds: float, experiments: str) -> Optional[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "b.json")
-        proc = subprocess.run([sys.executable, "-m", "trtserve", "bench", "--url", url, "--model", model,
-                               "--concurrency", "1", "--duration", str(seconds), "--warmup", "1", "--engine",
-                               "threads", "--json", path, "--quiet"],
-                              capture_output=True, text=True, env=_env(experiments), timeout=300)
-        if proc.returncode != 0:
-            print(f"trtserve bench failed: {proc.stdout[-400:]} {proc.stderr[-400:]}", file=sys.stderr)
-            return None
-        level = json.load(open(path))["levels"][0]
-        return {"rps": level["requests_per_s"], "p50_ms": level["p50_ms"]}
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=3.0)
@@ -96,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r = bare_loop(url, a.model, a.duration, exp)
                 rows.append(("bare grpc loop", exp or "default", r["rps"], r["p50_ms"], r["cpu_us"],
                              r["ctx_switches"]))
-                b = trtserve_bench(url, a.model, a.duration, exp)
+                b = load_trtserve(url, 1, a.duration, a.model, engine="threads", warmup_s=1.0, env=_env(exp))
                 if b:
                     rows.append(("trtserve bench", exp or "default", b["rps"], b["p50_ms"], None, None))
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -39,15 +39,20 @@ def perf_analyzer_path() -> str:
     return ""
 
 
-def load_trtserve(url: str, level: int, duration: float, model: str = "m") -> Optional[Dict[str, float]]:
+def load_trtserve(url: str, level: int, duration: float, model: str = "m", engine: str = "auto",
+                  warmup_s: Optional[float] = None,
+                  env: Optional[Mapping[str, str]] = None) -> Optional[Dict[str, float]]:
     """One closed-loop level of ``trtserve bench``, run as users run it: the CLI in its own process (which also
-    picks its gRPC client settings before gRPC loads, see trtserve/cli.py). None when it fails."""
+    picks its gRPC client settings before gRPC loads, see trtserve/cli.py; ``env`` replaces the environment it
+    gets). None when it fails."""
+    warmup = min(1.0, duration / 3) if warmup_s is None else warmup_s
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "trtserve", "bench", "--url", url, "--model", model, "--concurrency",
-               str(level), "--duration", str(duration), "--warmup", str(min(1.0, duration / 3)), "--json", str(out),
-               "--quiet"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+               str(level), "--duration", str(duration), "--warmup", str(warmup), "--engine", engine, "--json",
+               str(out), "--quiet"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env=None if env is None else dict(env))
         if proc.returncode != 0 or not out.exists():
             print(f"trtserve bench failed ({model} concurrency {level}): {proc.stdout[-600:]} {proc.stderr[-600:]}",
                   file=sys.stderr, flush=True)
