@@ -88,7 +88,7 @@ def part_executor(work: pathlib.Path, seconds: float) -> List[dict]:
     for name in ("conv", "heavy", "small"):
         # graphs replay captured host copies, so they never apply to the conv net's device-resident inputs
         for graphs in (False,) if name == "conv" else (False, True):
-            bench_model(models[name], work, seconds, [1, 2, 4], graphs, True, results)
+            bench_model(models[name], work, seconds, [1, 2, 4], graphs, True, results, serial_too=True)
     return results
 
 
@@ -242,12 +242,15 @@ def render(data: dict, out: pathlib.Path) -> None:
                "raw = `execute_async_v3` loop on one context, no copies; raw+io = with H2D/D2H; raw xN = the raw loop "
                "on N contexts at once; run xN = `TensorRTBackend.run()` from N instance threads (pinned staging, "
                "copies, checks, result arrays); batcher xN = `DynamicBatcher` + executor over N instances, fed "
-               "requests of B/4 rows. rows/s. conv = ResNet-18-shaped (bench/resnet.py; a row is an image); its "
+               "requests of B/4 rows; the next batch of an instance is enqueued while the previous one runs "
+               "(enqueue on the instance thread, collect on its completion thread). unpipelined = the same batcher "
+               "with each batch enqueued and waited for on the instance's thread, measured right after (best of "
+               "1/2/4 instances). rows/s. conv = ResNet-18-shaped (bench/resnet.py; a row is an image); its "
                "\"inputs in device memory\" rows feed run() and the batcher CuPy arrays, as CUDA shared memory "
                "does.", "",
                "| model | graphs | batch | raw | raw+io | raw x4 | run x1 | run x2 | run x4 | batcher x1 | batcher x2 "
-               "| batcher x4 | best run / raw | best batcher / raw |",
-               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+               "| batcher x4 | best run / raw | best batcher / raw | unpipelined best / raw |",
+               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ex:
             run = {int(k): v for k, v in r["run"].items()}
             bat = {int(k): v for k, v in r["batcher"].items()}
@@ -256,7 +259,8 @@ def render(data: dict, out: pathlib.Path) -> None:
                       f"{r['raw_io']:,.0f} | {r['raw_parallel']:,.0f} | "
                       + " | ".join(f"{run[n]:,.0f}" for n in (1, 2, 4)) + " | "
                       + " | ".join(f"{bat[n]:,.0f}" for n in (1, 2, 4))
-                      + f" | {max(run.values()) / r['raw']:.0%} | {max(bat.values()) / r['raw']:.0%} |")
+                      + f" | {max(run.values()) / r['raw']:.0%} | {max(bat.values()) / r['raw']:.0%} | "
+                      + (f"{max(r['batcher_serial'].values()) / r['raw']:.0%} |" if r.get("batcher_serial") else "- |"))
     sv = data.get("server") or []
     if sv:
         md += ["", "## Full server under perf_analyzer (same machine)", "",

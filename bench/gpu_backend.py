@@ -196,11 +196,14 @@ def run_rows_per_s(backend, model: BenchModel, batch: int, instances: int, secon
 
 
 class _FirstInstances:
-    """The backend seen through its first ``n`` instances, so one engine serves the 1/2/4-instance rows."""
+    """The backend seen through its first ``n`` instances, so one engine serves the 1/2/4-instance rows;
+    ``pipelined`` False makes the batcher run each batch start to end on the instance's thread (the executor
+    before enqueue/collect), for an A/B in one process."""
 
-    def __init__(self, backend, n: int) -> None:
+    def __init__(self, backend, n: int, pipelined: bool = True) -> None:
         self._b = backend
         self._n = n
+        self.pipelined = pipelined and backend.pipelined
 
     def profiles(self):
         return [dataclasses.replace(p, instances=tuple(i for i in p.instances if i < self._n))
@@ -223,9 +226,15 @@ class _FirstInstances:
     def run_to_device(self, instance, inputs, outputs, destinations):
         return self._b.run_to_device(instance, inputs, outputs, destinations)
 
+    def enqueue(self, instance, inputs, outputs, destinations=()):
+        return self._b.enqueue(instance, inputs, outputs, destinations)
+
+    def collect(self, instance, ticket):
+        return self._b.collect(instance, ticket)
+
 
 def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, seconds: float,
-                       device: bool = False) -> float:
+                       device: bool = False, pipelined: bool = True) -> float:
     """Closed loop through DynamicBatcher.submit with enough requests in flight to keep every instance busy;
     ``device``: each request's input is a CuPy array (the batcher hands the pieces to the backend, which copies
     them device to device into its buffers, as for CUDA shared-memory requests)."""
@@ -233,15 +242,16 @@ def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, s
 
     rows = max(1, batch // 4)
     x = _input(model, rows, device)
-    return rows * closed_loop(_FirstInstances(backend, instances), model.wire, model.dims_in, model.dims_out, batch,
+    return rows * closed_loop(_FirstInstances(backend, instances, pipelined), model.wire, model.dims_in, model.dims_out, batch,
                               instances, {"INPUT0": x}, rows, seconds)
 
 
 def bench_model(
     model: BenchModel, workdir: pathlib.Path, seconds: float, instance_counts: Sequence[int], graphs: bool,
-    with_batcher: bool, results: Optional[List[dict]] = None,
+    with_batcher: bool, results: Optional[List[dict]] = None, serial_too: bool = False,
 ) -> List[List[str]]:
-    """Table rows (strings) for one model; ``results`` (if given) receives the same numbers as dicts."""
+    """Table rows (strings) for one model; ``results`` (if given) receives the same numbers as dicts.
+    ``serial_too``: also the batcher with pipelining off (results' "batcher_serial"), interleaved per cell."""
     from trtserve.server.backends.base import BackendConfig, TensorSpec
     from trtserve.server.backends.tensorrt import TensorRTBackend
 
@@ -270,16 +280,20 @@ def bench_model(
                 runs = [run_rows_per_s(backend, model, b, n, seconds, device) for n in instance_counts]
                 batched = ([batcher_rows_per_s(backend, model, b, n, seconds, device) for n in instance_counts]
                            if with_batcher else [float("nan")] * len(instance_counts))
+                serial = ([batcher_rows_per_s(backend, model, b, n, seconds, device, pipelined=False)
+                           for n in instance_counts] if with_batcher and serial_too else [])
                 where = "device" if device else "host"
                 if results is not None:
                     results.append({"model": model.name, "graphs": graphs, "batch": b, "inputs": where, "raw": raw,
                                     "raw_io": raw_io, "raw_parallel": raw_par, "parallel": max(instance_counts),
                                     "run": dict(zip(instance_counts, runs)),
-                                    "batcher": dict(zip(instance_counts, batched))})
+                                    "batcher": dict(zip(instance_counts, batched)),
+                                    **({"batcher_serial": dict(zip(instance_counts, serial))} if serial else {})})
                 label = model.name + (" +graphs" if graphs else "") + (", inputs on device" if device else "")
                 rows.append([label, str(b), f"{raw:,.0f}", f"{raw_io:,.0f}", f"{raw_par:,.0f}"]
                             + [f"{r:,.0f}" for r in runs] + [f"{r:,.0f}" for r in batched]
-                            + [f"{max(runs) / raw:.0%}", f"{max(batched) / raw:.0%}"])
+                            + [f"{max(runs) / raw:.0%}", f"{max(batched) / raw:.0%}"]
+                            + ([f"{max(serial) / raw:.0%}"] if serial else []))
                 print("  " + " | ".join(rows[-1]), flush=True)
     finally:
         backend.close()
@@ -294,6 +308,8 @@ def main(argv: Sequence[str] = ()) -> int:
     p.add_argument("--out", type=pathlib.Path, default=None, help="work folder (plans are cached there)")
     p.add_argument("--cuda-graphs", action="store_true", help="also run each model with CUDA graphs on")
     p.add_argument("--no-batcher", action="store_true", help="skip the batcher columns")
+    p.add_argument("--serial-too", action="store_true",
+                   help="also the batcher with pipelining off (enqueue and wait on the instance's thread)")
     p.add_argument("--switch-interval-us", type=float, default=DEFAULT_GIL_SWITCH_INTERVAL_US,
                    help="sys.setswitchinterval for this process, as `trtserve serve` sets it (0: Python's 5000 us)")
     a = p.parse_args(list(argv) or None)
@@ -313,9 +329,11 @@ def main(argv: Sequence[str] = ()) -> int:
     table: List[List[str]] = []
     for name in a.models.split(","):
         for graphs in (False, True) if a.cuda_graphs else (False,):
-            table += bench_model(models[name], workdir, a.seconds, counts, graphs, not a.no_batcher)
+            table += bench_model(models[name], workdir, a.seconds, counts, graphs, not a.no_batcher,
+                                 serial_too=a.serial_too)
     head = (["model", "batch", "raw rows/s", "raw+io rows/s", f"raw x{max(counts)}"] + [f"run x{n}" for n in counts]
-            + [f"batcher x{n}" for n in counts] + ["run best/raw", "batcher best/raw"])
+            + [f"batcher x{n}" for n in counts] + ["run best/raw", "batcher best/raw"]
+            + (["unpipelined best/raw"] if a.serial_too else []))
     widths = [max(len(r[i]) for r in [head] + table) for i in range(len(head))]
     print()
     for r in [head, ["-" * w for w in widths]] + table:

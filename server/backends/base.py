@@ -5,6 +5,11 @@ session creation; called off the event loop); ``run()`` executes one batch on on
 always called from that instance's own thread (one instance = one execution context + one stream,
 or one ONNX Runtime session slot), so an instance never runs two batches at once; ``close()``
 releases everything. Backends never see gRPC or the batcher.
+
+A ``pipelined`` backend (TensorRT) splits a batch in two: ``enqueue`` (the instance's thread) starts it on
+the device and returns, ``collect`` (the instance's completion thread) waits for it. The instance's thread
+can then enqueue the next batch behind the running one, so the device never waits for Python between
+batches; at most ``BackendConfig.batches_per_instance`` batches of an instance are enqueued at once.
 """
 from __future__ import annotations
 
@@ -125,6 +130,9 @@ class BackendConfig:
     cuda_graphs: bool = False
     cache_dir: Optional[pathlib.Path] = None
     device_id: int = 0
+    # batches the batcher may hand one instance at once (ModelSpec.batches_per_instance): a pipelined backend
+    # keeps that many sets of host staging buffers per instance
+    batches_per_instance: int = 2
 
 
 class Backend(abc.ABC):
@@ -134,6 +142,8 @@ class Backend(abc.ABC):
     # True: CUDA shared-memory inputs arrive as device tensors (and batches of them as ``Gather``), which
     # ``run`` copies device to device; False: the server copies them to host memory first
     accepts_device_tensors: bool = False
+    # True: ``enqueue`` returns before the batch ends and ``collect`` waits for it (see the module docstring)
+    pipelined: bool = False
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
@@ -173,6 +183,20 @@ class Backend(abc.ABC):
         """``run`` that also writes outputs straight into requests' device memory where it can, saying which in
         ``BatchResult.delivered``; whatever it does not deliver the server writes from the host result."""
         return self.run(instance, inputs, outputs)
+
+    def enqueue(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
+                destinations: Sequence[DeviceDestination] = ()) -> object:
+        """Starts one batch on ``instance`` from its thread and returns a ticket for ``collect``. Batches of an
+        instance are collected in the order they were enqueued. Default: runs the whole batch (the result is
+        the ticket)."""
+        if destinations:
+            return self.run_to_device(instance, inputs, outputs, destinations)
+        return self.run(instance, inputs, outputs)
+
+    def collect(self, instance: int, ticket: object) -> BatchResult:
+        """Waits for a batch ``enqueue`` started; once per ticket. Raises what the batch failed with."""
+        assert isinstance(ticket, BatchResult)
+        return ticket
 
     @abc.abstractmethod
     def close(self) -> None:

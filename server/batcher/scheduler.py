@@ -1,8 +1,10 @@
 """DynamicBatcher: one asyncio task per model version that ties queue, policy, assembly and the
 executor pool together, and settles every request's future exactly once.
 
-Everything here runs on the event loop; only ``_work`` (stack -> backend.run -> split) runs on an
-instance's thread. The loop sleeps on an Event (new request, released slot, cancellation) with a
+Everything here runs on the event loop; only ``_work`` (stack -> backend.enqueue/collect -> split) runs on an
+instance's thread, or, for a pipelined backend, ``_begin`` (stack -> enqueue) on the instance's thread and
+``_end`` (collect -> split) on its completion thread, so the instance's next batch is enqueued while the
+previous one still runs. The loop sleeps on an Event (new request, released slot, cancellation) with a
 timeout for the next deadline or queue delay: no busy waiting.
 """
 from __future__ import annotations
@@ -59,7 +61,9 @@ class DynamicBatcher:
             out: (inp, tuple(i for i, d in enumerate(spec.output(out).dims) if d == -1))  # type: ignore[union-attr]
             for out, inp in spec.unpad.items()
         }
-        self._pool = ExecutorPool(backend.instance_count(), name=spec.name, depth=spec.batches_per_instance)
+        self._pipelined = backend.pipelined and spec.batches_per_instance > 1
+        self._pool = ExecutorPool(backend.instance_count(), name=spec.name, depth=spec.batches_per_instance,
+                                  completion=self._pipelined)
         self._queues: Dict[int, Deque[Pending]] = {lvl: collections.deque()
                                                     for lvl in range(1, spec.batching.levels + 1)}
         self._delayed: Deque[Pending] = collections.deque()
@@ -264,18 +268,35 @@ class DynamicBatcher:
         done = loop.create_future()
         self._running[seq] = done
 
-        def finished(f: "concurrent.futures.Future") -> None:  # on the instance thread
+        def finished(f: "concurrent.futures.Future") -> None:  # on the instance (or completion) thread
             try:
                 loop.call_soon_threadsafe(self._complete, p, seq, now, f, done)
             except RuntimeError:  # the loop is closed: the process is exiting, nobody waits for the answer
                 pass
 
-        # a plain done-callback, not a Task awaiting run_in_executor: the result is handled in the first loop
-        # iteration after the thread finishes (a Task, a future chain and two loop iterations per batch less:
-        # fake backend, 0.4 ms per batch, one instance: 1,070-1,205 -> 1,476-1,509 batches/s)
-        self._pool.submit(p.instance, lambda: self._work(p)).add_done_callback(finished)
+        instance = p.instance
+        if not self._pipelined:
+            # a plain done-callback, not a Task awaiting run_in_executor: the result is handled in the first loop
+            # iteration after the thread finishes (a Task, a future chain and two loop iterations per batch less:
+            # fake backend, 0.4 ms per batch, one instance: 1,070-1,205 -> 1,476-1,509 batches/s)
+            self._pool.submit(instance, lambda: self._work(p)).add_done_callback(finished)
+            return
 
-    def _work(self, p: policy.Plan) -> Tuple[BatchResult, Sequence[Dict[str, np.ndarray]], int, float]:
+        def begun(f: "concurrent.futures.Future") -> None:  # on the instance thread, right after enqueue
+            try:
+                if f.exception() is None:
+                    ticket = f.result()
+                    self._pool.complete(instance, lambda: self._end(p, *ticket)).add_done_callback(finished)
+                    return
+            except BaseException as e:  # noqa: BLE001 - whatever happens, the batch gets its one answer
+                f = concurrent.futures.Future()
+                f.set_exception(e)
+            finished(f)
+
+        self._pool.submit(instance, lambda: self._begin(p)).add_done_callback(begun)
+
+    def _begin(self, p: policy.Plan) -> Tuple[object, int, float]:
+        """Instance thread: stacks the batch and starts it; (backend ticket, host ns spent, start time)."""
         started = self._clock()  # a batch queued behind another (policy rule 5) waited until now
         if all(r.future.done() or (r.deadline is not None and started >= r.deadline) for r in p.requests):
             # every client gave up while the batch waited on the instance: do not spend the device on it
@@ -284,19 +305,26 @@ class DynamicBatcher:
         t0 = time.perf_counter_ns()
         names = tuple(dict.fromkeys(n for r in p.requests for n in r.outputs))
         staging = None
+        assert p.instance is not None
         if len(p.requests) > 1:  # one request goes as it is: its array is the batch
             staging = self._backend.staging(p.instance, self._rules.full(p.rows, p.shapes))  # type: ignore[arg-type]
         inputs = assemble.stack(p.requests, p.shapes, self.spec.pad_values, self.spec.batches, staging)
         t1 = time.perf_counter_ns()
+        ticket = self._backend.enqueue(p.instance, inputs, names, self._destinations(p.requests))
+        return ticket, t1 - t0, started
+
+    def _end(self, p: policy.Plan, ticket: object, stack_ns: int,
+             started: float) -> Tuple[BatchResult, Sequence[Dict[str, np.ndarray]], int, float]:
+        """Waits for the batch and splits its outputs per request; (result, outputs per request, host ns, start)."""
         assert p.instance is not None
-        destinations = self._destinations(p.requests)
-        if destinations:
-            result = self._backend.run_to_device(p.instance, inputs, names, destinations)
-        else:
-            result = self._backend.run(p.instance, inputs, names)
+        result = self._backend.collect(p.instance, ticket)
         t2 = time.perf_counter_ns()
         per_request = assemble.split(result.outputs, p.requests, self._unpad, self.spec.batches)
-        return result, per_request, (t1 - t0) + (time.perf_counter_ns() - t2), started
+        return result, per_request, stack_ns + (time.perf_counter_ns() - t2), started
+
+    def _work(self, p: policy.Plan) -> Tuple[BatchResult, Sequence[Dict[str, np.ndarray]], int, float]:
+        """Both halves on the instance's thread (backends that are not pipelined, or one batch per instance)."""
+        return self._end(p, *self._begin(p))
 
     def _destinations(self, requests: Sequence[Pending]) -> List[DeviceDestination]:
         """Where requests want outputs in device memory: each one's rows (an unbatched model: the whole

@@ -2,7 +2,9 @@
 instance at a time (an instance owns one execution context + stream, which must not run twice).
 
 An instance may hold ``depth`` batches: the running one and, behind it in its thread's FIFO, the
-next one, which starts without waiting for the event loop (see policy rule 5)."""
+next one, which starts without waiting for the event loop (see policy rule 5). For a pipelined backend
+each instance also gets a completion thread: the instance's thread enqueues a batch and goes on to the
+next while the completion thread waits for the first, so the two batches overlap on the device."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -14,13 +16,17 @@ T = TypeVar("T")
 class ExecutorPool:
     """Tracks how many batches each instance holds; ``submit`` runs work on that instance's own thread."""
 
-    def __init__(self, count: int, name: str = "trtserve", depth: int = 2) -> None:
+    def __init__(self, count: int, name: str = "trtserve", depth: int = 2, completion: bool = False) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._threads: List[concurrent.futures.ThreadPoolExecutor] = [
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-inst{i}")
             for i in range(count)
         ]
+        self._completion: List[concurrent.futures.ThreadPoolExecutor] = [
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-done{i}")
+            for i in range(count)
+        ] if completion else []
         self._held: Dict[int, int] = {i: 0 for i in range(count)}
         self._depth = depth
 
@@ -53,6 +59,10 @@ class ExecutorPool:
         """Starts ``fn`` on the instance's thread; the caller hands the result back to its loop itself."""
         return self._threads[instance].submit(fn)
 
+    def complete(self, instance: int, fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
+        """Runs ``fn`` on the instance's completion thread (FIFO: batches finish in the order they started)."""
+        return self._completion[instance].submit(fn)
+
     def shutdown(self) -> None:
-        for t in self._threads:
+        for t in self._threads + self._completion:  # instance threads first: they feed the completion threads
             t.shutdown(wait=True)

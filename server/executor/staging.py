@@ -5,7 +5,10 @@ Why this shape (shared/reference/tensorrt-api.md §4.5, §6.3):
   captured CUDA graphs stay valid for the instance's life; at least 512 bytes each, so an address is never 0
   (CuPy returns ptr 0 for a 0-byte allocation: the "bindings[x] || nullBindingOK" failure);
 - copies go through pinned memory with ``cudaMemcpyAsync`` on the instance's own stream: CuPy's
-  ``copy_from_host``/``copy_to_host`` use the legacy default stream and would serialize every instance.
+  ``copy_from_host``/``copy_to_host`` use the legacy default stream and would serialize every instance;
+- the pinned mirror comes in ``slots`` copies (one per batch an instance may have in flight), so the next batch
+  is packed while the previous one still copies in and out of its own mirror. One device buffer is enough:
+  every batch of an instance runs on the instance's one stream, so device reads and writes are stream-ordered.
 CuPy is imported lazily: this module imports on a machine without CUDA.
 """
 from __future__ import annotations
@@ -31,9 +34,10 @@ def nbytes_of(shape: Tuple[int, ...], dtype: np.dtype) -> int:
 
 
 class StagedTensor:
-    """One IO tensor of one instance: ``capacity`` bytes on the device and the same in pinned host memory."""
+    """One IO tensor of one instance: ``capacity`` bytes on the device and ``slots`` pinned host mirrors of it.
+    Every host-side method takes the mirror (``slot``) the batch owns."""
 
-    def __init__(self, name: str, dtype: np.dtype, max_shape: Tuple[int, ...]) -> None:
+    def __init__(self, name: str, dtype: np.dtype, max_shape: Tuple[int, ...], slots: int = 1) -> None:
         cupy = _cupy()
         self.name = name
         self.dtype = np.dtype(dtype)
@@ -42,9 +46,9 @@ class StagedTensor:
         size = max(self.capacity, MIN_BYTES)
         self.device = cupy.empty(size, dtype=cupy.uint8)
         self._ptr = int(self.device.data.ptr)
-        self._pinned = cupy.cuda.alloc_pinned_memory(size)  # keeps the pinned block alive
-        self.host = np.frombuffer(self._pinned, dtype=np.uint8, count=size)
-        self._host_ptr = int(self.host.ctypes.data)  # .ctypes builds an object per access: read it once
+        self._pinned = [cupy.cuda.alloc_pinned_memory(size) for _ in range(max(1, slots))]  # keeps them alive
+        self.hosts = [np.frombuffer(p, dtype=np.uint8, count=size) for p in self._pinned]
+        self._host_ptrs = [int(h.ctypes.data) for h in self.hosts]  # .ctypes builds an object per access
         if self.ptr == 0 or self.ptr % 256:
             raise RuntimeError(f"tensor '{name}': device buffer address {self.ptr:#x} is null or not 256-byte aligned")
 
@@ -52,39 +56,46 @@ class StagedTensor:
     def ptr(self) -> int:
         return self._ptr
 
-    def pack(self, array: np.ndarray, pad_to_bytes: int = 0) -> int:
-        """Copies ``array`` into the pinned mirror (zero-filling up to ``pad_to_bytes``); returns its bytes."""
+    @property
+    def host(self) -> np.ndarray:
+        """Mirror 0 (the only one with a single slot)."""
+        return self.hosts[0]
+
+    def pack(self, array: np.ndarray, pad_to_bytes: int = 0, slot: int = 0) -> int:
+        """Copies ``array`` into pinned mirror ``slot`` (zero-filling up to ``pad_to_bytes``); returns its bytes."""
         n = array.nbytes
         if n > self.capacity or pad_to_bytes > self.capacity:
             raise ValueError(f"tensor '{self.name}': {max(n, pad_to_bytes)} bytes exceed the buffer's {self.capacity}")
-        if array.__array_interface__["data"][0] != self._host_ptr:  # else stacked in place (see view)
-            dst = self.host[:n].view(self.dtype).reshape(array.shape)
+        host = self.hosts[slot]
+        if array.__array_interface__["data"][0] != self._host_ptrs[slot]:  # else stacked in place (see view)
+            dst = host[:n].view(self.dtype).reshape(array.shape)
             np.copyto(dst, array, casting="no")
         if pad_to_bytes > n:
-            self.host[n:pad_to_bytes] = 0
+            host[n:pad_to_bytes] = 0
         return n
 
-    def view(self, shape: Tuple[int, ...]) -> np.ndarray:
-        """The pinned mirror as an array of ``shape``, to be filled in place before ``pack``."""
+    def view(self, shape: Tuple[int, ...], slot: int = 0) -> np.ndarray:
+        """Pinned mirror ``slot`` as an array of ``shape``, to be filled in place before ``pack``."""
         n = nbytes_of(shape, self.dtype)
         if n > self.capacity:
             raise ValueError(f"tensor '{self.name}': {n} bytes exceed the buffer's {self.capacity}")
-        return self.host[:n].view(self.dtype).reshape(shape)
+        return self.hosts[slot][:n].view(self.dtype).reshape(shape)
 
-    def upload(self, nbytes: int, stream: Any) -> None:
-        """Enqueues pinned -> device for the first ``nbytes`` on ``stream``."""
+    def upload(self, nbytes: int, stream: Any, slot: int = 0) -> None:
+        """Enqueues pinned mirror ``slot`` -> device for the first ``nbytes`` on ``stream``."""
         if nbytes:
             cupy = _cupy()
             cupy.cuda.runtime.memcpyAsync(
-                self.ptr, self._host_ptr, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
+                self.ptr, self._host_ptrs[slot], nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
             )
 
-    def gather(self, parts: Sequence[Any], stream: Any) -> int:
+    def gather(self, parts: Sequence[Any], stream: Any, slot: int = 0) -> int:
         """Enqueues each piece into its rows of the device buffer on ``stream``: device pieces (objects with
         ``__cuda_array_interface__``, e.g. a client's CUDA shared memory) device to device, host pieces
         through their place in the pinned mirror. Returns the bytes written."""
         cupy = _cupy()
         rt = cupy.cuda.runtime
+        host, host_ptr = self.hosts[slot], self._host_ptrs[slot]
         offset = 0
         for p in parts:
             cai = getattr(p, "__cuda_array_interface__", None)
@@ -98,29 +109,29 @@ class StagedTensor:
                     rt.memcpyAsync(self.ptr + offset, int(cai["data"][0]), n, rt.memcpyDeviceToDevice, stream.ptr)
             else:
                 src = np.ascontiguousarray(p)
-                np.copyto(self.host[offset:offset + n].view(self.dtype).reshape(src.shape), src, casting="no")
+                np.copyto(host[offset:offset + n].view(self.dtype).reshape(src.shape), src, casting="no")
                 if n:
-                    rt.memcpyAsync(self.ptr + offset, self._host_ptr + offset, n, rt.memcpyHostToDevice, stream.ptr)
+                    rt.memcpyAsync(self.ptr + offset, host_ptr + offset, n, rt.memcpyHostToDevice, stream.ptr)
             offset += n
         return offset
 
-    def download(self, nbytes: int, stream: Any) -> None:
-        """Enqueues device -> pinned for the first ``nbytes`` on ``stream``."""
+    def download(self, nbytes: int, stream: Any, slot: int = 0) -> None:
+        """Enqueues device -> pinned mirror ``slot`` for the first ``nbytes`` on ``stream``."""
         if nbytes > self.capacity:
             raise ValueError(f"tensor '{self.name}': {nbytes} bytes exceed the buffer's {self.capacity}")
         if nbytes:
             cupy = _cupy()
             cupy.cuda.runtime.memcpyAsync(
-                self._host_ptr, self.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
+                self._host_ptrs[slot], self.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
             )
 
-    def result(self, shape: Tuple[int, ...]) -> np.ndarray:
-        """A fresh array with the downloaded data (the pinned mirror is reused by the next batch)."""
+    def result(self, shape: Tuple[int, ...], slot: int = 0) -> np.ndarray:
+        """A fresh array with the downloaded data (the pinned mirror is reused by a later batch)."""
         n = nbytes_of(shape, self.dtype)
-        return self.host[:n].view(self.dtype).reshape(shape).copy()
+        return self.hosts[slot][:n].view(self.dtype).reshape(shape).copy()
 
     def free(self) -> None:
         """Drops the buffers (CuPy returns them to its pools)."""
         self.device = None
-        self.host = None  # type: ignore[assignment]
-        self._pinned = None
+        self.hosts = []
+        self._pinned = []

@@ -131,9 +131,6 @@ class ModelSpec:
                     raise ModelLoadError(f"model '{name}': parameter '{key}' must map an output to an input, "
                                          f"got {oname!r} -> {value!r}")
                 unpad[oname] = value
-        raw_depth = params.get(DEPTH_KEY, "2").strip()
-        if raw_depth not in ("1", "2"):
-            raise ModelLoadError(f"model '{name}': parameter '{DEPTH_KEY}' must be 1 or 2, got {raw_depth!r}")
         batching = _batching(config)
         count = sum(max(1, g.count) for g in config.instance_group) if config.instance_group else 1
         graphs = bool(config.optimization.cuda.graphs) if config.HasField("optimization") else False
@@ -141,8 +138,17 @@ class ModelSpec:
             name=name, version=version, platform=config.platform or config.backend,
             max_batch_size=config.max_batch_size, inputs=inputs, outputs=outputs, batching=batching,
             instance_count=count, parameters=params, pad_values=pad_values, unpad=unpad, cuda_graphs=graphs,
-            batches_per_instance=int(raw_depth),
+            batches_per_instance=batches_per_instance(name, params),
         )
+
+
+def batches_per_instance(model: str, params: Mapping[str, str]) -> int:
+    """``trtserve.batches_per_instance`` (default 2); the backend needs it before the spec exists, to size
+    its staging buffers."""
+    raw = params.get(DEPTH_KEY, "2").strip()
+    if raw not in ("1", "2"):
+        raise ModelLoadError(f"model '{model}': parameter '{DEPTH_KEY}' must be 1 or 2, got {raw!r}")
+    return int(raw)
 
 
 def _tensor(model: str, kind: str, t, data_type: int, dims, optional: bool) -> TensorSpec:

@@ -20,7 +20,7 @@ from trtserve.server.batcher.scheduler import DynamicBatcher
 from trtserve.server.errors import ModelLoadError, NotFound, TrtServeError, Unavailable
 from trtserve.server.events import Observer
 from trtserve.server.repository import layout, pbtxt
-from trtserve.server.repository.model_config import ModelSpec
+from trtserve.server.repository.model_config import ModelSpec, batches_per_instance
 
 log = logging.getLogger("trtserve.repository")
 
@@ -201,12 +201,13 @@ class ModelRepository:
         vdir = model_path / version
         config.platform = pbtxt.guess_platform(config, vdir)
         count = sum(max(1, g.count) for g in config.instance_group) if config.instance_group else 1
+        params = {k: v.string_value for k, v in config.parameters.items()}
         bcfg = BackendConfig(
             name=config.name, version=version, model_dir=vdir, default_model_filename=config.default_model_filename,
             max_batch_size=config.max_batch_size, inputs=_specs(config, config.input),
             outputs=_specs(config, config.output), instance_count=count,
-            parameters={k: v.string_value for k, v in config.parameters.items()},
-            cuda_graphs=bool(config.optimization.cuda.graphs), cache_dir=self._cache_dir,
+            parameters=params, cuda_graphs=bool(config.optimization.cuda.graphs), cache_dir=self._cache_dir,
+            batches_per_instance=batches_per_instance(config.name, params),
         )
         backend = create_backend(config.platform, bcfg, self._factories)
         backend.open()

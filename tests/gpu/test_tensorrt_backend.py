@@ -94,6 +94,35 @@ def test_concurrent_mixed_batches_match_onnxruntime(mlp: TensorRTBackend, ort) -
     print(f"\n120 batches (1-64 rows) on 2 instances: max |trt - ort| = {worst:.2e}")
 
 
+def _pipelined(backend: TensorRTBackend, instance: int, sizes: List[int], seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Keeps two batches in flight on one instance, as the batcher does: enqueue k+1, then collect k. Batch sizes
+    differ, so the context's input shapes change while the previous batch is still running."""
+    out: List[Tuple[np.ndarray, np.ndarray]] = []
+    pending: List[Tuple[np.ndarray, object]] = []
+    for k, rows in enumerate(sizes):
+        x = _x(rows, seed + k)
+        pending.append((x, backend.enqueue(instance, {"INPUT0": x}, ["OUTPUT0"])))
+        if len(pending) == 2:
+            x0, ticket = pending.pop(0)
+            out.append((x0, backend.collect(instance, ticket).outputs["OUTPUT0"]))
+    for x0, ticket in pending:
+        out.append((x0, backend.collect(instance, ticket).outputs["OUTPUT0"]))
+    return out
+
+
+def test_two_batches_in_flight_on_one_instance_match_onnxruntime(mlp: TensorRTBackend, ort) -> None:
+    rng = np.random.default_rng(5)
+    worst = 0.0
+    for instance, lo, hi in ((0, 1, 9), (1, 9, 65)):
+        sizes = [int(r) for r in rng.integers(lo, hi, 40)]
+        for x, y in _pipelined(mlp, instance, sizes, seed=1000 * instance):
+            ref = ort_run(ort, {"INPUT0": x})["OUTPUT0"]
+            assert y.shape == ref.shape
+            np.testing.assert_allclose(y, ref, **TF32_TOL)
+            worst = max(worst, float(np.abs(y - ref).max()))
+    print(f"\n80 batches, two in flight per instance, shapes changing between enqueues: max |trt - ort| = {worst:.2e}")
+
+
 @pytest.mark.parametrize(
     "instance, feeds, outputs, match",
     [
@@ -197,6 +226,9 @@ def test_cuda_graphs_match_eager(mlp: TensorRTBackend, workdir: pathlib.Path) ->
             want = mlp.run(instance, {"INPUT0": x}, ["OUTPUT0"]).outputs["OUTPUT0"]
             assert got.shape == (rows, N_OUT)
             np.testing.assert_allclose(got, want, **TF32_TOL)  # same engine; a padded shape may round differently
+        # two in flight: the batches alternate between the slots' graphs (each copies through its own mirror)
+        for x, y in _pipelined(g, 1, [9, 33, 64, 17, 40, 64, 9], seed=7):
+            np.testing.assert_allclose(y, mlp.run(1, {"INPUT0": x}, ["OUTPUT0"]).outputs["OUTPUT0"], **TF32_TOL)
     finally:
         g.close()
 

@@ -20,7 +20,7 @@ from trtserve.server.errors import InvalidArgument, ModelLoadError
 
 from . import compat
 from .build import BuildOptions, OnnxBuilder, PlanCache, default_cache_dir, param_bool, plan_cache_key, sha256_file
-from .context import InstanceContext
+from .context import InFlight, InstanceContext
 from .engine import EngineInfo, deserialize, inspect_engine, model_specs, validate
 from .profiles import (
     Layout,
@@ -54,6 +54,7 @@ class TensorRTBackend(Backend):
 
     platform = "tensorrt_plan"
     accepts_device_tensors = True  # CUDA shared-memory inputs are copied device to device (context.py)
+    pipelined = True  # the next batch is enqueued behind the running one on the instance's stream (context.py)
 
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
@@ -144,7 +145,7 @@ class TensorRTBackend(Backend):
             try:
                 for i in range(cfg.instance_count):  # in order: on 8.6 instance 0 must take profile 0 first
                     inst = InstanceContext(trt, self._engine, info, i, layout.instance_to_physical[i], cfg.device_id,
-                                           cfg.max_batch_size > 0, self._what)
+                                           cfg.max_batch_size > 0, self._what, slots=cfg.batches_per_instance)
                     self._instances.append(inst)
                     inst.open()
                     captured.append(inst.capture_graphs(buckets) if cfg.cuda_graphs else ())
@@ -202,9 +203,20 @@ class TensorRTBackend(Backend):
 
     def run_to_device(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
                       destinations: Sequence[DeviceDestination]) -> BatchResult:
+        return self._instance(instance).run(inputs, outputs, destinations)
+
+    def enqueue(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
+                destinations: Sequence[DeviceDestination] = ()) -> InFlight:
+        return self._instance(instance).enqueue(inputs, outputs, destinations)
+
+    def collect(self, instance: int, ticket: object) -> BatchResult:
+        assert isinstance(ticket, InFlight)
+        return self._instance(instance).collect(ticket)
+
+    def _instance(self, instance: int) -> InstanceContext:
         if not 0 <= instance < len(self._instances):
             raise InvalidArgument(f"{self._what}: no instance {instance} (have {len(self._instances)})")
-        return self._instances[instance].run(inputs, outputs, destinations)
+        return self._instances[instance]
 
     def close(self) -> None:
         """Reverse order of construction: contexts (and their graphs, buffers), engine, runtime."""

@@ -1,16 +1,24 @@
 """One instance: one IExecutionContext pinned to one profile for life, one non-default stream, fixed buffers.
 
 A batch, all on the instance's stream: pack into pinned memory -> H2D -> ``set_input_shape`` for every input
--> ``infer_shapes() == []`` -> ``execute_async_v3`` -> D2H of the valid bytes -> event record + synchronize.
-``set_tensor_address`` runs for every IO tensor once at open (the buffers never move, so re-setting them per batch
-would only cost time), and shapes are set again only when they differ from the previous batch's (re-setting an
-unchanged shape only repeats TensorRT's shape work, as Polygraphy notes). Every TensorRT return value is
-checked and a failure names the tensor and the reason. With CUDA graphs on, a batch whose size has a captured
-bucket replays the graph instead (inputs zero-padded to the bucket). Only the instance's own thread calls ``run``.
+-> ``infer_shapes() == []`` -> ``execute_async_v3`` -> D2H of the valid bytes -> event record. ``enqueue`` does
+that and returns at once; ``collect`` (any thread) waits for the event and copies the outputs out. In between,
+the instance's thread enqueues the next batch behind it on the same stream, so the GPU goes from one batch to
+the next without waiting for Python (Triton's TensorRT backend does the same with its completion thread and
+rotating buffer sets). Each batch in flight owns one ``slot``: a pinned host mirror of every IO tensor and its
+events; device buffers are shared, as the one stream orders every device read and write.
+``set_tensor_address`` runs for every IO tensor once at open (the buffers never move, so re-setting them per
+batch would only cost time), and shapes are set again only when they differ from the previous batch's
+(re-setting an unchanged shape only repeats TensorRT's shape work, as Polygraphy notes); TensorRT reads shapes
+and addresses at enqueue, so changing them while an earlier batch still runs is safe. Every TensorRT return
+value is checked and a failure names the tensor and the reason. With CUDA graphs on, a batch whose size has a
+captured bucket replays the graph of its slot instead (inputs zero-padded to the bucket). Only the instance's
+own thread calls ``staging`` and ``enqueue``.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from types import ModuleType
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -29,8 +37,12 @@ from .engine import EngineInfo
 log = logging.getLogger("trtserve.tensorrt")
 
 
+# how long enqueue waits for a slot's earlier batch to be collected; far beyond any batch, so only a bug trips it
+SLOT_WAIT_S = 300.0
+
+
 class _Graph:
-    """A captured batch of ``rows`` rows: replay = H2D + execute + D2H of exactly those shapes."""
+    """A captured batch of ``rows`` rows on one slot: replay = H2D + execute + D2H of exactly those shapes."""
 
     def __init__(self, rows: int, graph: Any, out_shapes: Dict[str, Tuple[int, ...]]) -> None:
         self.rows = rows
@@ -38,12 +50,28 @@ class _Graph:
         self.out_shapes = out_shapes
 
 
+class InFlight:
+    """One enqueued batch: what ``collect`` needs to wait for it and read it back."""
+
+    __slots__ = ("slot", "out_shapes", "wanted", "t0", "t1", "graph", "delivered")
+
+    def __init__(self, slot: int, out_shapes: Dict[str, Tuple[int, ...]], wanted: Sequence[str], t0: int, t1: int,
+                 graph: bool, delivered: Dict[int, frozenset]) -> None:
+        self.slot = slot
+        self.out_shapes = out_shapes
+        self.wanted = wanted
+        self.t0 = t0  # host ns: enqueue called
+        self.t1 = t1  # host ns: inputs packed into pinned memory
+        self.graph = graph
+        self.delivered = delivered
+
+
 class InstanceContext:
-    """Instance ``index`` of a model, serving engine profile ``profile``."""
+    """Instance ``index`` of a model, serving engine profile ``profile``, with ``slots`` batches in flight at most."""
 
     def __init__(
         self, trt: ModuleType, engine: Any, info: EngineInfo, index: int, profile: int, device_id: int,
-        batched: bool, what: str,
+        batched: bool, what: str, slots: int = 1,
     ) -> None:
         self._trt = trt
         self._engine = engine
@@ -59,8 +87,13 @@ class InstanceContext:
         self._stream: Any = None
         self._activation: Any = None
         self._tensors: Dict[str, StagedTensor] = {}
-        self._events: List[Any] = []
-        self._graphs: Dict[int, _Graph] = {}
+        self.slots = max(1, slots)
+        self._next = 0  # the slot the next batch takes
+        self._slot_free = [threading.Event() for _ in range(self.slots)]
+        for e in self._slot_free:
+            e.set()
+        self._events: List[Tuple[Any, Any, Any, Any]] = []  # per slot
+        self._graphs: Dict[Tuple[int, int], _Graph] = {}  # (rows, slot)
         self._buckets: Tuple[int, ...] = ()
         self._cupy: Any = None
         # input shapes last set on the context, and the output shapes TensorRT inferred for them
@@ -100,17 +133,18 @@ class InstanceContext:
             self._set_shape(t.name, self._ranges[t.name].max, load=True)
         self._infer_shapes(load=True)
         for t in self._info.inputs:
-            self._tensors[t.name] = StagedTensor(t.name, from_wire(t.wire).numpy, self._ranges[t.name].max)
+            self._tensors[t.name] = StagedTensor(t.name, from_wire(t.wire).numpy, self._ranges[t.name].max,
+                                                 self.slots)
         for t in self._info.outputs:
             shape = tuple(ctx.get_tensor_shape(t.name))
             if any(d < 0 for d in shape):
                 raise ModelLoadError(
                     f"{self._what}: output '{t.name}' has data-dependent shape {list(shape)}; not supported"
                 )
-            self._tensors[t.name] = StagedTensor(t.name, from_wire(t.wire).numpy, shape)
+            self._tensors[t.name] = StagedTensor(t.name, from_wire(t.wire).numpy, shape, self.slots)
         self._set_addresses()
-        # start / inputs copied / executed / done: timing events for the compute_* durations
-        self._events = [cupy.cuda.Event() for _ in range(4)]
+        # per slot, start / inputs copied / executed / done: timing events for the compute_* durations
+        self._events = [tuple(cupy.cuda.Event() for _ in range(4)) for _ in range(self.slots)]  # type: ignore
 
     def capture_graphs(self, explicit_buckets: Optional[Sequence[int]]) -> Tuple[int, ...]:
         """Captures one graph per batch bucket; returns the buckets captured (empty when not applicable)."""
@@ -123,14 +157,15 @@ class InstanceContext:
         lo = max(r.min[0] for r in self._ranges.values())
         hi = min(r.max[0] for r in self._ranges.values())
         for rows in graph_util.bucket_sizes(lo, hi, explicit_buckets):
-            g = self._capture(rows)
-            if g is not None:
-                self._graphs[rows] = g
-        self._buckets = tuple(sorted(self._graphs))
+            graphs = self._capture(rows)
+            if graphs is not None:
+                self._graphs.update(((rows, slot), g) for slot, g in enumerate(graphs))
+        self._buckets = tuple(sorted({rows for rows, _ in self._graphs}))
         self._shapes, self._out_shapes = {}, {}  # capture left the context at the last bucket's shapes
         return self._buckets
 
-    def _capture(self, rows: int) -> Optional[_Graph]:
+    def _capture(self, rows: int) -> Optional[List[_Graph]]:
+        """One graph per slot (each copies through its own pinned mirror), or None if any capture fails."""
         ctx, stream = self._ctx, self._stream
         shapes = {t.name: (rows,) + tuple(self._ranges[t.name].max[1:]) for t in self._info.inputs}
         for name, shape in shapes.items():
@@ -143,19 +178,21 @@ class InstanceContext:
         stream.synchronize()
         in_bytes = {n: nbytes_of(s, self._tensors[n].dtype) for n, s in shapes.items()}
         out_bytes = {n: nbytes_of(s, self._tensors[n].dtype) for n, s in out_shapes.items()}
+        graphs = []
+        for slot in range(self.slots):
+            def enqueue(slot: int = slot) -> None:
+                for n, b in in_bytes.items():
+                    self._tensors[n].upload(b, stream, slot)
+                if not ctx.execute_async_v3(stream.ptr):
+                    raise RuntimeError(compat.with_trt_error("execute_async_v3 returned False under capture"))
+                for n, b in out_bytes.items():
+                    self._tensors[n].download(b, stream, slot)
 
-        def enqueue() -> None:
-            for n, b in in_bytes.items():
-                self._tensors[n].upload(b, stream)
-            if not ctx.execute_async_v3(stream.ptr):
-                raise RuntimeError(compat.with_trt_error("execute_async_v3 returned False under capture"))
-            for n, b in out_bytes.items():
-                self._tensors[n].download(b, stream)
-
-        graph = graph_util.capture(stream, enqueue, f"{self._what} graph of {rows} rows")
-        if graph is None:
-            return None
-        return _Graph(rows, graph, out_shapes)
+            graph = graph_util.capture(stream, enqueue, f"{self._what} graph of {rows} rows, slot {slot}")
+            if graph is None:
+                return None
+            graphs.append(_Graph(rows, graph, out_shapes))
+        return graphs
 
     def close(self) -> None:
         """Waits for the stream, then frees graphs, the context and buffers, in that order."""
@@ -232,18 +269,27 @@ class InstanceContext:
     def staging(self, shapes: Mapping[str, Tuple[int, ...]]) -> Optional[Dict[str, np.ndarray]]:
         """Views of the pinned input buffers with these shapes (None if any does not fit): the batcher stacks
         into them and ``pack`` then finds the data already in place."""
-        out: Dict[str, np.ndarray] = {}
-        for name, shape in shapes.items():
-            t = self._tensors.get(name)
-            if t is None or not self._ranges[name].contains(tuple(shape)):
-                return None
-            out[name] = t.view(tuple(shape))
-        return out
+        if any(name not in self._tensors or not self._ranges[name].contains(tuple(shape))
+               for name, shape in shapes.items()):
+            return None
+        slot = self._next
+        self._wait_slot(slot)  # its previous batch may still be copying out of that mirror
+        return {name: self._tensors[name].view(tuple(shape), slot) for name, shape in shapes.items()}
+
+    def _wait_slot(self, slot: int) -> None:
+        if not self._slot_free[slot].wait(SLOT_WAIT_S):
+            raise Internal(f"{self._what}: slot {slot}'s previous batch was not collected within {SLOT_WAIT_S:.0f} s")
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
             destinations: Sequence[DeviceDestination] = ()) -> BatchResult:
-        """Runs one batch; called only from this instance's thread. ``destinations``: requests' rows of
-        outputs copied device to device into their CUDA shared memory, on this stream, before it is waited for."""
+        """One batch, start to end: ``collect(enqueue(...))``."""
+        return self.collect(self.enqueue(inputs, outputs, destinations))
+
+    def enqueue(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
+                destinations: Sequence[DeviceDestination] = ()) -> InFlight:
+        """Checks and enqueues one batch on the stream without waiting for it; called only from this
+        instance's thread. ``destinations``: requests' rows of outputs copied device to device into their
+        CUDA shared memory, on this stream. Waits first if the next slot's batch is still in flight."""
         t0 = time.perf_counter_ns()
         rows = self.check_inputs(inputs)
         wanted = list(outputs) or [t.name for t in self._info.outputs]
@@ -254,21 +300,43 @@ class InstanceContext:
         cupy = self._cupy
         if cupy.cuda.runtime.getDevice() != self._device_id:  # the calling thread's current device
             cupy.cuda.runtime.setDevice(self._device_id)
+        slot = self._next
+        self._wait_slot(slot)
         try:
-            out_shapes, t1, in_ns, exec_ns, out_ns, delivered = self._execute(cupy, inputs, rows, wanted, destinations)
+            out_shapes, t1, graph, delivered = self._enqueue(inputs, rows, wanted, destinations, slot)
         except BaseException:
             self._shapes, self._out_shapes = {}, {}
             self._drain()  # nothing may still read the pinned buffers when the next batch packs them
             raise
-        t2 = time.perf_counter_ns()
-        result = {name: self._tensors[name].result(out_shapes[name]) for name in wanted}
-        t3 = time.perf_counter_ns()
+        self._slot_free[slot].clear()
+        self._next = (slot + 1) % self.slots
+        return InFlight(slot, out_shapes, wanted, t0, t1, graph, delivered)
+
+    def collect(self, batch: InFlight) -> BatchResult:
+        """Waits for an enqueued batch and returns its outputs; any thread, once per ``enqueue``, in order."""
+        ev_start, ev_in, ev_exec, ev_done = self._events[batch.slot]
+        elapsed = self._cupy.cuda.get_elapsed_time
+        try:
+            ev_done.synchronize()  # releases the GIL while it waits
+            if batch.graph:
+                in_ns, exec_ns, out_ns = 0, int(elapsed(ev_start, ev_done) * 1e6), 0
+            else:
+                in_ns = int(elapsed(ev_start, ev_in) * 1e6)
+                exec_ns = int(elapsed(ev_in, ev_exec) * 1e6)
+                out_ns = int(elapsed(ev_exec, ev_done) * 1e6)
+            t2 = time.perf_counter_ns()
+            result = {name: self._tensors[name].result(batch.out_shapes[name], batch.slot) for name in batch.wanted}
+            t3 = time.perf_counter_ns()
+        except Exception as e:
+            raise Internal(f"{self._what}: waiting for the batch on the GPU failed: {type(e).__name__}: {e}") from e
+        finally:
+            self._slot_free[batch.slot].set()
         return BatchResult(
             outputs=result,
-            compute_input_ns=(t1 - t0) + in_ns,
+            compute_input_ns=(batch.t1 - batch.t0) + in_ns,
             compute_infer_ns=exec_ns,
             compute_output_ns=out_ns + (t3 - t2),
-            delivered=delivered,
+            delivered=batch.delivered,
         )
 
     def _drain(self) -> None:
@@ -301,37 +369,36 @@ class InstanceContext:
                 delivered[d.request] = frozenset(done)
         return delivered
 
-    def _execute(
-        self, cupy: ModuleType, inputs: Mapping[str, np.ndarray], rows: Optional[int], wanted: Sequence[str],
-        destinations: Sequence[DeviceDestination] = (),
-    ) -> Tuple[Dict[str, Tuple[int, ...]], int, int, int, int, Dict[int, frozenset]]:
-        """Enqueues one batch and waits for it: (output shapes, host pack end ns, input/infer/output GPU ns,
-        outputs delivered to device destinations)."""
+    def _enqueue(
+        self, inputs: Mapping[str, np.ndarray], rows: Optional[int], wanted: Sequence[str],
+        destinations: Sequence[DeviceDestination], slot: int,
+    ) -> Tuple[Dict[str, Tuple[int, ...]], int, bool, Dict[int, frozenset]]:
+        """Enqueues one batch on ``slot``: (output shapes, host pack end ns, replayed a graph, outputs delivered
+        to device destinations)."""
         stream = self._stream
-        ev_start, ev_in, ev_exec, ev_done = self._events
+        ev_start, ev_in, ev_exec, ev_done = self._events[slot]
         bucket = graph_util.pick_bucket(self._buckets, rows) if rows is not None and self._buckets else None
         if bucket is not None and all(is_host(a) and tuple(a.shape[1:]) == self._ranges[n].max[1:]
                                       for n, a in inputs.items()):  # a graph replays its captured host copies
-            g = self._graphs[bucket]
+            g = self._graphs[(bucket, slot)]
             for name, a in inputs.items():
                 t = self._tensors[name]
-                t.pack(a, pad_to_bytes=nbytes_of((bucket,) + tuple(a.shape[1:]), t.dtype))
+                t.pack(a, pad_to_bytes=nbytes_of((bucket,) + tuple(a.shape[1:]), t.dtype), slot=slot)
             t1 = time.perf_counter_ns()
             ev_start.record(stream)
             g.graph.launch(stream=stream)
             out_shapes = {n: (rows,) + g.out_shapes[n][1:] for n in wanted}
             delivered = self._to_devices(destinations, out_shapes, stream) if destinations else {}
             ev_done.record(stream)
-            ev_done.synchronize()
-            return out_shapes, t1, 0, int(cupy.cuda.get_elapsed_time(ev_start, ev_done) * 1e6), 0, delivered
-        sizes = {name: self._tensors[name].pack(a) for name, a in inputs.items() if is_host(a)}
+            return out_shapes, t1, True, delivered
+        sizes = {name: self._tensors[name].pack(a, slot=slot) for name, a in inputs.items() if is_host(a)}
         t1 = time.perf_counter_ns()
         ev_start.record(stream)
         for name, n in sizes.items():
-            self._tensors[name].upload(n, stream)
+            self._tensors[name].upload(n, stream, slot)
         for name, a in inputs.items():
             if not is_host(a):  # CUDA shared memory: device to device, piece by piece, on this stream
-                self._tensors[name].gather(a.parts if isinstance(a, Gather) else (a,), stream)
+                self._tensors[name].gather(a.parts if isinstance(a, Gather) else (a,), stream, slot)
         ev_in.record(stream)
         shapes = {name: tuple(a.shape) for name, a in inputs.items()}
         if shapes != self._shapes:
@@ -351,15 +418,7 @@ class InstanceContext:
         ev_exec.record(stream)
         out_shapes = {name: self._out_shapes[name] for name in wanted}
         for name, shape in out_shapes.items():
-            self._tensors[name].download(nbytes_of(shape, self._tensors[name].dtype), stream)
+            self._tensors[name].download(nbytes_of(shape, self._tensors[name].dtype), stream, slot)
         delivered = self._to_devices(destinations, out_shapes, stream) if destinations else {}
         ev_done.record(stream)
-        ev_done.synchronize()
-        return (
-            out_shapes,
-            t1,
-            int(cupy.cuda.get_elapsed_time(ev_start, ev_in) * 1e6),
-            int(cupy.cuda.get_elapsed_time(ev_in, ev_exec) * 1e6),
-            int(cupy.cuda.get_elapsed_time(ev_exec, ev_done) * 1e6),
-            delivered,
-        )
+        return out_shapes, t1, False, delivered

@@ -1,0 +1,208 @@
+"""The batcher with a pipelined backend: ``enqueue`` on the instance's thread, ``collect`` on its completion
+thread, so an instance's next batch starts while the previous one is still running.
+
+A fake backend stands in for TensorRT: ``enqueue`` logs and returns a ticket, ``collect`` waits on a gate the
+test opens. Real gRPC and the real TensorRT path are covered in tests/gpu/."""
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pytest
+
+from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, DeviceDestination
+from trtserve.server.errors import Internal, InvalidArgument, TrtServeError
+from trtserve.server.events import Observer
+from trtserve.server.batcher.scheduler import DynamicBatcher
+from trtserve.server.repository.model_config import BatchingPolicy, ModelSpec
+from trtserve.server.backends.base import TensorSpec
+
+
+class PipelinedBackend(Backend):
+    """y = 2 * x. ``enqueue`` returns at once; ``collect`` of batch k waits until ``gate(k)`` is set."""
+
+    platform = "fake"
+    pipelined = True
+
+    def __init__(self, instances: int = 1) -> None:
+        super().__init__(BackendConfig("m", "1", None, "", 8, (), (), instance_count=instances))  # type: ignore
+        self.log: List[Tuple[str, int, int, str]] = []  # (event, batch number, rows, thread name)
+        self._lock = threading.Lock()
+        self._gates: Dict[int, threading.Event] = {}
+        self._count = 0
+        self.open_gates = True
+        self.fail_enqueue: Dict[int, BaseException] = {}  # batch number -> error
+        self.fail_collect: Dict[int, BaseException] = {}
+        self.ran_plain = 0
+
+    def gate(self, k: int) -> threading.Event:
+        with self._lock:
+            return self._gates.setdefault(k, threading.Event())
+
+    def open(self) -> None:
+        pass
+
+    def io(self):
+        return (), ()
+
+    def close(self) -> None:
+        pass
+
+    def _note(self, what: str, k: int, rows: int) -> None:
+        with self._lock:
+            self.log.append((what, k, rows, threading.current_thread().name))
+
+    def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs) -> BatchResult:
+        self.ran_plain += 1
+        return self.collect(instance, self.enqueue(instance, inputs, outputs))
+
+    def enqueue(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
+                destinations: Sequence[DeviceDestination] = ()) -> object:
+        with self._lock:
+            k = self._count
+            self._count += 1
+        x = np.array(inputs["x"], copy=True)  # the batcher may reuse its stacking buffer: keep our copy
+        self._note("enqueue", k, x.shape[0])
+        if k in self.fail_enqueue:
+            raise self.fail_enqueue[k]
+        if self.open_gates:
+            self.gate(k).set()
+        return (k, x)
+
+    def collect(self, instance: int, ticket: object) -> BatchResult:
+        k, x = ticket  # type: ignore[misc]
+        assert self.gate(k).wait(10), f"batch {k} was never released"
+        self._note("collect", k, x.shape[0])
+        if k in self.fail_collect:
+            raise self.fail_collect[k]
+        return BatchResult({"y": x * 2}, 1, 2, 3)
+
+
+def spec(depth: int = 2, preserve_ordering: bool = False) -> ModelSpec:
+    return ModelSpec(name="m", version="1", platform="fake", max_batch_size=8,
+                     inputs=(TensorSpec("x", "FP32", (-1,)),), outputs=(TensorSpec("y", "FP32", (-1,)),),
+                     batching=BatchingPolicy(enabled=True, max_batch_size=8, preserve_ordering=preserve_ordering),
+                     instance_count=1, parameters={}, pad_values={}, unpad={}, batches_per_instance=depth)
+
+
+def x(rows: int, value: float) -> Dict[str, np.ndarray]:
+    return {"x": np.full((rows, 4), value, np.float32)}
+
+
+async def wait_for(cond, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def test_next_batch_is_enqueued_while_the_previous_one_runs():
+    backend = PipelinedBackend()
+    backend.open_gates = False
+    b = DynamicBatcher(spec(depth=2), backend, Observer())
+    b.start()
+    futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]  # four full batches, one instance
+    # batch 0 is held on the device: batch 1 must already be enqueued behind it, on the same instance
+    await wait_for(lambda: [e[:2] for e in backend.log] == [("enqueue", 0), ("enqueue", 1)])
+    await asyncio.sleep(0.05)
+    assert len(backend.log) == 2, backend.log  # depth 2: batch 2 waits until batch 0 is answered
+    for k in range(4):
+        backend.gate(k).set()
+    results = await asyncio.gather(*futs)
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.outputs["y"], np.full((8, 4), 2 * i, np.float32))
+    collects = [k for what, k, _, _ in backend.log if what == "collect"]
+    assert collects == [0, 1, 2, 3]  # completed in the order they were enqueued
+    threads = {what: {t for w, _, _, t in backend.log if w == what} for what in ("enqueue", "collect")}
+    assert all("-inst0" in t for t in threads["enqueue"]) and all("-done0" in t for t in threads["collect"])
+    assert backend.ran_plain == 0
+    await b.stop()
+
+
+async def test_one_batch_per_instance_runs_both_halves_on_the_instance_thread():
+    backend = PipelinedBackend()
+    b = DynamicBatcher(spec(depth=1), backend, Observer())
+    b.start()
+    results = await asyncio.gather(*[b.submit(x(8, i), ("y",), 8) for i in range(3)])
+    assert [r.outputs["y"][0, 0] for r in results] == [0, 2, 4]
+    assert [e[:2] for e in backend.log] == [("enqueue", 0), ("collect", 0), ("enqueue", 1), ("collect", 1),
+                                             ("enqueue", 2), ("collect", 2)]
+    assert {t for *_, t in backend.log} == {t for *_, t in backend.log if "-inst0" in t}
+    await b.stop()
+
+
+@pytest.mark.parametrize("stage", ["enqueue", "collect"])
+@pytest.mark.parametrize("error,status", [(InvalidArgument("input 'x': bad shape"), "INVALID_ARGUMENT"),
+                                          (RuntimeError("CUDA went away"), "INTERNAL")])
+async def test_a_failing_batch_fails_alone_and_the_instance_goes_on(stage, error, status):
+    backend = PipelinedBackend()
+    getattr(backend, f"fail_{stage}")[1] = error
+    b = DynamicBatcher(spec(depth=2), backend, Observer())
+    b.start()
+    futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]
+    results = await asyncio.gather(*futs, return_exceptions=True)
+    assert isinstance(results[1], TrtServeError) and results[1].code == status, results[1]
+    if status == "INTERNAL":
+        assert "CUDA went away" in str(results[1])
+    for i in (0, 2, 3):
+        np.testing.assert_array_equal(results[i].outputs["y"], np.full((8, 4), 2 * i, np.float32))
+    await b.stop()
+
+
+async def test_preserve_ordering_holds_with_pipelining():
+    backend = PipelinedBackend(instances=2)
+    backend.open_gates = False
+    s = spec(depth=2, preserve_ordering=True)
+    s = ModelSpec(**{**s.__dict__, "instance_count": 2})
+    b = DynamicBatcher(s, backend, Observer())
+    b.start()
+    futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]
+    await wait_for(lambda: len(backend.log) == 4)  # two instances x two batches enqueued
+    order: List[int] = []
+    for i, f in enumerate(futs):
+        f.add_done_callback(lambda _f, i=i: order.append(i))
+    for k in (3, 2, 1, 0):  # the device finishes them in reverse
+        backend.gate(k).set()
+        await asyncio.sleep(0.02)
+    await asyncio.gather(*futs)
+    assert order == [0, 1, 2, 3]
+    await b.stop()
+
+
+async def test_every_request_gets_exactly_one_answer_under_random_failures():
+    rng = random.Random(7)
+    backend = PipelinedBackend(instances=2)
+    for k in range(400):
+        roll = rng.random()
+        if roll < 0.1:
+            backend.fail_enqueue[k] = RuntimeError(f"enqueue {k}")
+        elif roll < 0.2:
+            backend.fail_collect[k] = InvalidArgument(f"collect {k}")
+    s = spec(depth=2)
+    s = ModelSpec(**{**s.__dict__, "instance_count": 2})
+    b = DynamicBatcher(s, backend, Observer())
+    b.start()
+    answers: Dict[int, int] = {}
+    futs = []
+    for i in range(300):
+        rows = rng.randint(1, 8)
+        f = b.submit(x(rows, i), ("y",), rows)
+        f.add_done_callback(lambda _f, i=i: answers.__setitem__(i, answers.get(i, 0) + 1))
+        futs.append((i, rows, f))
+        if i % 17 == 0:
+            await asyncio.sleep(0)
+    done = await asyncio.gather(*[f for _, _, f in futs], return_exceptions=True)
+    assert sorted(answers) == list(range(300)) and set(answers.values()) == {1}
+    ok = 0
+    for (i, rows, _), r in zip(futs, done):
+        if isinstance(r, BaseException):
+            assert isinstance(r, (Internal, InvalidArgument)), r
+        else:
+            ok += 1
+            np.testing.assert_array_equal(r.outputs["y"], np.full((rows, 4), 2 * i, np.float32))
+    assert 0 < ok < 300
+    await b.stop()
