@@ -1,22 +1,24 @@
 """Starts ``trtserve serve`` in a child process (so load and server do not share a GIL) and stops it."""
 from __future__ import annotations
 
+import collections
+import os
 import pathlib
 import re
-import collections
 import subprocess
 import sys
 import threading
 import time
-from typing import Deque, List, Optional
+from typing import AbstractSet, Deque, List, Optional
 
 
 class ServerProcess:
     """``with ServerProcess(repo) as s: s.url``; the server picks a free port and prints it."""
 
     def __init__(self, repo: Optional[pathlib.Path], extra: Optional[List[str]] = None,
-                 command: Optional[List[str]] = None) -> None:
+                 command: Optional[List[str]] = None, cpus: Optional[AbstractSet[int]] = None) -> None:
         self.repo = repo
+        self.cpus = cpus  # pin the server to these CPUs (Linux), so load generators do not share its cores
         self.extra = extra or []
         self.command = command  # another server that prints "... on HOST:PORT ..." (e.g. bench.ceiling_server)
         self.proc: Optional[subprocess.Popen] = None
@@ -27,7 +29,9 @@ class ServerProcess:
         cmd = self.command or [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(self.repo),
                                "--grpc-port", "0", "--metrics-port", "-1", "--log-level", "warning",
                                "--no-gpu-metrics"] + self.extra
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cpus = self.cpus
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # type: ignore[arg-type]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
         deadline = time.monotonic() + 120
         assert self.proc.stdout is not None
         for line in self.proc.stdout:

@@ -1,12 +1,14 @@
 """trtserve bench against perf_analyzer on the same server (issue #6): throughput and p50 at each concurrency.
 
     python -m bench.agreement [--models mlp] [--modes on,off] [--levels 1,8,32] [--rounds 3] [--duration 2.5]
+                              [--server-cpus 0-3 --client-cpus 8-15]
 
 Starts trtserve on the CPU (ONNX Runtime, bench.batching's repository: the example MLP or the wide model, dynamic
 batching on or off) in a child process and measures every level with both tools ``--rounds`` times, interleaved,
 so the server's own drift (on a busy host it moves single measurements by 10-30 %) hits both alike; prints each
 tool's medians and the differences, against the issue's band of 15 %. ``trtserve bench`` runs as users run it,
-the CLI in its own process.
+the CLI in its own process. On a many-core host, ``--server-cpus``/``--client-cpus`` pin the server and the load
+tools (this process's children) to disjoint cores, so neither tool's threads land on the server's cores.
 """
 from __future__ import annotations
 
@@ -18,13 +20,22 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from bench._server import ServerProcess
 from bench.batching import make_repo
 from bench.cpu import load_perf_analyzer, load_trtserve, perf_analyzer_path
 
 BAND = 0.15
+
+
+def cpu_list(text: str) -> Set[int]:
+    """"0-3,8" -> {0, 1, 2, 3, 8} (taskset's list format)."""
+    out: Set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def compare(url: str, levels: Sequence[int], rounds: int, duration: float, pa: str) -> Dict[Tuple[str, int], dict]:
@@ -49,7 +60,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=2.5)
     p.add_argument("--out", type=pathlib.Path, help="also write the table to this Markdown file")
+    p.add_argument("--server-cpus", default="", help="pin the server to these CPUs, e.g. 0-3 (Linux)")
+    p.add_argument("--client-cpus", default="", help="pin the load tools to these CPUs, e.g. 8-15 (Linux)")
     a = p.parse_args(argv)
+    server_cpus = cpu_list(a.server_cpus) or None
+    if a.client_cpus:
+        os.sched_setaffinity(0, cpu_list(a.client_cpus))  # inherited by every load tool this process starts
     pa = perf_analyzer_path()
     if not pa:
         print("perf_analyzer not found (bash ../shared/perf-analyzer/setup.sh /tmp/perf-analyzer)", file=sys.stderr)
@@ -57,14 +73,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     levels = [int(x) for x in a.levels.split(",")]
     lines = [f"trtserve bench vs perf_analyzer, medians of {a.rounds} interleaved rounds of {a.duration:g} s; "
              f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+             + (f"; server on CPUs {a.server_cpus}, load tools on CPUs {a.client_cpus}"
+                if a.server_cpus or a.client_cpus else ""), "",
              "| model | batching | concurrency | perf_analyzer req/s | trtserve bench req/s | diff | "
              "perf_analyzer p50 ms | trtserve bench p50 ms | diff | within 15 % |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     worst = 0.0
     for model in a.models.split(","):
         for mode in a.modes.split(","):
-            with tempfile.TemporaryDirectory() as tmp, ServerProcess(make_repo(pathlib.Path(tmp), mode, model, 1)) as s:
+            with tempfile.TemporaryDirectory() as tmp, ServerProcess(make_repo(pathlib.Path(tmp), mode, model, 1),
+                                                                       cpus=server_cpus) as s:
                 med = compare(s.url, levels, a.rounds, a.duration, pa)
             for level in levels:
                 ref, ours = med.get(("perf_analyzer", level)), med.get(("trtserve bench", level))

@@ -19,17 +19,16 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, Profile, ShapeRange
+
 N_IN = 256
 
 
-class SleepingBackend:
+class SleepingBackend(Backend):
     """Backend contract, minus the work: run() sleeps, staging() hands out preallocated arrays."""
 
-    accepts_device_tensors = False
-
     def __init__(self, instances: int, batch: int, run_s: float) -> None:
-        from trtserve.server.backends.base import Profile, ShapeRange
-
+        super().__init__(BackendConfig("m", "1", None, "", batch, (), (), instance_count=instances))  # type: ignore
         self._n = instances
         self._run_s = run_s
         self._stage = [np.empty((batch, N_IN), np.float16) for _ in range(instances)]
@@ -49,9 +48,16 @@ class SleepingBackend:
     def staging(self, instance: int, shapes: Mapping[str, Tuple[int, ...]]) -> Optional[Dict[str, np.ndarray]]:
         return {"INPUT0": self._stage[instance][:shapes["INPUT0"][0]]}
 
-    def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]):
-        from trtserve.server.backends.base import BatchResult
+    def open(self) -> None:
+        pass
 
+    def io(self):
+        return (), ()
+
+    def close(self) -> None:
+        pass
+
+    def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
         time.sleep(self._run_s)
         return BatchResult(outputs={"OUTPUT0": self._out[:inputs["INPUT0"].shape[0]]}, compute_input_ns=0,
                            compute_infer_ns=0, compute_output_ns=0)

@@ -233,12 +233,17 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
 def render(data: dict, out: pathlib.Path) -> None:
     """gpu.md (and gpu.png when matplotlib is there) from the collected numbers."""
     md = ["# GPU benchmarks", "", f"Measured by `python -m bench.gpu` on {data.get('machine', '?')}, "
-          f"{data.get('when', '?')}. Load generators run on the same machine as the server. "
-          "rows/s = batch rows (images for ResNet) per second. In-process parts ran with sys.setswitchinterval "
+          f"last run {data.get('when', '?')} (each part says when it ran). Load generators run on the same machine as the server. "
+          "rows/s = batch rows (images for ResNet) per second. The last run's in-process parts ran with sys.setswitchinterval "
           f"{data.get('switch_interval_us', 5000):g} us (what `trtserve serve` sets where TensorRT sees a CUDA device; Python's default is 5000 us).", ""]
+    when = data.get("part_when") or {}
+
+    def measured(part: str) -> List[str]:
+        return [f"Measured {when[part]}.", ""] if part in when else []
+
     ex = data.get("executor") or []
     if ex:
-        md += ["## Engine vs executor vs batcher (in process)", "",
+        md += ["## Engine vs executor vs batcher (in process)", ""] + measured("executor") + [
                "raw = `execute_async_v3` loop on one context, no copies; raw+io = with H2D/D2H; raw xN = the raw loop "
                "on N contexts at once; run xN = `TensorRTBackend.run()` from N instance threads (pinned staging, "
                "copies, checks, result arrays); batcher xN = `DynamicBatcher` + executor over N instances, fed "
@@ -263,7 +268,7 @@ def render(data: dict, out: pathlib.Path) -> None:
                       + (f"{max(r['batcher_serial'].values()) / r['raw']:.0%} |" if r.get("batcher_serial") else "- |"))
     sv = data.get("server") or []
     if sv:
-        md += ["", "## Full server under perf_analyzer (same machine)", "",
+        md += ["", "## Full server under perf_analyzer (same machine)", ""] + measured("server") + [
                f"Heavy MLP: requests of {HEAVY_REQ_ROWS} rows (`-b {HEAVY_REQ_ROWS}`), max_batch_size 1024; small "
                "MLP: 1 row per request. served/raw = rows/s over the raw engine loop at batch 1024 (heavy) or 256 "
                "(small) on one context. mean batch = rows per execution from ModelStatistics over the same window.",
@@ -277,7 +282,7 @@ def render(data: dict, out: pathlib.Path) -> None:
     rn = data.get("resnet") or []
     if rn:
         raw = [r for r in rn if r["kind"] == "raw"]
-        md += ["", "## ResNet-18-shaped FP16 model, shared memory", "",
+        md += ["", "## ResNet-18-shaped FP16 model, shared memory", ""] + measured("resnet") + [
                "Raw engine (one context, engine built for the instance count's profiles): " + "; ".join(
                    f"batch {r['batch']}: {r['compute']:,.0f} images/s compute only, {r['with_io']:,.0f} with "
                    "H2D/D2H" for r in raw) + ".", "",
@@ -392,6 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             fresh = {_resnet_key(r) for r in new}
             new = [r for r in data.get(name) or [] if _resnet_key(r) not in fresh] + new
         data[name] = new
+        data.setdefault("part_when", {})[name] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         store.write_text(json.dumps(data, indent=1))
         print(f"== {name} done in {time.monotonic() - t0:.0f} s", flush=True)
     render(data, a.out)

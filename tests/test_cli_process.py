@@ -44,3 +44,16 @@ def test_bench_process_sets_it_before_grpc_loads() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "-event_engine_client"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_onnxruntime_threads_follow_the_cpu_affinity_not_the_core_count() -> None:
+    """In a container cpuset (here: a process pinned to CPU 0) the ORT pool is sized by the CPUs it may use."""
+    code = ("import os; from trtserve.server.backends.onnxruntime import usable_cpus; "
+            "print(usable_cpus(), os.cpu_count())")
+    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    usable, total = map(int, pinned.stdout.split())
+    assert usable == 1 and total == os.cpu_count()
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(free.stdout.split()[0]) == len(os.sched_getaffinity(0))

@@ -60,7 +60,7 @@ class OnnxRuntimeBackend(Backend):
             raise ModelLoadError(f"model '{self.config.name}': {path} does not exist")
         opts = ort.SessionOptions()
         threads = self.config.parameters.get("trtserve.intra_op_threads")
-        cores = os.cpu_count() or 1
+        cores = usable_cpus()
         # one core stays with the gRPC front end: measured on 2 cores (bench.batching, wide model, c=32),
         # ORT on both cores starved the event loop that fills the queue (497 req/s, mean batch 6.7);
         # with one intra-op thread the queue fills while a batch runs (832 req/s, mean batch 10.5)
@@ -142,3 +142,13 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         self._session = None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the OS has one (a cpuset in a container, taskset),
+    else os.cpu_count(). Sizing ONNX Runtime's pool by cpu_count on a 4-CPU cpuset of a 16-core host would put
+    15 spinning threads on 4 cores."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
