@@ -37,6 +37,8 @@ class PipelinedBackend(Backend):
         self.fail_enqueue: Dict[int, BaseException] = {}  # batch number -> error
         self.fail_collect: Dict[int, BaseException] = {}
         self.ran_plain = 0
+        self.enqueue_gate = threading.Event()  # enqueue waits for it (set: never waits)
+        self.enqueue_gate.set()
 
     def gate(self, k: int) -> threading.Event:
         with self._lock:
@@ -64,6 +66,7 @@ class PipelinedBackend(Backend):
         with self._lock:
             k = self._count
             self._count += 1
+        assert self.enqueue_gate.wait(10)
         x = np.array(inputs["x"], copy=True)  # the batcher may reuse its stacking buffer: keep our copy
         self._note("enqueue", k, x.shape[0])
         if k in self.fail_enqueue:
@@ -103,9 +106,12 @@ async def wait_for(cond, timeout: float = 5.0) -> None:
 async def test_next_batch_is_enqueued_while_the_previous_one_runs():
     backend = PipelinedBackend()
     backend.open_gates = False
+    backend.enqueue_gate.clear()
     b = DynamicBatcher(spec(depth=2), backend, Observer())
     b.start()
     futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]  # four full batches, one instance
+    await wait_for(lambda: b._pool.holds(0) == 2)  # batch 1 is queued behind batch 0 before 0 is enqueued
+    backend.enqueue_gate.set()
     # batch 0 is held on the device: batch 1 must already be enqueued behind it, on the same instance
     await wait_for(lambda: [e[:2] for e in backend.log] == [("enqueue", 0), ("enqueue", 1)])
     await asyncio.sleep(0.05)
@@ -120,6 +126,19 @@ async def test_next_batch_is_enqueued_while_the_previous_one_runs():
     threads = {what: {t for w, _, _, t in backend.log if w == what} for what in ("enqueue", "collect")}
     assert all("-inst0" in t for t in threads["enqueue"]) and all("-done0" in t for t in threads["collect"])
     assert backend.ran_plain == 0
+    await b.stop()
+
+
+async def test_a_lone_batch_is_collected_on_the_instance_thread():
+    """Nothing queued behind it (one request at a time): no hand-off to the completion thread."""
+    backend = PipelinedBackend()
+    b = DynamicBatcher(spec(depth=2), backend, Observer())
+    b.start()
+    for i in range(5):
+        r = await b.submit(x(2, i), ("y",), 2)
+        np.testing.assert_array_equal(r.outputs["y"], np.full((2, 4), 2 * i, np.float32))
+    assert [e[0] for e in backend.log] == ["enqueue", "collect"] * 5
+    assert all("-inst0" in t for *_, t in backend.log), backend.log
     await b.stop()
 
 
@@ -156,11 +175,14 @@ async def test_a_failing_batch_fails_alone_and_the_instance_goes_on(stage, error
 async def test_preserve_ordering_holds_with_pipelining():
     backend = PipelinedBackend(instances=2)
     backend.open_gates = False
+    backend.enqueue_gate.clear()
     s = spec(depth=2, preserve_ordering=True)
     s = ModelSpec(**{**s.__dict__, "instance_count": 2})
     b = DynamicBatcher(s, backend, Observer())
     b.start()
     futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]
+    await wait_for(lambda: b._pool.holds(0) == b._pool.holds(1) == 2)
+    backend.enqueue_gate.set()
     await wait_for(lambda: len(backend.log) == 4)  # two instances x two batches enqueued
     order: List[int] = []
     for i, f in enumerate(futs):

@@ -282,18 +282,27 @@ class DynamicBatcher:
             self._pool.submit(instance, lambda: self._work(p)).add_done_callback(finished)
             return
 
-        def begun(f: "concurrent.futures.Future") -> None:  # on the instance thread, right after enqueue
+        def on_instance() -> None:  # the instance's thread: enqueue, then wait here or hand the wait over
+            out: "concurrent.futures.Future" = concurrent.futures.Future()
             try:
-                if f.exception() is None:
-                    ticket = f.result()
+                ticket = self._begin(p)
+                if self._pool.holds(instance) > 1:
+                    # another batch waits behind this one: the completion thread waits for this one meanwhile
                     self._pool.complete(instance, lambda: self._end(p, *ticket)).add_done_callback(finished)
                     return
+                # nothing behind it: wait right here and save the hand-off (one request at a time through the
+                # batcher, 50 us backend, 2-core VM: p50 417-645 us with the hand-off, 292-382 us without it, the
+                # same as no pipelining, 323-363 us). A batch dispatched meanwhile waits in this
+                # thread's FIFO as it would without pipelining; an earlier batch of this instance is never still
+                # being collected, since it stays held until answered.
+                out.set_result(self._end(p, *ticket))
             except BaseException as e:  # noqa: BLE001 - whatever happens, the batch gets its one answer
-                f = concurrent.futures.Future()
-                f.set_exception(e)
-            finished(f)
+                out.set_exception(e)
+            finished(out)
 
-        self._pool.submit(instance, lambda: self._begin(p)).add_done_callback(begun)
+        # submitted as one function, not chained with add_done_callback: a callback added to a future that is
+        # already done runs on the adding thread, and that would put the wait on the event loop
+        self._pool.submit(instance, on_instance)
 
     def _begin(self, p: policy.Plan) -> Tuple[object, int, float]:
         """Instance thread: stacks the batch and starts it; (backend ticket, host ns spent, start time)."""

@@ -42,6 +42,10 @@ class ExecutorPool:
         """Busy instances that can take one more batch behind the running one."""
         return {i for i, n in self._held.items() if 0 < n < self._depth}
 
+    def holds(self, instance: int) -> int:
+        """Batches ``instance`` holds now (read from any thread: a plain dict read)."""
+        return self._held[instance]
+
     def busy(self) -> bool:
         return any(self._held.values())
 
