@@ -7,9 +7,10 @@ or one ONNX Runtime session slot), so an instance never runs two batches at once
 releases everything. Backends never see gRPC or the batcher.
 
 A ``pipelined`` backend (TensorRT) splits a batch in two: ``enqueue`` (the instance's thread) starts it on
-the device and returns, ``collect`` (the instance's completion thread) waits for it. The instance's thread
-can then enqueue the next batch behind the running one, so the device never waits for Python between
-batches; at most ``BackendConfig.batches_per_instance`` batches of an instance are enqueued at once.
+the device and returns, ``collect`` waits for it, on the instance's completion thread when another batch is
+queued behind it (else on the instance's thread). The instance's thread can then enqueue the next batch behind
+the running one, so the device never waits for Python between batches; at most
+``BackendConfig.batches_per_instance`` batches of an instance are enqueued at once.
 """
 from __future__ import annotations
 

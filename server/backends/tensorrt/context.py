@@ -10,7 +10,8 @@ events; device buffers are shared, as the one stream orders every device read an
 ``set_tensor_address`` runs for every IO tensor once at open (the buffers never move, so re-setting them per
 batch would only cost time), and shapes are set again only when they differ from the previous batch's
 (re-setting an unchanged shape only repeats TensorRT's shape work, as Polygraphy notes); TensorRT reads shapes
-and addresses at enqueue, so changing them while an earlier batch still runs is safe. Every TensorRT return
+and addresses at enqueue, so changing them while an earlier batch still runs is safe (tests/gpu enqueues
+batch k+1 with another shape before collecting batch k, and both equal ONNX Runtime's). Every TensorRT return
 value is checked and a failure names the tensor and the reason. With CUDA graphs on, a batch whose size has a
 captured bucket replays the graph of its slot instead (inputs zero-padded to the bucket). Only the instance's
 own thread calls ``staging`` and ``enqueue``.
