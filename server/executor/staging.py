@@ -56,11 +56,6 @@ class StagedTensor:
     def ptr(self) -> int:
         return self._ptr
 
-    @property
-    def host(self) -> np.ndarray:
-        """Mirror 0 (the only one with a single slot)."""
-        return self.hosts[0]
-
     def pack(self, array: np.ndarray, pad_to_bytes: int = 0, slot: int = 0) -> int:
         """Copies ``array`` into pinned mirror ``slot`` (zero-filling up to ``pad_to_bytes``); returns its bytes."""
         n = array.nbytes
