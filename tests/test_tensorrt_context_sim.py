@@ -1,0 +1,215 @@
+"""InstanceContext's two-batches-in-flight logic on the CPU, against a simulated CUDA stream and TensorRT context.
+
+The real thing runs in tests/gpu (on the GPU machine only). Here every stream operation is *deferred*: a
+memcpyAsync or an execute_async_v3 is queued and runs only when something waits for the stream (an event's
+synchronize, a stream synchronize), reading its source memory then, as a GPU would. So a pinned mirror reused
+before the previous batch's copies ran, an output read before its event, or shapes taken from the context at
+the wrong time give wrong numbers here, on the CI machine, instead of only on a GPU."""
+from __future__ import annotations
+
+import ctypes
+import threading
+import types
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import pytest
+
+from trtserve.server.backends.base import ShapeRange
+from trtserve.server.backends.tensorrt import compat
+from trtserve.server.backends.tensorrt.context import InstanceContext
+from trtserve.server.backends.tensorrt.engine import EngineInfo, IOTensor
+from trtserve.server.errors import Internal, InvalidArgument
+from trtserve.server.executor import staging
+
+N_IN, N_OUT, MAX_ROWS = 8, 8, 16
+
+
+class SimStream:
+    """A CUDA stream whose work runs in order, only when waited for."""
+
+    registry: Dict[int, "SimStream"] = {}
+
+    def __init__(self, non_blocking: bool = True) -> None:
+        self.ops: List[Callable[[], None]] = []
+        self.lock = threading.Lock()
+        self.ptr = id(self)
+        SimStream.registry[self.ptr] = self
+
+    def enqueue(self, op: Callable[[], None]) -> None:
+        with self.lock:
+            self.ops.append(op)
+
+    def run_until(self, marker: object = None) -> None:
+        with self.lock:
+            while self.ops:
+                op = self.ops.pop(0)
+                op()
+                if marker is not None and op is marker:
+                    return
+
+    def synchronize(self) -> None:
+        self.run_until()
+
+
+class SimEvent:
+    def __init__(self, *a: object, **k: object) -> None:
+        self._stream: SimStream = None  # type: ignore[assignment]
+        self._marker: Callable[[], None] = lambda: None
+
+    def record(self, stream: SimStream) -> None:
+        def marker() -> None:
+            pass
+        self._stream, self._marker = stream, marker
+        stream.enqueue(marker)
+
+    def synchronize(self) -> None:
+        self._stream.run_until(self._marker)
+
+
+class _Mem:
+    def __init__(self, size: int) -> None:
+        self._buf = np.zeros(size + 256, np.uint8)
+        base = self._buf.ctypes.data
+        self.ptr = base + (-base % 256)  # cudaMalloc-like alignment
+
+
+def make_cupy() -> types.ModuleType:
+    runtime = types.SimpleNamespace(
+        memcpyHostToDevice=1, memcpyDeviceToHost=2, memcpyDeviceToDevice=3,
+        getDevice=lambda: 0, setDevice=lambda d: None,
+        memcpyAsync=lambda dst, src, n, kind, sp: SimStream.registry[sp].enqueue(
+            lambda: ctypes.memmove(dst, src, n)),
+    )
+    cuda = types.SimpleNamespace(Stream=SimStream, Event=SimEvent, runtime=runtime,
+                                 get_elapsed_time=lambda a, b: 0.001,
+                                 alloc_pinned_memory=lambda size: bytearray(size))
+    mod = types.ModuleType("cupy")
+    mod.cuda = cuda  # type: ignore[attr-defined]
+    mod.uint8 = np.uint8  # type: ignore[attr-defined]
+    mod.empty = lambda size, dtype=None: types.SimpleNamespace(data=_Mem(size))  # type: ignore[attr-defined]
+    return mod
+
+
+def _array_at(ptr: int, shape: Tuple[int, ...]) -> np.ndarray:
+    n = int(np.prod(shape))
+    return np.ctypeslib.as_array((ctypes.c_float * n).from_address(ptr)).reshape(shape)
+
+
+class SimContext:
+    """y = 2 * x + 1 over whatever shapes and addresses were set when execute_async_v3 was called."""
+
+    def __init__(self) -> None:
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self.addresses: Dict[str, int] = {}
+        self.fail_execute = False
+
+    def set_optimization_profile_async(self, profile: int, stream: int) -> bool:
+        return True
+
+    def set_input_shape(self, name: str, shape: Tuple[int, ...]) -> bool:
+        if not (1 <= shape[0] <= MAX_ROWS and tuple(shape[1:]) == (N_IN,)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def infer_shapes(self) -> List[str]:
+        return [] if "INPUT0" in self.shapes else ["INPUT0"]
+
+    def get_tensor_shape(self, name: str) -> Tuple[int, ...]:
+        return self.shapes[name] if name == "INPUT0" else (self.shapes["INPUT0"][0], N_OUT)
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream_ptr: int) -> bool:
+        if self.fail_execute:
+            return False
+        rows = self.shapes["INPUT0"][0]  # read now, at enqueue, as TensorRT does
+        src, dst = self.addresses["INPUT0"], self.addresses["OUTPUT0"]
+
+        def run() -> None:
+            _array_at(dst, (rows, N_OUT))[:] = _array_at(src, (rows, N_IN)) * 2 + 1
+        SimStream.registry[stream_ptr].enqueue(run)
+        return True
+
+
+@pytest.fixture()
+def instance(monkeypatch: pytest.MonkeyPatch):
+    cupy = make_cupy()
+    monkeypatch.setattr(compat, "import_cupy", lambda: cupy)
+    monkeypatch.setattr(staging, "_cupy", lambda: cupy)
+    trt = types.SimpleNamespace(__version__="8.6.0")
+    ctx = SimContext()
+    engine = types.SimpleNamespace(create_execution_context=lambda *a: ctx)
+    r = ShapeRange((1, N_IN), (8, N_IN), (MAX_ROWS, N_IN))
+    info = EngineInfo(inputs=(IOTensor("INPUT0", True, "FP32", (-1, N_IN)),),
+                      outputs=(IOTensor("OUTPUT0", False, "FP32", (-1, N_OUT)),), profiles=({"INPUT0": r},))
+    inst = InstanceContext(trt, engine, info, 0, 0, 0, True, "model 'sim'", slots=2)  # type: ignore[arg-type]
+    inst.open()
+    yield inst, ctx
+    inst.close()
+
+
+def _x(rows: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, N_IN)).astype(np.float32)
+
+
+def test_two_batches_in_flight_keep_their_own_staging_and_shapes(instance) -> None:
+    inst, _ = instance
+    sizes = [3, 16, 1, 9, 9, 4, 16, 2, 7, 11]
+    pending: List[Tuple[np.ndarray, object]] = []
+    done = 0
+    for k, rows in enumerate(sizes):
+        x = _x(rows, k)
+        view = inst.staging({"INPUT0": x.shape})  # the batcher stacks into the slot's pinned mirror
+        view["INPUT0"][:] = x
+        pending.append((x, inst.enqueue(view, ["OUTPUT0"])))
+        if len(pending) == 2:  # nothing has run yet: both batches wait on the simulated stream
+            x0, ticket = pending.pop(0)
+            np.testing.assert_array_equal(inst.collect(ticket).outputs["OUTPUT0"], x0 * 2 + 1)
+            done += 1
+    for x0, ticket in pending:
+        np.testing.assert_array_equal(inst.collect(ticket).outputs["OUTPUT0"], x0 * 2 + 1)
+        done += 1
+    assert done == len(sizes)
+
+
+def test_the_result_is_a_copy_that_a_later_batch_does_not_overwrite(instance) -> None:
+    inst, _ = instance
+    first = inst.run({"INPUT0": _x(4, 1)}, ["OUTPUT0"]).outputs["OUTPUT0"].copy()
+    kept = inst.run({"INPUT0": _x(4, 1)}, ["OUTPUT0"]).outputs["OUTPUT0"]
+    for k in range(4):  # both slots are reused twice over
+        inst.run({"INPUT0": _x(4, 100 + k)}, ["OUTPUT0"])
+    np.testing.assert_array_equal(kept, first)
+
+
+def test_a_failed_enqueue_leaves_its_slot_free_and_the_next_batch_correct(instance) -> None:
+    inst, ctx = instance
+    a = inst.enqueue({"INPUT0": _x(5, 1)}, ["OUTPUT0"])
+    ctx.fail_execute = True
+    with pytest.raises(Internal, match=r"model 'sim' instance 0 \(profile 0\): execute_async_v3 failed"):
+        inst.enqueue({"INPUT0": _x(6, 2)}, ["OUTPUT0"])
+    ctx.fail_execute = False
+    with pytest.raises(InvalidArgument, match=r"shape \[17, 8\] is outside profile 0"):
+        inst.enqueue({"INPUT0": _x(17, 3)}, ["OUTPUT0"])
+    b = inst.enqueue({"INPUT0": _x(6, 4)}, ["OUTPUT0"])  # the failed batches took no slot
+    np.testing.assert_array_equal(inst.collect(a).outputs["OUTPUT0"], _x(5, 1) * 2 + 1)
+    np.testing.assert_array_equal(inst.collect(b).outputs["OUTPUT0"], _x(6, 4) * 2 + 1)
+
+
+def test_a_third_batch_waits_for_its_slot_until_the_first_is_collected(instance) -> None:
+    inst, _ = instance
+    a = inst.enqueue({"INPUT0": _x(2, 1)}, ["OUTPUT0"])
+    b = inst.enqueue({"INPUT0": _x(3, 2)}, ["OUTPUT0"])
+    third: Dict[str, object] = {}
+    t = threading.Thread(target=lambda: third.update(ticket=inst.enqueue({"INPUT0": _x(4, 3)}, ["OUTPUT0"])))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive() and not third  # slot 0 still belongs to batch a
+    np.testing.assert_array_equal(inst.collect(a).outputs["OUTPUT0"], _x(2, 1) * 2 + 1)
+    t.join(5)
+    assert not t.is_alive()
+    np.testing.assert_array_equal(inst.collect(b).outputs["OUTPUT0"], _x(3, 2) * 2 + 1)
+    np.testing.assert_array_equal(inst.collect(third["ticket"]).outputs["OUTPUT0"], _x(4, 3) * 2 + 1)
