@@ -31,7 +31,8 @@ class ServerProcess:
                                "--no-gpu-metrics"] + self.extra
         cpus = self.cpus
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # type: ignore[arg-type]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     preexec_fn=pin)
         deadline = time.monotonic() + 120
         assert self.proc.stdout is not None
         for line in self.proc.stdout:

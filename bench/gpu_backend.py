@@ -242,8 +242,8 @@ def batcher_rows_per_s(backend, model: BenchModel, batch: int, instances: int, s
 
     rows = max(1, batch // 4)
     x = _input(model, rows, device)
-    return rows * closed_loop(_FirstInstances(backend, instances, pipelined), model.wire, model.dims_in, model.dims_out, batch,
-                              instances, {"INPUT0": x}, rows, seconds)
+    return rows * closed_loop(_FirstInstances(backend, instances, pipelined), model.wire, model.dims_in,
+                              model.dims_out, batch, instances, {"INPUT0": x}, rows, seconds)
 
 
 def bench_model(

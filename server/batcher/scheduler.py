@@ -4,8 +4,9 @@ executor pool together, and settles every request's future exactly once.
 Everything here runs on the event loop; only ``_work`` (stack -> backend.enqueue/collect -> split) runs on an
 instance's thread, or, for a pipelined backend, ``_begin`` (stack -> enqueue) on the instance's thread and
 ``_end`` (collect -> split) on its completion thread when another batch waits behind it, so the instance's next
-batch is enqueued while the previous one still runs (a lone batch is collected where it was enqueued). The loop sleeps on an Event (new request, released slot, cancellation) with a
-timeout for the next deadline or queue delay: no busy waiting.
+batch is enqueued while the previous one still runs (a lone batch is collected where it was enqueued). The loop
+sleeps on an Event (new request, released slot, cancellation) with a timeout for the next deadline or queue
+delay: no busy waiting.
 """
 from __future__ import annotations
 
