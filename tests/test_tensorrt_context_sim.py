@@ -15,12 +15,13 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 import pytest
 
-from trtserve.server.backends.base import ShapeRange
+from trtserve.server.backends.base import DeviceDestination, Gather, ShapeRange
 from trtserve.server.backends.tensorrt import compat
 from trtserve.server.backends.tensorrt.context import InstanceContext
 from trtserve.server.backends.tensorrt.engine import EngineInfo, IOTensor
 from trtserve.server.errors import Internal, InvalidArgument
 from trtserve.server.executor import staging
+from trtserve.server.protocol.shm import DeviceTensor
 
 N_IN, N_OUT, MAX_ROWS = 8, 8, 16
 
@@ -213,3 +214,30 @@ def test_a_third_batch_waits_for_its_slot_until_the_first_is_collected(instance)
     assert not t.is_alive()
     np.testing.assert_array_equal(inst.collect(b).outputs["OUTPUT0"], _x(3, 2) * 2 + 1)
     np.testing.assert_array_equal(inst.collect(third["ticket"]).outputs["OUTPUT0"], _x(4, 3) * 2 + 1)
+
+
+def test_device_pieces_and_device_destinations_land_on_their_rows(instance) -> None:
+    """CUDA shared memory's path: a batch gathered from device pieces and host pieces, its outputs copied device to
+    device into each request's region at that request's rows, all on the stream and in flight with another batch."""
+    inst, _ = instance
+    xs = [_x(3, 1), _x(2, 2), _x(4, 3)]
+    regions = []
+    for x in xs:  # requests 0 and 2 sit in "device memory", request 1 is a host array
+        mem = _Mem(x.nbytes)
+        _array_at(mem.ptr, x.shape)[:] = x
+        regions.append(mem)
+    pieces = (DeviceTensor(regions[0].ptr, xs[0].nbytes, xs[0].shape, np.dtype(np.float32), 0, "r0"), xs[1],
+              DeviceTensor(regions[2].ptr, xs[2].nbytes, xs[2].shape, np.dtype(np.float32), 0, "r2"))
+    batch = Gather(pieces, (9, N_IN), np.dtype(np.float32))
+    outs = [_Mem(x.shape[0] * N_OUT * 4) for x in xs]
+    dests = [DeviceDestination(0, 0, 3, {"OUTPUT0": (outs[0].ptr, 3 * N_OUT * 4)}),
+             DeviceDestination(2, 5, 4, {"OUTPUT0": (outs[2].ptr, 4 * N_OUT * 4)})]
+    other = inst.enqueue({"INPUT0": _x(7, 9)}, ["OUTPUT0"])  # a batch ahead of it on the same stream
+    ticket = inst.enqueue({"INPUT0": batch}, ["OUTPUT0"], dests)  # type: ignore[dict-item]
+    np.testing.assert_array_equal(inst.collect(other).outputs["OUTPUT0"], _x(7, 9) * 2 + 1)
+    result = inst.collect(ticket)
+    want = np.concatenate(xs) * 2 + 1
+    np.testing.assert_array_equal(result.outputs["OUTPUT0"], want)
+    assert result.delivered == {0: frozenset({"OUTPUT0"}), 2: frozenset({"OUTPUT0"})}
+    np.testing.assert_array_equal(_array_at(outs[0].ptr, (3, N_OUT)), want[0:3])
+    np.testing.assert_array_equal(_array_at(outs[2].ptr, (4, N_OUT)), want[5:9])
