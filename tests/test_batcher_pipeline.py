@@ -232,3 +232,30 @@ async def test_every_request_gets_exactly_one_answer_under_random_failures():
             np.testing.assert_array_equal(r.outputs["y"], np.full((rows, 4), 2 * i, np.float32))
     assert 0 < ok < 300
     await b.stop()
+
+
+async def test_stop_waits_for_batches_in_flight_and_queued_requests_get_unavailable():
+    """A timed-out stop answers what is still queued UNAVAILABLE, waits for the batches on the device, then shuts
+    both threads of the instance down."""
+    backend = PipelinedBackend()
+    backend.open_gates = False
+    backend.enqueue_gate.clear()
+    b = DynamicBatcher(spec(depth=2), backend, Observer())
+    b.start()
+    running = [b.submit(x(8, i), ("y",), 8) for i in range(2)]  # one running, one enqueued behind it
+    await wait_for(lambda: b._pool.holds(0) == 2)
+    backend.enqueue_gate.set()
+    await wait_for(lambda: len(backend.log) == 2)
+    queued = b.submit(x(8, 9), ("y",), 8)  # no room on the instance: stays in the queue
+    stopping = asyncio.ensure_future(b.stop(timeout=0.1))
+    await asyncio.sleep(0.3)
+    assert not stopping.done()  # the two batches on the device are still being waited for
+    with pytest.raises(TrtServeError) as e:
+        await queued
+    assert e.value.code == "UNAVAILABLE"
+    for k in range(2):
+        backend.gate(k).set()
+    await asyncio.wait_for(stopping, 10)
+    results = await asyncio.gather(*running)
+    assert [r.outputs["y"][0, 0] for r in results] == [0, 2]
+    assert not [t for t in threading.enumerate() if t.name.startswith("m-inst0") or t.name.startswith("m-done0")]
