@@ -5,8 +5,8 @@
 Without ``--url`` it starts ``bench.ceiling_server`` (answers at once, so the round trip is all client, network
 stack and gRPC). With one request in flight it measures perf_analyzer, ``trtserve bench --engine threads`` and a
 bare blocking gRPC loop, the Python ones in child processes under each GRPC_EXPERIMENTS setting (gRPC reads it
-once, at import), several rounds interleaved, and prints the medians of requests/s, p50 and, for the bare loop, client CPU and voluntary context switches
-per call: the thread hand-offs inside gRPC's client are what set a Python client's floor.
+once, at import), several rounds interleaved, and prints the medians of requests/s, p50 and, for the bare loop,
+client CPU and voluntary context switches per call: the thread hand-offs inside gRPC's client are what set a Python client's floor.
 """
 from __future__ import annotations
 

@@ -233,9 +233,10 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
 def render(data: dict, out: pathlib.Path) -> None:
     """gpu.md (and gpu.png when matplotlib is there) from the collected numbers."""
     md = ["# GPU benchmarks", "", f"Measured by `python -m bench.gpu` on {data.get('machine', '?')}, "
-          f"last run {data.get('when', '?')} (each part says when it ran). Load generators run on the same machine as the server. "
-          "rows/s = batch rows (images for ResNet) per second. The last run's in-process parts ran with sys.setswitchinterval "
-          f"{data.get('switch_interval_us', 5000):g} us (what `trtserve serve` sets where TensorRT sees a CUDA device; Python's default is 5000 us).", ""]
+          f"last run {data.get('when', '?')} (each part says when it ran). Load generators run on the same machine "
+          "as the server. rows/s = batch rows (images for ResNet) per second. The last run's in-process parts ran "
+          f"with sys.setswitchinterval {data.get('switch_interval_us', 5000):g} us (what `trtserve serve` sets where "
+          "TensorRT sees a CUDA device; Python's default is 5000 us).", ""]
     when = data.get("part_when") or {}
 
     def measured(part: str) -> List[str]:

@@ -351,8 +351,8 @@ class DynamicBatcher:
 
     def _complete(self, p: policy.Plan, seq: int, dispatched: float, f: "concurrent.futures.Future",
                   done: "asyncio.Future") -> None:
-        """On the loop, once the instance thread finished ``_work``: answers the batch's requests and frees
-        the instance."""
+        """On the loop, once the batch's work finished (``_work``, or ``_end`` on the instance or completion
+        thread): answers the batch's requests and frees the instance."""
         try:
             self._answer(p, seq, dispatched, f)
         except Exception:  # a bug while answering must not leave the batch's requests without an answer

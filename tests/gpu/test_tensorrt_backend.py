@@ -94,7 +94,8 @@ def test_concurrent_mixed_batches_match_onnxruntime(mlp: TensorRTBackend, ort) -
     print(f"\n120 batches (1-64 rows) on 2 instances: max |trt - ort| = {worst:.2e}")
 
 
-def _pipelined(backend: TensorRTBackend, instance: int, sizes: List[int], seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+def _pipelined(backend: TensorRTBackend, instance: int, sizes: List[int],
+               seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Keeps two batches in flight on one instance, as the batcher does: enqueue k+1, then collect k. Batch sizes
     differ, so the context's input shapes change while the previous batch is still running."""
     out: List[Tuple[np.ndarray, np.ndarray]] = []
