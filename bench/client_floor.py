@@ -81,9 +81,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r = bare_loop(url, a.model, a.duration, exp)
                 rows.append(("bare grpc loop", exp or "default", r["rps"], r["p50_ms"], r["cpu_us"],
                              r["ctx_switches"]))
-                b = load_trtserve(url, 1, a.duration, a.model, engine="threads", warmup_s=1.0, env=_env(exp))
+                b = load_trtserve(url, 1, a.duration, a.model, engine="threads", warmup_s=1.0, env=_env(exp),
+                                  transport="grpcio")
                 if b:
-                    rows.append(("trtserve bench", exp or "default", b["rps"], b["p50_ms"], None, None))
+                    rows.append(("bench grpcio", exp or "default", b["rps"], b["p50_ms"], None, None))
+            for engine in ("threads", "asyncio"):  # our own HTTP/2 client: gRPC's settings do not apply
+                b = load_trtserve(url, 1, a.duration, a.model, engine=engine, warmup_s=1.0, transport="h2")
+                if b:
+                    rows.append((f"bench h2 {engine}", "-", b["rps"], b["p50_ms"], None, None))
 
     if a.url:
         measure(a.url)

@@ -40,7 +40,7 @@ def perf_analyzer_path() -> str:
 
 
 def load_trtserve(url: str, level: int, duration: float, model: str = "m", engine: str = "auto",
-                  warmup_s: Optional[float] = None,
+                  warmup_s: Optional[float] = None, transport: str = "auto",
                   env: Optional[Mapping[str, str]] = None) -> Optional[Dict[str, float]]:
     """One closed-loop level of ``trtserve bench``, run as users run it: the CLI in its own process (which also
     picks its gRPC client settings before gRPC loads, see trtserve/cli.py; ``env`` replaces the environment it
@@ -49,7 +49,7 @@ def load_trtserve(url: str, level: int, duration: float, model: str = "m", engin
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "trtserve", "bench", "--url", url, "--model", model, "--concurrency",
-               str(level), "--duration", str(duration), "--warmup", str(warmup), "--engine", engine, "--json",
+               str(level), "--duration", str(duration), "--warmup", str(warmup), "--engine", engine, "--transport", transport, "--json",
                str(out), "--quiet"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                               env=None if env is None else dict(env))

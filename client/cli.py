@@ -193,7 +193,8 @@ def bench_command(args: argparse.Namespace) -> int:
         config = BenchConfig(url=a.url, model=a.model, version=a.model_version or "", concurrency=concurrency,
                              request_rate=rate, duration_s=a.duration, warmup_s=a.warmup, batch=a.batch,
                              shapes=parse_shapes(a.shape), input_data=a.input_data, timeout_s=a.timeout,
-                             inflight_per_channel=a.inflight_per_channel, engine=a.engine, seed=a.seed,
+                             inflight_per_channel=a.inflight_per_channel, engine=a.engine,
+                             transport=a.transport, seed=a.seed,
                              shared_memory=a.shared_memory, output_shared_memory_size=a.output_shared_memory_size,
                              processes=a.processes,
                              headers=headers,
@@ -244,6 +245,10 @@ def add_bench_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
                         "grpc.aio, one event loop; threads: one thread per request in flight making blocking calls, "
                         "as perf_analyzer's sync mode (lower latency for a lone request, fewer requests/s with many "
                         "in flight)")
+    p.add_argument("--transport", default="auto", choices=["auto", "h2", "grpcio"],
+                   help="auto (default): h2 when --url is one HOST:PORT, grpcio otherwise; h2: the generator's own "
+                        "HTTP/2 client, about a quarter of grpcio's CPU per call, so a lone request's latency is the "
+                        "server's rather than the client's; grpcio: gRPC's Python client (address lists, dns:///)")
     p.add_argument("--processes", type=int, default=1,
                    help="generator processes sharing each level (one process drives about 10k requests/s; "
                         "see python -m trtserve.client.bench.ceiling)")

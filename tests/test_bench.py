@@ -61,6 +61,7 @@ def test_bench_closed_loop_on_mlp_writes_csv_json_png(example_server, tmp_path, 
     assert (doc["model"], doc["mode"], doc["batch"], doc["url"]) == ("mlp", "concurrency", 2, example_server.url)
     assert doc["inputs"] == [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 64]}]
     assert doc["generator"]["channels"] == 1 and doc["generator"]["engine"] == "auto"
+    assert doc["generator"]["transport"] == "h2"  # one HOST:PORT: the generator's own HTTP/2 client
     assert doc["generator"]["engine_per_level"] == ["threads", "threads"]  # levels 1 and 4: the blocking stub
     assert [lv["level"] for lv in doc["levels"]] == [1, 4] and set(doc["levels"][0]) == LEVEL_FIELDS
     assert doc["levels"][1]["requests"] == int(rows[1]["requests"])

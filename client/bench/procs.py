@@ -29,12 +29,19 @@ def split(total: float, parts: int, integer: bool) -> List[float]:
 
 
 async def _worker_main(conn, spec_kwargs: Mapping[str, object], payload: bytes, channels: int,
-                       timeout_s: Optional[float]) -> None:
+                       timeout_s: Optional[float], transport: str = "grpcio") -> None:
     from trtserve.client._channel import make_spec
+    from trtserve.client.bench.h2load import H2Load, h2_address
 
     loop = asyncio.get_running_loop()
     spec = make_spec(**dict(spec_kwargs))
-    async with Load(spec, payload, channels, timeout_s) as load:
+    address = h2_address(str(spec_kwargs["url"]))
+    if transport == "h2" and address is not None:
+        tls = {k: v for k, v in spec_kwargs.items() if k not in ("url", "headers", "retries")}
+        load = H2Load(address, payload, channels, timeout_s, spec.metadata, tls)
+    else:
+        load = Load(spec, payload, channels, timeout_s)
+    async with load:
         conn.send("ready")
         while True:
             command = await loop.run_in_executor(None, conn.recv)
@@ -50,9 +57,9 @@ async def _worker_main(conn, spec_kwargs: Mapping[str, object], payload: bytes, 
             conn.send((rec.window_start, rec.window_end, rec.ok, rec.errors, rec.send_lags, rec.last_done))
 
 
-def _worker(conn, spec_kwargs, payload, channels, timeout_s) -> None:
+def _worker(conn, spec_kwargs, payload, channels, timeout_s, transport) -> None:
     try:
-        asyncio.run(_worker_main(conn, spec_kwargs, payload, channels, timeout_s))
+        asyncio.run(_worker_main(conn, spec_kwargs, payload, channels, timeout_s, transport))
     except BaseException as e:  # the parent reads this instead of waiting forever
         try:
             conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -64,9 +71,9 @@ class ProcessPool:
     """``n`` generator processes with their channels; ``run_level`` returns the merged records."""
 
     def __init__(self, n: int, spec_kwargs: Mapping[str, object], payload: bytes, channels_each: int,
-                 timeout_s: Optional[float]) -> None:
+                 timeout_s: Optional[float], transport: str = "grpcio") -> None:
         self._n = n
-        self._args = (dict(spec_kwargs), payload, max(1, channels_each), timeout_s)
+        self._args = (dict(spec_kwargs), payload, max(1, channels_each), timeout_s, transport)
         self._procs: List[Tuple[mp.process.BaseProcess, object]] = []
 
     def __enter__(self) -> "ProcessPool":

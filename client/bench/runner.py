@@ -21,6 +21,8 @@ from trtserve.client._channel import make_spec
 from trtserve.client._errors import InferenceServerError
 from trtserve.client.aio import AsyncInferenceClient
 from trtserve.client.bench import inputs as bench_inputs
+from trtserve.client.bench.h2load import H2Load, h2_address
+from trtserve.client.bench.h2sync import H2ThreadLoad
 from trtserve.client.bench.load import LevelRecords, Load, run_closed, run_open
 from trtserve.client.bench.threaded import ThreadLoad, run_closed_threaded, run_open_threaded
 from trtserve.client.bench.stats import LevelStats, server_view, summarize
@@ -50,6 +52,9 @@ class BenchConfig:
     # auto (default): the blocking stub for closed-loop levels of <= AUTO_THREADS_MAX in flight, grpc.aio above;
     # asyncio: grpc.aio throughout; threads: the blocking stub throughout (see bench/threaded.py)
     engine: str = "auto"
+    # auto (default): h2 when the URL is one HOST:PORT, else grpcio; h2: our own HTTP/2 client
+    # (h2conn.py, ~1/4 of grpcio's CPU per call); grpcio: gRPC's Python client (resolver, balancing)
+    transport: str = "auto"
     seed: int = 0
     headers: Mapping[str, str] = field(default_factory=dict)
     tls: Mapping[str, object] = field(default_factory=dict)  # make_spec keyword arguments (root_cert, ...)
@@ -71,6 +76,7 @@ class BenchResult:
     channels: int
     levels: List[LevelStats] = field(default_factory=list)
     latencies_s: Dict[float, List[float]] = field(default_factory=dict)
+    transport: str = "grpcio"  # what carried the calls (config.transport resolved)
 
     def as_dict(self) -> dict:
         """JSON-ready summary: run description, generator, and one entry per level."""
@@ -80,7 +86,8 @@ class BenchResult:
             "mode": c.mode(), "batch": self.batch, "duration_s": c.duration_s, "warmup_s": c.warmup_s,
             "input_data": c.input_data, "shared_memory": c.shared_memory,
             "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in self.inputs],
-            "generator": {"engine": c.engine, "processes": c.processes, "channels": self.channels,
+            "generator": {"engine": c.engine, "transport": self.transport, "processes": c.processes,
+                          "channels": self.channels,
                           "engine_per_level": [level_engine(c.engine, c.mode(), s.level) if c.processes == 1
                                                else "asyncio" for s in self.levels],
                           "inflight_per_channel": c.inflight_per_channel,
@@ -212,6 +219,29 @@ def level_engine(engine: str, mode: str, level: float) -> str:
     return "threads" if mode == "concurrency" and level <= AUTO_THREADS_MAX else "asyncio"
 
 
+def resolve_transport(config: BenchConfig, mode: str) -> str:
+    """The transport of the whole run: ``auto`` takes h2 where it can carry it, grpcio elsewhere.
+
+    h2 dials one HOST:PORT (several addresses and ``dns:///`` need grpcio's resolver and balancer),
+    and its blocking path serves closed loops only (an open loop on ``--engine threads`` needs
+    grpcio's futures). An explicit ``h2`` that cannot be honoured is a ValueError, not a fallback.
+    """
+    if config.transport not in ("auto", "h2", "grpcio"):
+        raise ValueError(f"transport must be auto, h2 or grpcio, got {config.transport!r}")
+    if config.transport == "grpcio":
+        return "grpcio"
+    problem = None
+    if h2_address(config.url) is None:
+        problem = f"--transport h2 dials one HOST:PORT, not {config.url!r}"
+    elif mode == "request_rate" and config.engine == "threads" and config.processes == 1:
+        problem = "--transport h2 runs an open loop on the asyncio engine only (not --engine threads)"
+    if problem is None:
+        return "h2"
+    if config.transport == "h2":
+        raise ValueError(problem)
+    return "grpcio"
+
+
 async def run(config: BenchConfig, progress: Optional[Progress] = None) -> BenchResult:
     """Sweeps every level in order on one set of channels and returns their statistics."""
     mode = config.mode()
@@ -227,6 +257,7 @@ async def run(config: BenchConfig, progress: Optional[Progress] = None) -> Bench
         raise ValueError(f"duration must be > 0 and warmup >= 0, got {config.duration_s} and {config.warmup_s}")
     if config.shared_memory not in ("none", "system", "cuda"):
         raise ValueError(f"shared memory must be none, system or cuda, got {config.shared_memory!r}")
+    resolve_transport(config, mode)
     async with AsyncInferenceClient(config.url, headers=config.headers, **dict(config.tls)) as client:
         prep = await _prepare(client, config)
         version = config.version or None
@@ -279,8 +310,10 @@ async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, l
     else:  # Little's law with a 50 ms latency budget; more channels than needed cost little
         peak_inflight = max(levels) * 0.05
     channels = max(1, math.ceil(peak_inflight / max(1, config.inflight_per_channel)))
+    transport = resolve_transport(config, mode)
     result = BenchResult(config, spec.target, prep.batch, [(s.name, s.datatype, s.shape) for s in prep.specs],
-                         channels)
+                         channels, transport=transport)
+    address = h2_address(config.url)
     try:
         keeps_stats = "statistics" in (await client.server_metadata(timeout=10)).extensions
     except InferenceServerError:
@@ -294,7 +327,7 @@ async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, l
             spec_kwargs = dict(config.tls, url=config.url, headers=dict(config.headers), retries=0)
             each = channels_each(channels, config.processes)
             result.channels = each * config.processes
-            pool = ProcessPool(config.processes, spec_kwargs, payload, each, config.timeout_s)
+            pool = ProcessPool(config.processes, spec_kwargs, payload, each, config.timeout_s, transport)
             await loop.run_in_executor(None, pool.__enter__)
             stack.push_async_callback(loop.run_in_executor, None, pool.__exit__)
             lead_s = 0.5  # the processes need the command before the start
@@ -316,7 +349,9 @@ async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, l
                 if engine == "asyncio":
                     if "asyncio" not in loads:
                         loads["asyncio"] = await stack.enter_async_context(
-                            Load(spec, payload, channels, config.timeout_s))
+                            H2Load(address, payload, channels, config.timeout_s, spec.metadata, config.tls)
+                            if transport == "h2" and address is not None
+                            else Load(spec, payload, channels, config.timeout_s))
                         start_at = max(start_at, loop.time() + lead_s)
                     load = loads["asyncio"]
                     if mode == "concurrency":
@@ -324,7 +359,9 @@ async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, l
                     return await run_open(load, level, w, d, config.seed, progress=update,  # type: ignore[arg-type]
                                           start_at=start_at)
                 if "threads" not in loads:
-                    tload = ThreadLoad(spec, payload, channels, config.timeout_s)
+                    tload = (H2ThreadLoad(address, payload, channels, config.timeout_s, spec.metadata, config.tls)
+                             if transport == "h2" and address is not None
+                             else ThreadLoad(spec, payload, channels, config.timeout_s))
                     await loop.run_in_executor(None, tload.__enter__)
                     stack.callback(tload.__exit__)
                     loads["threads"] = tload
