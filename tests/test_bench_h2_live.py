@@ -130,7 +130,8 @@ class _SilentServer:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.connections = 0
-        self.received = bytearray()
+        self.received: List[bytearray] = []  # per connection
+        self.changed = threading.Condition()
         self._close_after = close_after
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -141,9 +142,11 @@ class _SilentServer:
             except OSError:
                 return
             self.connections += 1
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+            buf = bytearray()
+            self.received.append(buf)
+            threading.Thread(target=self._read, args=(conn, buf), daemon=True).start()
 
-    def _read(self, conn: socket.socket) -> None:
+    def _read(self, conn: socket.socket, buf: bytearray) -> None:
         with conn:
             while True:
                 try:
@@ -152,8 +155,10 @@ class _SilentServer:
                     return
                 if not data:
                     return
-                self.received += data
-                if self._close_after and len(self.received) >= self._close_after:
+                with self.changed:
+                    buf += data
+                    self.changed.notify_all()
+                if self._close_after and len(buf) >= self._close_after:
                     conn.shutdown(socket.SHUT_RDWR)
                     return
 
@@ -172,8 +177,10 @@ def test_h2_deadline_resets_the_stream():
         assert r.status == "DEADLINE_EXCEEDED"
         with H2ThreadLoad(h2_address(srv.url), b"x", 1, timeout_s=0.2) as tload:
             assert tload.call(0) == "DEADLINE_EXCEEDED"
-        # RST_STREAM(CANCEL) on stream 1 went out on both connections
-        assert bytes(srv.received).count(b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x08") == 2
+        # RST_STREAM(CANCEL) on stream 1 went out on both connections (read by the server's threads)
+        reset = b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x08"
+        with srv.changed:
+            assert srv.changed.wait_for(lambda: [reset in bytes(b) for b in srv.received] == [True, True], 10)
     finally:
         srv.close()
 

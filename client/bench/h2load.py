@@ -227,7 +227,10 @@ class H2Load:
                 conn = await self._connect(i)
             except InferenceServerError as e:
                 return CallResult(-1, e.status, e.message)
-        fut = conn.call(self._payload if message is None else message, self._timeout_s)
+        try:
+            fut = conn.call(self._payload if message is None else message, self._timeout_s)
+        except ProtocolError as e:  # it broke while we connected: the call never went out
+            return CallResult(-1, "UNAVAILABLE", str(e))
         if self._timeout_s is None:
             return await fut
         timer = asyncio.get_running_loop().call_later(self._timeout_s, conn.expire, fut)

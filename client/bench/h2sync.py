@@ -33,7 +33,10 @@ class _BlockingConnection:
 
     def call(self, message: bytes, timeout_s: Optional[float]) -> CallResult:
         state = self.state
-        call_id = state.start_call(message, timeout_s)
+        try:
+            call_id = state.start_call(message, timeout_s)
+        except ProtocolError as e:  # GOAWAY or a failure since the last call: this one never went out
+            return CallResult(-1, "UNAVAILABLE", str(e))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             self.sock.sendall(state.data_to_send())
@@ -117,8 +120,12 @@ class H2ThreadLoad:
 
     def _connection(self) -> _BlockingConnection:
         conn: Optional[_BlockingConnection] = getattr(self._local, "conn", None)
-        if conn is not None and conn.usable():
-            return conn
+        if conn is not None:
+            if conn.usable():
+                return conn
+            conn.close()  # GOAWAY or broken: done with it
+            with self._lock:
+                self._all.remove(conn)
         host = f"[{self._host}]" if ":" in self._host else self._host
         authority = self._server_name or f"{host}:{self._port}"
         sock = socket.create_connection((self._host, self._port), timeout=30.0)
