@@ -38,14 +38,15 @@ def cpu_list(text: str) -> Set[int]:
     return out
 
 
-def compare(url: str, levels: Sequence[int], rounds: int, duration: float, pa: str) -> Dict[Tuple[str, int], dict]:
+def compare(url: str, levels: Sequence[int], rounds: int, duration: float, pa: str,
+            transport: str = "auto") -> Dict[Tuple[str, int], dict]:
     """Medians of req/s and p50 per (tool, level)."""
     got: Dict[Tuple[str, int], List[dict]] = {}
     for _ in range(rounds):
         for level in levels:
             for tool in ("perf_analyzer", "trtserve bench"):
                 r = (load_perf_analyzer(pa, url, level, duration) if tool == "perf_analyzer"
-                     else load_trtserve(url, level, duration))
+                     else load_trtserve(url, level, duration, transport=transport))
                 if r is not None:
                     got.setdefault((tool, level), []).append(r)
     return {k: {"rps": statistics.median(r["rps"] for r in v), "p50_ms": statistics.median(r["p50_ms"] for r in v),
@@ -60,6 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=2.5)
     p.add_argument("--out", type=pathlib.Path, help="also write the table to this Markdown file")
+    p.add_argument("--transport", default="auto", choices=["auto", "h2", "grpcio"],
+                   help="trtserve bench --transport (auto: h2, its own HTTP/2 client, for one HOST:PORT)")
     p.add_argument("--server-cpus", default="", help="pin the server to these CPUs, e.g. 0-3 (Linux)")
     p.add_argument("--client-cpus", default="", help="pin the load tools to these CPUs, e.g. 8-15 (Linux)")
     a = p.parse_args(argv)
@@ -73,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     levels = [int(x) for x in a.levels.split(",")]
     lines = [f"trtserve bench vs perf_analyzer, medians of {a.rounds} interleaved rounds of {a.duration:g} s; "
              f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; trtserve bench --transport {a.transport}"
              + (f"; server on CPUs {a.server_cpus}, load tools on CPUs {a.client_cpus}"
                 if a.server_cpus or a.client_cpus else ""), "",
              "| model | batching | concurrency | perf_analyzer req/s | trtserve bench req/s | diff | "
@@ -84,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for mode in a.modes.split(","):
             with tempfile.TemporaryDirectory() as tmp, ServerProcess(make_repo(pathlib.Path(tmp), mode, model, 1),
                                                                        cpus=server_cpus) as s:
-                med = compare(s.url, levels, a.rounds, a.duration, pa)
+                med = compare(s.url, levels, a.rounds, a.duration, pa, a.transport)
             for level in levels:
                 ref, ours = med.get(("perf_analyzer", level)), med.get(("trtserve bench", level))
                 if ref is None or ours is None:

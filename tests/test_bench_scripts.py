@@ -22,7 +22,7 @@ def test_agreement_takes_medians_per_tool_and_level(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(agreement, "load_perf_analyzer",
                         lambda pa_path, url, level, duration: {"rps": next(pa) * level, "p50_ms": 1.0})
     monkeypatch.setattr(agreement, "load_trtserve",
-                        lambda url, level, duration: {"rps": next(ours) * level, "p50_ms": 2.0})
+                        lambda url, level, duration, transport: {"rps": next(ours) * level, "p50_ms": 2.0})
     med = agreement.compare("127.0.0.1:1", [1, 8], rounds=3, duration=0.1, pa="pa")
     assert med[("perf_analyzer", 1)]["rps"] == 200.0  # median of 100, 300, 200 (levels interleave per round)
     assert med[("trtserve bench", 8)]["n"] == 3
