@@ -49,6 +49,8 @@ def compare(url: str, levels: Sequence[int], rounds: int, duration: float, pa: s
                      else load_trtserve(url, level, duration, transport=transport))
                 if r is not None:
                     got.setdefault((tool, level), []).append(r)
+                    print(f"  {tool:15} concurrency {level:3}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms",
+                          flush=True)  # every measurement, so a reader sees the spread behind each median
     return {k: {"rps": statistics.median(r["rps"] for r in v), "p50_ms": statistics.median(r["p50_ms"] for r in v),
                 "n": len(v)} for k, v in got.items()}
 
