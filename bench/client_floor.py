@@ -1,12 +1,13 @@
-"""What the load generator's own gRPC client adds to one request's round trip (issue #6, concurrency 1).
+"""What the load generator's own client adds to one request's round trip (issue #6, concurrency 1).
 
     python -m bench.client_floor [--duration 3] [--url HOST:PORT --model M]
 
 Without ``--url`` it starts ``bench.ceiling_server`` (answers at once, so the round trip is all client, network
-stack and gRPC). With one request in flight it measures perf_analyzer, ``trtserve bench --engine threads`` and a
-bare blocking gRPC loop, the Python ones in child processes under each GRPC_EXPERIMENTS setting (gRPC reads it
-once, at import), several rounds interleaved, and prints the medians of requests/s, p50 and, for the bare loop,
-client CPU and voluntary context switches per call: the thread hand-offs inside gRPC's client are what set a Python client's floor.
+stack and gRPC). With one request in flight it measures perf_analyzer, ``trtserve bench`` on its own HTTP/2 client
+(``--transport h2``, threads and asyncio engines), and on gRPC's client (``--transport grpcio --engine threads``)
+beside a bare blocking gRPC loop, those two in child processes under each GRPC_EXPERIMENTS setting (gRPC reads it
+once, at import); several rounds interleaved. It prints the medians of requests/s, p50 and, for the bare loop,
+client CPU and voluntary context switches per call: the thread hand-offs inside gRPC's client set its floor.
 """
 from __future__ import annotations
 

@@ -162,6 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--servers", type=int, default=2, help="trivial server processes sharing the port")
     p.add_argument("--inflight-per-channel", type=int, default=200)
     p.add_argument("--engine", default="auto", choices=["auto", "asyncio", "threads"])
+    p.add_argument("--transport", default="auto", choices=["auto", "h2", "grpcio"])
     p.add_argument("--processes", type=int, default=1, help="generator processes")
     p.add_argument("--serve", type=int, metavar="PORT",
                    help="only run one trivial server on PORT (0: any) until stopped, e.g. for perf_analyzer")
@@ -177,12 +178,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = BenchConfig(url=f"127.0.0.1:{port}", model=TRIVIAL_MODEL, concurrency=levels,
                              duration_s=args.duration, warmup_s=args.warmup,
                              inflight_per_channel=args.inflight_per_channel, engine=args.engine,
-                             processes=args.processes)
+                             transport=args.transport, processes=args.processes)
         result = asyncio.run(run(config, Progress()))
     print(format_table(result))
     best = max(result.levels, key=lambda s: s.requests_per_s)
     print(f"load generator ceiling: {best.requests_per_s:.0f} requests/s (concurrency {int(best.level)}, "
-          f"p50 {best.p50_ms:.3f} ms; engine {args.engine} x{args.processes} process(es); "
+          f"p50 {best.p50_ms:.3f} ms; engine {args.engine}, transport {result.transport}, "
+          f"x{args.processes} process(es); "
           f"{args.servers} trivial server process(es), same machine)")
     return 0
 

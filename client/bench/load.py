@@ -1,5 +1,7 @@
-"""Closed-loop (N in flight) and open-loop (Poisson arrivals) load over grpc.aio, one process, one loop.
+"""Closed-loop (N in flight) and open-loop (Poisson arrivals) load on asyncio, one process, one loop.
 
+The loops drive any load with ``channels`` and ``send(index)``: ``Load`` here (grpc.aio, the
+grpcio transport) or ``h2load.H2Load`` (the generator's own HTTP/2 client, the default).
 The request is serialized once and sent as bytes, and responses are not parsed, so the generator
 spends its time in gRPC rather than in protobuf. Calls spread over one channel per
 ``inflight_per_channel`` requests in flight (a single HTTP/2 connection serializes its frames).

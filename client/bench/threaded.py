@@ -7,7 +7,8 @@ one thread wake-up more per call; a blocking call waits on its own thread. That 
 latency of a lone request on a small or busy machine (2-core box, mlp example, concurrency 1: p50
 1.22 ms with grpc.aio, 0.87 ms blocking, 0.95 ms perf_analyzer), while grpc.aio carries more
 requests per second with many in flight, so asyncio stays the default. Records have the same
-shape as load.py's, so stats and reports do not care which engine ran.
+shape as load.py's, so stats and reports do not care which engine ran. The closed loop drives
+any load with ``channels`` and ``call(index)``: ``ThreadLoad`` (grpcio) or ``h2sync.H2ThreadLoad``.
 """
 from __future__ import annotations
 
