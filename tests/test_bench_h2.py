@@ -307,3 +307,17 @@ def test_unknown_frame_types_and_priority_are_ignored():
     c.data_to_send()
     noise = frame(0x2, 0, 1, b"\x00" * 5) + frame(0xEE, 0, 0, b"whatever")
     assert [(r.call_id, r.status) for r in c.receive(noise + ok_response(1))] == [(call, None)]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (frame(GOAWAY, 0, 0, b"\x00\x00"), "malformed frame"),
+    (frame(WINDOW_UPDATE, 0, 0, b"\x00"), "malformed frame"),
+    (frame(SETTINGS, 0, 0, b"\x00\x05\x00\x00"), "multiple of 6"),
+    (frame(SETTINGS, 0, 0, struct.pack(">HI", 5, 100)), "MAX_FRAME_SIZE"),
+    (frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 2**31)), "initial window"),
+])
+def test_malformed_control_frames_are_protocol_errors(bad, match):
+    c = connect()
+    c.start_call(b"a")
+    with pytest.raises(ProtocolError, match=match):
+        c.receive(bad)

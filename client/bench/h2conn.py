@@ -245,7 +245,10 @@ class H2Connection:
                 end = pos + 9 + (high << 16 | low)  # <= OUR_MAX_FRAME: 24 bits cannot say more
                 if end > n:
                     break
-                self._frame_in(kind, flags, sid & 0x7FFFFFFF, bytes(buf[pos + 9:end]), done)
+                try:
+                    self._frame_in(kind, flags, sid & 0x7FFFFFFF, bytes(buf[pos + 9:end]), done)
+                except (struct.error, IndexError):  # a control frame shorter than its fixed fields
+                    raise ProtocolError(f"malformed frame of type {kind}") from None
                 pos = end
         finally:
             del buf[:pos]
@@ -320,7 +323,9 @@ class H2Connection:
         return payload[1:len(payload) - payload[0]]
 
     def _settings_in(self, payload: bytes) -> None:
-        for at in range(0, len(payload) - 5, 6):
+        if len(payload) % 6:
+            raise ProtocolError(f"SETTINGS of {len(payload)} bytes, not a multiple of 6")
+        for at in range(0, len(payload), 6):
             key, value = struct.unpack(">HI", payload[at:at + 6])
             if key == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
@@ -330,6 +335,8 @@ class H2Connection:
                 for stream in self._streams.values():
                     stream.window += delta
             elif key == S_MAX_FRAME_SIZE:
+                if not 16384 <= value <= OUR_MAX_FRAME:
+                    raise ProtocolError(f"SETTINGS_MAX_FRAME_SIZE {value} outside 16384..2^24-1")
                 self._peer_max_frame = value
             elif key == S_MAX_CONCURRENT_STREAMS:
                 self._peer_max_streams = value
