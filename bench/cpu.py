@@ -49,8 +49,8 @@ def load_trtserve(url: str, level: int, duration: float, model: str = "m", engin
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "trtserve", "bench", "--url", url, "--model", model, "--concurrency",
-               str(level), "--duration", str(duration), "--warmup", str(warmup), "--engine", engine, "--transport", transport, "--json",
-               str(out), "--quiet"]
+               str(level), "--duration", str(duration), "--warmup", str(warmup), "--engine", engine,
+               "--transport", transport, "--json", str(out), "--quiet"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                               env=None if env is None else dict(env))
         if proc.returncode != 0 or not out.exists():

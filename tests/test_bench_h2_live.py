@@ -14,8 +14,9 @@ import pytest
 
 from tests import models
 from tests.test_security import needs_openssl, pki  # noqa: F401 - the certificate fixture
-from trtserve.client.bench.h2load import H2Load, h2_address
+from trtserve.client.bench.h2load import H2Load
 from trtserve.client.bench.h2sync import H2ThreadLoad
+from trtserve.client.bench.h2target import H2Target, h2_address
 from trtserve.client.bench.runner import BenchConfig, run
 from trtserve.client.cli import main as client_main
 from trtserve.protos import grpc_service_pb2 as pb
@@ -42,12 +43,12 @@ def _grpcio(url: str, payload: bytes, metadata=None, credentials=None):
 
 
 async def _h2_async(url: str, payloads: List[bytes], **kw):
-    async with H2Load(h2_address(url), payloads[0], 1, 10.0, **kw) as load:
+    async with H2Load(H2Target.from_url(url, **kw), payloads[0], 1, 10.0) as load:
         return await asyncio.gather(*(load.call(0, p) for p in payloads))
 
 
 def _h2_sync(url: str, payloads: List[bytes], **kw):
-    with H2ThreadLoad(h2_address(url), payloads[0], 1, 10.0, **kw) as load:
+    with H2ThreadLoad(H2Target.from_url(url, **kw), payloads[0], 1, 10.0) as load:
         return [load.call_result(0, p) for p in payloads]
 
 
@@ -170,12 +171,12 @@ def test_h2_deadline_resets_the_stream():
     srv = _SilentServer()
     try:
         async def go():
-            async with H2Load(h2_address(srv.url), b"x", 1, timeout_s=0.2) as load:
+            async with H2Load(H2Target.from_url(srv.url), b"x", 1, timeout_s=0.2) as load:
                 return await load.call(0)
 
         r = asyncio.run(go())
         assert r.status == "DEADLINE_EXCEEDED"
-        with H2ThreadLoad(h2_address(srv.url), b"x", 1, timeout_s=0.2) as tload:
+        with H2ThreadLoad(H2Target.from_url(srv.url), b"x", 1, timeout_s=0.2) as tload:
             assert tload.call(0) == "DEADLINE_EXCEEDED"
         # RST_STREAM(CANCEL) on stream 1 went out on both connections (read by the server's threads)
         reset = b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x08"
@@ -189,7 +190,7 @@ def test_h2_lost_connection_fails_the_call_unavailable_and_the_next_call_reconne
     srv = _SilentServer(close_after=60)  # the preface and settings arrive, then the connection drops
     try:
         async def go():
-            async with H2Load(h2_address(srv.url), b"x" * 100, 1, timeout_s=5.0) as load:
+            async with H2Load(H2Target.from_url(srv.url), b"x" * 100, 1, timeout_s=5.0) as load:
                 first = await load.call(0)
                 second = await load.call(0)
                 return first, second
@@ -197,7 +198,7 @@ def test_h2_lost_connection_fails_the_call_unavailable_and_the_next_call_reconne
         first, second = asyncio.run(go())
         assert first.status == "UNAVAILABLE" and "connection lost" in first.details
         assert second.status == "UNAVAILABLE" and srv.connections == 2  # a new connection was opened
-        with H2ThreadLoad(h2_address(srv.url), b"x" * 100, 1, timeout_s=5.0) as tload:
+        with H2ThreadLoad(H2Target.from_url(srv.url), b"x" * 100, 1, timeout_s=5.0) as tload:
             assert tload.call(0) == "UNAVAILABLE" and tload.call(0) == "UNAVAILABLE"
         assert srv.connections == 4
     finally:
@@ -210,7 +211,7 @@ def test_h2_nothing_listening_is_unavailable():
         port = s.getsockname()[1]  # closed again: nothing listens there
 
     async def go():
-        async with H2Load(("127.0.0.1", port), b"x", 1):
+        async with H2Load(H2Target("127.0.0.1", port), b"x", 1):
             pass
 
     from trtserve.client._errors import InferenceServerError
@@ -225,6 +226,10 @@ def test_h2_address_takes_one_host_port_only():
     assert h2_address("localhost:8001") == ("localhost", 8001)
     for url in ("127.0.0.1:1,127.0.0.2:1", "dns:///localhost:8001", "unix:/tmp/s", "nonsense"):
         assert h2_address(url) is None, url
+        with pytest.raises(ValueError, match="one HOST:PORT"):
+            H2Target.from_url(url)
+    assert H2Target.from_url("[::1]:8001").authority == "[::1]:8001"
+    assert H2Target.from_url("127.0.0.1:1", tls={"tls": True, "server_name": "svc"}).server_hostname == "svc"
 
 
 async def _bench(url: str, **kw):

@@ -14,71 +14,16 @@ errors instead of hiding them behind a retry.
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
-import tempfile
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional
 
-from trtserve.client._channel import parse_target
 from trtserve.client._errors import InferenceServerError
 from trtserve.client.bench.h2conn import CallResult, H2Connection, ProtocolError
-from trtserve.client.bench.load import MODEL_INFER
+from trtserve.client.bench.h2target import H2Target
 
-__all__ = ["H2Load", "h2_address", "tls_context", "tls_options"]
+__all__ = ["H2Load"]
 
 _CONNECT_TIMEOUT_S = 30.0
-
-
-def h2_address(url: str) -> Optional[Tuple[str, int]]:
-    """(host, port) when ``url`` is one HOST:PORT this engine can dial; None for gRPC-only targets
-    (several addresses, ``dns:///``, ``unix:``), which stay on grpcio's resolver and balancer."""
-    try:
-        target, round_robin = parse_target(url)
-    except ValueError:
-        return None
-    if round_robin or target.startswith(("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")):
-        return None
-    host, _, port = target.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def _pem_text(value: Union[bytes, str]) -> str:
-    if isinstance(value, bytes):
-        return value.decode("ascii")
-    with open(value) as f:
-        return f.read()
-
-
-def tls_context(root_cert: Optional[Union[bytes, str]] = None, client_cert: Optional[Union[bytes, str]] = None,
-                client_key: Optional[Union[bytes, str]] = None) -> ssl.SSLContext:
-    """A client TLS context offering only HTTP/2 (ALPN h2), as gRPC requires; the same arguments as
-    the clients' TLS options (PEM bytes or file paths; no root cert: the system's)."""
-    if (client_cert is None) != (client_key is None):
-        raise ValueError("client_cert and client_key go together (mutual TLS needs both)")
-    ctx = ssl.create_default_context(cadata=_pem_text(root_cert) if root_cert is not None else None)
-    if client_cert is not None and client_key is not None:
-        if isinstance(client_cert, str) and isinstance(client_key, str):
-            ctx.load_cert_chain(client_cert, client_key)
-        else:  # ssl loads a chain from files only
-            with tempfile.TemporaryDirectory() as tmp:
-                paths = []
-                for name, value in (("cert.pem", client_cert), ("key.pem", client_key)):
-                    path = os.path.join(tmp, name)
-                    with open(path, "w") as f:
-                        f.write(_pem_text(value))
-                    paths.append(path)
-                ctx.load_cert_chain(paths[0], paths[1])
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
-
-
-def tls_options(tls: Optional[Mapping[str, object]]) -> Tuple[Optional[ssl.SSLContext], Optional[str]]:
-    """(TLS context or None, server name override) from make_spec's TLS keyword arguments
-    (``tls=True``, ``root_cert``, ``client_cert``, ``client_key``, ``server_name``)."""
-    options = dict(tls or {})
-    server_name = options.pop("server_name", None)
-    wants_tls = bool(options.pop("tls", None)) or any(v is not None for v in options.values())
-    return (tls_context(**options) if wants_tls else None), server_name  # type: ignore[arg-type]
 
 
 class _Connection(asyncio.Protocol):
@@ -146,14 +91,11 @@ class _Connection(asyncio.Protocol):
 class H2Load:
     """``channels`` HTTP/2 connections for one benchmark run; ``async with H2Load(...)``."""
 
-    def __init__(self, address: Tuple[str, int], payload: bytes, channels: int, timeout_s: Optional[float] = None,
-                 metadata: Sequence[Tuple[str, str]] = (), tls: Optional[Mapping[str, object]] = None) -> None:
-        self._host, self._port = address
+    def __init__(self, target: H2Target, payload: bytes, channels: int, timeout_s: Optional[float] = None) -> None:
+        self._target = target
         self._payload = payload
         self._n = max(1, channels)
         self._timeout_s = timeout_s
-        self._metadata = tuple(metadata)
-        self._ssl, self._server_name = tls_options(tls)
         self._conns: List[Optional[_Connection]] = [None] * self._n
         self._connecting: Dict[int, asyncio.Future] = {}
 
@@ -183,26 +125,22 @@ class H2Load:
         loop = asyncio.get_running_loop()
         pending = loop.create_future()
         self._connecting[i] = pending
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        authority = self._server_name or f"{host}:{self._port}"
-        scheme = "https" if self._ssl is not None else "http"
+        t = self._target
         try:
-            state = H2Connection(authority, MODEL_INFER, scheme, self._metadata)
             _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: _Connection(state), self._host, self._port, ssl=self._ssl,
-                server_hostname=(self._server_name or self._host) if self._ssl is not None else None),
+                lambda: _Connection(t.new_state()), t.host, t.port, ssl=t.ssl, server_hostname=t.server_hostname),
                 _CONNECT_TIMEOUT_S)
-            if self._ssl is not None:
+            if t.ssl is not None:
                 alpn = conn.transport.get_extra_info("ssl_object").selected_alpn_protocol()
                 if alpn != "h2":
                     conn.transport.close()
-                    raise InferenceServerError("UNAVAILABLE", f"{authority} did not agree to HTTP/2 over TLS "
+                    raise InferenceServerError("UNAVAILABLE", f"{t.authority} did not agree to HTTP/2 over TLS "
                                                               f"(ALPN {alpn!r})")
             self._conns[i] = conn
             pending.set_result(conn)
             return conn
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
-            err = InferenceServerError("UNAVAILABLE", f"could not connect to {authority}: {e or type(e).__name__}")
+            err = InferenceServerError("UNAVAILABLE", f"could not connect to {t.authority}: {e or type(e).__name__}")
             pending.set_exception(err)
             pending.exception()  # retrieved: waiters get it through shield, nobody else must see it unhandled
             raise err from None

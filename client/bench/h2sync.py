@@ -11,11 +11,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import List, Optional
 
 from trtserve.client.bench.h2conn import CallResult, H2Connection, ProtocolError
-from trtserve.client.bench.h2load import tls_options
-from trtserve.client.bench.load import MODEL_INFER
+from trtserve.client.bench.h2target import H2Target
 
 __all__ = ["H2ThreadLoad"]
 
@@ -92,14 +91,11 @@ class H2ThreadLoad:
     """Blocking HTTP/2 calls for the threads engine; ``with H2ThreadLoad(...)``. One connection per
     calling thread, opened on its first call (``channels`` is only what the engine spreads over)."""
 
-    def __init__(self, address: Tuple[str, int], payload: bytes, channels: int, timeout_s: Optional[float] = None,
-                 metadata: Sequence[Tuple[str, str]] = (), tls: Optional[Mapping[str, object]] = None) -> None:
-        self._host, self._port = address
+    def __init__(self, target: H2Target, payload: bytes, channels: int, timeout_s: Optional[float] = None) -> None:
+        self._target = target
         self._payload = payload
         self._n = max(1, channels)
         self._timeout_s = timeout_s
-        self._metadata = tuple(metadata)
-        self._ssl, self._server_name = tls_options(tls)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: List[_BlockingConnection] = []
@@ -126,19 +122,16 @@ class H2ThreadLoad:
             conn.close()  # GOAWAY or broken: done with it
             with self._lock:
                 self._all.remove(conn)
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        authority = self._server_name or f"{host}:{self._port}"
-        sock = socket.create_connection((self._host, self._port), timeout=30.0)
+        t = self._target
+        sock = socket.create_connection((t.host, t.port), timeout=30.0)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            scheme = "http"
-            if self._ssl is not None:
-                sock = self._ssl.wrap_socket(sock, server_hostname=self._server_name or self._host)
+            if t.ssl is not None:
+                sock = t.ssl.wrap_socket(sock, server_hostname=t.server_hostname)
                 if sock.selected_alpn_protocol() != "h2":
-                    raise ConnectionError(f"{authority} did not agree to HTTP/2 over TLS")
-                scheme = "https"
+                    raise ConnectionError(f"{t.authority} did not agree to HTTP/2 over TLS")
             sock.settimeout(None)
-            conn = _BlockingConnection(sock, H2Connection(authority, MODEL_INFER, scheme, self._metadata))
+            conn = _BlockingConnection(sock, t.new_state())
         except BaseException:
             sock.close()
             raise
@@ -152,7 +145,7 @@ class H2ThreadLoad:
         try:
             conn = self._connection()
         except OSError as e:
-            return CallResult(-1, "UNAVAILABLE", f"could not connect to {self._host}:{self._port}: {e}")
+            return CallResult(-1, "UNAVAILABLE", f"could not connect to {self._target.authority}: {e}")
         return conn.call(self._payload if message is None else message, self._timeout_s)
 
     def call(self, index: int) -> Optional[str]:

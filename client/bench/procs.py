@@ -31,14 +31,14 @@ def split(total: float, parts: int, integer: bool) -> List[float]:
 async def _worker_main(conn, spec_kwargs: Mapping[str, object], payload: bytes, channels: int,
                        timeout_s: Optional[float], transport: str = "grpcio") -> None:
     from trtserve.client._channel import make_spec
-    from trtserve.client.bench.h2load import H2Load, h2_address
+    from trtserve.client.bench.h2load import H2Load
+    from trtserve.client.bench.h2target import H2Target
 
     loop = asyncio.get_running_loop()
     spec = make_spec(**dict(spec_kwargs))
-    address = h2_address(str(spec_kwargs["url"]))
-    if transport == "h2" and address is not None:
+    if transport == "h2":
         tls = {k: v for k, v in spec_kwargs.items() if k not in ("url", "headers", "retries")}
-        load = H2Load(address, payload, channels, timeout_s, spec.metadata, tls)
+        load = H2Load(H2Target.from_url(str(spec_kwargs["url"]), spec.metadata, tls), payload, channels, timeout_s)
     else:
         load = Load(spec, payload, channels, timeout_s)
     async with load:

@@ -21,8 +21,9 @@ from trtserve.client._channel import make_spec
 from trtserve.client._errors import InferenceServerError
 from trtserve.client.aio import AsyncInferenceClient
 from trtserve.client.bench import inputs as bench_inputs
-from trtserve.client.bench.h2load import H2Load, h2_address
+from trtserve.client.bench.h2load import H2Load
 from trtserve.client.bench.h2sync import H2ThreadLoad
+from trtserve.client.bench.h2target import H2Target, h2_address
 from trtserve.client.bench.load import LevelRecords, Load, run_closed, run_open
 from trtserve.client.bench.threaded import ThreadLoad, run_closed_threaded, run_open_threaded
 from trtserve.client.bench.stats import LevelStats, server_view, summarize
@@ -313,7 +314,7 @@ async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, l
     transport = resolve_transport(config, mode)
     result = BenchResult(config, spec.target, prep.batch, [(s.name, s.datatype, s.shape) for s in prep.specs],
                          channels, transport=transport)
-    address = h2_address(config.url)
+    target = H2Target.from_url(config.url, spec.metadata, config.tls) if transport == "h2" else None
     try:
         keeps_stats = "statistics" in (await client.server_metadata(timeout=10)).extensions
     except InferenceServerError:
@@ -349,8 +350,7 @@ async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, l
                 if engine == "asyncio":
                     if "asyncio" not in loads:
                         loads["asyncio"] = await stack.enter_async_context(
-                            H2Load(address, payload, channels, config.timeout_s, spec.metadata, config.tls)
-                            if transport == "h2" and address is not None
+                            H2Load(target, payload, channels, config.timeout_s) if target is not None
                             else Load(spec, payload, channels, config.timeout_s))
                         start_at = max(start_at, loop.time() + lead_s)
                     load = loads["asyncio"]
@@ -359,8 +359,7 @@ async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, l
                     return await run_open(load, level, w, d, config.seed, progress=update,  # type: ignore[arg-type]
                                           start_at=start_at)
                 if "threads" not in loads:
-                    tload = (H2ThreadLoad(address, payload, channels, config.timeout_s, spec.metadata, config.tls)
-                             if transport == "h2" and address is not None
+                    tload = (H2ThreadLoad(target, payload, channels, config.timeout_s) if target is not None
                              else ThreadLoad(spec, payload, channels, config.timeout_s))
                     await loop.run_in_executor(None, tload.__enter__)
                     stack.callback(tload.__exit__)
