@@ -1,4 +1,4 @@
-"""``--engine h2``: the load generator's calls over its own HTTP/2 connections (h2conn.py) on asyncio.
+"""``--transport h2`` on asyncio: the load generator's calls over its own HTTP/2 connections (h2conn.py).
 
 Same interface as load.py's ``Load`` (``channels``, ``send(index)``), so run_closed and run_open
 drive either. Each connection is an ``asyncio.Protocol``: received bytes go straight into the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from trtserve.client._errors import InferenceServerError
 from trtserve.client.bench.h2conn import CallResult, H2Connection, ProtocolError
@@ -71,21 +71,19 @@ class _Connection(asyncio.Protocol):
     def usable(self) -> bool:
         return not self.lost and self.state.closed is None
 
-    def call(self, message: bytes, timeout_s: Optional[float]) -> "asyncio.Future[CallResult]":
+    def call(self, message: bytes, timeout_s: Optional[float]) -> Tuple[int, "asyncio.Future[CallResult]"]:
         call_id = self.state.start_call(message, timeout_s)
         fut = asyncio.get_running_loop().create_future()
         self.waiters[call_id] = fut
         self.flush()
-        return fut
+        return call_id, fut
 
-    def expire(self, fut: asyncio.Future) -> None:
+    def expire(self, call_id: int) -> None:
         """The deadline passed: reset the stream and answer DEADLINE_EXCEEDED (as grpcio does)."""
-        for call_id, waiting in list(self.waiters.items()):
-            if waiting is fut:
-                result = self.state.cancel(call_id, "DEADLINE_EXCEEDED", "deadline exceeded")
-                self.flush()
-                self._resolve([result] if result is not None else [])
-                return
+        result = self.state.cancel(call_id, "DEADLINE_EXCEEDED", "deadline exceeded")
+        if result is not None:  # None: it finished in the meantime
+            self.flush()
+            self._resolve([result])
 
 
 class H2Load:
@@ -166,12 +164,12 @@ class H2Load:
             except InferenceServerError as e:
                 return CallResult(-1, e.status, e.message)
         try:
-            fut = conn.call(self._payload if message is None else message, self._timeout_s)
+            call_id, fut = conn.call(self._payload if message is None else message, self._timeout_s)
         except ProtocolError as e:  # it broke while we connected: the call never went out
             return CallResult(-1, "UNAVAILABLE", str(e))
         if self._timeout_s is None:
             return await fut
-        timer = asyncio.get_running_loop().call_later(self._timeout_s, conn.expire, fut)
+        timer = asyncio.get_running_loop().call_later(self._timeout_s, conn.expire, call_id)
         try:
             return await fut
         finally:
