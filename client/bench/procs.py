@@ -1,7 +1,8 @@
 """The load spread over several generator processes (``trtserve bench --processes N``).
 
-One Python process drives about 10,000 requests/s (see ceiling.py); a server that answers faster
-needs more. Each worker process opens its own channels once, then runs every level with its share
+One Python process drives about 19,000 requests/s on h2, 10,000-15,000 on grpcio (ceiling.py, 16-core
+host, docs/client.md); a server that answers faster needs more. Each worker process opens its own
+channels once, then runs every level with its share
 (concurrency N split as evenly as possible, or rate R/N with its own Poisson seed: independent
 Poisson streams add up to one at rate R). The parent picks a start time on the shared monotonic
 clock, so every worker's window is the same interval and their records simply concatenate.
