@@ -239,10 +239,10 @@ def add_bench_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
                    help="bytes per output region when the output shape has -1 dims (default %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds (default %(default)s)")
     p.add_argument("--inflight-per-channel", type=int, default=200,
-                   help="requests in flight per gRPC channel (default %(default)s)")
+                   help="requests in flight per channel, i.e. HTTP/2 connection (default %(default)s)")
     p.add_argument("--engine", default="auto", choices=["auto", "asyncio", "threads"],
                    help="auto (default): threads for closed-loop levels of <= 4 in flight, asyncio above; asyncio: "
-                        "grpc.aio, one event loop; threads: one thread per request in flight making blocking calls, "
+                        "one event loop; threads: one thread per request in flight making blocking calls, "
                         "as perf_analyzer's sync mode (lower latency for a lone request, fewer requests/s with many "
                         "in flight)")
     p.add_argument("--transport", default="auto", choices=["auto", "h2", "grpcio"],

@@ -50,8 +50,8 @@ class BenchConfig:
     processes: int = 1  # generator processes (asyncio engine in each); more when one process is the limit
     shared_memory: str = "none"  # none | system | cuda: tensors in regions registered once (client/shm.py)
     output_shared_memory_size: int = 102400  # bytes per output region when its shape has -1 (perf_analyzer's)
-    # auto (default): the blocking stub for closed-loop levels of <= AUTO_THREADS_MAX in flight, grpc.aio above;
-    # asyncio: grpc.aio throughout; threads: the blocking stub throughout (see bench/threaded.py)
+    # auto (default): blocking calls for closed-loop levels of <= AUTO_THREADS_MAX in flight, the event loop
+    # above; asyncio: one event loop throughout; threads: blocking calls throughout (see bench/threaded.py)
     engine: str = "auto"
     # auto (default): h2 when the URL is one HOST:PORT, else grpcio; h2: our own HTTP/2 client
     # (h2conn.py, ~1/4 of grpcio's CPU per call); grpcio: gRPC's Python client (resolver, balancing)
