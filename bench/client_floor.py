@@ -24,7 +24,7 @@ from bench.cpu import load_perf_analyzer, load_trtserve, perf_analyzer_path
 
 VARIANTS = ("", "-event_engine_client")  # GRPC_EXPERIMENTS values; "" = gRPC's defaults
 
-_LOOP = r"""
+_LOOP_TEMPLATE = r"""
 import json, resource, sys, time
 import grpc
 import numpy as np
@@ -34,8 +34,7 @@ req = pb.ModelInferRequest(model_name=model)
 req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
 req.raw_input_contents.append(np.zeros((1, 64), np.float32).tobytes())
 payload = req.SerializeToString()
-call = grpc.insecure_channel(url).unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                              request_serializer=None, response_deserializer=None)
+__CALL__
 for _ in range(300):
     call(payload)
 lat = []
@@ -50,15 +49,27 @@ print(json.dumps({"rps": n / dt, "p50_ms": float(np.median(lat)) * 1e3, "cpu_us"
                   "ctx_switches": (r1.ru_nvcsw - r0.ru_nvcsw) / n}))
 """
 
+# how the loop makes its call: grpcio's blocking stub, or the generator's own HTTP/2 client (--transport h2)
+_GRPC_CALL = """call = grpc.insecure_channel(url).unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                              request_serializer=None, response_deserializer=None)"""
+_H2_CALL = """from trtserve.client.bench.h2sync import H2ThreadLoad
+from trtserve.client.bench.h2target import H2Target
+load = H2ThreadLoad(H2Target.from_url(url), payload, 1).__enter__()
+def call(p):
+    assert load.call(0) is None"""
+_LOOP = _LOOP_TEMPLATE.replace("__CALL__", _GRPC_CALL)
+_H2_LOOP = _LOOP_TEMPLATE.replace("__CALL__", _H2_CALL)
+
 
 def _env(experiments: str) -> Dict[str, str]:
     """Set even when empty ("": gRPC's defaults), so ``trtserve bench`` leaves it as given."""
     return dict(os.environ, GRPC_EXPERIMENTS=experiments)
 
 
-def bare_loop(url: str, model: str, seconds: float, experiments: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _LOOP, url, model, str(seconds)], capture_output=True, text=True,
-                         env=_env(experiments), timeout=120, check=True)
+def bare_loop(url: str, model: str, seconds: float, experiments: str, h2: bool = False) -> dict:
+    """A bare blocking loop in a child process: grpcio's stub, or (``h2``) the generator's own HTTP/2 client."""
+    out = subprocess.run([sys.executable, "-c", _H2_LOOP if h2 else _LOOP, url, model, str(seconds)],
+                         capture_output=True, text=True, env=_env(experiments), timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -86,7 +97,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   transport="grpcio")
                 if b:
                     rows.append(("bench grpcio", exp or "default", b["rps"], b["p50_ms"], None, None))
-            for engine in ("threads", "asyncio"):  # our own HTTP/2 client: gRPC's settings do not apply
+            r = bare_loop(url, a.model, a.duration, "", h2=True)  # our own HTTP/2: gRPC's settings do not apply
+            rows.append(("bare h2 loop", "-", r["rps"], r["p50_ms"], r["cpu_us"], r["ctx_switches"]))
+            for engine in ("threads", "asyncio"):
                 b = load_trtserve(url, 1, a.duration, a.model, engine=engine, warmup_s=1.0, transport="h2")
                 if b:
                     rows.append((f"bench h2 {engine}", "-", b["rps"], b["p50_ms"], None, None))

@@ -241,7 +241,7 @@ class H2Connection:
         return len(self._streams) + len(self._waiting)
 
     # ---------------------------------------------------------------- receiving
-    def receive(self, data: bytes) -> List[CallResult]:
+    def receive(self, data: "bytes | memoryview") -> List[CallResult]:
         """Consumes received bytes; returns the calls they finished. Raises ProtocolError when the
         peer broke the protocol (after which ``fail_all`` gives every unfinished call its answer)."""
         buf = self._buf
