@@ -321,3 +321,24 @@ def test_malformed_control_frames_are_protocol_errors(bad, match):
     c.start_call(b"a")
     with pytest.raises(ProtocolError, match=match):
         c.receive(bad)
+
+
+def test_goaway_also_fails_calls_still_waiting_for_a_stream_and_opens_none():
+    c = connect(struct.pack(">HI", 3, 1))  # one stream at a time
+    served, waiting = c.start_call(b"a"), c.start_call(b"b")
+    c.data_to_send()
+    [r] = c.receive(frame(GOAWAY, 0, 0, struct.pack(">II", 1, 0)))
+    assert (r.call_id, r.status) == (waiting, "UNAVAILABLE")
+    assert [(x.call_id, x.status) for x in c.receive(ok_response(1))] == [(served, None)]
+    assert [f for f in parse(c.data_to_send()) if f[0] in (HEADERS, DATA)] == []  # no stream 3
+    assert c.active == 0
+
+
+def test_stream_ids_running_out_close_the_connection_for_new_calls():
+    c = connect()
+    c._next_sid = h2conn.MAX_STREAM_ID  # the last stream id a client may use
+    last = c.start_call(b"a")
+    assert {f[2] for f in parse(c.data_to_send())} == {h2conn.MAX_STREAM_ID}
+    with pytest.raises(ProtocolError, match="stream ids exhausted"):
+        c.start_call(b"b")
+    assert [r.call_id for r in c.receive(ok_response(h2conn.MAX_STREAM_ID))] == [last]

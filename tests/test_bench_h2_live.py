@@ -267,3 +267,25 @@ def test_bench_cli_refuses_h2_it_cannot_honour(example_server, tmp_path, capsys)
     code = client_main(["bench", "--url", example_server.url, "-m", "mlp", "--transport", "h2", "--engine",
                         "threads", "--request-rate", "10"])
     assert code == 2 and "open loop on the asyncio engine only" in capsys.readouterr().err
+
+
+def test_h2_spent_stream_ids_move_the_next_call_to_a_new_connection(example_server):
+    """A connection that takes no new call (stream ids spent, GOAWAY) costs no request: the call never
+    went out, so the driver opens a new connection and sends it there."""
+    from trtserve.client.bench.h2conn import MAX_STREAM_ID
+
+    payload = _mlp_request()
+
+    async def go():
+        async with H2Load(H2Target.from_url(example_server.url), payload, 1, 10.0) as load:
+            first = load._conns[0]
+            first.state._next_sid = MAX_STREAM_ID
+            results = [await load.call(0) for _ in range(3)]
+            return results, load._conns[0] is not first
+
+    results, replaced = asyncio.run(go())
+    assert [r.status for r in results] == [None, None, None] and replaced
+    with H2ThreadLoad(H2Target.from_url(example_server.url), payload, 1, 10.0) as tload:
+        tload._local.conn.state._next_sid = MAX_STREAM_ID
+        assert [tload.call(0) for _ in range(3)] == [None, None, None]
+        assert len(tload._all) == 1  # the spent connection was closed and dropped

@@ -140,6 +140,8 @@ class H2Connection:
     def start_call(self, message: bytes, timeout_s: Optional[float] = None,
                    metadata: Sequence[Tuple[str, str]] = ()) -> int:
         """Queues one unary call with a serialized request; returns its call id."""
+        if self.closed is None and self._next_sid + 2 * len(self._waiting) > MAX_STREAM_ID:
+            self.closed = "stream ids exhausted: a new connection takes the next call"
         if self.closed is not None:
             raise ProtocolError(self.closed)
         call_id = self._next_call
@@ -160,13 +162,9 @@ class H2Connection:
         return call_id
 
     def _open_waiting(self) -> None:
-        while self._waiting and len(self._streams) < self._peer_max_streams:
+        while self._waiting and len(self._streams) < self._peer_max_streams and self.closed is None:
             call_id, body, headers = self._waiting.popleft()
-            if self._next_sid > MAX_STREAM_ID:
-                self.closed = "stream ids exhausted"
-                self._waiting.appendleft((call_id, body, headers))
-                return
-            sid = self._next_sid
+            sid = self._next_sid  # start_call saw to it that every waiting call has one left
             self._next_sid += 2
             stream = _Stream(sid, memoryview(body), self._peer_initial_window, headers)
             self._streams[sid] = stream
@@ -314,6 +312,8 @@ class H2Connection:
             self.closed = f"the server is going away (GOAWAY, HTTP/2 error {code})"
             for stream_id in [s for s in self._streams if s > last_sid]:  # never processed by the server
                 done.append(CallResult(self._finish(stream_id), "UNAVAILABLE", self.closed))
+            done.extend(CallResult(cid, "UNAVAILABLE", self.closed) for cid, _, _ in self._waiting)  # never sent
+            self._waiting.clear()
         elif kind == WINDOW_UPDATE:
             increment = struct.unpack(">I", payload[:4])[0] & 0x7FFFFFFF
             if sid == 0:

@@ -157,16 +157,19 @@ class H2Load:
     async def call(self, index: int, message: Optional[bytes] = None) -> CallResult:
         """One ModelInfer with ``message`` (default: the benchmark's payload); the whole result."""
         i = index % self._n
-        conn = self._conns[i]
-        if conn is None or not conn.usable():
+        for attempt in range(2):
+            conn = self._conns[i]
+            if conn is None or not conn.usable():
+                try:
+                    conn = await self._connect(i)
+                except InferenceServerError as e:
+                    return CallResult(-1, e.status, e.message)
             try:
-                conn = await self._connect(i)
-            except InferenceServerError as e:
-                return CallResult(-1, e.status, e.message)
-        try:
-            call_id, fut = conn.call(self._payload if message is None else message, self._timeout_s)
-        except ProtocolError as e:  # it broke while we connected: the call never went out
-            return CallResult(-1, "UNAVAILABLE", str(e))
+                call_id, fut = conn.call(self._payload if message is None else message, self._timeout_s)
+                break
+            except ProtocolError as e:  # closed (GOAWAY, stream ids spent, lost while connecting) before
+                if attempt:  # the call went out: once more on a new connection, then it is UNAVAILABLE
+                    return CallResult(-1, "UNAVAILABLE", str(e))
         if self._timeout_s is None:
             return await fut
         timer = asyncio.get_running_loop().call_later(self._timeout_s, conn.expire, call_id)

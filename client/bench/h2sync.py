@@ -35,11 +35,9 @@ class _BlockingConnection:
         sock.sendall(state.data_to_send())
 
     def call(self, message: bytes, timeout_s: Optional[float]) -> CallResult:
+        """One call to its answer; ProtocolError when the connection takes no new call (it never went out)."""
         state = self.state
-        try:
-            call_id = state.start_call(message, timeout_s)
-        except ProtocolError as e:  # GOAWAY or a failure since the last call: this one never went out
-            return CallResult(-1, "UNAVAILABLE", str(e))
+        call_id = state.start_call(message, timeout_s)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             self.sock.sendall(state.data_to_send())
@@ -146,11 +144,17 @@ class H2ThreadLoad:
 
     def call_result(self, index: int = 0, message: Optional[bytes] = None) -> CallResult:
         """One blocking ModelInfer on this thread's connection; the whole result."""
-        try:
-            conn = self._connection()
-        except OSError as e:
-            return CallResult(-1, "UNAVAILABLE", f"could not connect to {self._target.authority}: {e}")
-        return conn.call(self._payload if message is None else message, self._timeout_s)
+        for attempt in range(2):
+            try:
+                conn = self._connection()
+            except OSError as e:
+                return CallResult(-1, "UNAVAILABLE", f"could not connect to {self._target.authority}: {e}")
+            try:
+                return conn.call(self._payload if message is None else message, self._timeout_s)
+            except ProtocolError as e:  # closed before the call went out (GOAWAY, stream ids spent):
+                if attempt:  # once more on a new connection, then it is UNAVAILABLE
+                    return CallResult(-1, "UNAVAILABLE", str(e))
+        raise AssertionError("unreachable")
 
     def call(self, index: int) -> Optional[str]:
         """One blocking ModelInfer; None on success, else the status name (ThreadLoad's interface)."""
