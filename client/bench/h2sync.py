@@ -123,7 +123,8 @@ class H2ThreadLoad:
                 return conn
             conn.close()  # GOAWAY or broken: done with it
             with self._lock:
-                self._all.remove(conn)
+                if conn in self._all:  # (__exit__ may have closed them all meanwhile)
+                    self._all.remove(conn)
         t = self._target
         sock = socket.create_connection((t.host, t.port), timeout=30.0)
         try:
