@@ -24,7 +24,8 @@ The rules, in order:
    the instance's own thread, so the device does not sit idle while the event loop hands results
    back and forms the next batch (measured on an H100, heavy MLP at batch 1024: 2.70 M rows/s through
    the backend on one instance, 1.04 M through the batcher, ~0.6 ms per batch). Only complete batches
-   queue: a partial one could still grow while it waits, and waiting on the queue is how it grows; a complete one cannot, so queueing it early costs nothing.
+   queue: a partial one could still grow while it waits, and waiting on the queue is how it grows; a
+   complete one cannot, so queueing it early costs nothing.
 """
 from __future__ import annotations
 
