@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote
 
+import grpc
+
 from trtserve.client.bench.hpack import Decoder, HpackError, encode_block, encode_literal
 
 __all__ = ["CallResult", "H2Connection", "ProtocolError", "grpc_timeout"]
@@ -42,9 +44,7 @@ _REPLENISH_AT = 2**30  # connection window consumed before we reopen it
 _RST_STATUS = {7: "UNAVAILABLE", 8: "CANCELLED", 11: "RESOURCE_EXHAUSTED", 12: "PERMISSION_DENIED"}
 _HTTP_STATUS = {400: "INTERNAL", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "UNIMPLEMENTED",
                 429: "UNAVAILABLE", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "UNAVAILABLE"}
-STATUS_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-                "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-                "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+STATUS_NAMES: Dict[int, str] = {code.value[0]: code.name for code in grpc.StatusCode}  # 3 -> "INVALID_ARGUMENT"
 
 
 class ProtocolError(Exception):
@@ -100,8 +100,7 @@ def _status_from_trailers(stream: _Stream) -> Tuple[Optional[str], str]:
     if stream.grpc_status == "0":
         return None, ""
     code = int(stream.grpc_status) if stream.grpc_status.isdigit() else -1
-    name = STATUS_NAMES[code] if 0 <= code < len(STATUS_NAMES) else "UNKNOWN"
-    return name, stream.details
+    return STATUS_NAMES.get(code, "UNKNOWN"), stream.details
 
 
 class H2Connection:

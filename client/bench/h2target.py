@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
-from trtserve.client._channel import parse_target
+from trtserve.client._channel import _SCHEMES, _pem, parse_target
 from trtserve.client.bench.h2conn import H2Connection
 from trtserve.client.bench.load import MODEL_INFER
 
@@ -25,17 +25,10 @@ def h2_address(url: str) -> Optional[Tuple[str, int]]:
         target, round_robin = parse_target(url)
     except ValueError:
         return None
-    if round_robin or target.startswith(("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")):
+    if round_robin or target.startswith(_SCHEMES):
         return None
     host, _, port = target.rpartition(":")
     return host.strip("[]"), int(port)
-
-
-def _pem_text(value: Union[bytes, str]) -> str:
-    if isinstance(value, bytes):
-        return value.decode("ascii")
-    with open(value) as f:
-        return f.read()
 
 
 def tls_context(root_cert: Optional[Union[bytes, str]] = None, client_cert: Optional[Union[bytes, str]] = None,
@@ -44,7 +37,7 @@ def tls_context(root_cert: Optional[Union[bytes, str]] = None, client_cert: Opti
     the clients' TLS options (PEM bytes or file paths; no root cert: the system's)."""
     if (client_cert is None) != (client_key is None):
         raise ValueError("client_cert and client_key go together (mutual TLS needs both)")
-    ctx = ssl.create_default_context(cadata=_pem_text(root_cert) if root_cert is not None else None)
+    ctx = ssl.create_default_context(cadata=_pem(root_cert).decode("ascii") if root_cert is not None else None)
     if client_cert is not None and client_key is not None:
         if isinstance(client_cert, str) and isinstance(client_key, str):
             ctx.load_cert_chain(client_cert, client_key)
@@ -53,8 +46,8 @@ def tls_context(root_cert: Optional[Union[bytes, str]] = None, client_cert: Opti
                 paths = []
                 for name, value in (("cert.pem", client_cert), ("key.pem", client_key)):
                     path = os.path.join(tmp, name)
-                    with open(path, "w") as f:
-                        f.write(_pem_text(value))
+                    with open(path, "wb") as f:
+                        f.write(_pem(value))
                     paths.append(path)
                 ctx.load_cert_chain(paths[0], paths[1])
     ctx.set_alpn_protocols(["h2"])
