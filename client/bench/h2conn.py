@@ -86,9 +86,12 @@ def grpc_timeout(seconds: float) -> str:
 _FRAME_HEADER = struct.Struct(">BHBBI")  # 24-bit length as 8 + 16 bits, type, flags, stream id
 
 
+def _frame_header(kind: int, flags: int, sid: int, length: int) -> bytes:
+    return _FRAME_HEADER.pack(length >> 16, length & 0xFFFF, kind, flags, sid)
+
+
 def _frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _FRAME_HEADER.pack(n >> 16, n & 0xFFFF, kind, flags, sid) + payload
+    return _frame_header(kind, flags, sid, len(payload)) + payload
 
 
 def _status_from_trailers(stream: _Stream) -> Tuple[Optional[str], str]:
@@ -194,8 +197,7 @@ class H2Connection:
                     self._blocked.append(stream.sid)
                 return False
             # header and a view of the body: the bytes are copied once, when data_to_send joins them
-            self._out.append(_FRAME_HEADER.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if n == len(body) else 0,
-                                                stream.sid))
+            self._out.append(_frame_header(DATA, END_STREAM if n == len(body) else 0, stream.sid, n))
             self._out.append(body[:n])
             self._send_window -= n
             stream.window -= n

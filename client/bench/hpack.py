@@ -13,7 +13,7 @@ from typing import Deque, Dict, Iterable, List, Tuple
 
 from trtserve.client.bench._huffman import CODES
 
-__all__ = ["Decoder", "HpackError", "encode_literal", "huffman_decode"]
+__all__ = ["Decoder", "HpackError", "encode_block", "encode_int", "encode_literal", "huffman_decode"]
 
 Header = Tuple[str, str]
 

@@ -258,19 +258,21 @@ async def run(config: BenchConfig, progress: Optional[Progress] = None) -> Bench
         raise ValueError(f"duration must be > 0 and warmup >= 0, got {config.duration_s} and {config.warmup_s}")
     if config.shared_memory not in ("none", "system", "cuda"):
         raise ValueError(f"shared memory must be none, system or cuda, got {config.shared_memory!r}")
-    resolve_transport(config, mode)
+    transport = resolve_transport(config, mode)  # before connecting: a refused --transport h2 fails fast
     async with AsyncInferenceClient(config.url, headers=config.headers, **dict(config.tls)) as client:
         prep = await _prepare(client, config)
         version = config.version or None
         if config.shared_memory == "none":
             request = _codec.build_infer_request(config.model, prep.data, version=version, datatypes=prep.types)
-            return await _sweep(config, progress, mode, levels, prep, request.SerializeToString(), client)
+            return await _sweep(config, progress, mode, transport, levels, prep, request.SerializeToString(),
+                                client)
         from trtserve.client import shm  # inputs written once into registered regions, outputs land in others
 
         async with shm.registered_request(client, config.model, prep.data, prep.output_sizes,
                                           kind=config.shared_memory, datatypes=prep.types,
                                           version=version) as request:
-            return await _sweep(config, progress, mode, levels, prep, request.SerializeToString(), client)
+            return await _sweep(config, progress, mode, transport, levels, prep, request.SerializeToString(),
+                                client)
 
 
 async def _server_window(client: AsyncInferenceClient, config: BenchConfig, start: float,
@@ -300,7 +302,7 @@ async def _server_window(client: AsyncInferenceClient, config: BenchConfig, star
     return server_view(before, after)
 
 
-async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, levels: List[float],
+async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, transport: str, levels: List[float],
                  prep: _Prepared, payload: bytes, client: AsyncInferenceClient) -> BenchResult:
     """Every level in order on one set of channels, each call sending ``payload``; the server's
     statistics for the same window are read beside the load when it keeps them."""
@@ -311,7 +313,6 @@ async def _sweep(config: BenchConfig, progress: Optional[Progress], mode: str, l
     else:  # Little's law with a 50 ms latency budget; more channels than needed cost little
         peak_inflight = max(levels) * 0.05
     channels = max(1, math.ceil(peak_inflight / max(1, config.inflight_per_channel)))
-    transport = resolve_transport(config, mode)
     result = BenchResult(config, spec.target, prep.batch, [(s.name, s.datatype, s.shape) for s in prep.specs],
                          channels, transport=transport)
     target = H2Target.from_url(config.url, spec.metadata, config.tls) if transport == "h2" else None
