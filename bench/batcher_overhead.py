@@ -19,7 +19,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, Profile, ShapeRange
+from trtserve.server.engine.backends.base import Backend, BackendConfig, BatchResult, Profile, ShapeRange
 
 N_IN = 256
 
@@ -71,9 +71,9 @@ def closed_loop(backend, wire: str, dims_in: Sequence[int], dims_out: Sequence[i
     from google.protobuf import text_format
 
     from trtserve.protos import model_config_pb2 as mc
-    from trtserve.server.batcher.scheduler import DynamicBatcher
+    from trtserve.server.engine.batcher.scheduler import DynamicBatcher
     from trtserve.server.events import Observer
-    from trtserve.server.repository.model_config import ModelSpec
+    from trtserve.server.engine.repository.model_config import ModelSpec
 
     t = f"TYPE_{wire}"
     text = (f'name: "m" platform: "tensorrt_plan" max_batch_size: {batch} '

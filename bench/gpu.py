@@ -94,8 +94,8 @@ def part_executor(work: pathlib.Path, seconds: float) -> List[dict]:
 
 def _open(name: str, model_dir: pathlib.Path, wire: str, dims_in: Sequence[int], dims_out: Sequence[int],
           max_batch: int, instances: int, work: pathlib.Path, params: Dict[str, str]):
-    from trtserve.server.backends.base import BackendConfig, TensorSpec
-    from trtserve.server.backends.tensorrt import TensorRTBackend
+    from trtserve.server.engine.backends.base import BackendConfig, TensorSpec
+    from trtserve.server.engine.backends.tensorrt import TensorRTBackend
 
     cfg = BackendConfig(name=name, version="1", model_dir=model_dir, default_model_filename="",
                         max_batch_size=max_batch, inputs=[TensorSpec("INPUT0", wire, tuple(dims_in))],
@@ -109,7 +109,7 @@ def _open(name: str, model_dir: pathlib.Path, wire: str, dims_in: Sequence[int],
 
 
 def _plan_path(work: pathlib.Path, backend) -> pathlib.Path:
-    from trtserve.server.backends.tensorrt.build import PlanCache
+    from trtserve.server.engine.backends.tensorrt.build import PlanCache
 
     return PlanCache(work / "cache").path(backend.report.cache_key)
 
@@ -376,7 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.render:
         render(data, a.out)
         return 0
-    from trtserve.server.backends.tensorrt import compat
+    from trtserve.server.engine.backends.tensorrt import compat
 
     ok, why = compat.available()
     if not ok:

@@ -252,8 +252,8 @@ def bench_model(
 ) -> List[List[str]]:
     """Table rows (strings) for one model; ``results`` (if given) receives the same numbers as dicts.
     ``serial_too``: also the batcher with pipelining off (results' "batcher_serial"), interleaved per cell."""
-    from trtserve.server.backends.base import BackendConfig, TensorSpec
-    from trtserve.server.backends.tensorrt import TensorRTBackend
+    from trtserve.server.engine.backends.base import BackendConfig, TensorSpec
+    from trtserve.server.engine.backends.tensorrt import TensorRTBackend
 
     d = workdir / model.name / "1"
     model.make(d / "model.onnx")
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] = ()) -> int:
     if a.switch_interval_us > 0:
         sys.setswitchinterval(a.switch_interval_us / 1e6)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from trtserve.server.backends.tensorrt import compat
+    from trtserve.server.engine.backends.tensorrt import compat
 
     ok, why = compat.available()
     if not ok:

@@ -11,14 +11,14 @@ from typing import List, Mapping, Optional
 import grpc
 
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
-from trtserve.server.backends import BackendFactory
+from trtserve.server.engine.backends import BackendFactory
 from trtserve.server.events import Fanout, Observer
 from trtserve.server.metrics.statistics import Statistics
-from trtserve.server.protocol import health
-from trtserve.server.protocol.shm import SharedMemoryRegistry
-from trtserve.server.protocol.security import BearerTokenInterceptor, TlsOptions
-from trtserve.server.protocol.service import InferenceService
-from trtserve.server.repository.registry import ModelRepository
+from trtserve.server.frontend import health
+from trtserve.server.engine.shm.registry import SharedMemoryRegistry
+from trtserve.server.frontend.security import BearerTokenInterceptor, TlsOptions
+from trtserve.server.frontend.service import InferenceService
+from trtserve.server.engine.repository.registry import ModelRepository
 
 log = logging.getLogger("trtserve")
 INT32_MAX = 2**31 - 1

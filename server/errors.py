@@ -1,4 +1,4 @@
-"""Errors that carry their gRPC status; only protocol/status.py turns them into an RPC status.
+"""Errors that carry their gRPC status; only frontend/status.py turns them into an RPC status.
 
 The core (repository, batcher, executor, backends) raises these and never imports grpc.
 """

@@ -13,12 +13,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pytest
 
-from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, DeviceDestination
+from trtserve.server.engine.backends.base import Backend, BackendConfig, BatchResult, DeviceDestination
 from trtserve.server.errors import Internal, InvalidArgument, TrtServeError
 from trtserve.server.events import Observer
-from trtserve.server.batcher.scheduler import DynamicBatcher
-from trtserve.server.repository.model_config import BatchingPolicy, ModelSpec
-from trtserve.server.backends.base import TensorSpec
+from trtserve.server.engine.batcher.scheduler import DynamicBatcher
+from trtserve.server.engine.repository.model_config import BatchingPolicy, ModelSpec
+from trtserve.server.engine.backends.base import TensorSpec
 
 
 class PipelinedBackend(Backend):

@@ -9,14 +9,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pytest
 
-from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, Profile, ShapeRange, TensorSpec
-from trtserve.server.batcher import policy as pol
-from trtserve.server.batcher.request import Pending
-from trtserve.server.batcher.scheduler import DynamicBatcher
-from trtserve.server.batcher.shapes import ShapeRules
+from trtserve.server.engine.backends.base import Backend, BackendConfig, BatchResult, Profile, ShapeRange, TensorSpec
+from trtserve.server.engine.batcher import policy as pol
+from trtserve.server.engine.batcher.request import Pending
+from trtserve.server.engine.batcher.scheduler import DynamicBatcher
+from trtserve.server.engine.batcher.shapes import ShapeRules
 from trtserve.server.errors import DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout
 from trtserve.server.events import Observer
-from trtserve.server.repository.model_config import BatchingPolicy, ModelSpec, QueuePolicy
+from trtserve.server.engine.repository.model_config import BatchingPolicy, ModelSpec, QueuePolicy
 
 # ---------------------------------------------------------------------------------------------
 # pure policy
@@ -156,7 +156,7 @@ def test_idle_instance_is_preferred_over_queueing():
 
 
 def test_stack_writes_into_staging_arrays_when_they_match():
-    from trtserve.server.batcher import assemble
+    from trtserve.server.engine.batcher import assemble
     a, b = np.ones((2, 4), np.float32), np.full((1, 4), 2, np.float32)
     reqs = [Pending(inputs={"x": a}, outputs=("y",), rows=2, shapes={"x": (4,)}, level=1, arrival=0.0,
                     future=None), Pending(inputs={"x": b}, outputs=("y",), rows=1, shapes={"x": (4,)}, level=1,
@@ -176,7 +176,7 @@ def test_stack_writes_into_staging_arrays_when_they_match():
 
 
 def test_pool_depth_counts_batches_per_instance():
-    from trtserve.server.executor.pool import ExecutorPool
+    from trtserve.server.engine.executor.pool import ExecutorPool
     pool = ExecutorPool(2, depth=2)
     try:
         pool.acquire(0)
@@ -527,8 +527,8 @@ def test_batches_per_instance_parameter(value, depth):
 def test_device_pieces_stay_pieces_for_the_backend_to_copy():
     """CUDA shared-memory inputs (objects with __cuda_array_interface__) are never touched on the host:
     a batch containing one becomes a Gather of the pieces in row order; padding them is refused."""
-    from trtserve.server.backends.base import Gather
-    from trtserve.server.batcher import assemble
+    from trtserve.server.engine.backends.base import Gather
+    from trtserve.server.engine.batcher import assemble
 
     class Dev:  # what protocol/shm.DeviceTensor looks like to the batcher
         def __init__(self, shape):

@@ -98,7 +98,7 @@ def test_h2_carries_4mb_each_way_through_flow_control(tmp_path, serve_repo):
 @needs_openssl
 @pytest.mark.parametrize("mutual", [False, True])
 def test_h2_over_tls(tmp_path, serve_repo, pki, mutual):  # noqa: F811 - pki is the imported fixture
-    from trtserve.server.protocol.security import TlsOptions
+    from trtserve.server.frontend.security import TlsOptions
 
     models.copy_example(tmp_path)
     s = serve_repo(tmp_path, metrics=False, tls=TlsOptions(

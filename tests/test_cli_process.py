@@ -11,7 +11,7 @@ from trtserve import cli
 
 
 def test_switch_interval_auto_follows_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trtserve.server.backends.tensorrt import compat
+    from trtserve.server.engine.backends.tensorrt import compat
 
     monkeypatch.setattr(compat, "available", lambda: (False, "no CUDA device visible"))
     assert cli._switch_interval_us("auto") == 0.0  # the CPU backend keeps Python's interval
@@ -49,7 +49,7 @@ def test_bench_process_sets_it_before_grpc_loads() -> None:
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
 def test_onnxruntime_threads_follow_the_cpu_affinity_not_the_core_count() -> None:
     """In a container cpuset (here: a process pinned to CPU 0) the ORT pool is sized by the CPUs it may use."""
-    code = ("import os; from trtserve.server.backends.onnxruntime import usable_cpus; "
+    code = ("import os; from trtserve.server.engine.backends.onnxruntime import usable_cpus; "
             "print(usable_cpus(), os.cpu_count())")
     pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))

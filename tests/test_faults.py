@@ -29,7 +29,7 @@ from tests.conftest import RunningServer
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.server.app import ServerOptions, TrtServer
-from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, TensorSpec
+from trtserve.server.engine.backends.base import Backend, BackendConfig, BatchResult, TensorSpec
 from trtserve.server.events import Observer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 from trtserve import dtypes
 from trtserve.protos import grpc_service_pb2 as pb
-from trtserve.server.backends.base import Profile, ShapeRange
-from trtserve.server.batcher import assemble, policy
-from trtserve.server.batcher.request import Pending
-from trtserve.server.batcher.shapes import ShapeRules
+from trtserve.server.engine.backends.base import Profile, ShapeRange
+from trtserve.server.engine.batcher import assemble, policy
+from trtserve.server.engine.batcher.request import Pending
+from trtserve.server.engine.batcher.shapes import ShapeRules
 from trtserve.server.errors import InvalidArgument
-from trtserve.server.protocol import codec
-from trtserve.server.repository.model_config import BatchingPolicy
+from trtserve.server.frontend import codec
+from trtserve.server.engine.repository.model_config import BatchingPolicy
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WIRES = list(dtypes.BY_WIRE)

@@ -22,7 +22,7 @@ from tests.test_faults import OptionsServer, Outcomes
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.server.app import ServerOptions
-from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, TensorSpec
+from trtserve.server.engine.backends.base import Backend, BackendConfig, BatchResult, TensorSpec
 
 SERVICE_S = 0.05
 MAX_BATCH = 2

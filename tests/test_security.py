@@ -13,7 +13,7 @@ from tests import models
 from tests.conftest import spawn
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
-from trtserve.server.protocol.security import TlsOptions
+from trtserve.server.frontend.security import TlsOptions
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
 

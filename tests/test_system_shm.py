@@ -30,10 +30,10 @@ except Exception as e:  # ImportError, or pkg_resources missing under tritonclie
 needs_tc = pytest.mark.skipif(bool(_NO_TC), reason=_NO_TC or "-")
 
 from .models import add_sub, copy_example, identity  # noqa: E402
-from trtserve.server.backends.base import Backend, BatchResult, Gather, TensorSpec  # noqa: E402
+from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec  # noqa: E402
 from trtserve.server.errors import AlreadyExists, InvalidArgument, NotFound  # noqa: E402
 from trtserve.server.examples.make_mlp import reference  # noqa: E402
-from trtserve.server.protocol.shm import CudaApi, SharedMemoryRegistry, ShmRef  # noqa: E402
+from trtserve.server.engine.shm.registry import CudaApi, SharedMemoryRegistry, ShmRef  # noqa: E402
 from trtserve import dtypes  # noqa: E402
 
 PA = os.environ.get("PERF_ANALYZER") or "/tmp/perf-analyzer/perf_analyzer"

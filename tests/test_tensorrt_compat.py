@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from trtserve import dtypes
-from trtserve.server.backends.base import BackendConfig, ShapeRange, TensorSpec
-from trtserve.server.backends.tensorrt import compat
-from trtserve.server.backends.tensorrt.build import BuildOptions, PlanCache, param_bool, param_int, plan_cache_key
-from trtserve.server.backends.tensorrt.engine import EngineInfo, IOTensor, model_specs, validate
-from trtserve.server.backends.tensorrt.profiles import (
+from trtserve.server.engine.backends.base import BackendConfig, ShapeRange, TensorSpec
+from trtserve.server.engine.backends.tensorrt import compat
+from trtserve.server.engine.backends.tensorrt.build import BuildOptions, PlanCache, param_bool, param_int, plan_cache_key
+from trtserve.server.engine.backends.tensorrt.engine import EngineInfo, IOTensor, model_specs, validate
+from trtserve.server.engine.backends.tensorrt.profiles import (
     batch_coverage_gap,
     has_profile_parameters,
     layout_for_build,
@@ -23,7 +23,7 @@ from trtserve.server.backends.tensorrt.profiles import (
     parse_profiles,
 )
 from trtserve.server.errors import ModelLoadError
-from trtserve.server.executor.graphs import bucket_sizes, pick_bucket
+from trtserve.server.engine.backends.tensorrt.graphs import bucket_sizes, pick_bucket
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -284,8 +284,8 @@ def test_backend_imports_and_reports_unavailable_without_tensorrt(tmp_path: path
 import sys, pathlib
 sys.modules['tensorrt'] = None  # import fails as if not installed
 sys.modules['cupy'] = None
-from trtserve.server.backends.tensorrt import TensorRTBackend, compat
-from trtserve.server.backends.base import BackendConfig
+from trtserve.server.engine.backends.tensorrt import TensorRTBackend, compat
+from trtserve.server.engine.backends.base import BackendConfig
 from trtserve.server.errors import ModelLoadError
 ok, why = compat.available()
 assert not ok and 'unavailable' in why, why

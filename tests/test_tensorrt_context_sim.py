@@ -15,13 +15,13 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 import pytest
 
-from trtserve.server.backends.base import DeviceDestination, Gather, ShapeRange
-from trtserve.server.backends.tensorrt import compat
-from trtserve.server.backends.tensorrt.context import InstanceContext
-from trtserve.server.backends.tensorrt.engine import EngineInfo, IOTensor
+from trtserve.server.engine.backends.base import DeviceDestination, Gather, ShapeRange
+from trtserve.server.engine.backends.tensorrt import compat
+from trtserve.server.engine.backends.tensorrt.context import InstanceContext
+from trtserve.server.engine.backends.tensorrt.engine import EngineInfo, IOTensor
 from trtserve.server.errors import Internal, InvalidArgument
-from trtserve.server.executor import staging
-from trtserve.server.protocol.shm import DeviceTensor
+from trtserve.server.engine.backends.tensorrt import staging
+from trtserve.server.engine.shm.registry import DeviceTensor
 
 N_IN, N_OUT, MAX_ROWS = 8, 8, 16
 

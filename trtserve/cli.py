@@ -61,7 +61,7 @@ def add_serve_parser(sub) -> None:
 
 async def _serve(args: argparse.Namespace) -> int:
     from trtserve.server.app import ServerOptions, TrtServer
-    from trtserve.server.protocol.security import TlsOptions
+    from trtserve.server.frontend.security import TlsOptions
     from trtserve.server.examples import REPOSITORY
 
     options = ServerOptions(
@@ -100,7 +100,7 @@ async def _serve(args: argparse.Namespace) -> int:
 def _switch_interval_us(value: str) -> float:
     """The --gil-switch-interval-us value in us (0: leave Python's); ``auto`` asks whether TensorRT can run here."""
     if value == "auto":
-        from trtserve.server.backends.tensorrt import compat
+        from trtserve.server.engine.backends.tensorrt import compat
 
         return DEFAULT_GIL_SWITCH_INTERVAL_US if compat.available()[0] else 0.0
     try:

@@ -7,7 +7,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from trtserve.server.backends.base import BackendConfig, TensorSpec
+from trtserve.server.engine.backends.base import BackendConfig, TensorSpec
 
 TWO_PROFILES = json.dumps([{"batch": [1, 4, 8]}, {"batch": [9, 32, 64]}])
 

@@ -16,8 +16,8 @@ import numpy as np
 
 def main(workdir: pathlib.Path) -> None:
     from bench.gpu_backend import _models
-    from trtserve.server.backends.base import BackendConfig, TensorSpec
-    from trtserve.server.backends.tensorrt import TensorRTBackend
+    from trtserve.server.engine.backends.base import BackendConfig, TensorSpec
+    from trtserve.server.engine.backends.tensorrt import TensorRTBackend
 
     for name, batch, n in (("small", 1, 3000), ("heavy", 1024, 400)):
         m = _models()[name]

@@ -276,7 +276,7 @@ def test_device_tensor_and_device_sourced_outputs(peers, tmp_path) -> None:
     """The pieces a device-to-device backend uses, in process: DeviceTensor is a CuPy view of the
     client's memory; a CuPy result is written into CUDA and system regions without going through NumPy."""
     from trtserve import dtypes
-    from trtserve.server.protocol.shm import SharedMemoryRegistry, ShmRef
+    from trtserve.server.engine.shm.registry import SharedMemoryRegistry, ShmRef
 
     peer = peers(4096)
     x = np.arange(32, dtype=np.float32)
@@ -321,7 +321,7 @@ def test_server_stop_closes_ipc_handles(peers) -> None:
 
 
 def test_client_process_end_to_end_on_tensorrt(tmp_path) -> None:
-    from trtserve.server.backends.tensorrt import compat
+    from trtserve.server.engine.backends.tensorrt import compat
 
     ok, why = compat.available()
     if not ok:

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Tuple
 import numpy as np
 import pytest
 
-from trtserve.server.backends.tensorrt import compat
+from trtserve.server.engine.backends.tensorrt import compat
 
 _OK, _WHY = compat.available()
 if not _OK:
@@ -21,8 +21,8 @@ if not _OK:
 pytest.importorskip("onnx", reason="needs the onnx package to write test models")
 pytest.importorskip("onnxruntime", reason="needs onnxruntime for reference outputs")
 
-from trtserve.server.backends.base import BackendConfig, TensorSpec  # noqa: E402
-from trtserve.server.backends.tensorrt import TensorRTBackend  # noqa: E402
+from trtserve.server.engine.backends.base import BackendConfig, TensorSpec  # noqa: E402
+from trtserve.server.engine.backends.tensorrt import TensorRTBackend  # noqa: E402
 from trtserve.server.errors import InvalidArgument, ModelLoadError  # noqa: E402
 
 from .gpu_models import TWO_PROFILES, make_mlp, make_multi_dtype, mlp_config, ort_run, ort_session  # noqa: E402

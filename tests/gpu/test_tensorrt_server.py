@@ -11,7 +11,7 @@ from typing import Iterator, List, Tuple
 import numpy as np
 import pytest
 
-from trtserve.server.backends.tensorrt import compat
+from trtserve.server.engine.backends.tensorrt import compat
 
 _OK, _WHY = compat.available()
 if not _OK:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
-from trtserve.server.backends.base import Profile
+from trtserve.server.engine.backends.base import Profile
 
 Shape = Tuple[int, ...]
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve.dtypes import from_wire
-from trtserve.server.backends.base import Backend, BackendConfig, BatchResult, DeviceDestination, Profile, TensorSpec
+from trtserve.server.engine.backends.base import Backend, BackendConfig, BatchResult, DeviceDestination, Profile, TensorSpec
 from trtserve.server.errors import InvalidArgument, ModelLoadError
 
 from . import compat

@@ -32,10 +32,10 @@ from __future__ import annotations
 import dataclasses
 from typing import AbstractSet, Dict, List, Optional, Sequence, Set, Tuple
 
-from trtserve.server.backends.base import Profile
-from trtserve.server.batcher.request import Pending, Shape
-from trtserve.server.batcher.shapes import ShapeRules
-from trtserve.server.repository.model_config import BatchingPolicy
+from trtserve.server.engine.backends.base import Profile
+from trtserve.server.engine.batcher.request import Pending, Shape
+from trtserve.server.engine.batcher.shapes import ShapeRules
+from trtserve.server.engine.repository.model_config import BatchingPolicy
 
 
 @dataclasses.dataclass

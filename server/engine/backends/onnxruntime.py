@@ -14,7 +14,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from trtserve.server.backends.base import Backend, BatchResult, TensorSpec
+from trtserve.server.engine.backends.base import Backend, BatchResult, TensorSpec
 from trtserve.server.errors import Internal, InvalidArgument, ModelLoadError
 
 # ONNX Runtime type strings -> wire datatypes

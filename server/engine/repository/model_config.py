@@ -19,7 +19,7 @@ import dataclasses
 from typing import Dict, Mapping, Optional, Tuple
 
 from trtserve import dtypes
-from trtserve.server.backends.base import TensorSpec
+from trtserve.server.engine.backends.base import TensorSpec
 from trtserve.server.errors import ModelLoadError
 
 PAD_PREFIX = "trtserve.pad."

@@ -13,7 +13,7 @@ from google.protobuf import text_format
 
 from trtserve import dtypes
 from trtserve.protos import model_config_pb2 as mc
-from trtserve.server.backends.base import TensorSpec
+from trtserve.server.engine.backends.base import TensorSpec
 from trtserve.server.errors import ModelLoadError
 
 PLATFORM_BY_FILE = {"model.onnx": "onnxruntime_onnx", "model.plan": "tensorrt_plan"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Optional
 
-from trtserve.server.backends.base import Backend, BackendConfig
+from trtserve.server.engine.backends.base import Backend, BackendConfig
 from trtserve.server.errors import ModelLoadError
 
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
@@ -21,12 +21,12 @@ def create_backend(platform: str, config: BackendConfig,
     if extra and platform in extra:
         return extra[platform](config)
     if platform == "onnxruntime_onnx":
-        from trtserve.server.backends.onnxruntime import OnnxRuntimeBackend
+        from trtserve.server.engine.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(config)
     if platform == "tensorrt_plan":
         try:
-            from trtserve.server.backends.tensorrt import TensorRTBackend
+            from trtserve.server.engine.backends.tensorrt import TensorRTBackend
         except ImportError as e:
             raise ModelLoadError(f"model '{config.name}': the TensorRT backend is unavailable here ({e})") from None
         return TensorRTBackend(config)

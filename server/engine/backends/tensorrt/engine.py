@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Dict, List, Tuple
 
-from trtserve.server.backends.base import BackendConfig, ShapeRange, TensorSpec
+from trtserve.server.engine.backends.base import BackendConfig, ShapeRange, TensorSpec
 from trtserve.server.errors import ModelLoadError
 
 from . import compat

@@ -20,15 +20,15 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tup
 
 import numpy as np
 
-from trtserve.server.backends.base import Backend, BatchResult, DeviceDestination
-from trtserve.server.batcher import assemble, policy
-from trtserve.server.batcher.request import Pending, RequestResult
-from trtserve.server.batcher.shapes import ShapeRules, describe_profiles
+from trtserve.server.engine.backends.base import Backend, BatchResult, DeviceDestination
+from trtserve.server.engine.batcher import assemble, policy
+from trtserve.server.engine.batcher.request import Pending, RequestResult
+from trtserve.server.engine.batcher.shapes import ShapeRules, describe_profiles
 from trtserve.server.errors import (DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout,
                                     TrtServeError, Unavailable)
 from trtserve.server.events import Observer
-from trtserve.server.executor.pool import ExecutorPool
-from trtserve.server.repository.model_config import ModelSpec
+from trtserve.server.engine.executor.pool import ExecutorPool
+from trtserve.server.engine.repository.model_config import ModelSpec
 
 log = logging.getLogger("trtserve.batcher")
 

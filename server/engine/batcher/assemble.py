@@ -5,8 +5,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from trtserve.server.backends.base import Gather, is_host
-from trtserve.server.batcher.request import Pending, Shape
+from trtserve.server.engine.backends.base import Gather, is_host
+from trtserve.server.engine.batcher.request import Pending, Shape
 from trtserve.server.errors import Internal
 
 

@@ -76,7 +76,7 @@ def _from_contents(name: str, dt: dtypes.DataType, shape: Tuple[int, ...], conte
     return arr.astype(dt.numpy).reshape(shape)
 
 
-# (input tensor, datatype, shape) -> its data from shared memory; see protocol/shm.py
+# (input tensor, datatype, shape) -> its data from shared memory; see engine/shm/registry.py
 ShmReader = Callable[[Any, dtypes.DataType, Tuple[int, ...]], Any]
 
 

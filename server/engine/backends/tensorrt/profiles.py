@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from trtserve.server.backends.base import ShapeRange
+from trtserve.server.engine.backends.base import ShapeRange
 from trtserve.server.errors import ModelLoadError
 
 Shape = Tuple[int, ...]

@@ -14,13 +14,13 @@ import time
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from trtserve.protos import model_config_pb2 as mc
-from trtserve.server.backends import BackendFactory, create_backend
-from trtserve.server.backends.base import Backend, BackendConfig, TensorSpec
-from trtserve.server.batcher.scheduler import DynamicBatcher
+from trtserve.server.engine.backends import BackendFactory, create_backend
+from trtserve.server.engine.backends.base import Backend, BackendConfig, TensorSpec
+from trtserve.server.engine.batcher.scheduler import DynamicBatcher
 from trtserve.server.errors import ModelLoadError, NotFound, TrtServeError, Unavailable
 from trtserve.server.events import Observer
-from trtserve.server.repository import layout, pbtxt
-from trtserve.server.repository.model_config import ModelSpec, batches_per_instance
+from trtserve.server.engine.repository import layout, pbtxt
+from trtserve.server.engine.repository.model_config import ModelSpec, batches_per_instance
 
 log = logging.getLogger("trtserve.repository")
 

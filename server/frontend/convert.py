@@ -5,7 +5,7 @@ from typing import Iterable
 
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.server.metrics.statistics import Duration, VersionStats
-from trtserve.server.repository.registry import ModelVersion
+from trtserve.server.engine.repository.registry import ModelVersion
 
 
 def model_metadata(name: str, versions: Iterable[ModelVersion]) -> pb.ModelMetadataResponse:

@@ -1,7 +1,7 @@
 """``inference.GRPCInferenceService`` on grpc.aio: decode -> validate -> batcher -> encode.
 
 Handlers only translate; the work happens in the repository and the batcher. The shared-memory
-RPCs and the tensors that name regions go through protocol/shm.py; trace and log RPCs are
+RPCs and the tensors that name regions go through engine/shm/registry.py; trace and log RPCs are
 inherited from the generated base class, which answers UNIMPLEMENTED, and the ServerMetadata
 extensions list only what works here.
 """
@@ -20,10 +20,11 @@ from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.server.errors import InvalidArgument, TrtServeError, Unavailable
 from trtserve.server.events import Observer
 from trtserve.server.metrics.statistics import Statistics
-from trtserve.server.protocol import codec, convert, shm
-from trtserve.server.protocol.status import grpc_code, rpc
-from trtserve.server.repository.registry import ModelRepository
-from trtserve.server.repository.validation import output_datatypes, validate_request
+from trtserve.server.engine.shm import registry as shm
+from trtserve.server.frontend import codec, convert
+from trtserve.server.frontend.status import grpc_code, rpc
+from trtserve.server.engine.repository.registry import ModelRepository
+from trtserve.server.frontend.validation import output_datatypes, validate_request
 
 log = logging.getLogger("trtserve.protocol")
 

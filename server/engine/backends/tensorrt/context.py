@@ -27,10 +27,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve.dtypes import from_wire
-from trtserve.server.backends.base import BatchResult, DeviceDestination, Gather, ShapeRange, is_host
+from trtserve.server.engine.backends.base import BatchResult, DeviceDestination, Gather, ShapeRange, is_host
 from trtserve.server.errors import Internal, InvalidArgument, ModelLoadError
-from trtserve.server.executor import graphs as graph_util
-from trtserve.server.executor.staging import StagedTensor, nbytes_of
+from trtserve.server.engine.backends.tensorrt import graphs as graph_util
+from trtserve.server.engine.backends.tensorrt.staging import StagedTensor, nbytes_of
 
 from . import compat
 from .engine import EngineInfo

@@ -10,7 +10,7 @@ from typing import Dict, Mapping, Sequence, Tuple
 import numpy as np
 
 from trtserve.server.errors import InvalidArgument
-from trtserve.server.repository.model_config import ModelSpec
+from trtserve.server.engine.repository.model_config import ModelSpec
 
 
 def validate_request(
