@@ -3,6 +3,7 @@
 Loading is slow and blocking (ONNX Runtime sessions, TensorRT engine builds), so it runs in a worker
 thread; the event loop keeps serving other models meanwhile. A reload loads the new versions first
 and swaps them in, then drains the old batchers, so in-flight requests finish on the old instances.
+A reload that fails keeps the serving versions in place (Triton's rule); the load RPC reports the error.
 """
 from __future__ import annotations
 
@@ -159,10 +160,28 @@ class ModelRepository:
                     mv.batcher.start()
                 self._observer.model_state(name, v, mv.state, time.monotonic() - t0)
                 new[v] = mv
+            if errors:
+                new = self._keep_serving(name, old, new)
             self._models[name] = new
-            await self._retire(list(old.values()))
+            await self._retire([mv for v, mv in old.items() if new.get(v) is not mv])
             if errors:
                 raise errors[0]
+
+    @staticmethod
+    def _keep_serving(name: str, old: Dict[str, ModelVersion],
+                      new: Dict[str, ModelVersion]) -> Dict[str, ModelVersion]:
+        """Triton's rule for a reload that fails: the serving versions stay. A version whose new copy
+        failed keeps its old ready instance; old ready versions the policy no longer selects are kept
+        too (a reload that fails must not leave less serving than before). Versions that loaded fine
+        replace theirs. A first load (nothing ready before) keeps its failed versions, as reported."""
+        kept = dict(new)
+        for v, mv in old.items():
+            if mv.state == "READY" and (v not in new or new[v].state != "READY"):
+                if v in new:
+                    log.warning("model '%s' version %s failed to reload (%s); the loaded instance keeps serving",
+                                name, v, new[v].reason)
+                kept[v] = mv
+        return kept
 
     async def unload(self, name: str) -> None:
         if name not in self._models and name not in self._reasons:
