@@ -33,38 +33,45 @@ class TlsOptions:
 
 
 def _deny(message: str) -> "_Handlers":
-    async def abort_unary(request, context: grpc.aio.ServicerContext):
+    async def abort(request_iterator, context: grpc.aio.ServicerContext):
+        # The request iterator is never read: grpc has not received (nor inflated) the message, and
+        # closing the call resets the rest of it (flow control keeps what is in flight to a window).
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def abort_stream(request_iterator, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    return _Handlers(abort_unary, abort_stream)
+    return _Handlers(abort)
 
 
 class _Handlers:
-    """Builds the right handler kind lazily: the interceptor only knows the method path."""
+    """Builds the refusing handler for the RPC's response kind; the interceptor only knows the path.
 
-    def __init__(self, unary, stream) -> None:
-        self.unary, self.stream = unary, stream
+    The request side is always *streaming*, whatever the RPC's kind: for a unary-request handler grpc
+    receives and decompresses the whole message before calling it (hundreds of MiB for ModelInfer),
+    while a stream-request handler is called before anything is read. The client cannot tell: on the
+    wire a unary request is a stream of one message.
+    """
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
 
     def for_handler(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(self.stream)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(self.stream)
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(self.unary)
-        return grpc.unary_unary_rpc_method_handler(self.unary)
+            return grpc.stream_stream_rpc_method_handler(self.handler)
+        return grpc.stream_unary_rpc_method_handler(self.handler)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` metadata on every RPC except health checks."""
+    """Requires ``authorization: Bearer <token>`` metadata on every RPC except health checks.
+
+    The scheme is matched case-insensitively (RFC 7235 section 2.1), the token exactly and in constant
+    time. A call with more than one ``authorization`` header is refused (which one a proxy or the
+    application would believe is ambiguous). A refused call is answered UNAUTHENTICATED before its
+    request message is read, so unauthenticated clients cannot make the server buffer or inflate it.
+    """
 
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("empty auth token")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -73,11 +80,21 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
             return handler
-        got = b""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                got = value.encode() if isinstance(value, str) else value
-        if hmac.compare_digest(got, self._expected):
-            return handler
-        reason = "missing 'authorization: Bearer <token>' metadata" if not got else "invalid bearer token"
-        return _deny(reason).for_handler(handler)
+        reason = self._check(handler_call_details.invocation_metadata or ())
+        return handler if reason is None else _deny(reason).for_handler(handler)
+
+    def _check(self, metadata) -> Optional[str]:
+        """None when the metadata carries the token, else why not."""
+        values = [value for key, value in metadata if key == "authorization"]
+        if not values:
+            return "missing 'authorization: Bearer <token>' metadata"
+        if len(values) > 1:
+            return "duplicate 'authorization' header: send exactly one"
+        got = values[0].encode() if isinstance(values[0], str) else bytes(values[0])
+        scheme, _, token = got.partition(b" ")
+        ok_scheme = scheme.lower() == b"bearer"
+        # compare even when the scheme is wrong, so the answer's timing does not depend on which part failed
+        ok_token = hmac.compare_digest(token.strip(b" "), self._expected)
+        if ok_scheme and ok_token:
+            return None
+        return "invalid bearer token"
