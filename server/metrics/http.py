@@ -4,15 +4,23 @@ The body is Prometheus' text format 0.0.4, as Triton serves it, written by ``ren
 ``prometheus_client.generate_latest``: the latter announces every counter as ``<name>_total``, which would
 break Triton's counter names (``nv_inference_request_success`` and the others have no suffix). For the same
 reason there is no content negotiation: OpenMetrics requires ``_total`` on counters.
+
+The endpoint is plaintext and open by default, as Triton's. ``MetricsServer`` can serve it over TLS
+(``metrics_tls``: the certificate and key, e.g. the gRPC port's) and require a bearer token
+(``metrics_auth_token``: answered 401 with ``WWW-Authenticate: Bearer`` when missing or wrong), which
+Prometheus sends with ``authorization: {credentials: ...}`` in its scrape config.
 """
 from __future__ import annotations
 
 import gzip
+import hmac
 import logging
+import os
 import socket
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from prometheus_client.registry import Collector
@@ -75,15 +83,39 @@ def render(registry: Collector) -> bytes:
 
 
 class _Server(ThreadingHTTPServer):
-    """Carries the registry to its handlers; IPv6 when the host is an IPv6 literal."""
+    """Carries the registry (and the TLS context and token) to its handlers; IPv6 when the host is an
+    IPv6 literal. The TLS handshake runs on the connection's own thread, with the handler's timeout, so a
+    client that stalls it cannot hold up the accept loop."""
 
     daemon_threads = True
 
-    def __init__(self, address: Tuple[str, int], registry: Collector) -> None:
+    def __init__(self, address: Tuple[str, int], registry: Collector, ssl_context: Optional[ssl.SSLContext] = None,
+                 auth_token: Optional[bytes] = None) -> None:
         self.registry = registry
+        self.ssl_context = ssl_context
+        self.auth_token = auth_token
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[override]
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(_Handler.timeout)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: plaintext or bad clients
+            _log.debug("metrics TLS handshake with %s failed: %s", client_address, e)
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            try:
+                tls.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            tls.close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -91,6 +123,8 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if not self._authorized():
+            return
         if urlsplit(self.path).path != "/metrics":
             self.send_error(404, "only /metrics is served here")
             return
@@ -109,8 +143,42 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _authorized(self) -> bool:
+        """True without a token, or with exactly one ``Authorization: Bearer <token>`` header (scheme
+        case-insensitive, RFC 7235; token compared in constant time); else answers 401."""
+        expected = self.server.auth_token
+        if expected is None:
+            return True
+        values = self.headers.get_all("Authorization") or []
+        if len(values) == 1:
+            scheme, _, token = values[0].strip().partition(" ")
+            ok_token = hmac.compare_digest(token.strip().encode("latin-1", "replace"), expected)  # http.client decodes latin-1
+            if scheme.lower() == "bearer" and ok_token:
+                return True
+        challenge = 'Bearer realm="trtserve-metrics"' + ('' if not values else ', error="invalid_token"')
+        body = (b"missing 'Authorization: Bearer <token>' header\n" if not values else
+                b"duplicate 'Authorization' header\n" if len(values) > 1 else b"invalid bearer token\n")
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", challenge)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return False
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (signature of the base class)
         _log.debug("%s " + format, self.address_string(), *args)
+
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _ssl_context(tls) -> ssl.SSLContext:
+    cert, key = (tls.cert, tls.key) if hasattr(tls, "cert") else tls
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(os.fspath(cert), os.fspath(key))
+    return ctx
 
 
 class MetricsServer:
@@ -120,12 +188,26 @@ class MetricsServer:
     second, ``socketserver``'s poll interval), so call it off the event loop if that matters.
     """
 
-    def __init__(self, registry: Collector, host: str, port: int) -> None:
+    def __init__(self, registry: Collector, host: str, port: int,
+                 metrics_tls: Optional[Tuple[PathLike, PathLike]] = None,
+                 metrics_auth_token: Optional[str] = None) -> None:
+        """``metrics_tls``: (certificate, private key) PEM files, or an object with ``cert`` and ``key``
+        (``TlsOptions``: the gRPC port's pair); read now, so a bad file fails here. ``metrics_auth_token``:
+        the bearer token every scrape must send."""
         self._registry = registry
         self._host = host
         self._port = port
+        self._ssl_context = _ssl_context(metrics_tls) if metrics_tls is not None else None
+        if metrics_auth_token is not None and not metrics_auth_token:
+            raise ValueError("empty metrics auth token")
+        self._auth_token = metrics_auth_token.encode("utf-8") if metrics_auth_token else None
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
+
+    @property
+    def scheme(self) -> str:
+        """"https" with TLS, else "http"."""
+        return "http" if self._ssl_context is None else "https"
 
     @property
     def port(self) -> Optional[int]:
@@ -135,7 +217,7 @@ class MetricsServer:
     def start(self) -> int:
         if self._server is not None:
             raise RuntimeError("MetricsServer already started")
-        server = _Server((self._host, self._port), self._registry)  # binds and listens now: the port is final
+        server = _Server((self._host, self._port), self._registry, self._ssl_context, self._auth_token)  # binds and listens now: the port is final
         thread = threading.Thread(target=server.serve_forever, name="trtserve-metrics", daemon=True)
         thread.start()
         self._server, self._thread = server, thread
