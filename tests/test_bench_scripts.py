@@ -27,3 +27,62 @@ def test_agreement_takes_medians_per_tool_and_level(monkeypatch: pytest.MonkeyPa
     assert med[("perf_analyzer", 1)]["rps"] == 200.0  # median of 100, 300, 200 (levels interleave per round)
     assert med[("trtserve bench", 8)]["n"] == 3
     assert med[("trtserve bench", 1)]["p50_ms"] == 2.0
+
+
+def _stat(pid: int, comm: str, utime: int, stime: int) -> str:
+    # fields 1-2, then state (3) ... utime (14), stime (15), cutime, cstime, and more that are ignored
+    return f"{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194304 100 0 0 0 {utime} {stime} 999 999 20 0 3 0 1 1 1\n"
+
+
+def test_frontends_counts_cpu_of_the_whole_process_tree() -> None:
+    from bench.frontends import cpu_cores, stat_cpu_ticks, tree_cpu_ticks
+
+    assert stat_cpu_ticks(_stat(7, "python3 (x) y", 12, 30)) == 42  # a command name with spaces and parentheses
+    proc = {  # supervisor 10 (threads 10, 11) -> front ends 20, 21 (from two threads), engine 30 under front end 20
+        "/proc/10/stat": _stat(10, "trtserve", 100, 50), "/proc/10/task/10/children": "20 ",
+        "/proc/10/task/11/children": "21", "/proc/20/stat": _stat(20, "frontend", 10, 5),
+        "/proc/20/task/20/children": "30", "/proc/21/stat": _stat(21, "frontend", 1, 1),
+        "/proc/21/task/21/children": "", "/proc/30/stat": _stat(30, "engine", 1000, 200),
+        "/proc/99/stat": _stat(99, "unrelated", 5000, 5000),
+    }
+    tasks = {10: [10, 11], 20: [20], 21: [21], 30: [30], 99: [99]}
+    total = tree_cpu_ticks(10, proc.get, lambda pid: tasks.get(pid, []))
+    assert total == 150 + 15 + 2 + 1200
+    del proc["/proc/30/stat"]  # the engine exited between reads: it counts as nothing, no crash
+    assert tree_cpu_ticks(10, proc.get, lambda pid: tasks.get(pid, [])) == 167
+    assert cpu_cores(100, 300, 2.0, 100) == 1.0
+
+
+def test_frontends_mean_batch_from_metrics_and_goal_lines() -> None:
+    pytest.importorskip("prometheus_client")
+    from bench.frontends import batch_counts, goal_lines, mean_batch, median_row, table_rows
+
+    def sample(rows: int, batches: int) -> str:
+        return ("# HELP nv_inference_count Number of inferences performed\n# TYPE nv_inference_count counter\n"
+                f'nv_inference_count{{model="m",version="1"}} {rows - 10}.0\n'
+                'nv_inference_count{model="m",version="2"} 10.0\n'
+                'nv_inference_count{model="other",version="1"} 5000.0\n'
+                "# HELP nv_inference_exec_count Number of model executions performed\n"
+                "# TYPE nv_inference_exec_count counter\n"
+                f'nv_inference_exec_count{{model="m",version="1"}} {batches}.0\n'
+                'nv_inference_exec_count{model="other",version="1"} 7.0\n')
+
+    before, after = batch_counts(sample(100, 50)), batch_counts(sample(1100, 150))
+    assert before == (100.0, 50.0)
+    assert mean_batch(before, after) == 10.0
+    assert mean_batch(before, before) is None
+    assert median_row([None, {"rps": 1.0, "p50_ms": 2.0}, {"rps": 3.0, "p50_ms": 4.0}, {"rps": 2.0, "p50_ms": 9.0}]
+                      ) == {"n": 3, "rps": 2.0, "p50_ms": 4.0}
+    results = {("ceiling", 1): {"rps": 2000.0, "p50_ms": 0.40, "p99_ms": 1.0, "mean_batch": None, "cpu_cores": 0.8},
+               ("trtserve f2", 1): {"rps": 1500.0, "p50_ms": 0.65, "p99_ms": 1.5, "mean_batch": 1.0, "cpu_cores": 1.0},
+               ("ceiling", 32): {"rps": 3000.0, "p50_ms": 10.0, "p99_ms": 20.0, "mean_batch": None, "cpu_cores": 1.2},
+               ("trtserve f2", 32): {"rps": 3300.0, "p50_ms": 9.0, "p99_ms": 12.0, "mean_batch": 10.0,
+                                     "cpu_cores": 1.5},
+               ("trtserve f2", 128): None}
+    rows = table_rows(["ceiling", "trtserve f2"], [1, 32, 128], results)
+    assert rows[1] == ["trtserve f2", "1", "1500", "0.65", "1.50", "1.0", "1.00"]
+    assert rows[2][5] == "n/a" and rows[-1][2:] == ["failed"] * 5
+    goals = goal_lines(["ceiling", "trtserve f2"], [1, 8, 32, 128], results)
+    assert len(goals) == 3  # level 8 has no goal
+    assert "MET" in goals[0] and "MET" in goals[1] and "1.10x" in goals[1]
+    assert "no verdict" in goals[2]

@@ -1,0 +1,466 @@
+"""trtserve with N gRPC front-end processes vs the bare grpc.aio ceiling, side by side, under perf_analyzer
+(``python -m bench.frontends [--frontends 0,1,2] [--levels 1,8,32,128] [--duration 4] [--rounds 1] [--write]``).
+
+The model is the one issue 17 measures on the 2-core box: the example-sized MLP 64->256->256->16 on ONNX Runtime
+with 1 intra-op thread, max_batch_size 32, dynamic batching with a 2 ms queue delay (the bundled example sets
+500 us; the issue's numbers use 2 ms), 1 row per request. For every concurrency level, and for every round, each
+server is measured in turn (the order rotates per round), so drift on a shared machine affects all alike:
+
+- ``ceiling``: bench/ceiling_server.py, decode and return a precomputed response (no model, no batching);
+- ``trtserve fN``: ``trtserve serve --frontends N`` (N = 0: the single-process mode, run without the flag).
+
+Load: perf_analyzer ``-i grpc``, ``--concurrency-range L:L``, time windows, with
+TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1 so each of its contexts opens its own connection (SO_REUSEPORT
+balances connections, not calls). Per row: requests/s, p50 and p99 (perf_analyzer's), the mean formed batch
+(delta nv_inference_count / delta nv_inference_exec_count from /metrics, summed over the model's label sets,
+before and after the level) and the server's CPU (utime + stime of the server process and all its descendants,
+from /proc, delta over the perf_analyzer run / its wall time, in cores). Medians over rounds. A server that does
+not start, or a level that fails, reads "failed". ``--write`` writes the table to docs/benchmarks/frontends-2core.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import os
+import pathlib
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "benchmarks" / "frontends-2core.md"
+MODEL = "m"
+N_IN, N_OUT = 64, 16
+CONFIG = f"""
+name: "{MODEL}" platform: "onnxruntime_onnx" max_batch_size: 32
+input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ {N_IN} ] }} ]
+output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ {N_OUT} ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+parameters {{ key: "trtserve.intra_op_threads" value {{ string_value: "1" }} }}
+"""
+GOAL_P50_MS = 0.3  # at concurrency 1, trtserve's p50 within this of the ceiling's
+GOAL_LEVEL = 32  # at this concurrency and above: throughput >= the ceiling's, mean batch >= GOAL_BATCH
+GOAL_BATCH = 8.0
+
+
+# ---- pure functions (tested in tests/test_bench_scripts.py) ------------------------------------------------------
+
+def stat_cpu_ticks(stat_text: str) -> int:
+    """utime + stime (clock ticks) from the text of /proc/<pid>/stat. The command name (field 2) is in
+    parentheses and may hold spaces or parentheses, so fields are counted after the last ')'."""
+    fields = stat_text[stat_text.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5); fields[0] is field 3 (state)
+
+
+def parse_children(text: str) -> List[int]:
+    """The pids in a /proc/<pid>/task/<tid>/children file (space-separated)."""
+    return [int(x) for x in text.split()]
+
+
+def tree_cpu_ticks(pid: int, read: Callable[[str], Optional[str]],
+                   list_tasks: Callable[[int], Iterable[int]]) -> int:
+    """utime + stime of ``pid`` and all its descendants, in clock ticks. ``read(path)`` returns a /proc file's
+    text or None (the process is gone); ``list_tasks(pid)`` the thread ids under /proc/<pid>/task. A process
+    that exits between the reads counts as 0 from then on."""
+    total, seen, todo = 0, set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        stat = read(f"/proc/{p}/stat")
+        if stat is None:
+            continue
+        total += stat_cpu_ticks(stat)
+        for tid in list_tasks(p):
+            children = read(f"/proc/{p}/task/{tid}/children")
+            if children:
+                todo.extend(parse_children(children))
+    return total
+
+
+def batch_counts(prom_text: str, model: str = MODEL) -> Tuple[float, float]:
+    """(nv_inference_count, nv_inference_exec_count) for ``model`` in a Prometheus text exposition, each summed
+    over the model's label sets (versions, and front ends if a server ever exposes them separately)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums = {"nv_inference_count": 0.0, "nv_inference_exec_count": 0.0}
+    for family in text_string_to_metric_families(prom_text):
+        for s in family.samples:
+            # the parser names a counter's samples <family>_total whatever the exposition called them
+            name = s.name[:-len("_total")] if s.name.endswith("_total") else s.name
+            if name in sums and s.labels.get("model") == model:
+                sums[name] += s.value
+    return sums["nv_inference_count"], sums["nv_inference_exec_count"]
+
+
+def mean_batch(before: Tuple[float, float], after: Tuple[float, float]) -> Optional[float]:
+    """Rows per executed batch between two batch_counts() readings; None when no batch ran."""
+    batches = after[1] - before[1]
+    return (after[0] - before[0]) / batches if batches > 0 else None
+
+
+def cpu_cores(ticks_before: int, ticks_after: int, wall_s: float, hz: int) -> float:
+    return (ticks_after - ticks_before) / hz / wall_s if wall_s > 0 else float("nan")
+
+
+def median_row(samples: Sequence[Optional[dict]]) -> Optional[dict]:
+    """Per-key median over the rounds that succeeded (None when none did); ``n`` is how many did."""
+    ok = [s for s in samples if s is not None]
+    if not ok:
+        return None
+    row: dict = {"n": len(ok)}
+    for key in ok[0]:
+        vals = [s[key] for s in ok if s.get(key) is not None]
+        row[key] = statistics.median(vals) if vals else None
+    return row
+
+
+def _fmt(v: Optional[float], spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def table_rows(servers: Sequence[str], levels: Sequence[int], results: Mapping[Tuple[str, int], Optional[dict]]
+               ) -> List[List[str]]:
+    """[server, level, req/s, p50 ms, p99 ms, mean batch, CPU cores] per server and level, "failed" where the
+    measurement failed."""
+    out = []
+    for level in levels:
+        for server in servers:
+            r = results.get((server, level))
+            if r is None:
+                out.append([server, str(level)] + ["failed"] * 5)
+            else:
+                out.append([server, str(level), _fmt(r["rps"], ".0f"), _fmt(r["p50_ms"], ".2f"),
+                            _fmt(r["p99_ms"], ".2f"), _fmt(r.get("mean_batch"), ".1f"),
+                            _fmt(r.get("cpu_cores"), ".2f")])
+    return out
+
+
+def goal_lines(servers: Sequence[str], levels: Sequence[int], results: Mapping[Tuple[str, int], Optional[dict]]
+               ) -> List[str]:
+    """Issue 17's 2-core goals, one line per trtserve server and level: at GOAL_LEVEL and above, throughput
+    >= the ceiling's with mean batch >= GOAL_BATCH; at concurrency 1, p50 within GOAL_P50_MS of the ceiling's."""
+    lines = []
+    for server in servers:
+        if server == "ceiling":
+            continue
+        for level in levels:
+            if level < GOAL_LEVEL and level != 1:
+                continue
+            r, c = results.get((server, level)), results.get(("ceiling", level))
+            if r is None or c is None:
+                lines.append(f"- {server}, concurrency {level}: no verdict ({'server' if r is None else 'ceiling'} "
+                             "failed)")
+                continue
+            if level == 1:
+                d = r["p50_ms"] - c["p50_ms"]
+                ok = d <= GOAL_P50_MS
+                lines.append(f"- {server}, concurrency 1: p50 {r['p50_ms']:.2f} ms vs ceiling {c['p50_ms']:.2f} ms, "
+                             f"{d:+.2f} ms (goal <= +{GOAL_P50_MS} ms): "
+                             f"{'MET' if ok else f'MISSED by {d - GOAL_P50_MS:.2f} ms'}")
+            if level >= GOAL_LEVEL:
+                ratio = r["rps"] / c["rps"] if c["rps"] else float("nan")
+                mb = r.get("mean_batch")
+                ok_t, ok_b = ratio >= 1.0, mb is not None and mb >= GOAL_BATCH
+                verdict = "MET" if ok_t and ok_b else "MISSED: " + ", ".join(
+                    ([f"throughput {(1 - ratio) * 100:.0f}% short"] if not ok_t else [])
+                    + ([f"mean batch {_fmt(mb, '.1f')} < {GOAL_BATCH:g}"] if not ok_b else []))
+                lines.append(f"- {server}, concurrency {level}: {r['rps']:.0f} vs ceiling {c['rps']:.0f} req/s "
+                             f"({ratio:.2f}x, goal >= 1.00x), mean batch {_fmt(mb, '.1f')} (goal >= {GOAL_BATCH:g}): "
+                             f"{verdict}")
+    return lines
+
+
+HEADER = ["server", "concurrency", "req/s", "p50 ms", "p99 ms", "mean batch", "server CPU (cores)"]
+
+
+def render_text(rows: List[List[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADER)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(HEADER)] + [line(r) for r in rows])
+
+
+def render_markdown(rows: List[List[str]]) -> str:
+    return "\n".join(["| " + " | ".join(HEADER) + " |", "|---|" + "---:|" * (len(HEADER) - 1)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# ---- processes -----------------------------------------------------------------------------------------------
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:  # gone (or not ours to read)
+        return None
+
+
+def _list_tasks(pid: int) -> List[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def process_tree_ticks(pid: int) -> int:
+    return tree_cpu_ticks(pid, _read, _list_tasks)
+
+
+_TAKEN: set = set()
+
+
+def free_port() -> int:
+    """A free local port, never one this run handed out already (the kernel may offer a closed one again)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
+
+
+def make_repo(root: pathlib.Path) -> pathlib.Path:
+    """The example MLP (64->256->256->16, the bundled weights) under model name ``m``, configured as above."""
+    import shutil
+
+    from trtserve.server.examples import REPOSITORY
+
+    repo = root / "repo"
+    shutil.copytree(REPOSITORY / "mlp", repo / MODEL)
+    (repo / MODEL / "config.pbtxt").write_text(CONFIG)
+    return repo
+
+
+class Server:
+    """One server under test, started in its own session (so whatever it spawns can be stopped with it)."""
+
+    def __init__(self, name: str, cmd: List[str], port: int, metrics_port: Optional[int]) -> None:
+        self.name, self.cmd, self.port, self.metrics_port = name, cmd, port, metrics_port
+        self.url = f"127.0.0.1:{port}"
+        self.proc: Optional[subprocess.Popen] = None
+        self.tail: Deque[str] = collections.deque(maxlen=50)
+        self.failure = ""  # why it did not start, for the notes under the table
+
+    def start(self, timeout: float = 120.0) -> bool:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=ROOT, start_new_session=True)
+        threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the server's logging
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if self._ready():
+                return True
+            time.sleep(0.25)
+        last = [line.strip() for line in self.tail if line.strip()]
+        self.failure = f"did not start (exit {self.proc.poll()}): {last[-1] if last else 'no output'}"
+        print(f"{self.name}: {self.failure}\n{''.join(self.tail)[-1500:]}", file=sys.stderr, flush=True)
+        self.stop()
+        return False
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.tail.append(line)
+
+    def _ready(self) -> bool:
+        import grpc
+
+        from trtserve.protos import grpc_service_pb2 as pb
+        from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
+
+        try:
+            with grpc.insecure_channel(self.url) as ch:
+                pb_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(pb.ModelMetadataRequest(name=MODEL), timeout=1)
+            if self.metrics_port is not None:
+                self.metrics()
+            return True
+        except Exception:  # not up yet
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # the session this script created for it: anything it left behind
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+        self.proc = None
+
+
+def make_server(name: str, repo: pathlib.Path, frontends: Optional[int]) -> Server:
+    port = free_port()
+    if frontends is None:
+        cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", MODEL,
+               "--inputs", str(N_IN), "--outputs", str(N_OUT)]
+        return Server(name, cmd, port, None)
+    metrics_port = free_port()
+    cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
+           "--metrics-port", str(metrics_port), "--log-level", "warning", "--no-gpu-metrics"]
+    if frontends:  # N = 0 is the single-process mode, which needs no flag (and ran before the flag existed)
+        cmd += ["--frontends", str(frontends)]
+    return Server(name, cmd, port, metrics_port)
+
+
+def run_perf_analyzer(pa: str, url: str, level: int, duration: float) -> Optional[Dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "pa.csv"
+        cmd = [pa, "-m", MODEL, "-i", "grpc", "-u", url, "-b", "1", "--concurrency-range", f"{level}:{level}",
+               "--measurement-mode", "time_windows", "--measurement-interval", str(int(duration * 1000)),
+               "--stability-percentage", "100", "--max-trials", "10", "-f", str(out)]
+        env = dict(os.environ, TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT="1")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 20 * duration, env=env)
+        except subprocess.TimeoutExpired:
+            print(f"perf_analyzer timed out (concurrency {level})", file=sys.stderr, flush=True)
+            return None
+        if proc.returncode != 0 or not out.exists():
+            print(f"perf_analyzer failed (concurrency {level}): {proc.stdout[-600:]} {proc.stderr[-600:]}",
+                  file=sys.stderr, flush=True)
+            return None
+        row = next(csv.DictReader(out.open()))
+        return {"rps": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
+                "p99_ms": float(row["p99 latency"]) / 1000}
+
+
+def measure(server: Server, pa: str, level: int, duration: float, hz: int) -> Optional[dict]:
+    if not server.alive():
+        return None
+    try:
+        before = batch_counts(server.metrics()) if server.metrics_port is not None else None
+        assert server.proc is not None
+        t0, c0 = time.monotonic(), process_tree_ticks(server.proc.pid)
+        r = run_perf_analyzer(pa, server.url, level, duration)
+        c1, t1 = process_tree_ticks(server.proc.pid), time.monotonic()
+        if r is None:
+            return None
+        r["cpu_cores"] = cpu_cores(c0, c1, t1 - t0, hz)
+        r["mean_batch"] = mean_batch(before, batch_counts(server.metrics())) if before is not None else None
+        return r
+    except Exception as e:  # a server that died or whose /metrics broke: this level failed, the run goes on
+        print(f"{server.name} concurrency {level}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frontends", default="0,1,2", help="values of trtserve serve --frontends (0: single process)")
+    p.add_argument("--levels", default="1,8,32,128", help="perf_analyzer concurrency levels")
+    p.add_argument("--duration", type=float, default=4.0, help="perf_analyzer measurement window, seconds")
+    p.add_argument("--rounds", type=int, default=1, help="rounds (medians are reported)")
+    p.add_argument("--write", action="store_true", help=f"write the table to {OUT.relative_to(ROOT)}")
+    p.add_argument("--out", type=pathlib.Path, default=OUT, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    levels = [int(x) for x in a.levels.split(",") if x]
+    frontends = [int(x) for x in a.frontends.split(",") if x]
+    from bench.cpu import perf_analyzer_path
+
+    pa = perf_analyzer_path()
+    if not pa:
+        print("perf_analyzer not found: bash ../shared/perf-analyzer/setup.sh /tmp/perf-analyzer (or set "
+              "PERF_ANALYZER)", file=sys.stderr)
+        return 2
+    hz = os.sysconf("SC_CLK_TCK")
+    machine = (f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+               f"(affinity {len(os.sched_getaffinity(0))}), Python {platform.python_version()}")
+    command = "python -m bench.frontends " + " ".join(argv if argv is not None else sys.argv[1:])
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"# {machine}; {date}; commit {_commit()}\n# {command}", flush=True)
+    samples: Dict[Tuple[str, int], List[Optional[dict]]] = collections.defaultdict(list)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = make_repo(pathlib.Path(tmp))
+        servers = [make_server("ceiling", repo, None)] + [make_server(f"trtserve f{n}", repo, n) for n in frontends]
+        names = [s.name for s in servers]
+        notes: List[str] = []
+        try:
+            for s in servers:
+                if not s.start():
+                    notes.append(f"- {s.name} (`{' '.join(s.cmd[1:])}`) {s.failure}")
+            idle = {}
+            for s in servers:  # all servers stay up: an idle one should cost nothing; show that it does not
+                if s.alive():
+                    assert s.proc is not None
+                    idle[s.name] = process_tree_ticks(s.proc.pid)
+            time.sleep(1.0)
+            for s in servers:
+                if s.name in idle and s.alive():
+                    assert s.proc is not None
+                    idle[s.name] = (process_tree_ticks(s.proc.pid) - idle[s.name]) / hz
+            print("# idle CPU (cores) while the others wait: " + ", ".join(f"{k} {v:.2f}" for k, v in idle.items()),
+                  flush=True)
+            for rnd in range(a.rounds):
+                for level in levels:
+                    k = (rnd + levels.index(level)) % len(servers)
+                    for s in servers[k:] + servers[:k]:  # rotate who goes first
+                        r = measure(s, pa, level, a.duration, hz)
+                        samples[(s.name, level)].append(r)
+                        cells = table_rows([s.name], [level], {(s.name, level): r})[0]
+                        print(f"round {rnd + 1} | " + " | ".join(cells), flush=True)
+        finally:
+            for s in servers:
+                s.stop()
+    results = {key: median_row(v) for key, v in samples.items()}
+    rows = table_rows(names, levels, results)
+    goals = goal_lines(names, levels, results)
+    print()
+    print(render_text(rows))
+    print()
+    print("\n".join(goals))
+    if notes:
+        print("\n" + "\n".join(notes))
+    if a.write:
+        md = [f"# trtserve front ends vs the grpc.aio ceiling (2-core box)\n",
+              f"- machine: {machine}", f"- command: `{command}`", f"- date: {date}", f"- commit: {_commit()}",
+              f"- model: MLP 64->256->256->16, ONNX Runtime 1 intra-op thread, max_batch_size 32, dynamic batching "
+              f"2 ms queue delay, 1 row per request; perf_analyzer -i grpc, time windows of {a.duration:g} s, "
+              f"TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1; medians of {a.rounds} round(s), servers interleaved "
+              "per level", "- mean batch: delta nv_inference_count / delta nv_inference_exec_count from /metrics; "
+              "server CPU: utime+stime of the server and all its descendants over the perf_analyzer run / its wall "
+              "time (load generator and server share the cores)", "", render_markdown(rows), "",
+              "## Goals (issue 17)", ""] + goals + (["", "## Failures", ""] + notes if notes else [])
+        a.out.write_text("\n".join(md) + "\n")
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
