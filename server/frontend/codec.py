@@ -2,8 +2,8 @@
 
 Decoding checks only what the message itself must satisfy (known datatype, sane shape, raw byte
 count == shape x datatype, typed ``contents`` in the right field with the right count); checks
-against the model live in repository/validation.py. Every failure names the tensor, what was
-expected and what arrived.
+against the model live in frontend/validation.py, whose ``precheck`` runs before any decoding.
+Every failure names the tensor, what was expected and what arrived.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 from trtserve import dtypes
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.server.errors import InvalidArgument
+from trtserve.server.frontend.shm_params import check_no_orphans
 
 MAX_ELEMENTS = 1 << 40  # far above any real tensor; guards the shape product before allocating
 _CONTENT_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",
@@ -101,6 +102,7 @@ def decode_inputs(request: pb.ModelInferRequest, shm_reader: Optional[ShmReader]
     for i, t in enumerate(request.inputs):
         if t.name in arrays:
             raise InvalidArgument(f"input '{t.name}' appears more than once in the request")
+        check_no_orphans(t.parameters, f"input '{t.name}'")
         if t.datatype not in dtypes.BY_WIRE:
             raise InvalidArgument(f"input '{t.name}': unknown datatype '{t.datatype}'; "
                                   f"known: {', '.join(dtypes.BY_WIRE)}")
@@ -132,13 +134,20 @@ def decode_inputs(request: pb.ModelInferRequest, shm_reader: Optional[ShmReader]
 
 
 def requested_outputs(request: pb.ModelInferRequest, allow_shm: bool = False) -> Tuple[str, ...]:
-    """Names of the requested outputs in request order (empty = all); duplicates rejected."""
+    """Names of the requested outputs in request order (empty = all); duplicates rejected.
+
+    Linear in the number of requested outputs (a set, not a list scan); for a check bounded by the
+    model's outputs, before any decoding, use validation.check_request_outputs / precheck.
+    """
     names = []
+    seen = set()
     for o in request.outputs:
-        if o.name in names:
+        if o.name in seen:
             raise InvalidArgument(f"output '{o.name}' is requested more than once")
+        check_no_orphans(o.parameters, f"output '{o.name}'")
         if "shared_memory_region" in o.parameters and not allow_shm:
             raise InvalidArgument(f"output '{o.name}': shared memory outputs are not supported by this server")
+        seen.add(o.name)
         names.append(o.name)
     return tuple(names)
 
