@@ -72,3 +72,10 @@ class ModelLoadError(TrtServeError):
     """A model (engine, ONNX file, config) failed validation at load time; the message names the tensor."""
 
     code = "INVALID_ARGUMENT"
+
+
+class ResourceExhausted(TrtServeError):
+    """A per-server limit is reached (e.g. registered shared-memory regions, ``--max-shm-regions``)."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "rejected"

@@ -33,7 +33,9 @@ from .models import add_sub, copy_example, identity  # noqa: E402
 from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec  # noqa: E402
 from trtserve.server.errors import AlreadyExists, InvalidArgument, NotFound  # noqa: E402
 from trtserve.server.examples.make_mlp import reference  # noqa: E402
-from trtserve.server.engine.shm.registry import CudaApi, SharedMemoryRegistry, ShmRef  # noqa: E402
+from trtserve.server.engine.shm.cuda import CudaApi  # noqa: E402
+from trtserve.server.engine.shm.registry import SharedMemoryRegistry  # noqa: E402
+from trtserve.server.engine.shm.request import ShmRef  # noqa: E402
 from trtserve import dtypes  # noqa: E402
 
 PA = os.environ.get("PERF_ANALYZER") or "/tmp/perf-analyzer/perf_analyzer"
@@ -417,7 +419,7 @@ def test_server_stop_unmaps_every_region(serve_repo, shm_repo, regions):
     registry = s.server.shared_memory
     region = registry.status("system", "z")[0]
     s.stop()
-    assert region._mmap is None and region._fd == -1
+    assert region.closed and region._fd == -1
     assert registry.status("system") == []
     with pytest.raises(Exception, match="shutting down"):
         registry.register_system("again", _key(h), 0, 16)
@@ -464,6 +466,19 @@ class FakeCuda(CudaApi):
         ctypes.memmove(dst, src, nbytes)
 
 
+def _use_fake_cuda(registry: SharedMemoryRegistry, fake: "FakeCuda") -> Callable[[], None]:
+    """Points a running server's registry at ``fake`` (wherever the server keeps the registry); the returned
+    function unregisters the CUDA regions and puts the real CUDA back."""
+    saved = (registry._cuda_api, registry._cuda_devices)
+    registry._cuda_api, registry._cuda_devices = fake, None
+
+    def restore() -> None:
+        registry.unregister("CUDA")
+        registry._cuda_api, registry._cuda_devices = saved
+
+    return restore
+
+
 # ---- the registry's lifetimes -------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -475,21 +490,27 @@ def posix_object() -> Iterator[str]:
         yield key
 
 
-def test_unregister_while_in_flight_defers_the_unmap(posix_object):
+def test_unregister_while_in_flight_defers_the_close(posix_object):
     reg = SharedMemoryRegistry(cuda=None)
     reg.register_system("r", posix_object, 0, 4096)
-    shm = reg.request()
-    arr = shm.read_input("INPUT0", dtypes.BY_WIRE["FP32"], (4,), ShmRef("r", 0, 16))
-    assert not arr.flags.writeable  # the server can never write an input region
+    fd = os.open("/dev/shm/" + posix_object.lstrip("/"), os.O_RDWR)
+    try:
+        os.pwrite(fd, np.ones(4, np.float32).tobytes(), 0)
+        shm = reg.request()
+        arr = shm.read_input("INPUT0", dtypes.BY_WIRE["FP32"], (4,), ShmRef("r", 0, 16))
+        os.pwrite(fd, np.zeros(4, np.float32).tobytes(), 0)
+    finally:
+        os.close(fd)
+    assert arr.flags.aligned and arr.tolist() == [1.0] * 4  # a copy, not a view of the client's object
     reg.unregister("system", "r")
     with pytest.raises(NotFound, match="was unregistered"):
         reg.request().read_input("INPUT0", dtypes.BY_WIRE["FP32"], (4,), ShmRef("r", 0, 16))
     region = shm._held[0]
-    assert region._mmap is not None  # still mapped for the request in flight
-    assert arr.tolist() == [0.0] * 4
+    assert not region.closed  # still open for the request in flight: it can read more and write outputs
+    assert region.read(16, 16, "input 'INPUT1'").tolist() == [0] * 16  # e.g. to write an output
     shm.release()
-    assert region._mmap is None  # closed by the last lease (the view keeps its pages alive)
-    assert arr.tolist() == [0.0] * 4
+    assert region.closed  # closed by the last lease
+    assert arr.tolist() == [1.0] * 4  # the server's copy outlives the region
 
 
 def test_registry_rejects_duplicates_across_kinds_and_checks_devices(posix_object):
@@ -542,8 +563,7 @@ def test_cancelled_request_keeps_device_regions_mapped(posix_object):
 @needs_tc
 def test_cuda_regions_through_the_server_on_a_fake_gpu(server, client):
     fake = FakeCuda(devices=1)
-    real = server.server.service.shared_memory
-    server.server.service.shared_memory = SharedMemoryRegistry(cuda=fake)
+    restore = _use_fake_cuda(server.server.shared_memory, fake)
     try:
         assert "cuda_shared_memory" in client.get_server_metadata().extensions
         x = np.random.default_rng(5).random((2, 64), dtype=np.float32)
@@ -572,8 +592,7 @@ def test_cuda_regions_through_the_server_on_a_fake_gpu(server, client):
             client.infer("mlp", [_mlp_input(x, "cin", x.nbytes)])
         assert _status(e) == "StatusCode.NOT_FOUND"
     finally:
-        server.server.service.shared_memory.close()
-        server.server.service.shared_memory = real
+        restore()
     assert fake.open_count == 0
 
 
@@ -651,8 +670,7 @@ dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 200
     server = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, metrics_port=None,
                                          gpu_metrics=False, backend_factories={"devcopy": DeviceCopyBackend}))
     fake = FakeCuda(devices=1)
-    real = server.server.service.shared_memory
-    server.server.service.shared_memory = SharedMemoryRegistry(cuda=fake)
+    restore = _use_fake_cuda(server.server.shared_memory, fake)
     channel = grpc.insecure_channel(server.url)
     try:
         stub = pbg.GRPCInferenceServiceStub(channel)
@@ -704,8 +722,8 @@ dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 200
         stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest(), timeout=10)
     finally:
         channel.close()
-        server.server.service.shared_memory.close()
-        server.server.service.shared_memory = real
+        restore()
+        server.server.shared_memory.close()
         server.stop()
     assert fake.open_count == 0
 

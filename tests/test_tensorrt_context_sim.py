@@ -21,7 +21,7 @@ from trtserve.server.engine.backends.tensorrt.context import InstanceContext
 from trtserve.server.engine.backends.tensorrt.engine import EngineInfo, IOTensor
 from trtserve.server.errors import Internal, InvalidArgument
 from trtserve.server.engine.backends.tensorrt import staging
-from trtserve.server.engine.shm.registry import DeviceTensor
+from trtserve.server.engine.backends.base import DeviceTensor
 
 N_IN, N_OUT, MAX_ROWS = 8, 8, 16
 

@@ -276,7 +276,8 @@ def test_device_tensor_and_device_sourced_outputs(peers, tmp_path) -> None:
     """The pieces a device-to-device backend uses, in process: DeviceTensor is a CuPy view of the
     client's memory; a CuPy result is written into CUDA and system regions without going through NumPy."""
     from trtserve import dtypes
-    from trtserve.server.engine.shm.registry import SharedMemoryRegistry, ShmRef
+    from trtserve.server.engine.shm.registry import SharedMemoryRegistry
+    from trtserve.server.engine.shm.request import ShmRef
 
     peer = peers(4096)
     x = np.arange(32, dtype=np.float32)

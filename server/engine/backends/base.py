@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import pathlib
-from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,6 +85,33 @@ class Gather:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTensor:
+    """An input that stays in a client's CUDA shared-memory region: what a backend with
+    ``accepts_device_tensors`` receives instead of a NumPy array (see docs/shared-memory.md).
+
+    ``__cuda_array_interface__`` makes ``cupy.asarray(t)`` a zero-copy view; the backend must copy
+    it (device to device, on its own stream) before the request's answer is sent, because the
+    mapping is only guaranteed until then.
+    """
+
+    ptr: int
+    nbytes: int
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    device_id: int
+    region: str
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def __cuda_array_interface__(self) -> Dict[str, Any]:
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, True), "version": 3,
+                "strides": None}
 
 
 def is_host(array: object) -> bool:
