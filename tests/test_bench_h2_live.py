@@ -73,8 +73,8 @@ def test_h2_answers_equal_grpcio_answers(example_server):
 def test_h2_errors_carry_the_servers_status_and_message(example_server):
     bad = [_mlp_request(model="no-such-model"), _mlp_request(datatype="INT8"), b"\xff\xff not protobuf"]
     expected = [_grpcio(example_server.url, p)[:2] for p in bad]
-    # (a request that is not protobuf fails in grpcio's server before trtserve sees it: UNKNOWN)
-    assert [s for s, _ in expected] == ["NOT_FOUND", "INVALID_ARGUMENT", "UNKNOWN"]
+    # (a request that is not protobuf: INVALID_ARGUMENT, see server/frontend/registration.py)
+    assert [s for s, _ in expected] == ["NOT_FOUND", "INVALID_ARGUMENT", "INVALID_ARGUMENT"]
     assert "no-such-model" in expected[0][1] and "INT8" in expected[1][1]
     for driver, results in _both(example_server.url, bad + [_mlp_request()]).items():
         assert [(r.status, r.details) for r in results[:3]] == expected, driver

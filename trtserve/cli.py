@@ -38,7 +38,22 @@ def add_serve_parser(sub) -> None:
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--drain-seconds", type=float, default=float(_env("DRAIN_SECONDS", "30")),
                    help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
-    p.add_argument("--max-message-bytes", type=int, default=int(_env("MAX_MESSAGE_BYTES", str(2**31 - 1))))
+    p.add_argument("--max-message-bytes", type=int, default=int(_env("MAX_MESSAGE_BYTES", str(128 << 20))),
+                   help="largest request or response message in bytes (default 128 MiB); shared-memory inputs are "
+                        "held to it too")
+    p.add_argument("--frontends", default=_env("FRONTENDS", "auto"),
+                   help="gRPC front-end processes on the port, beside one engine process; 0 serves from this one "
+                        "process (debugging); auto (default): chosen from the CPUs this process may use")
+    p.add_argument("--arena-bytes", type=int, default=int(_env("ARENA_BYTES", str(512 << 20))),
+                   help="per front end: shared memory for the tensors of its requests in flight (default 512 MiB, "
+                        "taken as used); a full arena answers UNAVAILABLE")
+    p.add_argument("--max-inflight", type=int, default=int(_env("MAX_INFLIGHT", "4096")),
+                   help="per front end: inference requests in flight before new ones are answered UNAVAILABLE")
+    p.add_argument("--max-stream-inflight", type=int, default=int(_env("MAX_STREAM_INFLIGHT", "64")),
+                   help="per ModelStreamInfer stream: requests read but not yet answered; past it the stream is "
+                        "not read until responses are")
+    p.add_argument("--max-shm-regions", type=int, default=int(_env("MAX_SHM_REGIONS", "1024")),
+                   help="registered shared-memory regions (system and CUDA); more answer RESOURCE_EXHAUSTED")
     p.add_argument("--cache-dir", type=pathlib.Path, default=_env("CACHE_DIR", "") or None,
                    help="where built TensorRT plans are cached (default: ~/.cache/trtserve)")
     p.add_argument("--no-gpu-metrics", action="store_true", help="do not query NVML")
@@ -54,8 +69,12 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--auth-token-file", type=pathlib.Path, default=_env("AUTH_TOKEN_FILE", "") or None,
                    help="file holding a bearer token every RPC except health checks must present "
                         "(or set TRTSERVE_AUTH_TOKEN)")
-    p.add_argument("--max-concurrent-streams", type=int, default=int(_env("MAX_CONCURRENT_STREAMS", "0")),
-                   help="limit on concurrent RPCs per client connection (0: grpc's default)")
+    p.add_argument("--metrics-tls", action="store_true", default=_env("METRICS_TLS", "") in ("1", "true"),
+                   help="serve /metrics over TLS with --grpc-server-cert and --grpc-server-key")
+    p.add_argument("--metrics-auth", action="store_true", default=_env("METRICS_AUTH", "") in ("1", "true"),
+                   help="require the bearer token (--auth-token-file) on /metrics too")
+    p.add_argument("--max-concurrent-streams", type=int, default=int(_env("MAX_CONCURRENT_STREAMS", "256")),
+                   help="concurrent RPCs per client connection (default 256; 0: grpc's default)")
     p.set_defaults(func=serve)
 
 
@@ -81,7 +100,17 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.auth_token_file is not None:
         token = args.auth_token_file.read_text().strip()
     options.auth_token = token or None
+    if args.metrics_tls and options.tls is None:
+        raise SystemExit("trtserve: --metrics-tls needs --grpc-server-cert and --grpc-server-key")
+    if args.metrics_auth and options.auth_token is None:
+        raise SystemExit("trtserve: --metrics-auth needs a token (--auth-token-file or TRTSERVE_AUTH_TOKEN)")
+    options.metrics_tls, options.metrics_auth = args.metrics_tls, args.metrics_auth
     options.max_concurrent_streams = args.max_concurrent_streams
+    options.frontends = frontends_from(args.frontends)
+    options.arena_bytes = args.arena_bytes
+    options.max_inflight = args.max_inflight
+    options.max_stream_inflight = args.max_stream_inflight
+    options.max_shm_regions = args.max_shm_regions
     server = TrtServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -89,12 +118,36 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     print(f"trtserve: serving {options.model_repository} on {options.host}:{server.grpc_port} "
-          f"(metrics {server.metrics_port if server.metrics_port is not None else 'off'})", flush=True)
-    await stop.wait()
+          f"(metrics {server.metrics_port if server.metrics_port is not None else 'off'}; "
+          f"{options.frontends} front-end processes)", flush=True)
+    stopped = loop.create_task(stop.wait())
+    ended = loop.create_task(server.wait())
+    await asyncio.wait({stopped, ended}, return_when=asyncio.FIRST_COMPLETED)
+    if ended.done():  # the server stopped by itself (its engine died): the exit code says so
+        stopped.cancel()
+        code = ended.result()
+        print(f"trtserve: stopped with code {code}", flush=True)
+        return int(code or 0)
+    ended.cancel()
     logging.getLogger("trtserve").info("signal received: draining (up to %.0f s)", options.drain_seconds)
     await server.stop()
     print("trtserve: stopped", flush=True)
     return 0
+
+
+def frontends_from(value: str) -> int:
+    """The --frontends value: a count, or ``auto``: one front end per two CPUs this process may use, at least
+    one and at most eight, leaving room for the engine (see docs/architecture.md for the measurement)."""
+    if value == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, cpus // 2))
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise SystemExit(f"trtserve: --frontends must be auto or a number >= 0, got {value!r}")
+    return count
 
 
 def _switch_interval_us(value: str) -> float:
@@ -118,7 +171,11 @@ def serve(args: argparse.Namespace) -> int:
     interval = _switch_interval_us(args.gil_switch_interval_us)
     if interval > 0:
         sys.setswitchinterval(interval / 1e6)
-    return asyncio.run(_serve(args))
+    try:
+        return asyncio.run(_serve(args))
+    except OSError as e:  # a port that is taken, a missing certificate: one line, not a traceback
+        print(f"trtserve: {e.strerror or e}" if e.filename is None else f"trtserve: {e}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,40 +1,36 @@
-"""``inference.GRPCInferenceService`` on grpc.aio: decode -> validate -> batcher -> encode.
+"""``inference.GRPCInferenceService`` on grpc.aio: check -> stage in the arena -> engine -> encode.
 
-Handlers only translate; the work happens in the repository and the batcher. The shared-memory
-RPCs and the tensors that name regions go through engine/shm/registry.py; trace and log RPCs are
-inherited from the generated base class, which answers UNIMPLEMENTED, and the ServerMetadata
-extensions list only what works here.
+A front end does the protocol work of a request once, where it enters: the request is checked against
+the model before anything is decoded (validation.precheck), its tensors are copied into the front end's
+arena, and the engine gets a descriptor. Everything that is not inference (metadata, readiness,
+repository, shared memory, statistics) is answered by the engine, so every front end answers alike.
+Trace and log RPCs are inherited from the generated base class, which answers UNIMPLEMENTED, and the
+ServerMetadata extensions list only what works here.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Dict, Optional, Tuple
+from typing import AsyncIterator, List, Optional, Tuple
 
-import grpc
+import numpy as np
 
-from trtserve import __version__, dtypes
+from trtserve import dtypes
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
-from trtserve.server.errors import InvalidArgument, TrtServeError, Unavailable
-from trtserve.server.events import Observer
-from trtserve.server.metrics.statistics import Statistics
-from trtserve.server.engine.shm import registry as shm
-from trtserve.server.frontend import codec, convert
+from trtserve.server.errors import InvalidArgument, ResourceExhausted, TrtServeError, Unavailable
+from trtserve.server.frontend import codec
+from trtserve.server.frontend.engine_client import EngineClient, RemoteError, StaleModel
 from trtserve.server.frontend.status import grpc_code, rpc
-from trtserve.server.engine.repository.registry import ModelRepository
-from trtserve.server.frontend.validation import output_datatypes, validate_request
+from trtserve.server.frontend.validation import Prechecked, precheck
+from trtserve.server.ipc import messages as m
+from trtserve.server.ipc.arena import ALIGN, ArenaFull
 
 log = logging.getLogger("trtserve.protocol")
 
-EXTENSIONS = ("model_configuration", "model_repository", "schedule_policy", "statistics")
-_RESERVED_IGNORED = ("binary_data_output", "headers")
-
-
-def _uses_shm(request: pb.ModelInferRequest) -> bool:
-    return any(shm.REGION in t.parameters for t in request.inputs) or any(
-        shm.REGION in o.parameters for o in request.outputs)
+# engine answers after which a front end asks for the model again instead of trusting what it cached
+_FORGET_ON = ("NOT_FOUND", "UNAVAILABLE")
 
 
 def _schedule_params(request: pb.ModelInferRequest) -> Tuple[int, int]:
@@ -58,255 +54,309 @@ def _schedule_params(request: pb.ModelInferRequest) -> Tuple[int, int]:
     return priority, timeout
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    """The KServe v2 / Triton gRPC service."""
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
 
-    def __init__(self, repository: ModelRepository, statistics: Statistics, observer: Observer,
-                 shared_memory: Optional[shm.SharedMemoryRegistry] = None) -> None:
-        self._repo = repository
-        self._stats = statistics
-        self._observer = observer
-        self.shared_memory = shared_memory if shared_memory is not None else shm.SharedMemoryRegistry()
+
+def _output_bytes(spec, name: str, rows: int) -> Optional[int]:
+    """Bytes an output of a request of ``rows`` rows takes, when its shape is fixed; None otherwise."""
+    t = spec.output(name)
+    if t is None or t.datatype == "BYTES" or any(d < 0 for d in t.dims):
+        return None
+    n = dtypes.BY_WIRE[t.datatype].itemsize * (rows if spec.batches else 1)
+    for d in t.dims:
+        n *= d
+    return n
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    """The KServe v2 / Triton gRPC service of one front end."""
+
+    def __init__(self, engine: EngineClient, max_input_bytes: int, max_inflight: int,
+                 max_stream_inflight: int) -> None:
+        self._engine = engine
+        self._max_input_bytes = max_input_bytes
+        self._max_inflight = max_inflight
+        self._max_stream_inflight = max(1, max_stream_inflight)
         self.ready = True  # false from the start of a drain: ServerReady/ModelReady answer false
         self.accepting = True  # false once the drain stops taking work: new inferences UNAVAILABLE
 
-    # ---- health and metadata ----------------------------------------------------------------
+    async def _forward(self, method: str, response_type, *args):
+        return response_type.FromString(await self._engine.call(method, *args))
+
+    # ---- health and metadata --------------------------------------------------------------------------------------
     @rpc
     async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self._engine.alive)
 
     @rpc
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.ready and self.accepting)
+        ready = self.ready and self.accepting and self._engine.alive and await self._engine.call("server_ready")
+        return pb.ServerReadyResponse(ready=bool(ready))
 
     @rpc
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.ready and self.accepting and self._repo.is_ready(request.name, request.version))
+        ready = self.ready and self.accepting and self._engine.alive and await self._engine.call(
+            "model_ready", request.name, request.version)
+        return pb.ModelReadyResponse(ready=bool(ready))
 
     @rpc
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="trtserve", version=__version__,
-                                         extensions=list(EXTENSIONS) + list(self.shared_memory.extensions()))
+        return await self._forward("server_metadata", pb.ServerMetadataResponse)
 
     @rpc
     async def ModelMetadata(self, request, context):
-        mv = self._repo.get(request.name, request.version)
-        versions = [mv] if request.version else self._repo.versions(request.name)
-        return convert.model_metadata(request.name, versions)
+        return await self._forward("model_metadata", pb.ModelMetadataResponse, request.name, request.version)
 
     @rpc
     async def ModelConfig(self, request, context):
-        mv = self._repo.get(request.name, request.version)
-        return pb.ModelConfigResponse(config=mv.config)
+        return await self._forward("model_config", pb.ModelConfigResponse, request.name, request.version)
 
     @rpc
     async def ModelStatistics(self, request, context):
-        response = pb.ModelStatisticsResponse()
-        if request.name:
-            versions = [self._repo.get(request.name, request.version)] if request.version else [
-                v for v in self._repo.versions(request.name) if v.state == "READY"]
-        else:
-            versions = [v for v in self._repo.loaded() if v.state == "READY"]
-        for mv in versions:
-            response.model_stats.append(convert.model_statistics(mv.name, mv.version,
-                                                                 self._stats.snapshot(mv.name, mv.version)))
-        return response
+        return await self._forward("model_statistics", pb.ModelStatisticsResponse, request.name, request.version)
 
-    # ---- repository ---------------------------------------------------------------------------
+    # ---- repository -----------------------------------------------------------------------------------------------
     @rpc
     async def RepositoryIndex(self, request, context):
-        response = pb.RepositoryIndexResponse()
-        for name, version, state, reason in self._repo.index():
-            if request.ready and state != "READY":
-                continue
-            response.models.add(name=name, version=version, state=state, reason=reason)
-        return response
+        return await self._forward("repository_index", pb.RepositoryIndexResponse, request.ready)
 
     @rpc
     async def RepositoryModelLoad(self, request, context):
-        if request.parameters:
-            raise InvalidArgument("RepositoryModelLoad parameters (config overrides, files) are not supported; "
-                                  "edit the model repository instead")
-        await self._repo.load(request.model_name)
+        await self._engine.call("load", request.model_name, bool(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @rpc
     async def RepositoryModelUnload(self, request, context):
-        await self._repo.unload(request.model_name)
+        await self._engine.call("unload", request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    # ---- shared memory ------------------------------------------------------------------------
+    # ---- shared memory --------------------------------------------------------------------------------------------
     @rpc
     async def SystemSharedMemoryStatus(self, request, context):
         response = pb.SystemSharedMemoryStatusResponse()
-        for r in self.shared_memory.status("system", request.name):
-            response.regions[r.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
-                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+        for name, key, offset, byte_size in await self._engine.call("shm_status", "system", request.name):
+            response.regions[name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=name, key=key, offset=offset, byte_size=byte_size))
         return response
 
     @rpc
     async def SystemSharedMemoryRegister(self, request, context):
-        self.shared_memory.register_system(request.name, request.key, request.offset, request.byte_size)
+        await self._engine.call("shm_register_system", request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @rpc
     async def SystemSharedMemoryUnregister(self, request, context):
-        self.shared_memory.unregister("system", request.name)
+        await self._engine.call("shm_unregister", "system", request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc
     async def CudaSharedMemoryStatus(self, request, context):
         response = pb.CudaSharedMemoryStatusResponse()
-        for r in self.shared_memory.status("CUDA", request.name):
-            response.regions[r.name].CopyFrom(pb.CudaSharedMemoryStatusResponse.RegionStatus(
-                name=r.name, device_id=r.device_id, byte_size=r.byte_size))
+        for name, device_id, byte_size in await self._engine.call("shm_status", "CUDA", request.name):
+            response.regions[name].CopyFrom(pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                name=name, device_id=device_id, byte_size=byte_size))
         return response
 
     @rpc
     async def CudaSharedMemoryRegister(self, request, context):
-        # opening an IPC handle can take milliseconds (peer mapping): keep it off the event loop
-        await asyncio.get_running_loop().run_in_executor(
-            None, self.shared_memory.register_cuda, request.name, request.raw_handle, request.device_id,
-            request.byte_size)
+        await self._engine.call("shm_register_cuda", request.name, bytes(request.raw_handle), request.device_id,
+                                request.byte_size)
         return pb.CudaSharedMemoryRegisterResponse()
 
     @rpc
     async def CudaSharedMemoryUnregister(self, request, context):
-        self.shared_memory.unregister("CUDA", request.name)
+        await self._engine.call("shm_unregister", "CUDA", request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
-    def _decode_shm(self, request: pb.ModelInferRequest, mv, req_shm: shm.RequestShm):
-        """decode + validate for a request that names shared-memory regions; resolves its output
-        regions (bounds, overlap, size when the shape is known) before it is queued, and, for a backend
-        that copies device to device, which outputs it may write into CUDA regions itself."""
-        spec, backend = mv.spec, mv.backend
-        # a backend that copies device-to-device itself takes CUDA inputs as DeviceTensor descriptors
-        device_tensors = bool(getattr(backend, "accepts_device_tensors", False))
-        device_id = getattr(getattr(backend, "config", None), "device_id", 0)
-
-        def reader(t, dt: dtypes.DataType, shape: Tuple[int, ...]):
-            ref = shm.shm_ref(t.parameters, f"input '{t.name}'")
-            # a paddable input may be padded into a batch, which happens in host memory
-            data = req_shm.read_input(t.name, dt, shape, ref, device_tensors and t.name not in spec.pad_values)
-            if isinstance(data, shm.DeviceTensor) and data.device_id != device_id:
-                raise InvalidArgument(f"input '{t.name}': CUDA shared memory region '{ref.region}' is on device "
-                                      f"{data.device_id} but model '{spec.name}' runs on device {device_id}")
-            return data
-
-        arrays, types = codec.decode_inputs(request, reader)
-        rows, names = validate_request(spec, arrays, types, codec.requested_outputs(request, allow_shm=True))
-        for o in request.outputs:
-            ref = shm.shm_ref(o.parameters, f"output '{o.name}'")
-            if ref is not None:
-                req_shm.add_output(o.name, ref)
-        for t in spec.outputs:
-            full = ((rows,) if spec.batches else ()) + tuple(t.dims)
-            req_shm.check_output_size(t.name, dtypes.BY_WIRE[t.datatype], full)
-        device_outputs = {}
-        if device_tensors:
-            for name in req_shm.outputs:
-                dest = req_shm.device_destination(name, device_id)
-                if dest is not None:
-                    device_outputs[name] = dest
-        return arrays, types, rows, names, device_outputs
-
-    # ---- inference ----------------------------------------------------------------------------
+    # ---- inference ------------------------------------------------------------------------------------------------
     @rpc
     async def ModelInfer(self, request, context):
-        remaining = context.time_remaining()
-        return await self._infer(request, remaining)
+        return await self._infer(request, context.time_remaining())
 
     async def _infer(self, request: pb.ModelInferRequest, remaining: Optional[float]) -> pb.ModelInferResponse:
-        """One inference; reports exactly one request_done for every request that names a loaded model."""
-        t0 = time.perf_counter_ns()
+        """One inference; the engine reports it to statistics and metrics exactly once (a request refused here
+        is reported through ``report_failure``)."""
+        t0 = time.monotonic_ns()
         if not self.accepting:
             raise Unavailable("the server is shutting down and accepts no new requests")
-        mv = self._repo.get(request.model_name, request.model_version)
-        spec, batcher = mv.spec, mv.batcher
-        assert spec is not None and batcher is not None
-        rows = 0
-        # requests without shared memory take exactly the path they took before it existed
-        req_shm = self.shared_memory.request() if _uses_shm(request) else None
-        cancelled = False
-        try:
-            device_outputs = None
-            if req_shm is None:
-                arrays, types = codec.decode_inputs(request)
-                rows, names = validate_request(spec, arrays, types, codec.requested_outputs(request))
-            else:
-                arrays, types, rows, names, device_outputs = self._decode_shm(request, mv, req_shm)
-            priority, timeout_us = _schedule_params(request)
+        engine = self._engine
+        name, version = request.model_name, request.model_version
+        for _attempt in range(3):  # a reload between the check and the engine: check against the new version
+            try:
+                spec, serial = await engine.model(name, version)
+            except RemoteError as e:
+                if e.code in _FORGET_ON:
+                    engine.forget_model(name, version)
+                raise
+            try:
+                if engine.inflight >= self._max_inflight:
+                    raise _Overloaded(f"the server is overloaded: {engine.inflight} requests in flight in this "
+                                      f"front end (limit {self._max_inflight}); retry later")
+                checked = precheck(spec, request, self._max_input_bytes)
+                priority, timeout_us = _schedule_params(request)
+                block, inputs, outputs = self._stage(spec, request, checked)
+            except TrtServeError as e:
+                engine.report_failure(spec.name, spec.version, e.reason, 0, time.monotonic_ns() - t0)
+                raise
             deadline = None if remaining is None else time.monotonic() + remaining
-            result = await batcher.submit(arrays, names, rows, priority, timeout_us, deadline, device_outputs)
-            dts = output_datatypes(spec)
-            outputs: Dict[str, object] = {n: result.outputs[n] for n in names}
-            if req_shm is not None:
-                for name in req_shm.outputs:
-                    if name not in result.delivered:  # the backend wrote those into device memory already
-                        req_shm.write_output(name, dts[name], outputs[name])
-            response = codec.encode_response(request, spec.name, spec.version, outputs, dts,
-                                             req_shm.outputs if req_shm is not None else ())
-        except TrtServeError as e:
-            self._observer.request_done(spec.name, spec.version, False, e.reason, rows,
-                                        time.perf_counter_ns() - t0, 0, 0, 0, 0)
-            raise
-        except asyncio.CancelledError:
-            cancelled = True
-            self._observer.request_done(spec.name, spec.version, False, "cancelled", rows,
-                                        time.perf_counter_ns() - t0, 0, 0, 0, 0)
-            raise
-        finally:
-            if req_shm is not None:
-                # the region may close now if it was unregistered meanwhile; see RequestShm.release
-                # for the one case (a cancelled request whose backend may still read device memory)
-                # where it stays mapped instead
-                req_shm.release(finished=not cancelled)
-        self._observer.request_done(spec.name, spec.version, True, "", rows, time.perf_counter_ns() - t0,
-                                    result.queue_ns, result.compute_input_ns, result.compute_infer_ns,
-                                    result.compute_output_ns)
+            req_id, fut = engine.submit((spec.name, spec.version, serial, inputs, outputs, checked.rows, priority,
+                                         timeout_us, deadline, t0), block)
+            try:
+                result = await fut
+                return self._response(request, spec, result)
+            except StaleModel:
+                engine.forget_model(name, version)
+                continue
+            except RemoteError as e:
+                if e.code in _FORGET_ON:
+                    engine.forget_model(name, version)
+                raise
+            finally:
+                if fut.done() and not fut.cancelled():
+                    engine.free(block)  # answered: nothing reads the block any more
+                else:
+                    engine.cancel(req_id)  # the engine may still read it: freed when it answers
+        raise Unavailable(f"model '{name}' was reloaded while the request was being checked; retry")
+
+    def _stage(self, spec, request: pb.ModelInferRequest, checked: Prechecked) -> Tuple[Optional[int], tuple, tuple]:
+        """Copies the request's tensors into one arena block, with room for the outputs whose size is known;
+        returns (block, input descriptors, output descriptors)."""
+        raw = request.raw_input_contents
+        datas: List[Tuple[str, str, tuple, object]] = []
+        shm_inputs = []
+        raw_index = 0
+        for t in request.inputs:
+            shape = checked.shapes[t.name]
+            ref = checked.input_shm.get(t.name)
+            if ref is not None:
+                shm_inputs.append((t.name, t.datatype, shape, (m.SHM, ref.region, ref.offset, ref.byte_size)))
+                continue
+            dt = dtypes.BY_WIRE[t.datatype]
+            if raw:
+                data = raw[raw_index]
+                raw_index += 1
+                if dt.wire == "BYTES":  # the length prefixes must add up: the engine decodes what passes here
+                    codec._from_raw(t.name, dt, shape, data)
+            elif t.HasField("contents"):
+                arr = codec._from_contents(t.name, dt, shape, t.contents)
+                data = dtypes.serialize_bytes(arr) if dt.wire == "BYTES" else np.ascontiguousarray(arr).tobytes()
+            else:
+                data = b""
+            datas.append((t.name, t.datatype, shape, data))
+        slots = []
+        for out in checked.outputs:
+            ref = checked.output_shm.get(out)
+            slots.append((out, None if ref is None else (ref.region, ref.offset, ref.byte_size),
+                          None if ref is not None else _output_bytes(spec, out, checked.rows)))
+        total = sum(_aligned(len(d[3])) for d in datas) + sum(_aligned(s[2]) for s in slots if s[2])  # type: ignore
+        block = None
+        if total:
+            try:
+                block = self._engine.allocator.alloc(total)
+            except ArenaFull as e:
+                raise Unavailable(f"the server is out of request memory right now ({e}); retry later") from None
+            except ValueError:
+                raise ResourceExhausted(f"the request needs {total} bytes of request memory, more than this server's "
+                                        f"whole arena ({self._engine.allocator.size} bytes, --arena-bytes)") from None
+        buffer = self._engine.arena.buffer
+        offset = block or 0
+        inputs = []
+        for name, wire, shape, data in datas:
+            n = len(data)  # type: ignore[arg-type]
+            if n:
+                buffer[offset:offset + n] = np.frombuffer(data, dtype=np.uint8)  # type: ignore[call-overload]
+            inputs.append((name, wire, shape, (m.ARENA, offset, n)))
+            offset += _aligned(n)
+        outputs = []
+        for out, shm_ref, size in slots:
+            slot = None
+            if size:
+                slot = (offset, size)
+                offset += _aligned(size)
+            outputs.append((out, shm_ref, slot))
+        return block, tuple(inputs) + tuple(shm_inputs), tuple(outputs)
+
+    def _response(self, request: pb.ModelInferRequest, spec, result: tuple) -> pb.ModelInferResponse:
+        """One ``raw_output_contents`` entry per output in answer order (tritonclient and perf_analyzer need it);
+        outputs written to shared memory keep their name, datatype and shape with an empty entry, as in Triton."""
+        response = pb.ModelInferResponse(model_name=spec.name, model_version=spec.version, id=request.id)
+        buffer = self._engine.arena.buffer
+        for name, wire, shape, where in result:
+            response.outputs.add(name=name, datatype=wire, shape=list(shape))
+            if where[0] == m.ARENA:
+                response.raw_output_contents.append(buffer[where[1]:where[1] + where[2]].tobytes())
+            elif where[0] == m.DATA:
+                response.raw_output_contents.append(where[1])
+            else:
+                response.raw_output_contents.append(b"")
         return response
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Bidirectional stream: requests run concurrently (through the same batcher), responses are
-        written as they complete and matched by ``id``; an error answers that request only."""
-        out: "asyncio.Queue[Optional[pb.ModelStreamInferResponse]]" = asyncio.Queue()
+        """Bidirectional stream: requests run concurrently (through the same batcher), responses are written as
+        they complete and matched by ``id``; an error answers that request only. At most max_stream_inflight
+        requests are read and not yet answered and written: past that the stream stops reading, so a client
+        that sends without reading its responses is held back by flow control instead of growing memory."""
+        out: "asyncio.Queue[object]" = asyncio.Queue()
+        room = asyncio.Semaphore(self._max_stream_inflight)
         tasks = set()
+        loop = asyncio.get_running_loop()
 
         async def one(req: pb.ModelInferRequest) -> None:
             try:
                 resp = await self._infer(req, context.time_remaining())
-                await out.put(pb.ModelStreamInferResponse(infer_response=resp))
+                out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
             except TrtServeError as e:
-                await out.put(pb.ModelStreamInferResponse(
+                out.put_nowait(pb.ModelStreamInferResponse(
                     error_message=f"[{grpc_code(e).name}] {e.message}",
                     infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id)))
+            except asyncio.CancelledError:
+                raise
             except Exception as e:  # answer this request; the stream goes on
                 log.exception("stream request failed")
-                await out.put(pb.ModelStreamInferResponse(error_message=f"[INTERNAL] {type(e).__name__}: {e}",
-                                                          infer_response=pb.ModelInferResponse(id=req.id)))
+                out.put_nowait(pb.ModelStreamInferResponse(error_message=f"[INTERNAL] {type(e).__name__}: {e}",
+                                                           infer_response=pb.ModelInferResponse(id=req.id)))
 
         async def reader() -> None:
             try:
                 async for req in request_iterator:
-                    t = asyncio.get_running_loop().create_task(one(req))
+                    await room.acquire()
+                    t = loop.create_task(one(req))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
                 if tasks:
                     await asyncio.gather(*list(tasks), return_exceptions=True)
-            finally:
-                await out.put(None)
+                out.put_nowait(None)
+            except BaseException as e:  # noqa: BLE001 - ends the stream with the reader's error after the answers
+                out.put_nowait(_Failure(e))
+                if not isinstance(e, Exception):
+                    raise
 
-        read_task = asyncio.get_running_loop().create_task(reader())
+        read_task = loop.create_task(reader())
         try:
             while True:
                 item = await out.get()
                 if item is None:
                     break
+                if isinstance(item, _Failure):
+                    raise item.error
                 yield item
+                room.release()
         finally:
             read_task.cancel()
             for t in list(tasks):
                 t.cancel()
 
 
-__all__ = ["InferenceService", "EXTENSIONS"]
+class _Overloaded(Unavailable):
+    reason = "rejected"
+
+
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+__all__ = ["InferenceService"]

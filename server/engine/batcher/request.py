@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -27,6 +27,9 @@ class Pending:
     delayed: bool = False  # timed out under timeout_action DELAY: runs only after all others
     seq: int = 0  # arrival order, for FIFO and preserve_ordering
     device_outputs: Mapping[str, Tuple[int, int]] = dataclasses.field(default_factory=dict)  # see DeviceDestination
+    # called (on the loop) when the request is handed to an instance: from then on its input memory is read
+    # until its future is settled, even if the client cancels, so the caller must not reuse it before
+    on_dispatch: Optional[Callable[[], None]] = None
 
 
 @dataclasses.dataclass

@@ -92,9 +92,11 @@ class DynamicBatcher:
 
     def submit(self, inputs: Mapping[str, np.ndarray], outputs: Tuple[str, ...], rows: int, priority: int = 0,
                timeout_us: int = 0, deadline: Optional[float] = None,
-               device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None) -> "asyncio.Future[RequestResult]":
+               device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
+               on_dispatch: Optional[Callable[[], None]] = None) -> "asyncio.Future[RequestResult]":
         """Queues a validated request; returns the future its answer arrives on. ``device_outputs``: outputs
         the backend may write straight into device memory (name -> pointer, bytes; CUDA shared memory).
+        ``on_dispatch``: called when the request joins a batch on an instance (see ``Pending.on_dispatch``).
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -124,7 +126,7 @@ class DynamicBatcher:
         fut: "asyncio.Future[RequestResult]" = asyncio.get_running_loop().create_future()
         req = Pending(inputs=inputs, outputs=outputs, rows=rows, shapes=shapes, level=level, arrival=now,
                       future=fut, queue_deadline=(now + timeout / 1e6) if timeout else None, deadline=deadline,
-                      seq=next(self._seq), device_outputs=device_outputs or {})
+                      seq=next(self._seq), device_outputs=device_outputs or {}, on_dispatch=on_dispatch)
         queue.append(req)
         self._next_expiry = _earliest(self._next_expiry, req.deadline, req.queue_deadline)
         self._observer.request_queued(self.spec.name, self.spec.version, level)
@@ -262,6 +264,8 @@ class DynamicBatcher:
             self._delayed = collections.deque(r for r in self._delayed if id(r) not in taken)
         for r in p.requests:
             self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
+            if r.on_dispatch is not None:
+                r.on_dispatch()
         assert p.instance is not None
         self._pool.acquire(p.instance)
         seq = next(self._batch_seq)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import pathlib
 import time
@@ -38,6 +39,9 @@ class ModelVersion:
     config: Optional[mc.ModelConfig] = None  # complete config, as the ModelConfig RPC returns it
     backend: Optional[Backend] = None
     batcher: Optional[DynamicBatcher] = None
+    # new with every load: a front end names the serial it checked a request against, so a request checked
+    # against a version that a reload has since replaced is checked again (engine/core.py)
+    serial: int = 0
 
 
 def _specs(config: mc.ModelConfig, group) -> Tuple[TensorSpec, ...]:
@@ -60,6 +64,7 @@ class ModelRepository:
         self._models: Dict[str, Dict[str, ModelVersion]] = {}
         self._reasons: Dict[str, str] = {}  # model-level load failure (e.g. bad config.pbtxt)
         self._locks: Dict[str, asyncio.Lock] = {}
+        self._serials = itertools.count(1)
 
     # ---- queries ----------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion:
@@ -156,6 +161,7 @@ class ModelRepository:
                     errors.append(ModelLoadError(f"model '{name}' version {v}: {mv.reason}"))
                 else:
                     mv.spec, mv.config, mv.backend, mv.state = spec, config, backend, "READY"
+                    mv.serial = next(self._serials)
                     mv.batcher = DynamicBatcher(spec, backend, self._observer)
                     mv.batcher.start()
                 self._observer.model_state(name, v, mv.state, time.monotonic() - t0)

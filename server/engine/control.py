@@ -1,0 +1,117 @@
+"""The engine's answers to control calls: everything but inference, for every front end alike.
+
+Metadata, readiness, statistics, the repository and shared-memory registration live in the engine
+only, so whichever front end a client reaches gives the same answer (a region registered through
+one connection is usable from any). Protobuf answers travel serialized; the front end parses them
+into the RPC's response type.
+"""
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Dict, Tuple
+
+from trtserve import __version__
+from trtserve.protos import grpc_service_pb2 as pb
+from trtserve.server.engine.repository.registry import ModelRepository
+from trtserve.server.engine.shm.registry import SharedMemoryRegistry
+from trtserve.server.errors import InvalidArgument, NotFound
+from trtserve.server.frontend import convert
+from trtserve.server.metrics.statistics import Statistics
+
+EXTENSIONS = ("model_configuration", "model_repository", "schedule_policy", "statistics")
+
+
+class Control:
+    """``await control(method, args)``: one method per control call; unknown names are NotFound."""
+
+    def __init__(self, repository: ModelRepository, statistics: Statistics,
+                 shared_memory: SharedMemoryRegistry, run_blocking: Callable[..., Awaitable[Any]]) -> None:
+        self._repo = repository
+        self._stats = statistics
+        self._shm = shared_memory
+        self._blocking = run_blocking
+        self.ready = True  # false once the engine drains
+        self._methods: Dict[str, Callable[..., Awaitable[Any]]] = {
+            name[3:]: getattr(self, name) for name in dir(self) if name.startswith("_m_")}
+
+    async def __call__(self, method: str, args: Tuple[Any, ...]) -> Any:
+        fn = self._methods.get(method)
+        if fn is None:
+            raise NotFound(f"unknown control call {method!r}")
+        return await fn(*args)
+
+    # ---- health and metadata --------------------------------------------------------------------------------------
+    async def _m_server_ready(self) -> bool:
+        return self.ready
+
+    async def _m_model_ready(self, name: str, version: str) -> bool:
+        return self.ready and self._repo.is_ready(name, version)
+
+    async def _m_server_metadata(self) -> bytes:
+        return pb.ServerMetadataResponse(name="trtserve", version=__version__,
+                                         extensions=list(EXTENSIONS) + list(self._shm.extensions())
+                                         ).SerializeToString()
+
+    async def _m_model_info(self, name: str, version: str) -> Tuple[Any, int]:
+        """(ModelSpec, serial) of the version a request for (name, version) runs on: what front ends check
+        requests against."""
+        mv = self._repo.get(name, version)
+        return mv.spec, mv.serial
+
+    async def _m_model_metadata(self, name: str, version: str) -> bytes:
+        mv = self._repo.get(name, version)
+        versions = [mv] if version else self._repo.versions(name)
+        return convert.model_metadata(name, versions).SerializeToString()
+
+    async def _m_model_config(self, name: str, version: str) -> bytes:
+        mv = self._repo.get(name, version)
+        return pb.ModelConfigResponse(config=mv.config).SerializeToString()
+
+    async def _m_model_statistics(self, name: str, version: str) -> bytes:
+        response = pb.ModelStatisticsResponse()
+        if name:
+            versions = [self._repo.get(name, version)] if version else [
+                v for v in self._repo.versions(name) if v.state == "READY"]
+        else:
+            versions = [v for v in self._repo.loaded() if v.state == "READY"]
+        for mv in versions:
+            response.model_stats.append(convert.model_statistics(mv.name, mv.version,
+                                                                 self._stats.snapshot(mv.name, mv.version)))
+        return response.SerializeToString()
+
+    # ---- repository -----------------------------------------------------------------------------------------------
+    async def _m_repository_index(self, ready: bool) -> bytes:
+        response = pb.RepositoryIndexResponse()
+        for name, version, state, reason in self._repo.index():
+            if ready and state != "READY":
+                continue
+            response.models.add(name=name, version=version, state=state, reason=reason)
+        return response.SerializeToString()
+
+    async def _m_load(self, name: str, has_parameters: bool) -> None:
+        if has_parameters:
+            raise InvalidArgument("RepositoryModelLoad parameters (config overrides, files) are not supported; "
+                                  "edit the model repository instead")
+        await self._repo.load(name)
+
+    async def _m_unload(self, name: str) -> None:
+        await self._repo.unload(name)
+
+    # ---- shared memory --------------------------------------------------------------------------------------------
+    async def _m_shm_status(self, kind: str, name: str) -> list:
+        out = []
+        for r in self._shm.status(kind, name):
+            if kind == "system":
+                out.append((r.name, r.key, r.offset, r.byte_size))
+            else:
+                out.append((r.name, r.device_id, r.byte_size))
+        return out
+
+    async def _m_shm_register_system(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self._shm.register_system(name, key, offset, byte_size)
+
+    async def _m_shm_register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        # opening an IPC handle can take milliseconds (peer mapping): keep it off the event loop
+        await self._blocking(self._shm.register_cuda, name, raw_handle, device_id, byte_size)
+
+    async def _m_shm_unregister(self, kind: str, name: str) -> None:
+        self._shm.unregister(kind, name)

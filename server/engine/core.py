@@ -1,0 +1,312 @@
+"""The engine's side of every front-end link: descriptors in, batcher futures, results out.
+
+One ``Session`` per connected front end holds its arena and the requests it has in flight. A request
+arrives checked (the front end validated it against the model); here it becomes NumPy views of the
+arena (no copy) or reads of client shared memory, joins its model's batcher, and its answer goes back
+as one RESULT: outputs written into the slot the front end reserved in the arena when they fit, as bytes
+in the message when they do not. Every INFER gets exactly one RESULT, whatever happens: a cancel, a
+deadline, a reload, the front end going away (then the answer is dropped, and its arena is unmapped
+once nothing reads it any more).
+
+Control calls (metadata, repository, shared-memory registration, statistics) are answered by
+engine/control.py; this module only routes them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from trtserve import dtypes
+from trtserve.server.engine.repository.registry import ModelRepository, ModelVersion
+from trtserve.server.engine.shm.registry import SharedMemoryRegistry
+from trtserve.server.errors import Internal, InvalidArgument, TrtServeError
+from trtserve.server.events import Observer
+from trtserve.server.ipc import messages as m
+from trtserve.server.ipc.arena import Arena
+from trtserve.server.ipc.channel import Link
+
+log = logging.getLogger("trtserve.engine")
+
+
+class _InFlight:
+    """One request between its INFER and its RESULT."""
+
+    __slots__ = ("future", "dispatched", "cancelled", "shm")
+
+    def __init__(self) -> None:
+        self.future: Optional["asyncio.Future"] = None
+        self.dispatched = False  # joined a batch on an instance: its arena memory is being read
+        self.cancelled = False
+        self.shm: Any = None  # RequestShm, when the request uses client shared memory
+
+    def mark_dispatched(self) -> None:
+        self.dispatched = True
+
+
+class Session:
+    """One front end's link, arena and requests in flight."""
+
+    def __init__(self, name: str, link: Link, arena: Optional[Arena]) -> None:
+        self.name = name
+        self.link = link
+        self.arena = arena
+        self.inflight: Dict[int, _InFlight] = {}
+        self.closed = False
+
+
+class EngineCore:
+    """Turns messages from front ends into batcher submissions and control calls."""
+
+    def __init__(self, repository: ModelRepository, shared_memory: SharedMemoryRegistry, observer: Observer,
+                 control: Callable[[str, tuple], "asyncio.Future"]) -> None:
+        self._repo = repository
+        self._shm = shared_memory
+        self._observer = observer
+        self._control = control
+        self.sessions: List[Session] = []
+
+    # ---- sessions -------------------------------------------------------------------------------------------------
+    def attach(self, name: str, link: Link, arena: Optional[Arena]) -> Session:
+        session = Session(name, link, arena)
+        self.sessions.append(session)
+        link.start(lambda batch: self._handle(session, batch), lambda: self._detach(session))
+        log.debug("front end %s attached", name)
+        return session
+
+    def _detach(self, session: Session) -> None:
+        """The front end went away: nobody waits for its answers; queued requests never run."""
+        if session.closed:
+            return
+        session.closed = True
+        if session in self.sessions:
+            self.sessions.remove(session)
+        for item in list(session.inflight.values()):
+            item.cancelled = True
+            if item.future is not None and not item.dispatched:
+                item.future.cancel()
+        if not session.inflight and session.arena is not None:
+            session.arena.close()
+        log.info("front end %s detached (%d requests were in flight)", session.name, len(session.inflight))
+
+    def close(self) -> None:
+        for s in list(self.sessions):
+            s.link.close()
+            self._detach(s)
+
+    # ---- messages -------------------------------------------------------------------------------------------------
+    def _handle(self, session: Session, batch: List[tuple]) -> None:
+        for msg in batch:
+            tag = msg[0]
+            try:
+                if tag == m.INFER:
+                    self._infer(session, msg)
+                elif tag == m.CANCEL:
+                    self._cancel(session, msg[1])
+                elif tag == m.FAILED:
+                    _, model, version, reason, rows, request_ns = msg
+                    self._observer.request_done(model, version, False, reason, rows, request_ns, 0, 0, 0, 0)
+                elif tag == m.CALL:
+                    asyncio.get_running_loop().create_task(self._call(session, msg[1], msg[2], msg[3]))
+                else:
+                    log.error("front end %s sent an unknown message tag %r", session.name, tag)
+            except Exception:  # one bad message must not stop the others in the batch
+                log.exception("front end %s: handling message %r failed", session.name, tag)
+
+    async def _call(self, session: Session, call_id: int, method: str, args: tuple) -> None:
+        try:
+            value = await self._control(method, args)
+        except TrtServeError as e:
+            session.link.send((m.REPLY, call_id, e.code, e.message, None))
+        except Exception as e:
+            log.exception("control call %s failed", method)
+            session.link.send((m.REPLY, call_id, "INTERNAL", f"{method}: {type(e).__name__}: {e}", None))
+        else:
+            session.link.send((m.REPLY, call_id, "", "", value))
+
+    def _cancel(self, session: Session, req_id: int) -> None:
+        item = session.inflight.get(req_id)
+        if item is None:
+            return
+        item.cancelled = True
+        if item.future is not None and not item.dispatched:
+            item.future.cancel()  # still queued: it never runs, and its answer goes back now
+
+    def _infer(self, session: Session, msg: tuple) -> None:
+        (_, req_id, model, version, serial, inputs, outputs, rows, priority, timeout_us, deadline, t0) = msg
+        item = _InFlight()
+        session.inflight[req_id] = item
+        mv: Optional[ModelVersion] = None
+        try:
+            mv = self._repo.get(model, version)
+            if mv.serial != serial:
+                self._answer(session, req_id, m.STALE, "the model was reloaded", ())
+                return
+            spec, batcher = mv.spec, mv.batcher
+            assert spec is not None and batcher is not None
+            arrays = self._inputs(session, mv, item, inputs)
+            device_outputs = self._outputs(mv, item, outputs, rows)
+            names = tuple(o[0] for o in outputs)
+            item.future = batcher.submit(arrays, names, rows, priority, timeout_us, deadline, device_outputs,
+                                         on_dispatch=item.mark_dispatched)
+        except TrtServeError as e:
+            if mv is not None:
+                self._observer.request_done(mv.name, mv.version, False, e.reason, rows,
+                                            time.monotonic_ns() - t0, 0, 0, 0, 0)
+            self._finish_shm(item, True)
+            self._answer(session, req_id, e.code, e.message, ())
+            return
+        except Exception as e:
+            log.exception("model '%s': request failed before it was queued", model)
+            self._finish_shm(item, True)
+            self._answer(session, req_id, "INTERNAL", f"{type(e).__name__}: {e}", ())
+            return
+        item.future.add_done_callback(lambda f: self._done(session, req_id, item, mv, outputs, rows, t0, f))
+
+    def _inputs(self, session: Session, mv: ModelVersion, item: _InFlight, inputs: tuple) -> Dict[str, Any]:
+        """NumPy views of the arena (read-only), or what client shared memory holds."""
+        arrays: Dict[str, Any] = {}
+        spec, backend = mv.spec, mv.backend
+        assert spec is not None
+        for name, wire, shape, source in inputs:
+            dt = dtypes.BY_WIRE[wire]
+            if source[0] == m.ARENA:
+                if session.arena is None:
+                    raise Internal(f"input '{name}': no arena for this front end")
+                raw = session.arena.view(source[1], source[2])
+                if wire == "BYTES":
+                    count = math.prod(shape) if shape else 1
+                    arr = dtypes.deserialize_bytes(raw.tobytes(), count).reshape(shape)
+                else:
+                    arr = raw.view(dt.numpy.newbyteorder("<") if dt.itemsize > 1 else dt.numpy).reshape(shape)
+                    arr.flags.writeable = False
+                arrays[name] = arr
+                continue
+            if item.shm is None:
+                item.shm = self._shm.request()
+            from trtserve.server.engine.shm.registry import DeviceTensor, ShmRef
+
+            device_tensors = bool(getattr(backend, "accepts_device_tensors", False))
+            device_id = getattr(getattr(backend, "config", None), "device_id", 0)
+            ref = ShmRef(source[1], source[2], source[3])
+            data = item.shm.read_input(name, dt, tuple(shape), ref,
+                                       device_tensors and name not in spec.pad_values)
+            if isinstance(data, DeviceTensor) and data.device_id != device_id:
+                raise InvalidArgument(f"input '{name}': CUDA shared memory region '{ref.region}' is on device "
+                                      f"{data.device_id} but model '{spec.name}' runs on device {device_id}")
+            arrays[name] = data
+        return arrays
+
+    def _outputs(self, mv: ModelVersion, item: _InFlight, outputs: tuple, rows: int) -> Dict[str, Tuple[int, int]]:
+        """Resolves output shared-memory regions before the request is queued (bounds, overlap, size when
+        the shape is known); returns which outputs the backend may write into CUDA regions itself."""
+        if not any(o[1] is not None for o in outputs):
+            return {}
+        from trtserve.server.engine.shm.registry import ShmRef
+
+        spec, backend = mv.spec, mv.backend
+        assert spec is not None
+        if item.shm is None:
+            item.shm = self._shm.request()
+        for name, shm_ref, _slot in outputs:
+            if shm_ref is not None:
+                item.shm.add_output(name, ShmRef(*shm_ref))
+        for t in spec.outputs:
+            full = ((rows,) if spec.batches else ()) + tuple(t.dims)
+            item.shm.check_output_size(t.name, dtypes.BY_WIRE[t.datatype], full)
+        device_outputs: Dict[str, Tuple[int, int]] = {}
+        if getattr(backend, "accepts_device_tensors", False):
+            device_id = getattr(getattr(backend, "config", None), "device_id", 0)
+            for name in item.shm.outputs:
+                dest = item.shm.device_destination(name, device_id)
+                if dest is not None:
+                    device_outputs[name] = dest
+        return device_outputs
+
+    def _done(self, session: Session, req_id: int, item: _InFlight, mv: ModelVersion, outputs: tuple, rows: int,
+              t0: int, fut: "asyncio.Future") -> None:
+        spec = mv.spec
+        assert spec is not None
+        # a request cancelled after it joined a batch ran to the end (its memory was being read); the client
+        # has gone, so it is answered CANCELLED all the same
+        if fut.cancelled() or (item.cancelled and fut.exception() is None):
+            self._observer.request_done(spec.name, spec.version, False, "cancelled", rows,
+                                        time.monotonic_ns() - t0, 0, 0, 0, 0)
+            self._finish_shm(item, False)
+            self._answer(session, req_id, "CANCELLED", "the request was cancelled", ())
+            return
+        error = fut.exception()
+        if error is None:
+            result = fut.result()
+            try:
+                written = self._write_outputs(session, item, spec, outputs, result)
+            except TrtServeError as e:
+                error = e
+            except Exception as e:
+                log.exception("model '%s': writing a result failed", spec.name)
+                error = Internal(f"model '{spec.name}': writing the result failed: {type(e).__name__}: {e}")
+        if error is not None:
+            reason = error.reason if isinstance(error, TrtServeError) else "backend"
+            code = error.code if isinstance(error, TrtServeError) else "INTERNAL"
+            message = error.message if isinstance(error, TrtServeError) else f"{type(error).__name__}: {error}"
+            self._observer.request_done(spec.name, spec.version, False, reason, rows, time.monotonic_ns() - t0,
+                                        0, 0, 0, 0)
+            self._finish_shm(item, True)
+            self._answer(session, req_id, code, message, ())
+            return
+        self._observer.request_done(spec.name, spec.version, True, "", rows, time.monotonic_ns() - t0,
+                                    result.queue_ns, result.compute_input_ns, result.compute_infer_ns,
+                                    result.compute_output_ns)
+        self._finish_shm(item, True)
+        self._answer(session, req_id, "", "", written)
+
+    def _write_outputs(self, session: Session, item: _InFlight, spec, outputs: tuple, result) -> tuple:
+        written = []
+        for name, shm_ref, slot in outputs:
+            array = result.outputs[name]
+            wire = spec.output(name).datatype
+            shape = tuple(int(d) for d in getattr(array, "shape", ()))
+            if shm_ref is not None:
+                if name not in result.delivered:  # the backend wrote those into device memory already
+                    item.shm.write_output(name, wire, array)
+                written.append((name, wire, shape, (m.SHM,)))
+                continue
+            host = np.asarray(array) if not hasattr(array, "__cuda_array_interface__") or isinstance(
+                array, np.ndarray) else _to_host(array)
+            if wire == "BYTES":
+                written.append((name, wire, shape, (m.DATA, dtypes.serialize_bytes(host))))
+                continue
+            want = dtypes.BY_WIRE[wire].numpy
+            if host.dtype != want:
+                host = host.astype(want)
+            if slot is not None and host.nbytes <= slot[1] and session.arena is not None and not session.closed:
+                dst = session.arena.view(slot[0], host.nbytes)
+                dst[:] = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+                written.append((name, wire, shape, (m.ARENA, slot[0], host.nbytes)))
+            else:
+                written.append((name, wire, shape, (m.DATA, np.ascontiguousarray(host).tobytes())))
+        return tuple(written)
+
+    @staticmethod
+    def _finish_shm(item: _InFlight, finished: bool) -> None:
+        if item.shm is not None:
+            item.shm.release(finished=finished)
+            item.shm = None
+
+    def _answer(self, session: Session, req_id: int, code: str, message: str, outputs: tuple) -> None:
+        session.inflight.pop(req_id, None)
+        if session.closed:
+            if not session.inflight and session.arena is not None:
+                session.arena.close()  # the last request that could read it has finished
+            return
+        session.link.send((m.RESULT, req_id, code, message, outputs))
+
+
+def _to_host(array: Any) -> np.ndarray:
+    import cupy  # only a device result (CuPy) gets here
+
+    return cupy.asnumpy(array)

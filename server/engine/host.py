@@ -1,0 +1,110 @@
+"""The engine, assembled: repository, batchers, client shared memory, statistics, metrics, and the core
+that serves front ends. In a multi-process server it is the engine process; with ``--frontends 0`` it runs
+on the same event loop as the single front end."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import List, Optional
+
+from trtserve.server.engine.control import Control
+from trtserve.server.engine.core import EngineCore, Session
+from trtserve.server.engine.repository.registry import ModelRepository
+from trtserve.server.engine.shm.registry import SharedMemoryRegistry
+from trtserve.server.events import Fanout, Observer
+from trtserve.server.ipc import channel
+from trtserve.server.ipc.arena import Arena
+from trtserve.server.ipc.channel import Link, SocketLink
+from trtserve.server.metrics.statistics import Statistics
+from trtserve.server.options import ServerOptions
+
+log = logging.getLogger("trtserve.engine")
+
+
+class EngineHost:
+    """``await start()`` loads the models and starts /metrics; front ends then ``attach``."""
+
+    def __init__(self, options: ServerOptions, extra_observers: Optional[List[Observer]] = None) -> None:
+        self.options = options
+        self.statistics = Statistics()
+        self.prometheus = None
+        observers: List[Observer] = [self.statistics]
+        if options.metrics_port is not None:
+            from trtserve.server.metrics.prometheus import PrometheusObserver
+
+            self.prometheus = PrometheusObserver(gpu=options.gpu_metrics)
+            observers.append(self.prometheus)
+        observers.extend(extra_observers or [])
+        self.observer = Fanout(observers)
+        self.repository = ModelRepository(options.model_repository, self.observer, options.cache_dir,
+                                          options.drain_seconds, options.backend_factories)  # type: ignore[arg-type]
+        self.shared_memory = SharedMemoryRegistry(max_regions=options.max_shm_regions)
+        self.control = Control(self.repository, self.statistics, self.shared_memory, self._run_blocking)
+        self.core = EngineCore(self.repository, self.shared_memory, self.observer, self.control)
+        self.metrics_port: Optional[int] = None
+        self._metrics_server = None
+        self._listener: Optional[socket.socket] = None
+
+    @staticmethod
+    async def _run_blocking(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def start(self) -> None:
+        await self.repository.load_all()
+        if self.prometheus is not None and self.options.metrics_port is not None:
+            from trtserve.server.metrics.http import MetricsServer
+
+            opts = self.options
+            self._metrics_server = MetricsServer(
+                self.prometheus.registry, opts.host, opts.metrics_port,
+                metrics_tls=opts.tls if opts.metrics_tls else None,
+                metrics_auth_token=opts.auth_token if opts.metrics_auth else None)
+            self.metrics_port = self._metrics_server.start()
+
+    def attach(self, name: str, link: Link, arena: Optional[Arena]) -> Session:
+        return self.core.attach(name, link, arena)
+
+    # ---- front ends in other processes ----------------------------------------------------------------------------
+    def listen(self, address: str) -> None:
+        """Accepts front ends on a Unix socket (abstract name: nothing on disk); each sends its arena first."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(address)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._listener = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                # a front end sends its hello right after connecting: reading it blocks for microseconds
+                hello, fds = channel.receive_hello(conn)
+                if len(fds) != 1:
+                    raise ConnectionError(f"expected the arena's descriptor, got {len(fds)} descriptors")
+                arena = Arena.attach(fds[0])
+            except (OSError, ValueError, ConnectionError) as e:
+                log.error("a front end failed to connect: %s", e)
+                conn.close()
+                continue
+            self.attach(str(hello.get("name", "?")), SocketLink(conn), arena)
+
+    async def stop(self) -> None:
+        """Readiness false, front ends detached (their queued requests answered), models unloaded, /metrics off."""
+        self.control.ready = False
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        await self.repository.close()
+        self.core.close()
+        self.shared_memory.close()
+        if self._metrics_server is not None:  # its stop() waits for the HTTP thread: not on the loop
+            await asyncio.get_running_loop().run_in_executor(None, self._metrics_server.stop)
+        if self.prometheus is not None:
+            self.prometheus.close()

@@ -1,0 +1,34 @@
+"""``python -m trtserve.server.engine.process``: the engine process, started by the supervisor.
+
+It owns the model repository, the batchers, the backends (TensorRT, CUDA and CuPy live only here),
+client shared-memory regions, statistics and /metrics, and serves front ends on a Unix socket.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from trtserve.server.engine.host import EngineHost
+from trtserve.server.process import child
+
+log = logging.getLogger("trtserve.engine")
+
+
+async def _run(payload: dict) -> int:
+    stop = child.stop_event()
+    host = EngineHost(payload["options"])
+    await host.start()
+    host.listen(payload["address"])
+    child.report_ready({"metrics_port": host.metrics_port})
+    await stop.wait()
+    log.info("engine stopping: unloading models")
+    await host.stop()
+    return 0
+
+
+def main() -> int:
+    return asyncio.run(_run(child.boot()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""The front end's handle on the engine: inference descriptors and control calls over one link.
+
+Each inference holds one block of the front end's arena (its inputs and the slots for its outputs) from
+``submit`` until the engine's RESULT has been read and the response built; a request the client gave up
+on keeps its block until the engine answers it too, because until then the engine may still read it.
+If the engine goes away, every waiting call fails UNAVAILABLE at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from trtserve.server.errors import TrtServeError, Unavailable
+from trtserve.server.ipc import messages as m
+from trtserve.server.ipc.arena import Allocator, Arena
+from trtserve.server.ipc.channel import Link
+
+log = logging.getLogger("trtserve.frontend")
+
+
+class RemoteError(TrtServeError):
+    """An error the engine answered with; carries the engine's status code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StaleModel(Exception):
+    """The request was checked against a model version a reload has replaced: check it again."""
+
+
+class EngineClient:
+    """Owns the link to the engine and this front end's arena allocator."""
+
+    def __init__(self, link: Link, arena: Arena) -> None:
+        self.link = link
+        self.arena = arena
+        self.allocator = Allocator(arena.size)
+        self.alive = True
+        self.closing = False  # set once this front end stops: losing the engine then is expected
+        self._ids = itertools.count(1)
+        self._pending: Dict[int, Tuple["asyncio.Future", Optional[int]]] = {}
+        self._calls: Dict[int, "asyncio.Future"] = {}
+        self._models: Dict[Tuple[str, str], Tuple[Any, int]] = {}
+        self._lost_callbacks: List[Callable[[], None]] = []
+
+    def start(self) -> None:
+        self.link.start(self._on_messages, self._on_lost)
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        self._lost_callbacks.append(callback)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
+
+    # ---- control calls --------------------------------------------------------------------------------------------
+    async def call(self, method: str, *args: Any) -> Any:
+        if not self.alive:
+            raise Unavailable("the engine process is not running")
+        call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = fut
+        self.link.send((m.CALL, call_id, method, args))
+        try:
+            return await fut
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def model(self, name: str, version: str) -> Tuple[Any, int]:
+        """(ModelSpec, serial) to check a request against; asked of the engine once, then cached."""
+        key = (name, version)
+        hit = self._models.get(key)
+        if hit is None:
+            hit = tuple(await self.call("model_info", name, version))  # type: ignore[assignment]
+            self._models[key] = hit  # type: ignore[assignment]
+        return hit  # type: ignore[return-value]
+
+    def forget_model(self, name: str, version: str) -> None:
+        self._models.pop((name, version), None)
+
+    # ---- inference ------------------------------------------------------------------------------------------------
+    def submit(self, descriptor: tuple, block: Optional[int]) -> Tuple[int, "asyncio.Future"]:
+        """Sends an INFER (``descriptor`` is the message without its tag and id); the future resolves to the
+        outputs tuple of the RESULT."""
+        if not self.alive:
+            raise Unavailable("the engine process is not running")
+        req_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = (fut, block)
+        self.link.send((m.INFER, req_id) + descriptor)
+        return req_id, fut
+
+    def cancel(self, req_id: int) -> None:
+        """The client gave up: the engine drops it if it is still queued; its block is freed on the answer."""
+        entry = self._pending.get(req_id)
+        if entry is not None:
+            entry[0].cancel()
+            self.link.send((m.CANCEL, req_id))
+
+    def free(self, block: Optional[int]) -> None:
+        if block is not None:
+            self.allocator.free(block)
+
+    def report_failure(self, model: str, version: str, reason: str, rows: int, request_ns: int) -> None:
+        """A request refused here (statistics and metrics live in the engine)."""
+        if self.alive:
+            self.link.send((m.FAILED, model, version, reason, rows, request_ns))
+
+    # ---- incoming -------------------------------------------------------------------------------------------------
+    def _on_messages(self, batch: List[tuple]) -> None:
+        for msg in batch:
+            if msg[0] == m.RESULT:
+                _, req_id, code, message, outputs = msg
+                entry = self._pending.pop(req_id, None)
+                if entry is None:
+                    continue
+                fut, block = entry
+                if fut.done():  # the client gave up meanwhile: the block is ours again
+                    self.free(block)
+                elif not code:
+                    fut.set_result(outputs)
+                elif code == m.STALE:
+                    fut.set_exception(StaleModel())
+                else:
+                    fut.set_exception(RemoteError(code, message))
+            elif msg[0] == m.REPLY:
+                _, call_id, code, message, value = msg
+                fut = self._calls.get(call_id)
+                if fut is None or fut.done():
+                    continue
+                if code:
+                    fut.set_exception(RemoteError(code, message))
+                else:
+                    fut.set_result(value)
+
+    def _on_lost(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        (log.info if self.closing else log.error)("the engine went away: answering %d requests UNAVAILABLE",
+                                                  len(self._pending))
+        error = "the engine process stopped; the request may not have run"
+        for fut, block in list(self._pending.values()):
+            if fut.done():
+                self.free(block)
+            else:
+                fut.set_exception(Unavailable(error))
+        self._pending.clear()
+        for fut in list(self._calls.values()):
+            if not fut.done():
+                fut.set_exception(Unavailable(error))
+        self._models.clear()
+        for callback in self._lost_callbacks:
+            callback()

@@ -1,0 +1,45 @@
+"""``python -m trtserve.server.frontend.process``: one gRPC front-end process, started by the supervisor.
+
+It creates its arena, connects to the engine (handing it the arena), binds the shared port with
+SO_REUSEPORT and serves until SIGTERM, then drains. If the engine goes away it answers UNAVAILABLE (and
+health NOT_SERVING) until the supervisor stops it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from trtserve.server.frontend.engine_client import EngineClient
+from trtserve.server.frontend.server import FrontEnd
+from trtserve.server.ipc import channel
+from trtserve.server.ipc.arena import Arena
+from trtserve.server.ipc.channel import SocketLink
+from trtserve.server.process import child
+
+log = logging.getLogger("trtserve.frontend")
+
+
+async def _run(payload: dict) -> int:
+    stop = child.stop_event()
+    options = payload["options"]
+    arena = Arena.create(options.arena_bytes, f"trtserve-frontend-{payload['index']}")
+    sock = channel.connect(payload["address"], {"name": f"frontend-{payload['index']}", "pid": os.getpid()},
+                           [arena.fd])
+    client = EngineClient(SocketLink(sock), arena)
+    client.start()
+    frontend = FrontEnd(options, client, reuse_port=True)
+    port = await frontend.start()
+    child.report_ready({"port": port})
+    await stop.wait()
+    await frontend.stop(options.drain_seconds)
+    client.link.close()
+    return 0
+
+
+def main() -> int:
+    return asyncio.run(_run(child.boot()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""One front end: a grpc.aio server (inference service, health, reflection) in front of an EngineClient.
+
+With front-end processes, each one binds the same port with SO_REUSEPORT and the kernel spreads new
+connections among them; with ``--frontends 0`` the only front end binds the port alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+import grpc
+
+from trtserve.server.frontend import health
+from trtserve.server.frontend.engine_client import EngineClient
+from trtserve.server.frontend.registration import add_inference_service
+from trtserve.server.frontend.security import BearerTokenInterceptor
+from trtserve.server.frontend.service import InferenceService
+from trtserve.server.options import ServerOptions
+
+log = logging.getLogger("trtserve.frontend")
+
+
+class FrontEnd:
+    """``await start()`` -> serving on the port; ``await stop(grace)`` drains."""
+
+    def __init__(self, options: ServerOptions, engine: EngineClient, reuse_port: bool) -> None:
+        self.options = options
+        self.engine = engine
+        self.service = InferenceService(engine, options.max_message_bytes, options.max_inflight,
+                                        options.max_stream_inflight)
+        self._reuse_port = reuse_port
+        self.port: Optional[int] = None
+        self._server: Optional[grpc.aio.Server] = None
+        self._health = None
+        engine.on_lost(self._engine_lost)
+
+    async def start(self) -> int:
+        opts = [("grpc.max_send_message_length", self.options.max_message_bytes),
+                ("grpc.max_receive_message_length", self.options.max_message_bytes),
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+                # grpc's overload protection answers REFUSED_STREAM (UNAVAILABLE to the client, never counted
+                # here) as soon as a few streams wait for the application, far below max_concurrent_streams: it
+                # failed calls of 25 per connection; overload is answered by the front end's own limit instead
+                ("grpc.http.overload_protection", 0)]
+        if self.options.max_concurrent_streams > 0:
+            opts.append(("grpc.max_concurrent_streams", self.options.max_concurrent_streams))
+        interceptors = [BearerTokenInterceptor(self.options.auth_token)] if self.options.auth_token else []
+        self._server = grpc.aio.server(options=opts, interceptors=interceptors)
+        add_inference_service(self._server, self.service)
+        self._health = health.add_health(self._server)
+        health.add_reflection(self._server)
+        address = f"{self.options.host}:{self.options.grpc_port}"
+        if self.options.tls is not None:
+            port = self._server.add_secure_port(address, self.options.tls.credentials())
+        else:
+            port = self._server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot bind gRPC to {address}")
+        self.port = port
+        await self._server.start()
+        await health.set_serving(self._health, self.engine.alive)
+        return port
+
+    def _engine_lost(self) -> None:
+        self.service.ready = False
+        if self._health is not None:
+            asyncio.get_running_loop().create_task(health.set_serving(self._health, False))
+
+    async def stop(self, grace: float) -> None:
+        """Drain: readiness false first, then refuse new inferences, let in-flight RPCs finish within ``grace``."""
+        self.service.ready = False
+        if self._health is not None:
+            await health.set_serving(self._health, False)
+            # still serving for a moment: clients that watch health (round robin with health checks, load
+            # balancers) move away before calls start being refused; grpc core answers calls it had received but
+            # not dispatched at shutdown with CANCELLED, which no client may retry
+            await asyncio.sleep(min(self.options.drain_notice_seconds, grace / 4))
+        self.service.accepting = False
+        if self._server is not None:
+            await self._server.stop(grace)
+        self.engine.closing = True
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

@@ -1,0 +1,1 @@
+"""Front end <-> engine: the tensor arena (shared memory), the message links, and the message tuples."""

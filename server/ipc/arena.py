@@ -1,0 +1,134 @@
+"""The tensor arena: one shared-memory block per front end, where request inputs and outputs live.
+
+A front end writes a request's input tensors into space it allocates here and hands the engine only
+offsets; the engine reads the batch straight from these pages (for TensorRT, the block is registered
+with CUDA as pinned memory, so the copy to the device reads where the front end wrote) and writes the
+outputs into space the front end reserved. The block is an anonymous ``memfd``: it has no name in
+/dev/shm, so no process death can leave it behind; the engine gets it as a file descriptor over the
+front end's Unix socket.
+
+Only the front end allocates and frees (one event-loop thread, no lock); a block is freed once the
+engine has answered the request that used it, never earlier (the engine may still read it).
+"""
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+ALIGN = 64  # cache line; also what CUDA copies and NumPy's SIMD loops like to start on
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+class ArenaFull(Exception):
+    """No free block is large enough right now (requests in flight hold the space)."""
+
+
+class Arena:
+    """A mapping of the arena's file descriptor; ``view`` gives NumPy views of parts of it."""
+
+    def __init__(self, fd: int, size: int, owner: bool) -> None:
+        self.fd = fd
+        self.size = size
+        self.owner = owner
+        self._mmap: Optional[mmap.mmap] = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.buffer = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    @classmethod
+    def create(cls, size: int, name: str = "trtserve-arena") -> "Arena":
+        """A new arena of ``size`` bytes, backed by memory (memfd) rather than a named file."""
+        if size <= 0:
+            raise ValueError(f"arena size must be > 0, got {size}")
+        # not posix_fallocate'd: pages are taken as requests first touch them, so an arena sized for bursts
+        # costs only what the bursts use; a memfd lives on the kernel's internal shm mount, which has no size
+        # of its own to run out of (unlike a container's small /dev/shm), so a touch cannot hit SIGBUS there
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, size, owner=True)
+
+    @classmethod
+    def attach(cls, fd: int) -> "Arena":
+        """Maps an arena another process created (its descriptor arrived over a socket)."""
+        return cls(fd, os.fstat(fd).st_size, owner=False)
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        """uint8 view of [offset, offset + nbytes); bounds-checked, so a bad descriptor cannot reach past it."""
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise ValueError(f"arena range {offset}+{nbytes} is outside the arena ({self.size} bytes)")
+        return self.buffer[offset:offset + nbytes]
+
+    def close(self) -> None:
+        """Unmaps and closes; views still alive keep the pages mapped until they go away."""
+        self.buffer = np.empty(0, np.uint8)
+        mm, self._mmap = self._mmap, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a view is still referenced somewhere: the mapping goes with it
+                pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Allocator:
+    """First-fit allocation of aligned blocks in [0, size), with neighbours merged on free.
+
+    The free list is kept sorted by offset; with requests freed roughly in arrival order it stays short,
+    so allocation and free cost a bisect and a few list operations."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free_offsets: List[int] = [0]
+        self._free_sizes: List[int] = [size]
+        self._used = {}  # offset -> size
+        self.in_use = 0
+
+    def alloc(self, nbytes: int) -> int:
+        """Offset of a new block of at least ``nbytes``; ArenaFull when none fits now."""
+        need = _aligned(max(nbytes, 1))
+        if need > self.size:
+            raise ValueError(f"{nbytes} bytes can never fit an arena of {self.size} bytes")
+        for i, size in enumerate(self._free_sizes):
+            if size >= need:
+                offset = self._free_offsets[i]
+                if size == need:
+                    del self._free_offsets[i]
+                    del self._free_sizes[i]
+                else:
+                    self._free_offsets[i] = offset + need
+                    self._free_sizes[i] = size - need
+                self._used[offset] = need
+                self.in_use += need
+                return offset
+        raise ArenaFull(f"{nbytes} bytes requested, {self.size - self.in_use} of {self.size} free "
+                        f"(largest free block {max(self._free_sizes, default=0)})")
+
+    def free(self, offset: int) -> None:
+        size = self._used.pop(offset)
+        self.in_use -= size
+        i = bisect.bisect_left(self._free_offsets, offset)
+        # merge with the following block, then with the preceding one
+        if i < len(self._free_offsets) and offset + size == self._free_offsets[i]:
+            size += self._free_sizes[i]
+            del self._free_offsets[i]
+            del self._free_sizes[i]
+        if i > 0 and self._free_offsets[i - 1] + self._free_sizes[i - 1] == offset:
+            self._free_sizes[i - 1] += size
+            return
+        self._free_offsets.insert(i, offset)
+        self._free_sizes.insert(i, size)
+
+    def blocks(self) -> List[Tuple[int, int]]:
+        """(offset, size) of every free block, for tests."""
+        return list(zip(self._free_offsets, self._free_sizes))

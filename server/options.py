@@ -1,0 +1,45 @@
+"""Everything a server is started with: one dataclass, passed whole to every process (it pickles)."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Mapping, Optional
+
+from trtserve.server.frontend.security import TlsOptions
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    model_repository: pathlib.Path
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001  # 0 picks a free port
+    metrics_port: Optional[int] = 8002  # None disables /metrics; 0 picks a free port
+    # the largest request or response message: big enough for real tensors (a batch of 64 224x224 RGB images
+    # in FP32 is 38.5 MB), small enough that a few hostile messages cannot take the memory of the host;
+    # docs/reliability.md says how to size it
+    max_message_bytes: int = 128 * MiB
+    drain_seconds: float = 30.0
+    cache_dir: Optional[pathlib.Path] = None  # TensorRT plan cache
+    gpu_metrics: bool = True
+    # extra platform name -> backend factory (config.pbtxt ``platform``); for embedders and fault-injection tests
+    # (with front-end processes the factories must pickle: module-level functions or classes)
+    backend_factories: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    tls: Optional[TlsOptions] = None  # None: plaintext (loopback, or TLS terminated in front)
+    auth_token: Optional[str] = None  # require "authorization: Bearer <token>" on every RPC but health
+    metrics_tls: bool = False  # serve /metrics over TLS with the gRPC certificate and key (``tls``)
+    metrics_auth: bool = False  # require the same bearer token on /metrics
+    # per HTTP/2 connection: past it grpc answers new streams with REFUSED_STREAM, so one connection cannot pile
+    # up more calls than the server takes off the wire (grpc cancels calls it holds unrequested beyond its own
+    # pending limit, uncounted)
+    max_concurrent_streams: int = 256
+    drain_notice_seconds: float = 0.5  # on stop: NOT_SERVING this long before new calls are refused
+    # process model: 0 = gRPC and the engine in this process; N > 0 = N gRPC front-end processes on the same port
+    # and one engine process
+    frontends: int = 0
+    arena_bytes: int = 512 * MiB  # per front end: inputs and outputs of its requests in flight (touched lazily)
+    max_inflight: int = 4096  # per front end: inference requests past it are answered UNAVAILABLE (counted)
+    max_stream_inflight: int = 64  # per ModelStreamInfer stream: requests read but not yet answered and written
+    max_shm_regions: int = 1024  # registered shared-memory regions per server (each holds a descriptor)
+    restart_frontends: bool = True  # a front end that dies is started again (its own requests fail)

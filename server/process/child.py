@@ -1,0 +1,60 @@
+"""What every child process of the supervisor does the same way: read its boot payload, die with its
+parent, report readiness, and stop on SIGTERM.
+
+The supervisor writes a pickled dict to the child's stdin and reads one JSON line from its stdout once the
+child is ready (stdout carries nothing else); logs go to stderr, which the child shares with the supervisor.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import pickle
+import signal
+import sys
+from typing import Any, Dict
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (Linux), so a killed supervisor leaves no orphan holding
+    the GPU or the port; exits at once when the parent is already gone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own stop still stops us
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def boot() -> Dict[str, Any]:
+    """The payload the supervisor sent; sets up logging as the supervisor's."""
+    payload = pickle.load(sys.stdin.buffer)
+    die_with_parent(payload["parent_pid"])
+    logging.basicConfig(level=payload.get("log_level", logging.INFO),
+                        format=f"%(asctime)s %(levelname)s {payload['role']}: %(name)s: %(message)s")
+    if payload.get("switch_interval"):
+        sys.setswitchinterval(payload["switch_interval"])
+    return payload
+
+
+def report_ready(info: Dict[str, Any]) -> None:
+    """One JSON line on stdout, then stdout is closed: the supervisor's start() waits for it."""
+    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def stop_event() -> "asyncio.Event":
+    """Set by SIGTERM or SIGINT."""
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    return event

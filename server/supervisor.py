@@ -1,0 +1,251 @@
+"""The supervisor: starts one engine process and N front-end processes, watches them, stops them.
+
+Start: the gRPC port is probed without SO_REUSEPORT (so a second server on the same port is refused
+instead of silently taking half the connections) and then held by a SO_REUSEPORT socket that never
+listens; the engine starts and loads the models; then the front ends start, each binding the port
+itself. A front end that dies is started again (only its own in-flight requests fail; the engine
+drops their answers). If the engine dies, the front ends already answer UNAVAILABLE (their link is
+gone); the supervisor stops them and the server exits non-zero, for the process manager (Kubernetes,
+Docker, systemd) to restart it: the engine holds the GPU, and a clean start is the only state known
+to be good. Stop (SIGTERM): front ends drain first, then the engine unloads, then the port is released.
+
+Children die with the supervisor (PR_SET_PDEATHSIG), the engine's socket has an abstract name and the
+arenas are memfds: a SIGKILL anywhere leaves no process, file or shared-memory segment behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+from trtserve.server.ipc import channel
+from trtserve.server.options import ServerOptions
+
+log = logging.getLogger("trtserve.supervisor")
+
+START_TIMEOUT_S = 600.0  # model loads (TensorRT engine builds) happen before the engine reports ready
+RESTARTS_PER_MINUTE = 5  # a front end that keeps dying is a broken server, not bad luck
+
+
+class StartError(RuntimeError):
+    """A child process failed to start; the message says which and why."""
+
+
+def reserve_port(host: str, port: int) -> Tuple[socket.socket, int]:
+    """(a socket that holds the port for this server's front ends, the port). Raises OSError naming the port
+    when anything else has it, trtserve included."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of an earlier run is fine
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(e.errno, f"cannot use {host}:{port} for gRPC: {e.strerror} (another server on this "
+                                   "port?)") from None
+        port = probe.getsockname()[1]
+    finally:
+        probe.close()
+    hold = socket.socket(family, socket.SOCK_STREAM)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    hold.bind((host, port))
+    return hold, port
+
+
+class Child:
+    """One child process and the thread that waits for its exit."""
+
+    def __init__(self, role: str, index: int, proc: subprocess.Popen) -> None:
+        self.role, self.index, self.proc = role, index, proc
+        self.exited: "asyncio.Future[int]" = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+
+        def wait() -> None:
+            code = proc.wait()
+            try:
+                loop.call_soon_threadsafe(lambda: self.exited.done() or self.exited.set_result(code))
+            except RuntimeError:  # the loop is closed: nobody is watching any more
+                pass
+
+        threading.Thread(target=wait, name=f"watch-{role}-{index}", daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    async def stop(self, timeout: float) -> int:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit code."""
+        import signal
+
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s %d did not stop within %.0f s: killing it", self.role, self.index, timeout)
+            self.signal(signal.SIGKILL)
+            return await self.exited
+
+
+class Supervisor:
+    """``await start()`` -> (grpc port, metrics port); ``await stop(grace)``; ``await wait()`` -> exit code."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.address = channel.engine_address(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        self.engine: Optional[Child] = None
+        self.frontends: List[Optional[Child]] = [None] * options.frontends
+        self.grpc_port: Optional[int] = None
+        self.metrics_port: Optional[int] = None
+        self.restarts = 0
+        self._hold: Optional[socket.socket] = None
+        self._stopping = False
+        self._done: Optional["asyncio.Future[int]"] = None
+        self._tasks: List["asyncio.Task"] = []
+        self._restart_times: List[float] = []
+
+    async def start(self) -> Tuple[int, Optional[int]]:
+        self._done = asyncio.get_running_loop().create_future()
+        self._hold, port = reserve_port(self.options.host, self.options.grpc_port)
+        self.grpc_port = port
+        try:
+            self.engine, info = await self._spawn("engine", 0)
+            self.metrics_port = info.get("metrics_port")
+            self._watch(self.engine)
+            for i in range(self.options.frontends):
+                await self._start_frontend(i)
+        except BaseException:
+            await self._stop_children(5.0)
+            self._release()
+            raise
+        log.info("trtserve serving gRPC on %s:%d with %d front-end processes (engine pid %d; metrics: %s)",
+                 self.options.host, port, self.options.frontends, self.engine.pid,
+                 self.metrics_port if self.metrics_port is not None else "off")
+        return port, self.metrics_port
+
+    def _payload(self, role: str, index: int) -> Dict[str, Any]:
+        options = self.options
+        if role == "frontend":
+            import dataclasses
+
+            options = dataclasses.replace(options, grpc_port=self.grpc_port)
+        # children log and switch threads as this process does (the CLI set both up)
+        return {"role": f"{role}-{index}" if role == "frontend" else role, "index": index, "options": options,
+                "address": self.address, "parent_pid": os.getpid(),
+                "log_level": logging.getLogger().getEffectiveLevel(), "switch_interval": sys.getswitchinterval()}
+
+    async def _spawn(self, role: str, index: int) -> Tuple[Child, Dict[str, Any]]:
+        module = "trtserve.server.engine.process" if role == "engine" else "trtserve.server.frontend.process"
+        proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        child = Child(role, index, proc)
+        assert proc.stdin is not None and proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        try:
+            payload = pickle.dumps(self._payload(role, index))
+            await loop.run_in_executor(None, _write_and_close, proc.stdin, payload)
+            line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), START_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError, pickle.PicklingError, AttributeError, TypeError) as e:
+            child.signal(9)
+            raise StartError(f"the {role} process failed to start: {type(e).__name__}: {e}") from None
+        finally:
+            proc.stdout.close()
+        if not line:
+            code = await child.exited
+            raise StartError(f"the {role} process exited with code {code} before it was ready (see its log above)")
+        return child, json.loads(line)
+
+    async def _start_frontend(self, index: int) -> None:
+        child, _ = await self._spawn("frontend", index)
+        self.frontends[index] = child
+        self._watch(child)
+
+    def _watch(self, child: Child) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(self._on_exit(child)))
+
+    async def _on_exit(self, child: Child) -> None:
+        code = await child.exited
+        if self._stopping:
+            return
+        if child.role == "engine":
+            log.error("the engine process (pid %d) exited with code %d: stopping the front ends; the server "
+                      "exits with code 1 for its process manager to restart it", child.pid, code)
+            await self._shutdown(1, grace=1.0)
+            return
+        log.error("front end %d (pid %d) exited with code %d: its requests in flight failed; starting it again",
+                  child.index, child.pid, code)
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times if now - t < 60.0] + [now]
+        if not self.options.restart_frontends or len(self._restart_times) > RESTARTS_PER_MINUTE:
+            log.error("front ends keep dying (%d restarts in a minute): stopping the server", len(self._restart_times))
+            await self._shutdown(1, grace=1.0)
+            return
+        try:
+            await self._start_frontend(child.index)
+            self.restarts += 1
+        except StartError as e:
+            log.error("%s: stopping the server", e)
+            await self._shutdown(1, grace=1.0)
+
+    async def _shutdown(self, code: int, grace: float) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        await self._stop_children(grace)
+        self._release()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(code)
+
+    async def _stop_children(self, grace: float) -> None:
+        fronts = [c for c in self.frontends if c is not None]
+        # front ends drain first (their in-flight requests still need the engine), then the engine unloads
+        await asyncio.gather(*(c.stop(grace + self.options.drain_notice_seconds + 5.0) for c in fronts))
+        if self.engine is not None:
+            await self.engine.stop(self.options.drain_seconds + 10.0)
+
+    def _release(self) -> None:
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
+
+    async def stop(self, grace: Optional[float] = None) -> None:
+        await self._shutdown(0, self.options.drain_seconds if grace is None else grace)
+        for t in self._tasks:
+            t.cancel()
+
+    async def wait(self) -> int:
+        """The server's exit code once it stopped (0 after stop(); 1 when the engine died)."""
+        assert self._done is not None
+        return await asyncio.shield(self._done)
+
+    def pids(self) -> Dict[str, int]:
+        """{role: pid} of the running children, for tests and diagnostics."""
+        out = {}
+        if self.engine is not None:
+            out["engine"] = self.engine.pid
+        for c in self.frontends:
+            if c is not None:
+                out[f"frontend-{c.index}"] = c.pid
+        return out
+
+
+def _write_and_close(pipe: Any, data: bytes) -> None:
+    try:
+        pipe.write(data)
+    finally:
+        pipe.close()

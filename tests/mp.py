@@ -1,0 +1,137 @@
+"""Helpers for tests of the multi-process server: a real ``trtserve serve`` and its process tree."""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import List, Optional, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def children(pid: int) -> List[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    out: List[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def tree(pid: int) -> List[int]:
+    """``pid`` and all its descendants."""
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo.extend(children(p))
+    return seen
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def rss_kib(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def dev_shm() -> set:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+class Serve:
+    """``trtserve serve`` in its own process; ``port``, ``metrics_port``, ``proc``."""
+
+    def __init__(self, repo: pathlib.Path, frontends: int = 2, args: Sequence[str] = (), metrics: bool = True,
+                 drain_seconds: float = 5.0) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+               "--metrics-port", "0" if metrics else "-1", "--no-gpu-metrics", "--frontends", str(frontends),
+               "--drain-seconds", str(drain_seconds), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=str(ROOT), env=env)
+        self.lines: List[str] = []
+        self.port: Optional[int] = None
+        self.metrics_port: Optional[int] = None
+        t0 = time.monotonic()
+        assert self.proc.stdout is not None
+        while time.monotonic() - t0 < 90:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            found = re.search(r" on 127\.0\.0\.1:(\d+) \(metrics (\w+)", line)
+            if found:
+                self.port = int(found.group(1))
+                self.metrics_port = int(found.group(2)) if found.group(2).isdigit() else None
+                break
+        if self.port is None:
+            self.proc.kill()
+            raise RuntimeError("trtserve serve did not start:\n" + "".join(self.lines) + self.drain_output())
+        self.url = f"127.0.0.1:{self.port}"
+
+    def drain_output(self) -> str:
+        assert self.proc.stdout is not None
+        if self.proc.poll() is None:
+            return ""
+        rest = self.proc.stdout.read()
+        self.lines.append(rest)
+        return rest
+
+    def roles(self) -> dict:
+        """{"engine": pid, "frontend": [pids]} from the children's command lines."""
+        out: dict = {"engine": None, "frontend": []}
+        for pid in children(self.proc.pid):
+            line = cmdline(pid)
+            if "server.engine.process" in line:
+                out["engine"] = pid
+            elif "server.frontend.process" in line:
+                out["frontend"].append(pid)
+        return out
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for pid in tree(self.proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            code = self.proc.wait(10)
+        self.drain_output()
+        return code
+
+    def output(self) -> str:
+        return "".join(self.lines)

@@ -1,0 +1,371 @@
+"""The multi-process server (front-end processes + one engine process) seen from outside: one server,
+exactly one answer per request, and faults of any process handled as documented (docs/architecture.md)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import socket
+import time
+from typing import Dict, List, Optional, Tuple
+
+import grpc
+import numpy as np
+import pytest
+
+from tests import models
+from tests.mp import Serve, alive, children, dev_shm, tree
+from trtserve.protos import grpc_service_pb2 as pb
+from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
+from trtserve.server.examples import REPOSITORY as EXAMPLE
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux /proc")
+
+
+def mlp_request(value: float, rows: int = 1, **params) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name="mlp", id=str(value))
+    r.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 64])
+    r.raw_input_contents.append(np.full((rows, 64), value, np.float32).tobytes())
+    for k, v in params.items():
+        r.parameters[k].int64_param = v
+    return r
+
+
+def output(resp: pb.ModelInferResponse) -> np.ndarray:
+    return np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(list(resp.outputs[0].shape))
+
+
+def reference(value: float) -> np.ndarray:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(EXAMPLE / "mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    return s.run(None, {"INPUT0": np.full((1, 64), value, np.float32)})[0]
+
+
+async def load(url: str, connections: int, per_connection: int, make=mlp_request, timeout: float = 30.0,
+               ) -> List[Tuple[float, object]]:
+    """Each connection its own channel (SO_REUSEPORT spreads connections, not calls); (value, response or
+    grpc error) for every request sent."""
+    results: List[Tuple[float, object]] = []
+
+    async def one_connection(c: int) -> None:
+        async with grpc.aio.insecure_channel(url) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+
+            async def call(v: float) -> None:
+                try:
+                    results.append((v, await stub.ModelInfer(make(v), timeout=timeout)))
+                except grpc.aio.AioRpcError as e:
+                    results.append((v, e))
+
+            await asyncio.gather(*(call(c * 1000 + i) for i in range(per_connection)))
+
+    await asyncio.gather(*(one_connection(c) for c in range(connections)))
+    return results
+
+
+def statistics(url: str, model: str = "mlp") -> pb.ModelStatistics:
+    with grpc.insecure_channel(url) as ch:
+        resp = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name=model))
+    return resp.model_stats[0]
+
+
+def metric(metrics_port: int, name: str, model: str = "mlp") -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in (name, name + "_total") and s.labels.get("model") == model:
+                total += s.value
+    return total
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Serve(EXAMPLE, frontends=2)
+    yield s
+    assert s.stop() == 0
+
+
+def test_one_server_seen_from_every_front_end(server):
+    roles = server.roles()
+    assert roles["engine"] is not None and len(roles["frontend"]) == 2
+    answers = set()
+    for _ in range(12):  # new connections land on both front ends; every one answers alike
+        with grpc.insecure_channel(server.url) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            answers.add((stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp")).SerializeToString(),
+                         stub.ModelConfig(pb.ModelConfigRequest(name="mlp")).SerializeToString(),
+                         stub.ServerReady(pb.ServerReadyRequest()).ready,
+                         tuple(m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models)))
+    assert len(answers) == 1
+
+
+def test_exactly_one_answer_each_and_totals_exact(server):
+    before = statistics(server.url)
+    m_before = metric(server.metrics_port, "nv_inference_request_success")
+    results = asyncio.run(load(server.url, connections=16, per_connection=25))
+    assert len(results) == 400
+    errors = [r for _, r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert not errors, errors[:3]
+    ids = sorted(r.id for _, r in results)
+    assert ids == sorted(str(v) for v, _ in results)  # each request's own answer, once
+    ref = {v: reference(v) for v in (0.0, 1001.0, 15024.0)}
+    for v, r in results:
+        if v in ref:
+            np.testing.assert_allclose(output(r), ref[v], rtol=1e-5)
+    after = statistics(server.url)
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 400
+    assert after.inference_count - before.inference_count == 400
+    assert after.execution_count - before.execution_count <= 400
+    assert metric(server.metrics_port, "nv_inference_request_success") - m_before == 400
+
+
+def test_batches_form_across_connections(tmp_path):
+    _slow_repo(tmp_path, max_batch_size=16, extra="dynamic_batching { }")
+    s = Serve(tmp_path, frontends=2)
+    try:
+        async def run() -> List[object]:
+            chans = [grpc.aio.insecure_channel(s.url) for _ in range(17)]
+            await asyncio.gather(*(c.channel_ready() for c in chans))  # connected (spread over both processes)
+            stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in chans]
+            # the first one (16 rows: hundreds of ms) runs; the others queue behind it
+            first = asyncio.ensure_future(stubs[0].ModelInfer(slow_request(0, rows=16), timeout=60))
+            await asyncio.sleep(0.05)
+            rest = [stubs[i].ModelInfer(slow_request(i, rows=1), timeout=60) for i in range(1, 17)]
+            out = await asyncio.gather(first, *rest, return_exceptions=True)
+            for c in chans:
+                await c.close()
+            return out
+
+        results = asyncio.run(run())
+        assert all(not isinstance(r, Exception) for r in results), results
+        st = statistics(s.url, "slow")
+        # 16 requests from 16 connections, which two processes took, ran as one batch behind the first
+        assert st.inference_count == 32 and st.execution_count == 2, st
+        assert [(b.batch_size, b.compute_infer.count) for b in st.batch_stats] == [(16, 2)]
+    finally:
+        assert s.stop() == 0
+
+
+def test_shared_memory_registered_through_one_connection_is_used_from_any(server):
+    from multiprocessing import shared_memory
+
+    region = shared_memory.SharedMemory(create=True, size=64 * 4 + 16 * 4)
+    try:
+        x = np.full((1, 64), 0.5, np.float32)
+        np.ndarray((1, 64), np.float32, region.buf)[:] = x
+        with grpc.insecure_channel(server.url) as ch:
+            pb_grpc.GRPCInferenceServiceStub(ch).SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
+                name="in_out", key=region.name, offset=0, byte_size=region.size))
+
+        def make(v: float) -> pb.ModelInferRequest:
+            r = pb.ModelInferRequest(model_name="mlp", id=str(v))
+            t = r.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
+            t.parameters["shared_memory_region"].string_param = "in_out"
+            t.parameters["shared_memory_byte_size"].int64_param = 256
+            return r
+
+        results = asyncio.run(load(server.url, connections=8, per_connection=2, make=make))
+        assert all(not isinstance(r, Exception) for _, r in results), results[:2]
+        for _, r in results:
+            np.testing.assert_allclose(output(r), reference(0.5), rtol=1e-5)
+        statuses = set()
+        for _ in range(6):
+            with grpc.insecure_channel(server.url) as ch:
+                st = pb_grpc.GRPCInferenceServiceStub(ch).SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())
+                statuses.add(tuple(sorted(st.regions)))
+        assert statuses == {("in_out",)}
+        with grpc.insecure_channel(server.url) as ch:
+            pb_grpc.GRPCInferenceServiceStub(ch).SystemSharedMemoryUnregister(
+                pb.SystemSharedMemoryUnregisterRequest(name="in_out"))
+        after = asyncio.run(load(server.url, connections=4, per_connection=1, make=make))
+        assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.NOT_FOUND for _, r in after)
+    finally:
+        region.close()
+        region.unlink()
+
+
+def _slow_repo(repo: pathlib.Path, max_batch_size: int = 0, extra: str = "") -> None:
+    """``slow``: INPUT0 FP32 [256] -> tens of ms of MatMuls per row -> OUTPUT0 FP32 [256]; with
+    ``max_batch_size`` > 0 it batches (rows cost the same each)."""
+    if not max_batch_size:
+        from tests.test_faults import _slow_model
+
+        _slow_model(repo)
+        return
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Unsqueeze", ["INPUT0", "AXES"], ["u"]),
+             helper.make_node("Expand", ["u", "SHAPE"], ["h"])]
+    prev = "h"
+    for k in range(40):
+        nodes.append(helper.make_node("MatMul", [prev, "W"], [f"h{k}"]))
+        prev = f"h{k}"
+    nodes.append(helper.make_node("ReduceMean", [prev], ["OUTPUT0"], axes=[1], keepdims=0))
+    graph = helper.make_graph(
+        nodes, "slow", [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["N", 256])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["N", 256])],
+        [numpy_helper.from_array(np.eye(256, dtype=np.float32), "W"),
+         numpy_helper.from_array(np.array([1], np.int64), "AXES"),
+         numpy_helper.from_array(np.array([1, 256, 256], np.int64), "SHAPE")])
+    models._save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
+                 repo / "slow" / "1" / "model.onnx")
+    models.write_config(repo, "slow", f"""
+name: "slow" platform: "onnxruntime_onnx" max_batch_size: {max_batch_size}
+input [ {{ name: "INPUT0", data_type: TYPE_FP32, dims: [ 256 ] }} ]
+output [ {{ name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 256 ] }} ]
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+parameters {{ key: "trtserve.batches_per_instance" value: {{ string_value: "1" }} }}
+{extra}
+""")
+
+
+def slow_request(i: int, rows: Optional[int] = None, **params) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name="slow", id=str(i))
+    shape = [256] if rows is None else [rows, 256]
+    r.inputs.add(name="INPUT0", datatype="FP32", shape=shape)
+    r.raw_input_contents.append(np.full(shape, i, np.float32).tobytes())
+    for k, v in params.items():
+        r.parameters[k].int64_param = v
+    return r
+
+
+def test_sigterm_drains_every_process_and_leaves_nothing(tmp_path):
+    _slow_repo(tmp_path)
+    shm_before = dev_shm()
+    s = Serve(tmp_path, frontends=2, drain_seconds=30)
+    pids = tree(s.proc.pid)
+    assert len(pids) == 4  # supervisor, engine, two front ends
+
+    async def run() -> List[object]:
+        calls = asyncio.ensure_future(load(s.url, connections=4, per_connection=3, make=slow_request))
+        await asyncio.sleep(0.3)  # in flight
+        s.proc.send_signal(signal.SIGTERM)
+        return await calls
+
+    results = asyncio.run(run())
+    code = s.proc.wait(60)
+    s.drain_output()
+    assert code == 0, s.output()
+    assert len(results) == 12
+    assert all(not isinstance(r, Exception) for _, r in results), [r for _, r in results if isinstance(r, Exception)]
+    assert not [p for p in pids if alive(p)]
+    assert dev_shm() == shm_before
+
+
+def test_a_killed_front_end_fails_only_its_requests_and_is_restarted(tmp_path):
+    _slow_repo(tmp_path)
+    s = Serve(tmp_path, frontends=2)
+    try:
+        victim = s.roles()["frontend"][0]
+
+        async def run() -> List[Tuple[float, object]]:
+            calls = asyncio.ensure_future(load(s.url, connections=8, per_connection=4, make=slow_request))
+            await asyncio.sleep(0.5)
+            os.kill(victim, signal.SIGKILL)
+            return await calls
+
+        results = asyncio.run(run())
+        assert len(results) == 32  # every request answered once
+        failed = [r for _, r in results if isinstance(r, grpc.aio.AioRpcError)]
+        ok = [r for _, r in results if not isinstance(r, grpc.aio.AioRpcError)]
+        assert ok, "the other front end kept serving"
+        assert all(e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) for e in failed)
+        deadline = time.monotonic() + 30
+        while len(s.roles()["frontend"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(s.roles()["frontend"]) == 2 and victim not in s.roles()["frontend"]
+        again = asyncio.run(load(s.url, connections=8, per_connection=1, make=slow_request))
+        assert all(not isinstance(r, Exception) for _, r in again)
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_killed_engine_answers_unavailable_at_once_and_the_server_exits_1(tmp_path):
+    _slow_repo(tmp_path)
+    shm_before = dev_shm()
+    s = Serve(tmp_path, frontends=2)
+    pids = tree(s.proc.pid)
+    engine = s.roles()["engine"]
+    killed_at: Dict[str, float] = {}
+    answered_at: List[float] = []
+
+    async def run() -> List[Tuple[float, object]]:
+        calls = asyncio.ensure_future(load(s.url, connections=8, per_connection=16, make=slow_request))
+        await asyncio.sleep(0.3)  # about a seventh of them answered by now
+        killed_at["t"] = time.monotonic()
+        os.kill(engine, signal.SIGKILL)
+        results = await calls
+        answered_at.append(time.monotonic())
+        return results
+
+    results = asyncio.run(run())
+    assert len(results) == 128
+    assert answered_at[0] - killed_at["t"] < 1.0  # no hang: the last answer came within a second
+    failed = [r for _, r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert failed and all(e.code() == grpc.StatusCode.UNAVAILABLE for e in failed)
+    assert s.proc.wait(30) == 1
+    s.drain_output()
+    assert "exits with code 1" in s.output()
+    time.sleep(0.2)
+    assert not [p for p in pids if alive(p)]
+    assert dev_shm() == shm_before
+
+
+def test_priority_one_overtakes_priority_two_under_saturation(tmp_path):
+    _slow_repo(tmp_path, max_batch_size=1,
+               extra="dynamic_batching { priority_levels: 2 default_priority_level: 2 }")
+    s = Serve(tmp_path, frontends=2)
+    try:
+        async def run() -> Dict[int, List[float]]:
+            done: Dict[int, List[float]] = {1: [], 2: []}
+            t0 = time.monotonic()
+
+            async def one(stub, i: int, level: int) -> None:
+                await stub.ModelInfer(slow_request(i, rows=1, priority=level), timeout=60)
+                done[level].append(time.monotonic() - t0)
+
+            chans = [grpc.aio.insecure_channel(s.url) for _ in range(8)]
+            stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in chans]
+            low = [asyncio.ensure_future(one(stubs[i % 8], i, 2)) for i in range(96)]
+            await asyncio.sleep(0.3)  # the queue is full of priority 2 by now (each runs for milliseconds)
+            high = [asyncio.ensure_future(one(stubs[i % 8], 100 + i, 1)) for i in range(4)]
+            await asyncio.gather(*low, *high)
+            for c in chans:
+                await c.close()
+            return done
+
+        done = asyncio.run(run())
+        # every priority-1 request finishes before most of the priority-2 ones queued ahead of it
+        later_low = [t for t in done[2] if t > max(done[1])]
+        assert len(done[2]) == 96 and len(done[1]) == 4
+        assert len(later_low) >= 24, (len(later_low), max(done[1]), sorted(done[2])[-5:])
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_second_server_on_the_same_port_is_refused(server):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "trtserve", "serve", "--grpc-port", str(server.port),
+                          "--metrics-port", "-1", "--frontends", "1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"{server.port}" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_frontends_auto_follows_cpu_affinity():
+    from trtserve.cli import frontends_from
+
+    cpus = len(os.sched_getaffinity(0))
+    assert frontends_from("auto") == max(1, min(8, cpus // 2))
+    assert frontends_from("3") == 3
+    with pytest.raises(SystemExit):
+        frontends_from("-1")
