@@ -17,6 +17,7 @@ log = logging.getLogger("trtserve.engine")
 async def _run(payload: dict) -> int:
     stop = child.stop_event()
     host = EngineHost(payload["options"])
+    host.repository.inline_batches = True  # this process's loop serves only the engine
     await host.start()
     host.listen(payload["address"])
     child.report_ready({"metrics_port": host.metrics_port})

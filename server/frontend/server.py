@@ -20,6 +20,8 @@ from trtserve.server.options import ServerOptions
 
 log = logging.getLogger("trtserve.frontend")
 
+PENDING_REQUESTS = 50_000  # grpc.server.max_pending_requests: see FrontEnd.start
+
 
 class FrontEnd:
     """``await start()`` -> serving on the port; ``await stop(grace)`` drains."""
@@ -42,7 +44,13 @@ class FrontEnd:
                 # grpc's overload protection answers REFUSED_STREAM (UNAVAILABLE to the client, never counted
                 # here) as soon as a few streams wait for the application, far below max_concurrent_streams: it
                 # failed calls of 25 per connection; overload is answered by the front end's own limit instead
-                ("grpc.http.overload_protection", 0)]
+                ("grpc.http.overload_protection", 0),
+                # calls grpc holds before the application takes them, reset ones included until they are skipped;
+                # past grpc's default (1,000, randomly refusing up to 3,000) it fails calls of every connection with
+                # CANCELLED: a connection that opens and resets streams in a tight loop (HTTP/2 rapid reset)
+                # cancelled good calls on another one. Held calls are headers only; admission is max_inflight's job
+                ("grpc.server.max_pending_requests", PENDING_REQUESTS),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_REQUESTS)]
         if self.options.max_concurrent_streams > 0:
             opts.append(("grpc.max_concurrent_streams", self.options.max_concurrent_streams))
         interceptors = [BearerTokenInterceptor(self.options.auth_token)] if self.options.auth_token else []
@@ -83,4 +91,6 @@ class FrontEnd:
 
     async def wait(self) -> None:
         if self._server is not None:
-            await self._server.wait_for_termination()
+            # shielded: grpc's wait_for_termination awaits the server's own shutdown future, so cancelling this
+            # wait (the CLI does when a signal comes first) would cancel that future and fail the drain in stop()
+            await asyncio.shield(self._server.wait_for_termination())

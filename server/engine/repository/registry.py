@@ -65,6 +65,7 @@ class ModelRepository:
         self._reasons: Dict[str, str] = {}  # model-level load failure (e.g. bad config.pbtxt)
         self._locks: Dict[str, asyncio.Lock] = {}
         self._serials = itertools.count(1)
+        self.inline_batches = False  # see DynamicBatcher(inline=): set by the engine process
 
     # ---- queries ----------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion:
@@ -162,7 +163,7 @@ class ModelRepository:
                 else:
                     mv.spec, mv.config, mv.backend, mv.state = spec, config, backend, "READY"
                     mv.serial = next(self._serials)
-                    mv.batcher = DynamicBatcher(spec, backend, self._observer)
+                    mv.batcher = DynamicBatcher(spec, backend, self._observer, inline=self.inline_batches)
                     mv.batcher.start()
                 self._observer.model_state(name, v, mv.state, time.monotonic() - t0)
                 new[v] = mv

@@ -1,0 +1,155 @@
+"""The front end <-> engine plumbing on its own: arena allocation, links, the hello with a descriptor."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from trtserve.server.ipc import channel
+from trtserve.server.ipc.arena import ALIGN, Allocator, Arena, ArenaFull
+from trtserve.server.ipc.channel import LocalLink, SocketLink
+
+
+def test_allocator_first_fit_merges_and_refuses_when_full():
+    a = Allocator(1024)
+    x = a.alloc(100)
+    y = a.alloc(1)
+    z = a.alloc(64)
+    assert (x, y, z) == (0, 128, 192) and a.in_use == 128 + 64 + 64
+    with pytest.raises(ArenaFull):
+        a.alloc(1024 - 256 + 1)
+    a.free(y)
+    assert a.alloc(10) == 128  # the hole is reused
+    a.free(128)
+    a.free(x)
+    a.free(z)
+    assert a.blocks() == [(0, 1024)] and a.in_use == 0  # every neighbour merged back
+    with pytest.raises(ValueError):
+        a.alloc(2048)  # can never fit
+    with pytest.raises(KeyError):
+        a.free(64)  # not a block
+
+
+def test_allocator_random_churn_keeps_blocks_disjoint_and_accounts_exactly():
+    rng = np.random.default_rng(1)
+    a = Allocator(1 << 16)
+    live = {}
+    for _ in range(4000):
+        if live and rng.random() < 0.5:
+            off = list(live)[int(rng.integers(len(live)))]
+            a.free(off)
+            del live[off]
+        else:
+            n = int(rng.integers(1, 3000))
+            try:
+                off = a.alloc(n)
+            except ArenaFull:
+                continue
+            assert off % ALIGN == 0
+            for o, size in live.items():
+                assert off + n <= o or o + size <= off
+            live[off] = n
+    for off in list(live):
+        a.free(off)
+    assert a.blocks() == [(0, 1 << 16)]
+
+
+def test_arena_is_shared_through_its_descriptor_and_bounds_checked():
+    a = Arena.create(1 << 20)
+    b = Arena.attach(os.dup(a.fd))
+    try:
+        a.view(4096, 8)[:] = np.arange(8, dtype=np.uint8)
+        assert list(b.view(4096, 8)) == list(range(8))
+        with pytest.raises(ValueError):
+            b.view((1 << 20) - 4, 8)
+        with pytest.raises(ValueError):
+            b.view(-1, 8)
+        assert not any(name.startswith("trtserve") for name in os.listdir("/dev/shm"))  # a memfd has no name
+    finally:
+        b.close()
+        a.close()
+
+
+async def _pair_roundtrip(n: int, payload: bytes):
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a, b = SocketLink(left), SocketLink(right)
+    got = []
+    done = asyncio.get_running_loop().create_future()
+
+    def on_b(batch):
+        for msg in batch:
+            b.send(("echo",) + msg)
+
+    def on_a(batch):
+        got.extend(batch)
+        if len(got) == n and not done.done():
+            done.set_result(None)
+
+    closed = []
+    a.start(on_a, lambda: closed.append("a"))
+    b.start(on_b, lambda: closed.append("b"))
+    for i in range(n):
+        a.send((i, payload))
+    await asyncio.wait_for(done, 30)
+    b.close()
+    await asyncio.sleep(0.05)
+    return got, closed
+
+
+def test_socket_link_keeps_order_carries_large_frames_and_reports_the_peer_closing():
+    big = os.urandom(3 << 20)  # larger than one read and than the socket buffer: partial writes and reads
+    got, closed = asyncio.run(_pair_roundtrip(5, big))
+    assert [m[1] for m in got] == list(range(5)) and all(m[2] == big for m in got)
+    assert closed == ["a"]  # a learns that b went away
+    got, _ = asyncio.run(_pair_roundtrip(20000, b"x"))  # many small messages, batched per loop turn
+    assert [m[1] for m in got] == list(range(20000))
+
+
+def test_local_link_delivers_on_the_next_turn_and_closes_both_ends():
+    async def run():
+        a, b = LocalLink.pair()
+        seen, closed = [], []
+        a.start(lambda batch: None, lambda: closed.append("a"))
+        b.start(lambda batch: seen.append(list(batch)), lambda: closed.append("b"))
+        a.send((1,))
+        a.send((2,))
+        assert seen == []  # not synchronously
+        await asyncio.sleep(0)
+        assert seen == [[(1,), (2,)]]  # one batch
+        a.close()
+        await asyncio.sleep(0)
+        return closed, b.closed
+
+    closed, b_closed = asyncio.run(run())
+    assert closed == ["b"] and b_closed
+
+
+def test_hello_carries_the_arena_descriptor():
+    address = channel.engine_address(f"test-{os.getpid()}")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(address)
+    server.listen(1)
+    arena = Arena.create(1 << 16)
+    arena.view(0, 4)[:] = [1, 2, 3, 4]
+    result = {}
+
+    def accept():
+        conn, _ = server.accept()
+        result["hello"], result["fds"] = channel.receive_hello(conn)
+        conn.close()
+
+    t = threading.Thread(target=accept)
+    t.start()
+    sock = channel.connect(address, {"name": "fe-0"}, [arena.fd])
+    t.join(10)
+    sock.close()
+    server.close()
+    assert result["hello"] == {"name": "fe-0"} and len(result["fds"]) == 1
+    other = Arena.attach(result["fds"][0])
+    assert list(other.view(0, 4)) == [1, 2, 3, 4]
+    other.close()
+    arena.close()
