@@ -13,6 +13,7 @@ from trtserve.server.engine.core import EngineCore, Session
 from trtserve.server.engine.repository.registry import ModelRepository
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
 from trtserve.server.events import Fanout, Observer
+from trtserve.server.frontend.memory import PeriodicTrim
 from trtserve.server.ipc import channel
 from trtserve.server.ipc.arena import Arena
 from trtserve.server.ipc.channel import Link, SocketLink
@@ -45,6 +46,7 @@ class EngineHost:
         self.metrics_port: Optional[int] = None
         self._metrics_server = None
         self._listener: Optional[socket.socket] = None
+        self._trim = PeriodicTrim()  # heap pages back to the OS once a burst is over (issue 18 item 10)
 
     @staticmethod
     async def _run_blocking(fn, *args):
@@ -52,6 +54,7 @@ class EngineHost:
 
     async def start(self) -> None:
         await self.repository.load_all()
+        self._trim.start()
         if self.prometheus is not None and self.options.metrics_port is not None:
             from trtserve.server.metrics.http import MetricsServer
 
@@ -92,11 +95,24 @@ class EngineHost:
                 log.error("a front end failed to connect: %s", e)
                 conn.close()
                 continue
+            self._maybe_pin(arena)
             self.attach(str(hello.get("name", "?")), SocketLink(conn), arena)
+
+    def _maybe_pin(self, arena: Arena) -> None:
+        """Page-locks a front end's arena when a TensorRT model is served, so input copies to the device read
+        the arena directly (no copy through the instance's own pinned buffer)."""
+        if not any(v.backend is not None and v.backend.platform == "tensorrt_plan" for v in self.repository.loaded()):
+            return
+        try:
+            arena.pin()
+        except Exception as e:  # noqa: BLE001 - serving works unpinned, only with one more host copy per batch
+            log.warning("could not page-lock a front end's arena (%d bytes): %s; inputs are staged through "
+                        "pinned buffers instead", arena.size, e)
 
     async def stop(self) -> None:
         """Readiness false, front ends detached (their queued requests answered), models unloaded, /metrics off."""
         self.control.ready = False
+        self._trim.stop()
         if self._listener is not None:
             asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()

@@ -22,6 +22,7 @@ from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.server.errors import InvalidArgument, ResourceExhausted, TrtServeError, Unavailable
 from trtserve.server.frontend import codec
 from trtserve.server.frontend.engine_client import EngineClient, RemoteError, StaleModel
+from trtserve.server.frontend.memory import Trimmer
 from trtserve.server.frontend.status import grpc_code, rpc
 from trtserve.server.frontend.validation import Prechecked, precheck
 from trtserve.server.ipc import messages as m
@@ -78,6 +79,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self._max_input_bytes = max_input_bytes
         self._max_inflight = max_inflight
         self._max_stream_inflight = max(1, max_stream_inflight)
+        # memory back to the OS when this front end goes idle after a burst (server/frontend/memory.py)
+        self._trimmer = Trimmer(lambda: engine.inflight > 0, engine.arena.fd, engine.arena.size)
         self.ready = True  # false from the start of a drain: ServerReady/ModelReady answer false
         self.accepting = True  # false once the drain stops taking work: new inferences UNAVAILABLE
 
@@ -217,6 +220,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     engine.free(block)  # answered: nothing reads the block any more
                 else:
                     engine.cancel(req_id)  # the engine may still read it: freed when it answers
+                self._trimmer.note()
         raise Unavailable(f"model '{name}' was reloaded while the request was being checked; retry")
 
     def _stage(self, spec, request: pb.ModelInferRequest, checked: Prechecked) -> Tuple[Optional[int], tuple, tuple]:

@@ -1,0 +1,164 @@
+"""Giving memory back to the OS after a burst of large requests (issue 18 item 10).
+
+After a flood of large requests a process keeps what the burst took: glibc keeps freed heap pages
+(grpc's and protobuf's message buffers, NumPy copies) for reuse, and the arena's pages stay resident
+in the front end and in the engine once touched. That is fine while bursts repeat and bad for a
+host that runs other things, so when a process goes idle after its resident memory grew, it hands
+the pages back:
+
+- ``malloc_trim(0)`` (glibc, through ctypes; a no-op elsewhere) returns free heap pages of every
+  malloc arena;
+- a front end whose requests have all been answered has no arena block in use (a block lives
+  until the engine answered its request), so the whole arena is punched out of its memfd
+  (``fallocate(PUNCH_HOLE)``): the pages leave the front end and the engine alike and come back,
+  zeroed, when requests touch them again.
+
+The check is a timer, off the hot path: a finished request costs one method call (``note``), the
+trim runs at most once per ``interval`` seconds, only when no request is in flight and the resident
+size grew by ``threshold`` bytes since the last trim.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+log = logging.getLogger("trtserve.memory")
+
+MiB = 1 << 20
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _libc():
+    try:
+        name = ctypes.util.find_library("c")
+        return ctypes.CDLL(name, use_errno=True) if name else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only (musl, macOS: none)
+_FALLOCATE = getattr(_LIBC, "fallocate", None)
+if _MALLOC_TRIM is not None:
+    _MALLOC_TRIM.argtypes = [ctypes.c_size_t]
+    _MALLOC_TRIM.restype = ctypes.c_int
+if _FALLOCATE is not None:
+    _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    _FALLOCATE.restype = ctypes.c_int
+
+
+def resident_bytes() -> int:
+    """This process's resident set (Linux /proc/self/statm), 0 where unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def malloc_trim() -> bool:
+    """glibc's malloc_trim(0): free heap pages of every malloc arena go back to the OS. False where absent."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
+def punch(fd: int, size: int) -> bool:
+    """Drops the pages of [0, size) of a memfd (they read as zeros afterwards); False where unsupported."""
+    if _FALLOCATE is None or fd < 0:
+        return False
+    return _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, size) == 0
+
+
+class Trimmer:
+    """Trims a front end when it is idle after its memory grew. ``note()`` once per finished request.
+
+    ``busy()`` says whether requests are in flight (when it is false, no arena block is in use);
+    ``arena_fd``/``arena_size`` the arena to punch (None: no arena)."""
+
+    def __init__(self, busy: Callable[[], bool], arena_fd: Optional[int] = None, arena_size: int = 0,
+                 threshold: int = 64 * MiB, interval: float = 1.0) -> None:
+        self._busy = busy
+        self._arena_fd = arena_fd
+        self._arena_size = arena_size
+        self._threshold = threshold
+        self._interval = interval
+        self._handle: Optional[asyncio.TimerHandle] = None
+        self._last = 0.0  # monotonic time of the last trim
+        self._baseline = resident_bytes()  # resident size right after the last trim
+        self.trims = 0
+
+    def note(self) -> None:
+        """A request finished: look again in a moment (at most one timer pending)."""
+        if self._handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            delay = max(0.1, self._last + self._interval - time.monotonic())
+            self._handle = loop.call_later(delay, self._check)
+
+    def _check(self) -> None:
+        self._handle = None
+        if self._busy():
+            self.note()  # not idle yet: look again later
+            return
+        if resident_bytes() - self._baseline < self._threshold:
+            return
+        self.trim()
+
+    def trim(self) -> None:
+        """Gives the memory back now; the caller makes sure no arena block is in use."""
+        t0 = time.monotonic()
+        before = resident_bytes()
+        if self._arena_fd is not None and self._arena_size:
+            punch(self._arena_fd, self._arena_size)
+        malloc_trim()
+        self._last = time.monotonic()
+        self._baseline = resident_bytes()
+        self.trims += 1
+        log.debug("idle: gave back %.0f MiB in %.1f ms", (before - self._baseline) / MiB, (self._last - t0) * 1e3)
+
+
+class PeriodicTrim:
+    """For a process without a single idle signal (the engine): every ``interval`` seconds, malloc_trim(0)
+    when the resident size grew by ``threshold`` bytes since the last trim and has stopped growing (the
+    burst is over)."""
+
+    def __init__(self, threshold: int = 64 * MiB, interval: float = 1.0) -> None:
+        self._threshold = threshold
+        self._interval = interval
+        self._baseline = resident_bytes()
+        self._previous = self._baseline
+        self._task: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        if _MALLOC_TRIM is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            now = resident_bytes()
+            settled = now <= self._previous + self._threshold // 8
+            self._previous = now
+            if settled and now - self._baseline >= self._threshold:
+                # ctypes releases the GIL: the instance threads go on meanwhile
+                await asyncio.get_running_loop().run_in_executor(None, malloc_trim)
+                self._baseline = self._previous = resident_bytes()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+
+__all__ = ["Trimmer", "PeriodicTrim", "malloc_trim", "punch", "resident_bytes"]
