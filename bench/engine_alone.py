@@ -135,9 +135,9 @@ def _request_bytes(spec, inputs, rows: int) -> int:
 class Engine:
     """The real engine process on a repository."""
 
-    def __init__(self, repo: pathlib.Path, cpus: Optional[str]) -> None:
+    def __init__(self, repo: pathlib.Path, cpus: Optional[str], cache_dir: Optional[pathlib.Path] = None) -> None:
         self.address = channel.engine_address(f"bench-{uuid.uuid4().hex[:8]}")
-        options = ServerOptions(model_repository=repo, metrics_port=None, gpu_metrics=False)
+        options = ServerOptions(model_repository=repo, metrics_port=None, gpu_metrics=False, cache_dir=cache_dir)
         cmd = [sys.executable, "-m", "trtserve.server.engine.process"]
         if cpus:
             cmd = ["taskset", "-c", cpus] + cmd

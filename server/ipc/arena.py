@@ -39,6 +39,7 @@ class Arena:
         self.owner = owner
         self._mmap: Optional[mmap.mmap] = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.buffer = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.pinned = False
 
     @classmethod
     def create(cls, size: int, name: str = "trtserve-arena") -> "Arena":
@@ -67,8 +68,25 @@ class Arena:
             raise ValueError(f"arena range {offset}+{nbytes} is outside the arena ({self.size} bytes)")
         return self.buffer[offset:offset + nbytes]
 
+    def pin(self) -> None:
+        """Registers the whole arena with CUDA as page-locked host memory, so a device copy of an input reads
+        straight from where the front end wrote it (the TensorRT backend checks, see staging.py). It locks
+        the arena's pages in memory: the engine does it only when it serves a TensorRT model."""
+        import cupy  # only the engine of a GPU server gets here
+
+        cupy.cuda.runtime.hostRegister(int(self.buffer.ctypes.data), self.size, 0)
+        self.pinned = True
+
     def close(self) -> None:
         """Unmaps and closes; views still alive keep the pages mapped until they go away."""
+        if self.pinned:
+            import cupy
+
+            try:
+                cupy.cuda.runtime.hostUnregister(int(self.buffer.ctypes.data))
+            except Exception:  # noqa: BLE001 - the context may be gone at exit; the mapping goes anyway
+                pass
+            self.pinned = False
         self.buffer = np.empty(0, np.uint8)
         mm, self._mmap = self._mmap, None
         if mm is not None:

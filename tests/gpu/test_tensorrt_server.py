@@ -77,14 +77,15 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def stub(repo: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """One server for the module (the engine builds once), with its own plan cache."""
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "two-frontends"])
+def stub(request, repo: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One server per process model (the engine builds once each), with its own plan cache: the engine in
+    this process, and the engine in its own process behind two front-end processes (its arenas page-locked)."""
     from tests.conftest import RunningServer
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
-        server = RunningServer(repo, metrics=False)
+        server = RunningServer(repo, metrics=False, frontends=request.param)
         channel = grpc.insecure_channel(server.url)
         try:
             yield pbg.GRPCInferenceServiceStub(channel)

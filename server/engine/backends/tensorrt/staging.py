@@ -26,6 +26,15 @@ def _cupy() -> Any:
     return cupy
 
 
+def is_page_locked(ptr: int) -> bool:
+    """Whether host address ``ptr`` lies in memory registered with (or allocated by) CUDA as page-locked."""
+    rt = _cupy().cuda.runtime
+    try:
+        return int(rt.pointerGetAttributes(ptr).type) == int(getattr(rt, "memoryTypeHost", 1))  # cudaMemoryTypeHost
+    except Exception:  # noqa: BLE001 - an address CUDA does not know: plain pageable memory
+        return False
+
+
 def nbytes_of(shape: Tuple[int, ...], dtype: np.dtype) -> int:
     n = dtype.itemsize
     for d in shape:  # a plain loop: np.prod costs microseconds per call on the hot path
@@ -49,6 +58,9 @@ class StagedTensor:
         self._pinned = [cupy.cuda.alloc_pinned_memory(size) for _ in range(max(1, slots))]  # keeps them alive
         self.hosts = [np.frombuffer(p, dtype=np.uint8, count=size) for p in self._pinned]
         self._host_ptrs = [int(h.ctypes.data) for h in self.hosts]  # .ctypes builds an object per access
+        # per slot: where the next upload reads, when the input already lies in page-locked memory (a front end's
+        # arena the engine registered with CUDA); 0: the slot's own pinned mirror
+        self._direct = [0] * max(1, slots)
         if self.ptr == 0 or self.ptr % 256:
             raise RuntimeError(f"tensor '{name}': device buffer address {self.ptr:#x} is null or not 256-byte aligned")
 
@@ -62,7 +74,13 @@ class StagedTensor:
         if n > self.capacity or pad_to_bytes > self.capacity:
             raise ValueError(f"tensor '{self.name}': {max(n, pad_to_bytes)} bytes exceed the buffer's {self.capacity}")
         host = self.hosts[slot]
-        if array.__array_interface__["data"][0] != self._host_ptrs[slot]:  # else stacked in place (see view)
+        self._direct[slot] = 0
+        ptr = array.__array_interface__["data"][0]
+        if ptr != self._host_ptrs[slot]:  # else stacked in place (see view)
+            if (n and not pad_to_bytes and array.dtype == self.dtype and array.flags.c_contiguous
+                    and is_page_locked(ptr)):
+                self._direct[slot] = ptr  # the device copy reads it where it is
+                return n
             dst = host[:n].view(self.dtype).reshape(array.shape)
             np.copyto(dst, array, casting="no")
         if pad_to_bytes > n:
@@ -81,8 +99,8 @@ class StagedTensor:
         if nbytes:
             cupy = _cupy()
             cupy.cuda.runtime.memcpyAsync(
-                self.ptr, self._host_ptrs[slot], nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
-            )
+                self.ptr, self._direct[slot] or self._host_ptrs[slot], nbytes, cupy.cuda.runtime.memcpyHostToDevice,
+                stream.ptr)
 
     def gather(self, parts: Sequence[Any], stream: Any, slot: int = 0) -> int:
         """Enqueues each piece into its rows of the device buffer on ``stream``: device pieces (objects with

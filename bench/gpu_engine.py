@@ -1,0 +1,81 @@
+"""GPU, the engine alone beside the raw engine, in one run (issue 17's engine goals).
+
+``python -m bench.gpu_engine [--seconds 3] [--models small,heavy]``: for each model, the raw TensorRT engine's
+rows/s at the reference batch (bench.gpu_backend.raw_rows_per_s: one instance, inputs already on the device,
+no host copies) and then the engine process fed by a driver (bench.engine_alone: descriptors over the link,
+inputs in the driver's arena, which the engine page-locks): requests/s and rows/s at several concurrencies,
+with the share of raw. small: the example MLP (64->256->256->16, FP32), 1-row requests; heavy: the deep FP16
+MLP (256->4096x4->256), 256-row requests. Needs CUDA, CuPy and TensorRT (run it with the GPU kit).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import sys
+import tempfile
+from typing import List, Optional, Sequence
+
+SETUPS = {  # model -> (rows per request, reference batch = max_batch_size, instances, concurrencies)
+    "small": (1, 256, 2, (64, 256, 1024)),
+    "heavy": (256, 1024, 2, (4, 8, 16)),
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--models", default="small,heavy")
+    p.add_argument("--engine-cpus", default=None, help="taskset CPU list for the engine process")
+    a = p.parse_args(list(argv) if argv is not None else None)
+    from bench import engine_alone
+    from bench.gpu import _config, _open
+    from bench.gpu_backend import _models, raw_rows_per_s
+    from trtserve.server.engine.backends.tensorrt import compat
+
+    ok, why = compat.available()
+    if not ok:
+        print(f"needs CUDA, CuPy and TensorRT: {why}", file=sys.stderr)
+        return 2
+    print(f"TensorRT {why}, GPU {compat.gpu_name(0)}", flush=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-gpu-engine-"))
+    models = _models()
+    rows_out: List[List[str]] = []
+    for key in a.models.split(","):
+        m = models[key]
+        rows, ref, instances, levels = SETUPS[key]
+        onnx_dir = work / "onnx" / m.name / "1"
+        m.make(onnx_dir / "model.onnx")
+        backend = _open(m.name, onnx_dir, m.wire, m.dims_in, m.dims_out, ref, instances, work, dict(m.parameters))
+        try:
+            raw = raw_rows_per_s(backend, ref, a.seconds, with_io=False)
+        finally:
+            backend.close()
+        repo = work / f"repo_{key}"
+        (repo / m.name / "1").mkdir(parents=True)
+        (repo / m.name / "1" / "model.onnx").write_bytes((onnx_dir / "model.onnx").read_bytes())
+        (repo / m.name / "config.pbtxt").write_text(
+            _config(m.name, m.wire, m.dims_in, m.dims_out, ref, instances, params=dict(m.parameters)))
+        print(f"{key}: raw engine {raw:,.0f} rows/s at batch {ref}", flush=True)
+        engine = engine_alone.Engine(repo, a.engine_cpus, cache_dir=work / "cache")
+        try:
+            for level in levels:
+                r = asyncio.run(engine_alone._level(engine, m.name, [("INPUT0", m.wire, tuple(m.dims_in))], rows,
+                                                    level, 1.0, a.seconds))
+                rows_out.append([key, str(rows), str(level), f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}",
+                                 f"{raw:,.0f}", f"{100 * r['rows_s'] / raw:.0f} %", f"{r['mean_batch']:.0f}",
+                                 f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", str(r["errors"])])
+                print(" | ".join(rows_out[-1]), flush=True)
+        finally:
+            engine.stop()
+    head = ["model", "rows/req", "concurrency", "req/s", "rows/s", "raw rows/s", "of raw", "batch", "p50 ms",
+            "engine cores", "errors"]
+    widths = [max(len(r[i]) for r in [head] + rows_out) for i in range(len(head))]
+    print()
+    for r in [head, ["-" * w for w in widths]] + rows_out:
+        print(" | ".join(c.rjust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

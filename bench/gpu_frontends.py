@@ -1,0 +1,142 @@
+"""GPU host, the full server: the small MLP on TensorRT behind 1, 2, 4, 8 front-end processes (issue 17).
+
+``python -m bench.gpu_frontends [--frontends 1,2,4,8] [--concurrency 256] [--pa-processes 4] [--duration 5]
+[--server-cpus 0-9] [--client-cpus 10-15]`` builds the small MLP (64->256->256->16, FP32) as a TensorRT model
+(2 instances, max_batch_size 256, dynamic batching), starts ``trtserve serve --frontends N`` pinned to the server
+CPUs, and drives it with several perf_analyzer processes pinned to the client CPUs (their concurrencies add up to
+--concurrency; each context its own connection), all measuring at once. Beside it, in the same run, the bare
+grpc.aio ceiling server (bench/ceiling_server.py) on the same CPUs. Prints requests/s (summed), p50/p99 (the
+median of the processes' values), the mean formed batch and the server's CPU. Needs CUDA, CuPy, TensorRT and
+perf_analyzer (run it with the GPU kit).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+from bench import frontends as fb
+
+
+def _pa() -> str:
+    for c in (os.environ.get("PERF_ANALYZER"), shutil.which("perf_analyzer"), "/tmp/perf-analyzer/perf_analyzer"):
+        if c and pathlib.Path(c).is_file():
+            return c
+    raise SystemExit("perf_analyzer not found (PERF_ANALYZER, PATH)")
+
+
+def _one_pa(pa: str, url: str, model: str, level: int, duration: float, cpus: Optional[str]) -> Optional[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "pa.csv"
+        cmd = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", "1", "--concurrency-range", f"{level}:{level}",
+               "--measurement-mode", "time_windows", "--measurement-interval", str(int(duration * 1000)),
+               "--stability-percentage", "100", "--max-trials", "3", "-f", str(out)]
+        if cpus:
+            cmd = ["taskset", "-c", cpus] + cmd
+        env = dict(os.environ, TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120 + 10 * duration, env=env)
+        if proc.returncode != 0 or not out.exists():
+            print(f"perf_analyzer failed: {proc.stdout[-400:]} {proc.stderr[-400:]}", file=sys.stderr, flush=True)
+            return None
+        row = next(csv.DictReader(out.open()))
+        return {"rps": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
+                "p99_ms": float(row["p99 latency"]) / 1000}
+
+
+def _load(pa: str, url: str, model: str, total: int, processes: int, duration: float,
+          cpus: Optional[str]) -> Optional[dict]:
+    each = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
+    with concurrent.futures.ThreadPoolExecutor(processes) as pool:
+        results = list(pool.map(lambda c: _one_pa(pa, url, model, c, duration, cpus), each))
+    if any(r is None for r in results):
+        return None
+    return {"rps": sum(r["rps"] for r in results), "p50_ms": statistics.median(r["p50_ms"] for r in results),
+            "p99_ms": statistics.median(r["p99_ms"] for r in results)}
+
+
+def _repo(work: pathlib.Path) -> pathlib.Path:
+    from bench.gpu import _config
+    from trtserve.server.examples.make_mlp import make_mlp
+
+    repo = work / "repo"
+    (repo / "m" / "1").mkdir(parents=True)
+    make_mlp(repo / "m" / "1" / "model.onnx", 64, 256, 16)
+    (repo / "m" / "config.pbtxt").write_text(_config("m", "FP32", (64,), (16,), 256, 2))
+    return repo
+
+
+def _server(name: str, cmd: List[str], port: int, metrics_port: Optional[int], cpus: Optional[str]) -> fb.Server:
+    if cpus:
+        cmd = ["taskset", "-c", cpus] + cmd
+    return fb.Server(name, cmd, port, metrics_port)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frontends", default="1,2,4,8")
+    p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument("--pa-processes", type=int, default=4)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--server-cpus", default="0-9")
+    p.add_argument("--client-cpus", default="10-15")
+    p.add_argument("--no-ceiling", action="store_true")
+    a = p.parse_args(list(argv) if argv is not None else None)
+    pa = _pa()
+    work = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-gpu-frontends-"))
+    repo = _repo(work)
+    hz = os.sysconf("SC_CLK_TCK")
+    rows: List[List[str]] = []
+    head = ["server", "req/s", "p50 ms", "p99 ms", "mean batch", "server CPU"]
+    print(f"# {os.cpu_count()} CPUs; server on {a.server_cpus}, {a.pa_processes} perf_analyzer processes on "
+          f"{a.client_cpus}, concurrency {a.concurrency} in all; {a.duration:g} s windows", flush=True)
+    plan: List[tuple] = [] if a.no_ceiling else [("ceiling", None)]
+    plan += [(f"trtserve f{n}", int(n)) for n in a.frontends.split(",")]
+    for name, n in plan:
+        port = fb.free_port()
+        if n is None:
+            cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", "m", "--inputs", "64",
+                   "--outputs", "16"]
+            server = _server(name, cmd, port, None, a.server_cpus)
+        else:
+            mport = fb.free_port()
+            cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port",
+                   str(port), "--metrics-port", str(mport), "--log-level", "warning", "--no-gpu-metrics",
+                   "--frontends", str(n), "--cache-dir", str(work / "cache")]
+            server = _server(name, cmd, port, mport, a.server_cpus)
+        try:
+            if not server.start(timeout=600):
+                rows.append([name, "failed", "", "", "", ""])
+                continue
+            _load(pa, server.url, "m", a.concurrency, a.pa_processes, 1.0, a.client_cpus)  # warm-up
+            before = fb.batch_counts(server.metrics()) if server.metrics_port else None
+            assert server.proc is not None
+            t0, c0 = time.monotonic(), fb.process_tree_ticks(server.proc.pid)
+            r = _load(pa, server.url, "m", a.concurrency, a.pa_processes, a.duration, a.client_cpus)
+            cpu = fb.cpu_cores(c0, fb.process_tree_ticks(server.proc.pid), time.monotonic() - t0, hz)
+            batch = fb.mean_batch(before, fb.batch_counts(server.metrics())) if before else None
+            if r is None:
+                rows.append([name, "failed", "", "", "", f"{cpu:.2f}"])
+            else:
+                rows.append([name, f"{r['rps']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                             "n/a" if batch is None else f"{batch:.1f}", f"{cpu:.2f}"])
+            print(" | ".join(rows[-1]), flush=True)
+        finally:
+            server.stop()
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    print()
+    for r in [head, ["-" * w for w in widths]] + rows:
+        print(" | ".join(c.rjust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
