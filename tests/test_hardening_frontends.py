@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux 
 
 MiB = 1 << 20
 STREAM_RSS_BOUND_MIB = 150  # a never-read stream for 5 s: measured +13..+27 MiB (64 requests held per stream)
-# 3 s after 32 clients sent 8 MiB requests for 3 s: +310..+436 MiB stayed before the idle trim, +43..+99 with it
+# 3 s after 32 clients sent 8 MiB requests for 3 s: +310..+436 MiB stayed before the idle trim, +40..+99 with it
 FLOOD_RSS_BOUND_MIB = 200
 SMALL_DIMS = 16384  # FP32: 64 KiB per request and per response
 RESET_RSS_BOUND_MIB = 200  # peak during 5 s of resets (measured +87..+118 MiB): calls grpc holds, then frees

@@ -11,7 +11,8 @@ the pages back:
 - a front end whose requests have all been answered has no arena block in use (a block lives
   until the engine answered its request), so the whole arena is punched out of its memfd
   (``fallocate(PUNCH_HOLE)``): the pages leave the front end and the engine alike and come back,
-  zeroed, when requests touch them again.
+  zeroed, when requests touch them again. Not where TensorRT is installed: the engine may have
+  pinned the arena for CUDA (``Arena.pin``), and pinned pages must stay where they are.
 
 The check is a timer, off the hot path: a finished request costs one method call (``note``), the
 trim runs at most once per ``interval`` seconds, only when no request is in flight and the resident
@@ -71,6 +72,15 @@ def malloc_trim() -> bool:
     return True
 
 
+def arena_may_be_pinned() -> bool:
+    """Whether the engine may have registered the arena with CUDA (Arena.pin, for TensorRT models). Punching
+    pages the driver holds pinned would leave the engine reading the old pages while the front end writes new
+    ones, so where TensorRT is installed the arena is never punched (malloc_trim still runs)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
 def punch(fd: int, size: int) -> bool:
     """Drops the pages of [0, size) of a memfd (they read as zeros afterwards); False where unsupported."""
     if _FALLOCATE is None or fd < 0:
@@ -85,9 +95,9 @@ class Trimmer:
     ``arena_fd``/``arena_size`` the arena to punch (None: no arena)."""
 
     def __init__(self, busy: Callable[[], bool], arena_fd: Optional[int] = None, arena_size: int = 0,
-                 threshold: int = 64 * MiB, interval: float = 1.0) -> None:
+                 threshold: int = 32 * MiB, interval: float = 1.0) -> None:
         self._busy = busy
-        self._arena_fd = arena_fd
+        self._arena_fd = None if arena_may_be_pinned() else arena_fd
         self._arena_size = arena_size
         self._threshold = threshold
         self._interval = interval
@@ -133,7 +143,7 @@ class PeriodicTrim:
     when the resident size grew by ``threshold`` bytes since the last trim and has stopped growing (the
     burst is over)."""
 
-    def __init__(self, threshold: int = 64 * MiB, interval: float = 1.0) -> None:
+    def __init__(self, threshold: int = 32 * MiB, interval: float = 1.0) -> None:
         self._threshold = threshold
         self._interval = interval
         self._baseline = resident_bytes()
