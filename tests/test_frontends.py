@@ -369,3 +369,32 @@ def test_frontends_auto_follows_cpu_affinity():
     assert frontends_from("3") == 3
     with pytest.raises(SystemExit):
         frontends_from("-1")
+
+
+def test_a_full_arena_answers_unavailable_and_a_request_larger_than_it_resource_exhausted(tmp_path):
+    _slow_repo(tmp_path, max_batch_size=16, extra="dynamic_batching { }")
+    # 16 rows in and out: 32 KiB of arena; 48 KiB hold one such request at a time
+    s = Serve(tmp_path, frontends=1, args=["--arena-bytes", str(48 << 10)])
+    try:
+        async def run():
+            async with grpc.aio.insecure_channel(s.url) as ch:
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+                first = asyncio.ensure_future(stub.ModelInfer(slow_request(0, rows=16), timeout=60))
+                await asyncio.sleep(0.05)  # running for hundreds of ms, holding its block
+                with pytest.raises(grpc.aio.AioRpcError) as full:
+                    await stub.ModelInfer(slow_request(1, rows=16), timeout=60)
+                assert (await first).id == "0"
+                again = await stub.ModelInfer(slow_request(2, rows=16), timeout=60)  # the space came back
+                return full.value, again
+
+        full, again = asyncio.run(run())
+        assert full.code() == grpc.StatusCode.UNAVAILABLE and "out of request memory" in full.details()
+        assert again.id == "2"
+        s.stop()
+        s = Serve(tmp_path, frontends=1, args=["--arena-bytes", str(16 << 10)])
+        with grpc.insecure_channel(s.url) as ch:
+            with pytest.raises(grpc.RpcError) as big:
+                pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(slow_request(3, rows=16), timeout=60)
+        assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--arena-bytes" in big.value.details()
+    finally:
+        assert s.stop() == 0
