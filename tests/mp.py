@@ -111,6 +111,8 @@ class Serve:
         """{"engine": pid, "frontend": [pids]} from the children's command lines."""
         out: dict = {"engine": None, "frontend": []}
         for pid in children(self.proc.pid):
+            if not alive(pid):  # killed, not yet reaped by the supervisor
+                continue
             line = cmdline(pid)
             if "server.engine.process" in line:
                 out["engine"] = pid
