@@ -126,7 +126,7 @@ def add_infer_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
     p = subparsers.add_parser("infer", help="send one inference request and print the outputs",
                               description="Send one inference request built from .npy files or random data.")
     _add_connection_args(p)
-    p.add_argument("--model", "-m", required=True)
+    p.add_argument("--model", "-m", required=True, help="model to send the request to")
     p.add_argument("--model-version", default=None, help="version (default: the server's policy)")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=SOURCE",
                    help="NAME=file.npy or NAME=random[:D1,D2,...] (default shape: the model's, -1 as 1); repeatable")
@@ -184,6 +184,12 @@ def bench_command(args: argparse.Namespace) -> int:
     from trtserve.client.bench.runner import BenchConfig, Progress, run
 
     def go(a: argparse.Namespace) -> int:
+        if a.plot:  # before the run, not after it
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ValueError("--plot needs matplotlib, which is not installed: pip install 'trtserve[plot]' "
+                                 "(or pip install matplotlib)") from None
         kw = _connection_kwargs(a)
         headers = kw.pop("headers")
         concurrency = _levels(a.concurrency, int)
@@ -218,8 +224,8 @@ def add_bench_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
                     "arrivals, latency from the scheduled send time). Prints requests/s, rows/s and "
                     "p50/p90/p95/p99/max latency per level.")
     _add_connection_args(p)
-    p.add_argument("--model", "-m", required=True)
-    p.add_argument("--model-version", default=None)
+    p.add_argument("--model", "-m", required=True, help="model to load-test")
+    p.add_argument("--model-version", default=None, help="version (default: the server's policy)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--concurrency", help="closed-loop levels, e.g. 1,8,32 (default 1)")
     mode.add_argument("--request-rate", help="open-loop levels in requests/s, e.g. 100,500")
@@ -270,5 +276,11 @@ def build_parser(prog: str = "python -m trtserve.client") -> argparse.ArgumentPa
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parses ``argv`` and runs the chosen subcommand; returns its exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's own usage, not the program's
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) and args.command in action.choices:
+                action.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)

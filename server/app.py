@@ -67,6 +67,10 @@ class TrtServer:
         from trtserve.server.ipc.channel import LocalLink
 
         assert self.engine is not None
+        if self.options.grpc_port:  # a taken port is reported before the models load, not after
+            from trtserve.server.supervisor import reserve_port
+
+            reserve_port(self.options.host, self.options.grpc_port)[0].close()
         await self.engine.start()
         self.metrics_port = self.engine.metrics_port
         engine_end, frontend_end = LocalLink.pair()

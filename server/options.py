@@ -43,3 +43,11 @@ class ServerOptions:
     max_stream_inflight: int = 64  # per ModelStreamInfer stream: requests read but not yet answered and written
     max_shm_regions: int = 1024  # registered shared-memory regions per server (each holds a descriptor)
     restart_frontends: bool = True  # a front end that dies is started again (its own requests fail)
+    # a model that fails to load at start stops the server (StartupFailure; the CLI exits 1), as Triton's
+    # --exit-on-error; False: the server starts with the models that loaded
+    exit_on_error: bool = True
+    # server readiness (ServerReady, grpc.health.v1) only while every model that should be loaded is READY
+    # (Triton's --strict-readiness); False: ready whenever the server serves
+    strict_readiness: bool = True
+    # config.pbtxt fields trtserve does not implement: a logged warning each instead of a failed load
+    lenient_config: bool = False

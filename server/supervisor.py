@@ -37,7 +37,12 @@ RESTARTS_PER_MINUTE = 5  # a front end that keeps dying is a broken server, not 
 
 
 class StartError(RuntimeError):
-    """A child process failed to start; the message says which and why."""
+    """A child process failed to start; the message says which and why (one line), ``code`` is the exit code
+    the server should end with (1; 2 for bad arguments such as a taken port)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def reserve_port(host: str, port: int) -> Tuple[socket.socket, int]:
@@ -168,7 +173,11 @@ class Supervisor:
         if not line:
             code = await child.exited
             raise StartError(f"the {role} process exited with code {code} before it was ready (see its log above)")
-        return child, json.loads(line)
+        info = json.loads(line)
+        if "error" in info:  # the child said why it cannot start (a model failed to load, a port is taken)
+            await child.exited
+            raise StartError(info["error"], int(info.get("code", 1)))
+        return child, info
 
     async def _start_frontend(self, index: int) -> None:
         child, _ = await self._spawn("frontend", index)

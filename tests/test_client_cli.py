@@ -30,7 +30,7 @@ def test_models_shows_unavailable_reason(tmp_path, serve_repo, capsys):
     models.copy_example(tmp_path)
     models.write_config(tmp_path, "broken", 'name: "broken"\nplatform: "onnxruntime_onnx"\nmax_batch_size: -3\n')
     (tmp_path / "broken" / "1").mkdir()
-    s = serve_repo(tmp_path, metrics=False)
+    s = serve_repo(tmp_path, metrics=False, exit_on_error=False)
     assert cli.main(["models", "--url", s.url]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "UNAVAILABLE" in rows["broken"] and "model.onnx" in rows["broken"]

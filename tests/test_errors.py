@@ -171,7 +171,7 @@ def test_model_not_ready_is_unavailable(tmp_path, serve_repo):
 
     models.write_config(tmp_path, "broken", 'name: "broken"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 4\n')
     (tmp_path / "broken" / "1").mkdir(parents=True)
-    s = serve_repo(tmp_path, metrics=False)
+    s = serve_repo(tmp_path, metrics=False, exit_on_error=False)
     with grpc.insecure_channel(s.url) as ch:
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req(model="broken"), timeout=10)

@@ -20,61 +20,124 @@ from typing import List, Optional
 DEFAULT_GIL_SWITCH_INTERVAL_US = 200.0
 
 
+class EnvError(Exception):
+    """A TRTSERVE_* variable with a value its flag cannot take: main() prints the one line and exits 2."""
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"TRTSERVE_{name}", default)
+
+
+def _env_number(name: str, default, kind):
+    raw = os.environ.get(f"TRTSERVE_{name}")
+    if raw is None:
+        return default
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise EnvError(f"TRTSERVE_{name}={raw!r} is not {what}") from None
+
+
+def _env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int)
+
+
+def _env_float(name: str, default: float) -> float:
+    return _env_number(name, default, float)
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(f"TRTSERVE_{name}")
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise EnvError(f"TRTSERVE_{name}={raw!r} is not a boolean (1/true/yes/on or 0/false/no/off)")
+
+
+def _env_choice(name: str, default: str, choices: List[str]) -> str:
+    value = _env(name, default)
+    if value not in choices:
+        raise EnvError(f"TRTSERVE_{name}={value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="start the gRPC inference server",
                        description="Serve a Triton-style model repository over the KServe v2 gRPC protocol. "
-                                   "Every flag also reads TRTSERVE_<FLAG> from the environment.")
-    p.add_argument("--model-repository", type=pathlib.Path, default=_env("MODEL_REPOSITORY", "") or None,
-                   help="model repository folder (default: the bundled example repository)")
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", "8001")))
-    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "8002")),
-                   help="HTTP port for /metrics (-1 disables it)")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
-    p.add_argument("--drain-seconds", type=float, default=float(_env("DRAIN_SECONDS", "30")),
-                   help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
-    p.add_argument("--max-message-bytes", type=int, default=int(_env("MAX_MESSAGE_BYTES", str(128 << 20))),
+                                   "Every flag also reads TRTSERVE_<FLAG> from the environment (e.g. "
+                                   "TRTSERVE_GRPC_PORT); the flag wins.")
+    p.add_argument("--model-repository", "--model-store", type=pathlib.Path,
+                   default=_env("MODEL_REPOSITORY", "") or None,
+                   help="model repository folder (default: the bundled example repository); --model-store is "
+                        "Triton's spelling")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                   help="address to serve gRPC and /metrics on (default %(default)s; 0.0.0.0 for every interface)")
+    p.add_argument("--grpc-port", type=int, default=_env_int("GRPC_PORT", 8001),
+                   help="gRPC port (default %(default)s; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 8002),
+                   help="HTTP port for /metrics (default %(default)s; -1 disables it)")
+    p.add_argument("--log-level", default=_env_choice("LOG_LEVEL", "info", ["debug", "info", "warning", "error"]),
+                   choices=["debug", "info", "warning", "error"], help="log level (default %(default)s)")
+    p.add_argument("--exit-on-error", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("EXIT_ON_ERROR", True),
+                   help="a model that fails to load at start stops the server with exit code 1 and the reason "
+                        "(default); --no-exit-on-error starts with the models that loaded")
+    p.add_argument("--strict-readiness", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("STRICT_READINESS", True),
+                   help="ServerReady and gRPC health report ready only while every model that should be loaded is "
+                        "READY (default); --no-strict-readiness: ready whenever the server serves")
+    p.add_argument("--lenient-config", action="store_true", default=_env_bool("LENIENT_CONFIG", False),
+                   help="load models whose config.pbtxt uses fields trtserve does not implement, with one warning "
+                        "per field, instead of failing them (for migrating a repository; docs/model-config.md)")
+    p.add_argument("--drain-seconds", type=float, default=_env_float("DRAIN_SECONDS", 30.0),
+                   help="on SIGTERM/SIGINT, how long in-flight requests may take to finish (default %(default)s)")
+    p.add_argument("--max-message-bytes", type=int, default=_env_int("MAX_MESSAGE_BYTES", 128 << 20),
                    help="largest request or response message in bytes (default 128 MiB); shared-memory inputs are "
                         "held to it too")
     p.add_argument("--frontends", default=_env("FRONTENDS", "auto"),
                    help="gRPC front-end processes on the port, beside one engine process; 0 serves from this one "
                         "process (debugging); auto (default): chosen from the CPUs this process may use")
-    p.add_argument("--arena-bytes", type=int, default=int(_env("ARENA_BYTES", str(512 << 20))),
+    p.add_argument("--arena-bytes", type=int, default=_env_int("ARENA_BYTES", 512 << 20),
                    help="per front end: shared memory for the tensors of its requests in flight (default 512 MiB, "
                         "taken as used); a full arena answers UNAVAILABLE")
-    p.add_argument("--max-inflight", type=int, default=int(_env("MAX_INFLIGHT", "4096")),
-                   help="per front end: inference requests in flight before new ones are answered UNAVAILABLE")
-    p.add_argument("--max-stream-inflight", type=int, default=int(_env("MAX_STREAM_INFLIGHT", "64")),
+    p.add_argument("--max-inflight", type=int, default=_env_int("MAX_INFLIGHT", 4096),
+                   help="per front end: inference requests in flight before new ones are answered UNAVAILABLE "
+                        "(default %(default)s)")
+    p.add_argument("--max-stream-inflight", type=int, default=_env_int("MAX_STREAM_INFLIGHT", 64),
                    help="per ModelStreamInfer stream: requests read but not yet answered; past it the stream is "
-                        "not read until responses are")
-    p.add_argument("--max-shm-regions", type=int, default=int(_env("MAX_SHM_REGIONS", "1024")),
-                   help="registered shared-memory regions (system and CUDA); more answer RESOURCE_EXHAUSTED")
+                        "not read until responses are (default %(default)s)")
+    p.add_argument("--max-shm-regions", type=int, default=_env_int("MAX_SHM_REGIONS", 1024),
+                   help="registered shared-memory regions (system and CUDA); more answer RESOURCE_EXHAUSTED "
+                        "(default %(default)s)")
     p.add_argument("--cache-dir", type=pathlib.Path, default=_env("CACHE_DIR", "") or None,
                    help="where built TensorRT plans are cached (default: ~/.cache/trtserve)")
-    p.add_argument("--no-gpu-metrics", action="store_true", help="do not query NVML")
+    p.add_argument("--no-gpu-metrics", action="store_true", default=not _env_bool("GPU_METRICS", True),
+                   help="do not query NVML for GPU metrics (or TRTSERVE_GPU_METRICS=0)")
     p.add_argument("--gil-switch-interval-us", default=_env("GIL_SWITCH_INTERVAL_US", "auto"),
                    help=f"how often Python may hand the GIL to another thread (sys.setswitchinterval); 0 keeps "
                         f"Python's 5000 us; auto (default): {DEFAULT_GIL_SWITCH_INTERVAL_US:g} us when TensorRT "
                         "and a CUDA device are there, else Python's")
     p.add_argument("--grpc-server-cert", type=pathlib.Path, default=_env("GRPC_SERVER_CERT", "") or None,
                    help="PEM certificate: serve gRPC over TLS (with --grpc-server-key)")
-    p.add_argument("--grpc-server-key", type=pathlib.Path, default=_env("GRPC_SERVER_KEY", "") or None)
+    p.add_argument("--grpc-server-key", type=pathlib.Path, default=_env("GRPC_SERVER_KEY", "") or None,
+                   help="PEM private key of --grpc-server-cert")
     p.add_argument("--grpc-root-cert", type=pathlib.Path, default=_env("GRPC_ROOT_CERT", "") or None,
                    help="PEM CA: require client certificates signed by it (mutual TLS)")
     p.add_argument("--auth-token-file", type=pathlib.Path, default=_env("AUTH_TOKEN_FILE", "") or None,
                    help="file holding a bearer token every RPC except health checks must present "
                         "(or set TRTSERVE_AUTH_TOKEN)")
-    p.add_argument("--metrics-tls", action="store_true", default=_env("METRICS_TLS", "") in ("1", "true"),
+    p.add_argument("--metrics-tls", action="store_true", default=_env_bool("METRICS_TLS", False),
                    help="serve /metrics over TLS with --grpc-server-cert and --grpc-server-key")
-    p.add_argument("--metrics-auth", action="store_true", default=_env("METRICS_AUTH", "") in ("1", "true"),
+    p.add_argument("--metrics-auth", action="store_true", default=_env_bool("METRICS_AUTH", False),
                    help="require the bearer token (--auth-token-file) on /metrics too")
-    p.add_argument("--max-concurrent-streams", type=int, default=int(_env("MAX_CONCURRENT_STREAMS", "256")),
-                   help="concurrent RPCs per client connection (default 256; 0: grpc's default)")
+    p.add_argument("--max-concurrent-streams", type=int, default=_env_int("MAX_CONCURRENT_STREAMS", 256),
+                   help="concurrent RPCs per client connection (default %(default)s; 0: grpc's default)")
     p.set_defaults(func=serve)
 
 
@@ -83,8 +146,13 @@ async def _serve(args: argparse.Namespace) -> int:
     from trtserve.server.frontend.security import TlsOptions
     from trtserve.server.examples import REPOSITORY
 
+    repository = (args.model_repository or REPOSITORY).resolve()
+    if not repository.is_dir():
+        print(f"trtserve: --model-repository {args.model_repository}: "
+              f"{'not a folder' if repository.exists() else 'no such folder'}", file=sys.stderr)
+        return 2
     options = ServerOptions(
-        model_repository=(args.model_repository or REPOSITORY).resolve(), host=args.host, grpc_port=args.grpc_port,
+        model_repository=repository, host=args.host, grpc_port=args.grpc_port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, max_message_bytes=args.max_message_bytes,
         drain_seconds=args.drain_seconds,
         cache_dir=args.cache_dir or pathlib.Path(os.path.expanduser("~/.cache/trtserve")),
@@ -111,6 +179,9 @@ async def _serve(args: argparse.Namespace) -> int:
     options.max_inflight = args.max_inflight
     options.max_stream_inflight = args.max_stream_inflight
     options.max_shm_regions = args.max_shm_regions
+    options.exit_on_error = args.exit_on_error
+    options.strict_readiness = args.strict_readiness
+    options.lenient_config = args.lenient_config
     server = TrtServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -171,15 +242,25 @@ def serve(args: argparse.Namespace) -> int:
     interval = _switch_interval_us(args.gil_switch_interval_us)
     if interval > 0:
         sys.setswitchinterval(interval / 1e6)
+    from trtserve.server.engine.host import StartupFailure
+    from trtserve.server.supervisor import StartError
+
     try:
         return asyncio.run(_serve(args))
     except OSError as e:  # a port that is taken, a missing certificate: one line, not a traceback
         print(f"trtserve: {e.strerror or e}" if e.filename is None else f"trtserve: {e}", file=sys.stderr)
         return 2
+    except (StartupFailure, StartError) as e:  # a model failed to load, the metrics port is taken: one line
+        print(f"trtserve: {e}", file=sys.stderr)
+        return e.code
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trtserve import __version__
+
     parser = argparse.ArgumentParser(prog="trtserve", description="TensorRT inference server (KServe v2 / Triton gRPC)")
+    parser.add_argument("--version", action="version", version=f"trtserve {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
     try:  # the client-side commands live in trtserve.client (no server imports there)
@@ -217,8 +298,23 @@ def _bench_grpc_experiments(argv: List[str]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     _bench_grpc_experiments(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except EnvError as e:  # read while the flags' defaults are built, so even --help reports it
+        print(f"trtserve: {e}", file=sys.stderr)
+        return 2
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's own usage, not the program's
+        sub = _subparser(parser, getattr(args, "command", None))
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args) or 0)
+
+
+def _subparser(parser: argparse.ArgumentParser, name: Optional[str]) -> Optional[argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    return None
 
 
 if __name__ == "__main__":

@@ -32,8 +32,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--target", default=default_target(), help="host:port of the gRPC server")
     parser.add_argument("--service", default=os.environ.get("TRTSERVE_HEALTH_SERVICE", ""),
                         help='health service name to ask about ("" = whole server)')
-    parser.add_argument("--timeout", type=float, default=float(os.environ.get("TRTSERVE_HEALTH_TIMEOUT", "3")),
-                        help="RPC deadline in seconds")
+    raw = os.environ.get("TRTSERVE_HEALTH_TIMEOUT", "3")
+    try:
+        timeout = float(raw)
+    except ValueError:
+        parser.exit(2, "healthcheck: TRTSERVE_HEALTH_TIMEOUT=%r is not a number\n" % raw)
+    parser.add_argument("--timeout", type=float, default=timeout, help="RPC deadline in seconds")
     return parser.parse_args(argv)
 
 

@@ -24,12 +24,14 @@ class Control:
     """``await control(method, args)``: one method per control call; unknown names are NotFound."""
 
     def __init__(self, repository: ModelRepository, statistics: Statistics,
-                 shared_memory: SharedMemoryRegistry, run_blocking: Callable[..., Awaitable[Any]]) -> None:
+                 shared_memory: SharedMemoryRegistry, run_blocking: Callable[..., Awaitable[Any]],
+                 strict_readiness: bool = True) -> None:
         self._repo = repository
         self._stats = statistics
         self._shm = shared_memory
         self._blocking = run_blocking
         self.ready = True  # false once the engine drains
+        self.strict_readiness = strict_readiness  # ready only while every model that should be loaded is READY
         self._methods: Dict[str, Callable[..., Awaitable[Any]]] = {
             name[3:]: getattr(self, name) for name in dir(self) if name.startswith("_m_")}
 
@@ -41,7 +43,12 @@ class Control:
 
     # ---- health and metadata --------------------------------------------------------------------------------------
     async def _m_server_ready(self) -> bool:
-        return self.ready
+        return self.server_ready()
+
+    def server_ready(self) -> bool:
+        """The one readiness every front end reports (ServerReady and grpc.health.v1): serving, and with strict
+        readiness (Triton's default) every model that should be loaded READY."""
+        return self.ready and (not self.strict_readiness or self._repo.all_ready())
 
     async def _m_model_ready(self, name: str, version: str) -> bool:
         return self.ready and self._repo.is_ready(name, version)

@@ -23,6 +23,15 @@ from trtserve.server.options import ServerOptions
 log = logging.getLogger("trtserve.engine")
 
 
+class StartupFailure(RuntimeError):
+    """The server cannot start: ``str()`` is one line for the user, ``code`` the exit code (1: a model failed to
+    load, 2: bad arguments such as a repository that is not a folder, a port that is taken)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class EngineHost:
     """``await start()`` loads the models and starts /metrics; front ends then ``attach``."""
 
@@ -39,9 +48,11 @@ class EngineHost:
         observers.extend(extra_observers or [])
         self.observer = Fanout(observers)
         self.repository = ModelRepository(options.model_repository, self.observer, options.cache_dir,
-                                          options.drain_seconds, options.backend_factories)  # type: ignore[arg-type]
+                                          options.drain_seconds, options.backend_factories,  # type: ignore[arg-type]
+                                          lenient_config=options.lenient_config)
         self.shared_memory = SharedMemoryRegistry(max_regions=options.max_shm_regions)
-        self.control = Control(self.repository, self.statistics, self.shared_memory, self._run_blocking)
+        self.control = Control(self.repository, self.statistics, self.shared_memory, self._run_blocking,
+                               strict_readiness=options.strict_readiness)
         self.core = EngineCore(self.repository, self.shared_memory, self.observer, self.control)
         self.metrics_port: Optional[int] = None
         self._metrics_server = None
@@ -53,8 +64,13 @@ class EngineHost:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def start(self) -> None:
-        await self.repository.load_all()
-        self._trim.start()
+        """Starts /metrics, then loads the models. StartupFailure (one line for the user) when the repository is
+        not a folder, the metrics port cannot be bound, or (exit_on_error) a model fails to load; whatever was
+        started is stopped again first."""
+        root = self.options.model_repository
+        if not root.is_dir():
+            raise StartupFailure(f"model repository {root} " + ("is not a folder" if root.exists() else
+                                                               "does not exist"), code=2)
         if self.prometheus is not None and self.options.metrics_port is not None:
             from trtserve.server.metrics.http import MetricsServer
 
@@ -63,7 +79,21 @@ class EngineHost:
                 self.prometheus.registry, opts.host, opts.metrics_port,
                 metrics_tls=opts.tls if opts.metrics_tls else None,
                 metrics_auth_token=opts.auth_token if opts.metrics_auth else None)
-            self.metrics_port = self._metrics_server.start()
+            try:
+                self.metrics_port = self._metrics_server.start()
+            except OSError as e:
+                self._metrics_server = None
+                raise StartupFailure(f"cannot use {opts.host}:{opts.metrics_port} for /metrics: "
+                                     f"{e.strerror or e} (another server on this port? --metrics-port -1 turns "
+                                     "metrics off)", code=2) from None
+        failed = await self.repository.load_all()
+        if failed and self.options.exit_on_error:
+            await self.stop()
+            reasons = "; ".join(" ".join(reason.split()) for _, reason in failed)
+            names = ", ".join(f"'{name}'" for name, _ in failed)
+            raise StartupFailure(f"model{'s' if len(failed) > 1 else ''} {names} failed to load, stopping "
+                                 f"(--no-exit-on-error serves the others): {reasons}", code=1)
+        self._trim.start()
 
     def attach(self, name: str, link: Link, arena: Optional[Arena]) -> Session:
         return self.core.attach(name, link, arena)

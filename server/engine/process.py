@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from trtserve.server.engine.host import EngineHost
+from trtserve.server.engine.host import EngineHost, StartupFailure
 from trtserve.server.process import child
 
 log = logging.getLogger("trtserve.engine")
@@ -18,7 +18,11 @@ async def _run(payload: dict) -> int:
     stop = child.stop_event()
     host = EngineHost(payload["options"])
     host.repository.inline_batches = True  # this process's loop serves only the engine
-    await host.start()
+    try:
+        await host.start()
+    except StartupFailure as e:  # the supervisor prints the one line and exits with the code
+        child.report_ready({"error": str(e), "code": e.code})
+        return e.code
     host.listen(payload["address"])
     child.report_ready({"metrics_port": host.metrics_port})
     await stop.wait()

@@ -21,6 +21,9 @@ from trtserve.server.options import ServerOptions
 log = logging.getLogger("trtserve.frontend")
 
 PENDING_REQUESTS = 50_000  # grpc.server.max_pending_requests: see FrontEnd.start
+# grpc.health.v1 follows the engine's readiness (Control.server_ready): each front end asks this often, one
+# control call, so every front end's health agrees with ServerReady within this delay
+HEALTH_POLL_S = 0.5
 
 
 class FrontEnd:
@@ -35,6 +38,8 @@ class FrontEnd:
         self.port: Optional[int] = None
         self._server: Optional[grpc.aio.Server] = None
         self._health = None
+        self._serving: Optional[bool] = None  # what health last said
+        self._follow: Optional[asyncio.Task] = None
         engine.on_lost(self._engine_lost)
 
     async def start(self) -> int:
@@ -59,27 +64,60 @@ class FrontEnd:
         self._health = health.add_health(self._server)
         health.add_reflection(self._server)
         address = f"{self.options.host}:{self.options.grpc_port}"
-        if self.options.tls is not None:
-            port = self._server.add_secure_port(address, self.options.tls.credentials())
-        else:
-            port = self._server.add_insecure_port(address)
+        try:
+            if self.options.tls is not None:
+                port = self._server.add_secure_port(address, self.options.tls.credentials())
+            else:
+                port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+            port = 0
         if port == 0:
-            raise OSError(f"cannot bind gRPC to {address}")
+            raise OSError(f"cannot use {address} for gRPC (another server on this port?)")
         self.port = port
         await self._server.start()
-        await health.set_serving(self._health, self.engine.alive)
+        await self._set_health(await self._ready())
+        self._follow = asyncio.get_running_loop().create_task(self._follow_readiness())
         return port
+
+    async def _ready(self) -> bool:
+        """What ServerReady answers: this front end serves and the engine says ready."""
+        if not (self.service.ready and self.service.accepting and self.engine.alive):
+            return False
+        try:
+            return bool(await self.engine.call("server_ready"))
+        except Exception:  # noqa: BLE001 - the engine went away meanwhile: not ready
+            return False
+
+    async def _set_health(self, serving: bool) -> None:
+        if serving != self._serving and self._health is not None:
+            self._serving = serving
+            await health.set_serving(self._health, serving)
+
+    async def _follow_readiness(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            ready = await self._ready()
+            if self._follow is None:  # stopped meanwhile: stop() owns health now
+                return
+            await self._set_health(ready)
+
+    def _stop_following(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            self._follow = None
 
     def _engine_lost(self) -> None:
         self.service.ready = False
+        self._stop_following()
         if self._health is not None:
-            asyncio.get_running_loop().create_task(health.set_serving(self._health, False))
+            asyncio.get_running_loop().create_task(self._set_health(False))
 
     async def stop(self, grace: float) -> None:
         """Drain: readiness false first, then refuse new inferences, let in-flight RPCs finish within ``grace``."""
         self.service.ready = False
+        self._stop_following()
         if self._health is not None:
-            await health.set_serving(self._health, False)
+            await self._set_health(False)
             # still serving for a moment: clients that watch health (round robin with health checks, load
             # balancers) move away before calls start being refused; grpc core answers calls it had received but
             # not dispatched at shutdown with CANCELLED, which no client may retry

@@ -21,7 +21,7 @@ from trtserve.server.engine.backends.base import Backend, BackendConfig, TensorS
 from trtserve.server.engine.batcher.scheduler import DynamicBatcher
 from trtserve.server.errors import ModelLoadError, NotFound, TrtServeError, Unavailable
 from trtserve.server.events import Observer
-from trtserve.server.engine.repository import layout, pbtxt
+from trtserve.server.engine.repository import config_check, layout, pbtxt
 from trtserve.server.engine.repository.model_config import ModelSpec, batches_per_instance
 
 log = logging.getLogger("trtserve.repository")
@@ -55,8 +55,14 @@ class ModelRepository:
     """The set of models served from one repository folder."""
 
     def __init__(self, root: pathlib.Path, observer: Observer, cache_dir: Optional[pathlib.Path] = None,
-                 drain_seconds: float = 30.0, backend_factories: Optional[Mapping[str, BackendFactory]] = None) -> None:
+                 drain_seconds: float = 30.0, backend_factories: Optional[Mapping[str, BackendFactory]] = None,
+                 lenient_config: bool = False) -> None:
         self.root = root
+        self.lenient_config = lenient_config  # config fields trtserve does not implement: warn instead of refuse
+        self._warned: set = set()  # (model, field) already warned about
+        # models that should be loaded (loaded at start or by the load RPC, not unloaded since): strict readiness
+        # asks every one of them to be READY (Triton's rule; a version unloaded on purpose does not count)
+        self._wanted: set = set()
         self._factories = dict(backend_factories or {})
         self._observer = observer
         self._cache_dir = cache_dir
@@ -120,16 +126,30 @@ class ModelRepository:
         return rows
 
     # ---- load / unload ----------------------------------------------------------------------
-    async def load_all(self) -> None:
+    def all_ready(self) -> bool:
+        """Whether every model that should be loaded has all its versions READY (strict readiness)."""
+        for name in self._wanted:
+            if name in self._reasons or not self._models.get(name):
+                return False
+            if any(v.state != "READY" for v in self._models[name].values()):
+                return False
+        return True
+
+    async def load_all(self) -> List[Tuple[str, str]]:
+        """Loads every model of the repository; (name, reason) of each that failed."""
+        failed = []
         for name in layout.model_names(self.root):
             try:
                 await self.load(name)
             except TrtServeError as e:
                 log.error("model '%s' failed to load: %s", name, e.message)
+                failed.append((name, e.message))
+        return failed
 
     async def load(self, name: str) -> None:
         """Loads (or reloads) every version the model's version policy selects."""
         model_path = layout.model_dir(self.root, name)
+        self._wanted.add(name)
         async with self._lock(name):
             t0 = time.monotonic()
             try:
@@ -193,6 +213,7 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         if name not in self._models and name not in self._reasons:
             raise NotFound(f"model '{name}' is not loaded")
+        self._wanted.discard(name)
         async with self._lock(name):
             self._reasons.pop(name, None)
             old = list(self._models.pop(name, {}).values())
@@ -226,6 +247,7 @@ class ModelRepository:
         config.CopyFrom(base)
         vdir = model_path / version
         config.platform = pbtxt.guess_platform(config, vdir)
+        self._check_config(config)
         count = sum(max(1, g.count) for g in config.instance_group) if config.instance_group else 1
         params = {k: v.string_value for k, v in config.parameters.items()}
         bcfg = BackendConfig(
@@ -252,6 +274,35 @@ class ModelRepository:
             backend.close()
             raise
         return spec, config, backend
+
+
+    def _check_config(self, config: mc.ModelConfig) -> None:
+        """Refuses config fields trtserve does not implement (or warns once per field, lenient), and warns
+        once about tuning hints it ignores; either way the field is dropped from the config served back."""
+        refused, ignored = config_check.check(config, config.platform, _gpu_count, tuple(self._factories))
+        if refused and not self.lenient_config:
+            path, why, _ = refused[0]
+            more = f" (and {len(refused) - 1} more unsupported field{'s' if len(refused) > 2 else ''}: " \
+                   f"{', '.join(f[0] for f in refused[1:])})" if len(refused) > 1 else ""
+            raise ModelLoadError(f"model '{config.name}': config.pbtxt field '{path}' is not supported: {why}{more} "
+                                 "(--lenient-config loads the model without it)")
+        for path, why, clear in refused + ignored:
+            if (config.name, path) not in self._warned:
+                self._warned.add((config.name, path))
+                log.warning("model '%s': config.pbtxt field '%s' is ignored: %s", config.name, path, why)
+            clear()
+
+
+def _gpu_count() -> Optional[int]:
+    """CUDA devices visible to this process (0 without CUDA; None when it cannot be told)."""
+    try:
+        import cupy  # noqa: PLC0415
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except ImportError:
+        return 0
+    except Exception:  # noqa: BLE001 - no driver, no device: CUDA errors share no importable base class
+        return 0
 
 
 def _in_repository(root: pathlib.Path, name: str) -> bool:
