@@ -135,7 +135,8 @@ def _request_bytes(spec, inputs, rows: int) -> int:
 class Engine:
     """The real engine process on a repository."""
 
-    def __init__(self, repo: pathlib.Path, cpus: Optional[str], cache_dir: Optional[pathlib.Path] = None) -> None:
+    def __init__(self, repo: pathlib.Path, cpus: Optional[str], cache_dir: Optional[pathlib.Path] = None,
+                 switch_interval: Optional[float] = None) -> None:
         self.address = channel.engine_address(f"bench-{uuid.uuid4().hex[:8]}")
         options = ServerOptions(model_repository=repo, metrics_port=None, gpu_metrics=False, cache_dir=cache_dir)
         cmd = [sys.executable, "-m", "trtserve.server.engine.process"]
@@ -145,7 +146,8 @@ class Engine:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(pickle.dumps({"role": "engine", "index": 0, "options": options,
                                             "address": self.address, "parent_pid": os.getpid(),
-                                            "log_level": 30, "switch_interval": sys.getswitchinterval()}))
+                                            "log_level": 30,
+                                            "switch_interval": switch_interval or sys.getswitchinterval()}))
         self.proc.stdin.close()
         line = self.proc.stdout.readline()
         if not line:

@@ -29,6 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--engine-cpus", default=None, help="taskset CPU list for the engine process")
     a = p.parse_args(list(argv) if argv is not None else None)
     from bench import engine_alone
+    from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
     from bench.gpu import _config, _open
     from bench.gpu_backend import _models, raw_rows_per_s
     from trtserve.server.engine.backends.tensorrt import compat
@@ -57,7 +58,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (repo / m.name / "config.pbtxt").write_text(
             _config(m.name, m.wire, m.dims_in, m.dims_out, ref, instances, params=dict(m.parameters)))
         print(f"{key}: raw engine {raw:,.0f} rows/s at batch {ref}", flush=True)
-        engine = engine_alone.Engine(repo, a.engine_cpus, cache_dir=work / "cache")
+        # the GIL switch interval `trtserve serve` sets where TensorRT runs (trtserve/cli.py explains why)
+        engine = engine_alone.Engine(repo, a.engine_cpus, cache_dir=work / "cache",
+                                     switch_interval=DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6)
         try:
             for level in levels:
                 r = asyncio.run(engine_alone._level(engine, m.name, [("INPUT0", m.wire, tuple(m.dims_in))], rows,

@@ -41,16 +41,36 @@ FDS_BOUND = 8
 KINDS = (("valid", 55), ("invalid", 15), ("cancel", 10), ("deadline", 10), ("stream", 10))
 
 
+def _tree(pid: int) -> List[int]:
+    """``pid`` and its descendants: the supervisor, its engine and its front ends."""
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(x) for x in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return seen
+
+
 def proc_figures(pid: int) -> Tuple[int, int, int]:
-    """(RSS bytes, threads, open fds) of a process, from /proc."""
-    rss = threads = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-            elif line.startswith("Threads:"):
-                threads = int(line.split()[1])
-    return rss, threads, len(os.listdir(f"/proc/{pid}/fd"))
+    """(RSS bytes, threads, open fds) of the server's whole process tree, from /proc."""
+    rss = threads = fds = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Threads:"):
+                        threads += int(line.split()[1])
+            fds += len(os.listdir(f"/proc/{p}/fd"))
+        except (FileNotFoundError, ProcessLookupError):  # a process that ended between the listing and the read
+            pass
+    return rss, threads, fds
 
 
 def valid_request(rid: str, rng: random.Random) -> Tuple[pb.ModelInferRequest, np.ndarray]:

@@ -24,6 +24,7 @@ async def _run(payload: dict) -> int:
         child.report_ready({"error": str(e), "code": e.code})
         return e.code
     host.listen(payload["address"])
+    child.settle_heap()
     child.report_ready({"metrics_port": host.metrics_port})
     await stop.wait()
     log.info("engine stopping: unloading models")

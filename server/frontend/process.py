@@ -30,6 +30,7 @@ async def _run(payload: dict) -> int:
     client.start()
     frontend = FrontEnd(options, client, reuse_port=True)
     port = await frontend.start()
+    child.settle_heap()
     child.report_ready({"port": port})
     await stop.wait()
     await frontend.stop(options.drain_seconds)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -49,6 +50,17 @@ def report_ready(info: Dict[str, Any]) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
+
+
+def settle_heap() -> None:
+    """Once the process holds what it keeps for its life (modules, models, servers): move all of it out of the
+    cyclic garbage collector's view and let the young generation grow larger before a collection. Every
+    request allocates futures, tuples and arrays; with the defaults a collection ran every few dozen
+    requests and walked every object of the process, a fifth to a quarter of the engine's time per request
+    under load (profiled with py-spy). Reference counting still frees nearly everything at once."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 50)
 
 
 def stop_event() -> "asyncio.Event":
