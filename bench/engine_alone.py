@@ -18,7 +18,6 @@ import pathlib
 import pickle
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from typing import Dict, List, Optional, Tuple

@@ -6,7 +6,6 @@ import asyncio
 import os
 import pathlib
 import signal
-import socket
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests import models
-from tests.mp import Serve, alive, children, dev_shm, tree
+from tests.mp import Serve, alive, dev_shm, tree
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.server.examples import REPOSITORY as EXAMPLE

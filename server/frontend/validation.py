@@ -1,26 +1,22 @@
-"""Checks one request against its model before it may join a batch.
+"""Checks one request against its model, once, where it enters, before anything is decoded.
 
-Two entry points:
+``precheck(spec, request, max_input_bytes)`` works on the undecoded ModelInferRequest in time bounded by the
+model's inputs and outputs (plus, for typed 8/16-bit integer contents only, one scan of values the message
+already carries): names, datatypes, shapes, raw byte counts, typed-contents fields and counts, shared-memory
+parameters and sizes, requested outputs. Only a request that passes is staged (service.py decodes typed
+contents and checks BYTES framing as it copies), so a client cannot make the server decode megabytes of
+BYTES, or read a large shared-memory region, for a request that is refused anyway.
 
-- ``precheck(spec, request, max_input_bytes)``: on the undecoded ModelInferRequest, before any
-  decoding, in time bounded by the model's inputs and outputs (plus, for typed 8/16-bit integer
-  contents only, one scan of values the message already carries). Names, datatypes, shapes, raw byte
-  counts, typed-contents fields and counts, shared-memory parameters and sizes, requested outputs.
-  Only a request that passes is decoded (codec.decode_inputs), so a client cannot make the server
-  decode megabytes of BYTES, or read a large shared-memory region, for a request that is refused anyway.
-- ``validate_request(spec, arrays, datatypes, outputs)``: the same model checks on decoded arrays
-  (the older path; still correct, and cheap, after precheck).
-
-A request that fails here is answered INVALID_ARGUMENT on its own and never reaches a batch, so
-its bad data cannot fail the requests it would have been batched with. Every message names the
-tensor, what was expected and what arrived; the checks run in the order the decoder and the older
-validate_request ran them, so a request with one fault gets the same message on either path.
+A request that fails here is answered INVALID_ARGUMENT on its own and never reaches a batch, so its bad data
+cannot fail the requests it would have been batched with. Every message names the tensor, what was expected
+and what arrived, with the words of the decode-then-check path it replaced (tests/reference_codec.py, which
+the tests compare it with).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -28,63 +24,9 @@ from trtserve import dtypes
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.server.errors import InvalidArgument
 from trtserve.server.engine.repository.model_config import ModelSpec
-from trtserve.server.frontend.codec import _CONTENT_FIELDS, _shape
+from trtserve.server.frontend.codec import _CONTENT_FIELDS, shape_of
 from trtserve.server.frontend.shm_params import ShmRef, parse_shm_ref
 
-
-def validate_request(
-    spec: ModelSpec, arrays: Mapping[str, np.ndarray], datatypes: Mapping[str, str], outputs: Sequence[str]
-) -> Tuple[int, Tuple[str, ...]]:
-    """Returns (rows, output names to compute); rows is the batch dim (1 for non-batching models)."""
-    where = f"model '{spec.name}' version {spec.version}"
-    expected = {t.name: t for t in spec.inputs}
-    for name in arrays:
-        if name not in expected:
-            raise InvalidArgument(f"{where}: unexpected input '{name}'; the model's inputs are {sorted(expected)}")
-    missing = [t.name for t in spec.inputs if t.name not in arrays and not t.optional]
-    if missing:
-        raise InvalidArgument(f"{where}: missing input(s) {missing}; the model's inputs are {sorted(expected)}")
-    rows = None
-    for name, arr in arrays.items():
-        t = expected[name]
-        if datatypes[name] != t.datatype:
-            raise InvalidArgument(f"{where}: input '{name}' has datatype {datatypes[name]}, expected {t.datatype}")
-        shape = arr.shape
-        full = ((-1,) if spec.batches else ()) + tuple(t.dims)
-        if len(shape) != len(full):
-            raise InvalidArgument(f"{where}: input '{name}' has shape {list(shape)} (rank {len(shape)}), expected "
-                                  f"rank {len(full)} shape {list(full)}")
-        if spec.batches:
-            n = shape[0]
-            if n < 1:
-                raise InvalidArgument(f"{where}: input '{name}' has batch size 0; send at least one row")
-            if n > spec.max_batch_size:
-                raise InvalidArgument(f"{where}: input '{name}' has batch size {n}, more than max_batch_size "
-                                      f"{spec.max_batch_size}")
-            if rows is not None and n != rows:
-                raise InvalidArgument(f"{where}: input '{name}' has batch size {n} but other inputs have {rows}; "
-                                      "every input must have the same batch size")
-            rows = n
-        for i, (got, want) in enumerate(zip(shape, full)):
-            if want != -1 and got != want:
-                raise InvalidArgument(f"{where}: input '{name}' has shape {list(shape)}, expected {list(full)} "
-                                      f"(dim {i} must be {want})")
-            if want == -1 and got == 0 and not (spec.batches and i == 0):
-                raise InvalidArgument(f"{where}: input '{name}' has shape {list(shape)}; variable dim {i} is 0")
-    names = tuple(outputs) or tuple(t.name for t in spec.outputs)
-    known = {t.name for t in spec.outputs}
-    for name in names:
-        if name not in known:
-            raise InvalidArgument(f"{where}: unknown requested output '{name}'; the model's outputs are "
-                                  f"{sorted(known)}")
-    return (rows or 1), names
-
-
-def output_datatypes(spec: ModelSpec) -> Dict[str, str]:
-    return {t.name: t.datatype for t in spec.outputs}
-
-
-# ---- checks before decoding (issue 18 items 5, 6 and 10) -------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Prechecked:
@@ -218,7 +160,7 @@ def precheck(spec: ModelSpec, request: pb.ModelInferRequest, max_input_bytes: Op
             raise InvalidArgument(f"input '{name}': unknown datatype '{t.datatype}'; "
                                   f"known: {', '.join(dtypes.BY_WIRE)}")
         dt = dtypes.BY_WIRE[t.datatype]
-        shape = _shape(name, t.shape)
+        shape = shape_of(name, t.shape)
         count = math.prod(shape) if shape else 1
         used = [f for f in _CONTENT_FIELDS if len(getattr(t.contents, f))] if t.HasField("contents") else []
         ref = refs.get(name)
@@ -320,4 +262,4 @@ def _check_shapes(spec: ModelSpec, shapes: Mapping[str, Tuple[int, ...]], types:
     return rows or 1
 
 
-__all__ = ["validate_request", "output_datatypes", "Prechecked", "precheck", "check_request_outputs"]
+__all__ = ["Prechecked", "precheck", "check_request_outputs"]

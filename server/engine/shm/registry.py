@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
 from trtserve.server.engine.shm.cuda import CUDA_IPC_HANDLE_BYTES, CudaApi
 from trtserve.server.engine.shm.regions import CudaRegion, Region, SystemRegion
@@ -211,27 +211,6 @@ class SharedMemoryRegistry:
         """Regions registered now (both kinds)."""
         with self._lock:
             return len(self._regions)
-
-
-# Names that moved to request.py (ShmRef, shm_ref, RequestShm, the parameter keys) and to
-# engine/backends/base.py (DeviceTensor), still reachable here for server/frontend/service.py
-# (``from trtserve.server.engine.shm import registry as shm``) until it imports them from there.
-# Lazy (PEP 562), so that request.py can import this module without a cycle.
-_MOVED = {"REGION": "request", "OFFSET": "request", "BYTE_SIZE": "request", "ShmRef": "request",
-          "shm_ref": "request", "RequestShm": "request", "DeviceTensor": "base"}
-
-
-def __getattr__(name: str) -> Any:
-    where = _MOVED.get(name)
-    if where == "request":
-        from trtserve.server.engine.shm import request
-
-        return getattr(request, name)
-    if where == "base":
-        from trtserve.server.engine.backends import base
-
-        return getattr(base, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["CUDA_IPC_HANDLE_BYTES", "CudaApi", "CudaRegion", "DEFAULT_MAX_REGIONS", "Region", "SharedMemoryRegistry",
