@@ -12,7 +12,7 @@ open until they finish (Triton's ``awaiting_unregister_``), but new requests can
 
 Layout of this package: cuda.py (the CUDA calls), regions.py (one region of each kind: how it is
 opened, read and written), registry.py (this: names -> regions, leases, limits), request.py (what
-one request does with them: ``shm_ref``, ``RequestShm``). CuPy is imported only when a CUDA region
+one request does with them: ``RequestShm``). CuPy is imported only when a CUDA region
 is registered, so everything works on machines without CUDA.
 """
 from __future__ import annotations

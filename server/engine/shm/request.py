@@ -1,5 +1,5 @@
-"""What one request does with shared memory: parse a tensor's three parameters (``shm_ref``), then,
-through ``RequestShm``, read its inputs, check and resolve its outputs, write results, and give the
+"""What one request does with shared memory, once the front end parsed a tensor's three parameters (a
+``ShmRef``): through ``RequestShm``, read its inputs, check and resolve its outputs, write results, and give the
 regions back when the answer is sent.
 
 Everything a request touches is checked against the registered region first, so a request can never
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -23,11 +23,6 @@ from trtserve.server.errors import Internal, InvalidArgument
 
 log = logging.getLogger("trtserve.shm")
 
-REGION = "shared_memory_region"
-OFFSET = "shared_memory_offset"
-BYTE_SIZE = "shared_memory_byte_size"
-
-
 @dataclasses.dataclass(frozen=True)
 class ShmRef:
     """The three parameters of one input or output: which region, where in it, how many bytes."""
@@ -35,32 +30,6 @@ class ShmRef:
     region: str
     offset: int
     byte_size: int
-
-
-def _int_param(p: Any, key: str, what: str) -> int:
-    which = p.WhichOneof("parameter_choice")
-    if which not in ("int64_param", "uint64_param"):
-        raise InvalidArgument(f"{what}: parameter '{key}' must be an integer (int64 or uint64), got {which}")
-    value = int(getattr(p, which))
-    if value < 0:
-        raise InvalidArgument(f"{what}: parameter '{key}' must be >= 0, got {value}")
-    return value
-
-
-def shm_ref(parameters: Mapping[str, Any], what: str) -> Optional[ShmRef]:
-    """The tensor's shared-memory parameters, or None when it names no region."""
-    if REGION not in parameters:
-        for key in (OFFSET, BYTE_SIZE):
-            if key in parameters:
-                raise InvalidArgument(f"{what}: parameter '{key}' without '{REGION}'")
-        return None
-    p = parameters[REGION]
-    if p.WhichOneof("parameter_choice") != "string_param" or not p.string_param:
-        raise InvalidArgument(f"{what}: parameter '{REGION}' must be a non-empty string")
-    if BYTE_SIZE not in parameters:
-        raise InvalidArgument(f"{what}: parameter '{BYTE_SIZE}' is required with '{REGION}'")
-    offset = _int_param(parameters[OFFSET], OFFSET, what) if OFFSET in parameters else 0
-    return ShmRef(p.string_param, offset, _int_param(parameters[BYTE_SIZE], BYTE_SIZE, what))
 
 
 def _expected_bytes(dt: dtypes.DataType, shape: Sequence[int]) -> int:
@@ -240,4 +209,4 @@ class RequestShm:
         region.write(ref.offset, data, what)
 
 
-__all__ = ["BYTE_SIZE", "OFFSET", "REGION", "RequestShm", "ShmRef", "shm_ref"]
+__all__ = ["RequestShm", "ShmRef"]
