@@ -40,14 +40,15 @@ def test_a_request_given_up_while_queued_never_runs_and_frees_its_memory(tmp_pat
         async with grpc.aio.insecure_channel(s.url) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             running = asyncio.ensure_future(stub.ModelInfer(slow_request(0, rows=16), timeout=60))
-            await asyncio.sleep(0.05)  # running now, for hundreds of ms
+            batcher = s.server.repository.get("slow").batcher
+            await _until(lambda: bool(batcher._running))  # dispatched: running now, for about 100 ms or more
             if how == "deadline":
                 with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await stub.ModelInfer(slow_request(1, rows=1), timeout=0.05)
+                    await stub.ModelInfer(slow_request(1, rows=1), timeout=0.02)
                 assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             else:
                 call = stub.ModelInfer(slow_request(1, rows=1), timeout=60)
-                await asyncio.sleep(0.05)
+                await _until(lambda: batcher.pending == 1)  # queued behind the running batch
                 call.cancel()
             await _until(lambda: _in_use(s) <= 16 * 256 * 4 * 2)  # only the running request's block is held
             await running
