@@ -15,13 +15,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve.dtypes import from_wire
-from trtserve.server.engine.backends.base import Backend, BackendConfig, BatchResult, DeviceDestination, Profile, TensorSpec
+from trtserve.server.engine.backends.base import (Backend, BackendConfig, BatchResult, DeviceDestination, Profile,
+                                                  TensorSpec, is_host)
 from trtserve.server.errors import InvalidArgument, ModelLoadError
 
 from . import compat
-from .build import BuildOptions, OnnxBuilder, PlanCache, default_cache_dir, param_bool, plan_cache_key, sha256_file
+from .build import (BuildOptions, OnnxBuilder, PlanCache, default_cache_dir, onnx_declared_types, param_bool,
+                    plan_cache_key, sha256_file)
 from .context import InFlight, InstanceContext
-from .engine import EngineInfo, deserialize, inspect_engine, model_specs, validate
+from .engine import EngineInfo, deserialize, inspect_engine, model_specs, validate, with_served_types
 from .profiles import (
     Layout,
     batch_coverage_gap,
@@ -137,6 +139,7 @@ class TensorRTBackend(Backend):
             self._engine = deserialize(trt, self._runtime, plan, self._what)
             info = inspect_engine(trt, self._engine, self._what)
             validate(info, cfg, self._what, every)
+            info = with_served_types(info, self._declared_types(info, path))
             if layout is None:
                 layout = layout_for_plan(len(info.profiles), cfg.instance_count, share)
             self._info, self._layout = info, layout
@@ -158,6 +161,18 @@ class TensorRTBackend(Backend):
         self._profiles = self._make_profiles(info, layout)
         log.info("%s: ready, %d instance(s), %s", self._what, cfg.instance_count,
                  "; ".join(p.describe() + f" -> instances {list(p.instances)}" for p in self._profiles))
+
+    def _declared_types(self, info: EngineInfo, path: pathlib.Path) -> Dict[str, str]:
+        """Datatypes the model serves where they may differ from the engine's: the config's IO; without IO in the
+        config (auto-complete), the ONNX file's declared types when TensorRT built INT32 IO from it, so that the
+        model reports INT64 as the ONNX says (and as TensorRT 10+ builds it), the same on every version. A .plan
+        without config IO serves the engine's own types."""
+        cfg = self.config
+        if cfg.inputs or cfg.outputs:
+            return {s.name: s.datatype for s in list(cfg.inputs) + list(cfg.outputs)}
+        if path.suffix == ".onnx" and any(t.wire == "INT32" for t in info.inputs + info.outputs):
+            return onnx_declared_types(path)
+        return {}
 
     @staticmethod
     def _make_profiles(info: EngineInfo, layout: Layout) -> Tuple[Profile, ...]:
@@ -188,10 +203,22 @@ class TensorRTBackend(Backend):
             return
         for t in self._info.inputs:
             a = inputs.get(t.name)
-            want = from_wire(t.wire).numpy
+            want = from_wire(t.served_wire).numpy
             if a is not None and a.dtype != want:
                 raise InvalidArgument(f"{self._what}: input '{t.name}': datatype {a.dtype} does not match the "
-                                      f"model's {t.wire} ({want})")
+                                      f"model's {t.served_wire} ({want})")
+            if a is not None and t.converted:  # INT64 narrowed to the engine's INT32: every value must fit
+                bad = compat.int32_range_error(a) if is_host(a) else self._device_range_error(a)
+                if bad:
+                    raise InvalidArgument(f"{self._what}: input '{t.name}': {bad}")
+
+    def _device_range_error(self, a: Any) -> str:
+        """``int32_range_error`` of a request's CUDA shared-memory input (or a batch of pieces), read on the GPU."""
+        cupy = compat.import_cupy()
+        with cupy.cuda.Device(self.config.device_id):
+            parts = getattr(a, "parts", (a,))
+            return next((e for e in (compat.int32_range_error(p if is_host(p) else cupy.asarray(p)) for p in parts)
+                         if e), "")
 
     def staging(self, instance: int, shapes: Mapping[str, Tuple[int, ...]]) -> Optional[Dict[str, np.ndarray]]:
         if not 0 <= instance < len(self._instances):

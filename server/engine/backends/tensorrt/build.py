@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from trtserve.server.errors import ModelLoadError
 
@@ -299,6 +299,21 @@ class OnnxBuilder:
             except OSError as e:
                 log.warning("%s: could not save timing cache: %s", self._what, e)
         return data
+
+
+def onnx_declared_types(path: pathlib.Path) -> Dict[str, str]:
+    """Graph input/output name -> "INT64" for the tensors the ONNX file declares INT64 (what TensorRT before 10
+    turns into INT32 engine IO); {} when the ``onnx`` package is not installed (then the engine's types are
+    served). Weights stored outside the file are not read."""
+    try:
+        import onnx  # noqa: PLC0415 - optional here (the gpu extras install it)
+    except ImportError:
+        log.warning("%s: the onnx package is not installed; INT64 IO that TensorRT narrowed to INT32 is served as "
+                    "INT32 unless config.pbtxt declares it INT64", path)
+        return {}
+    model = onnx.load(str(path), load_external_data=False)
+    return {v.name: "INT64" for v in list(model.graph.input) + list(model.graph.output)
+            if v.type.tensor_type.elem_type == onnx.TensorProto.INT64}
 
 
 def sha256_file(path: pathlib.Path) -> str:

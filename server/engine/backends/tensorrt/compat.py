@@ -59,6 +59,29 @@ def has_int64_io(v: Version) -> bool:
     return v >= (10, 0)
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def narrows_int64(config_wire: str, engine_wire: str) -> bool:
+    """Whether a tensor the config (or the ONNX file) declares INT64 is served on an engine tensor of INT32: what
+    TensorRT before 10 makes of ONNX INT64 IO. The server then takes and answers INT64 and converts at the
+    engine's edge (inputs narrowed after a per-request range check, outputs widened), so one repository serves
+    unchanged on 8.6/9 and on 10+, where the engine keeps INT64 and nothing is converted."""
+    return config_wire == "INT64" and engine_wire == "INT32"
+
+
+def int32_range_error(array: Any) -> str:
+    """"" when every value of integer ``array`` (host NumPy or CuPy) fits INT32, else what lies outside."""
+    if array.size == 0:
+        return ""
+    lo, hi = int(array.min()), int(array.max())
+    if lo >= INT32_MIN and hi <= INT32_MAX:
+        return ""
+    bad = lo if lo < INT32_MIN else hi
+    return (f"value {bad} is outside the INT32 range [{INT32_MIN}, {INT32_MAX}] that this engine takes for it "
+            f"(TensorRT before 10 serves INT64 IO as INT32)")
+
+
 def needs_explicit_batch_flag(v: Version) -> bool:
     """8.x needs NetworkDefinitionCreationFlag.EXPLICIT_BATCH; 10.x ignores it; 11.0 removed it."""
     return v < (10, 0)

@@ -83,7 +83,11 @@ class InstanceContext:
         self._batched = batched
         self._what = f"{what} instance {index} (profile {profile})"
         self._ranges: Mapping[str, ShapeRange] = info.profiles[profile]
-        self._in_dtypes = {t.name: from_wire(t.wire).numpy for t in info.inputs}
+        # what requests carry: the served type (INT64 for an INT32 engine input served as INT64: narrowed in ``pack``)
+        self._in_dtypes = {t.name: from_wire(t.served_wire).numpy for t in info.inputs}
+        # INT32 engine outputs served as INT64: widened after the copy back, never written device to device
+        self._widened = {t.name: from_wire(t.served_wire).numpy for t in info.outputs if t.converted}
+        self._narrowed = frozenset(t.name for t in info.inputs if t.converted)
         self._ctx: Any = None
         self._stream: Any = None
         self._activation: Any = None
@@ -253,7 +257,8 @@ class InstanceContext:
             want = self._in_dtypes[t.name]
             if a.dtype != want:
                 raise InvalidArgument(
-                    f"{self._what}: input '{t.name}': datatype {a.dtype} does not match the model's {t.wire} ({want})"
+                    f"{self._what}: input '{t.name}': datatype {a.dtype} does not match the model's {t.served_wire} "
+                    f"({want})"
                 )
             r = self._ranges[t.name]
             if not r.contains(tuple(a.shape)):
@@ -275,7 +280,9 @@ class InstanceContext:
             return None
         slot = self._next
         self._wait_slot(slot)  # its previous batch may still be copying out of that mirror
-        return {name: self._tensors[name].view(tuple(shape), slot) for name, shape in shapes.items()}
+        # narrowed inputs are stacked in their served type and converted by ``pack``
+        return {name: self._tensors[name].view(tuple(shape), slot) for name, shape in shapes.items()
+                if name not in self._narrowed}
 
     def _wait_slot(self, slot: int) -> None:
         if not self._slot_free[slot].wait(SLOT_WAIT_S):
@@ -326,7 +333,8 @@ class InstanceContext:
                 exec_ns = int(elapsed(ev_in, ev_exec) * 1e6)
                 out_ns = int(elapsed(ev_exec, ev_done) * 1e6)
             t2 = time.perf_counter_ns()
-            result = {name: self._tensors[name].result(batch.out_shapes[name], batch.slot) for name in batch.wanted}
+            result = {name: self._tensors[name].result(batch.out_shapes[name], batch.slot, self._widened.get(name))
+                      for name in batch.wanted}
             t3 = time.perf_counter_ns()
         except Exception as e:
             raise Internal(f"{self._what}: waiting for the batch on the GPU failed: {type(e).__name__}: {e}") from e
@@ -355,7 +363,7 @@ class InstanceContext:
             done = []
             for name, (ptr, room) in d.outputs.items():
                 shape = out_shapes.get(name)
-                if shape is None:
+                if shape is None or name in self._widened:  # widened on the host; the server writes it there
                     continue
                 t = self._tensors[name]
                 row_bytes = nbytes_of(tuple(shape[1:]), t.dtype) if self._batched else nbytes_of(shape, t.dtype)

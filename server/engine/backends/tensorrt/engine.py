@@ -7,9 +7,9 @@ multiplied by the number of profiles (that was the v2 binding model, Torch-Tenso
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 from trtserve.server.engine.backends.base import BackendConfig, ShapeRange, TensorSpec
 from trtserve.server.errors import ModelLoadError
@@ -27,6 +27,17 @@ class IOTensor:
     is_input: bool
     wire: str  # KServe v2 datatype
     shape: Tuple[int, ...]  # engine shape, batch dimension included, -1 where dynamic
+    served: str = ""  # datatype clients see when it differs from ``wire``: "INT64" on an INT32 engine tensor
+
+    @property
+    def served_wire(self) -> str:
+        """The datatype the model serves (config, metadata, requests, responses)."""
+        return self.served or self.wire
+
+    @property
+    def converted(self) -> bool:
+        """Narrowed on the way in (input) or widened on the way out (output) at the engine's edge."""
+        return bool(self.served) and self.served != self.wire
 
 
 @dataclass(frozen=True)
@@ -88,21 +99,32 @@ def inspect_engine(trt: ModuleType, engine: Any, what: str) -> EngineInfo:
     return EngineInfo(tuple(inputs), tuple(outputs), tuple(profiles))
 
 
+def with_served_types(info: EngineInfo, declared: Mapping[str, str]) -> EngineInfo:
+    """``info`` with ``served`` set on every INT32 engine tensor that ``declared`` (tensor name -> datatype: the
+    config's IO, or the ONNX file's when the config leaves IO to auto-complete) says is INT64."""
+    def one(t: IOTensor) -> IOTensor:
+        d = declared.get(t.name, "")
+        return replace(t, served=d) if compat.narrows_int64(d, t.wire) else t
+
+    return EngineInfo(tuple(one(t) for t in info.inputs), tuple(one(t) for t in info.outputs), info.profiles)
+
+
 def _config_dims(t: IOTensor, max_batch_size: int) -> Tuple[int, ...]:
     return t.shape[1:] if max_batch_size > 0 else t.shape
 
 
 def model_specs(info: EngineInfo) -> Tuple[List[TensorSpec], List[TensorSpec]]:
-    """IO as the engine declares it: full shapes, batch dimension included, -1 where dynamic (what the
-    repository's auto-complete and config check expect from ``Backend.io()``)."""
+    """IO as the model serves it (the engine's types, INT64 where an INT32 engine tensor is served as INT64): full
+    shapes, batch dimension included, -1 where dynamic (what the repository's auto-complete and config check
+    expect from ``Backend.io()``)."""
     return (
-        [TensorSpec(t.name, t.wire, t.shape) for t in info.inputs],
-        [TensorSpec(t.name, t.wire, t.shape) for t in info.outputs],
+        [TensorSpec(t.name, t.served_wire, t.shape) for t in info.inputs],
+        [TensorSpec(t.name, t.served_wire, t.shape) for t in info.outputs],
     )
 
 
 def _check_tensor(what: str, kind: str, t: IOTensor, spec: TensorSpec, max_batch_size: int) -> None:
-    if spec.datatype != t.wire:
+    if spec.datatype != t.served_wire and not compat.narrows_int64(spec.datatype, t.wire):
         raise ModelLoadError(f"{what}: {kind} '{t.name}': config datatype {spec.datatype}, the engine has {t.wire}")
     batched = max_batch_size > 0
     expected_rank = len(spec.dims) + (1 if batched else 0)

@@ -13,7 +13,7 @@ CuPy is imported lazily: this module imports on a machine without CUDA.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -69,8 +69,10 @@ class StagedTensor:
         return self._ptr
 
     def pack(self, array: np.ndarray, pad_to_bytes: int = 0, slot: int = 0) -> int:
-        """Copies ``array`` into pinned mirror ``slot`` (zero-filling up to ``pad_to_bytes``); returns its bytes."""
-        n = array.nbytes
+        """Copies ``array`` into pinned mirror ``slot`` (zero-filling up to ``pad_to_bytes``); returns its bytes.
+        An array of another integer type (INT64 served on an INT32 engine input, its range checked per request)
+        is converted on the way."""
+        n = array.size * self.dtype.itemsize
         if n > self.capacity or pad_to_bytes > self.capacity:
             raise ValueError(f"tensor '{self.name}': {max(n, pad_to_bytes)} bytes exceed the buffer's {self.capacity}")
         host = self.hosts[slot]
@@ -82,7 +84,7 @@ class StagedTensor:
                 self._direct[slot] = ptr  # the device copy reads it where it is
                 return n
             dst = host[:n].view(self.dtype).reshape(array.shape)
-            np.copyto(dst, array, casting="no")
+            np.copyto(dst, array, casting="no" if array.dtype == self.dtype else "unsafe")
         if pad_to_bytes > n:
             host[n:pad_to_bytes] = 0
         return n
@@ -112,17 +114,22 @@ class StagedTensor:
         offset = 0
         for p in parts:
             cai = getattr(p, "__cuda_array_interface__", None)
-            n = int(p.nbytes)
+            n = int(p.nbytes) // np.dtype(p.dtype).itemsize * self.dtype.itemsize  # bytes in this buffer's type
             if offset + n > self.capacity:
                 raise ValueError(f"tensor '{self.name}': {offset + n} bytes exceed the buffer's {self.capacity}")
             if cai is not None:
                 if cai.get("strides") is not None:
                     raise ValueError(f"tensor '{self.name}': a device piece must be C-contiguous")
-                if n:
+                if n and np.dtype(p.dtype) != self.dtype:  # INT64 -> INT32: converted on the device, on the stream
+                    dst = self.device[offset:offset + n].view(self.dtype).reshape(tuple(p.shape))
+                    with stream:
+                        cupy.copyto(dst, cupy.asarray(p), casting="unsafe")
+                elif n:
                     rt.memcpyAsync(self.ptr + offset, int(cai["data"][0]), n, rt.memcpyDeviceToDevice, stream.ptr)
             else:
                 src = np.ascontiguousarray(p)
-                np.copyto(host[offset:offset + n].view(self.dtype).reshape(src.shape), src, casting="no")
+                np.copyto(host[offset:offset + n].view(self.dtype).reshape(src.shape), src,
+                          casting="no" if src.dtype == self.dtype else "unsafe")
                 if n:
                     rt.memcpyAsync(self.ptr + offset, host_ptr + offset, n, rt.memcpyHostToDevice, stream.ptr)
             offset += n
@@ -138,10 +145,12 @@ class StagedTensor:
                 self._host_ptrs[slot], self.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
             )
 
-    def result(self, shape: Tuple[int, ...], slot: int = 0) -> np.ndarray:
-        """A fresh array with the downloaded data (the pinned mirror is reused by a later batch)."""
+    def result(self, shape: Tuple[int, ...], slot: int = 0, as_dtype: Optional[np.dtype] = None) -> np.ndarray:
+        """A fresh array with the downloaded data (the pinned mirror is reused by a later batch), converted to
+        ``as_dtype`` when given (INT32 engine output served as INT64: widened, exact)."""
         n = nbytes_of(shape, self.dtype)
-        return self.hosts[slot][:n].view(self.dtype).reshape(shape).copy()
+        data = self.hosts[slot][:n].view(self.dtype).reshape(shape)
+        return data.copy() if as_dtype is None else data.astype(as_dtype)
 
     def free(self) -> None:
         """Drops the buffers (CuPy returns them to its pools)."""
