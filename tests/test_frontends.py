@@ -360,11 +360,21 @@ def test_a_second_server_on_the_same_port_is_refused(server):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_frontends_auto_follows_cpu_affinity():
-    from trtserve.cli import frontends_from
+def test_frontends_auto_follows_cpu_affinity_and_quota(tmp_path):
+    from trtserve.cli import frontends_from, usable_cpus
 
     cpus = len(os.sched_getaffinity(0))
-    assert frontends_from("auto") == max(1, min(8, cpus // 2))
+    assert frontends_from("auto", usable_cpus(str(tmp_path))) == max(1, min(8, cpus // 2))  # no cgroup files
+    assert [frontends_from("auto", n) for n in (1, 2, 3, 4, 16, 64)] == [1, 1, 1, 2, 8, 8]
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # a Kubernetes limit of 2.5 CPUs
+    assert usable_cpus(str(tmp_path)) == min(cpus, 3)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(str(tmp_path)) == cpus
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")  # cgroup v1, 1 CPU
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(str(tmp_path)) == 1
     assert frontends_from("3") == 3
     with pytest.raises(SystemExit):
         frontends_from("-1")

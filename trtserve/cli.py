@@ -95,6 +95,17 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--lenient-config", action="store_true", default=_env_bool("LENIENT_CONFIG", False),
                    help="load models whose config.pbtxt uses fields trtserve does not implement, with one warning "
                         "per field, instead of failing them (for migrating a repository; docs/model-config.md)")
+    p.add_argument("--model-control-mode", choices=["none", "poll", "explicit"],
+                   default=_env_choice("MODEL_CONTROL_MODE", "none", ["none", "poll", "explicit"]),
+                   help="none (default): load every model at start, refuse the load/unload RPCs; explicit: load only "
+                        "--load-model's models, then what the load/unload RPCs ask; poll: load every model and "
+                        "follow changes to the repository (docs/model-control.md)")
+    p.add_argument("--load-model", action="append", metavar="NAME", default=None,
+                   help="with --model-control-mode explicit: a model to load at start (repeatable; '*' alone: every "
+                        "model; TRTSERVE_LOAD_MODEL takes a comma-separated list)")
+    p.add_argument("--repository-poll-secs", type=float, default=_env_float("REPOSITORY_POLL_SECS", 15.0),
+                   help="with --model-control-mode poll: seconds between scans of the repository (default "
+                        "%(default)s)")
     p.add_argument("--drain-seconds", type=float, default=_env_float("DRAIN_SECONDS", 30.0),
                    help="on SIGTERM/SIGINT, how long in-flight requests may take to finish (default %(default)s)")
     p.add_argument("--max-message-bytes", type=int, default=_env_int("MAX_MESSAGE_BYTES", 128 << 20),
@@ -182,6 +193,10 @@ async def _serve(args: argparse.Namespace) -> int:
     options.exit_on_error = args.exit_on_error
     options.strict_readiness = args.strict_readiness
     options.lenient_config = args.lenient_config
+    problem = _model_control(args, options)
+    if problem:
+        print(f"trtserve: {problem}", file=sys.stderr)
+        return 2
     server = TrtServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -206,11 +221,54 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def frontends_from(value: str) -> int:
-    """The --frontends value: a count, or ``auto``: one front end per two CPUs this process may use, at least
-    one and at most eight, leaving room for the engine (see docs/architecture.md for the measurement)."""
+def _model_control(args: argparse.Namespace, options) -> Optional[str]:
+    """Sets the model-control options from the flags; what is wrong with them, if anything (Triton's rules)."""
+    names = args.load_model
+    if names is None:
+        names = [n.strip() for n in _env("LOAD_MODEL", "").split(",") if n.strip()]
+    if names and args.model_control_mode != "explicit":
+        return f"--load-model needs --model-control-mode explicit (the mode is {args.model_control_mode}, " \
+               "which loads every model at start)"
+    if "*" in names and len(names) > 1:
+        return "--load-model '*' loads every model and must be the only --load-model"
+    if args.model_control_mode == "poll" and not args.repository_poll_secs > 0:
+        return f"--repository-poll-secs must be more than 0, got {args.repository_poll_secs:g}"
+    options.model_control_mode = args.model_control_mode
+    options.startup_models = tuple(names)
+    options.repository_poll_secs = args.repository_poll_secs
+    return None
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity (a container's cpuset), and no more than its cgroup's CPU quota
+    (Kubernetes' CPU limit), which the affinity does not show."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        with open(os.path.join(cgroup_root, "cpu.max")) as f:
+            q, period = f.read().split()[:2]
+        if q != "max":
+            quota = int(q) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            with open(os.path.join(cgroup_root, "cpu", "cpu.cfs_quota_us")) as f:
+                q = int(f.read())
+            with open(os.path.join(cgroup_root, "cpu", "cpu.cfs_period_us")) as f:
+                period = int(f.read())
+            if q > 0 and period > 0:
+                quota = q / period
+        except (OSError, ValueError):
+            pass
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota + 0.999)))
+    return cpus
+
+
+def frontends_from(value: str, cpus: Optional[int] = None) -> int:
+    """The --frontends value: a count, or ``auto``: one front end per two CPUs this process may use (affinity and
+    CPU quota), at least one and at most eight, leaving room for the engine (docs/architecture.md says why)."""
     if value == "auto":
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = usable_cpus() if cpus is None else cpus
         return max(1, min(8, cpus // 2))
     try:
         count = int(value)
