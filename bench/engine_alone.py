@@ -84,7 +84,7 @@ class Driver:
         inputs, outputs = self.templates[slot]
         self.sent[self._ids] = (slot, time.perf_counter())
         self.link.send((m.INFER, self._ids, self.spec.name, self.spec.version, self.serial, inputs, outputs,
-                        self.rows, 0, 0, None, time.monotonic_ns()))
+                        self.rows, 0, 0, None, time.monotonic_ns(), None))
 
     def _on(self, batch: List[tuple]) -> None:
         now = time.perf_counter()

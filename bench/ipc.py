@@ -21,7 +21,7 @@ from trtserve.server.ipc import messages as m
 from trtserve.server.ipc.channel import SocketLink
 
 DESCRIPTOR = ("mlp", "1", 1, (("INPUT0", "FP32", (1, 64), (m.ARENA, 4096, 256)),),
-              (("OUTPUT0", None, (4352, 64)),), 1, 0, 0, None, 0)
+              (("OUTPUT0", None, (4352, 64)),), 1, 0, 0, None, 0, None)
 ANSWER = (("OUTPUT0", "FP32", (1, 16), (m.ARENA, 4352, 64)),)
 
 

@@ -27,7 +27,6 @@ REFUSED = {
                   "instance_group.rate_limiter"),
     "gpus": ("instance_group [ { count: 1 kind: KIND_GPU gpus: [ 3 ] } ]", "instance_group.gpus"),
     "kindgpu": ("instance_group [ { count: 1 kind: KIND_GPU } ]", "instance_group.kind"),
-    "labels": (None, "output.label_filename"),
     "reshape": (None, "input.reshape"),
     "backend": ('backend: "python"', "backend"),
     "agents": ('model_repository_agents { agents [ { name: "checksum" } ] }', "model_repository_agents"),
@@ -43,9 +42,7 @@ def _write(repo: pathlib.Path) -> None:
     base = (repo / "good" / "config.pbtxt").read_text()
     for name, (extra, _) in REFUSED.items():
         text = base.replace('name: "good"', f'name: "{name}"')
-        if name == "labels":
-            text = text.replace('name: "OUTPUT0"', 'name: "OUTPUT0"\n    label_filename: "labels.txt"')
-        elif name == "reshape":
+        if name == "reshape":
             text = text.replace('name: "INPUT0"', 'name: "INPUT0"\n    reshape: { shape: [ 64 ] }')
         elif name == "backend":
             text = text.replace('platform: "onnxruntime_onnx"', extra)
@@ -54,7 +51,6 @@ def _write(repo: pathlib.Path) -> None:
                 text = re.sub(r"dynamic_batching \{[^}]*\}", "", text)
             text += "\n" + extra + "\n"
         copy_example(repo, name, config=text)
-    assert "label_filename" in (repo / "labels" / "config.pbtxt").read_text()
     assert "reshape" in (repo / "reshape" / "config.pbtxt").read_text()
 
 

@@ -16,8 +16,11 @@ from trtserve.server.engine.shm.registry import SharedMemoryRegistry
 from trtserve.server.errors import InvalidArgument, NotFound
 from trtserve.server.frontend import convert
 from trtserve.server.metrics.statistics import Statistics
+from trtserve.server import logsettings
+from trtserve.server.tracing import TraceSettings, TraceWriter
 
-EXTENSIONS = ("model_configuration", "model_repository", "schedule_policy", "statistics")
+EXTENSIONS = ("classification", "logging", "model_configuration", "model_repository", "schedule_policy",
+              "statistics", "trace")
 
 
 class Control:
@@ -32,6 +35,11 @@ class Control:
         self._blocking = run_blocking
         self.ready = True  # false once the engine drains
         self.strict_readiness = strict_readiness  # ready only while every model that should be loaded is READY
+        # log and trace settings live here and are pushed to every front end (core.py, SETTINGS) on each change
+        self.log_settings = logsettings.initial()
+        self.trace_settings = TraceSettings()
+        self.tracer = TraceWriter(self.trace_settings)
+        self.broadcast: Callable[[], None] = lambda: None  # set by the host: pushes settings() to front ends
         self._methods: Dict[str, Callable[..., Awaitable[Any]]] = {
             name[3:]: getattr(self, name) for name in dir(self) if name.startswith("_m_")}
 
@@ -102,6 +110,47 @@ class Control:
 
     async def _m_unload(self, name: str) -> None:
         await self._repo.unload(name)
+
+    # ---- log and trace settings ----------------------------------------------------------------------------------
+    def settings(self) -> Tuple[Dict[str, Any], Any]:
+        """What every front end applies: (log settings, the trace sampler's view)."""
+        return self.log_settings, self.trace_settings.view()
+
+    async def _m_log_settings(self, updates: Dict[str, Any]) -> Dict[str, Any]:
+        """LogSettings: {key: value or None}; the settings in force after the update."""
+        if updates:
+            new = logsettings.validate(updates, self.log_settings)
+            try:
+                logsettings.apply(new)
+            except OSError as e:
+                raise InvalidArgument(f"log setting 'log_file': cannot open {new['log_file']!r}: "
+                                      f"{e.strerror or e}") from None
+            if new != self.log_settings:
+                self.log_settings = new
+                self.broadcast()
+        return dict(self.log_settings)
+
+    async def _m_trace_settings(self, model: str, updates: Dict[str, list]) -> Dict[str, list]:
+        """TraceSetting: {key: [values]} (empty: clear); the settings in force for ``model`` ("" global)."""
+        if model and model not in {name for name, *_ in self._repo.index()}:
+            raise NotFound(f"model '{model}' is not in the model repository")
+        if updates:
+            old_file = self.trace_settings.global_["trace_file"][0]
+            if "trace_file" in updates or "log_frequency" in updates:
+                probe = TraceSettings()
+                probe.update(model, updates)  # raises before anything is written
+                self.tracer.flush()
+            self.trace_settings.update(model, updates)
+            if self.trace_settings.global_["trace_file"][0] != old_file:
+                self.tracer.restart_numbering()
+            self.broadcast()
+        return self.trace_settings.get(model)
+
+    def trace_done(self, model: str, version: str, request_id: str, stamps: list) -> None:
+        """One traced request is complete (core.py): recorded, and when its trace_count ran out the front ends
+        stop sampling."""
+        if self.tracer.add(model, version, request_id, stamps):
+            self.broadcast()
 
     # ---- shared memory --------------------------------------------------------------------------------------------
     async def _m_shm_status(self, kind: str, name: str) -> list:

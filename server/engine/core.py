@@ -9,7 +9,13 @@ deadline, a reload, the front end going away (then the answer is dropped, and it
 once nothing reads it any more).
 
 Control calls (metadata, repository, shared-memory registration, statistics) are answered by
-engine/control.py; this module only routes them.
+engine/control.py; this module only routes them, and pushes the log and trace settings control.py holds to
+every front end (SETTINGS: on attach and on every change).
+
+A traced request (the front end sampled it: the INFER's ``trace`` is the request's id, not None) gets its
+QUEUE_START here when it is queued, and its compute timestamps from the batcher's durations when it is done;
+they wait in the session until the front end's TRACE brings REQUEST_END (the response built), and then the
+whole trace goes to the one trace file (tracing.py).
 """
 from __future__ import annotations
 
@@ -38,9 +44,10 @@ log = logging.getLogger("trtserve.engine")
 class _InFlight:
     """One request between its INFER and its RESULT."""
 
-    __slots__ = ("future", "dispatched", "cancelled", "shm")
+    __slots__ = ("future", "dispatched", "cancelled", "shm", "queued_ns")
 
     def __init__(self) -> None:
+        self.queued_ns = 0  # traced requests: QUEUE_START
         self.future: Optional["asyncio.Future"] = None
         self.dispatched = False  # joined a batch on an instance: its arena memory is being read
         self.cancelled = False
@@ -59,6 +66,8 @@ class Session:
         self.arena = arena
         self.inflight: Dict[int, _InFlight] = {}
         self.closed = False
+        # traced requests answered, waiting for the front end's TRACE: req_id -> (model, version, id, stamps)
+        self.traces: Dict[int, Tuple[str, str, str, List[Tuple[str, int]]]] = {}
 
 
 class EngineCore:
@@ -71,12 +80,17 @@ class EngineCore:
         self._observer = observer
         self._control = control
         self.sessions: List[Session] = []
+        if hasattr(control, "broadcast"):
+            control.broadcast = self.broadcast_settings  # type: ignore[attr-defined]
 
     # ---- sessions -------------------------------------------------------------------------------------------------
     def attach(self, name: str, link: Link, arena: Optional[Arena]) -> Session:
         session = Session(name, link, arena)
         self.sessions.append(session)
         link.start(lambda batch: self._handle(session, batch), lambda: self._detach(session))
+        settings = getattr(self._control, "settings", None)
+        if settings is not None:
+            link.send((m.SETTINGS,) + tuple(settings()))
         log.debug("front end %s attached", name)
         return session
 
@@ -99,6 +113,16 @@ class EngineCore:
         for s in list(self.sessions):
             s.link.close()
             self._detach(s)
+        tracer = getattr(self._control, "tracer", None)
+        if tracer is not None:
+            tracer.flush()  # traces collected and not yet written (log_frequency 0) go to the trace file
+
+    def broadcast_settings(self) -> None:
+        """The log or trace settings changed: every front end applies them."""
+        msg = (m.SETTINGS,) + tuple(self._control.settings())  # type: ignore[attr-defined]
+        for s in self.sessions:
+            if not s.closed:
+                s.link.send(msg)
 
     # ---- messages -------------------------------------------------------------------------------------------------
     def _handle(self, session: Session, batch: List[tuple]) -> None:
@@ -114,6 +138,12 @@ class EngineCore:
                     self._observer.request_done(model, version, False, reason, rows, request_ns, 0, 0, 0, 0)
                 elif tag == m.CALL:
                     asyncio.get_running_loop().create_task(self._call(session, msg[1], msg[2], msg[3]))
+                elif tag == m.TRACE:
+                    trace = session.traces.pop(msg[1], None)
+                    if trace is not None:
+                        model, version, request_id, stamps = trace
+                        stamps.append(("REQUEST_END", max(msg[2], stamps[-1][1])))
+                        self._control.trace_done(model, version, request_id, stamps)  # type: ignore[attr-defined]
                 else:
                     log.error("front end %s sent an unknown message tag %r", session.name, tag)
             except Exception:  # one bad message must not stop the others in the batch
@@ -139,7 +169,7 @@ class EngineCore:
             item.future.cancel()  # still queued: it never runs, and its answer goes back now
 
     def _infer(self, session: Session, msg: tuple) -> None:
-        (_, req_id, model, version, serial, inputs, outputs, rows, priority, timeout_us, deadline, t0) = msg
+        (_, req_id, model, version, serial, inputs, outputs, rows, priority, timeout_us, deadline, t0, trace) = msg
         item = _InFlight()
         session.inflight[req_id] = item
         mv: Optional[ModelVersion] = None
@@ -153,6 +183,8 @@ class EngineCore:
             arrays = self._inputs(session, mv, item, inputs)
             device_outputs = self._outputs(mv, item, outputs, rows)
             names = tuple(o[0] for o in outputs)
+            if trace is not None:
+                item.queued_ns = time.monotonic_ns()
             item.future = batcher.submit(arrays, names, rows, priority, timeout_us, deadline, device_outputs,
                                          on_dispatch=item.mark_dispatched)
         except TrtServeError as e:
@@ -167,7 +199,7 @@ class EngineCore:
             self._finish_shm(item, True)
             self._answer(session, req_id, "INTERNAL", f"{type(e).__name__}: {e}", ())
             return
-        item.future.add_done_callback(lambda f: self._done(session, req_id, item, mv, outputs, rows, t0, f))
+        item.future.add_done_callback(lambda f: self._done(session, req_id, item, mv, outputs, rows, t0, f, trace))
 
     def _inputs(self, session: Session, mv: ModelVersion, item: _InFlight, inputs: tuple) -> Dict[str, Any]:
         """NumPy views of the arena (read-only), or what client shared memory holds."""
@@ -226,7 +258,7 @@ class EngineCore:
         return device_outputs
 
     def _done(self, session: Session, req_id: int, item: _InFlight, mv: ModelVersion, outputs: tuple, rows: int,
-              t0: int, fut: "asyncio.Future") -> None:
+              t0: int, fut: "asyncio.Future", trace: Optional[str] = None) -> None:
         spec = mv.spec
         assert spec is not None
         # a request cancelled after it joined a batch ran to the end (its memory was being read); the client
@@ -254,12 +286,17 @@ class EngineCore:
             self._observer.request_done(spec.name, spec.version, False, reason, rows, time.monotonic_ns() - t0,
                                         0, 0, 0, 0)
             self._finish_shm(item, True)
+            if trace is not None and not session.closed:
+                session.traces[req_id] = (spec.name, spec.version, trace,
+                                          [("REQUEST_START", t0), ("QUEUE_START", item.queued_ns)])
             self._answer(session, req_id, code, message, ())
             return
         self._observer.request_done(spec.name, spec.version, True, "", rows, time.monotonic_ns() - t0,
                                     result.queue_ns, result.compute_input_ns, result.compute_infer_ns,
                                     result.compute_output_ns)
         self._finish_shm(item, True)
+        if trace is not None and not session.closed:
+            session.traces[req_id] = (spec.name, spec.version, trace, _timestamps(t0, item.queued_ns, result))
         self._answer(session, req_id, "", "", written)
 
     def _write_outputs(self, session: Session, item: _InFlight, spec, outputs: tuple, result) -> tuple:
@@ -302,6 +339,20 @@ class EngineCore:
                 session.arena.close()  # the last request that could read it has finished
             return
         session.link.send((m.RESULT, req_id, code, message, outputs))
+
+
+def _timestamps(t0: int, queued: int, result: Any) -> List[Tuple[str, int]]:
+    """A traced request's timestamps up to COMPUTE_END: the batcher measures durations (queue, compute input,
+    infer, output) of the batch the request ran in; they are laid end to end from QUEUE_START, and kept in order
+    and no later than now."""
+    now = time.monotonic_ns()
+    stamps = [("REQUEST_START", t0), ("QUEUE_START", max(queued, t0))]
+    at = stamps[-1][1]
+    for name, ns in (("COMPUTE_START", result.queue_ns), ("COMPUTE_INPUT_END", result.compute_input_ns),
+                     ("COMPUTE_OUTPUT_START", result.compute_infer_ns), ("COMPUTE_END", result.compute_output_ns)):
+        at = min(now, at + max(0, int(ns)))
+        stamps.append((name, at))
+    return stamps
 
 
 def _to_host(array: Any) -> np.ndarray:

@@ -16,6 +16,7 @@ from trtserve.server.errors import TrtServeError, Unavailable
 from trtserve.server.ipc import messages as m
 from trtserve.server.ipc.arena import Allocator, Arena
 from trtserve.server.ipc.channel import Link
+from trtserve.server.tracing import Sampler
 
 log = logging.getLogger("trtserve.frontend")
 
@@ -46,6 +47,7 @@ class EngineClient:
         self._calls: Dict[int, "asyncio.Future"] = {}
         self._models: Dict[Tuple[str, str], Tuple[Any, int]] = {}
         self._lost_callbacks: List[Callable[[], None]] = []
+        self.sampler = Sampler()  # which requests to trace: the engine's trace settings (SETTINGS)
 
     def start(self) -> None:
         self.link.start(self._on_messages, self._on_lost)
@@ -105,6 +107,11 @@ class EngineClient:
         if block is not None:
             self.allocator.free(block)
 
+    def trace_end(self, req_id: int, end_ns: int) -> None:
+        """A traced request's response is built: its REQUEST_END, for the engine to write its trace."""
+        if self.alive:
+            self.link.send((m.TRACE, req_id, end_ns))
+
     def report_failure(self, model: str, version: str, reason: str, rows: int, request_ns: int) -> None:
         """A request refused here (statistics and metrics live in the engine)."""
         if self.alive:
@@ -136,6 +143,17 @@ class EngineClient:
                     fut.set_exception(RemoteError(code, message))
                 else:
                     fut.set_result(value)
+            elif msg[0] == m.SETTINGS:
+                self._apply_settings(msg[1], msg[2])
+
+    def _apply_settings(self, log_settings: dict, trace_view: Any) -> None:
+        from trtserve.server import logsettings
+
+        try:
+            logsettings.apply(log_settings)
+        except OSError as e:  # the engine opened the same file: this process should too
+            log.error("cannot apply the log settings: %s", e)
+        self.sampler.update(trace_view)
 
     def _on_lost(self) -> None:
         if not self.alive:

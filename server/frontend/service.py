@@ -3,16 +3,21 @@
 A front end does the protocol work of a request once, where it enters: the request is checked against
 the model before anything is decoded (validation.precheck), its tensors are copied into the front end's
 arena, and the engine gets a descriptor. Everything that is not inference (metadata, readiness,
-repository, shared memory, statistics) is answered by the engine, so every front end answers alike.
-Trace and log RPCs are inherited from the generated base class, which answers UNIMPLEMENTED, and the
-ServerMetadata extensions list only what works here.
+repository, shared memory, statistics, log and trace settings) is answered by the engine, so every front end
+answers alike.
+
+Tracing: the front end samples (1 of trace_rate, server/tracing.py) and marks the descriptor; it knows
+REQUEST_START (the descriptor's t0) and sends REQUEST_END once the response is built (TRACE); the engine adds
+the queue and compute timestamps and writes the trace file. Classification (an output requested with the
+``classification`` parameter, Triton's class_count) is done here on the raw output the engine returned: the
+top k of each batch row as BYTES "value:index[:label]", labels from the output's label_filename.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, List, Optional, Tuple
+from typing import AsyncIterator, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -172,6 +177,34 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         await self._engine.call("shm_unregister", "CUDA", request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
+    # ---- log and trace settings -----------------------------------------------------------------------------------
+    @rpc
+    async def LogSettings(self, request, context):
+        updates = {}
+        for key, value in request.settings.items():
+            which = value.WhichOneof("parameter_choice")
+            updates[key] = getattr(value, which) if which else None
+        current = await self._engine.call("log_settings", updates)
+        response = pb.LogSettingsResponse()
+        for key, value in current.items():
+            entry = response.settings[key]
+            if isinstance(value, bool):
+                entry.bool_param = value
+            elif isinstance(value, int):
+                entry.uint32_param = value
+            else:
+                entry.string_param = value
+        return response
+
+    @rpc
+    async def TraceSetting(self, request, context):
+        updates = {key: list(value.value) for key, value in request.settings.items()}
+        current = await self._engine.call("trace_settings", request.model_name, updates)
+        response = pb.TraceSettingResponse()
+        for key, values in current.items():
+            response.settings[key].value.extend(values)
+        return response
+
     # ---- inference ------------------------------------------------------------------------------------------------
     @rpc
     async def ModelInfer(self, request, context):
@@ -197,17 +230,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     raise _Overloaded(f"the server is overloaded: {engine.inflight} requests in flight in this "
                                       f"front end (limit {self._max_inflight}); retry later")
                 checked = precheck(spec, request, self._max_input_bytes)
+                classify = _classification(spec, request, checked) if request.outputs else None
                 priority, timeout_us = _schedule_params(request)
                 block, inputs, outputs = self._stage(spec, request, checked)
             except TrtServeError as e:
                 engine.report_failure(spec.name, spec.version, e.reason, 0, time.monotonic_ns() - t0)
                 raise
             deadline = None if remaining is None else time.monotonic() + remaining
+            trace = request.id if engine.sampler.active and engine.sampler.sample(spec.name) else None
             req_id, fut = engine.submit((spec.name, spec.version, serial, inputs, outputs, checked.rows, priority,
-                                         timeout_us, deadline, t0), block)
+                                         timeout_us, deadline, t0, trace), block)
             try:
                 result = await fut
-                return self._response(request, spec, result)
+                return self._response(request, spec, result, classify)
             except StaleModel:
                 engine.forget_model(name, version)
                 continue
@@ -218,6 +253,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if fut.done() and not fut.cancelled():
                     engine.free(block)  # answered: nothing reads the block any more
+                    if trace is not None:
+                        engine.trace_end(req_id, time.monotonic_ns())
                 else:
                     engine.cancel(req_id)  # the engine may still read it: freed when it answers
                 self._trimmer.note()
@@ -281,12 +318,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             outputs.append((out, shm_ref, slot))
         return block, tuple(inputs) + tuple(shm_inputs), tuple(outputs)
 
-    def _response(self, request: pb.ModelInferRequest, spec, result: tuple) -> pb.ModelInferResponse:
+    def _response(self, request: pb.ModelInferRequest, spec, result: tuple,
+                  classify: Optional[Dict[str, int]] = None) -> pb.ModelInferResponse:
         """One ``raw_output_contents`` entry per output in answer order (tritonclient and perf_analyzer need it);
         outputs written to shared memory keep their name, datatype and shape with an empty entry, as in Triton."""
         response = pb.ModelInferResponse(model_name=spec.name, model_version=spec.version, id=request.id)
         buffer = self._engine.arena.buffer
         for name, wire, shape, where in result:
+            if classify and name in classify:
+                data = buffer[where[1]:where[1] + where[2]] if where[0] == m.ARENA else where[1]
+                shape, raw = _top_k(spec, name, wire, shape, data, classify[name])
+                response.outputs.add(name=name, datatype="BYTES", shape=list(shape))
+                response.raw_output_contents.append(raw)
+                continue
             response.outputs.add(name=name, datatype=wire, shape=list(shape))
             if where[0] == m.ARENA:
                 response.raw_output_contents.append(buffer[where[1]:where[1] + where[2]].tobytes())
@@ -350,6 +394,62 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             read_task.cancel()
             for t in list(tasks):
                 t.cancel()
+
+
+def _classification(spec, request: pb.ModelInferRequest, checked: Prechecked) -> Optional[Dict[str, int]]:
+    """{output: class_count} for the outputs requested with Triton's ``classification`` parameter; None if none.
+    The count must be an integer in 1..(the output's classes, when its shape is fixed)."""
+    out: Optional[Dict[str, int]] = None
+    for o in request.outputs:
+        if "classification" not in o.parameters:
+            continue
+        p = o.parameters["classification"]
+        which = p.WhichOneof("parameter_choice")
+        k = codec.parameter_value(p)
+        if which not in ("int64_param", "uint64_param") or k <= 0:
+            raise InvalidArgument(f"output '{o.name}': parameter 'classification' (class_count) must be a positive "
+                                  f"integer (int64), got {which} {k!r}")
+        t = spec.output(o.name)
+        if t is None:  # precheck refused unknown names already
+            continue
+        if t.datatype == "BYTES":
+            raise InvalidArgument(f"output '{o.name}': classification needs a numeric output, it is BYTES")
+        if o.name in checked.output_shm:
+            raise InvalidArgument(f"output '{o.name}': classification into a shared-memory region is not supported; "
+                                  "request the raw output there, or the classification without the region")
+        if all(d >= 0 for d in t.dims):
+            classes = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+            if k > classes:
+                raise InvalidArgument(f"output '{o.name}': class_count {k} is more than its {classes} classes")
+        if out is None:
+            out = {}
+        out[o.name] = int(k)
+    return out
+
+
+def _top_k(spec, name: str, wire: str, shape: tuple, data, k: int) -> Tuple[Tuple[int, ...], bytes]:
+    """Triton's classification of one output: per batch row (the whole tensor for a model that does not batch),
+    the k largest values, largest first, as "value:index" or "value:index:label"; (shape, BYTES raw contents)."""
+    dt = dtypes.BY_WIRE[wire].numpy
+    arr = np.frombuffer(data, dtype=dt.newbyteorder("<") if dt.itemsize > 1 else dt)
+    rows = int(shape[0]) if spec.batches and shape else 1
+    arr = arr.reshape(rows, -1) if arr.size else arr.reshape(rows, 0)
+    classes = arr.shape[1]
+    if k > classes:
+        raise InvalidArgument(f"output '{name}': class_count {k} is more than its {classes} classes")
+    labels = spec.labels.get(name, ()) if getattr(spec, "labels", None) else ()
+    floats = dt.kind == "f"
+    order = np.argsort(-arr.astype(np.float64), axis=1, kind="stable")[:, :k]
+    items = []
+    for r in range(rows):
+        for i in order[r]:
+            value = arr[r, i]
+            text = f"{float(value):f}:{int(i)}" if floats else f"{int(value)}:{int(i)}"
+            if int(i) < len(labels) and labels[int(i)]:
+                text += ":" + labels[int(i)]
+            items.append(text.encode())
+    out_shape = (rows, k) if spec.batches else (k,)
+    return out_shape, dtypes.serialize_bytes(np.array(items, dtype=object))
 
 
 class _Overloaded(Unavailable):

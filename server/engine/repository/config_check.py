@@ -2,7 +2,7 @@
 refused (the model fails to load with a message naming the field), or a tuning hint ignored with one warning.
 
 A refused field changes what a model computes, returns or how it is scheduled (sequence batching, ensembles,
-decoupled responses, the response cache, classification labels, reshapes, ...): serving the model without it
+decoupled responses, the response cache, reshapes, ...): serving the model without it
 would answer differently from Triton without a word. ``--lenient-config`` (ServerOptions.lenient_config)
 turns each refusal into one logged warning per model and field, and the field is dropped from the config the
 ModelConfig RPC returns, for people migrating a repository. docs/model-config.md is the table of every field.
@@ -81,9 +81,6 @@ def check(config: mc.ModelConfig, platform: str, gpu_count: Callable[[], Optiona
             if kind == "input" and t.allow_ragged_batch:
                 refuse("input.allow_ragged_batch", f"{where}: ragged batching is not implemented (see the "
                        "trtserve.pad.<INPUT> parameter)", _clear(t, "allow_ragged_batch"))
-            if kind == "output" and t.label_filename:
-                refuse("output.label_filename", f"{where}: classification (label files, class_count) is not "
-                       "implemented yet", _clear(t, "label_filename"))
     gpus_known: List[Optional[int]] = []  # gpu_count() asked at most once
 
     def devices() -> Optional[int]:

@@ -85,6 +85,8 @@ class ModelSpec:
     unpad: Mapping[str, str]  # output -> input whose variable dims it follows
     cuda_graphs: bool = False
     batches_per_instance: int = 2
+    # output -> its classification labels (config.pbtxt label_filename, one label per line), line i for class i
+    labels: Mapping[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def batches(self) -> bool:
@@ -97,8 +99,9 @@ class ModelSpec:
         return next((t for t in self.outputs if t.name == name), None)
 
     @classmethod
-    def from_proto(cls, config, version: str) -> "ModelSpec":
-        """Builds and checks the spec from a (complete) ``inference.ModelConfig`` message."""
+    def from_proto(cls, config, version: str, model_dir=None) -> "ModelSpec":
+        """Builds and checks the spec from a (complete) ``inference.ModelConfig`` message; ``model_dir`` (the
+        model's folder) is where outputs' label files are read from."""
         name = config.name
         if config.max_batch_size < 0:
             raise ModelLoadError(f"model '{name}': max_batch_size must be >= 0, got {config.max_batch_size}")
@@ -139,7 +142,33 @@ class ModelSpec:
             max_batch_size=config.max_batch_size, inputs=inputs, outputs=outputs, batching=batching,
             instance_count=count, parameters=params, pad_values=pad_values, unpad=unpad, cuda_graphs=graphs,
             batches_per_instance=batches_per_instance(name, params),
+            labels=_labels(name, config, model_dir),
         )
+
+
+def _labels(model: str, config, model_dir) -> Dict[str, Tuple[str, ...]]:
+    """Each output's label file (Triton's label_filename, a file in the model's folder, one label per line);
+    a file that is missing or outside the folder fails the load."""
+    import pathlib
+
+    out: Dict[str, Tuple[str, ...]] = {}
+    for t in config.output:
+        if not t.label_filename:
+            continue
+        if model_dir is None:
+            raise ModelLoadError(f"model '{model}': output '{t.name}': label_filename needs the model's folder")
+        root = pathlib.Path(model_dir).resolve()
+        path = (root / t.label_filename).resolve()
+        if root not in path.parents:
+            raise ModelLoadError(f"model '{model}': output '{t.name}': label_filename {t.label_filename!r} is not "
+                                 "a file in the model's folder")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"model '{model}': output '{t.name}': cannot read label_filename "
+                                 f"{t.label_filename!r}: {getattr(e, 'strerror', None) or e}") from None
+        out[t.name] = tuple(line.rstrip("\r") for line in text.split("\n"))
+    return out
 
 
 def batches_per_instance(model: str, params: Mapping[str, str]) -> int:

@@ -268,7 +268,7 @@ class ModelRepository:
             if not config.instance_group:
                 config.instance_group.add(count=count, kind=mc.ModelInstanceGroup.KIND_CPU
                                           if config.platform == "onnxruntime_onnx" else mc.ModelInstanceGroup.KIND_GPU)
-            spec = ModelSpec.from_proto(config, version)
+            spec = ModelSpec.from_proto(config, version, model_path)
             _warm_up(config, spec, backend)
         except BaseException:
             backend.close()
