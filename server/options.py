@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 from trtserve.server.frontend.security import TlsOptions
 
@@ -51,3 +51,9 @@ class ServerOptions:
     strict_readiness: bool = True
     # config.pbtxt fields trtserve does not implement: a logged warning each instead of a failed load
     lenient_config: bool = False
+    # Triton's --model-control-mode: "none" loads every model at start and refuses the load/unload RPCs; "explicit"
+    # loads ``startup_models`` ("*": all) and then what the load RPC asks; "poll" loads every model and rescans the
+    # repository every ``repository_poll_secs`` (added, changed and removed models and versions)
+    model_control_mode: str = "none"
+    startup_models: Tuple[str, ...] = ()
+    repository_poll_secs: float = 15.0

@@ -53,6 +53,11 @@ class RunningServer:
             self.loop.close()
 
 
+# load and unload RPCs need Triton's explicit model control; "*" loads every model at start, as the default does
+EXPLICIT = {"model_control_mode": "explicit", "startup_models": ("*",)}
+EXPLICIT_ARGS = ("--model-control-mode", "explicit", "--load-model", "*")
+
+
 @pytest.fixture(scope="session")
 def example_server() -> Iterator[RunningServer]:
     """The bundled example repository (model ``mlp``), shared by the session: read-only tests only."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests import models
+from tests.conftest import EXPLICIT
 from trtserve import dtypes
 from trtserve.client import AsyncInferenceClient, InferenceClient, InferenceServerError, bf16_to_float32, \
     float32_to_bf16
@@ -267,7 +268,7 @@ def test_bf16_model_on_old_onnxruntime_fails_to_load_clearly(dtype_server):
 
 def test_load_unload(tmp_path, serve_repo):
     models.copy_example(tmp_path)
-    s = serve_repo(tmp_path, metrics=False)
+    s = serve_repo(tmp_path, metrics=False, **EXPLICIT)
     models.identity(tmp_path, "late", "FP32")  # appears after start
     with InferenceClient(s.url) as c:
         assert {m.name: m.state for m in c.repository_index()} == {"mlp": "READY", "late": ""}
@@ -285,14 +286,16 @@ def test_load_unload(tmp_path, serve_repo):
         with pytest.raises(InferenceServerError) as e:
             c.load_model("does_not_exist")
         assert e.value.status == "NOT_FOUND"
-        with pytest.raises(InferenceServerError) as e:  # Triton's config override: sent, refused by this server
-            c.load_model("mlp", config='{"max_batch_size": 4}')
+        c.load_model("mlp", config='{"max_batch_size": 4}')  # Triton's config override: served
+        assert c.model_config("mlp").max_batch_size == 4
+        with pytest.raises(InferenceServerError) as e:  # file overrides: refused
+            c.load_model("mlp", config='{"max_batch_size": 4}', files={"file:1/model.onnx": b"x"})
         assert e.value.status == "INVALID_ARGUMENT" and "not supported" in e.value.message
 
 
 async def test_async_load_unload(tmp_path, serve_repo):
     models.copy_example(tmp_path)
-    s = serve_repo(tmp_path, metrics=False)
+    s = serve_repo(tmp_path, metrics=False, **EXPLICIT)
     async with AsyncInferenceClient(s.url) as c:
         await c.unload_model("mlp")
         assert not await c.is_model_ready("mlp")

@@ -129,6 +129,7 @@ def env(tmp_path) -> Iterator[Env]:
         models.write_config(tmp_path, name, GATED.format(name=name))
         (tmp_path / name / "1").mkdir()
     s = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, metrics_port=None, drain_seconds=10.0,
+                                    model_control_mode="explicit", startup_models=("*",),
                                     gpu_metrics=False,
                                     backend_factories={"gated": lambda cfg: GatedBackend(cfg, control)}),
                       [outcomes])

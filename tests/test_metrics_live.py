@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterator, Optional, TypeVar
 import numpy as np
 import pytest
 
-from .conftest import RunningServer
+from .conftest import EXPLICIT, RunningServer
 from .models import identity
 from .test_metrics_unit import Scrape
 
@@ -253,7 +253,7 @@ def test_exposition_parses_and_has_every_name_deploy_uses(live: RunningServer) -
 def test_model_state_follows_reload_and_unload(serve_repo, tmp_path: pathlib.Path) -> None:
     """trtserve_model_state agrees with the repository index through a reload in place and an unload."""
     identity(tmp_path, "metrics_state", "FP32", 8, "[ 4 ]", "dynamic_batching { }")
-    server = serve_repo(tmp_path)
+    server = serve_repo(tmp_path, **EXPLICIT)
     client = grpcclient.InferenceServerClient(server.url)
     lab = {"model": "metrics_state", "version": "1"}
 

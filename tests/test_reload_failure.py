@@ -11,6 +11,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests import models
+from tests.conftest import EXPLICIT
 
 
 def _infer(c: grpcclient.InferenceServerClient, model: str = "flip") -> np.ndarray:
@@ -25,7 +26,7 @@ def _index(c: grpcclient.InferenceServerClient) -> dict:
 
 def test_reload_of_a_corrupted_version_keeps_the_serving_one(tmp_path, serve_repo):
     models.copy_example(tmp_path, "flip")
-    s = serve_repo(tmp_path, metrics=False)
+    s = serve_repo(tmp_path, metrics=False, **EXPLICIT)
     with grpcclient.InferenceServerClient(s.url) as c:
         expected = _infer(c)
         (tmp_path / "flip" / "1" / "model.onnx").write_bytes(b"")  # the file on disk breaks
@@ -45,7 +46,7 @@ def test_reload_of_a_corrupted_version_keeps_the_serving_one(tmp_path, serve_rep
 
 def test_reload_whose_new_version_fails_keeps_the_version_it_would_replace(tmp_path, serve_repo):
     models.copy_example(tmp_path, "flip")  # default version policy: latest 1
-    s = serve_repo(tmp_path, metrics=False)
+    s = serve_repo(tmp_path, metrics=False, **EXPLICIT)
     with grpcclient.InferenceServerClient(s.url) as c:
         expected = _infer(c)
         (tmp_path / "flip" / "2").mkdir()
@@ -59,7 +60,7 @@ def test_reload_whose_new_version_fails_keeps_the_version_it_would_replace(tmp_p
 
 def test_first_load_that_fails_reports_unavailable(tmp_path, serve_repo):
     models.copy_example(tmp_path, "mlp")
-    s = serve_repo(tmp_path, metrics=False)
+    s = serve_repo(tmp_path, metrics=False, **EXPLICIT)
     models.copy_example(tmp_path, "flip")
     (tmp_path / "flip" / "1" / "model.onnx").write_bytes(b"")
     with grpcclient.InferenceServerClient(s.url) as c:

@@ -10,6 +10,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from tests import models
+from tests.conftest import EXPLICIT
 from trtserve.server.examples.make_mlp import reference
 
 
@@ -166,7 +167,7 @@ def test_version_policy_and_versions(tmp_path, serve_repo):
 
 def test_load_unload_index(tmp_path, serve_repo):
     models.copy_example(tmp_path)
-    s = serve_repo(tmp_path, metrics=False)
+    s = serve_repo(tmp_path, metrics=False, **EXPLICIT)
     models.identity(tmp_path, "late", "FP32")  # appears after start
     with grpcclient.InferenceServerClient(s.url) as c:
         index = {m.name: m.state for m in c.get_model_repository_index().models}
@@ -198,7 +199,7 @@ def test_broken_model_reports_reason(tmp_path, serve_repo):
     models.copy_example(tmp_path)
     models.write_config(tmp_path, "broken", 'name: "broken"\nplatform: "onnxruntime_onnx"\nmax_batch_size: -3\n')
     (tmp_path / "broken" / "1").mkdir()
-    s = serve_repo(tmp_path, metrics=False, exit_on_error=False)
+    s = serve_repo(tmp_path, metrics=False, exit_on_error=False, **EXPLICIT)
     with grpcclient.InferenceServerClient(s.url) as c:
         assert c.is_model_ready("mlp")  # one broken model does not stop the others
         rows = {m.name: (m.state, m.reason) for m in c.get_model_repository_index().models}

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import spawn
+from tests.conftest import EXPLICIT_ARGS, spawn
 from tests.models import copy_example
 from tests.mp import Serve
 from trtserve.server.examples import REPOSITORY as EXAMPLE_REPOSITORY
@@ -92,7 +92,7 @@ def test_strict_readiness_follows_every_model_that_should_be_loaded(tmp_path: pa
     health service and the deploy probe agree with ServerReady; unloading 'broken' makes it ready, a failed
     load makes it unready again."""
     repo = _repo(tmp_path)
-    s = Serve(repo, frontends=frontends, args=["--no-exit-on-error"])
+    s = Serve(repo, frontends=frontends, args=["--no-exit-on-error", *EXPLICIT_ARGS])
     try:
         assert _state(s.url) == (False, False, False, True)
         assert _probe(s.url) == 1

@@ -7,13 +7,13 @@ into the RPC's response type.
 """
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Dict, Tuple
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from trtserve import __version__
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.server.engine.repository.registry import ModelRepository
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
-from trtserve.server.errors import InvalidArgument, NotFound
+from trtserve.server.errors import InvalidArgument, NotFound, Unavailable
 from trtserve.server.frontend import convert
 from trtserve.server.metrics.statistics import Statistics
 from trtserve.server import logsettings
@@ -25,6 +25,8 @@ EXTENSIONS = ("classification", "logging", "model_configuration", "model_reposit
 
 class Control:
     """``await control(method, args)``: one method per control call; unknown names are NotFound."""
+
+    model_control_mode = "none"  # the load and unload RPCs are answered only in "explicit" (set by EngineHost)
 
     def __init__(self, repository: ModelRepository, statistics: Statistics,
                  shared_memory: SharedMemoryRegistry, run_blocking: Callable[..., Awaitable[Any]],
@@ -102,13 +104,24 @@ class Control:
             response.models.add(name=name, version=version, state=state, reason=reason)
         return response.SerializeToString()
 
-    async def _m_load(self, name: str, has_parameters: bool) -> None:
-        if has_parameters:
-            raise InvalidArgument("RepositoryModelLoad parameters (config overrides, files) are not supported; "
-                                  "edit the model repository instead")
-        await self._repo.load(name)
+    def _model_control(self) -> None:
+        if self.model_control_mode != "explicit":  # Triton's status and words, whichever mode refuses
+            raise Unavailable("explicit model load / unload is not allowed if polling is enabled (the server runs "
+                              f"with --model-control-mode {self.model_control_mode}; --model-control-mode explicit "
+                              "allows it)")
+
+    async def _m_load(self, name: str, config_json: Optional[str] = None, unsupported: Tuple[str, ...] = ()) -> None:
+        """``config_json``: the RPC's ``config`` parameter (Triton's config override); ``unsupported``: the names
+        of its other parameters (file overrides), refused."""
+        self._model_control()
+        if unsupported:
+            raise InvalidArgument(f"RepositoryModelLoad parameter{'s' if len(unsupported) > 1 else ''} "
+                                  f"{', '.join(repr(k) for k in unsupported)} not supported (only 'config', a "
+                                  "ModelConfig in JSON; file overrides: put the files in the model repository)")
+        await self._repo.load(name, config_json)
 
     async def _m_unload(self, name: str) -> None:
+        self._model_control()
         await self._repo.unload(name)
 
     # ---- log and trace settings ----------------------------------------------------------------------------------

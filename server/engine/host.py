@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from trtserve.server.engine.control import Control
 from trtserve.server.engine.core import EngineCore, Session
+from trtserve.server.engine.repository import layout
 from trtserve.server.engine.repository.registry import ModelRepository
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
 from trtserve.server.events import Fanout, Observer
@@ -53,7 +54,11 @@ class EngineHost:
         self.shared_memory = SharedMemoryRegistry(max_regions=options.max_shm_regions)
         self.control = Control(self.repository, self.statistics, self.shared_memory, self._run_blocking,
                                strict_readiness=options.strict_readiness)
+        self.control.model_control_mode = options.model_control_mode
         self.core = EngineCore(self.repository, self.shared_memory, self.observer, self.control)
+        self._poll_task: Optional[asyncio.Task] = None
+        self._stopping = False
+        self._poll_pass = False  # a poll pass is under way (a stop waits for it; a sleeping poll is cancelled)
         self.metrics_port: Optional[int] = None
         self._metrics_server = None
         self._listener: Optional[socket.socket] = None
@@ -86,7 +91,12 @@ class EngineHost:
                 raise StartupFailure(f"cannot use {opts.host}:{opts.metrics_port} for /metrics: "
                                      f"{e.strerror or e} (another server on this port? --metrics-port -1 turns "
                                      "metrics off)", code=2) from None
-        failed = await self.repository.load_all()
+        startup: Optional[List[str]] = None  # none and poll: every model of the repository
+        if self.options.model_control_mode == "explicit":  # --load-model's models ("*": all)
+            startup = list(self.options.startup_models)
+            if "*" in startup:
+                startup = layout.model_names(root)
+        failed = await self.repository.load_all(startup)
         if failed and self.options.exit_on_error:
             await self.stop()
             reasons = "; ".join(" ".join(reason.split()) for _, reason in failed)
@@ -94,6 +104,24 @@ class EngineHost:
             raise StartupFailure(f"model{'s' if len(failed) > 1 else ''} {names} failed to load, stopping "
                                  f"(--no-exit-on-error serves the others): {reasons}", code=1)
         self._trim.start()
+        if self.options.model_control_mode == "poll":
+            self._poll_task = asyncio.ensure_future(self._poll())
+
+    async def _poll(self) -> None:
+        """Model control mode poll: rescans the repository every --repository-poll-secs, in the engine (the
+        scan itself runs off the loop). A stop waits for the pass under way, so no load is cut in half."""
+        interval = max(0.05, self.options.repository_poll_secs)
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            if self._stopping:
+                return
+            self._poll_pass = True
+            try:
+                await self.repository.poll(stopping=lambda: self._stopping)
+            except Exception:  # noqa: BLE001 - one failed pass (a folder changing under it) must not end polling
+                log.exception("repository poll failed; trying again in %.3g s", interval)
+            finally:
+                self._poll_pass = False
 
     def attach(self, name: str, link: Link, arena: Optional[Arena]) -> Session:
         return self.core.attach(name, link, arena)
@@ -143,6 +171,12 @@ class EngineHost:
         """Readiness false, front ends detached (their queued requests answered), models unloaded, /metrics off."""
         self.control.ready = False
         self._trim.stop()
+        self._stopping = True
+        if self._poll_task is not None:
+            if not self._poll_pass:
+                self._poll_task.cancel()
+            await asyncio.wait({self._poll_task})
+            self._poll_task = None
         if self._listener is not None:
             asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()

@@ -131,7 +131,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def RepositoryModelLoad(self, request, context):
-        await self._engine.call("load", request.model_name, bool(request.parameters))
+        # Triton's config override (a ModelConfig in JSON) goes to the engine as it came; other parameters (file
+        # overrides) go by name, for the engine to refuse after its model-control check
+        params = request.parameters
+        config = params["config"].string_param if "config" in params and params["config"].WhichOneof(
+            "parameter_choice") == "string_param" else None
+        unsupported = tuple(sorted(k for k in params if not (k == "config" and config is not None)))
+        await self._engine.call("load", request.model_name, config, unsupported)
         return pb.RepositoryModelLoadResponse()
 
     @rpc

@@ -1,9 +1,10 @@
 """Scans a Triton-layout model repository: ``<repo>/<model>/config.pbtxt`` and ``<model>/<N>/<file>``."""
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import re
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from trtserve.server.errors import NotFound
 
@@ -48,3 +49,39 @@ def select_versions(available: Sequence[int], policy) -> List[int]:
         return [v for v in available if v in set(policy.specific.versions)]
     n = policy.latest.num_versions if choice == "latest" and policy.latest.num_versions > 0 else 1
     return list(available)[-n:]
+
+
+def stamp(path: pathlib.Path) -> Tuple[tuple, Dict[str, tuple]]:
+    """What a repository poll compares (blocking: walks the folder): (the model's own files outside its version
+    folders: config.pbtxt, label files, warm-up data; {version folder: its files}). A file is (path, size, mtime);
+    files outside version folders are small, so their contents count too (an edit within the same mtime tick)."""
+    own: List[tuple] = []
+    versions: Dict[str, tuple] = {}
+    try:
+        entries = sorted(path.iterdir())
+    except OSError:
+        return (), {}
+    for p in entries:
+        if p.is_dir() and p.name.isdigit():
+            versions[str(int(p.name))] = tuple(_files(p))
+        else:
+            own.extend(_files(p, contents=True))
+    return tuple(own), versions
+
+
+def _files(path: pathlib.Path, contents: bool = False) -> List[tuple]:
+    out: List[tuple] = []
+    try:
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                if p.is_file():
+                    out.extend(_files(p, contents))
+            return out
+        st = path.stat()
+        entry: tuple = (str(path), st.st_size, st.st_mtime_ns)
+        if contents and st.st_size <= (1 << 20):
+            entry += (hashlib.sha1(path.read_bytes()).hexdigest(),)
+        out.append(entry)
+    except OSError:  # removed while it was read: the next poll sees the change settled
+        out.append((str(path), -1, -1))
+    return out

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pathlib
 from typing import Optional, Sequence
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
 from trtserve import dtypes
 from trtserve.protos import model_config_pb2 as mc
 from trtserve.server.engine.backends.base import TensorSpec
-from trtserve.server.errors import ModelLoadError
+from trtserve.server.errors import InvalidArgument, ModelLoadError
 
 PLATFORM_BY_FILE = {"model.onnx": "onnxruntime_onnx", "model.plan": "tensorrt_plan"}
 DEFAULT_AUTOFILL_MAX_BATCH = 4  # what Triton picks for an auto-completed batching model
@@ -33,6 +33,20 @@ def read_config(model_path: pathlib.Path) -> mc.ModelConfig:
         raise ModelLoadError(f"model '{model_path.name}': config.pbtxt says name '{config.name}', "
                              f"which differs from the folder name")
     config.name = model_path.name
+    return config
+
+
+def config_from_json(name: str, text: str) -> mc.ModelConfig:
+    """The load RPC's ``config`` parameter (Triton's config override): a ModelConfig in JSON, used instead of
+    config.pbtxt. InvalidArgument when it does not parse or names another model."""
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as e:
+        raise InvalidArgument(f"model '{name}': the load parameter 'config' is not a ModelConfig in JSON: {e}") from None
+    if config.name and config.name != name:
+        raise InvalidArgument(f"model '{name}': the load parameter 'config' names model '{config.name}'")
+    config.name = name
     return config
 
 

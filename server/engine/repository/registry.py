@@ -71,6 +71,8 @@ class ModelRepository:
         self._reasons: Dict[str, str] = {}  # model-level load failure (e.g. bad config.pbtxt)
         self._locks: Dict[str, asyncio.Lock] = {}
         self._serials = itertools.count(1)
+        # layout.stamp() of each model as its last load (or failed load) found it: what poll() compares
+        self._stamps: Dict[str, Tuple[tuple, Dict[str, tuple]]] = {}
         self.inline_batches = False  # see DynamicBatcher(inline=): set by the engine process
 
     # ---- queries ----------------------------------------------------------------------------
@@ -135,10 +137,10 @@ class ModelRepository:
                 return False
         return True
 
-    async def load_all(self) -> List[Tuple[str, str]]:
-        """Loads every model of the repository; (name, reason) of each that failed."""
+    async def load_all(self, names: Optional[List[str]] = None) -> List[Tuple[str, str]]:
+        """Loads every model of the repository (or those named); (name, reason) of each that failed."""
         failed = []
-        for name in layout.model_names(self.root):
+        for name in layout.model_names(self.root) if names is None else names:
             try:
                 await self.load(name)
             except TrtServeError as e:
@@ -146,14 +148,21 @@ class ModelRepository:
                 failed.append((name, e.message))
         return failed
 
-    async def load(self, name: str) -> None:
-        """Loads (or reloads) every version the model's version policy selects."""
+    async def load(self, name: str, config_json: Optional[str] = None, reuse_unchanged: bool = False) -> None:
+        """Loads (or reloads) every version the model's version policy selects. ``config_json``: the load RPC's
+        config override (a ModelConfig in JSON, instead of config.pbtxt). ``reuse_unchanged`` (repository poll):
+        a READY version whose folder and model files are as the last load found them keeps serving as it is."""
         model_path = layout.model_dir(self.root, name)
+        override = pbtxt.config_from_json(name, config_json) if config_json is not None else None
         self._wanted.add(name)
         async with self._lock(name):
             t0 = time.monotonic()
+            loop = asyncio.get_running_loop()
+            previous = self._stamps.get(name)
+            stamp = await loop.run_in_executor(None, layout.stamp, model_path)
+            self._stamps[name] = stamp
             try:
-                base = pbtxt.read_config(model_path)
+                base = pbtxt.read_config(model_path) if override is None else override
                 wanted = [str(v) for v in layout.select_versions(layout.available_versions(model_path),
                                                                   base.version_policy if base.HasField(
                                                                       "version_policy") else None)]
@@ -168,10 +177,14 @@ class ModelRepository:
             new: Dict[str, ModelVersion] = {}
             errors = []
             for v in wanted:
+                if (reuse_unchanged and override is None and previous is not None and previous[0] == stamp[0]
+                        and v in old and old[v].state == "READY" and previous[1].get(v) == stamp[1].get(v)):
+                    new[v] = old[v]  # unchanged: keeps serving, no new instance
+                    continue
                 self._observer.model_state(name, v, "LOADING")
                 mv = ModelVersion(name, v, "LOADING")
                 try:
-                    spec, config, backend = await asyncio.get_running_loop().run_in_executor(
+                    spec, config, backend = await loop.run_in_executor(
                         None, self._open_version, model_path, base, v)
                 except TrtServeError as e:
                     mv.state, mv.reason = "UNAVAILABLE", e.message
@@ -218,6 +231,43 @@ class ModelRepository:
             self._reasons.pop(name, None)
             old = list(self._models.pop(name, {}).values())
             await self._retire(old)
+
+    async def poll(self, stopping=lambda: False) -> None:
+        """One scan of the repository (model control mode poll): loads added models, reloads changed ones (a
+        config or version folder that changed, a version added or removed: new instances first, then the old
+        ones drain) and unloads removed models once their requests finish. A model that fails keeps what it
+        served and is tried again when its files change."""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, self._scan)
+        for name in sorted(set(self._stamps) - set(found)):
+            if stopping():
+                return
+            self._stamps.pop(name, None)
+            if name in self._models or name in self._reasons:
+                log.info("model '%s' was removed from the repository: unloading it", name)
+                await self.unload(name)
+        for name, stamp in sorted(found.items()):
+            if stopping():
+                return
+            if self._stamps.get(name) == stamp:
+                continue
+            log.info("model '%s' %s in the repository: loading it", name,
+                     "changed" if name in self._stamps else "appeared")
+            try:
+                await self.load(name, reuse_unchanged=True)
+            except TrtServeError as e:
+                log.error("model '%s' failed to load: %s", name, e.message)
+
+    def _scan(self) -> Dict[str, Tuple[tuple, Dict[str, tuple]]]:
+        """Blocking: {model name: layout.stamp} of the repository folder."""
+        try:
+            if not self.root.is_dir():
+                raise OSError("not a folder any more")
+            names = layout.model_names(self.root)
+        except OSError as e:  # the folder went away (or is being replaced): nothing is unloaded for it
+            log.error("cannot scan the model repository %s: %s", self.root, e)
+            return {name: self._stamps[name] for name in self._stamps}
+        return {name: layout.stamp(self.root / name) for name in names}
 
     async def close(self) -> None:
         for name in list(self._models):
