@@ -157,7 +157,10 @@ class Supervisor:
 
     async def _spawn(self, role: str, index: int) -> Tuple[Child, Dict[str, Any]]:
         module = "trtserve.server.engine.process" if role == "engine" else "trtserve.server.frontend.process"
-        proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        # a session of its own: a signal to the whole process group (Ctrl-C in a terminal, `timeout`, a shell
+        # script's kill 0) reaches only this process, which stops the children in order (front ends drain first)
+        proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                start_new_session=True)
         child = Child(role, index, proc)
         assert proc.stdin is not None and proc.stdout is not None
         loop = asyncio.get_running_loop()

@@ -75,13 +75,13 @@ class Serve:
     """``trtserve serve`` in its own process; ``port``, ``metrics_port``, ``proc``."""
 
     def __init__(self, repo: pathlib.Path, frontends: int = 2, args: Sequence[str] = (), metrics: bool = True,
-                 drain_seconds: float = 5.0) -> None:
+                 drain_seconds: float = 5.0, new_session: bool = False) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0",
                "--metrics-port", "0" if metrics else "-1", "--no-gpu-metrics", "--frontends", str(frontends),
                "--drain-seconds", str(drain_seconds), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=str(ROOT), env=env)
+                                     cwd=str(ROOT), env=env, start_new_session=new_session)
         self.lines: List[str] = []
         self.port: Optional[int] = None
         self.metrics_port: Optional[int] = None

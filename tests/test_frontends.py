@@ -258,6 +258,25 @@ def test_sigterm_drains_every_process_and_leaves_nothing(tmp_path):
     assert dev_shm() == shm_before
 
 
+def test_ctrl_c_to_the_whole_process_group_drains_in_order(tmp_path):
+    """SIGINT to the server's process group (Ctrl-C in a terminal, `timeout`) reaches the supervisor only: the
+    front ends drain their requests before the engine stops."""
+    _slow_repo(tmp_path)
+    s = Serve(tmp_path, frontends=2, drain_seconds=30, new_session=True)
+
+    async def run() -> List[object]:
+        calls = asyncio.ensure_future(load(s.url, connections=4, per_connection=3, make=slow_request))
+        await asyncio.sleep(0.3)
+        os.killpg(s.proc.pid, signal.SIGINT)
+        return await calls
+
+    results = asyncio.run(run())
+    assert s.proc.wait(60) == 0
+    s.drain_output()
+    assert all(not isinstance(r, Exception) for _, r in results), [r for _, r in results if isinstance(r, Exception)]
+    assert "engine went away" not in s.output(), s.output()
+
+
 def test_a_killed_front_end_fails_only_its_requests_and_is_restarted(tmp_path):
     _slow_repo(tmp_path)
     s = Serve(tmp_path, frontends=2)
