@@ -82,6 +82,7 @@ class _State:
         self.file_path = ""
 
 
+# one per process on purpose: what it configures (the logging module's handlers and levels) is process-wide
 _state = _State()
 
 
