@@ -49,7 +49,7 @@ def _last_line(text: str) -> str:
 
 
 def _state(url: str):
-    """(ServerReady, health of "" , health of the inference service, ModelReady good)."""
+    """(ServerReady, health of "" (readiness), health of the inference service (liveness), ModelReady good)."""
     with grpc.insecure_channel(url) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         hstub = health_pb2_grpc.HealthStub(ch)
@@ -89,12 +89,13 @@ def test_a_model_that_fails_at_start_stops_the_server(tmp_path: pathlib.Path, fr
 @pytest.mark.parametrize("frontends", FRONTENDS)
 def test_strict_readiness_follows_every_model_that_should_be_loaded(tmp_path: pathlib.Path, frontends: int) -> None:
     """--no-exit-on-error: the server starts, serves the good model, and is not ready while 'broken' is not; the
-    health service and the deploy probe agree with ServerReady; unloading 'broken' makes it ready, a failed
-    load makes it unready again."""
+    health service's readiness ("") and the deploy probe agree with ServerReady while its liveness (the service's
+    own name, Kubernetes' liveness probe) stays SERVING; unloading 'broken' makes it ready, a failed load makes
+    it unready again."""
     repo = _repo(tmp_path)
     s = Serve(repo, frontends=frontends, args=["--no-exit-on-error", *EXPLICIT_ARGS])
     try:
-        assert _state(s.url) == (False, False, False, True)
+        assert _state(s.url) == (False, False, True, True)
         assert _probe(s.url) == 1
         with grpc.insecure_channel(s.url) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
@@ -104,7 +105,7 @@ def test_strict_readiness_follows_every_model_that_should_be_loaded(tmp_path: pa
             assert _probe(s.url) == 0
             with pytest.raises(grpc.RpcError):  # still garbage
                 stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="broken"), timeout=30)
-            assert _until(lambda: _state(s.url), (False, False, False, True)) == (False, False, False, True)
+            assert _until(lambda: _state(s.url), (False, False, True, True)) == (False, False, True, True)
             assert _probe(s.url) == 1
             (repo / "broken" / "1" / "model.onnx").write_bytes((repo / "good" / "1" / "model.onnx").read_bytes())
             stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="broken"), timeout=60)

@@ -18,10 +18,25 @@ def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
     return servicer
 
 
-async def set_serving(servicer: health.aio.HealthServicer, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE):
-        await servicer.set(name, status)
+# The two names a probe can ask for. "" (the whole server) is readiness: SERVING only while the server takes
+# work and every model that should be loaded is READY (strict readiness), what load balancers, Docker's
+# HEALTHCHECK and Kubernetes' readiness and startup probes want. The service's own name is liveness: SERVING while
+# this process serves and its engine is alive, so a Kubernetes liveness probe does not restart a pod because a
+# model failed to load (restarting would not load it either).
+READINESS = ""
+LIVENESS = SERVICE
+
+
+def _status(serving: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def set_ready(servicer: health.aio.HealthServicer, ready: bool) -> None:
+    await servicer.set(READINESS, _status(ready))
+
+
+async def set_live(servicer: health.aio.HealthServicer, live: bool) -> None:
+    await servicer.set(LIVENESS, _status(live))
 
 
 def add_reflection(server: grpc.aio.Server) -> None:

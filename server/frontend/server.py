@@ -75,6 +75,7 @@ class FrontEnd:
             raise OSError(f"cannot use {address} for gRPC (another server on this port?)")
         self.port = port
         await self._server.start()
+        await health.set_live(self._health, self.engine.alive)
         await self._set_health(await self._ready())
         self._follow = asyncio.get_running_loop().create_task(self._follow_readiness())
         return port
@@ -91,7 +92,7 @@ class FrontEnd:
     async def _set_health(self, serving: bool) -> None:
         if serving != self._serving and self._health is not None:
             self._serving = serving
-            await health.set_serving(self._health, serving)
+            await health.set_ready(self._health, serving)
 
     async def _follow_readiness(self) -> None:
         while True:
@@ -111,6 +112,7 @@ class FrontEnd:
         self._stop_following()
         if self._health is not None:
             asyncio.get_running_loop().create_task(self._set_health(False))
+            asyncio.get_running_loop().create_task(health.set_live(self._health, False))
 
     async def stop(self, grace: float) -> None:
         """Drain: readiness false first, then refuse new inferences, let in-flight RPCs finish within ``grace``."""
@@ -118,6 +120,7 @@ class FrontEnd:
         self._stop_following()
         if self._health is not None:
             await self._set_health(False)
+            await health.set_live(self._health, False)
             # still serving for a moment: clients that watch health (round robin with health checks, load
             # balancers) move away before calls start being refused; grpc core answers calls it had received but
             # not dispatched at shutdown with CANCELLED, which no client may retry
