@@ -8,6 +8,7 @@ override. poll: added, changed and removed models and versions are picked up whi
 from __future__ import annotations
 
 import json
+import shutil
 import pathlib
 import threading
 import time
@@ -268,6 +269,24 @@ def test_poll_retries_a_broken_version_once_it_is_fixed(tmp_path, started):
         (staging / "fixed" / "2" / "model.onnx").replace(repo / "ident" / "2" / "model.onnx")
         _wait(lambda: c.is_model_ready("ident", "2"))
         _ident(c, "ident", "2")
+
+
+def test_poll_unloads_a_model_whose_last_version_folder_is_removed(tmp_path, started):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    models.identity(repo, "ident", "FP32")
+    s = started(repo, 1, ["--model-control-mode", "poll", "--repository-poll-secs", "0.3"])
+    with grpcclient.InferenceServerClient(s.url) as c:
+        _ident(c, "ident")
+        shutil.rmtree(repo / "ident" / "1")  # the folder and its config.pbtxt stay
+        _wait(lambda: not c.is_model_ready("ident"))
+        assert c.is_server_ready()  # nothing that should be loaded is missing: the model is gone, not broken
+        with pytest.raises(InferenceServerException):
+            _ident(c, "ident")
+        models.identity(tmp_path / "staging", "ident", "FP32", version=3)
+        _publish(tmp_path / "staging" / "ident" / "3", repo / "ident" / "3")
+        _wait(lambda: c.is_model_ready("ident"))
+        _ident(c, "ident")
 
 
 def _serve(repo: pathlib.Path, *args: str) -> List[str]:

@@ -256,6 +256,13 @@ class ModelRepository:
             try:
                 await self.load(name, reuse_unchanged=True)
             except TrtServeError as e:
+                model_path = layout.model_dir(self.root, name)
+                if name in self._models and not await loop.run_in_executor(None, layout.available_versions,
+                                                                           model_path):
+                    # Triton's rule: a model with no version folder left is unloaded (its requests finish)
+                    log.info("model '%s' has no version left in the repository: unloading it", name)
+                    await self.unload(name)
+                    continue
                 log.error("model '%s' failed to load: %s", name, e.message)
 
     def _scan(self) -> Dict[str, Tuple[tuple, Dict[str, tuple]]]:
