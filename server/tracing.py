@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -190,8 +191,10 @@ class TraceWriter:
                             "request_id": request_id})
             records.append({"id": trace_id, "timestamps": [{"name": n, "ns": ns} for n, ns in stamps]})
         self._pending = []
-        try:
-            with open(path, "w", encoding="utf-8") as f:
+        try:  # written beside it, then renamed: a reader never sees a file half written
+            partial = f"{path}.partial"
+            with open(partial, "w", encoding="utf-8") as f:
                 json.dump(records, f)
+            os.replace(partial, path)
         except OSError as e:
             log.error("cannot write the trace file %s: %s (%d traces lost)", path, e, len(records) // 2)

@@ -161,7 +161,8 @@ def dtype_server(tmp_path_factory):
         models.identity(repo, f"ident_{wire}", wire)
     _bf16_identity(repo)
     _bf16_scale(repo)
-    s = RunningServer(repo, metrics=False)
+    # BF16 needs a newer ONNX Runtime than Python 3.9 gets: its models may fail, the others serve on
+    s = RunningServer(repo, metrics=False, exit_on_error=False)
     yield s
     s.stop()
 
