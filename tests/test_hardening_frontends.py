@@ -30,11 +30,16 @@ from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux /proc")
 
 MiB = 1 << 20
-STREAM_RSS_BOUND_MIB = 150  # a never-read stream for 5 s: measured +13..+27 MiB (64 requests held per stream)
-# 3 s after 32 clients sent 8 MiB requests for 3 s: +310..+436 MiB stayed before the idle trim, +40..+99 with it
+# a never-read stream for 5 s: the server holds at most --max-stream-inflight (64) requests of 64 KiB for it
+STREAM_RSS_BOUND_MIB = 150
+# after 32 clients sent 8 MiB requests for 3 s and the server went idle: without the idle trim several hundred
+# MiB stayed resident
 FLOOD_RSS_BOUND_MIB = 200
 SMALL_DIMS = 16384  # FP32: 64 KiB per request and per response
-RESET_RSS_BOUND_MIB = 200  # peak during 5 s of resets (measured +87..+118 MiB): calls grpc holds, then frees
+# peak during 5 s of resets: calls grpc holds, then frees; it grows with how fast the attacker resets (the
+# client's speed on the machine), so the bound is about staying bounded, well below the unbounded growth the
+# issue saw, not about one rate
+RESET_RSS_BOUND_MIB = 512
 BIG_DIMS = 2 * MiB  # FP32: 8 MiB per request and per response
 
 
