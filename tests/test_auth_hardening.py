@@ -14,13 +14,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Tuple
+from typing import Tuple
 
 import grpc
 import numpy as np
 import pytest
 
 from tests import models
+from tests.mp import rss_kib, tree
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -97,31 +98,9 @@ def test_refusals_answer_every_rpc_kind(repo, serve_repo):
 
 # ---- memory before authentication (real server process) ------------------------------------------
 
-def _tree(pid: int) -> List[int]:
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except OSError:
-            continue
-    return pids
-
-
 def _rss(pid: int) -> int:
     """VmRSS of ``pid`` and all its descendants, in bytes."""
-    total = 0
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                m = re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M)
-        except OSError:
-            continue
-        total += int(m.group(1)) * 1024 if m else 0
-    return total
+    return rss_kib(tree(pid)) * 1024
 
 
 class _PeakRss:

@@ -40,6 +40,7 @@ needs_tc = pytest.mark.skipif(bool(_NO_TC), reason=_NO_TC or "-")
 needs_dev_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm") or not os.path.isdir("/proc/self/fd"),
                                    reason="needs Linux /dev/shm and /proc")
 
+from tests.mp import tree  # noqa: E402
 from trtserve import dtypes  # noqa: E402
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry  # noqa: E402
 from trtserve.server.engine.shm.request import ShmRef  # noqa: E402
@@ -165,17 +166,10 @@ def serve_process() -> Iterator[ServeProcess]:
 
 def _process_tree_fds(pid: int) -> int:
     """Open descriptors of ``pid`` and every descendant (the engine may run in a child process)."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
+    total = 0
+    for p in tree(pid):
         try:
             total += len(os.listdir(f"/proc/{p}/fd"))
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total

@@ -1,33 +1,20 @@
 """The three shared-memory parameters of one input or output tensor, parsed before anything is read.
 
-A copy of ``shm_ref`` in engine/shm/registry.py (which stays as it is), with two fixes from issue 18
-item 10: ``shared_memory_offset`` or ``shared_memory_byte_size`` without ``shared_memory_region`` is an
-error wherever a tensor's parameters are read (``check_no_orphans`` gives the decoder the same check
-without a full parse), and a region name that is not a string is named as such ("must be a string
-(region name), got int64_param") instead of a misleading "non-empty string".
-
-The registry reads only ``region``, ``offset`` and ``byte_size`` of the reference it is given, so a
-``ShmRef`` from here can be passed wherever one from the registry is expected.
+The only parser of them: the front end parses, the engine gets the result (a ``ShmRef``, the engine's own
+type, as region, offset and byte size in the descriptor). ``shared_memory_offset`` or
+``shared_memory_byte_size`` without ``shared_memory_region`` is an error (``check_no_orphans``), and a region
+name that is not a string is named as such ("must be a string (region name), got int64_param").
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Optional
 
+from trtserve.server.engine.shm.request import ShmRef
 from trtserve.server.errors import InvalidArgument
 
 REGION = "shared_memory_region"
 OFFSET = "shared_memory_offset"
 BYTE_SIZE = "shared_memory_byte_size"
-
-
-@dataclasses.dataclass(frozen=True)
-class ShmRef:
-    """The three parameters of one input or output: which region, where in it, how many bytes."""
-
-    region: str
-    offset: int
-    byte_size: int
 
 
 def _which(p: Any) -> str:
