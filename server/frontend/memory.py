@@ -15,8 +15,8 @@ the pages back:
   pinned the arena for CUDA (``Arena.pin``), and pinned pages must stay where they are.
 
 The check is a timer, off the hot path: a finished request costs one method call (``note``), the
-trim runs at most once per ``interval`` seconds, only when no request is in flight and the resident
-size grew by ``threshold`` bytes since the last trim.
+trim runs only when no request is in flight and the resident size is ``threshold`` bytes above its
+floor, and trims that give back little space themselves out (TrimPolicy).
 """
 from __future__ import annotations
 
@@ -88,6 +88,36 @@ def punch(fd: int, size: int) -> bool:
     return _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, size) == 0
 
 
+class TrimPolicy:
+    """When a trim is worth it. Compares the resident size with its *floor* (the lowest size seen right
+    after a trim), not with the size after the last trim: a trim that runs in a pause in the middle of a
+    burst gives back little (the burst still holds its buffers), and measured against that high mark the
+    trim after the burst would never look due. A trim that gives back little doubles the wait before the
+    next one (up to ``max_interval``); when that wait is at its longest the process has really grown (a
+    model loaded, caches warmed) and its size becomes the new floor."""
+
+    def __init__(self, floor: int, threshold: int, interval: float, max_interval: float) -> None:
+        self.floor = floor
+        self.threshold = threshold
+        self.interval = interval
+        self.max_interval = max(interval, max_interval)
+        self.wait = interval  # seconds from one trim to the next
+        self.last = float("-inf")  # monotonic time of the last trim
+
+    def due(self, resident: int, now: float) -> bool:
+        return resident - self.floor >= self.threshold and now - self.last >= self.wait
+
+    def trimmed(self, before: int, after: int, now: float) -> None:
+        self.last = now
+        if before - after >= self.threshold // 2:
+            self.wait = self.interval
+        elif self.wait >= self.max_interval:
+            self.floor, self.wait = after, self.interval  # grown for good: this is the new floor
+        else:
+            self.wait = min(self.wait * 2, self.max_interval)
+        self.floor = min(self.floor, after)
+
+
 class Trimmer:
     """Trims a front end when it is idle after its memory grew. ``note()`` once per finished request.
 
@@ -95,15 +125,14 @@ class Trimmer:
     ``arena_fd``/``arena_size`` the arena to punch (None: no arena)."""
 
     def __init__(self, busy: Callable[[], bool], arena_fd: Optional[int] = None, arena_size: int = 0,
-                 threshold: int = 32 * MiB, interval: float = 1.0) -> None:
+                 threshold: int = 32 * MiB, interval: float = 1.0, max_interval: float = 30.0,
+                 resident: Callable[[], int] = resident_bytes) -> None:
         self._busy = busy
         self._arena_fd = None if arena_may_be_pinned() else arena_fd
         self._arena_size = arena_size
-        self._threshold = threshold
-        self._interval = interval
+        self._resident = resident
+        self.policy = TrimPolicy(resident(), threshold, interval, max_interval)
         self._handle: Optional[asyncio.TimerHandle] = None
-        self._last = 0.0  # monotonic time of the last trim
-        self._baseline = resident_bytes()  # resident size right after the last trim
         self.trims = 0
 
     def note(self) -> None:
@@ -113,7 +142,7 @@ class Trimmer:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return
-            delay = max(0.1, self._last + self._interval - time.monotonic())
+            delay = max(0.1, self.policy.last + self.policy.wait - time.monotonic())
             self._handle = loop.call_later(delay, self._check)
 
     def _check(self) -> None:
@@ -121,33 +150,37 @@ class Trimmer:
         if self._busy():
             self.note()  # not idle yet: look again later
             return
-        if resident_bytes() - self._baseline < self._threshold:
-            return
-        self.trim()
+        if self.policy.due(self._resident(), time.monotonic()):
+            self.trim()
+            if self._resident() - self.policy.floor >= self.policy.threshold:
+                # grpc may still hold the last responses' buffers (an answer counts as done once handed to
+                # grpc, not once written): look again after the policy's wait
+                self.note()
 
     def trim(self) -> None:
         """Gives the memory back now; the caller makes sure no arena block is in use."""
         t0 = time.monotonic()
-        before = resident_bytes()
+        before = self._resident()
         if self._arena_fd is not None and self._arena_size:
             punch(self._arena_fd, self._arena_size)
         malloc_trim()
-        self._last = time.monotonic()
-        self._baseline = resident_bytes()
+        after = self._resident()
+        self.policy.trimmed(before, after, time.monotonic())
         self.trims += 1
-        log.debug("idle: gave back %.0f MiB in %.1f ms", (before - self._baseline) / MiB, (self._last - t0) * 1e3)
+        log.debug("idle: gave back %.0f MiB in %.1f ms", (before - after) / MiB, (time.monotonic() - t0) * 1e3)
 
 
 class PeriodicTrim:
     """For a process without a single idle signal (the engine): every ``interval`` seconds, malloc_trim(0)
-    when the resident size grew by ``threshold`` bytes since the last trim and has stopped growing (the
-    burst is over)."""
+    when the resident size has stopped growing (the burst is over) and is ``threshold`` bytes above its
+    floor (TrimPolicy)."""
 
-    def __init__(self, threshold: int = 32 * MiB, interval: float = 1.0) -> None:
-        self._threshold = threshold
+    def __init__(self, threshold: int = 32 * MiB, interval: float = 1.0, max_interval: float = 30.0,
+                 resident: Callable[[], int] = resident_bytes) -> None:
         self._interval = interval
-        self._baseline = resident_bytes()
-        self._previous = self._baseline
+        self._resident = resident
+        self.policy = TrimPolicy(resident(), threshold, interval, max_interval)
+        self._previous = self.policy.floor
         self._task: Optional[asyncio.Task] = None
 
     def start(self) -> None:
@@ -157,13 +190,20 @@ class PeriodicTrim:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            now = resident_bytes()
-            settled = now <= self._previous + self._threshold // 8
-            self._previous = now
-            if settled and now - self._baseline >= self._threshold:
-                # ctypes releases the GIL: the instance threads go on meanwhile
-                await asyncio.get_running_loop().run_in_executor(None, malloc_trim)
-                self._baseline = self._previous = resident_bytes()
+            await self.tick()
+
+    async def tick(self) -> bool:
+        """One look: trims when due. True when it trimmed."""
+        now = self._resident()
+        settled = now <= self._previous + self.policy.threshold // 8
+        self._previous = now
+        if not (settled and self.policy.due(now, time.monotonic())):
+            return False
+        # ctypes releases the GIL: the instance threads go on meanwhile
+        await asyncio.get_running_loop().run_in_executor(None, malloc_trim)
+        self._previous = after = self._resident()
+        self.policy.trimmed(now, after, time.monotonic())
+        return True
 
     def stop(self) -> None:
         if self._task is not None:
@@ -171,4 +211,4 @@ class PeriodicTrim:
             self._task = None
 
 
-__all__ = ["Trimmer", "PeriodicTrim", "malloc_trim", "punch", "resident_bytes"]
+__all__ = ["TrimPolicy", "Trimmer", "PeriodicTrim", "malloc_trim", "punch", "resident_bytes"]

@@ -1,0 +1,63 @@
+"""The idle trim's policy (server/frontend/memory.py): a trim in a pause in the middle of a burst must not
+stop the trim after it. Before TrimPolicy the bar was "grown since the last trim", so a mid-burst trim that
+gave back little raised the bar and the burst's memory stayed resident (CI saw several hundred MiB)."""
+from __future__ import annotations
+
+import asyncio
+
+from trtserve.server.frontend.memory import PeriodicTrim, TrimPolicy, Trimmer
+
+MiB = 1 << 20
+
+
+def test_a_trim_in_the_middle_of_a_burst_does_not_raise_the_bar():
+    p = TrimPolicy(floor=100 * MiB, threshold=32 * MiB, interval=1.0, max_interval=30.0)
+    assert p.due(500 * MiB, now=10.0)
+    p.trimmed(before=500 * MiB, after=480 * MiB, now=10.0)  # mid-burst: the burst still holds its buffers
+    assert p.floor == 100 * MiB
+    assert not p.due(480 * MiB, now=10.5)  # gave back little: waits longer before the next
+    assert p.due(480 * MiB, now=12.0)  # the burst is over and the memory is still up: due again
+    p.trimmed(before=480 * MiB, after=110 * MiB, now=12.0)
+    assert p.wait == 1.0 and not p.due(110 * MiB, now=20.0)
+
+
+def test_growth_for_good_becomes_the_new_floor():
+    p = TrimPolicy(floor=100 * MiB, threshold=32 * MiB, interval=1.0, max_interval=8.0)
+    now = 0.0
+    for _ in range(40):
+        if p.due(300 * MiB, now):
+            p.trimmed(300 * MiB, 300 * MiB, now)  # nothing comes back: the process really grew
+        now += 1.0
+    assert p.floor == 300 * MiB and not p.due(300 * MiB, now)
+
+
+def test_trimmer_trims_once_idle_after_a_mid_burst_trim():
+    sizes = {"now": 100 * MiB}
+    inflight = {"n": 0}
+
+    async def run() -> int:
+        t = Trimmer(lambda: inflight["n"] > 0, resident=lambda: sizes["now"], interval=0.05, max_interval=0.2)
+        sizes["now"] = 500 * MiB
+        t.trim()  # a pause mid-burst: nothing comes back
+        inflight["n"] = 1
+        t.note()
+        await asyncio.sleep(0.15)  # busy: it keeps looking
+        inflight["n"] = 0
+        await asyncio.sleep(0.4)
+        trims = t.trims
+        sizes["now"] = 120 * MiB  # what grpc held until it wrote the last answers is freed after that trim
+        await asyncio.sleep(0.3)
+        return [trims, t.trims]
+
+    trims, later = asyncio.run(run())
+    assert trims >= 2 and later >= trims  # it kept looking while the memory was up
+
+
+def test_periodic_trim_waits_for_the_burst_to_settle():
+    sizes = iter([100, 400, 500, 500, 110])  # floor at start, growing, settled, after the trim
+
+    async def run() -> list:
+        t = PeriodicTrim(threshold=32 * MiB, interval=0.0, resident=lambda: next(sizes) * MiB)
+        return [await t.tick(), await t.tick(), await t.tick()]
+
+    assert asyncio.run(run()) == [False, False, True]
