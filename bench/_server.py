@@ -27,7 +27,7 @@ class ServerProcess:
 
     def __enter__(self) -> "ServerProcess":
         cmd = self.command or [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(self.repo),
-                               "--grpc-port", "0", "--metrics-port", "-1", "--log-level", "warning",
+                               "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1", "--log-level", "warning",
                                "--no-gpu-metrics"] + self.extra
         cpus = self.cpus
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # type: ignore[arg-type]

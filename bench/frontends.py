@@ -324,7 +324,7 @@ def make_server(name: str, repo: pathlib.Path, frontends: Optional[int]) -> Serv
         return Server(name, cmd, port, None)
     metrics_port = free_port()
     cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-           "--metrics-port", str(metrics_port), "--log-level", "warning", "--no-gpu-metrics"]
+           "--http-port", "-1", "--metrics-port", str(metrics_port), "--log-level", "warning", "--no-gpu-metrics"]
     if frontends:  # N = 0 is the single-process mode, which needs no flag (and ran before the flag existed)
         cmd += ["--frontends", str(frontends)]
     return Server(name, cmd, port, metrics_port)

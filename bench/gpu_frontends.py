@@ -109,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             mport = fb.free_port()
             cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port",
-                   str(port), "--metrics-port", str(mport), "--log-level", "warning", "--no-gpu-metrics",
+                   str(port), "--http-port", "-1", "--metrics-port", str(mport), "--log-level", "warning", "--no-gpu-metrics",
                    "--frontends", str(n), "--cache-dir", str(work / "cache")]
             server = _server(name, cmd, port, mport, a.server_cpus)
         try:

@@ -24,6 +24,7 @@ class TrtServer:
     def __init__(self, options: ServerOptions, extra_observers: Optional[List[Observer]] = None) -> None:
         self.options = options
         self.grpc_port: Optional[int] = None
+        self.http_port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self.engine = None
         self.frontend = None
@@ -60,6 +61,7 @@ class TrtServer:
         """Loads every model, then starts serving; returns the bound gRPC port."""
         if self.supervisor is not None:
             self.grpc_port, self.metrics_port = await self.supervisor.start()
+            self.http_port = self.supervisor.http_port
             return self.grpc_port
         from trtserve.server.frontend.engine_client import EngineClient
         from trtserve.server.frontend.server import FrontEnd
@@ -71,6 +73,10 @@ class TrtServer:
             from trtserve.server.supervisor import reserve_port
 
             reserve_port(self.options.host, self.options.grpc_port)[0].close()
+        if self.options.http_port:
+            from trtserve.server.supervisor import reserve_port
+
+            reserve_port(self.options.host, self.options.http_port, "HTTP")[0].close()
         await self.engine.start()
         self.metrics_port = self.engine.metrics_port
         engine_end, frontend_end = LocalLink.pair()
@@ -81,10 +87,12 @@ class TrtServer:
         self.frontend = FrontEnd(self.options, client, reuse_port=False)
         try:
             self.grpc_port = await self.frontend.start()
+            self.http_port = self.frontend.http_port
         except BaseException:
             await self.engine.stop()
             raise
-        log.info("trtserve serving gRPC on %s:%d (metrics: %s)", self.options.host, self.grpc_port,
+        log.info("trtserve serving gRPC on %s:%d, HTTP on %s (metrics: %s)", self.options.host, self.grpc_port,
+                 self.http_port if self.http_port is not None else "off",
                  self.metrics_port if self.metrics_port is not None else "off")
         return self.grpc_port
 

@@ -15,6 +15,7 @@ class ServerOptions:
     model_repository: pathlib.Path
     host: str = "127.0.0.1"
     grpc_port: int = 8001  # 0 picks a free port
+    http_port: Optional[int] = 8000  # KServe v2 REST, served by the same front ends; None turns it off; 0: a free port
     metrics_port: Optional[int] = 8002  # None disables /metrics; 0 picks a free port
     # the largest request or response message: big enough for real tensors (a batch of 64 224x224 RGB images
     # in FP32 is 38.5 MB), small enough that a few hostile messages cannot take the memory of the host;

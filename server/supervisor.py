@@ -45,7 +45,7 @@ class StartError(RuntimeError):
         self.code = code
 
 
-def reserve_port(host: str, port: int) -> Tuple[socket.socket, int]:
+def reserve_port(host: str, port: int, what: str = "gRPC") -> Tuple[socket.socket, int]:
     """(a socket that holds the port for this server's front ends, the port). Raises OSError naming the port
     when anything else has it, trtserve included."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -55,7 +55,7 @@ def reserve_port(host: str, port: int) -> Tuple[socket.socket, int]:
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise OSError(e.errno, f"cannot use {host}:{port} for gRPC: {e.strerror} (another server on this "
+            raise OSError(e.errno, f"cannot use {host}:{port} for {what}: {e.strerror} (another server on this "
                                    "port?)") from None
         port = probe.getsockname()[1]
     finally:
@@ -109,7 +109,8 @@ class Child:
 
 
 class Supervisor:
-    """``await start()`` -> (grpc port, metrics port); ``await stop(grace)``; ``await wait()`` -> exit code."""
+    """``await start()`` -> (grpc port, metrics port), ``http_port`` set; ``await stop(grace)``; ``await wait()``
+    -> exit code."""
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
@@ -117,9 +118,10 @@ class Supervisor:
         self.engine: Optional[Child] = None
         self.frontends: List[Optional[Child]] = [None] * options.frontends
         self.grpc_port: Optional[int] = None
+        self.http_port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self.restarts = 0
-        self._hold: Optional[socket.socket] = None
+        self._hold: List[socket.socket] = []
         self._stopping = False
         self._done: Optional["asyncio.Future[int]"] = None
         self._tasks: List["asyncio.Task"] = []
@@ -127,9 +129,13 @@ class Supervisor:
 
     async def start(self) -> Tuple[int, Optional[int]]:
         self._done = asyncio.get_running_loop().create_future()
-        self._hold, port = reserve_port(self.options.host, self.options.grpc_port)
+        hold, port = reserve_port(self.options.host, self.options.grpc_port)
+        self._hold.append(hold)
         self.grpc_port = port
         try:
+            if self.options.http_port is not None:
+                hold, self.http_port = reserve_port(self.options.host, self.options.http_port, "HTTP")
+                self._hold.append(hold)
             self.engine, info = await self._spawn("engine", 0)
             self.metrics_port = info.get("metrics_port")
             self._watch(self.engine)
@@ -139,8 +145,9 @@ class Supervisor:
             await self._stop_children(5.0)
             self._release()
             raise
-        log.info("trtserve serving gRPC on %s:%d with %d front-end processes (engine pid %d; metrics: %s)",
-                 self.options.host, port, self.options.frontends, self.engine.pid,
+        log.info("trtserve serving gRPC on %s:%d and HTTP on %s with %d front-end processes (engine pid %d; "
+                 "metrics: %s)", self.options.host, port, self.http_port if self.http_port is not None else "off",
+                 self.options.frontends, self.engine.pid,
                  self.metrics_port if self.metrics_port is not None else "off")
         return port, self.metrics_port
 
@@ -149,7 +156,7 @@ class Supervisor:
         if role == "frontend":
             import dataclasses
 
-            options = dataclasses.replace(options, grpc_port=self.grpc_port)
+            options = dataclasses.replace(options, grpc_port=self.grpc_port, http_port=self.http_port)
         # children log and switch threads as this process does (the CLI set both up)
         return {"role": f"{role}-{index}" if role == "frontend" else role, "index": index, "options": options,
                 "address": self.address, "parent_pid": os.getpid(),
@@ -231,9 +238,9 @@ class Supervisor:
             await self.engine.stop(self.options.drain_seconds + 10.0)
 
     def _release(self) -> None:
-        if self._hold is not None:
-            self._hold.close()
-            self._hold = None
+        for hold in self._hold:
+            hold.close()
+        self._hold = []
 
     async def stop(self, grace: Optional[float] = None) -> None:
         await self._shutdown(0, self.options.drain_seconds if grace is None else grace)

@@ -47,6 +47,8 @@ def _check(key: str, values: List[str], model: str) -> List[str]:
         raise InvalidArgument(f"trace setting '{key}' is unknown (known: {', '.join(DEFAULTS)})")
     if model and key in GLOBAL_ONLY:
         raise InvalidArgument(f"trace setting '{key}' is global only: set it without a model name")
+    if not values:  # clears the setting (TraceSettings.update)
+        return []
     if key == "trace_level":
         bad = [v for v in values if v not in LEVELS]
         if bad:

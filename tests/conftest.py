@@ -26,17 +26,19 @@ from trtserve.server.examples import REPOSITORY as EXAMPLE_REPOSITORY
 
 
 class RunningServer:
-    """A started TrtServer; ``url`` is "127.0.0.1:<port>", ``metrics_url`` the /metrics address."""
+    """A started TrtServer; ``url`` is "127.0.0.1:<grpc port>", ``http_url`` the same for HTTP, ``metrics_url``
+    the /metrics address."""
 
     def __init__(self, repo: pathlib.Path, metrics: bool = True, drain_seconds: float = 5.0, **options) -> None:
         self.repo = repo
-        self.server = TrtServer(ServerOptions(model_repository=repo, grpc_port=0, metrics_port=0 if metrics else None,
+        self.server = TrtServer(ServerOptions(model_repository=repo, grpc_port=0, http_port=0, metrics_port=0 if metrics else None,
                                               drain_seconds=drain_seconds, gpu_metrics=False, **options))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="trtserve-test-server", daemon=True)
         self._thread.start()
         self.call(self.server.start())
         self.url = f"127.0.0.1:{self.server.grpc_port}"
+        self.http_url = f"127.0.0.1:{self.server.http_port}"
         self.metrics_url = (f"http://127.0.0.1:{self.server.metrics_port}/metrics"
                             if self.server.metrics_port is not None else None)
 

@@ -72,12 +72,12 @@ def dev_shm() -> set:
 
 
 class Serve:
-    """``trtserve serve`` in its own process; ``port``, ``metrics_port``, ``proc``."""
+    """``trtserve serve`` in its own process; ``port``, ``http_port``, ``metrics_port``, ``proc``."""
 
     def __init__(self, repo: pathlib.Path, frontends: int = 2, args: Sequence[str] = (), metrics: bool = True,
                  drain_seconds: float = 5.0, new_session: bool = False) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+        cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0", "--http-port", "0",
                "--metrics-port", "0" if metrics else "-1", "--no-gpu-metrics", "--frontends", str(frontends),
                "--drain-seconds", str(drain_seconds), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -85,6 +85,7 @@ class Serve:
         self.lines: List[str] = []
         self.port: Optional[int] = None
         self.metrics_port: Optional[int] = None
+        self.http_port: Optional[int] = None
         t0 = time.monotonic()
         assert self.proc.stdout is not None
         while time.monotonic() - t0 < 90:
@@ -92,10 +93,11 @@ class Serve:
             if not line:
                 break
             self.lines.append(line)
-            found = re.search(r" on 127\.0\.0\.1:(\d+) \(metrics (\w+)", line)
+            found = re.search(r" on 127\.0\.0\.1:(\d+) \(HTTP (\w+); metrics (\w+)", line)
             if found:
                 self.port = int(found.group(1))
-                self.metrics_port = int(found.group(2)) if found.group(2).isdigit() else None
+                self.http_port = int(found.group(2)) if found.group(2).isdigit() else None
+                self.metrics_port = int(found.group(3)) if found.group(3).isdigit() else None
                 break
         if self.port is None:
             self.proc.kill()

@@ -131,7 +131,7 @@ def _start_serve(repo: pathlib.Path, tmp: pathlib.Path) -> Tuple[subprocess.Pope
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+            [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0", "--http-port", "0",
              "--metrics-port", "-1", "--no-gpu-metrics", "--log-level", "info", "--auth-token-file", str(tmp / "token"),
              # far above the requests: this test is about refusing before reading, not about the limit
              "--max-message-bytes", str(1 << 30)],

@@ -375,7 +375,7 @@ class _SmallLimitServer(RunningServer):
         import threading
 
         self.repo = repo
-        self.server = TrtServer(ServerOptions(model_repository=repo, grpc_port=0, metrics_port=None,
+        self.server = TrtServer(ServerOptions(model_repository=repo, grpc_port=0, http_port=0, metrics_port=None,
                                               max_message_bytes=max_message_bytes, drain_seconds=5.0,
                                               gpu_metrics=False))
         self.loop = asyncio.new_event_loop()

@@ -94,7 +94,7 @@ async def test_queue_full_rejects_with_unavailable_and_nothing_is_lost(tmp_path)
     models.write_config(tmp_path, "gated", GATED.format(name="gated").replace(
         "dynamic_batching { }", "dynamic_batching { default_queue_policy { max_queue_size: 2 } }"))
     (tmp_path / "gated" / "1").mkdir()
-    s = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, metrics_port=None, gpu_metrics=False,
+    s = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None, gpu_metrics=False,
                                     backend_factories={"gated": lambda cfg: GatedBackend(cfg, control)}))
     try:
         async with grpc.aio.insecure_channel(s.url) as ch:

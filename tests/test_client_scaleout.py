@@ -22,7 +22,7 @@ _SERVING = re.compile(r"on 127\.0\.0\.1:(\d+)")
 
 def _start_server() -> Tuple[subprocess.Popen, int]:
     """``trtserve serve`` on a free port (port 0), the port read from its first stdout line."""
-    proc = subprocess.Popen([sys.executable, "-m", "trtserve", "serve", "--grpc-port", "0", "--metrics-port", "-1",
+    proc = subprocess.Popen([sys.executable, "-m", "trtserve", "serve", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "-1",
                              "--no-gpu-metrics", "--drain-seconds", "5", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

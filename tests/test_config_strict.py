@@ -107,7 +107,7 @@ def test_cli_strict_then_lenient_config(tmp_path: pathlib.Path) -> None:
     copy_example(repo, "good")
     text = (repo / "good" / "config.pbtxt").read_text()
     (repo / "good" / "config.pbtxt").write_text(text + "\nresponse_cache { enable: true }\n")
-    out = spawn([sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+    out = spawn([sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0", "--http-port", "0",
                  "--metrics-port", "-1", "--frontends", "1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert re.search(r"^trtserve: model 'good' failed to load.*field 'response_cache' is not supported",

@@ -37,6 +37,7 @@ CLI_FLAGS = {
     "TRTSERVE_MODEL_REPOSITORY": "--model-repository",
     "TRTSERVE_HOST": "--host",
     "TRTSERVE_GRPC_PORT": "--grpc-port",
+    "TRTSERVE_HTTP_PORT": "--http-port",
     "TRTSERVE_METRICS_PORT": "--metrics-port",
     "TRTSERVE_LOG_LEVEL": "--log-level",
     "TRTSERVE_DRAIN_SECONDS": "--drain-seconds",
@@ -45,6 +46,7 @@ IMAGE_ENV = {
     "TRTSERVE_MODEL_REPOSITORY": "/models",
     "TRTSERVE_HOST": "0.0.0.0",
     "TRTSERVE_GRPC_PORT": "8001",
+    "TRTSERVE_HTTP_PORT": "8000",
     "TRTSERVE_METRICS_PORT": "8002",
     "TRTSERVE_LOG_LEVEL": "info",
     "TRTSERVE_DRAIN_SECONDS": "30",
@@ -161,7 +163,12 @@ def test_dockerfile_contract(name: str) -> None:
         assert env.get(key) == value, (key, env.get(key))
 
     exposed = {p for k, a in runtime if k == "EXPOSE" for p in a.split()}
-    assert exposed == {env["TRTSERVE_GRPC_PORT"], env["TRTSERVE_METRICS_PORT"]}
+    assert exposed == {env["TRTSERVE_HTTP_PORT"], env["TRTSERVE_GRPC_PORT"], env["TRTSERVE_METRICS_PORT"]}
+    # The `docker run` examples in the header publish every exposed port.
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and "docker run" in line:
+            published = set(re.findall(r"-p (\d+):(\d+)", line))
+            assert {(p, p) for p in exposed} <= published, line
     volumes = [json.loads(a) for k, a in runtime if k == "VOLUME"]
     assert [env["TRTSERVE_MODEL_REPOSITORY"]] in volumes
     health = [a for k, a in runtime if k == "HEALTHCHECK"]
@@ -230,18 +237,21 @@ def _flags(argv: List[str]) -> Dict[str, str]:
 def test_entrypoint_turns_env_into_flags(tmp_path: pathlib.Path) -> None:
     """Every TRTSERVE_* variable becomes its CLI flag; docker-run arguments come last and win."""
     env = {"TRTSERVE_MODEL_REPOSITORY": "/models", "TRTSERVE_HOST": "0.0.0.0", "TRTSERVE_GRPC_PORT": "9001",
-           "TRTSERVE_METRICS_PORT": "9002", "TRTSERVE_LOG_LEVEL": "debug", "TRTSERVE_DRAIN_SECONDS": "12"}
+           "TRTSERVE_HTTP_PORT": "9000", "TRTSERVE_METRICS_PORT": "9002", "TRTSERVE_LOG_LEVEL": "debug",
+           "TRTSERVE_DRAIN_SECONDS": "12"}
     flags = _flags(_run_entrypoint(tmp_path, env))
     assert flags == {CLI_FLAGS[k]: v for k, v in env.items()}
     flags = _flags(_run_entrypoint(tmp_path, env, "--log-level", "warning"))
     assert flags["--log-level"] == "warning"
+    flags = _flags(_run_entrypoint(tmp_path, env, "--http-port", "-1"))
+    assert flags["--http-port"] == "-1", "docker run ... --http-port -1 turns HTTP off"
 
 
 def test_entrypoint_defaults_and_bundled_example(tmp_path: pathlib.Path) -> None:
     """With no variables: CLI defaults but host 0.0.0.0; an empty repository means the bundled example."""
     flags = _flags(_run_entrypoint(tmp_path, {"TRTSERVE_MODEL_REPOSITORY": ""}))
     assert "--model-repository" not in flags
-    assert flags == {"--host": "0.0.0.0", "--grpc-port": "8001", "--metrics-port": "8002",
+    assert flags == {"--host": "0.0.0.0", "--grpc-port": "8001", "--http-port": "8000", "--metrics-port": "8002",
                      "--log-level": "info", "--drain-seconds": "30"}
 
 
@@ -498,7 +508,8 @@ def test_compose_stack_is_wired_together() -> None:
     env = {k: compose_default(str(v)) for k, v in trt["environment"].items()}
     metrics_port = env["TRTSERVE_METRICS_PORT"]
     grpc_port = env["TRTSERVE_GRPC_PORT"]
-    assert {"%s:%s" % (grpc_port, grpc_port), "%s:%s" % (metrics_port, metrics_port)} <= set(trt["ports"])
+    http_port = env["TRTSERVE_HTTP_PORT"]
+    assert {"%s:%s" % (p, p) for p in (http_port, grpc_port, metrics_port)} <= set(trt["ports"])
     grace = trt["stop_grace_period"]
     assert grace.endswith("s") and int(grace[:-1]) > int(env["TRTSERVE_DRAIN_SECONDS"])
 
@@ -747,6 +758,7 @@ def test_ports_probes_and_env_agree(rendered: Dict[str, List[Dict[str, Any]]]) -
         assert set(CLI_FLAGS) <= set(env), (variant, sorted(set(CLI_FLAGS) - set(env)))
         ports = {p["name"]: p for p in ctr["ports"]}
         assert ports["grpc"]["containerPort"] == as_int(env["TRTSERVE_GRPC_PORT"])
+        assert ports["http"]["containerPort"] == as_int(env["TRTSERVE_HTTP_PORT"])
         assert ports["metrics"]["containerPort"] == as_int(env["TRTSERVE_METRICS_PORT"])
         assert env["TRTSERVE_HOST"] == "0.0.0.0", "probes and Services reach the pod IP, not loopback"
         ann = pod["metadata"].get("annotations", {})
@@ -769,9 +781,14 @@ def test_ports_probes_and_env_agree(rendered: Dict[str, List[Dict[str, Any]]]) -
         headless = [s for s in services.values() if s["spec"].get("clusterIP") == "None"]
         regular = [s for s in services.values() if s["spec"].get("clusterIP") != "None"]
         assert len(headless) == 1 and len(regular) == 1
-        assert [p["name"] for p in headless[0]["spec"]["ports"]] == ["grpc"]
+        assert {p["name"] for p in headless[0]["spec"]["ports"]} == {"http", "grpc"}
         assert not headless[0]["spec"].get("publishNotReadyAddresses", False)
-        assert {p["name"] for p in regular[0]["spec"]["ports"]} == {"grpc", "metrics"}
+        assert {p["name"] for p in regular[0]["spec"]["ports"]} == {"http", "grpc", "metrics"}
+        for svc in services.values():
+            for sp in svc["spec"]["ports"]:
+                if sp["name"] == "http":
+                    assert sp.get("appProtocol") == "http", svc["metadata"]["name"]
+                    assert sp["port"] == ports["http"]["containerPort"], svc["metadata"]["name"]
 
 
 def test_labels_and_selectors_agree(rendered: Dict[str, List[Dict[str, Any]]]) -> None:
@@ -965,6 +982,9 @@ def test_kserve_runtime_and_inference_service_agree() -> None:
     assert [p["containerPort"] for p in model["ports"] if p["name"] == "h2c"] == [h2c["containerPort"]]
     for probe in ("readinessProbe", "livenessProbe"):
         assert ctr[probe]["grpc"]["port"] == h2c["containerPort"]
+    # KServe routes to one container port, the gRPC one here; HTTP/REST still listens on its own port.
+    assert [p["name"] for p in ctr["ports"]] == ["h2c"]
+    assert int(flags["--http-port"]) not in (h2c["containerPort"], int(flags["--metrics-port"]))
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == flags["--metrics-port"]
     grace = isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
     assert grace >= int(flags["--drain-seconds"]) + TERMINATION_MARGIN_S
@@ -984,10 +1004,11 @@ class EntrypointServer:
         wrapper = tmp / "trtserve"
         wrapper.write_text('#!/bin/sh\nexec "%s" -m trtserve "$@"\n' % sys.executable)
         wrapper.chmod(0o755)
-        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.grpc_port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.drain_seconds = drain_seconds
         self.env = dict(os.environ, TRTSERVE_BIN=str(wrapper), TRTSERVE_MODEL_REPOSITORY="",
                         TRTSERVE_HOST="127.0.0.1", TRTSERVE_GRPC_PORT=str(self.grpc_port),
+                        TRTSERVE_HTTP_PORT=str(self.http_port),
                         TRTSERVE_METRICS_PORT=str(self.metrics_port), TRTSERVE_LOG_LEVEL="info",
                         TRTSERVE_DRAIN_SECONDS=str(drain_seconds), TRTSERVE_CACHE_DIR=str(tmp / "cache"),
                         PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
@@ -1041,9 +1062,22 @@ def _infer(url: str, n: int) -> None:
         client.close()
 
 
+def _http_status(url: str, timeout: float = 5.0) -> int:
+    """The status code of a GET (loopback only); 4xx/5xx are answers too."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL built here
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
 def test_entrypoint_server_health_and_sigterm(tmp_path: pathlib.Path) -> None:
-    """Started by the entrypoint, trtserve passes the image's health check, serves, and on SIGTERM
-    (what `docker stop` and the kubelet send to PID 1) drains and exits well within the grace period."""
+    """Started by the entrypoint, trtserve passes the image's health check, serves gRPC and answers
+    the KServe v2 HTTP health endpoints on TRTSERVE_HTTP_PORT, and on SIGTERM (what `docker stop` and
+    the kubelet send to PID 1) drains and exits well within the grace period."""
     import signal
     import time
 
@@ -1052,6 +1086,8 @@ def test_entrypoint_server_health_and_sigterm(tmp_path: pathlib.Path) -> None:
     try:
         server.wait_healthy()
         _infer("127.0.0.1:%d" % server.grpc_port, 8)
+        for path in ("/v2/health/live", "/v2/health/ready"):
+            assert _http_status("http://127.0.0.1:%d%s" % (server.http_port, path)) == 200, path
         start = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         budget = server.drain_seconds + 10  # the manifests' margin over the drain
@@ -1062,6 +1098,8 @@ def test_entrypoint_server_health_and_sigterm(tmp_path: pathlib.Path) -> None:
         assert code == 0, server.output()
         assert time.monotonic() - start < budget
         assert server.health().returncode == 1
+        with pytest.raises(OSError):  # the HTTP port is closed too
+            _http_status("http://127.0.0.1:%d/v2/health/live" % server.http_port, timeout=2)
     finally:
         server.close()
 

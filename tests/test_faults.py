@@ -128,7 +128,7 @@ def env(tmp_path) -> Iterator[Env]:
     for name in ("gated", "other"):
         models.write_config(tmp_path, name, GATED.format(name=name))
         (tmp_path / name / "1").mkdir()
-    s = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, metrics_port=None, drain_seconds=10.0,
+    s = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None, drain_seconds=10.0,
                                     model_control_mode="explicit", startup_models=("*",),
                                     gpu_metrics=False,
                                     backend_factories={"gated": lambda cfg: GatedBackend(cfg, control)}),
@@ -352,7 +352,7 @@ def _slow_request(i: int) -> pb.ModelInferRequest:
 def _start_serve(repo: pathlib.Path, drain_seconds: float):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo),
-                             "--grpc-port", "0", "--metrics-port", "-1", "--no-gpu-metrics",
+                             "--grpc-port", "0", "--http-port", "0", "--metrics-port", "-1", "--no-gpu-metrics",
                              "--drain-seconds", str(drain_seconds)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT), env=env)
     t0 = time.monotonic()

@@ -373,7 +373,7 @@ def test_a_second_server_on_the_same_port_is_refused(server):
     import sys
 
     out = subprocess.run([sys.executable, "-m", "trtserve", "serve", "--grpc-port", str(server.port),
-                          "--metrics-port", "-1", "--frontends", "1"], capture_output=True, text=True, timeout=60)
+                          "--http-port", "-1", "--metrics-port", "-1", "--frontends", "1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert f"{server.port}" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

@@ -292,7 +292,7 @@ def test_poll_unloads_a_model_whose_last_version_folder_is_removed(tmp_path, sta
 def _serve(repo: pathlib.Path, *args: str) -> List[str]:
     import sys
 
-    return [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+    return [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0", "--http-port", "0",
             "--metrics-port", "-1", "--no-gpu-metrics", "--frontends", "0", *args]
 
 

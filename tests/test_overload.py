@@ -90,7 +90,7 @@ dynamic_batching {{ default_queue_policy {{ max_queue_size: {QUEUE} }} }}
 """)
     (tmp_path / "fixed" / "1").mkdir()
     outcomes = Outcomes()
-    s = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, metrics_port=None, gpu_metrics=False,
+    s = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None, gpu_metrics=False,
                                     drain_seconds=5.0, backend_factories={"fixed": FixedTimeBackend}), [outcomes])
     yield s, outcomes
     s.stop()

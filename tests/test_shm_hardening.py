@@ -107,7 +107,7 @@ class ServeProcess:
     def __init__(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "trtserve", "serve", "--model-repository",
-                                      str(EXAMPLE_REPOSITORY), "--grpc-port", "0", "--metrics-port", "-1",
+                                      str(EXAMPLE_REPOSITORY), "--grpc-port", "0", "--http-port", "0", "--metrics-port", "-1",
                                       "--no-gpu-metrics", "--drain-seconds", "2", "--log-level", "warning"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: List[str] = []

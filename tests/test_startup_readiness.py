@@ -40,7 +40,7 @@ def _repo(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def _serve_cmd(repo: pathlib.Path, frontends: int, *args: str) -> List[str]:
-    return [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+    return [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0", "--http-port", "0",
             "--metrics-port", "0", "--no-gpu-metrics", "--frontends", str(frontends), *args]
 
 

@@ -667,7 +667,7 @@ dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 200
     (tmp_path / "dev" / "1").mkdir()
     DeviceCopyBackend.seen = []
     DeviceCopyBackend.gate.clear()
-    server = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, metrics_port=None,
+    server = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None,
                                          gpu_metrics=False, backend_factories={"devcopy": DeviceCopyBackend}))
     fake = FakeCuda(devices=1)
     restore = _use_fake_cuda(server.server.shared_memory, fake)

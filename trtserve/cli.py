@@ -68,8 +68,8 @@ def _env_choice(name: str, default: str, choices: List[str]) -> str:
 
 
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="start the gRPC inference server",
-                       description="Serve a Triton-style model repository over the KServe v2 gRPC protocol. "
+    p = sub.add_parser("serve", help="start the inference server (gRPC and HTTP)",
+                       description="Serve a Triton-style model repository over the KServe v2 gRPC and HTTP/REST protocols. "
                                    "Every flag also reads TRTSERVE_<FLAG> from the environment (e.g. "
                                    "TRTSERVE_GRPC_PORT); the flag wins.")
     p.add_argument("--model-repository", "--model-store", type=pathlib.Path,
@@ -77,9 +77,12 @@ def add_serve_parser(sub) -> None:
                    help="model repository folder (default: the bundled example repository); --model-store is "
                         "Triton's spelling")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
-                   help="address to serve gRPC and /metrics on (default %(default)s; 0.0.0.0 for every interface)")
+                   help="address to serve gRPC, HTTP and /metrics on (default %(default)s; 0.0.0.0 for every interface)")
     p.add_argument("--grpc-port", type=int, default=_env_int("GRPC_PORT", 8001),
                    help="gRPC port (default %(default)s; 0 picks a free one)")
+    p.add_argument("--http-port", type=int, default=_env_int("HTTP_PORT", 8000),
+                   help="KServe v2 HTTP/REST port, served by the same front ends (default %(default)s; 0 picks a "
+                        "free one; -1 turns HTTP off)")
     p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 8002),
                    help="HTTP port for /metrics (default %(default)s; -1 disables it)")
     p.add_argument("--log-level", default=_env_choice("LOG_LEVEL", "info", ["debug", "info", "warning", "error"]),
@@ -164,6 +167,7 @@ async def _serve(args: argparse.Namespace) -> int:
         return 2
     options = ServerOptions(
         model_repository=repository, host=args.host, grpc_port=args.grpc_port,
+        http_port=None if args.http_port < 0 else args.http_port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, max_message_bytes=args.max_message_bytes,
         drain_seconds=args.drain_seconds,
         cache_dir=args.cache_dir or pathlib.Path(os.path.expanduser("~/.cache/trtserve")),
@@ -204,7 +208,8 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     print(f"trtserve: serving {options.model_repository} on {options.host}:{server.grpc_port} "
-          f"(metrics {server.metrics_port if server.metrics_port is not None else 'off'}; "
+          f"(HTTP {server.http_port if server.http_port is not None else 'off'}; "
+          f"metrics {server.metrics_port if server.metrics_port is not None else 'off'}; "
           f"{options.frontends} front-end processes)", flush=True)
     stopped = loop.create_task(stop.wait())
     ended = loop.create_task(server.wait())

@@ -8,6 +8,7 @@ set -eu
 set -- \
     --host "${TRTSERVE_HOST:-0.0.0.0}" \
     --grpc-port "${TRTSERVE_GRPC_PORT:-8001}" \
+    --http-port "${TRTSERVE_HTTP_PORT:-8000}" \
     --metrics-port "${TRTSERVE_METRICS_PORT:-8002}" \
     --log-level "${TRTSERVE_LOG_LEVEL:-info}" \
     --drain-seconds "${TRTSERVE_DRAIN_SECONDS:-30}" \

@@ -19,8 +19,8 @@ from trtserve.server.metrics.statistics import Statistics
 from trtserve.server import logsettings
 from trtserve.server.tracing import TraceSettings, TraceWriter
 
-EXTENSIONS = ("classification", "logging", "model_configuration", "model_repository", "schedule_policy",
-              "statistics", "trace")
+EXTENSIONS = ("binary_tensor_data", "classification", "logging", "model_configuration", "model_repository",
+              "schedule_policy", "statistics", "trace")
 
 
 class Control:

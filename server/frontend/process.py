@@ -1,4 +1,4 @@
-"""``python -m trtserve.server.frontend.process``: one gRPC front-end process, started by the supervisor.
+"""``python -m trtserve.server.frontend.process``: one front-end process (gRPC and HTTP), started by the supervisor.
 
 It creates its arena, connects to the engine (handing it the arena), binds the shared port with
 SO_REUSEPORT and serves until SIGTERM, then drains. If the engine goes away it answers UNAVAILABLE (and
@@ -31,7 +31,7 @@ async def _run(payload: dict) -> int:
     frontend = FrontEnd(options, client, reuse_port=True)
     port = await frontend.start()
     child.settle_heap()
-    child.report_ready({"port": port})
+    child.report_ready({"port": port, "http_port": frontend.http_port})
     await stop.wait()
     await frontend.stop(options.drain_seconds)
     client.link.close()

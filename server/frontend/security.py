@@ -31,6 +31,18 @@ class TlsOptions:
         return grpc.ssl_server_credentials(pair, root_certificates=self.client_ca.read_bytes(),
                                            require_client_auth=True)
 
+    def ssl_context(self) -> "ssl.SSLContext":
+        """The same certificate, key and client CA for the HTTP port."""
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.cert), str(self.key))
+        if self.client_ca is not None:
+            context.load_verify_locations(str(self.client_ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
 
 def _deny(message: str) -> "_Handlers":
     async def abort(request_iterator, context: grpc.aio.ServicerContext):
@@ -85,16 +97,22 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def _check(self, metadata) -> Optional[str]:
         """None when the metadata carries the token, else why not."""
-        values = [value for key, value in metadata if key == "authorization"]
-        if not values:
-            return "missing 'authorization: Bearer <token>' metadata"
-        if len(values) > 1:
-            return "duplicate 'authorization' header: send exactly one"
-        got = values[0].encode() if isinstance(values[0], str) else bytes(values[0])
-        scheme, _, token = got.partition(b" ")
-        ok_scheme = scheme.lower() == b"bearer"
-        # compare even when the scheme is wrong, so the answer's timing does not depend on which part failed
-        ok_token = hmac.compare_digest(token.strip(b" "), self._expected)
-        if ok_scheme and ok_token:
-            return None
-        return "invalid bearer token"
+        return check_bearer([value for key, value in metadata if key == "authorization"], self._expected,
+                            "'authorization: Bearer <token>' metadata")
+
+
+def check_bearer(values, expected: bytes, what: str = "'Authorization: Bearer <token>' header") -> Optional[str]:
+    """None when ``values`` (every authorization header of one call) is exactly one ``Bearer <expected>``, else
+    why not. Shared by the gRPC interceptor and the HTTP front end, so both ports refuse alike."""
+    if not values:
+        return f"missing {what}"
+    if len(values) > 1:
+        return "duplicate 'authorization' header: send exactly one"
+    got = values[0].encode() if isinstance(values[0], str) else bytes(values[0])
+    scheme, _, token = got.partition(b" ")
+    ok_scheme = scheme.lower() == b"bearer"
+    # compare even when the scheme is wrong, so the answer's timing does not depend on which part failed
+    ok_token = hmac.compare_digest(token.strip(b" "), expected)
+    if ok_scheme and ok_token:
+        return None
+    return "invalid bearer token"

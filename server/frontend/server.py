@@ -1,4 +1,5 @@
-"""One front end: a grpc.aio server (inference service, health, reflection) in front of an EngineClient.
+"""One front end: a grpc.aio server (inference service, health, reflection) and the HTTP/REST port
+(http/server.py), both in front of one InferenceService and EngineClient.
 
 With front-end processes, each one binds the same port with SO_REUSEPORT and the kernel spreads new
 connections among them; with ``--frontends 0`` the only front end binds the port alone.
@@ -13,6 +14,7 @@ import grpc
 
 from trtserve.server.frontend import health
 from trtserve.server.frontend.engine_client import EngineClient
+from trtserve.server.frontend.http.server import HttpFrontEnd
 from trtserve.server.frontend.registration import add_inference_service
 from trtserve.server.frontend.security import BearerTokenInterceptor
 from trtserve.server.frontend.service import InferenceService
@@ -36,6 +38,7 @@ class FrontEnd:
                                         options.max_stream_inflight)
         self._reuse_port = reuse_port
         self.port: Optional[int] = None
+        self.http = HttpFrontEnd(options, self.service, reuse_port) if options.http_port is not None else None
         self._server: Optional[grpc.aio.Server] = None
         self._health = None
         self._serving: Optional[bool] = None  # what health last said
@@ -75,10 +78,20 @@ class FrontEnd:
             raise OSError(f"cannot use {address} for gRPC (another server on this port?)")
         self.port = port
         await self._server.start()
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError:
+                await self._server.stop(None)
+                raise
         await health.set_live(self._health, self.engine.alive)
         await self._set_health(await self._ready())
         self._follow = asyncio.get_running_loop().create_task(self._follow_readiness())
         return port
+
+    @property
+    def http_port(self) -> Optional[int]:
+        return self.http.port if self.http is not None else None
 
     async def _ready(self) -> bool:
         """What ServerReady answers: this front end serves and the engine says ready."""
@@ -126,8 +139,10 @@ class FrontEnd:
             # not dispatched at shutdown with CANCELLED, which no client may retry
             await asyncio.sleep(min(self.options.drain_notice_seconds, grace / 4))
         self.service.accepting = False
-        if self._server is not None:
-            await self._server.stop(grace)
+        stops = [self._server.stop(grace)] if self._server is not None else []
+        if self.http is not None:
+            stops.append(self.http.stop(grace))
+        await asyncio.gather(*stops)
         self.engine.closing = True
 
     async def wait(self) -> None:

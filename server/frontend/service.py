@@ -214,9 +214,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # ---- inference ------------------------------------------------------------------------------------------------
     @rpc
     async def ModelInfer(self, request, context):
-        return await self._infer(request, context.time_remaining())
+        return await self.infer(request, context.time_remaining())
 
-    async def _infer(self, request: pb.ModelInferRequest, remaining: Optional[float]) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, remaining: Optional[float]) -> pb.ModelInferResponse:
         """One inference; the engine reports it to statistics and metrics exactly once (a request refused here
         is reported through ``report_failure``)."""
         t0 = time.monotonic_ns()
@@ -358,7 +358,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(req: pb.ModelInferRequest) -> None:
             try:
-                resp = await self._infer(req, context.time_remaining())
+                resp = await self.infer(req, context.time_remaining())
                 out.put_nowait(pb.ModelStreamInferResponse(infer_response=resp))
             except TrtServeError as e:
                 out.put_nowait(pb.ModelStreamInferResponse(
