@@ -330,10 +330,11 @@ def make_server(name: str, repo: pathlib.Path, frontends: Optional[int]) -> Serv
     return Server(name, cmd, port, metrics_port)
 
 
-def run_perf_analyzer(pa: str, url: str, level: int, duration: float) -> Optional[Dict[str, float]]:
+def run_perf_analyzer(pa: str, url: str, level: int, duration: float, protocol: str = "grpc",
+                      ) -> Optional[Dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "pa.csv"
-        cmd = [pa, "-m", MODEL, "-i", "grpc", "-u", url, "-b", "1", "--concurrency-range", f"{level}:{level}",
+        cmd = [pa, "-m", MODEL, "-i", protocol, "-u", url, "-b", "1", "--concurrency-range", f"{level}:{level}",
                "--measurement-mode", "time_windows", "--measurement-interval", str(int(duration * 1000)),
                "--stability-percentage", "100", "--max-trials", "10", "-f", str(out)]
         env = dict(os.environ, TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT="1")

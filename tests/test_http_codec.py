@@ -383,7 +383,8 @@ def test_response_bf16(binary: bool) -> None:
 
 
 def test_response_mixed_forms_and_order() -> None:
-    """Binary outputs' bytes follow the JSON in output order; JSON ones carry data; shm ones echo their params."""
+    """Binary outputs' bytes follow the JSON in output order; JSON ones carry data; shm ones name, datatype and
+    shape only (no "parameters": Triton's C++ client would read them as binary data)."""
     a, b, c, d = sample("FP32"), sample("INT16"), sample("BYTES"), sample("UINT8")
     shm = {"shared_memory_region": "r", "shared_memory_byte_size": 24, "shared_memory_offset": 8}
     r = response([("A", "FP32", SHAPE, wire_bytes("FP32", a)), ("S", "FP32", SHAPE, b""),
@@ -393,19 +394,19 @@ def test_response_mixed_forms_and_order() -> None:
     header = json.loads(body[:n])
     assert "id" not in header
     assert [o["name"] for o in header["outputs"]] == ["A", "S", "B", "C", "D"]
-    assert header["outputs"][1] == {"name": "S", "datatype": "FP32", "shape": [2, 3], "parameters": shm}
+    assert header["outputs"][1] == {"name": "S", "datatype": "FP32", "shape": [2, 3]}
     assert header["outputs"][2]["data"] == b.reshape(-1).tolist()
     assert body[n:] == wire_bytes("FP32", a) + wire_bytes("BYTES", c) + wire_bytes("UINT8", d)
     result = client_result(body, n)
     for name, arr in (("A", a), ("B", b), ("C", c), ("D", d)):
         np.testing.assert_array_equal(result.as_numpy(name), arr)
-    assert result.get_output("S")["parameters"] == shm
+    assert "data" not in result.get_output("S")
 
 
 def test_response_only_shared_memory_is_pure_json() -> None:
     shm = {"shared_memory_region": "r", "shared_memory_byte_size": 24}
     body, n = encode_infer(response([("S", "FP32", SHAPE, b"")]), form(True, {}, {"S": shm}))
-    assert n is None and json.loads(body)["outputs"][0]["parameters"] == shm
+    assert n is None and json.loads(body)["outputs"][0] == {"name": "S", "datatype": "FP32", "shape": [2, 3]}
 
 
 def test_response_compact_json() -> None:

@@ -115,7 +115,7 @@ def add_serve_parser(sub) -> None:
                    help="largest request or response message in bytes (default 128 MiB); shared-memory inputs are "
                         "held to it too")
     p.add_argument("--frontends", default=_env("FRONTENDS", "auto"),
-                   help="gRPC front-end processes on the port, beside one engine process; 0 serves from this one "
+                   help="front-end processes (gRPC and HTTP) on the ports, beside one engine process; 0 serves from this one "
                         "process (debugging); auto (default): chosen from the CPUs this process may use")
     p.add_argument("--arena-bytes", type=int, default=_env_int("ARENA_BYTES", 512 << 20),
                    help="per front end: shared memory for the tensors of its requests in flight (default 512 MiB, "
@@ -138,13 +138,13 @@ def add_serve_parser(sub) -> None:
                         f"Python's 5000 us; auto (default): {DEFAULT_GIL_SWITCH_INTERVAL_US:g} us when TensorRT "
                         "and a CUDA device are there, else Python's")
     p.add_argument("--grpc-server-cert", type=pathlib.Path, default=_env("GRPC_SERVER_CERT", "") or None,
-                   help="PEM certificate: serve gRPC over TLS (with --grpc-server-key)")
+                   help="PEM certificate: serve gRPC and HTTP over TLS (with --grpc-server-key)")
     p.add_argument("--grpc-server-key", type=pathlib.Path, default=_env("GRPC_SERVER_KEY", "") or None,
                    help="PEM private key of --grpc-server-cert")
     p.add_argument("--grpc-root-cert", type=pathlib.Path, default=_env("GRPC_ROOT_CERT", "") or None,
                    help="PEM CA: require client certificates signed by it (mutual TLS)")
     p.add_argument("--auth-token-file", type=pathlib.Path, default=_env("AUTH_TOKEN_FILE", "") or None,
-                   help="file holding a bearer token every RPC except health checks must present "
+                   help="file holding a bearer token every RPC and HTTP request except health checks must present "
                         "(or set TRTSERVE_AUTH_TOKEN)")
     p.add_argument("--metrics-tls", action="store_true", default=_env_bool("METRICS_TLS", False),
                    help="serve /metrics over TLS with --grpc-server-cert and --grpc-server-key")

@@ -38,7 +38,7 @@ class OutputForm:
 
     binary_default: bool  # request parameter binary_data_output (default False)
     binary: Mapping[str, bool]  # per requested output: its binary_data parameter, when given
-    shm: Mapping[str, Dict[str, object]]  # per output written to shared memory: its shared_memory_* as given
+    shm: Mapping[str, Dict[str, object]]  # outputs written to shared memory (their shared_memory_* as given)
 
     def is_binary(self, name: str) -> bool:
         """The output's own binary_data parameter wins over the request's binary_data_output (as in Triton)."""
@@ -332,9 +332,10 @@ def encode_infer(response: pb.ModelInferResponse, form: OutputForm) -> Tuple[byt
         name, shape = o.name, list(o.shape)
         entry: Dict[str, Any] = {"name": name, "datatype": o.datatype, "shape": shape}
         raw = raws[i] if i < len(raws) else b""
-        shm = form.shm.get(name)
-        if shm is not None:
-            entry["parameters"] = dict(shm)
+        if name in form.shm:
+            # written to the client's region: name, datatype and shape only, as Triton answers; a "parameters"
+            # object here would be read as binary data by Triton's C++ client (perf_analyzer)
+            pass
         elif form.is_binary(name):
             entry["parameters"] = {"binary_data_size": len(raw)}
             binary.append(raw)

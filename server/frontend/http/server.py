@@ -60,7 +60,9 @@ class HttpFrontEnd:
         if self._token is not None and not path.startswith(OPEN_PREFIX):
             reason = check_bearer(request.headers.getall("Authorization", []), self._token)
             if reason is not None:
-                # the body is never read: close the connection instead of reading what is left of it
+                # refused before the body is read: aiohttp discards what the client still sends (never buffered,
+                # for at most its lingering time, so a client that writes its whole body still reads the 401)
+                # and the connection closes
                 response = _response(error_reply(401, reason))
                 response.headers["WWW-Authenticate"] = "Bearer"
                 response.force_close()
