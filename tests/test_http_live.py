@@ -346,3 +346,54 @@ def test_curl_examples_in_the_docs_run_as_written(server):
     # the error example prints what the page says it prints
     shown = re.search(r"prints `(\{\"error\".*?\})`", text).group(1)
     assert outputs[4] == shown
+
+
+def test_unloaded_model_answers_like_grpc(server, client):
+    """An inference for a model that is not loaded gets the gRPC path's status, as Triton's HTTP status."""
+    import tritonclient.grpc as tg
+
+    client.unload_model("spare")
+    try:
+        status, message = error(server, "POST", "/v2/models/spare/infer", _infer_body(shape=(1, 4), data=[1] * 4))
+        g = tg.InferenceServerClient(server.url)
+        x = tg.InferInput("INPUT0", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        with pytest.raises(InferenceServerException) as e:
+            g.infer("spare", [x])
+        expected = {"StatusCode.NOT_FOUND": 404, "StatusCode.UNAVAILABLE": 503}[str(e.value.status())]
+        assert status == expected and "spare" in message
+    finally:
+        client.load_model("spare")
+
+
+def test_overload_answers_503(tmp_path):
+    """Past --max-inflight the HTTP port answers 503 with the gRPC path's message, and serves again after."""
+    import threading
+
+    from tests.test_frontends import _slow_repo
+
+    _slow_repo(tmp_path)
+    s = RunningServer(tmp_path, metrics=False, max_inflight=1)
+    try:
+        body = json.dumps({"inputs": [{"name": "INPUT0", "shape": [256], "datatype": "FP32",
+                                       "data": [0.5] * 256}]}).encode()
+        answers: list = []
+        together = threading.Barrier(8)  # all at once: the slow model holds the one slot for tens of ms
+
+        def one() -> None:
+            together.wait(10)
+            answers.append(raw(s, "POST", "/v2/models/slow/infer", body))
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        statuses = sorted(a[0] for a in answers)
+        assert len(statuses) == 8 and 200 in statuses and 503 in statuses, statuses
+        for status, _, data in answers:
+            if status == 503:
+                assert "overloaded" in json.loads(data)["error"]
+        assert raw(s, "POST", "/v2/models/slow/infer", body)[0] == 200
+    finally:
+        s.stop()
