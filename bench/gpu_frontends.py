@@ -1,7 +1,7 @@
 """GPU host, the full server: the small MLP on TensorRT behind 1, 2, 4, 8 front-end processes (issue 17).
 
 ``python -m bench.gpu_frontends [--frontends 1,2,4,8] [--concurrency 256] [--pa-processes 4] [--duration 5]
-[--server-cpus 0-9] [--client-cpus 10-15]`` builds the small MLP (64->256->256->16, FP32) as a TensorRT model
+[--server-cpus 0-9] [--client-cpus 10-15] [--protocols grpc,http]`` builds the small MLP (64->256->256->16, FP32) as a TensorRT model
 (2 instances, max_batch_size 256, dynamic batching), starts ``trtserve serve --frontends N`` pinned to the server
 CPUs, and drives it with several perf_analyzer processes pinned to the client CPUs (their concurrencies add up to
 --concurrency; each context its own connection), all measuring at once. Beside it, in the same run, the bare
@@ -34,10 +34,11 @@ def _pa() -> str:
     raise SystemExit("perf_analyzer not found (PERF_ANALYZER, PATH)")
 
 
-def _one_pa(pa: str, url: str, model: str, level: int, duration: float, cpus: Optional[str]) -> Optional[dict]:
+def _one_pa(pa: str, url: str, model: str, level: int, duration: float, cpus: Optional[str],
+            protocol: str = "grpc") -> Optional[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "pa.csv"
-        cmd = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", "1", "--concurrency-range", f"{level}:{level}",
+        cmd = [pa, "-m", model, "-i", protocol, "-u", url, "-b", "1", "--concurrency-range", f"{level}:{level}",
                "--measurement-mode", "time_windows", "--measurement-interval", str(int(duration * 1000)),
                "--stability-percentage", "100", "--max-trials", "3", "-f", str(out)]
         if cpus:
@@ -53,10 +54,10 @@ def _one_pa(pa: str, url: str, model: str, level: int, duration: float, cpus: Op
 
 
 def _load(pa: str, url: str, model: str, total: int, processes: int, duration: float,
-          cpus: Optional[str]) -> Optional[dict]:
+          cpus: Optional[str], protocol: str = "grpc") -> Optional[dict]:
     each = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
     with concurrent.futures.ThreadPoolExecutor(processes) as pool:
-        results = list(pool.map(lambda c: _one_pa(pa, url, model, c, duration, cpus), each))
+        results = list(pool.map(lambda c: _one_pa(pa, url, model, c, duration, cpus, protocol), each))
     if any(r is None for r in results):
         return None
     return {"rps": sum(r["rps"] for r in results), "p50_ms": statistics.median(r["p50_ms"] for r in results),
@@ -89,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--server-cpus", default="0-9")
     p.add_argument("--client-cpus", default="10-15")
     p.add_argument("--no-ceiling", action="store_true")
+    p.add_argument("--protocols", default="grpc", help="trtserve's ports to load, in turn: grpc, http or both "
+                                                      "(grpc,http); the ceiling is gRPC only")
     a = p.parse_args(list(argv) if argv is not None else None)
     pa = _pa()
     work = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-gpu-frontends-"))
@@ -100,8 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{a.client_cpus}, concurrency {a.concurrency} in all; {a.duration:g} s windows", flush=True)
     plan: List[tuple] = [] if a.no_ceiling else [("ceiling", None)]
     plan += [(f"trtserve f{n}", int(n)) for n in a.frontends.split(",")]
+    protocols = [x for x in a.protocols.split(",") if x]
     for name, n in plan:
-        port = fb.free_port()
+        port, http_port = fb.free_port(), fb.free_port()
         if n is None:
             cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", "m", "--inputs", "64",
                    "--outputs", "16"]
@@ -109,26 +113,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             mport = fb.free_port()
             cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port",
-                   str(port), "--http-port", "-1", "--metrics-port", str(mport), "--log-level", "warning", "--no-gpu-metrics",
-                   "--frontends", str(n), "--cache-dir", str(work / "cache")]
+                   str(port), "--http-port", str(http_port) if "http" in protocols else "-1", "--metrics-port",
+                   str(mport), "--log-level", "warning", "--no-gpu-metrics", "--frontends", str(n), "--cache-dir",
+                   str(work / "cache")]
             server = _server(name, cmd, port, mport, a.server_cpus)
         try:
             if not server.start(timeout=600):
                 rows.append([name, "failed", "", "", "", ""])
                 continue
-            _load(pa, server.url, "m", a.concurrency, a.pa_processes, 1.0, a.client_cpus)  # warm-up
-            before = fb.batch_counts(server.metrics()) if server.metrics_port else None
-            assert server.proc is not None
-            t0, c0 = time.monotonic(), fb.process_tree_ticks(server.proc.pid)
-            r = _load(pa, server.url, "m", a.concurrency, a.pa_processes, a.duration, a.client_cpus)
-            cpu = fb.cpu_cores(c0, fb.process_tree_ticks(server.proc.pid), time.monotonic() - t0, hz)
-            batch = fb.mean_batch(before, fb.batch_counts(server.metrics())) if before else None
-            if r is None:
-                rows.append([name, "failed", "", "", "", f"{cpu:.2f}"])
-            else:
-                rows.append([name, f"{r['rps']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                             "n/a" if batch is None else f"{batch:.1f}", f"{cpu:.2f}"])
-            print(" | ".join(rows[-1]), flush=True)
+            for protocol in ["grpc"] if n is None else protocols:
+                url = server.url if protocol == "grpc" else f"127.0.0.1:{http_port}"
+                label = name if n is None or protocols == ["grpc"] else f"{name} {protocol}"
+                _load(pa, url, "m", a.concurrency, a.pa_processes, 1.0, a.client_cpus, protocol)  # warm-up
+                before = fb.batch_counts(server.metrics()) if server.metrics_port else None
+                assert server.proc is not None
+                t0, c0 = time.monotonic(), fb.process_tree_ticks(server.proc.pid)
+                r = _load(pa, url, "m", a.concurrency, a.pa_processes, a.duration, a.client_cpus, protocol)
+                cpu = fb.cpu_cores(c0, fb.process_tree_ticks(server.proc.pid), time.monotonic() - t0, hz)
+                batch = fb.mean_batch(before, fb.batch_counts(server.metrics())) if before else None
+                if r is None:
+                    rows.append([label, "failed", "", "", "", f"{cpu:.2f}"])
+                else:
+                    rows.append([label, f"{r['rps']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                                 "n/a" if batch is None else f"{batch:.1f}", f"{cpu:.2f}"])
+                print(" | ".join(rows[-1]), flush=True)
         finally:
             server.stop()
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]

@@ -60,7 +60,7 @@ def test_every_flag_of_every_subcommand_has_help() -> None:
 
 # every TRTSERVE_* variable the serve flags read, with a value its flag cannot take
 BAD_ENV = {
-    "TRTSERVE_GRPC_PORT": "abc", "TRTSERVE_METRICS_PORT": "8002x", "TRTSERVE_DRAIN_SECONDS": "30s",
+    "TRTSERVE_GRPC_PORT": "abc", "TRTSERVE_HTTP_PORT": "80 00", "TRTSERVE_METRICS_PORT": "8002x", "TRTSERVE_DRAIN_SECONDS": "30s",
     "TRTSERVE_MAX_MESSAGE_BYTES": "1G", "TRTSERVE_ARENA_BYTES": "big", "TRTSERVE_MAX_INFLIGHT": "1e3",
     "TRTSERVE_MAX_STREAM_INFLIGHT": "-", "TRTSERVE_MAX_SHM_REGIONS": "lots", "TRTSERVE_MAX_CONCURRENT_STREAMS": "x",
     "TRTSERVE_LOG_LEVEL": "loud", "TRTSERVE_EXIT_ON_ERROR": "maybe", "TRTSERVE_STRICT_READINESS": "2",
