@@ -106,6 +106,10 @@ def test_health_metadata_config(server, client):
     assert raw(server, "GET", "/v2/health/live")[0] == 200
     assert raw(server, "GET", "/v2/models/mlp/versions/1/ready")[0] == 200
     assert raw(server, "GET", "/v2/models/nope/ready")[0] == 400
+    # path arguments are percent-decoded once; a query string is ignored
+    assert raw(server, "GET", "/v2/models/ml%70?verbose=1")[0] == 200
+    status, message = error(server, "GET", "/v2/models/a%2Fb")
+    assert status == 404 and "'a/b'" in message
 
 
 def test_statistics_count_http_requests(client):

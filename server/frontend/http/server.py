@@ -56,7 +56,7 @@ class HttpFrontEnd:
         return self.port
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
+        path = request.rel_url.raw_path  # still percent-encoded: the API decodes each path argument once
         if self._token is not None and not path.startswith(OPEN_PREFIX):
             reason = check_bearer(request.headers.getall("Authorization", []), self._token)
             if reason is not None:
