@@ -409,8 +409,10 @@ def test_a_killed_front_end_fails_only_its_http_requests(repo):
               f"{sorted((k, i) for k, i, _, _ in failed)}")
         # only clients connected to the killed process fail, at the connection (no HTTP status: every request
         # that reached the other front end was answered), and only around the kill: a client that reconnects
-        # while the killed process is being torn down may land in its listening socket's queue once more
-        assert failed and {k for k, _, _, _ in failed} <= on_victim, (on_victim, failed)
+        # while the killed process is being torn down may land in its listening socket's queue once more. Some
+        # geventhttpclient releases resend a request once when its pooled connection breaks, so the requests in
+        # flight on the victim may all have been answered by the other front end instead: none failing is fine
+        assert {k for k, _, _, _ in failed} <= on_victim, (on_victim, failed)
         for _, _, sent, e in failed:
             assert not hasattr(e, "status") or e.status() is None, e
             assert sent < killed_at + 1.0, (sent - killed_at, e)

@@ -19,7 +19,6 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import pytest
 import tritonclient.http as th
-import tritonclient.utils.shared_memory as tshm
 from tritonclient.utils import InferenceServerException
 
 from tests import models
@@ -42,8 +41,9 @@ def server(tmp_path_factory) -> Iterator[RunningServer]:
     _bf16_identity(repo)
     models.identity(repo, "scores", "FP32", dims="[ 5 ]")
     models.identity(repo, "spare", "FP32")
-    # BF16 needs a newer ONNX Runtime than Python 3.9 gets: that model may fail, the others serve
-    s = RunningServer(repo, exit_on_error=False, max_message_bytes=BIG, **EXPLICIT)
+    # BF16 needs a newer ONNX Runtime than Python 3.9 gets: that model may fail, the others serve (and the server
+    # is ready without it: strict readiness would say not ready while a model that should load has failed)
+    s = RunningServer(repo, exit_on_error=False, strict_readiness=False, max_message_bytes=BIG, **EXPLICIT)
     yield s
     s.stop()
 
@@ -212,6 +212,10 @@ def test_compressed_requests_and_answers(client, algorithm):
 
 
 def test_shared_memory_inputs_and_outputs(client):
+    try:
+        import tritonclient.utils.shared_memory as tshm
+    except Exception as e:  # older tritonclient (Python 3.9) needs pkg_resources, which new setuptools lack
+        pytest.skip(f"tritonclient's shared-memory helpers are unusable here: {type(e).__name__}: {e}")
     x = np.arange(2 * 64, dtype=np.float32).reshape(2, 64) / 100
     key = f"/trtserve_test_{uuid.uuid4().hex[:12]}"
     h = tshm.create_shared_memory_region("http_in", key, x.nbytes + 2 * 16 * 4)
