@@ -405,3 +405,26 @@ def test_overload_answers_503(tmp_path):
         assert raw(s, "POST", "/v2/models/slow/infer", body)[0] == 200
     finally:
         s.stop()
+
+
+def test_cuda_shared_memory_endpoints_without_a_gpu(server):
+    """The CUDA endpoints exist; without a usable GPU a registration says so (400), status lists nothing."""
+    import base64
+
+    assert raw(server, "GET", "/v2/cudasharedmemory/status")[:3:2] == (200, b"[]")
+    handle = base64.b64encode(b"\0" * 64).decode()
+    body = json.dumps({"raw_handle": {"b64": handle}, "device_id": 0, "byte_size": 16}).encode()
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("CuPy is installed: the GPU tests cover CUDA regions")
+    except ImportError:
+        pass
+    status, message = error(server, "POST", "/v2/cudasharedmemory/region/r/register", body)
+    assert status == 400 and "'r'" in message and "GPU" in message
+    status, message = error(server, "POST", "/v2/cudasharedmemory/region/r/register",
+                            json.dumps({"raw_handle": {"b64": "!!"}, "byte_size": 16}).encode())
+    assert status == 400 and "base64" in message
+    assert raw(server, "POST", "/v2/cudasharedmemory/unregister")[0] == 200
+    status, message = error(server, "POST", "/v2/systemsharedmemory/region/r/register", b"[]")
+    assert status == 400 and "JSON object" in message
