@@ -69,13 +69,12 @@ class TrtServer:
         from trtserve.server.ipc.channel import LocalLink
 
         assert self.engine is not None
-        if self.options.grpc_port:  # a taken port is reported before the models load, not after
-            from trtserve.server.supervisor import reserve_port
+        from trtserve.server.supervisor import reserve_port
 
+        # a taken port is reported before the models load, not after
+        if self.options.grpc_port:
             reserve_port(self.options.host, self.options.grpc_port)[0].close()
         if self.options.http_port:
-            from trtserve.server.supervisor import reserve_port
-
             reserve_port(self.options.host, self.options.http_port, "HTTP")[0].close()
         await self.engine.start()
         self.metrics_port = self.engine.metrics_port

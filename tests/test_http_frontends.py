@@ -20,6 +20,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from typing import Dict, List, Sequence, Tuple
@@ -588,3 +589,13 @@ def test_tls_on_the_http_port(repo, pki):  # noqa: F811
         assert _get(port, "/v2/health/ready", context=trusted)[0] == 200  # and TLS goes on working
     finally:
         assert s.stop() == 0
+
+
+def test_a_second_server_on_the_same_http_port_is_refused(server):
+    """SO_REUSEPORT would let a second server take half the HTTP connections: it is refused, in one line."""
+    out = subprocess.run([sys.executable, "-m", "trtserve", "serve", "--grpc-port", "0", "--http-port",
+                          str(server.http_port), "--metrics-port", "-1", "--frontends", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert f"{server.http_port}" in out.stderr and "HTTP" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
