@@ -382,6 +382,32 @@ def _commit() -> str:
         return "unknown"
 
 
+class RunInfo:
+    """What every perf_analyzer benchmark prints first and writes beside its tables: the tool, the clock rate for
+    /proc CPU ticks, the machine, the command and the date."""
+
+    def __init__(self, pa: str, command: str) -> None:
+        self.pa, self.command = pa, command
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.machine = (f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+                        f"(affinity {len(os.sched_getaffinity(0))}), Python {platform.python_version()}")
+        self.date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+    @classmethod
+    def start(cls, module: str, argv: Optional[Sequence[str]]) -> "Optional[RunInfo]":
+        """Finds perf_analyzer and prints the run's header; None (after saying why) when it is not there."""
+        from bench.cpu import perf_analyzer_path
+
+        pa = perf_analyzer_path()
+        if not pa:
+            print("perf_analyzer not found: bash ../shared/perf-analyzer/setup.sh /tmp/perf-analyzer (or set "
+                  "PERF_ANALYZER)", file=sys.stderr)
+            return None
+        info = cls(pa, f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:]))
+        print(f"# {info.machine}; {info.date}; commit {_commit()}\n# {info.command}", flush=True)
+        return info
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frontends", default="0,1,2", help="values of trtserve serve --frontends (0: single process)")
@@ -393,19 +419,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     levels = [int(x) for x in a.levels.split(",") if x]
     frontends = [int(x) for x in a.frontends.split(",") if x]
-    from bench.cpu import perf_analyzer_path
-
-    pa = perf_analyzer_path()
-    if not pa:
-        print("perf_analyzer not found: bash ../shared/perf-analyzer/setup.sh /tmp/perf-analyzer (or set "
-              "PERF_ANALYZER)", file=sys.stderr)
+    info = RunInfo.start("bench.frontends", argv)
+    if info is None:
         return 2
-    hz = os.sysconf("SC_CLK_TCK")
-    machine = (f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-               f"(affinity {len(os.sched_getaffinity(0))}), Python {platform.python_version()}")
-    command = "python -m bench.frontends " + " ".join(argv if argv is not None else sys.argv[1:])
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"# {machine}; {date}; commit {_commit()}\n# {command}", flush=True)
+    pa, hz, machine, command, date = info.pa, info.hz, info.machine, info.command, info.date
     samples: Dict[Tuple[str, int], List[Optional[dict]]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(pathlib.Path(tmp))
@@ -449,7 +466,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if notes:
         print("\n" + "\n".join(notes))
     if a.write:
-        md = [f"# trtserve front ends vs the grpc.aio ceiling (2-core box)\n",
+        md = ["# trtserve front ends vs the grpc.aio ceiling (2-core box)\n",
               f"- machine: {machine}", f"- command: `{command}`", f"- date: {date}", f"- commit: {_commit()}",
               f"- model: MLP 64->256->256->16, ONNX Runtime 1 intra-op thread, max_batch_size 32, dynamic batching "
               f"2 ms queue delay, 1 row per request; perf_analyzer -i grpc, time windows of {a.duration:g} s, "

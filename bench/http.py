@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
@@ -111,19 +109,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--write", action="store_true", help=f"write the tables to {OUT.relative_to(ROOT)}")
     a = p.parse_args(argv)
     levels = [int(x) for x in a.levels.split(",") if x]
-    from bench.cpu import perf_analyzer_path
-
-    pa = perf_analyzer_path()
-    if not pa:
-        print("perf_analyzer not found: bash ../shared/perf-analyzer/setup.sh /tmp/perf-analyzer (or set "
-              "PERF_ANALYZER)", file=sys.stderr)
+    info = fb.RunInfo.start("bench.http", argv)
+    if info is None:
         return 2
-    hz = os.sysconf("SC_CLK_TCK")
-    machine = (f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-               f"(affinity {len(os.sched_getaffinity(0))}), Python {platform.python_version()}")
-    command = "python -m bench.http " + " ".join(argv if argv is not None else sys.argv[1:])
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"# {machine}; {date}; commit {fb._commit()}\n# {command}", flush=True)
+    pa, hz, machine, command, date = info.pa, info.hz, info.machine, info.command, info.date
     sections: List[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = fb.make_repo(pathlib.Path(tmp))
@@ -168,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             sections += ["## HTTP libraries in front of the same REST API (single-process server)", "",
                          markdown(lib_table), ""]
     if a.write:
-        head = [f"# HTTP/REST beside gRPC (2-core box)\n", f"- machine: {machine}", f"- command: `{command}`",
+        head = ["# HTTP/REST beside gRPC (2-core box)\n", f"- machine: {machine}", f"- command: `{command}`",
                 f"- date: {date}", f"- commit: {fb._commit()}",
                 "- model: MLP 64->256->256->16, ONNX Runtime 1 intra-op thread, max_batch_size 32, dynamic batching "
                 f"2 ms queue delay, 1 row per request; perf_analyzer, time windows of {a.duration:g} s; medians of "

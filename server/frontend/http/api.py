@@ -101,22 +101,6 @@ def _field(obj: Mapping[str, Any], key: str, kinds: tuple, what: str, default: A
     return value
 
 
-def _parameter(message, key: str, value: Any, what: str) -> None:
-    """Sets ``message.parameters[key]`` (an InferParameter map) from a JSON value."""
-    p = message.parameters[key]
-    if isinstance(value, bool):
-        p.bool_param = value
-    elif isinstance(value, int):
-        p.int64_param = value
-    elif isinstance(value, float):
-        p.double_param = value
-    elif isinstance(value, str):
-        p.string_param = value
-    else:
-        raise InvalidArgument(f"{what}: parameter '{key}' must be a boolean, number or string, got "
-                              f"{json.dumps(value)[:100]}")
-
-
 class HttpApi:
     """Routes of the v2 REST API onto one front end's InferenceService."""
 
@@ -280,7 +264,7 @@ class HttpApi:
         for key, value in params.items():
             if key == "config" and isinstance(value, (dict, list)):
                 value = json.dumps(value)  # Triton takes the override as a JSON string; accept the object too
-            _parameter(request, key, value, what)
+            infer_codec.set_parameter(request.parameters, key, value, what)
         await self._call("RepositoryModelLoad", request)
         return Reply(200, content_type=None)
 
@@ -289,7 +273,7 @@ class HttpApi:
         params = _field(_body_json(body, what), "parameters", (dict,), what, {})
         request = pb.RepositoryModelUnloadRequest(model_name=model)
         for key, value in params.items():
-            _parameter(request, key, value, what)
+            infer_codec.set_parameter(request.parameters, key, value, what)
         await self._call("RepositoryModelUnload", request)
         return Reply(200, content_type=None)
 

@@ -71,7 +71,7 @@ def _get(obj: Mapping[str, Any], key: str, kind: type, what: str, required: bool
     return value
 
 
-def _set_param(target: Any, key: str, value: Any, what: str) -> None:
+def set_parameter(target: Any, key: str, value: Any, what: str) -> None:
     """One JSON parameter -> an InferParameter of ``target`` (a protobuf map); bool before int: bool is an int."""
     if isinstance(value, bool):
         target[key].bool_param = value
@@ -187,7 +187,7 @@ def _input(request: pb.ModelInferRequest, i: int, t: Any) -> Optional[Union[byte
                                       f"got {_short(value)}")
             size = value
         else:  # shared_memory_* included: validation.parse_shm_ref checks them
-            _set_param(tensor.parameters, key, value, what)
+            set_parameter(tensor.parameters, key, value, what)
     has_data = "data" in t
     if REGION in params:
         if has_data or size is not None:
@@ -249,7 +249,7 @@ def _outputs(request: pb.ModelInferRequest, outputs: List[Any]) -> Tuple[Dict[st
                 continue
             if key in _SHM_KEYS:
                 shm[key] = value
-            _set_param(out.parameters, key, value, what)  # classification -> int64_param, checked by the service
+            set_parameter(out.parameters, key, value, what)  # classification -> int64_param, checked by the service
         if REGION in shm:
             shm_of[name] = shm
     return binary_of, shm_of
@@ -284,7 +284,7 @@ def parse_infer(model: str, version: str, body: bytes, header_length: Optional[i
                 raise InvalidArgument(f"request parameter 'binary_data_output' must be a boolean, got {_kind(value)}")
             binary_default = value
         else:
-            _set_param(request.parameters, key, value, "request")
+            set_parameter(request.parameters, key, value, "request")
     inputs = _get(doc, "inputs", list, "the request", required=True)
     entries = [_input(request, i, t) for i, t in enumerate(inputs)]
     request.raw_input_contents.extend(_raws(request, entries, view[header_length:], header_length))
@@ -350,4 +350,4 @@ def encode_infer(response: pb.ModelInferResponse, form: OutputForm) -> Tuple[byt
     return b"".join(binary), len(text)
 
 
-__all__ = ["OutputForm", "parse_infer", "encode_infer"]
+__all__ = ["OutputForm", "parse_infer", "encode_infer", "set_parameter"]
