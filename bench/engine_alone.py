@@ -158,7 +158,12 @@ class Engine:
         arena = Arena.create(1 << 16)
         link = SocketLink(channel.connect(self.address, {"name": "bench-control"}, [arena.fd]))
         fut = asyncio.get_running_loop().create_future()
-        link.start(lambda b: fut.done() or fut.set_result(b[0]), lambda: None)
+        def on_batch(batch) -> None:  # the engine may send SETTINGS first (log and trace settings)
+            for msg in batch:
+                if msg[0] == m.REPLY and not fut.done():
+                    fut.set_result(msg)
+
+        link.start(on_batch, lambda: None)
         link.send((m.CALL, 1, method, args))
         reply = await fut
         link.close()
