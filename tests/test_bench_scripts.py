@@ -86,3 +86,21 @@ def test_frontends_mean_batch_from_metrics_and_goal_lines() -> None:
     assert len(goals) == 3  # level 8 has no goal
     assert "MET" in goals[0] and "MET" in goals[1] and "1.10x" in goals[1]
     assert "no verdict" in goals[2]
+
+
+def test_http_bench_rows_and_verdicts() -> None:
+    from bench.http import Target, rows, verdicts
+
+    grpc_t, http_t = Target("trtserve f1 / grpc", None, "grpc", 1), Target("trtserve f1 / http", None, "http", 2)
+    results = {("trtserve f1 / grpc", 1): {"rps": 700.0, "p50_ms": 1.3, "p99_ms": 4.0, "cpu_cores": 0.9},
+               ("trtserve f1 / http", 1): {"rps": 650.0, "p50_ms": 1.4, "p99_ms": 3.0, "cpu_cores": 0.8},
+               ("trtserve f1 / grpc", 32): {"rps": 1500.0, "p50_ms": 21.0, "p99_ms": 38.0, "cpu_cores": 1.4},
+               ("trtserve f1 / http", 32): {"rps": 3000.0, "p50_ms": 10.5, "p99_ms": 17.0, "cpu_cores": 1.2},
+               ("trtserve f1 / http", 8): None}
+    table = rows([grpc_t, http_t], [1, 32], results)
+    assert table[0] == ["trtserve f1", "grpc", "1", "700", "1.30", "4.00", "0.90"]
+    assert table[3][1:4] == ["http", "32", "3000"]
+    lines = verdicts([1, 8, 32], results, http_t.name, grpc_t.name)
+    assert "0.93x" in lines[0] and lines[0].endswith("MISSED")  # HTTP slower than gRPC at 1
+    assert "no verdict" in lines[1]
+    assert "2.00x" in lines[2] and lines[2].endswith("MET")
