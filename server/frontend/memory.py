@@ -151,14 +151,13 @@ class Trimmer:
             self.note()  # not idle yet: look again later
             return
         if self.policy.due(self._resident(), time.monotonic()):
-            self.trim()
-            if self._resident() - self.policy.floor >= self.policy.threshold:
+            if self.trim() - self.policy.floor >= self.policy.threshold:
                 # grpc may still hold the last responses' buffers (an answer counts as done once handed to
                 # grpc, not once written): look again after the policy's wait
                 self.note()
 
-    def trim(self) -> None:
-        """Gives the memory back now; the caller makes sure no arena block is in use."""
+    def trim(self) -> int:
+        """Gives the memory back now; the caller makes sure no arena block is in use. The resident size after."""
         t0 = time.monotonic()
         before = self._resident()
         if self._arena_fd is not None and self._arena_size:
@@ -168,6 +167,7 @@ class Trimmer:
         self.policy.trimmed(before, after, time.monotonic())
         self.trims += 1
         log.debug("idle: gave back %.0f MiB in %.1f ms", (before - after) / MiB, (time.monotonic() - t0) * 1e3)
+        return after
 
 
 class PeriodicTrim:

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tupl
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.server.errors import InvalidArgument, TrtServeError
 from trtserve.server.frontend.http import infer_codec
+from trtserve.server.frontend.http.infer_codec import json_field as _field
 from trtserve.server.frontend.http.jsonpb import to_json
 from trtserve.server.frontend.service import InferenceService
 
@@ -88,16 +89,6 @@ def _body_json(body: bytes, what: str) -> Dict[str, Any]:
         raise InvalidArgument(f"{what}: the body is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what}: the body must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _field(obj: Mapping[str, Any], key: str, kinds: tuple, what: str, default: Any = None) -> Any:
-    value = obj.get(key, default)
-    if value is default:
-        return value
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise InvalidArgument(f"{what}: '{key}' must be {' or '.join(k.__name__ for k in kinds)}, got "
-                              f"{json.dumps(value)[:100]}")
     return value
 
 
@@ -253,13 +244,13 @@ class HttpApi:
 
     # ---- repository -----------------------------------------------------------------------------------------------
     async def repository_index(self, body: bytes, **_: Any) -> Reply:
-        ready = _field(_body_json(body, "repository index"), "ready", (bool,), "repository index", False)
+        ready = _field(_body_json(body, "repository index"), "ready", bool, "repository index") or False
         response = await self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready))
         return json_reply([to_json(m) for m in response.models])
 
     async def load(self, model: str, body: bytes, **_: Any) -> Reply:
         what = f"load of model '{model}'"
-        params = _field(_body_json(body, what), "parameters", (dict,), what, {})
+        params = _field(_body_json(body, what), "parameters", dict, what) or {}
         request = pb.RepositoryModelLoadRequest(model_name=model)
         for key, value in params.items():
             if key == "config" and isinstance(value, (dict, list)):
@@ -270,7 +261,7 @@ class HttpApi:
 
     async def unload(self, model: str, body: bytes, **_: Any) -> Reply:
         what = f"unload of model '{model}'"
-        params = _field(_body_json(body, what), "parameters", (dict,), what, {})
+        params = _field(_body_json(body, what), "parameters", dict, what) or {}
         request = pb.RepositoryModelUnloadRequest(model_name=model)
         for key, value in params.items():
             infer_codec.set_parameter(request.parameters, key, value, what)
@@ -288,22 +279,22 @@ class HttpApi:
     async def shm_register(self, kind: str, region: str, body: bytes, **_: Any) -> Reply:
         what = f"registration of shared memory region '{region}'"
         obj = _body_json(body, what)
-        byte_size = _field(obj, "byte_size", (int,), what, 0)
+        byte_size = _field(obj, "byte_size", int, what) or 0
         if kind == "systemsharedmemory":
-            key = _field(obj, "key", (str,), what, "")
+            key = _field(obj, "key", str, what) or ""
             if not key:
                 raise InvalidArgument(f"{what}: 'key' (the shared memory key, e.g. /my_region) is required")
             await self._call("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(
-                name=region, key=key, offset=_field(obj, "offset", (int,), what, 0), byte_size=byte_size))
+                name=region, key=key, offset=_field(obj, "offset", int, what) or 0, byte_size=byte_size))
         else:
-            handle = _field(obj, "raw_handle", (dict,), what, {})
-            encoded = _field(handle, "b64", (str,), what, "")
+            handle = _field(obj, "raw_handle", dict, what) or {}
+            encoded = _field(handle, "b64", str, what) or ""
             try:
                 raw = base64.b64decode(encoded, validate=True)
             except ValueError:
                 raise InvalidArgument(f"{what}: 'raw_handle.b64' is not valid base64") from None
             await self._call("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest(
-                name=region, raw_handle=raw, device_id=_field(obj, "device_id", (int,), what, 0),
+                name=region, raw_handle=raw, device_id=_field(obj, "device_id", int, what) or 0,
                 byte_size=byte_size))
         return Reply(200, content_type=None)
 

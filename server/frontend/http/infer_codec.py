@@ -59,14 +59,15 @@ def _bad_json(message: str) -> InvalidArgument:
     return InvalidArgument(f"failed to parse the request JSON: {message}")
 
 
-def _get(obj: Mapping[str, Any], key: str, kind: type, what: str, required: bool = False) -> Any:
-    """obj[key] when it has the JSON type ``kind``; None when absent and not required."""
+def json_field(obj: Mapping[str, Any], key: str, kind: type, what: str, required: bool = False) -> Any:
+    """obj[key] when it has the JSON type ``kind`` (true/false are no integers); None when absent and not
+    required. For every JSON body of the HTTP API, so all of them refuse a wrong field alike."""
     if key not in obj:
         if required:
             raise _bad_json(f"{what} has no '{key}'")
         return None
     value = obj[key]
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise _bad_json(f"{what}: '{key}' must be {_JSON_KIND[kind]}, got {_kind(value)}")
     return value
 
@@ -165,10 +166,10 @@ def _input(request: pb.ModelInferRequest, i: int, t: Any) -> Optional[Union[byte
     """Adds inputs[i] to ``request``; returns its JSON data's bytes, its binary_data_size, or None (shared memory)."""
     if not isinstance(t, dict):
         raise _bad_json(f"inputs[{i}] must be an object, got {_kind(t)}")
-    name = _get(t, "name", str, f"inputs[{i}]", required=True)
+    name = json_field(t, "name", str, f"inputs[{i}]", required=True)
     what = f"input '{name}'"
-    datatype = _get(t, "datatype", str, what, required=True)
-    dims = _get(t, "shape", list, what, required=True)
+    datatype = json_field(t, "datatype", str, what, required=True)
+    dims = json_field(t, "shape", list, what, required=True)
     if not all(type(d) is int for d in dims):
         raise _bad_json(f"{what}: 'shape' must be an array of integers, got {_short(dims, 200)}")
     dt = dtypes.BY_WIRE.get(datatype)
@@ -179,7 +180,7 @@ def _input(request: pb.ModelInferRequest, i: int, t: Any) -> Optional[Union[byte
         shape = shape_of(name, shape)  # refuses negative or absurd dimensions, with the gRPC path's words
     tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
     size: Optional[int] = None
-    params = _get(t, "parameters", dict, what) or {}
+    params = json_field(t, "parameters", dict, what) or {}
     for key, value in params.items():
         if key == "binary_data_size":
             if type(value) is not int or value < 0:
@@ -237,11 +238,11 @@ def _outputs(request: pb.ModelInferRequest, outputs: List[Any]) -> Tuple[Dict[st
     for i, o in enumerate(outputs):
         if not isinstance(o, dict):
             raise _bad_json(f"outputs[{i}] must be an object, got {_kind(o)}")
-        name = _get(o, "name", str, f"outputs[{i}]", required=True)
+        name = json_field(o, "name", str, f"outputs[{i}]", required=True)
         what = f"output '{name}'"
         out = request.outputs.add(name=name)
         shm: Dict[str, object] = {}
-        for key, value in (_get(o, "parameters", dict, what) or {}).items():
+        for key, value in (json_field(o, "parameters", dict, what) or {}).items():
             if key == "binary_data":
                 if not isinstance(value, bool):
                     raise InvalidArgument(f"{what}: parameter 'binary_data' must be a boolean, got {_kind(value)}")
@@ -275,20 +276,20 @@ def parse_infer(model: str, version: str, body: bytes, header_length: Optional[i
         raise _bad_json(str(e) or type(e).__name__) from None
     if not isinstance(doc, dict):
         raise _bad_json(f"the request must be a JSON object, got {_kind(doc)}")
-    request_id = _get(doc, "id", str, "the request") or ""
+    request_id = json_field(doc, "id", str, "the request") or ""
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     binary_default = False
-    for key, value in (_get(doc, "parameters", dict, "the request") or {}).items():
+    for key, value in (json_field(doc, "parameters", dict, "the request") or {}).items():
         if key == "binary_data_output":
             if not isinstance(value, bool):
                 raise InvalidArgument(f"request parameter 'binary_data_output' must be a boolean, got {_kind(value)}")
             binary_default = value
         else:
             set_parameter(request.parameters, key, value, "request")
-    inputs = _get(doc, "inputs", list, "the request", required=True)
+    inputs = json_field(doc, "inputs", list, "the request", required=True)
     entries = [_input(request, i, t) for i, t in enumerate(inputs)]
     request.raw_input_contents.extend(_raws(request, entries, view[header_length:], header_length))
-    binary_of, shm_of = _outputs(request, _get(doc, "outputs", list, "the request") or [])
+    binary_of, shm_of = _outputs(request, json_field(doc, "outputs", list, "the request") or [])
     return request, OutputForm(binary_default, binary_of, shm_of)
 
 
@@ -350,4 +351,4 @@ def encode_infer(response: pb.ModelInferResponse, form: OutputForm) -> Tuple[byt
     return b"".join(binary), len(text)
 
 
-__all__ = ["OutputForm", "parse_infer", "encode_infer", "set_parameter"]
+__all__ = ["OutputForm", "parse_infer", "encode_infer", "set_parameter", "json_field"]
