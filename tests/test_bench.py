@@ -88,7 +88,10 @@ async def test_auto_sweep_runs_each_level_on_its_engine(example_server):
     assert result.as_dict()["generator"]["engine_per_level"] == ["threads", "asyncio"]
     for stats in result.levels:
         assert stats.errors == 0 and stats.requests > 0 and stats.server_requests is not None
-        assert abs(stats.server_requests - stats.requests) <= 8  # both windows line up with the server's view
+        # Both windows line up with the server's view. Each edge may differ by the calls in flight at it and by
+        # those finishing while the statistics call travels; a window misplaced by the warm-up would be off by
+        # about a third of the level's requests.
+        assert abs(stats.server_requests - stats.requests) <= 2 * stats.level + 0.03 * stats.requests
 
 
 async def test_bench_input_file_and_shape_rules(example_server, tmp_path):
