@@ -6,17 +6,21 @@ statistics, and are measured with ``time.monotonic_ns``-compatible clocks.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Tuple
+
+# one successful request in ``Observer.requests_done``: rows, request_ns, queue_ns, compute_input_ns,
+# compute_infer_ns, compute_output_ns
+Done = Tuple[int, int, int, int, int, int]
 
 
 class Observer:
     """No-op base; subclasses override what they need. Calls come from the event loop thread."""
 
-    def request_queued(self, model: str, version: str, priority: int) -> None:
-        """A request entered the batcher's queue (pending count +1)."""
+    def request_queued(self, model: str, version: str, priority: int, count: int = 1) -> None:
+        """``count`` requests entered the batcher's queue (pending count +count)."""
 
-    def request_dequeued(self, model: str, version: str, priority: int) -> None:
-        """A request left the queue: batched, timed out, cancelled (pending count -1)."""
+    def request_dequeued(self, model: str, version: str, priority: int, count: int = 1) -> None:
+        """``count`` requests left the queue: batched, timed out, cancelled (pending count -count)."""
 
     def request_done(
         self, model: str, version: str, ok: bool, reason: str, rows: int, request_ns: int, queue_ns: int,
@@ -24,6 +28,12 @@ class Observer:
     ) -> None:
         """One request answered. ``reason`` is "" on success, else one of: rejected, timeout, cancelled,
         invalid, backend, unavailable (Triton's failure ``reason`` label)."""
+
+    def requests_done(self, model: str, version: str, done: Sequence[Done]) -> None:
+        """Successful requests answered together (usually one batch's): one call per batch, not per request,
+        keeps the engine's cost per request small. The default hands each to ``request_done``."""
+        for rows, request_ns, queue_ns, cin, cinfer, cout in done:
+            self.request_done(model, version, True, "", rows, request_ns, queue_ns, cin, cinfer, cout)
 
     def batch_done(
         self, model: str, version: str, batch_size: int, requests: int, compute_input_ns: int,
@@ -52,6 +62,10 @@ class Fanout(Observer):
     def request_done(self, *a, **k) -> None:  # type: ignore[override]
         for o in self._observers:
             o.request_done(*a, **k)
+
+    def requests_done(self, *a, **k) -> None:  # type: ignore[override]
+        for o in self._observers:
+            o.requests_done(*a, **k)
 
     def batch_done(self, *a, **k) -> None:  # type: ignore[override]
         for o in self._observers:

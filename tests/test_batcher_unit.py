@@ -23,9 +23,9 @@ from trtserve.server.engine.repository.model_config import BatchingPolicy, Model
 
 
 def pend(rows=1, arrival=0.0, level=1, shape=(4,), seq=0) -> Pending:
-    loop_future = None  # the pure policy never touches the future
+    loop_ticket = None  # the pure policy never touches the ticket
     return Pending(inputs={}, outputs=("y",), rows=rows, shapes={"x": shape}, level=level, arrival=arrival,
-                   future=loop_future, seq=seq)  # type: ignore[arg-type]
+                   ticket=loop_ticket, seq=seq)  # type: ignore[arg-type]
 
 
 RULES = ShapeRules(batches=True, max_batch_size=8, paddable=frozenset(), profiles=())
@@ -159,8 +159,8 @@ def test_stack_writes_into_staging_arrays_when_they_match():
     from trtserve.server.engine.batcher import assemble
     a, b = np.ones((2, 4), np.float32), np.full((1, 4), 2, np.float32)
     reqs = [Pending(inputs={"x": a}, outputs=("y",), rows=2, shapes={"x": (4,)}, level=1, arrival=0.0,
-                    future=None), Pending(inputs={"x": b}, outputs=("y",), rows=1, shapes={"x": (4,)}, level=1,
-                                          arrival=0.0, future=None)]  # type: ignore[arg-type]
+                    ticket=None), Pending(inputs={"x": b}, outputs=("y",), rows=1, shapes={"x": (4,)}, level=1,
+                                          arrival=0.0, ticket=None)]  # type: ignore[arg-type]
     staging = {"x": np.zeros((3, 4), np.float32)}
     out = assemble.stack(reqs, {"x": (4,)}, {}, True, staging)
     assert out["x"] is staging["x"] and staging["x"].tolist() == [[1.0] * 4, [1.0] * 4, [2.0] * 4]
@@ -169,7 +169,7 @@ def test_stack_writes_into_staging_arrays_when_they_match():
     assert out["x"] is not wrong["x"] and not wrong["x"].any() and out["x"].shape == (3, 4)
     padded = {"x": np.zeros((3, 6), np.float32)}
     reqs[1] = Pending(inputs={"x": np.full((1, 6), 3, np.float32)}, outputs=("y",), rows=1, shapes={"x": (6,)},
-                      level=1, arrival=0.0, future=None)  # type: ignore[arg-type]
+                      level=1, arrival=0.0, ticket=None)  # type: ignore[arg-type]
     out = assemble.stack(reqs, {"x": (6,)}, {"x": -1.0}, True, padded)
     assert out["x"] is padded["x"] and padded["x"][0].tolist() == [1, 1, 1, 1, -1, -1]
     assert padded["x"][2].tolist() == [3] * 6
@@ -248,11 +248,11 @@ class Recorder(Observer):
         self.pending = 0
         self.batches: List[int] = []
 
-    def request_queued(self, model, version, priority):
-        self.pending += 1
+    def request_queued(self, model, version, priority, count=1):
+        self.pending += count
 
-    def request_dequeued(self, model, version, priority):
-        self.pending -= 1
+    def request_dequeued(self, model, version, priority, count=1):
+        self.pending -= count
 
     def batch_done(self, model, version, batch_size, requests, *a, **k):
         self.batches.append(batch_size)
@@ -540,13 +540,13 @@ def test_device_pieces_stay_pieces_for_the_backend_to_copy():
 
     dev, host = Dev((2, 4)), np.ones((1, 4), np.float32)
     reqs = [Pending(inputs={"x": dev}, outputs=("y",), rows=2, shapes={"x": (4,)}, level=1, arrival=0.0,
-                    future=None), Pending(inputs={"x": host}, outputs=("y",), rows=1, shapes={"x": (4,)}, level=1,
-                                          arrival=0.0, future=None)]  # type: ignore[arg-type]
+                    ticket=None), Pending(inputs={"x": host}, outputs=("y",), rows=1, shapes={"x": (4,)}, level=1,
+                                          arrival=0.0, ticket=None)]  # type: ignore[arg-type]
     out = assemble.stack(reqs, {"x": (4,)}, {}, True, {"x": np.zeros((3, 4), np.float32)})
     assert isinstance(out["x"], Gather) and out["x"].parts == (dev, host) and out["x"].shape == (3, 4)
     assert assemble.stack(reqs[:1], {"x": (4,)}, {}, True)["x"] is dev  # alone: handed over as it is
     reqs[1] = Pending(inputs={"x": np.ones((1, 6), np.float32)}, outputs=("y",), rows=1, shapes={"x": (6,)},
-                      level=1, arrival=0.0, future=None)  # type: ignore[arg-type]
+                      level=1, arrival=0.0, ticket=None)  # type: ignore[arg-type]
     with pytest.raises(Internal, match="cannot be padded"):
         assemble.stack(reqs, {"x": (6,)}, {"x": 0.0}, True)
 
@@ -586,3 +586,41 @@ async def test_a_failure_while_answering_still_answers_every_request():
             await asyncio.wait_for(b.submit(x(), ("y",), 1), 5)
     assert backend.batches == [1, 1]
     await asyncio.wait_for(b.stop(), 5)
+
+
+def test_a_ticket_is_settled_once_and_its_owner_is_told_at_once(caplog):
+    from trtserve.server.engine.batcher.request import Ticket
+
+    seen = []
+    t = Ticket(lambda ticket: seen.append((ticket.result, ticket.error, ticket.cancelled)))
+    cancels = []
+    t.on_cancel = lambda: cancels.append(1)
+    assert not t.done() and t.settle("r") and t.done()
+    assert not t.settle("again") and not t.cancel() and seen == [("r", None, False)] and cancels == []
+
+    c = Ticket(lambda ticket: seen.append(("cancelled", ticket.cancelled)))
+    c.on_cancel = lambda: cancels.append(1)
+    assert c.cancel() and seen[-1] == ("cancelled", True) and cancels == [1]
+    assert not c.settle(error=RuntimeError("late")) and c.error is None
+
+    def broken(ticket):
+        raise RuntimeError("owner failed")
+
+    b = Ticket(broken)
+    with caplog.at_level("ERROR", logger="trtserve.batcher"):
+        assert b.settle("x")  # the failure is logged, not raised into the batcher's loop
+    assert "answering a request failed" in caplog.text
+
+
+async def test_cancelling_the_future_of_submit_cancels_the_queued_request_at_once():
+    from trtserve.server.engine.batcher.request import TicketFuture
+
+    fut = TicketFuture(asyncio.get_running_loop())
+    hooked = []
+    fut.ticket.on_cancel = lambda: hooked.append(1)
+    assert fut.cancel() and fut.cancelled() and fut.ticket.cancelled and hooked == [1]
+    assert not fut.cancel()
+    done = TicketFuture(asyncio.get_running_loop())
+    done.ticket.settle(error=ValueError("bad"))
+    with pytest.raises(ValueError):
+        await done

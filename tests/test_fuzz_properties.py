@@ -190,7 +190,7 @@ def batching_cases(draw):
         length = draw(st.integers(1, 6))
         if rules.accepts(rows, {"x": (length,)}):  # submit() rejects the others before they queue
             pending.append(Pending(inputs={}, outputs=("y",), rows=rows, shapes={"x": (length,)}, level=1,
-                                   arrival=draw(st.floats(0, 0.02)), future=None, seq=i))  # type: ignore[arg-type]
+                                   arrival=draw(st.floats(0, 0.02)), ticket=None, seq=i))  # type: ignore[arg-type]
     free = draw(st.sets(st.integers(0, 2), max_size=3))
     queueable = draw(st.sets(st.integers(0, 2), max_size=3)) - free
     return rules, pol, pending, free, queueable, draw(st.booleans()), draw(st.floats(0, 0.05))
@@ -232,7 +232,7 @@ def stack_cases(draw):
         w = draw(st.integers(1, 5)) if paddable else width
         data = np.arange(rows * w, dtype=np.float32).reshape(rows, w) + 100 * i
         reqs.append(Pending(inputs={"x": data}, outputs=("y",), rows=rows, shapes={"x": (w,)}, level=1, arrival=0.0,
-                            future=None, seq=i))  # type: ignore[arg-type]
+                            ticket=None, seq=i))  # type: ignore[arg-type]
     return reqs, paddable
 
 

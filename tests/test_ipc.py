@@ -100,6 +100,46 @@ async def _pair_roundtrip(n: int, payload: bytes):
     return got, closed
 
 
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.float32).reshape(3, 4),  # contiguous: the memoryview copy
+    np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2],  # strided: through NumPy
+    np.arange(6, dtype=np.float16).reshape(2, 3).T,  # Fortran order
+    np.array(5, np.int64),  # 0-d
+    np.zeros((0, 4), np.float16),  # empty
+    np.array([True, False, True]),
+], ids=["contiguous", "strided", "fortran", "scalar", "empty", "bool"])
+def test_arena_write_lands_the_bytes_another_mapping_reads(array):
+    arena = Arena.create(1 << 16)
+    other = Arena.attach(os.dup(arena.fd))
+    try:
+        arena.write(192, array)
+        got = other.view(192, array.nbytes).view(array.dtype).reshape(array.shape)
+        np.testing.assert_array_equal(got, array)
+        with pytest.raises(ValueError, match="outside the arena"):
+            arena.write(arena.size - 1, np.zeros(2, np.uint8))
+        with pytest.raises(ValueError, match="outside the arena"):
+            arena.write(-8, np.zeros(2, np.uint8))
+    finally:
+        other.close()
+        arena.close()
+    with pytest.raises(ValueError):
+        arena.write(0, np.zeros(1, np.uint8))  # closed
+
+
+def test_arena_array_is_a_read_only_bounds_checked_view_that_outlives_close():
+    arena = Arena.create(1 << 16)
+    arena.write(128, np.arange(8, dtype=np.float32))
+    x = arena.array(128, np.dtype("<f4"), (2, 4))
+    assert not x.flags.writeable and x.shape == (2, 4)
+    np.testing.assert_array_equal(x.reshape(-1), np.arange(8, dtype=np.float32))
+    assert arena.array(128, np.dtype("<f4"), (0, 4)).shape == (0, 4)
+    assert arena.array(128, np.dtype("<i8"), ()).shape == ()
+    with pytest.raises(ValueError, match="outside the arena"):
+        arena.array(arena.size - 8, np.dtype("<f4"), (4,))
+    arena.close()  # the engine closes a detached front end's arena while a batch may still read an input
+    np.testing.assert_array_equal(x.reshape(-1), np.arange(8, dtype=np.float32))  # still mapped, no crash
+
+
 def test_socket_link_keeps_order_carries_large_frames_and_reports_the_peer_closing():
     big = os.urandom(3 << 20)  # larger than one read and than the socket buffer: partial writes and reads
     got, closed = asyncio.run(_pair_roundtrip(5, big))

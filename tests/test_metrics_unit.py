@@ -456,3 +456,32 @@ def test_metrics_server_fixed_port_and_restart(obs: PrometheusObserver) -> None:
             MetricsServer(obs.registry, "127.0.0.1", port).start()
     finally:
         again.stop()
+
+
+def test_requests_done_in_one_call_equals_one_call_per_request() -> None:
+    """The engine reports a batch's successes in one call: /metrics and ModelStatistics must read exactly as if
+    each request had been reported alone (negative durations clamped the same way)."""
+    from trtserve.server.metrics.statistics import Statistics
+
+    done = [(1, 5 * MS, 1 * MS, 100_000, 2 * MS, 200_000), (4, 7 * MS, -3, 0, 3 * MS, 1),
+            (2, 2 * MS, 4 * MS, -1, 5, 9), (1, 300 * MS, 0, 1, 1, 1)]
+    one, many = PrometheusObserver(gpu=False), PrometheusObserver(gpu=False)
+    stats_one, stats_many = Statistics(), Statistics()
+    for o in (one, many):
+        o.model_state("m", "1", "READY")
+    for row in done:
+        one.request_done("m", "1", True, "", *row)
+        stats_one.request_done("m", "1", True, "", *row)
+    Fanout([many, stats_many]).requests_done("m", "1", done)
+    assert scrape(many).samples == scrape(one).samples
+    a, b = stats_many.snapshot("m", "1"), stats_one.snapshot("m", "1")
+    assert a.inference_count == b.inference_count == 8
+    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert getattr(a, field) == getattr(b, field), field
+    assert a.success.count == 4 and a.queue.ns == 5 * MS
+
+
+def test_pending_counts_arrive_in_bulk(obs: PrometheusObserver) -> None:
+    obs.request_queued("m", "1", 1, count=5)
+    obs.request_dequeued("m", "1", 1, count=3)
+    assert scrape(obs).value("nv_inference_pending_request_count", model="m", version="1") == 2

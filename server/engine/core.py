@@ -1,4 +1,4 @@
-"""The engine's side of every front-end link: descriptors in, batcher futures, results out.
+"""The engine's side of every front-end link: descriptors in, batcher tickets, results out.
 
 One ``Session`` per connected front end holds its arena and the requests it has in flight. A request
 arrives checked (the front end validated it against the model); here it becomes NumPy views of the
@@ -29,28 +29,40 @@ import numpy as np
 
 from trtserve import dtypes
 from trtserve.server.engine.backends.base import DeviceTensor
+from trtserve.server.engine.batcher.request import Ticket
 from trtserve.server.engine.repository.registry import ModelRepository, ModelVersion
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
 from trtserve.server.engine.shm.request import ShmRef
 from trtserve.server.errors import Internal, InvalidArgument, TrtServeError
-from trtserve.server.events import Observer
+from trtserve.server.events import Done, Observer
 from trtserve.server.ipc import messages as m
 from trtserve.server.ipc.arena import Arena
 from trtserve.server.ipc.channel import Link
 
 log = logging.getLogger("trtserve.engine")
 
+# each fixed-size datatype as it lies in the arena (little-endian), looked up per input instead of rebuilt
+_ARENA_DTYPES = {w: (d.numpy.newbyteorder("<") if d.itemsize > 1 else d.numpy)
+                 for w, d in dtypes.BY_WIRE.items() if w != "BYTES"}
 
-class _InFlight:
-    """One request between its INFER and its RESULT."""
 
-    __slots__ = ("future", "dispatched", "cancelled", "shm", "queued_ns")
+class _InFlight(Ticket):
+    """One request between its INFER and its RESULT: the batcher settles it, and ``EngineCore._done``
+    answers it right there (no future, closure or loop turn per request)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("session", "req_id", "mv", "outputs", "rows", "t0", "trace", "queued", "dispatched", "abandoned",
+                 "shm", "queued_ns")
+
+    def __init__(self, on_settled: Callable[[Ticket], None], session: "Session", req_id: int, outputs: tuple,
+                 rows: int, t0: int, trace: Optional[str]) -> None:
+        super().__init__(on_settled)
+        self.session, self.req_id, self.outputs, self.rows, self.t0, self.trace = \
+            session, req_id, outputs, rows, t0, trace
+        self.mv: Optional[ModelVersion] = None
         self.queued_ns = 0  # traced requests: QUEUE_START
-        self.future: Optional["asyncio.Future"] = None
+        self.queued = False  # in its model's batcher: a cancel reaches it through the ticket
         self.dispatched = False  # joined a batch on an instance: its arena memory is being read
-        self.cancelled = False
+        self.abandoned = False  # the client cancelled, or its front end went away
         self.shm: Any = None  # RequestShm, when the request uses client shared memory
 
     def mark_dispatched(self) -> None:
@@ -80,6 +92,9 @@ class EngineCore:
         self._observer = observer
         self._control = control
         self.sessions: List[Session] = []
+        # successful requests answered in this loop turn, per model version: the observers get them in one call
+        # per version and turn (a batch's answers arrive together), not one per request
+        self._succeeded: Dict[Tuple[str, str], List[Done]] = {}
         if hasattr(control, "broadcast"):
             control.broadcast = self.broadcast_settings  # type: ignore[attr-defined]
 
@@ -102,9 +117,9 @@ class EngineCore:
         if session in self.sessions:
             self.sessions.remove(session)
         for item in list(session.inflight.values()):
-            item.cancelled = True
-            if item.future is not None and not item.dispatched:
-                item.future.cancel()
+            item.abandoned = True
+            if item.queued and not item.dispatched:
+                item.cancel()
         if not session.inflight and session.arena is not None:
             session.arena.close()
         log.info("front end %s detached (%d requests were in flight)", session.name, len(session.inflight))
@@ -113,6 +128,7 @@ class EngineCore:
         for s in list(self.sessions):
             s.link.close()
             self._detach(s)
+        self._flush_successes()
         tracer = getattr(self._control, "tracer", None)
         if tracer is not None:
             tracer.flush()  # traces collected and not yet written (log_frequency 0) go to the trace file
@@ -164,17 +180,17 @@ class EngineCore:
         item = session.inflight.get(req_id)
         if item is None:
             return
-        item.cancelled = True
-        if item.future is not None and not item.dispatched:
-            item.future.cancel()  # still queued: it never runs, and its answer goes back now
+        item.abandoned = True
+        if item.queued and not item.dispatched:
+            item.cancel()  # still queued: it never runs, and its answer goes back now
 
     def _infer(self, session: Session, msg: tuple) -> None:
         (_, req_id, model, version, serial, inputs, outputs, rows, priority, timeout_us, deadline, t0, trace) = msg
-        item = _InFlight()
+        item = _InFlight(self._done, session, req_id, outputs, rows, t0, trace)
         session.inflight[req_id] = item
         mv: Optional[ModelVersion] = None
         try:
-            mv = self._repo.get(model, version)
+            mv = item.mv = self._repo.get(model, version)
             if mv.serial != serial:
                 self._answer(session, req_id, m.STALE, "the model was reloaded", ())
                 return
@@ -185,8 +201,9 @@ class EngineCore:
             names = tuple(o[0] for o in outputs)
             if trace is not None:
                 item.queued_ns = time.monotonic_ns()
-            item.future = batcher.submit(arrays, names, rows, priority, timeout_us, deadline, device_outputs,
-                                         on_dispatch=item.mark_dispatched)
+            batcher.queue(item, arrays, names, rows, priority, timeout_us, deadline, device_outputs,
+                          on_dispatch=item.mark_dispatched)
+            item.queued = True
         except TrtServeError as e:
             if mv is not None:
                 self._observer.request_done(mv.name, mv.version, False, e.reason, rows,
@@ -198,8 +215,6 @@ class EngineCore:
             log.exception("model '%s': request failed before it was queued", model)
             self._finish_shm(item, True)
             self._answer(session, req_id, "INTERNAL", f"{type(e).__name__}: {e}", ())
-            return
-        item.future.add_done_callback(lambda f: self._done(session, req_id, item, mv, outputs, rows, t0, f, trace))
 
     def _inputs(self, session: Session, mv: ModelVersion, item: _InFlight, inputs: tuple) -> Dict[str, Any]:
         """NumPy views of the arena (read-only), or what client shared memory holds."""
@@ -207,19 +222,17 @@ class EngineCore:
         spec, backend = mv.spec, mv.backend
         assert spec is not None
         for name, wire, shape, source in inputs:
-            dt = dtypes.BY_WIRE[wire]
             if source[0] == m.ARENA:
                 if session.arena is None:
                     raise Internal(f"input '{name}': no arena for this front end")
-                raw = session.arena.view(source[1], source[2])
                 if wire == "BYTES":
                     count = math.prod(shape) if shape else 1
-                    arr = dtypes.deserialize_bytes(raw.tobytes(), count).reshape(shape)
+                    raw = session.arena.view(source[1], source[2])
+                    arrays[name] = dtypes.deserialize_bytes(raw.tobytes(), count).reshape(shape)
                 else:
-                    arr = raw.view(dt.numpy.newbyteorder("<") if dt.itemsize > 1 else dt.numpy).reshape(shape)
-                    arr.flags.writeable = False
-                arrays[name] = arr
+                    arrays[name] = session.arena.array(source[1], _ARENA_DTYPES[wire], shape)
                 continue
+            dt = dtypes.BY_WIRE[wire]
             if item.shm is None:
                 item.shm = self._shm.request()
             device_tensors = bool(getattr(backend, "accepts_device_tensors", False))
@@ -257,21 +270,25 @@ class EngineCore:
                     device_outputs[name] = dest
         return device_outputs
 
-    def _done(self, session: Session, req_id: int, item: _InFlight, mv: ModelVersion, outputs: tuple, rows: int,
-              t0: int, fut: "asyncio.Future", trace: Optional[str] = None) -> None:
-        spec = mv.spec
+    def _done(self, ticket: Ticket) -> None:
+        """The batcher settled the request (or it was cancelled while queued): its RESULT goes back now."""
+        item: _InFlight = ticket  # type: ignore[assignment]
+        session, req_id, outputs, rows, t0, trace = item.session, item.req_id, item.outputs, item.rows, item.t0, \
+            item.trace
+        assert item.mv is not None
+        spec = item.mv.spec
         assert spec is not None
         # a request cancelled after it joined a batch ran to the end (its memory was being read); the client
         # has gone, so it is answered CANCELLED all the same
-        if fut.cancelled() or (item.cancelled and fut.exception() is None):
+        if item.cancelled or (item.abandoned and item.error is None):
             self._observer.request_done(spec.name, spec.version, False, "cancelled", rows,
                                         time.monotonic_ns() - t0, 0, 0, 0, 0)
             self._finish_shm(item, False)
             self._answer(session, req_id, "CANCELLED", "the request was cancelled", ())
             return
-        error = fut.exception()
+        error = item.error
         if error is None:
-            result = fut.result()
+            result = item.result
             try:
                 written = self._write_outputs(session, item, spec, outputs, result)
             except TrtServeError as e:
@@ -291,9 +308,9 @@ class EngineCore:
                                           [("REQUEST_START", t0), ("QUEUE_START", item.queued_ns)])
             self._answer(session, req_id, code, message, ())
             return
-        self._observer.request_done(spec.name, spec.version, True, "", rows, time.monotonic_ns() - t0,
-                                    result.queue_ns, result.compute_input_ns, result.compute_infer_ns,
-                                    result.compute_output_ns)
+        self._count_success(spec.name, spec.version, (rows, time.monotonic_ns() - t0, result.queue_ns,
+                                                      result.compute_input_ns, result.compute_infer_ns,
+                                                      result.compute_output_ns))
         self._finish_shm(item, True)
         if trace is not None and not session.closed:
             session.traces[req_id] = (spec.name, spec.version, trace, _timestamps(t0, item.queued_ns, result))
@@ -301,30 +318,45 @@ class EngineCore:
 
     def _write_outputs(self, session: Session, item: _InFlight, spec, outputs: tuple, result) -> tuple:
         written = []
+        arena = session.arena if not session.closed else None
         for name, shm_ref, slot in outputs:
             array = result.outputs[name]
             wire = spec.output(name).datatype
-            shape = tuple(int(d) for d in getattr(array, "shape", ()))
+            shape = tuple(array.shape)  # NumPy's and CuPy's shapes are tuples of Python ints
             if shm_ref is not None:
                 if name not in result.delivered:  # the backend wrote those into device memory already
                     item.shm.write_output(name, wire, array)
                 written.append((name, wire, shape, (m.SHM,)))
                 continue
-            host = np.asarray(array) if not hasattr(array, "__cuda_array_interface__") or isinstance(
-                array, np.ndarray) else _to_host(array)
+            if type(array) is np.ndarray:  # the usual case: a host result
+                host = array
+            else:
+                host = np.asarray(array) if not hasattr(array, "__cuda_array_interface__") else _to_host(array)
             if wire == "BYTES":
                 written.append((name, wire, shape, (m.DATA, dtypes.serialize_bytes(host))))
                 continue
-            want = dtypes.BY_WIRE[wire].numpy
+            want = _ARENA_DTYPES[wire]
             if host.dtype != want:
                 host = host.astype(want)
-            if slot is not None and host.nbytes <= slot[1] and session.arena is not None and not session.closed:
-                dst = session.arena.view(slot[0], host.nbytes)
-                dst[:] = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+            if slot is not None and host.nbytes <= slot[1] and arena is not None:
+                arena.write(slot[0], host)
                 written.append((name, wire, shape, (m.ARENA, slot[0], host.nbytes)))
             else:
                 written.append((name, wire, shape, (m.DATA, np.ascontiguousarray(host).tobytes())))
         return tuple(written)
+
+    def _count_success(self, model: str, version: str, done: Done) -> None:
+        """Counted in the loop turn after the answer was written: the flush is queued on the loop before the
+        answer goes out, so a statistics call that follows the answer finds the request counted (a /metrics
+        scrape, on its own thread, may see it one loop turn later)."""
+        if not self._succeeded:
+            asyncio.get_running_loop().call_soon(self._flush_successes)
+        self._succeeded.setdefault((model, version), []).append(done)
+
+    def _flush_successes(self) -> None:
+        succeeded, self._succeeded = self._succeeded, {}
+        for (model, version), done in succeeded.items():
+            self._observer.requests_done(model, version, done)
 
     @staticmethod
     def _finish_shm(item: _InFlight, finished: bool) -> None:

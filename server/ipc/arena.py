@@ -26,6 +26,13 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
+def _count(shape: Tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 class ArenaFull(Exception):
     """No free block is large enough right now (requests in flight hold the space)."""
 
@@ -39,6 +46,8 @@ class Arena:
         self.owner = owner
         self._mmap: Optional[mmap.mmap] = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.buffer = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._memory: Optional[memoryview] = memoryview(self._mmap)
+        self._readonly: Optional[memoryview] = self._memory.toreadonly()
         self.pinned = False
 
     @classmethod
@@ -68,6 +77,29 @@ class Arena:
             raise ValueError(f"arena range {offset}+{nbytes} is outside the arena ({self.size} bytes)")
         return self.buffer[offset:offset + nbytes]
 
+    def array(self, offset: int, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
+        """A read-only array of ``dtype`` and ``shape`` at ``offset`` (bounds-checked): the engine's view of one
+        input, in two NumPy calls instead of four (slice, view, reshape, flag). frombuffer, not
+        ``ndarray(buffer=...)``: its array holds the mapping's buffer export, so ``close`` cannot unmap pages
+        that it still reads."""
+        count = _count(shape)
+        if self._readonly is None or offset < 0 or offset + dtype.itemsize * count > self.size:
+            raise ValueError(f"arena range {offset}+{dtype.itemsize * count} is outside the arena "
+                             f"({self.size} bytes)")
+        return np.frombuffer(self._readonly, dtype, count, offset).reshape(shape)
+
+    def write(self, offset: int, array: np.ndarray) -> None:
+        """Copies ``array``'s bytes to ``offset`` (bounds-checked). A C-contiguous array goes in one memoryview
+        copy, a fraction of what NumPy's slicing and copyto cost for the small results the engine writes per
+        request; anything else through NumPy."""
+        n = array.nbytes
+        if offset < 0 or offset + n > self.size or self._memory is None:
+            raise ValueError(f"arena range {offset}+{n} is outside the arena ({self.size} bytes)")
+        try:
+            self._memory[offset:offset + n] = array.data.cast("B")
+        except (TypeError, ValueError):  # not C-contiguous, or no elements: memoryview cannot cast those
+            np.copyto(self.buffer[offset:offset + n].view(array.dtype).reshape(array.shape), array)
+
     def pin(self) -> None:
         """Registers the whole arena with CUDA as page-locked host memory, so a device copy of an input reads
         straight from where the front end wrote it (the TensorRT backend checks, see staging.py). It locks
@@ -88,6 +120,9 @@ class Arena:
                 pass
             self.pinned = False
         self.buffer = np.empty(0, np.uint8)
+        # dropped, not released: arrays made by ``array`` hold exports of the read-only view, and while one
+        # lives, close() below leaves the mapping to the last of them
+        self._memory = self._readonly = None
         mm, self._mmap = self._mmap, None
         if mm is not None:
             try:

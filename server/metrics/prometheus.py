@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..events import Observer
+from ..events import Done, Observer
 
 if TYPE_CHECKING:
     from .gpu import GpuCollector
@@ -145,17 +145,17 @@ class PrometheusObserver(Observer):
 
     # --- events.Observer -------------------------------------------------------------------------
 
-    def request_queued(self, model: str, version: str, priority: int) -> None:
+    def request_queued(self, model: str, version: str, priority: int, count: int = 1) -> None:
         with self._lock:
             pending = self._get(model, version).pending
-            pending[priority] = pending.get(priority, 0) + 1
+            pending[priority] = pending.get(priority, 0) + count
 
-    def request_dequeued(self, model: str, version: str, priority: int) -> None:
+    def request_dequeued(self, model: str, version: str, priority: int, count: int = 1) -> None:
         with self._lock:
             series = self._series.get((model, version))
             if series is None:  # unloaded while queued: its series are already gone, do not revive them
                 return
-            series.pending[priority] = series.pending.get(priority, 0) - 1
+            series.pending[priority] = series.pending.get(priority, 0) - count
 
     def request_done(
         self, model: str, version: str, ok: bool, reason: str, rows: int, request_ns: int, queue_ns: int,
@@ -183,6 +183,25 @@ class PrometheusObserver(Observer):
             s.request_s.observe(request_ns / 1e9)
             s.queue_s.observe(queue_ns / 1e9)
             s.compute_s.observe((ci + cf + co) / 1e9)
+
+    def requests_done(self, model: str, version: str, done: Sequence[Done]) -> None:
+        with self._lock:
+            s = self._get(model, version)
+            request_s, queue_s, compute_s = s.request_s.observe, s.queue_s.observe, s.compute_s.observe
+            for rows, request_ns, queue_ns, ci, cf, co in done:
+                # clamped as request_done does
+                request_ns, queue_ns = max(0, request_ns), max(0, queue_ns)
+                ci, cf, co = max(0, ci), max(0, cf), max(0, co)
+                s.inference_count += rows
+                s.request_ns += request_ns
+                s.queue_ns += queue_ns
+                s.compute_input_ns += ci
+                s.compute_infer_ns += cf
+                s.compute_output_ns += co
+                request_s(request_ns / 1e9)
+                queue_s(queue_ns / 1e9)
+                compute_s((ci + cf + co) / 1e9)
+            s.success += len(done)
 
     def batch_done(
         self, model: str, version: str, batch_size: int, requests: int, compute_input_ns: int,

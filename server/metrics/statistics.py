@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-from trtserve.server.events import Observer
+from trtserve.server.events import Done, Observer
 
 
 @dataclasses.dataclass
@@ -23,6 +23,11 @@ class Duration:
     def add(self, ns: int) -> None:
         self.count += 1
         self.ns += max(0, int(ns))
+
+    def add_many(self, count: int, ns: int) -> None:
+        """``count`` durations summing to ``ns`` (each already clamped at 0)."""
+        self.count += count
+        self.ns += ns
 
 
 @dataclasses.dataclass
@@ -73,6 +78,28 @@ class Statistics(Observer):
                 s.last_inference_ms = int(time.time() * 1000)
             else:
                 s.fail.add(request_ns)
+
+    def requests_done(self, model: str, version: str, done: Sequence[Done]) -> None:
+        n = len(done)
+        if not n:
+            return
+        rows = req = queue = cin = cinfer = cout = 0
+        for r, a, b, c, d, e in done:  # clamped at 0 as Duration.add does
+            rows += r
+            req += a if a > 0 else 0
+            queue += b if b > 0 else 0
+            cin += c if c > 0 else 0
+            cinfer += d if d > 0 else 0
+            cout += e if e > 0 else 0
+        with self._lock:
+            s = self._get(model, version)
+            s.success.add_many(n, int(req))
+            s.queue.add_many(n, int(queue))
+            s.compute_input.add_many(n, int(cin))
+            s.compute_infer.add_many(n, int(cinfer))
+            s.compute_output.add_many(n, int(cout))
+            s.inference_count += rows
+            s.last_inference_ms = int(time.time() * 1000)
 
     def batch_done(self, model: str, version: str, batch_size: int, requests: int, compute_input_ns: int,
                    compute_infer_ns: int, compute_output_ns: int, ok: bool) -> None:

@@ -1,13 +1,91 @@
-"""A request waiting in (or taken from) a batcher queue."""
+"""A request waiting in (or taken from) a batcher queue, and the ticket its one answer is settled on."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Callable, Dict, FrozenSet, Mapping, Optional, Tuple
+import logging
+from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import numpy as np
 
 Shape = Tuple[int, ...]
+
+log = logging.getLogger("trtserve.batcher")
+
+
+class Ticket:
+    """A request's one answer: settled once, by the batcher (a result or an error) or by its owner (cancel).
+
+    The engine answers many thousands of requests a second on one thread; an asyncio.Future per request
+    cost a future, two done-callbacks and a loop turn (a Handle) per answer. A ticket calls its owner's
+    ``on_settled`` right away, on the thread that settles it (the event loop's), so a batch's answers go out
+    in one pass. ``on_cancel`` is the batcher's hook (purge the queue); both are set before it is queued.
+    """
+
+    __slots__ = ("result", "error", "cancelled", "_done", "on_settled", "on_cancel")
+
+    def __init__(self, on_settled: Callable[["Ticket"], None]) -> None:
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.cancelled = False
+        self._done = False
+        self.on_settled = on_settled
+        self.on_cancel: Optional[Callable[[], None]] = None
+
+    def done(self) -> bool:
+        """A plain read: the instance thread may ask whether anybody still waits for a batch."""
+        return self._done
+
+    def settle(self, result: Any = None, error: Optional[BaseException] = None) -> bool:
+        """Answers once; False if it was already answered or cancelled."""
+        if self._done:
+            return False
+        self._done = True
+        self.result, self.error = result, error
+        self._notify()
+        return True
+
+    def cancel(self) -> bool:
+        """The owner gives up (its client cancelled): the batcher drops the request if it is still queued."""
+        if self._done:
+            return False
+        self._done = True
+        self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
+        self._notify()
+        return True
+
+    def _notify(self) -> None:
+        try:
+            self.on_settled(self)
+        except Exception:  # noqa: BLE001 - the owner's failure must not stop the batch's other answers
+            log.exception("answering a request failed")
+
+
+class TicketFuture(asyncio.Future):
+    """An asyncio.Future over a ticket, for callers that await one request (tests, benchmarks, tools):
+    cancelling it cancels the ticket at once, as cancelling the batcher's future always did."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self.ticket = Ticket(self._settled)
+
+    def _settled(self, ticket: Ticket) -> None:
+        if self.done():
+            return
+        if ticket.cancelled:
+            super().cancel()
+        elif ticket.error is not None:
+            self.set_exception(ticket.error)
+        else:
+            self.set_result(ticket.result)
+
+    def cancel(self, msg: Any = None) -> bool:  # type: ignore[override]
+        if self.done():
+            return False
+        self.ticket.cancel()  # settles this future through _settled
+        return True
 
 
 @dataclasses.dataclass
@@ -21,20 +99,20 @@ class Pending:
     shapes: Dict[str, Shape]
     level: int  # priority level, 1 = highest
     arrival: float  # batcher clock, seconds
-    future: "asyncio.Future[RequestResult]"
+    ticket: Ticket
     queue_deadline: Optional[float] = None  # queue-policy timeout (batcher clock)
     deadline: Optional[float] = None  # the client's gRPC deadline (batcher clock)
     delayed: bool = False  # timed out under timeout_action DELAY: runs only after all others
     seq: int = 0  # arrival order, for FIFO and preserve_ordering
     device_outputs: Mapping[str, Tuple[int, int]] = dataclasses.field(default_factory=dict)  # see DeviceDestination
     # called (on the loop) when the request is handed to an instance: from then on its input memory is read
-    # until its future is settled, even if the client cancels, so the caller must not reuse it before
+    # until its ticket is settled, even if the client cancels, so the caller must not reuse it before
     on_dispatch: Optional[Callable[[], None]] = None
 
 
 @dataclasses.dataclass
 class RequestResult:
-    """What a request's future resolves to."""
+    """What a request's ticket is settled with."""
 
     outputs: Dict[str, np.ndarray]
     queue_ns: int

@@ -1,5 +1,5 @@
 """DynamicBatcher: one asyncio task per model version that ties queue, policy, assembly and the
-executor pool together, and settles every request's future exactly once.
+executor pool together, and settles every request's ticket exactly once.
 
 Everything here runs on the event loop; only ``_work`` (stack -> backend.enqueue/collect -> split) runs on an
 instance's thread, or, for a pipelined backend, ``_begin`` (stack -> enqueue) on the instance's thread and
@@ -22,7 +22,7 @@ import numpy as np
 
 from trtserve.server.engine.backends.base import Backend, BatchResult, DeviceDestination
 from trtserve.server.engine.batcher import assemble, policy
-from trtserve.server.engine.batcher.request import Pending, RequestResult
+from trtserve.server.engine.batcher.request import Pending, RequestResult, Ticket, TicketFuture
 from trtserve.server.engine.batcher.shapes import ShapeRules, describe_profiles
 from trtserve.server.errors import (DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout,
                                     TrtServeError, Unavailable)
@@ -31,18 +31,6 @@ from trtserve.server.engine.executor.pool import ExecutorPool
 from trtserve.server.engine.repository.model_config import ModelSpec
 
 log = logging.getLogger("trtserve.batcher")
-
-
-def settle(fut: "asyncio.Future", result: Optional[RequestResult] = None,
-           error: Optional[BaseException] = None) -> bool:
-    """Answers a request once; False if it was already answered or cancelled."""
-    if fut.done():
-        return False
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
-    return True
 
 
 class DynamicBatcher:
@@ -86,6 +74,7 @@ class DynamicBatcher:
         # earliest deadline passing (a full scan per loop iteration was O(queue) at every wake-up)
         self._scan_needed = False
         self._next_expiry: Optional[float] = None
+        self._unreported: Dict[int, int] = {}  # level -> requests queued and not yet reported to the observers
 
     # ---- public API -------------------------------------------------------------------------
     @property
@@ -99,9 +88,20 @@ class DynamicBatcher:
                timeout_us: int = 0, deadline: Optional[float] = None,
                device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
                on_dispatch: Optional[Callable[[], None]] = None) -> "asyncio.Future[RequestResult]":
-        """Queues a validated request; returns the future its answer arrives on. ``device_outputs``: outputs
-        the backend may write straight into device memory (name -> pointer, bytes; CUDA shared memory).
-        ``on_dispatch``: called when the request joins a batch on an instance (see ``Pending.on_dispatch``).
+        """``queue`` for a caller that awaits one request: returns the future its answer arrives on
+        (cancelling the future cancels the request)."""
+        fut = TicketFuture(asyncio.get_running_loop())
+        self.queue(fut.ticket, inputs, outputs, rows, priority, timeout_us, deadline, device_outputs, on_dispatch)
+        return fut
+
+    def queue(self, ticket: Ticket, inputs: Mapping[str, np.ndarray], outputs: Tuple[str, ...], rows: int,
+              priority: int = 0, timeout_us: int = 0, deadline: Optional[float] = None,
+              device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
+              on_dispatch: Optional[Callable[[], None]] = None) -> None:
+        """Queues a validated request; its answer is settled on ``ticket`` (the engine's path: no future per
+        request). ``device_outputs``: outputs the backend may write straight into device memory (name ->
+        pointer, bytes; CUDA shared memory). ``on_dispatch``: called when the request joins a batch on an
+        instance (see ``Pending.on_dispatch``).
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -128,16 +128,27 @@ class DynamicBatcher:
         timeout = qp.default_timeout_us
         if timeout_us > 0 and qp.allow_timeout_override:
             timeout = min(timeout, timeout_us) if timeout else timeout_us
-        fut: "asyncio.Future[RequestResult]" = asyncio.get_running_loop().create_future()
         req = Pending(inputs=inputs, outputs=outputs, rows=rows, shapes=shapes, level=level, arrival=now,
-                      future=fut, queue_deadline=(now + timeout / 1e6) if timeout else None, deadline=deadline,
+                      ticket=ticket, queue_deadline=(now + timeout / 1e6) if timeout else None, deadline=deadline,
                       seq=next(self._seq), device_outputs=device_outputs or {}, on_dispatch=on_dispatch)
+        ticket.on_cancel = self._on_cancel
         queue.append(req)
         self._next_expiry = _earliest(self._next_expiry, req.deadline, req.queue_deadline)
-        self._observer.request_queued(self.spec.name, self.spec.version, level)
-        fut.add_done_callback(self._on_done)
+        self._unreported[level] = self._unreported.get(level, 0) + 1  # reported by the loop, see _report_queued
         self._wake.set()
-        return fut
+
+    def _report_queued(self) -> None:
+        """Tells the observers about the requests queued since the last report, one call per level: the loop
+        does it on each wake-up (a burst of requests costs one call, not one each) and before any dequeue,
+        so the pending count never goes below zero."""
+        if self._unreported:
+            unreported, self._unreported = self._unreported, {}
+            for level, count in unreported.items():
+                self._observer.request_queued(self.spec.name, self.spec.version, level, count)
+
+    def _dequeued(self, level: int, count: int = 1) -> None:
+        self._report_queued()
+        self._observer.request_dequeued(self.spec.name, self.spec.version, level, count)
 
     def poke(self) -> None:
         """Re-evaluates the queue now (tests with an injected clock call this after moving time)."""
@@ -154,16 +165,15 @@ class DynamicBatcher:
             except asyncio.TimeoutError:
                 self._task.cancel()
         for req in self._drain_all():
-            settle(req.future, error=Unavailable(f"model '{self.spec.name}' was unloaded before the request ran"))
+            req.ticket.settle(error=Unavailable(f"model '{self.spec.name}' was unloaded before the request ran"))
         if self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown)
 
     # ---- scheduling loop --------------------------------------------------------------------
-    def _on_done(self, fut: "asyncio.Future") -> None:
-        if fut.cancelled():
-            self._scan_needed = True
-            self._wake.set()  # the loop purges it from its queue
+    def _on_cancel(self) -> None:
+        self._scan_needed = True
+        self._wake.set()  # the loop purges it from its queue
 
     def _ordered(self) -> List[Pending]:
         out: List[Pending] = []
@@ -190,8 +200,8 @@ class DynamicBatcher:
                         r.delayed = True
                         newly_delayed.append(r)
                         continue
-                    self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
-                    settle(r.future, error=QueueTimeout(
+                    self._dequeued(r.level)
+                    r.ticket.settle(error=QueueTimeout(
                         f"model '{self.spec.name}': request timed out in the queue after "
                         f"{(now - r.arrival) * 1e6:.0f} us (queue policy timeout, timeout_action REJECT)"))
                     continue
@@ -207,12 +217,12 @@ class DynamicBatcher:
 
     def _expire(self, r: Pending, now: float) -> bool:
         """True (and answered, if needed) when ``r`` was cancelled or its client deadline passed."""
-        if r.future.done():  # cancelled by the client
-            self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
+        if r.ticket.done():  # cancelled by the client
+            self._dequeued(r.level)
             return True
         if r.deadline is not None and now >= r.deadline:
-            self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
-            settle(r.future, error=DeadlineExceeded(
+            self._dequeued(r.level)
+            r.ticket.settle(error=DeadlineExceeded(
                 f"model '{self.spec.name}': the request's deadline expired after "
                 f"{(now - r.arrival) * 1e3:.1f} ms in the queue; it was not executed"))
             return True
@@ -222,6 +232,7 @@ class DynamicBatcher:
         try:
             while True:
                 self._wake.clear()
+                self._report_queued()
                 now = self._clock()
                 next_deadline = self._purge_and_expire(now)
                 if self._closing and not self.pending and not self._running:
@@ -242,7 +253,7 @@ class DynamicBatcher:
         except Exception:  # a bug here must not leave requests hanging: answer them all
             log.exception("batcher loop for model '%s' failed", self.spec.name)
             for req in self._drain_all():
-                settle(req.future, error=Internal(f"model '{self.spec.name}': scheduler failure"))
+                req.ticket.settle(error=Internal(f"model '{self.spec.name}': scheduler failure"))
         finally:
             self._stopped.set()
 
@@ -252,7 +263,7 @@ class DynamicBatcher:
             q.clear()
         self._delayed.clear()
         for r in reqs:
-            self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
+            self._dequeued(r.level)
         return reqs
 
     def _dispatch(self, p: policy.Plan, now: float) -> None:
@@ -267,10 +278,13 @@ class DynamicBatcher:
                 if any(id(r) in taken for r in q):
                     self._queues[lvl] = collections.deque(r for r in q if id(r) not in taken)
             self._delayed = collections.deque(r for r in self._delayed if id(r) not in taken)
+        levels: Dict[int, int] = {}
         for r in p.requests:
-            self._observer.request_dequeued(self.spec.name, self.spec.version, r.level)
+            levels[r.level] = levels.get(r.level, 0) + 1
             if r.on_dispatch is not None:
                 r.on_dispatch()
+        for level, count in levels.items():  # one observer call per level, not per request
+            self._dequeued(level, count)
         assert p.instance is not None
         self._pool.acquire(p.instance)
         seq = next(self._batch_seq)
@@ -325,7 +339,7 @@ class DynamicBatcher:
     def _begin(self, p: policy.Plan) -> Tuple[object, int, float]:
         """Instance thread: stacks the batch and starts it; (backend ticket, host ns spent, start time)."""
         started = self._clock()  # a batch queued behind another (policy rule 5) waited until now
-        if all(r.future.done() or (r.deadline is not None and started >= r.deadline) for r in p.requests):
+        if all(r.ticket.done() or (r.deadline is not None and started >= r.deadline) for r in p.requests):
             # every client gave up while the batch waited on the instance: do not spend the device on it
             # (reading done() from this thread is a plain state read; a race only means running it anyway)
             raise _Abandoned()
@@ -375,7 +389,7 @@ class DynamicBatcher:
         except Exception:  # a bug while answering must not leave the batch's requests without an answer
             log.exception("model '%s': answering a batch of %d rows failed", self.spec.name, p.rows)
             for r in p.requests:
-                settle(r.future, error=Internal(f"model '{self.spec.name}': failed to answer the batch"))
+                r.ticket.settle(error=Internal(f"model '{self.spec.name}': failed to answer the batch"))
         finally:
             self._running.pop(seq, None)
             if not done.done():
@@ -403,7 +417,7 @@ class DynamicBatcher:
         if error is not None:
             if not abandoned:  # an abandoned batch never executed: no execution to count
                 self._observer.batch_done(name, version, p.rows, len(p.requests), 0, 0, 0, ok=False)
-            self._finish(seq, lambda: [settle(r.future, error=error) for r in p.requests])
+            self._finish(seq, lambda: [r.ticket.settle(error=error) for r in p.requests])
             return
         cin = result.compute_input_ns + extra_ns
         self._observer.batch_done(name, version, p.rows, len(p.requests), cin, result.compute_infer_ns,
@@ -411,9 +425,7 @@ class DynamicBatcher:
 
         def answer() -> None:
             for i, (r, outs) in enumerate(zip(p.requests, per_request)):
-                # _on_done only watches for cancellations: unhook it rather than have the loop run it per answer
-                r.future.remove_done_callback(self._on_done)
-                settle(r.future, RequestResult(
+                r.ticket.settle(RequestResult(
                     outputs=outs, queue_ns=int((max(started, dispatched) - r.arrival) * 1e9), compute_input_ns=cin,
                     compute_infer_ns=result.compute_infer_ns, compute_output_ns=result.compute_output_ns,
                     batch_size=p.rows, delivered=result.delivered.get(i, frozenset())))

@@ -54,10 +54,14 @@ class ShapeRules:
     def merge(self, rows: int, shapes: Mapping[str, Shape], other_rows: int,
               other: Mapping[str, Shape]) -> Optional[Tuple[int, Dict[str, Shape]]]:
         """(rows, padded shapes) of the batch with ``other`` added, or None if they cannot share one."""
-        if not self.batches or set(shapes) != set(other):
+        if not self.batches:
             return None
         total = rows + other_rows
         if total > self.max_batch_size:
+            return None
+        if shapes == other:  # the usual case, checked once for the whole dict: nothing to pad
+            return (total, dict(shapes)) if not self.profiles or self.fitting(total, shapes) else None
+        if set(shapes) != set(other):
             return None
         merged: Dict[str, Shape] = {}
         for name, s in shapes.items():

@@ -16,6 +16,7 @@ trtserve parameters (config.pbtxt ``parameters { key: ... value: { string_value:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Mapping, Optional, Tuple
 
 from trtserve import dtypes
@@ -93,10 +94,15 @@ class ModelSpec:
         return self.max_batch_size > 0
 
     def input(self, name: str) -> Optional[TensorSpec]:
-        return next((t for t in self.inputs if t.name == name), None)
+        return self._by_name[0].get(name)
 
     def output(self, name: str) -> Optional[TensorSpec]:
-        return next((t for t in self.outputs if t.name == name), None)
+        return self._by_name[1].get(name)
+
+    @functools.cached_property
+    def _by_name(self) -> Tuple[Dict[str, TensorSpec], Dict[str, TensorSpec]]:
+        """Inputs and outputs by name: the engine looks an output up for every request it answers."""
+        return {t.name: t for t in self.inputs}, {t.name: t for t in self.outputs}
 
     @classmethod
     def from_proto(cls, config, version: str, model_dir=None) -> "ModelSpec":
