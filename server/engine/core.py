@@ -198,7 +198,7 @@ class EngineCore:
             assert spec is not None and batcher is not None
             arrays = self._inputs(session, mv, item, inputs)
             device_outputs = self._outputs(mv, item, outputs, rows)
-            names = tuple(o[0] for o in outputs)
+            names = tuple([o[0] for o in outputs])
             if trace is not None:
                 item.queued_ns = time.monotonic_ns()
             batcher.queue(item, arrays, names, rows, priority, timeout_us, deadline, device_outputs,
@@ -249,7 +249,10 @@ class EngineCore:
     def _outputs(self, mv: ModelVersion, item: _InFlight, outputs: tuple, rows: int) -> Dict[str, Tuple[int, int]]:
         """Resolves output shared-memory regions before the request is queued (bounds, overlap, size when
         the shape is known); returns which outputs the backend may write into CUDA regions itself."""
-        if not any(o[1] is not None for o in outputs):
+        for o in outputs:
+            if o[1] is not None:
+                break
+        else:  # the usual case: no output goes to client shared memory
             return {}
         spec, backend = mv.spec, mv.backend
         assert spec is not None

@@ -79,6 +79,7 @@ class OnnxRuntimeBackend(Backend):
                 out.append(TensorSpec(m.name, _ORT_TYPES[m.type], _dims(m.shape)))
         self._io = (tuple(ins), tuple(outs))
         self._bf16 = frozenset(t.name for t in ins + outs if t.datatype == "BF16")
+        self._bytes_inputs = any(t.datatype == "BYTES" for t in ins)
         if self._bf16 and not hasattr(ort.OrtValue, "ortvalue_from_numpy_with_onnx_type"):
             self._session = None
             raise ModelLoadError(f"model '{self.config.name}': BF16 tensors ({', '.join(sorted(self._bf16))}) need "
@@ -93,6 +94,8 @@ class OnnxRuntimeBackend(Backend):
 
     def check_request(self, inputs: Mapping[str, np.ndarray]) -> None:
         """ONNX Runtime holds strings as UTF-8 text: BYTES elements must decode."""
+        if not self._bytes_inputs:  # called for every request: a model without BYTES inputs has nothing to check
+            return
         for name, arr in inputs.items():
             if arr.dtype == object:
                 for i, item in enumerate(arr.reshape(-1)):

@@ -16,6 +16,7 @@ import concurrent.futures
 import itertools
 import logging
 import time
+import types
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -60,6 +61,8 @@ class DynamicBatcher:
                                   completion=self._pipelined)
         self._queues: Dict[int, Deque[Pending]] = {lvl: collections.deque()
                                                     for lvl in range(1, spec.batching.levels + 1)}
+        self._queue_policies = {lvl: spec.batching.queue_policy(lvl) for lvl in self._queues}
+        self._batches = spec.batches
         self._delayed: Deque[Pending] = collections.deque()
         self._wake = asyncio.Event()
         self._running: Dict[int, "asyncio.Future"] = {}  # one per batch handed to an instance, until answered
@@ -114,12 +117,15 @@ class DynamicBatcher:
         except ValueError as e:
             raise InvalidArgument(f"model '{self.spec.name}': {e}") from None
         self._backend.check_request(inputs)
-        shapes = {n: tuple(a.shape[1:] if self.spec.batches else a.shape) for n, a in inputs.items()}
+        if self._batches:
+            shapes = {n: tuple(a.shape[1:]) for n, a in inputs.items()}
+        else:
+            shapes = {n: tuple(a.shape) for n, a in inputs.items()}
         if not self._rules.accepts(rows, shapes):
             full = {n: list(s) for n, s in self._rules.full(rows, shapes).items()}
             raise InvalidArgument(f"model '{self.spec.name}': input shapes {full} fit no optimization profile; "
                                   f"profiles: {describe_profiles(self._rules.profiles)}")
-        qp = b.queue_policy(level)
+        qp = self._queue_policies[level]
         queue = self._queues[level]
         if qp.max_queue_size and len(queue) >= qp.max_queue_size:
             raise QueueFull(f"model '{self.spec.name}': the queue for priority level {level} is full "
@@ -128,12 +134,13 @@ class DynamicBatcher:
         timeout = qp.default_timeout_us
         if timeout_us > 0 and qp.allow_timeout_override:
             timeout = min(timeout, timeout_us) if timeout else timeout_us
-        req = Pending(inputs=inputs, outputs=outputs, rows=rows, shapes=shapes, level=level, arrival=now,
-                      ticket=ticket, queue_deadline=(now + timeout / 1e6) if timeout else None, deadline=deadline,
-                      seq=next(self._seq), device_outputs=device_outputs or {}, on_dispatch=on_dispatch)
+        queue_deadline = (now + timeout / 1e6) if timeout else None
+        req = Pending(inputs, outputs, rows, shapes, level, now, ticket, queue_deadline, deadline, False,
+                      next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch)
         ticket.on_cancel = self._on_cancel
         queue.append(req)
-        self._next_expiry = _earliest(self._next_expiry, req.deadline, req.queue_deadline)
+        if deadline is not None or queue_deadline is not None:
+            self._next_expiry = _earliest(self._next_expiry, deadline, queue_deadline)
         self._unreported[level] = self._unreported.get(level, 0) + 1  # reported by the loop, see _report_queued
         self._wake.set()
 
@@ -424,11 +431,12 @@ class DynamicBatcher:
                                   result.compute_output_ns, ok=True)
 
         def answer() -> None:
+            start, infer_ns, output_ns, delivered = (max(started, dispatched), result.compute_infer_ns,
+                                                     result.compute_output_ns, result.delivered)
             for i, (r, outs) in enumerate(zip(p.requests, per_request)):
-                r.ticket.settle(RequestResult(
-                    outputs=outs, queue_ns=int((max(started, dispatched) - r.arrival) * 1e9), compute_input_ns=cin,
-                    compute_infer_ns=result.compute_infer_ns, compute_output_ns=result.compute_output_ns,
-                    batch_size=p.rows, delivered=result.delivered.get(i, frozenset())))
+                r.ticket.settle(RequestResult(outs, int((start - r.arrival) * 1e9), cin, infer_ns, output_ns, p.rows,
+                                              delivered.get(i, _NOTHING_DELIVERED) if delivered else
+                                              _NOTHING_DELIVERED))
 
         self._finish(seq, answer)
 
@@ -441,6 +449,10 @@ class DynamicBatcher:
         while self._next_to_settle in self._finished:
             self._finished.pop(self._next_to_settle)()
             self._next_to_settle += 1
+
+
+_NO_DEVICE_OUTPUTS: Mapping[str, Tuple[int, int]] = types.MappingProxyType({})
+_NOTHING_DELIVERED: frozenset = frozenset()
 
 
 class _Abandoned(Exception):
