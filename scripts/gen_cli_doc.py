@@ -56,7 +56,10 @@ def render() -> str:
     out = ["# Command line reference", "",
            "Generated from the argparse parser by `python scripts/gen_cli_doc.py`; do not edit by hand. "
            "`trtserve <command> --help` prints the same. Defaults shown are those with no `TRTSERVE_*` variable set "
-           "(several flags take their default from one; see `--help`).", "",
+           "(several flags take their default from one; see `--help`). A flag or variable with a value trtserve "
+           "cannot use (a wrong type or range, a file that cannot be read, an address that is not this machine's) "
+           "stops `trtserve serve` before anything starts, with one line naming the flag or variable as it was "
+           "given and exit code 2.", "",
            "## trtserve", "", "| flag | help |", "|---|---|",
            "| `--version` | print the version and exit |", "| `-h`, `--help` | show help and exit |", ""]
     for name, help_text, sub in _subcommands(parser):

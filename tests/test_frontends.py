@@ -395,7 +395,7 @@ def test_frontends_auto_follows_cpu_affinity_and_quota(tmp_path):
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert usable_cpus(str(tmp_path)) == 1
     assert frontends_from("3") == 3
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="must be auto or a number"):
         frontends_from("-1")
 
 

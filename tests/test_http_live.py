@@ -333,6 +333,108 @@ def test_log_and_trace_settings(client):
     assert e.value.status() == "400"
 
 
+def _json(server, method: str, path: str, body=None) -> Tuple[int, object]:
+    """A plain HTTP call with a JSON body (a dict is encoded; bytes go as they are): (status, decoded answer)."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    status, hdrs, answer = raw(server, method, path, data, {"Content-Type": "application/json"} if data else None)
+    assert hdrs.get("content-type", "").startswith("application/json"), (status, answer[:200])
+    return status, json.loads(answer)
+
+
+LOG_KEYS = {"log_file", "log_info", "log_warning", "log_error", "log_verbose_level", "log_format"}
+
+
+def test_log_settings_over_plain_http_read_change_and_read_back(server):
+    status, before = _json(server, "GET", "/v2/logging")
+    assert status == 200 and set(before) == LOG_KEYS and before["log_format"] == "default"
+    assert isinstance(before["log_info"], bool) and isinstance(before["log_verbose_level"], int)
+    change = {"log_format": "ISO8601", "log_verbose_level": 2, "log_warning": not before["log_warning"]}
+    try:
+        status, changed = _json(server, "POST", "/v2/logging", change)
+        assert status == 200 and changed == dict(before, **change)
+        assert _json(server, "GET", "/v2/logging") == (200, changed)
+        assert _json(server, "POST", "/v2/logging", {"log_format": None}) == (200, changed)  # null: as it is
+        assert _json(server, "POST", "/v2/logging", b"") == (200, changed)  # no body: a read
+    finally:
+        _json(server, "POST", "/v2/logging", {k: before[k] for k in change})
+    assert _json(server, "GET", "/v2/logging") == (200, before)
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"log_format": "xml"}, "log_format"),
+    ({"log_verbose_level": -1}, "log_verbose_level"),
+    ({"log_info": "yes"}, "log_info"),
+    ({"log_verbose_level": 1.5}, "log_verbose_level"),
+    ({"no_such_setting": True}, "no_such_setting"),
+    ({"log_file": "/proc/no/such/dir/log"}, "log_file"),
+    ({"log_info": False, "log_format": "xml"}, "log_format"),  # all or nothing: log_info stays as it was
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+])
+def test_a_bad_log_setting_is_400_with_an_error(server, body, words):
+    _, before = _json(server, "GET", "/v2/logging")
+    status, answer = _json(server, "POST", "/v2/logging", body)
+    assert status == 400 and list(answer) == ["error"] and words in answer["error"], answer
+    assert _json(server, "GET", "/v2/logging") == (200, before)
+
+
+TRACE_KEYS = {"trace_file", "trace_level", "trace_rate", "trace_count", "log_frequency"}
+TRACE_DEFAULTS = {"trace_file": "", "trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1",
+                  "log_frequency": "0"}
+
+
+def test_trace_settings_over_plain_http_global_and_per_model(server):
+    status, first = _json(server, "GET", "/v2/trace/setting")
+    assert status == 200 and first == TRACE_DEFAULTS
+    try:
+        status, changed = _json(server, "POST", "/v2/trace/setting", {"trace_rate": "50", "trace_count": 10})
+        assert status == 200 and changed == dict(TRACE_DEFAULTS, trace_rate="50", trace_count="10")
+        assert _json(server, "GET", "/v2/trace/setting") == (200, changed)
+        # a model's settings: its overrides over the global ones, which it does not change
+        status, model = _json(server, "POST", "/v2/models/mlp/trace/setting",
+                              {"trace_level": ["TIMESTAMPS"], "trace_rate": "3"})
+        assert status == 200 and model == dict(changed, trace_level=["TIMESTAMPS"], trace_rate="3")
+        assert _json(server, "GET", "/v2/models/mlp/trace/setting") == (200, model)
+        assert _json(server, "GET", "/v2/models/spare/trace/setting") == (200, changed)
+        assert _json(server, "GET", "/v2/trace/setting") == (200, changed)
+        # a global change shows through where the model has no override
+        _json(server, "POST", "/v2/trace/setting", {"trace_count": "20"})
+        assert _json(server, "GET", "/v2/models/mlp/trace/setting")[1]["trace_count"] == "20"
+        # null clears: a model's override goes back to the global value, a global one to its default
+        status, cleared = _json(server, "POST", "/v2/models/mlp/trace/setting", {"trace_rate": None})
+        assert status == 200 and cleared["trace_rate"] == "50" and cleared["trace_level"] == ["TIMESTAMPS"]
+    finally:
+        _json(server, "POST", "/v2/models/mlp/trace/setting", {"trace_level": None, "trace_rate": None})
+        _json(server, "POST", "/v2/trace/setting", {"trace_rate": None, "trace_count": None})
+    assert _json(server, "GET", "/v2/trace/setting") == (200, TRACE_DEFAULTS)
+    assert _json(server, "GET", "/v2/models/mlp/trace/setting") == (200, TRACE_DEFAULTS)
+
+
+@pytest.mark.parametrize("path, body, status, words", [
+    ("/v2/trace/setting", {"trace_level": "BOGUS"}, 400, "trace_level"),
+    ("/v2/trace/setting", {"trace_level": ["TENSORS"]}, 400, "TENSORS"),
+    ("/v2/trace/setting", {"trace_rate": "0"}, 400, "trace_rate"),
+    ("/v2/trace/setting", {"trace_rate": "abc"}, 400, "trace_rate"),
+    ("/v2/trace/setting", {"trace_count": "-2"}, 400, "trace_count"),
+    ("/v2/trace/setting", {"log_frequency": ["1", "2"]}, 400, "log_frequency"),
+    ("/v2/trace/setting", {"trace_rate": {"n": 5}}, 400, "trace_rate"),
+    ("/v2/trace/setting", {"trace_rate": True}, 400, "trace_rate"),
+    ("/v2/trace/setting", {"no_such_setting": "1"}, 400, "no_such_setting"),
+    ("/v2/trace/setting", {"trace_rate": "5", "trace_level": ["BOGUS"]}, 400, "trace_level"),  # all or nothing
+    ("/v2/trace/setting", b"{not json", 400, "not valid JSON"),
+    ("/v2/models/mlp/trace/setting", {"trace_file": "/tmp/x.json"}, 400, "global only"),
+    ("/v2/models/mlp/trace/setting", {"log_frequency": "2"}, 400, "global only"),
+    ("/v2/models/mlp/trace/setting", {"trace_rate": "-5"}, 400, "trace_rate"),
+    ("/v2/models/nope/trace/setting", {"trace_rate": "5"}, 404, "'nope'"),
+    ("/v2/models/nope/trace/setting", None, 404, "'nope'"),
+])
+def test_a_bad_trace_setting_is_an_error_that_changes_nothing(server, path, body, status, words):
+    before = _json(server, "GET", "/v2/trace/setting"), _json(server, "GET", "/v2/models/mlp/trace/setting")
+    got, answer = _json(server, "POST" if body is not None else "GET", path, body)
+    assert got == status and list(answer) == ["error"] and words in answer["error"], answer
+    assert (_json(server, "GET", "/v2/trace/setting"), _json(server, "GET", "/v2/models/mlp/trace/setting")) == before
+
+
 # ---- the docs' curl examples, as written --------------------------------------------------------------------------
 def test_curl_examples_in_the_docs_run_as_written(server):
     if subprocess.run(["bash", "-c", "command -v curl"], capture_output=True).returncode != 0:

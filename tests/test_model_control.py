@@ -297,12 +297,12 @@ def _serve(repo: pathlib.Path, *args: str) -> List[str]:
 
 
 @pytest.mark.parametrize("args, env, words", [
-    (["--load-model", "ident"], {}, "--load-model needs --model-control-mode explicit"),
+    (["--load-model", "ident"], {}, "--load-model ident: needs --model-control-mode explicit"),
     (["--model-control-mode", "explicit", "--load-model", "*", "--load-model", "ident"], {}, "must be the only"),
     (["--model-control-mode", "poll", "--repository-poll-secs", "0"], {}, "--repository-poll-secs"),
     ([], {"TRTSERVE_MODEL_CONTROL_MODE": "sometimes"}, "TRTSERVE_MODEL_CONTROL_MODE"),
     ([], {"TRTSERVE_REPOSITORY_POLL_SECS": "5s"}, "TRTSERVE_REPOSITORY_POLL_SECS"),
-    ([], {"TRTSERVE_LOAD_MODEL": "ident"}, "--load-model needs --model-control-mode explicit"),
+    ([], {"TRTSERVE_LOAD_MODEL": "ident"}, "TRTSERVE_LOAD_MODEL=ident: needs --model-control-mode explicit"),
 ])
 def test_bad_model_control_flags_are_one_line(tmp_path, args, env, words):
     import os

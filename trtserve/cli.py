@@ -6,10 +6,18 @@ import asyncio
 import logging
 import os
 import pathlib
+import re
+import shlex
 import signal
+import socket
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, TypeVar
 
+if TYPE_CHECKING:
+    from trtserve.server.app import ServerOptions
+    from trtserve.server.frontend.security import TlsOptions
+
+T = TypeVar("T")
 
 # Python hands the GIL to a waiting thread only every 5 ms while another thread keeps running Python. An instance
 # thread coming back from a GPU synchronize would wait behind the event loop that long while the device idles.
@@ -19,12 +27,77 @@ from typing import List, Optional
 # perf_analyzer at 32: 947-1,036 -> 900-942 req/s), so `auto` sets it only where TensorRT sees a CUDA device.
 DEFAULT_GIL_SWITCH_INTERVAL_US = 200.0
 
+INT32_MAX = (1 << 31) - 1  # gRPC takes its channel arguments (message sizes, streams) as C ints
+GIVEN = "given_flags"  # the namespace attribute naming the serve options that were on the command line
 
-class EnvError(Exception):
-    """A TRTSERVE_* variable with a value its flag cannot take: main() prints the one line and exits 2."""
+
+class OptionError(Exception):
+    """A flag or TRTSERVE_* variable with a value trtserve cannot use; the message names it as the user wrote it
+    (``setting()``): main() prints the one line and exits 2."""
+
+
+class EnvError(OptionError):
+    """Found while the flags' defaults are read from the environment, so even ``--help`` reports it."""
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def setting(name: str, value: Any) -> str:
+    """``TRTSERVE_GRPC_PORT=abc`` or ``--grpc-port abc``, quoted as a shell would take it back, so a message shows
+    what to change and an empty value or one with spaces stays visible."""
+    if name.startswith("TRTSERVE_"):
+        return f"{name}={shlex.quote(str(value))}"
+    if value is True:  # a switch: the flag alone
+        return name
+    if isinstance(value, list):  # a repeated flag
+        return " ".join(f"{name} {shlex.quote(str(v))}" for v in value)
+    return f"{name} {shlex.quote(str(value))}"
+
+
+def env_var(dest: str) -> str:
+    """The variable behind a serve option: every flag reads TRTSERVE_<FLAG> (the serve parser's description)."""
+    return f"TRTSERVE_{dest.upper()}"
+
+
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def either(dest: str) -> str:
+    """Both ways to set an option, for messages that ask for one."""
+    return f"{flag(dest)} (or {env_var(dest)})"
+
+
+def written(args: argparse.Namespace, dest: str) -> str:
+    """An option's value as the user gave it: ``TRTSERVE_HOST=x`` when it came from the environment, ``--host x``
+    when from the command line (the flag wins over the variable), so the message names what to fix. For options
+    whose action is ``_Given``, which notes the flags given."""
+    var = env_var(dest)
+    if dest not in getattr(args, GIVEN, ()) and var in os.environ:
+        return setting(var, os.environ[var])
+    return setting(flag(dest), getattr(args, dest))
+
+
+class _Given(argparse.Action):
+    """argparse's ``store`` (``store_true`` with ``nargs=0``; ``append`` with ``append=True``) that also notes the
+    option was on the command line: its default may have come from its TRTSERVE_* variable, and ``written()``
+    must name whichever of the two the value came from."""
+
+    def __init__(self, option_strings: List[str], dest: str, append: bool = False, **kwargs: Any) -> None:
+        if kwargs.get("nargs") == 0:
+            kwargs.setdefault("const", True)
+        super().__init__(option_strings, dest, **kwargs)
+        self.append = append
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        if self.nargs == 0:
+            values = self.const
+        elif self.append:
+            values = [*(getattr(namespace, self.dest, None) or []), values]
+        setattr(namespace, self.dest, values)
+        setattr(namespace, GIVEN, getattr(namespace, GIVEN, frozenset()) | {self.dest})
 
 
 def _env(name: str, default: str) -> str:
@@ -39,7 +112,7 @@ def _env_number(name: str, default, kind):
         return kind(raw.strip())
     except ValueError:
         what = "an integer" if kind is int else "a number"
-        raise EnvError(f"TRTSERVE_{name}={raw!r} is not {what}") from None
+        raise EnvError(f"{setting(f'TRTSERVE_{name}', raw)}: not {what}") from None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -57,13 +130,13 @@ def _env_bool(name: str, default: bool) -> bool:
     value = raw.strip().lower()
     if value in _TRUE or value in _FALSE:
         return value in _TRUE
-    raise EnvError(f"TRTSERVE_{name}={raw!r} is not a boolean (1/true/yes/on or 0/false/no/off)")
+    raise EnvError(f"{setting(f'TRTSERVE_{name}', raw)}: not a boolean (1/true/yes/on or 0/false/no/off)")
 
 
 def _env_choice(name: str, default: str, choices: List[str]) -> str:
     value = _env(name, default)
     if value not in choices:
-        raise EnvError(f"TRTSERVE_{name}={value!r} is not one of {', '.join(choices)}")
+        raise EnvError(f"{setting(f'TRTSERVE_{name}', value)}: not one of {', '.join(choices)}")
     return value
 
 
@@ -72,18 +145,19 @@ def add_serve_parser(sub) -> None:
                        description="Serve a Triton-style model repository over the KServe v2 gRPC and HTTP/REST protocols. "
                                    "Every flag also reads TRTSERVE_<FLAG> from the environment (e.g. "
                                    "TRTSERVE_GRPC_PORT); the flag wins.")
-    p.add_argument("--model-repository", "--model-store", type=pathlib.Path,
+    # _Given notes the flags given, so a message about a bad value names the flag or the variable it came from
+    p.add_argument("--model-repository", "--model-store", action=_Given, type=pathlib.Path,
                    default=_env("MODEL_REPOSITORY", "") or None,
                    help="model repository folder (default: the bundled example repository); --model-store is "
                         "Triton's spelling")
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+    p.add_argument("--host", action=_Given, default=_env("HOST", "127.0.0.1"),
                    help="address to serve gRPC, HTTP and /metrics on (default %(default)s; 0.0.0.0 for every interface)")
-    p.add_argument("--grpc-port", type=int, default=_env_int("GRPC_PORT", 8001),
+    p.add_argument("--grpc-port", action=_Given, type=int, default=_env_int("GRPC_PORT", 8001),
                    help="gRPC port (default %(default)s; 0 picks a free one)")
-    p.add_argument("--http-port", type=int, default=_env_int("HTTP_PORT", 8000),
+    p.add_argument("--http-port", action=_Given, type=int, default=_env_int("HTTP_PORT", 8000),
                    help="KServe v2 HTTP/REST port, served by the same front ends (default %(default)s; 0 picks a "
                         "free one; -1 turns HTTP off)")
-    p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 8002),
+    p.add_argument("--metrics-port", action=_Given, type=int, default=_env_int("METRICS_PORT", 8002),
                    help="HTTP port for /metrics (default %(default)s; -1 disables it)")
     p.add_argument("--log-level", default=_env_choice("LOG_LEVEL", "info", ["debug", "info", "warning", "error"]),
                    choices=["debug", "info", "warning", "error"], help="log level (default %(default)s)")
@@ -98,98 +172,256 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--lenient-config", action="store_true", default=_env_bool("LENIENT_CONFIG", False),
                    help="load models whose config.pbtxt uses fields trtserve does not implement, with one warning "
                         "per field, instead of failing them (for migrating a repository; docs/model-config.md)")
-    p.add_argument("--model-control-mode", choices=["none", "poll", "explicit"],
+    p.add_argument("--model-control-mode", action=_Given, choices=["none", "poll", "explicit"],
                    default=_env_choice("MODEL_CONTROL_MODE", "none", ["none", "poll", "explicit"]),
                    help="none (default): load every model at start, refuse the load/unload RPCs; explicit: load only "
                         "--load-model's models, then what the load/unload RPCs ask; poll: load every model and "
                         "follow changes to the repository (docs/model-control.md)")
-    p.add_argument("--load-model", action="append", metavar="NAME", default=None,
+    p.add_argument("--load-model", action=_Given, append=True, metavar="NAME", default=None,
                    help="with --model-control-mode explicit: a model to load at start (repeatable; '*' alone: every "
                         "model; TRTSERVE_LOAD_MODEL takes a comma-separated list)")
-    p.add_argument("--repository-poll-secs", type=float, default=_env_float("REPOSITORY_POLL_SECS", 15.0),
+    p.add_argument("--repository-poll-secs", action=_Given, type=float,
+                   default=_env_float("REPOSITORY_POLL_SECS", 15.0),
                    help="with --model-control-mode poll: seconds between scans of the repository (default "
                         "%(default)s)")
-    p.add_argument("--drain-seconds", type=float, default=_env_float("DRAIN_SECONDS", 30.0),
+    p.add_argument("--drain-seconds", action=_Given, type=float, default=_env_float("DRAIN_SECONDS", 30.0),
                    help="on SIGTERM/SIGINT, how long in-flight requests may take to finish (default %(default)s)")
-    p.add_argument("--max-message-bytes", type=int, default=_env_int("MAX_MESSAGE_BYTES", 128 << 20),
+    p.add_argument("--max-message-bytes", action=_Given, type=int, default=_env_int("MAX_MESSAGE_BYTES", 128 << 20),
                    help="largest request or response message in bytes (default 128 MiB); shared-memory inputs are "
                         "held to it too")
-    p.add_argument("--frontends", default=_env("FRONTENDS", "auto"),
+    p.add_argument("--frontends", action=_Given, default=_env("FRONTENDS", "auto"),
                    help="front-end processes (gRPC and HTTP) on the ports, beside one engine process; 0 serves from this one "
                         "process (debugging); auto (default): chosen from the CPUs this process may use")
-    p.add_argument("--arena-bytes", type=int, default=_env_int("ARENA_BYTES", 512 << 20),
+    p.add_argument("--arena-bytes", action=_Given, type=int, default=_env_int("ARENA_BYTES", 512 << 20),
                    help="per front end: shared memory for the tensors of its requests in flight (default 512 MiB, "
                         "taken as used); a full arena answers UNAVAILABLE")
-    p.add_argument("--max-inflight", type=int, default=_env_int("MAX_INFLIGHT", 4096),
+    p.add_argument("--max-inflight", action=_Given, type=int, default=_env_int("MAX_INFLIGHT", 4096),
                    help="per front end: inference requests in flight before new ones are answered UNAVAILABLE "
                         "(default %(default)s)")
-    p.add_argument("--max-stream-inflight", type=int, default=_env_int("MAX_STREAM_INFLIGHT", 64),
+    p.add_argument("--max-stream-inflight", action=_Given, type=int, default=_env_int("MAX_STREAM_INFLIGHT", 64),
                    help="per ModelStreamInfer stream: requests read but not yet answered; past it the stream is "
                         "not read until responses are (default %(default)s)")
-    p.add_argument("--max-shm-regions", type=int, default=_env_int("MAX_SHM_REGIONS", 1024),
+    p.add_argument("--max-shm-regions", action=_Given, type=int, default=_env_int("MAX_SHM_REGIONS", 1024),
                    help="registered shared-memory regions (system and CUDA); more answer RESOURCE_EXHAUSTED "
                         "(default %(default)s)")
-    p.add_argument("--cache-dir", type=pathlib.Path, default=_env("CACHE_DIR", "") or None,
+    p.add_argument("--cache-dir", action=_Given, type=pathlib.Path, default=_env("CACHE_DIR", "") or None,
                    help="where built TensorRT plans are cached (default: ~/.cache/trtserve)")
     p.add_argument("--no-gpu-metrics", action="store_true", default=not _env_bool("GPU_METRICS", True),
                    help="do not query NVML for GPU metrics (or TRTSERVE_GPU_METRICS=0)")
-    p.add_argument("--gil-switch-interval-us", default=_env("GIL_SWITCH_INTERVAL_US", "auto"),
+    p.add_argument("--gil-switch-interval-us", action=_Given, default=_env("GIL_SWITCH_INTERVAL_US", "auto"),
                    help=f"how often Python may hand the GIL to another thread (sys.setswitchinterval); 0 keeps "
                         f"Python's 5000 us; auto (default): {DEFAULT_GIL_SWITCH_INTERVAL_US:g} us when TensorRT "
                         "and a CUDA device are there, else Python's")
-    p.add_argument("--grpc-server-cert", type=pathlib.Path, default=_env("GRPC_SERVER_CERT", "") or None,
+    p.add_argument("--grpc-server-cert", action=_Given, type=pathlib.Path, default=_env("GRPC_SERVER_CERT", "") or None,
                    help="PEM certificate: serve gRPC and HTTP over TLS (with --grpc-server-key)")
-    p.add_argument("--grpc-server-key", type=pathlib.Path, default=_env("GRPC_SERVER_KEY", "") or None,
+    p.add_argument("--grpc-server-key", action=_Given, type=pathlib.Path, default=_env("GRPC_SERVER_KEY", "") or None,
                    help="PEM private key of --grpc-server-cert")
-    p.add_argument("--grpc-root-cert", type=pathlib.Path, default=_env("GRPC_ROOT_CERT", "") or None,
+    p.add_argument("--grpc-root-cert", action=_Given, type=pathlib.Path, default=_env("GRPC_ROOT_CERT", "") or None,
                    help="PEM CA: require client certificates signed by it (mutual TLS)")
-    p.add_argument("--auth-token-file", type=pathlib.Path, default=_env("AUTH_TOKEN_FILE", "") or None,
+    p.add_argument("--auth-token-file", action=_Given, type=pathlib.Path, default=_env("AUTH_TOKEN_FILE", "") or None,
                    help="file holding a bearer token every RPC and HTTP request except health checks must present "
                         "(or set TRTSERVE_AUTH_TOKEN)")
-    p.add_argument("--metrics-tls", action="store_true", default=_env_bool("METRICS_TLS", False),
+    p.add_argument("--metrics-tls", action=_Given, nargs=0, default=_env_bool("METRICS_TLS", False),
                    help="serve /metrics over TLS with --grpc-server-cert and --grpc-server-key")
-    p.add_argument("--metrics-auth", action="store_true", default=_env_bool("METRICS_AUTH", False),
+    p.add_argument("--metrics-auth", action=_Given, nargs=0, default=_env_bool("METRICS_AUTH", False),
                    help="require the bearer token (--auth-token-file) on /metrics too")
-    p.add_argument("--max-concurrent-streams", type=int, default=_env_int("MAX_CONCURRENT_STREAMS", 256),
+    p.add_argument("--max-concurrent-streams", action=_Given, type=int, default=_env_int("MAX_CONCURRENT_STREAMS", 256),
                    help="concurrent RPCs per client connection (default %(default)s; 0: grpc's default)")
-    p.set_defaults(func=serve)
+    p.set_defaults(func=serve, **{GIVEN: frozenset()})
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    from trtserve.server.app import ServerOptions, TrtServer
-    from trtserve.server.frontend.security import TlsOptions
+def checked(args: argparse.Namespace, dest: str, check: Callable[[Any], T]) -> T:
+    """``check(value)`` of one serve option; its ValueError becomes the one-line OptionError that names the flag or
+    variable the value came from."""
+    try:
+        return check(getattr(args, dest))
+    except ValueError as e:
+        raise OptionError(f"{written(args, dest)}: {e}") from None
+
+
+def between(low: float, high: Optional[float] = None, above: bool = False) -> Callable[[float], float]:
+    """A check that a number lies in [low, high] (``above``: more than ``low``)."""
+    if above:
+        rule = f"must be more than {low}"
+    else:
+        rule = f"must be at least {low}" if high is None else f"must be from {low} to {high}"
+
+    def check(value: float) -> float:
+        if (value <= low if above else value < low) or (high is not None and value > high):
+            raise ValueError(rule)
+        return value
+    return check
+
+
+# each number's range: what the server, the OS and gRPC can take (ports; gRPC's C ints); -1 turns a port off
+RANGES = {
+    "grpc_port": between(0, 65535), "http_port": between(-1, 65535), "metrics_port": between(-1, 65535),
+    "max_message_bytes": between(1, INT32_MAX), "max_concurrent_streams": between(0, INT32_MAX),
+    "arena_bytes": between(1), "max_inflight": between(1), "max_stream_inflight": between(1),
+    "max_shm_regions": between(0), "drain_seconds": between(0), "repository_poll_secs": between(0, above=True),
+}
+
+
+def folder(path: pathlib.Path) -> pathlib.Path:
+    """The resolved model repository; ValueError unless it is a folder."""
+    resolved = path.resolve()
+    if not resolved.is_dir():
+        raise ValueError("not a folder" if resolved.exists() else "no such folder")
+    return resolved
+
+
+def readable(path: pathlib.Path) -> bytes:
+    """The file's bytes; ValueError saying why they cannot be read (checked before the server starts, so a missing
+    certificate or token file is one line, not a failure in a child process)."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror or e}") from None
+
+
+def plan_cache(path: pathlib.Path) -> pathlib.Path:
+    """The plan cache folder, created if missing; ValueError when it cannot be. A folder that exists but cannot be
+    written stays usable (plans built ahead, mounted read-only): a warning only."""
+    if path.exists() and not path.is_dir():
+        raise ValueError("not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create it: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        logging.getLogger("trtserve").warning("plan cache %s is read-only: plans built now will not be kept", path)
+    return path
+
+
+def listen_host(host: str) -> str:
+    """``host`` when this machine can listen on it (binding port 0 on one of its addresses); ValueError saying why
+    not, so an address that does not resolve is not reported later as a taken port."""
+    try:
+        addresses = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:  # socket.gaierror: the name does not resolve
+        raise ValueError(f"not a usable address: {e.strerror or e}") from None
+    problem: Optional[OSError] = None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.bind(address)
+            return host
+        except OSError as e:  # an address of another machine
+            problem = problem or e
+    raise ValueError(f"not a usable address: {problem.strerror if problem else 'no address'}")
+
+
+def _repository(args: argparse.Namespace) -> pathlib.Path:
     from trtserve.server.examples import REPOSITORY
 
-    repository = (args.model_repository or REPOSITORY).resolve()
-    if not repository.is_dir():
-        print(f"trtserve: --model-repository {args.model_repository}: "
-              f"{'not a folder' if repository.exists() else 'no such folder'}", file=sys.stderr)
-        return 2
+    if args.model_repository is None:
+        return REPOSITORY.resolve()
+    return checked(args, "model_repository", folder)
+
+
+def _tls(args: argparse.Namespace) -> Optional[TlsOptions]:
+    """TLS from the certificate, key and CA options, each file read and the PEM checked before anything starts."""
+    from trtserve.server.frontend.security import TlsOptions
+
+    cert, key = args.grpc_server_cert, args.grpc_server_key
+    if (cert is None) != (key is None):
+        have, lack = ("grpc_server_cert", "grpc_server_key") if key is None else ("grpc_server_key", "grpc_server_cert")
+        raise OptionError(f"{written(args, have)}: needs {either(lack)} too: a certificate and its key go together")
+    if cert is None:
+        if args.grpc_root_cert is not None:
+            raise OptionError(f"{written(args, 'grpc_root_cert')}: mutual TLS needs {either('grpc_server_cert')} and "
+                              f"{either('grpc_server_key')}")
+        return None
+    for dest in ("grpc_server_cert", "grpc_server_key", "grpc_root_cert"):
+        if getattr(args, dest) is not None:
+            checked(args, dest, readable)
+    _check_pem(args)
+    return TlsOptions(cert, key, args.grpc_root_cert)
+
+
+def _check_pem(args: argparse.Namespace) -> None:
+    """The files parse as the TLS library needs them: a certificate and its matching key, a CA bundle."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:  # a password-protected key fails here instead of prompting on the terminal: gRPC cannot use one
+        context.load_cert_chain(str(args.grpc_server_cert), str(args.grpc_server_key), password=lambda: b"")
+    except ssl.SSLError as e:
+        raise OptionError(f"{written(args, 'grpc_server_cert')} with {written(args, 'grpc_server_key')}: not a PEM "
+                          f"certificate and its private key ({_ssl_reason(e)})") from None
+    if args.grpc_root_cert is not None:
+        try:
+            context.load_verify_locations(str(args.grpc_root_cert))
+        except ssl.SSLError as e:
+            raise OptionError(f"{written(args, 'grpc_root_cert')}: not a PEM CA certificate "
+                              f"({_ssl_reason(e)})") from None
+
+
+def _ssl_reason(e: Exception) -> str:
+    """OpenSSL's reason, without the source line of Python's ssl module."""
+    return getattr(e, "reason", None) or re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(e.args[-1] if e.args else e))
+
+
+def _token(args: argparse.Namespace) -> Optional[str]:
+    """The bearer token of --auth-token-file, else of TRTSERVE_AUTH_TOKEN (unset or empty: none). Messages never
+    show it: it is a secret."""
+    if args.auth_token_file is not None:
+        raw = checked(args, "auth_token_file", readable).decode("latin-1")
+        where = written(args, "auth_token_file")
+    else:
+        raw, where = os.environ.get("TRTSERVE_AUTH_TOKEN", ""), "TRTSERVE_AUTH_TOKEN"
+        if not raw:
+            return None
+    token = raw.strip()
+    if not token:
+        raise OptionError(f"{where}: holds no token (only white space)")
+    if not all("!" <= c <= "~" for c in token):  # what a client can send in one Authorization header
+        raise OptionError(f"{where}: a bearer token must be printable ASCII without spaces (not shown here)")
+    return token
+
+
+def _model_control(args: argparse.Namespace, options: ServerOptions) -> None:
+    """Sets the model-control options from the flags; OptionError for a combination Triton refuses."""
+    names = args.load_model
+    if names is None:
+        names = [n.strip() for n in _env("LOAD_MODEL", "").split(",") if n.strip()]
+    if names and args.model_control_mode != "explicit":
+        raise OptionError(f"{written(args, 'load_model')}: needs --model-control-mode explicit (the mode is "
+                          f"{args.model_control_mode}, which loads every model at start)")
+    if "*" in names and len(names) > 1:
+        raise OptionError(f"{written(args, 'load_model')}: '*' loads every model and must be the only model named")
+    options.model_control_mode = args.model_control_mode
+    options.startup_models = tuple(names)
+    options.repository_poll_secs = args.repository_poll_secs
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    """The ServerOptions of ``trtserve serve``, every value checked before anything starts: OptionError names the
+    flag or variable of the first bad one."""
+    from trtserve.server.app import ServerOptions
+
+    for dest, check in RANGES.items():
+        checked(args, dest, check)
     options = ServerOptions(
-        model_repository=repository, host=args.host, grpc_port=args.grpc_port,
+        model_repository=_repository(args), host=checked(args, "host", listen_host), grpc_port=args.grpc_port,
         http_port=None if args.http_port < 0 else args.http_port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, max_message_bytes=args.max_message_bytes,
         drain_seconds=args.drain_seconds,
-        cache_dir=args.cache_dir or pathlib.Path(os.path.expanduser("~/.cache/trtserve")),
+        cache_dir=(checked(args, "cache_dir", plan_cache) if args.cache_dir is not None
+                   else pathlib.Path(os.path.expanduser("~/.cache/trtserve"))),
         gpu_metrics=not args.no_gpu_metrics,
     )
-    if (args.grpc_server_cert is None) != (args.grpc_server_key is None):
-        raise SystemExit("trtserve: --grpc-server-cert and --grpc-server-key go together")
-    if args.grpc_server_cert is not None:
-        options.tls = TlsOptions(args.grpc_server_cert, args.grpc_server_key, args.grpc_root_cert)
-    elif args.grpc_root_cert is not None:
-        raise SystemExit("trtserve: --grpc-root-cert (mutual TLS) needs --grpc-server-cert and --grpc-server-key")
-    token = os.environ.get("TRTSERVE_AUTH_TOKEN", "")
-    if args.auth_token_file is not None:
-        token = args.auth_token_file.read_text().strip()
-    options.auth_token = token or None
+    options.tls = _tls(args)
+    options.auth_token = _token(args)
     if args.metrics_tls and options.tls is None:
-        raise SystemExit("trtserve: --metrics-tls needs --grpc-server-cert and --grpc-server-key")
+        raise OptionError(f"{written(args, 'metrics_tls')}: needs {either('grpc_server_cert')} and "
+                          f"{either('grpc_server_key')}")
     if args.metrics_auth and options.auth_token is None:
-        raise SystemExit("trtserve: --metrics-auth needs a token (--auth-token-file or TRTSERVE_AUTH_TOKEN)")
+        raise OptionError(f"{written(args, 'metrics_auth')}: needs a token: {either('auth_token_file')}, or "
+                          "TRTSERVE_AUTH_TOKEN")
     options.metrics_tls, options.metrics_auth = args.metrics_tls, args.metrics_auth
     options.max_concurrent_streams = args.max_concurrent_streams
-    options.frontends = frontends_from(args.frontends)
+    options.frontends = checked(args, "frontends", frontends_from)
     options.arena_bytes = args.arena_bytes
     options.max_inflight = args.max_inflight
     options.max_stream_inflight = args.max_stream_inflight
@@ -197,10 +429,13 @@ async def _serve(args: argparse.Namespace) -> int:
     options.exit_on_error = args.exit_on_error
     options.strict_readiness = args.strict_readiness
     options.lenient_config = args.lenient_config
-    problem = _model_control(args, options)
-    if problem:
-        print(f"trtserve: {problem}", file=sys.stderr)
-        return 2
+    _model_control(args, options)
+    return options
+
+
+async def _serve(options: ServerOptions) -> int:
+    from trtserve.server.app import TrtServer
+
     server = TrtServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -224,24 +459,6 @@ async def _serve(args: argparse.Namespace) -> int:
     await server.stop()
     print("trtserve: stopped", flush=True)
     return 0
-
-
-def _model_control(args: argparse.Namespace, options) -> Optional[str]:
-    """Sets the model-control options from the flags; what is wrong with them, if anything (Triton's rules)."""
-    names = args.load_model
-    if names is None:
-        names = [n.strip() for n in _env("LOAD_MODEL", "").split(",") if n.strip()]
-    if names and args.model_control_mode != "explicit":
-        return f"--load-model needs --model-control-mode explicit (the mode is {args.model_control_mode}, " \
-               "which loads every model at start)"
-    if "*" in names and len(names) > 1:
-        return "--load-model '*' loads every model and must be the only --load-model"
-    if args.model_control_mode == "poll" and not args.repository_poll_secs > 0:
-        return f"--repository-poll-secs must be more than 0, got {args.repository_poll_secs:g}"
-    options.model_control_mode = args.model_control_mode
-    options.startup_models = tuple(names)
-    options.repository_poll_secs = args.repository_poll_secs
-    return None
 
 
 def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
@@ -271,7 +488,8 @@ def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
 
 def frontends_from(value: str, cpus: Optional[int] = None) -> int:
     """The --frontends value: a count, or ``auto``: one front end per two CPUs this process may use (affinity and
-    CPU quota), at least one and at most eight, leaving room for the engine (docs/architecture.md says why)."""
+    CPU quota), at least one and at most eight, leaving room for the engine (docs/architecture.md says why).
+    ValueError for anything else."""
     if value == "auto":
         cpus = usable_cpus() if cpus is None else cpus
         return max(1, min(8, cpus // 2))
@@ -280,12 +498,13 @@ def frontends_from(value: str, cpus: Optional[int] = None) -> int:
     except ValueError:
         count = -1
     if count < 0:
-        raise SystemExit(f"trtserve: --frontends must be auto or a number >= 0, got {value!r}")
+        raise ValueError("must be auto or a number >= 0")
     return count
 
 
 def _switch_interval_us(value: str) -> float:
-    """The --gil-switch-interval-us value in us (0: leave Python's); ``auto`` asks whether TensorRT can run here."""
+    """The --gil-switch-interval-us value in us (0: leave Python's); ``auto`` asks whether TensorRT can run here.
+    ValueError for anything else."""
     if value == "auto":
         from trtserve.server.engine.backends.tensorrt import compat
 
@@ -295,22 +514,23 @@ def _switch_interval_us(value: str) -> float:
     except ValueError:
         interval = -1.0
     if interval < 0:
-        raise SystemExit(f"trtserve: --gil-switch-interval-us must be auto or a number >= 0, got {value!r}")
+        raise ValueError("must be auto or a number >= 0")
     return interval
 
 
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    interval = _switch_interval_us(args.gil_switch_interval_us)
+    interval = checked(args, "gil_switch_interval_us", _switch_interval_us)
+    options = server_options(args)
     if interval > 0:
         sys.setswitchinterval(interval / 1e6)
     from trtserve.server.engine.host import StartupFailure
     from trtserve.server.supervisor import StartError
 
     try:
-        return asyncio.run(_serve(args))
-    except OSError as e:  # a port that is taken, a missing certificate: one line, not a traceback
+        return asyncio.run(_serve(options))
+    except OSError as e:  # a port that is taken: one line, not a traceback
         print(f"trtserve: {e.strerror or e}" if e.filename is None else f"trtserve: {e}", file=sys.stderr)
         return 2
     except (StartupFailure, StartError) as e:  # a model failed to load, the metrics port is taken: one line
@@ -362,15 +582,15 @@ def _bench_grpc_experiments(argv: List[str]) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     _bench_grpc_experiments(list(sys.argv[1:] if argv is None else argv))
     try:
-        parser = build_parser()
-    except EnvError as e:  # read while the flags' defaults are built, so even --help reports it
+        parser = build_parser()  # reads the variables, so even --help reports a bad one
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # the subcommand's own usage, not the program's
+            sub = _subparser(parser, getattr(args, "command", None))
+            (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        return int(args.func(args) or 0)
+    except OptionError as e:  # serve checks its options before anything starts: one line
         print(f"trtserve: {e}", file=sys.stderr)
         return 2
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # the subcommand's own usage, not the program's
-        sub = _subparser(parser, getattr(args, "command", None))
-        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
-    return int(args.func(args) or 0)
 
 
 def _subparser(parser: argparse.ArgumentParser, name: Optional[str]) -> Optional[argparse.ArgumentParser]:
