@@ -343,15 +343,16 @@ def _check_pem(args: argparse.Namespace) -> None:
     """The files parse as the TLS library needs them: a certificate and its matching key, a CA bundle."""
     import ssl
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:  # a password-protected key fails here instead of prompting on the terminal: gRPC cannot use one
-        context.load_cert_chain(str(args.grpc_server_cert), str(args.grpc_server_key), password=lambda: b"")
+    from trtserve.server.tls import server_context
+
+    try:  # the context the HTTP port will build: a password-protected key fails here, it prompts nobody
+        server_context(args.grpc_server_cert, args.grpc_server_key)
     except ssl.SSLError as e:
         raise OptionError(f"{written(args, 'grpc_server_cert')} with {written(args, 'grpc_server_key')}: not a PEM "
                           f"certificate and its private key ({_ssl_reason(e)})") from None
     if args.grpc_root_cert is not None:
         try:
-            context.load_verify_locations(str(args.grpc_root_cert))
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(str(args.grpc_root_cert))
         except ssl.SSLError as e:
             raise OptionError(f"{written(args, 'grpc_root_cert')}: not a PEM CA certificate "
                               f"({_ssl_reason(e)})") from None

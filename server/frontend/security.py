@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import pathlib
+import ssl
 from typing import Awaitable, Callable, Optional
 
 import grpc
+
+from trtserve.server.tls import server_context
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -31,17 +34,9 @@ class TlsOptions:
         return grpc.ssl_server_credentials(pair, root_certificates=self.client_ca.read_bytes(),
                                            require_client_auth=True)
 
-    def ssl_context(self) -> "ssl.SSLContext":
+    def ssl_context(self) -> ssl.SSLContext:
         """The same certificate, key and client CA for the HTTP port."""
-        import ssl
-
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(self.cert), str(self.key))
-        if self.client_ca is not None:
-            context.load_verify_locations(str(self.client_ca))
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        return server_context(self.cert, self.key, self.client_ca)
 
 
 def _deny(message: str) -> "_Handlers":

@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from trtserve.server.tls import server_context
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _log = logging.getLogger(__name__)
 
@@ -174,11 +176,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _ssl_context(tls) -> ssl.SSLContext:
+    """/metrics uses the gRPC port's certificate and key, without asking scrapers for client certificates."""
     cert, key = (tls.cert, tls.key) if hasattr(tls, "cert") else tls
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(os.fspath(cert), os.fspath(key))
-    return ctx
+    return server_context(cert, key)
 
 
 class MetricsServer:
