@@ -161,35 +161,24 @@ class PrometheusObserver(Observer):
         self, model: str, version: str, ok: bool, reason: str, rows: int, request_ns: int, queue_ns: int,
         compute_input_ns: int, compute_infer_ns: int, compute_output_ns: int,
     ) -> None:
+        if ok:
+            self.requests_done(model, version, ((rows, request_ns, queue_ns, compute_input_ns, compute_infer_ns,
+                                                 compute_output_ns),))
+            return
         with self._lock:
             s = self._get(model, version)
-            if not ok:
-                s.failure[FAILURE_REASONS.get(reason, "OTHER")] += 1
-                if reason == "rejected":
-                    s.rejected += 1
-                elif reason == "timeout":
-                    s.timed_out += 1
-                return
-            # Clamped as statistics.py does, so both report the same sums.
-            request_ns, queue_ns = max(0, request_ns), max(0, queue_ns)
-            ci, cf, co = max(0, compute_input_ns), max(0, compute_infer_ns), max(0, compute_output_ns)
-            s.success += 1
-            s.inference_count += rows
-            s.request_ns += request_ns
-            s.queue_ns += queue_ns
-            s.compute_input_ns += ci
-            s.compute_infer_ns += cf
-            s.compute_output_ns += co
-            s.request_s.observe(request_ns / 1e9)
-            s.queue_s.observe(queue_ns / 1e9)
-            s.compute_s.observe((ci + cf + co) / 1e9)
+            s.failure[FAILURE_REASONS.get(reason, "OTHER")] += 1
+            if reason == "rejected":
+                s.rejected += 1
+            elif reason == "timeout":
+                s.timed_out += 1
 
     def requests_done(self, model: str, version: str, done: Sequence[Done]) -> None:
         with self._lock:
             s = self._get(model, version)
             request_s, queue_s, compute_s = s.request_s.observe, s.queue_s.observe, s.compute_s.observe
             for rows, request_ns, queue_ns, ci, cf, co in done:
-                # clamped as request_done does
+                # clamped as statistics.py does, so both report the same sums
                 request_ns, queue_ns = max(0, request_ns), max(0, queue_ns)
                 ci, cf, co = max(0, ci), max(0, cf), max(0, co)
                 s.inference_count += rows

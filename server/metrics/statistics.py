@@ -66,18 +66,12 @@ class Statistics(Observer):
 
     def request_done(self, model: str, version: str, ok: bool, reason: str, rows: int, request_ns: int,
                      queue_ns: int, compute_input_ns: int, compute_infer_ns: int, compute_output_ns: int) -> None:
+        if ok:
+            self.requests_done(model, version, ((rows, request_ns, queue_ns, compute_input_ns, compute_infer_ns,
+                                                 compute_output_ns),))
+            return
         with self._lock:
-            s = self._get(model, version)
-            if ok:
-                s.success.add(request_ns)
-                s.queue.add(queue_ns)
-                s.compute_input.add(compute_input_ns)
-                s.compute_infer.add(compute_infer_ns)
-                s.compute_output.add(compute_output_ns)
-                s.inference_count += rows
-                s.last_inference_ms = int(time.time() * 1000)
-            else:
-                s.fail.add(request_ns)
+            self._get(model, version).fail.add(request_ns)
 
     def requests_done(self, model: str, version: str, done: Sequence[Done]) -> None:
         n = len(done)
