@@ -50,8 +50,8 @@ class _InFlight(Ticket):
     """One request between its INFER and its RESULT: the batcher settles it, and ``EngineCore._done``
     answers it right there (no future, closure or loop turn per request)."""
 
-    __slots__ = ("session", "req_id", "mv", "outputs", "rows", "t0", "trace", "queued", "dispatched", "abandoned",
-                 "shm", "queued_ns")
+    __slots__ = ("session", "req_id", "mv", "outputs", "rows", "t0", "trace", "dispatched", "abandoned", "shm",
+                 "queued_ns")
 
     def __init__(self, on_settled: Callable[[Ticket], None], session: "Session", req_id: int, outputs: tuple,
                  rows: int, t0: int, trace: Optional[str]) -> None:
@@ -60,7 +60,6 @@ class _InFlight(Ticket):
             session, req_id, outputs, rows, t0, trace
         self.mv: Optional[ModelVersion] = None
         self.queued_ns = 0  # traced requests: QUEUE_START
-        self.queued = False  # in its model's batcher: a cancel reaches it through the ticket
         self.dispatched = False  # joined a batch on an instance: its arena memory is being read
         self.abandoned = False  # the client cancelled, or its front end went away
         self.shm: Any = None  # RequestShm, when the request uses client shared memory
@@ -116,9 +115,9 @@ class EngineCore:
         session.closed = True
         if session in self.sessions:
             self.sessions.remove(session)
-        for item in list(session.inflight.values()):
+        for item in list(session.inflight.values()):  # every one is queued: _infer answers those it does not queue
             item.abandoned = True
-            if item.queued and not item.dispatched:
+            if not item.dispatched:
                 item.cancel()
         if not session.inflight and session.arena is not None:
             session.arena.close()
@@ -181,7 +180,7 @@ class EngineCore:
         if item is None:
             return
         item.abandoned = True
-        if item.queued and not item.dispatched:
+        if not item.dispatched:
             item.cancel()  # still queued: it never runs, and its answer goes back now
 
     def _infer(self, session: Session, msg: tuple) -> None:
@@ -203,7 +202,6 @@ class EngineCore:
                 item.queued_ns = time.monotonic_ns()
             batcher.queue(item, arrays, names, rows, priority, timeout_us, deadline, device_outputs,
                           on_dispatch=item.mark_dispatched)
-            item.queued = True
         except TrtServeError as e:
             if mv is not None:
                 self._observer.request_done(mv.name, mv.version, False, e.reason, rows,

@@ -435,8 +435,7 @@ class DynamicBatcher:
                                                      result.compute_output_ns, result.delivered)
             for i, (r, outs) in enumerate(zip(p.requests, per_request)):
                 r.ticket.settle(RequestResult(outs, int((start - r.arrival) * 1e9), cin, infer_ns, output_ns, p.rows,
-                                              delivered.get(i, _NOTHING_DELIVERED) if delivered else
-                                              _NOTHING_DELIVERED))
+                                              delivered.get(i, _NOTHING_DELIVERED)))
 
         self._finish(seq, answer)
 
