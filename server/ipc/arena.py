@@ -13,6 +13,7 @@ engine has answered the request that used it, never earlier (the engine may stil
 from __future__ import annotations
 
 import bisect
+import math
 import mmap
 import os
 from typing import List, Optional, Tuple
@@ -24,13 +25,6 @@ ALIGN = 64  # cache line; also what CUDA copies and NumPy's SIMD loops like to s
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
-
-
-def _count(shape: Tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class ArenaFull(Exception):
@@ -71,10 +65,14 @@ class Arena:
         """Maps an arena another process created (its descriptor arrived over a socket)."""
         return cls(fd, os.fstat(fd).st_size, owner=False)
 
-    def view(self, offset: int, nbytes: int) -> np.ndarray:
-        """uint8 view of [offset, offset + nbytes); bounds-checked, so a bad descriptor cannot reach past it."""
+    def _check(self, offset: int, nbytes: int) -> None:
+        """Bounds of every access, so a bad descriptor cannot reach past the arena."""
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise ValueError(f"arena range {offset}+{nbytes} is outside the arena ({self.size} bytes)")
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        """uint8 view of [offset, offset + nbytes)."""
+        self._check(offset, nbytes)
         return self.buffer[offset:offset + nbytes]
 
     def array(self, offset: int, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
@@ -82,10 +80,10 @@ class Arena:
         input, in two NumPy calls instead of four (slice, view, reshape, flag). frombuffer, not
         ``ndarray(buffer=...)``: its array holds the mapping's buffer export, so ``close`` cannot unmap pages
         that it still reads."""
-        count = _count(shape)
-        if self._readonly is None or offset < 0 or offset + dtype.itemsize * count > self.size:
-            raise ValueError(f"arena range {offset}+{dtype.itemsize * count} is outside the arena "
-                             f"({self.size} bytes)")
+        count = math.prod(shape)
+        self._check(offset, dtype.itemsize * count)
+        if self._readonly is None:
+            raise ValueError("the arena is closed")
         return np.frombuffer(self._readonly, dtype, count, offset).reshape(shape)
 
     def write(self, offset: int, array: np.ndarray) -> None:
@@ -93,8 +91,9 @@ class Arena:
         copy, a fraction of what NumPy's slicing and copyto cost for the small results the engine writes per
         request; anything else through NumPy."""
         n = array.nbytes
-        if offset < 0 or offset + n > self.size or self._memory is None:
-            raise ValueError(f"arena range {offset}+{n} is outside the arena ({self.size} bytes)")
+        self._check(offset, n)
+        if self._memory is None:
+            raise ValueError("the arena is closed")
         try:
             self._memory[offset:offset + n] = array.data.cast("B")
         except (TypeError, ValueError):  # not C-contiguous, or no elements: memoryview cannot cast those
