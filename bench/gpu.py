@@ -133,7 +133,7 @@ def _serve(repo: pathlib.Path, work: pathlib.Path):
     return ServerProcess(repo, extra=["--cache-dir", str(work / "cache")])
 
 
-def part_server(work: pathlib.Path, seconds: float) -> List[dict]:
+def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = ()) -> List[dict]:
     from bench.gpu_backend import _models, raw_rows_per_s
 
     pa = _pa()
@@ -155,6 +155,7 @@ def part_server(work: pathlib.Path, seconds: float) -> List[dict]:
             b.close()
     setups = [("heavy_i1", "heavy", 1, False), ("heavy_i2", "heavy", 2, False), ("heavy_i4", "heavy", 4, False),
               ("heavy_i4_graphs", "heavy", 4, True), ("small_i1", "small", 1, False), ("small_i4", "small", 4, False)]
+    setups = [s for s in setups if not only or s[0] in only]
     for name, key, n, graphs in setups:
         m = models[key]
         (repo / name / "1").mkdir(parents=True)
@@ -362,6 +363,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="models and the plan cache (reused by later parts and calls)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(os.environ.get("OUT") or DOCS))
     p.add_argument("--render", action="store_true", help="only redraw gpu.md/gpu.png from OUT/gpu.json")
+    p.add_argument("--server-setups", default="", help="server part: only these setups (e.g. heavy_i4,small_i4)")
     p.add_argument("--resnet-images", type=int, default=16, help="images per request (resnet part)")
     p.add_argument("--resnet-instances", type=int, default=2, help="instance_group count (resnet part)")
     p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
@@ -387,7 +389,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        f"Python {platform.python_version()}")
     data["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     data["switch_interval_us"] = a.switch_interval_us
-    parts = {"executor": part_executor, "server": part_server,
+    parts = {"executor": part_executor,
+             "server": functools.partial(part_server, only=[x for x in a.server_setups.split(",") if x]),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","))}
     for name in a.parts.split(","):

@@ -27,6 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--models", default="small,heavy")
     p.add_argument("--engine-cpus", default=None, help="taskset CPU list for the engine process")
+    p.add_argument("--levels", default="", help="requests in flight to measure, e.g. 256 (default: per model)")
     a = p.parse_args(list(argv) if argv is not None else None)
     from bench import engine_alone
     from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
@@ -45,6 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for key in a.models.split(","):
         m = models[key]
         rows, ref, instances, levels = SETUPS[key]
+        if a.levels:
+            levels = tuple(int(x) for x in a.levels.split(","))
         onnx_dir = work / "onnx" / m.name / "1"
         m.make(onnx_dir / "model.onnx")
         backend = _open(m.name, onnx_dir, m.wire, m.dims_in, m.dims_out, ref, instances, work, dict(m.parameters))

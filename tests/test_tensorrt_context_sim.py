@@ -76,13 +76,25 @@ class _Mem:
 
 
 def make_cupy() -> types.ModuleType:
+    """A CuPy stand-in; ``cuda.copies`` records every memcpyAsync (dst, src, bytes, kind) and
+    ``cuda.locked`` holds the (start, end) host ranges "registered" as page-locked."""
+    copies: List[Tuple[int, int, int, int]] = []
+    locked: List[Tuple[int, int]] = []
+
+    def memcpy(dst: int, src: int, n: int, kind: int, sp: int) -> None:
+        copies.append((dst, src, n, kind))
+        SimStream.registry[sp].enqueue(lambda: ctypes.memmove(dst, src, n))
+
+    def attributes(ptr: int) -> types.SimpleNamespace:
+        if not any(lo <= ptr < hi for lo, hi in locked):
+            raise RuntimeError("cudaErrorInvalidValue")  # what CUDA says of pageable memory
+        return types.SimpleNamespace(type=1)
+
     runtime = types.SimpleNamespace(
-        memcpyHostToDevice=1, memcpyDeviceToHost=2, memcpyDeviceToDevice=3,
-        getDevice=lambda: 0, setDevice=lambda d: None,
-        memcpyAsync=lambda dst, src, n, kind, sp: SimStream.registry[sp].enqueue(
-            lambda: ctypes.memmove(dst, src, n)),
+        memcpyHostToDevice=1, memcpyDeviceToHost=2, memcpyDeviceToDevice=3, memcpyDefault=4, memoryTypeHost=1,
+        getDevice=lambda: 0, setDevice=lambda d: None, memcpyAsync=memcpy, pointerGetAttributes=attributes,
     )
-    cuda = types.SimpleNamespace(Stream=SimStream, Event=SimEvent, runtime=runtime,
+    cuda = types.SimpleNamespace(Stream=SimStream, Event=SimEvent, runtime=runtime, copies=copies, locked=locked,
                                  get_elapsed_time=lambda a, b: 0.001,
                                  alloc_pinned_memory=lambda size: bytearray(size))
     mod = types.ModuleType("cupy")
@@ -149,6 +161,7 @@ def instance(monkeypatch: pytest.MonkeyPatch):
                       outputs=(IOTensor("OUTPUT0", False, "FP32", (-1, N_OUT)),), profiles=({"INPUT0": r},))
     inst = InstanceContext(trt, engine, info, 0, 0, 0, True, "model 'sim'", slots=2)  # type: ignore[arg-type]
     inst.open()
+    ctx.cuda = cupy.cuda  # type: ignore[attr-defined]
     yield inst, ctx
     inst.close()
 
@@ -241,3 +254,47 @@ def test_device_pieces_and_device_destinations_land_on_their_rows(instance) -> N
     assert result.delivered == {0: frozenset({"OUTPUT0"}), 2: frozenset({"OUTPUT0"})}
     np.testing.assert_array_equal(_array_at(outs[0].ptr, (3, N_OUT)), want[0:3])
     np.testing.assert_array_equal(_array_at(outs[2].ptr, (4, N_OUT)), want[5:9])
+
+
+def test_outputs_every_row_of_which_has_a_destination_are_not_copied_to_the_host(instance) -> None:
+    """Large outputs go from the device straight into each request's page-locked arena slot (or CUDA shared
+    memory); when every row of an output went somewhere, nothing copies it to the host: the host result keeps
+    its shape and type only."""
+    inst, ctx = instance
+    xs = [_x(3, 1), _x(5, 2)]
+    outs = [np.zeros((x.shape[0], N_OUT), np.float32) for x in xs]  # stand-ins for arena slots
+    dests = [DeviceDestination(0, 0, 3, {"OUTPUT0": (outs[0].ctypes.data, outs[0].nbytes)}),
+             DeviceDestination(1, 3, 5, {"OUTPUT0": (outs[1].ctypes.data, outs[1].nbytes)})]
+    ctx.cuda.copies.clear()
+    result = inst.run({"INPUT0": np.concatenate(xs)}, ["OUTPUT0"], dests)
+    assert result.delivered == {0: frozenset({"OUTPUT0"}), 1: frozenset({"OUTPUT0"})}
+    np.testing.assert_array_equal(outs[0], xs[0] * 2 + 1)
+    np.testing.assert_array_equal(outs[1], xs[1] * 2 + 1)
+    host = result.outputs["OUTPUT0"]
+    assert host.shape == (8, N_OUT) and host.dtype == np.float32 and not host.flags.writeable
+    kinds = [k for _, _, _, k in ctx.cuda.copies]
+    assert kinds == [1, 4, 4], kinds  # the input up, each request's rows out; no download of the whole output
+    # a destination too small for its rows is left to the host path: the output is downloaded after all
+    small = DeviceDestination(0, 0, 3, {"OUTPUT0": (outs[0].ctypes.data, outs[0].nbytes - 4)})
+    result = inst.run({"INPUT0": xs[0]}, ["OUTPUT0"], [small])
+    assert result.delivered == {}
+    np.testing.assert_array_equal(result.outputs["OUTPUT0"], xs[0] * 2 + 1)
+
+
+def test_host_pieces_in_page_locked_memory_are_copied_to_the_device_from_where_they_lie(instance) -> None:
+    """A batch left in host pieces (large requests in the arena): a piece in page-locked memory is read by the
+    device copy where it is, a pageable one goes through the slot's pinned mirror; both land on their rows."""
+    inst, ctx = instance
+    locked_piece, plain_piece = _x(4, 1), _x(2, 2)
+    start = locked_piece.ctypes.data
+    ctx.cuda.locked.append((start, start + locked_piece.nbytes))
+    ctx.cuda.copies.clear()
+    batch = Gather((locked_piece, plain_piece), (6, N_IN), np.dtype(np.float32))
+    other = inst.enqueue({"INPUT0": _x(7, 9)}, ["OUTPUT0"])  # in flight ahead of it on the same stream
+    ticket = inst.enqueue({"INPUT0": batch}, ["OUTPUT0"])  # type: ignore[dict-item]
+    np.testing.assert_array_equal(inst.collect(other).outputs["OUTPUT0"], _x(7, 9) * 2 + 1)
+    np.testing.assert_array_equal(inst.collect(ticket).outputs["OUTPUT0"],
+                                  np.concatenate([locked_piece, plain_piece]) * 2 + 1)
+    uploads = [(src, n) for _, src, n, kind in ctx.cuda.copies if kind == 1]
+    assert (start, locked_piece.nbytes) in uploads
+    assert all(src != plain_piece.ctypes.data for src, _ in uploads)  # copied into the mirror first

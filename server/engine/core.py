@@ -196,7 +196,7 @@ class EngineCore:
             spec, batcher = mv.spec, mv.batcher
             assert spec is not None and batcher is not None
             arrays = self._inputs(session, mv, item, inputs)
-            device_outputs = self._outputs(mv, item, outputs, rows)
+            device_outputs = self._outputs(session, mv, item, outputs, rows)
             names = tuple([o[0] for o in outputs])
             if trace is not None:
                 item.queued_ns = time.monotonic_ns()
@@ -244,15 +244,20 @@ class EngineCore:
             arrays[name] = data
         return arrays
 
-    def _outputs(self, mv: ModelVersion, item: _InFlight, outputs: tuple, rows: int) -> Dict[str, Tuple[int, int]]:
+    def _outputs(self, session: Session, mv: ModelVersion, item: _InFlight, outputs: tuple,
+                 rows: int) -> Dict[str, Tuple[int, int]]:
         """Resolves output shared-memory regions before the request is queued (bounds, overlap, size when
-        the shape is known); returns which outputs the backend may write into CUDA regions itself."""
+        the shape is known); returns which outputs the backend may write itself: into CUDA regions, and, when
+        the arena is page-locked, into the arena slots the front end reserved for large outputs."""
+        backend = mv.backend
+        arena = session.arena
+        direct = getattr(backend, "direct_copy_min_bytes", None) if arena is not None and arena.pinned else None
         for o in outputs:
             if o[1] is not None:
                 break
         else:  # the usual case: no output goes to client shared memory
-            return {}
-        spec, backend = mv.spec, mv.backend
+            return _arena_destinations(arena, outputs, direct) if direct is not None else {}
+        spec = mv.spec
         assert spec is not None
         if item.shm is None:
             item.shm = self._shm.request()
@@ -269,6 +274,8 @@ class EngineCore:
                 dest = item.shm.device_destination(name, device_id)
                 if dest is not None:
                     device_outputs[name] = dest
+        if direct is not None:
+            device_outputs.update(_arena_destinations(arena, outputs, direct))
         return device_outputs
 
     def _done(self, ticket: Ticket) -> None:
@@ -329,6 +336,9 @@ class EngineCore:
                     item.shm.write_output(name, wire, array)
                 written.append((name, wire, shape, (m.SHM,)))
                 continue
+            if slot is not None and name in result.delivered:  # the device wrote it into the arena slot
+                written.append((name, wire, shape, (m.ARENA, slot[0], array.nbytes)))
+                continue
             if type(array) is np.ndarray:  # the usual case: a host result
                 host = array
             else:
@@ -372,6 +382,13 @@ class EngineCore:
                 session.arena.close()  # the last request that could read it has finished
             return
         session.link.send((m.RESULT, req_id, code, message, outputs))
+
+
+def _arena_destinations(arena: Any, outputs: tuple, min_bytes: int) -> Dict[str, Tuple[int, int]]:
+    """Outputs whose reserved arena slot holds at least ``min_bytes``: (host address, bytes), for the backend to
+    copy there from the device (the arena is page-locked)."""
+    return {name: (arena.address(slot[0], slot[1]), slot[1]) for name, shm_ref, slot in outputs
+            if shm_ref is None and slot is not None and slot[1] >= min_bytes}
 
 
 def _timestamps(t0: int, queued: int, result: Any) -> List[Tuple[str, int]]:

@@ -124,6 +124,8 @@ class EngineHost:
                 self._poll_pass = False
 
     def attach(self, name: str, link: Link, arena: Optional[Arena]) -> Session:
+        if arena is not None:
+            self._maybe_pin(arena)
         return self.core.attach(name, link, arena)
 
     # ---- front ends in other processes ----------------------------------------------------------------------------
@@ -153,7 +155,6 @@ class EngineHost:
                 log.error("a front end failed to connect: %s", e)
                 conn.close()
                 continue
-            self._maybe_pin(arena)
             self.attach(str(hello.get("name", "?")), SocketLink(conn), arena)
 
     def _maybe_pin(self, arena: Arena) -> None:

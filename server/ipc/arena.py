@@ -42,6 +42,7 @@ class Arena:
         self.buffer = np.frombuffer(self._mmap, dtype=np.uint8)
         self._memory: Optional[memoryview] = memoryview(self._mmap)
         self._readonly: Optional[memoryview] = self._memory.toreadonly()
+        self._base = int(self.buffer.ctypes.data)
         self.pinned = False
 
     @classmethod
@@ -86,6 +87,13 @@ class Arena:
             raise ValueError("the arena is closed")
         return np.frombuffer(self._readonly, dtype, count, offset).reshape(shape)
 
+    def address(self, offset: int, nbytes: int) -> int:
+        """The host address of [offset, offset + nbytes), for a device copy into or out of a pinned arena."""
+        self._check(offset, nbytes)
+        if self._memory is None:
+            raise ValueError("the arena is closed")
+        return self._base + offset
+
     def write(self, offset: int, array: np.ndarray) -> None:
         """Copies ``array``'s bytes to ``offset`` (bounds-checked). A C-contiguous array goes in one memoryview
         copy, a fraction of what NumPy's slicing and copyto cost for the small results the engine writes per
@@ -105,7 +113,7 @@ class Arena:
         the arena's pages in memory: the engine does it only when it serves a TensorRT model."""
         import cupy  # only the engine of a GPU server gets here
 
-        cupy.cuda.runtime.hostRegister(int(self.buffer.ctypes.data), self.size, 0)
+        cupy.cuda.runtime.hostRegister(self._base, self.size, 0)
         self.pinned = True
 
     def close(self) -> None:
@@ -114,7 +122,7 @@ class Arena:
             import cupy
 
             try:
-                cupy.cuda.runtime.hostUnregister(int(self.buffer.ctypes.data))
+                cupy.cuda.runtime.hostUnregister(self._base)
             except Exception:  # noqa: BLE001 - the context may be gone at exit; the mapping goes anyway
                 pass
             self.pinned = False

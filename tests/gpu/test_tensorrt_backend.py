@@ -21,7 +21,7 @@ if not _OK:
 pytest.importorskip("onnx", reason="needs the onnx package to write test models")
 pytest.importorskip("onnxruntime", reason="needs onnxruntime for reference outputs")
 
-from trtserve.server.engine.backends.base import BackendConfig, TensorSpec  # noqa: E402
+from trtserve.server.engine.backends.base import BackendConfig, Gather, TensorSpec  # noqa: E402
 from trtserve.server.engine.backends.tensorrt import TensorRTBackend  # noqa: E402
 from trtserve.server.errors import InvalidArgument, ModelLoadError  # noqa: E402
 
@@ -227,6 +227,11 @@ def test_cuda_graphs_match_eager(mlp: TensorRTBackend, workdir: pathlib.Path) ->
             want = mlp.run(instance, {"INPUT0": x}, ["OUTPUT0"]).outputs["OUTPUT0"]
             assert got.shape == (rows, N_OUT)
             np.testing.assert_allclose(got, want, **TF32_TOL)  # same engine; a padded shape may round differently
+        # a batch left in host pieces (large requests) replays the graph too, its pieces packed into the mirror
+        parts = (_x(20, 1), _x(12, 2))
+        got = g.run(1, {"INPUT0": Gather(parts, (32, N_IN), np.dtype(np.float32))}, ["OUTPUT0"]).outputs["OUTPUT0"]
+        want = mlp.run(1, {"INPUT0": np.concatenate(parts)}, ["OUTPUT0"]).outputs["OUTPUT0"]
+        np.testing.assert_allclose(got, want, **TF32_TOL)
         # two in flight: the batches alternate between the slots' graphs (each copies through its own mirror)
         for x, y in _pipelined(g, 1, [9, 33, 64, 17, 40, 64, 9], seed=7):
             np.testing.assert_allclose(y, mlp.run(1, {"INPUT0": x}, ["OUTPUT0"]).outputs["OUTPUT0"], **TF32_TOL)

@@ -37,7 +37,10 @@ output [ {{ name: "OUTPUT0", data_type: TYPE_FP32, dims: [ {N_OUT} ] }} ]
 instance_group [ {{ count: 2, kind: KIND_GPU }} ]
 dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
 parameters {{ key: "trtserve.profiles" value {{ string_value: '{TWO_PROFILES}' }} }}
+parameters {{ key: "trtserve.direct_copy_min_bytes" value {{ string_value: "1024" }} }}
 """
+# direct copies from 1 KiB: requests of 4+ rows are read from the page-locked arena and requests of 16+ rows get
+# their outputs written there by the device, so the mixed batches below take both paths and the staged one
 
 # elementwise x*2 with a variable feature dimension: its profile allows 8..64 features
 VAR_CONFIG = """

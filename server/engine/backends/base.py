@@ -121,8 +121,10 @@ def is_host(array: object) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceDestination:
-    """Outputs one request of a batch wants in device memory (CUDA shared memory): its rows of each named
-    output go to ``(device pointer, bytes available)``. Only given to backends with ``accepts_device_tensors``."""
+    """Outputs one request of a batch wants written by the device itself: its rows of each named output go to
+    ``(pointer, bytes available)``, in device memory (CUDA shared memory) or in page-locked host memory (a front
+    end's arena the engine registered with CUDA; see ``Backend.direct_copy_min_bytes``). Only given to backends
+    with ``accepts_device_tensors``."""
 
     request: int  # index of the request in the batch
     row_offset: int
@@ -172,6 +174,10 @@ class Backend(abc.ABC):
     accepts_device_tensors: bool = False
     # True: ``enqueue`` returns before the batch ends and ``collect`` waits for it (see the module docstring)
     pipelined: bool = False
+    # not None (backends with ``accepts_device_tensors``): a request's input or output of at least this many bytes
+    # in page-locked host memory (the arena) is copied between it and the device directly, one copy per request,
+    # instead of through the instance's pinned buffer and host copies; below it one copy per batch costs less
+    direct_copy_min_bytes: Optional[int] = None
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config

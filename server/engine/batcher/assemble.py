@@ -11,9 +11,13 @@ from trtserve.server.errors import Internal
 
 
 def stack(requests: Sequence[Pending], shapes: Mapping[str, Shape], pad_values: Mapping[str, float],
-          batches: bool, out: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+          batches: bool, out: Optional[Mapping[str, np.ndarray]] = None,
+          gather_min_bytes: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Batch inputs: rows concatenated along dim 0, paddable dims filled with the input's pad value.
-    ``out`` (the backend's staging arrays of the batch's full shapes) receives the batch in place."""
+    ``out`` (the backend's staging arrays of the batch's full shapes) receives the batch in place.
+    ``gather_min_bytes`` (``Backend.direct_copy_min_bytes``): host inputs whose every request holds at least
+    that many bytes are left in pieces (``Gather``), which the backend copies to the device one by one from
+    where they lie, instead of concatenating them first."""
     if not batches or len(requests) == 1 and all(requests[0].shapes[n] == s for n, s in shapes.items()):
         return {n: a if is_host(a) or hasattr(a, "__cuda_array_interface__") else np.asarray(a)
                 for n, a in requests[0].inputs.items()}
@@ -21,6 +25,10 @@ def stack(requests: Sequence[Pending], shapes: Mapping[str, Shape], pad_values: 
     batched: Dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
         parts = [r.inputs[name] for r in requests]
+        if gather_min_bytes is not None and all(is_host(p) and p.nbytes >= gather_min_bytes
+                                                and p.shape[1:] == shape for p in parts):
+            batched[name] = Gather(tuple(parts), (rows,) + tuple(shape), np.dtype(parts[0].dtype))
+            continue
         if not all(is_host(p) for p in parts):  # device tensors: the backend copies each piece in place
             if not all(p.shape[1:] == shape for p in parts):
                 raise Internal(f"input '{name}': device tensors cannot be padded (the server stages paddable "

@@ -356,7 +356,8 @@ class DynamicBatcher:
         assert p.instance is not None
         if len(p.requests) > 1:  # one request goes as it is: its array is the batch
             staging = self._backend.staging(p.instance, self._rules.full(p.rows, p.shapes))  # type: ignore[arg-type]
-        inputs = assemble.stack(p.requests, p.shapes, self.spec.pad_values, self.spec.batches, staging)
+        inputs = assemble.stack(p.requests, p.shapes, self.spec.pad_values, self.spec.batches, staging,
+                                self._backend.direct_copy_min_bytes)
         t1 = time.perf_counter_ns()
         ticket = self._backend.enqueue(p.instance, inputs, names, self._destinations(p.requests))
         return ticket, t1 - t0, started

@@ -127,6 +127,7 @@ class TensorRTBackend(Backend):
         v = compat.trt_version(trt)
         share = compat.contexts_may_share_profile(v)
         path = self._model_path()
+        self.direct_copy_min_bytes = _direct_copy_min_bytes(cfg)
         with cupy.cuda.Device(cfg.device_id):
             layout: Optional[Layout] = None
             if path.suffix == ".onnx":
@@ -263,3 +264,24 @@ def _graph_buckets(config: BackendConfig) -> Optional[List[int]]:
         return [int(x) for x in raw.replace(";", ",").split(",") if x.strip()]
     except ValueError:
         raise ModelLoadError(f"parameter 'trtserve.graph_batch_sizes': expected '1,2,4,...', got {raw!r}") from None
+
+
+# Below this a request's tensor goes through the instance's pinned buffer with the rest of its batch: one more
+# cudaMemcpyAsync call from Python per request costs more than the host copies it saves for small tensors, and
+# the 1-row requests of small models would pay it hundreds of times per batch.
+DIRECT_COPY_MIN_BYTES = 16384
+
+
+def _direct_copy_min_bytes(config: BackendConfig) -> Optional[int]:
+    """Parameter trtserve.direct_copy_min_bytes (bytes; 0 = never copy a request's tensor directly), else the
+    default."""
+    raw = config.parameters.get("trtserve.direct_copy_min_bytes", "").strip()
+    if not raw:
+        return DIRECT_COPY_MIN_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ModelLoadError(f"parameter 'trtserve.direct_copy_min_bytes': expected bytes >= 0, got {raw!r}")
+    return value or None

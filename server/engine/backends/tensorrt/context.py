@@ -42,6 +42,17 @@ log = logging.getLogger("trtserve.tensorrt")
 SLOT_WAIT_S = 300.0
 
 
+def _on_host(a: Any) -> bool:
+    """A host array, or a batch left in host pieces (``Gather``)."""
+    return is_host(a) or isinstance(a, Gather) and all(is_host(p) for p in a.parts)
+
+
+def _unread(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The host result of an output that went only to destinations: its shape and type (which the answer
+    reports) without its data, which nobody reads (every request was written where it asked)."""
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
 class _Graph:
     """A captured batch of ``rows`` rows on one slot: replay = H2D + execute + D2H of exactly those shapes."""
 
@@ -54,10 +65,10 @@ class _Graph:
 class InFlight:
     """One enqueued batch: what ``collect`` needs to wait for it and read it back."""
 
-    __slots__ = ("slot", "out_shapes", "wanted", "t0", "t1", "graph", "delivered")
+    __slots__ = ("slot", "out_shapes", "wanted", "t0", "t1", "graph", "delivered", "skipped")
 
     def __init__(self, slot: int, out_shapes: Dict[str, Tuple[int, ...]], wanted: Sequence[str], t0: int, t1: int,
-                 graph: bool, delivered: Dict[int, frozenset]) -> None:
+                 graph: bool, delivered: Dict[int, frozenset], skipped: frozenset = frozenset()) -> None:
         self.slot = slot
         self.out_shapes = out_shapes
         self.wanted = wanted
@@ -65,6 +76,7 @@ class InFlight:
         self.t1 = t1  # host ns: inputs packed into pinned memory
         self.graph = graph
         self.delivered = delivered
+        self.skipped = skipped  # outputs every row of which went to a destination: never copied to the host
 
 
 class InstanceContext:
@@ -311,14 +323,14 @@ class InstanceContext:
         slot = self._next
         self._wait_slot(slot)
         try:
-            out_shapes, t1, graph, delivered = self._enqueue(inputs, rows, wanted, destinations, slot)
+            out_shapes, t1, graph, delivered, skipped = self._enqueue(inputs, rows, wanted, destinations, slot)
         except BaseException:
             self._shapes, self._out_shapes = {}, {}
             self._drain()  # nothing may still read the pinned buffers when the next batch packs them
             raise
         self._slot_free[slot].clear()
         self._next = (slot + 1) % self.slots
-        return InFlight(slot, out_shapes, wanted, t0, t1, graph, delivered)
+        return InFlight(slot, out_shapes, wanted, t0, t1, graph, delivered, skipped)
 
     def collect(self, batch: InFlight) -> BatchResult:
         """Waits for an enqueued batch and returns its outputs; any thread, once per ``enqueue``, in order."""
@@ -334,6 +346,7 @@ class InstanceContext:
                 out_ns = int(elapsed(ev_exec, ev_done) * 1e6)
             t2 = time.perf_counter_ns()
             result = {name: self._tensors[name].result(batch.out_shapes[name], batch.slot, self._widened.get(name))
+                      if name not in batch.skipped else _unread(batch.out_shapes[name], self._tensors[name].dtype)
                       for name in batch.wanted}
             t3 = time.perf_counter_ns()
         except Exception as e:
@@ -355,10 +368,13 @@ class InstanceContext:
             log.error("%s: stream synchronize after a failed batch: %s", self._what, e)
 
     def _to_devices(self, destinations: Sequence[DeviceDestination], out_shapes: Mapping[str, Tuple[int, ...]],
-                    stream: Any) -> Dict[int, frozenset]:
-        """Enqueues device-to-device copies of each destination's rows of each output; returns what went where."""
+                    stream: Any) -> Tuple[Dict[int, frozenset], frozenset]:
+        """Enqueues copies of each destination's rows of each output (device memory or page-locked host memory:
+        CUDA tells which from the address); returns what went where, and the outputs whose every row went to a
+        destination (nothing else reads those, so they need no copy to the host)."""
         rt = self._cupy.cuda.runtime
         delivered: Dict[int, frozenset] = {}
+        covered: Dict[str, int] = {}
         for d in destinations:
             done = []
             for name, (ptr, room) in d.outputs.items():
@@ -372,34 +388,39 @@ class InstanceContext:
                 if n > room or start + n > t.capacity:  # the server checked sizes; never write past a region
                     continue
                 if n:
-                    rt.memcpyAsync(ptr, t.ptr + start, n, rt.memcpyDeviceToDevice, stream.ptr)
+                    rt.memcpyAsync(ptr, t.ptr + start, n, rt.memcpyDefault, stream.ptr)
                 done.append(name)
+                covered[name] = covered.get(name, 0) + (d.rows if self._batched else 1)
             if done:
                 delivered[d.request] = frozenset(done)
-        return delivered
+        whole = {n: (shape[0] if self._batched else 1) for n, shape in out_shapes.items()}
+        return delivered, frozenset(n for n, c in covered.items() if c >= whole[n] > 0)
 
     def _enqueue(
         self, inputs: Mapping[str, np.ndarray], rows: Optional[int], wanted: Sequence[str],
         destinations: Sequence[DeviceDestination], slot: int,
-    ) -> Tuple[Dict[str, Tuple[int, ...]], int, bool, Dict[int, frozenset]]:
+    ) -> Tuple[Dict[str, Tuple[int, ...]], int, bool, Dict[int, frozenset], frozenset]:
         """Enqueues one batch on ``slot``: (output shapes, host pack end ns, replayed a graph, outputs delivered
-        to device destinations)."""
+        to destinations, outputs not copied to the host)."""
         stream = self._stream
         ev_start, ev_in, ev_exec, ev_done = self._events[slot]
         bucket = graph_util.pick_bucket(self._buckets, rows) if rows is not None and self._buckets else None
-        if bucket is not None and all(is_host(a) and tuple(a.shape[1:]) == self._ranges[n].max[1:]
+        if bucket is not None and all(_on_host(a) and tuple(a.shape[1:]) == self._ranges[n].max[1:]
                                       for n, a in inputs.items()):  # a graph replays its captured host copies
             g = self._graphs[(bucket, slot)]
             for name, a in inputs.items():
                 t = self._tensors[name]
+                if isinstance(a, Gather):  # host pieces: the graph reads them from the slot's mirror
+                    a = np.concatenate(a.parts, axis=0, out=t.view(a.shape, slot)) if name not in self._narrowed \
+                        else np.concatenate(a.parts, axis=0)
                 t.pack(a, pad_to_bytes=nbytes_of((bucket,) + tuple(a.shape[1:]), t.dtype), slot=slot)
             t1 = time.perf_counter_ns()
             ev_start.record(stream)
             g.graph.launch(stream=stream)
             out_shapes = {n: (rows,) + g.out_shapes[n][1:] for n in wanted}
-            delivered = self._to_devices(destinations, out_shapes, stream) if destinations else {}
+            delivered, _ = self._to_devices(destinations, out_shapes, stream) if destinations else ({}, frozenset())
             ev_done.record(stream)
-            return out_shapes, t1, True, delivered
+            return out_shapes, t1, True, delivered, frozenset()  # the graph copied every output to the host
         sizes = {name: self._tensors[name].pack(a, slot=slot) for name, a in inputs.items() if is_host(a)}
         t1 = time.perf_counter_ns()
         ev_start.record(stream)
@@ -426,8 +447,9 @@ class InstanceContext:
             raise Internal(compat.with_trt_error(f"{self._what}: execute_async_v3 failed"))
         ev_exec.record(stream)
         out_shapes = {name: self._out_shapes[name] for name in wanted}
+        delivered, skipped = self._to_devices(destinations, out_shapes, stream) if destinations else ({}, frozenset())
         for name, shape in out_shapes.items():
-            self._tensors[name].download(nbytes_of(shape, self._tensors[name].dtype), stream, slot)
-        delivered = self._to_devices(destinations, out_shapes, stream) if destinations else {}
+            if name not in skipped:
+                self._tensors[name].download(nbytes_of(shape, self._tensors[name].dtype), stream, slot)
         ev_done.record(stream)
-        return out_shapes, t1, False, delivered
+        return out_shapes, t1, False, delivered, skipped

@@ -106,8 +106,9 @@ class StagedTensor:
 
     def gather(self, parts: Sequence[Any], stream: Any, slot: int = 0) -> int:
         """Enqueues each piece into its rows of the device buffer on ``stream``: device pieces (objects with
-        ``__cuda_array_interface__``, e.g. a client's CUDA shared memory) device to device, host pieces
-        through their place in the pinned mirror. Returns the bytes written."""
+        ``__cuda_array_interface__``, e.g. a client's CUDA shared memory) device to device, host pieces in
+        page-locked memory (a front end's arena) straight from there, other host pieces through their place in
+        the pinned mirror. Returns the bytes written."""
         cupy = _cupy()
         rt = cupy.cuda.runtime
         host, host_ptr = self.hosts[slot], self._host_ptrs[slot]
@@ -126,6 +127,10 @@ class StagedTensor:
                         cupy.copyto(dst, cupy.asarray(p), casting="unsafe")
                 elif n:
                     rt.memcpyAsync(self.ptr + offset, int(cai["data"][0]), n, rt.memcpyDeviceToDevice, stream.ptr)
+            elif (n and p.dtype == self.dtype and p.flags.c_contiguous
+                  and is_page_locked(p.__array_interface__["data"][0])):
+                rt.memcpyAsync(self.ptr + offset, p.__array_interface__["data"][0], n, rt.memcpyHostToDevice,
+                               stream.ptr)
             else:
                 src = np.ascontiguousarray(p)
                 np.copyto(host[offset:offset + n].view(self.dtype).reshape(src.shape), src,
