@@ -1,0 +1,137 @@
+"""Large requests on a GPU model skip the host copies: the engine hands the backend each request's input where it
+lies in the page-locked arena (a batch left in pieces) and the address of each request's arena slot for its
+output, and answers with that slot without writing it again. Here the TensorRT backend is a fake whose "device
+copies" are memmoves (the real one runs in tests/gpu) and the arena's page-locking is a flag, so the engine's
+side of the path runs in CI: which requests go direct (``direct_copy_min_bytes``), what the answer carries, and
+that a request below the threshold still takes the staged path in the same batch."""
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import threading
+import time
+from typing import Iterator, List, Sequence
+
+import numpy as np
+import pytest
+
+from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec
+from trtserve.server.ipc.arena import Arena
+
+MIN_BYTES = 64  # requests of 4+ rows of 4 FP32 go direct
+
+
+class DirectBackend(Backend):
+    """OUTPUT0 = 2 * INPUT0, written into each destination by memmove (what the device copy does); in the host
+    result it returns, the rows it delivered are 2 * INPUT0 + 1000, so an output the engine wrote again from the
+    host result shows."""
+
+    platform = "tensorrt_plan"  # the engine page-locks arenas for it
+    accepts_device_tensors = True
+    direct_copy_min_bytes = MIN_BYTES
+    batches: List[dict] = []
+    lock = threading.Lock()
+    started = threading.Event()  # a batch began
+    gate = threading.Event()  # a batch whose input is all -1 waits for it (holds the one instance)
+
+    def open(self) -> None:
+        pass
+
+    def io(self):
+        return ((TensorSpec("INPUT0", "FP32", (-1, 4)),), (TensorSpec("OUTPUT0", "FP32", (-1, 4)),))
+
+    def run(self, instance, inputs, outputs):
+        return self.run_to_device(instance, inputs, outputs, ())
+
+    def run_to_device(self, instance, inputs, outputs, destinations):
+        x = inputs["INPUT0"]
+        parts = x.parts if isinstance(x, Gather) else (x,)
+        y = 2 * np.concatenate(parts, axis=0)
+        DirectBackend.started.set()
+        if (y == -2).all():
+            DirectBackend.gate.wait(30)
+            return BatchResult({"OUTPUT0": y})
+        host = y.copy()
+        delivered = {}
+        for d in destinations:
+            ptr, room = d.outputs["OUTPUT0"]
+            rows = np.ascontiguousarray(y[d.row_offset:d.row_offset + d.rows])
+            assert rows.nbytes <= room
+            ctypes.memmove(ptr, rows.ctypes.data, rows.nbytes)
+            host[d.row_offset:d.row_offset + d.rows] += 1000
+            delivered[d.request] = frozenset({"OUTPUT0"})
+        with self.lock:
+            DirectBackend.batches.append({"gathered": isinstance(x, Gather), "rows": int(y.shape[0]),
+                                          "destinations": sorted(d.rows for d in destinations)})
+        return BatchResult({"OUTPUT0": host}, delivered=delivered)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
+    from tests.test_faults import OptionsServer
+    from trtserve.server.app import ServerOptions
+
+    from .models import write_config
+
+    close = Arena.close
+
+    def unpin_then_close(self: Arena) -> None:
+        self.pinned = False  # nothing was registered with CUDA
+        close(self)
+
+    monkeypatch.setattr(Arena, "pin", lambda self: setattr(self, "pinned", True))
+    monkeypatch.setattr(Arena, "close", unpin_then_close)
+    write_config(tmp_path, "direct", """
+name: "direct" platform: "tensorrt_plan" max_batch_size: 64
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]
+output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]
+dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 300000 }
+""")
+    (tmp_path / "direct" / "1").mkdir()
+    DirectBackend.batches = []
+    s = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None,
+                                    gpu_metrics=False, backend_factories={"tensorrt_plan": DirectBackend}))
+    yield s
+    s.stop()
+
+
+def _infer(client, rows: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, 4)).astype(np.float32)
+    y = client.infer("direct", {"INPUT0": x})["OUTPUT0"]
+    np.testing.assert_array_equal(y, 2 * x)  # 2x + 1000: the engine wrote a delivered output again
+    return y
+
+
+def _one_batch(client, rows: Sequence[int], seed: int) -> None:
+    """Requests of these sizes in one batch: they queue while a held batch occupies the instance."""
+    blocker = np.full((1, 4), -1, np.float32)
+    DirectBackend.started.clear()
+    DirectBackend.gate.clear()
+    with concurrent.futures.ThreadPoolExecutor(len(rows) + 1) as pool:
+        held = pool.submit(client.infer, "direct", {"INPUT0": blocker})
+        assert DirectBackend.started.wait(10)
+        jobs = [pool.submit(_infer, client, n, seed + k) for k, n in enumerate(rows)]
+        time.sleep(0.3)  # all of them queue behind the held batch
+        DirectBackend.gate.set()
+        for j in jobs + [held]:
+            j.result(timeout=30)
+
+
+def test_large_requests_are_read_and_answered_in_place_and_small_ones_staged(server) -> None:
+    from trtserve.client import InferenceClient
+
+    with InferenceClient(server.url) as client:
+        assert server.server.engine.core.sessions[0].arena.pinned
+        # large requests only: the input left in pieces, every output written by the "device"
+        _one_batch(client, (8, 8, 4, 8), 0)
+        # one small request among them: the input is concatenated, only the large requests get destinations
+        _one_batch(client, (8, 1, 16, 3), 10)
+        # alone, below the threshold: the staged path
+        _infer(client, 2, 99)
+    seen = [b for b in DirectBackend.batches if b["rows"] != 1 or b["destinations"]]  # not the held batches
+    assert seen == [{"gathered": True, "rows": 28, "destinations": [4, 8, 8, 8]},
+                    {"gathered": False, "rows": 28, "destinations": [8, 16]},
+                    {"gathered": False, "rows": 2, "destinations": []}], seen
