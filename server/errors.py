@@ -79,3 +79,13 @@ class ResourceExhausted(TrtServeError):
 
     code = "RESOURCE_EXHAUSTED"
     reason = "rejected"
+
+
+def bind_hint(error: OSError) -> str:
+    """What a failed bind most likely means, for the one line the user sees (empty when the errno says nothing
+    more than its own text)."""
+    import errno  # noqa: PLC0415 - only a failed start gets here
+
+    return {errno.EADDRINUSE: " (another server on this port?)",
+            errno.EACCES: " (ports below 1024 need privileges)",
+            errno.EADDRNOTAVAIL: " (no interface of this machine has that address)"}.get(error.errno or 0, "")

@@ -27,6 +27,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
+from trtserve.server.errors import bind_hint
 from trtserve.server.ipc import channel
 from trtserve.server.options import ServerOptions
 
@@ -55,8 +56,7 @@ def reserve_port(host: str, port: int, what: str = "gRPC") -> Tuple[socket.socke
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise OSError(e.errno, f"cannot use {host}:{port} for {what}: {e.strerror} (another server on this "
-                                   "port?)") from None
+            raise OSError(e.errno, f"cannot use {host}:{port} for {what}: {e.strerror}{bind_hint(e)}") from None
         port = probe.getsockname()[1]
     finally:
         probe.close()

@@ -167,3 +167,29 @@ def test_a_taken_port_is_one_line_naming_it(tmp_path: pathlib.Path, frontends: i
     assert "Traceback" not in out.stdout + out.stderr
     line = _last_line(out.stderr)
     assert line.startswith(f"trtserve: cannot use 127.0.0.1:{port} for {'gRPC' if which == 'grpc' else '/metrics'}")
+    assert "(another server on this port?)" in line, line
+
+
+def test_a_failed_bind_says_what_its_errno_means() -> None:
+    """The hint after a bind error follows its errno: a taken port, a privileged one, an address this machine
+    does not have; nothing is guessed for the others."""
+    import errno
+
+    from trtserve.server.errors import bind_hint
+    from trtserve.server.supervisor import reserve_port
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(OSError) as e:
+            reserve_port("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
+    assert e.value.strerror.endswith("(another server on this port?)"), e.value
+    with pytest.raises(OSError) as e:
+        reserve_port("192.0.2.1", 0, "HTTP")  # TEST-NET-1: never an address of this machine
+    assert e.value.strerror == ("cannot use 192.0.2.1:0 for HTTP: Cannot assign requested address (no interface "
+                                "of this machine has that address)"), e.value
+    assert bind_hint(OSError(errno.EACCES, "Permission denied")) == " (ports below 1024 need privileges)"
+    assert bind_hint(OSError(errno.EINVAL, "Invalid argument")) == ""

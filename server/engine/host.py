@@ -13,6 +13,7 @@ from trtserve.server.engine.core import EngineCore, Session
 from trtserve.server.engine.repository import layout
 from trtserve.server.engine.repository.registry import ModelRepository
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
+from trtserve.server.errors import bind_hint
 from trtserve.server.events import Fanout, Observer
 from trtserve.server.frontend.memory import PeriodicTrim
 from trtserve.server.ipc import channel
@@ -89,8 +90,8 @@ class EngineHost:
             except OSError as e:
                 self._metrics_server = None
                 raise StartupFailure(f"cannot use {opts.host}:{opts.metrics_port} for /metrics: "
-                                     f"{e.strerror or e} (another server on this port? --metrics-port -1 turns "
-                                     "metrics off)", code=2) from None
+                                     f"{e.strerror or e}{bind_hint(e)}; --metrics-port -1 turns metrics off",
+                                     code=2) from None
         startup: Optional[List[str]] = None  # none and poll: every model of the repository
         if self.options.model_control_mode == "explicit":  # --load-model's models ("*": all)
             startup = list(self.options.startup_models)

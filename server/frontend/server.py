@@ -75,7 +75,9 @@ class FrontEnd:
         except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
             port = 0
         if port == 0:
-            raise OSError(f"cannot use {address} for gRPC (another server on this port?)")
+            # the port was bound once already (reserve_port: a taken or forbidden port fails there, with its
+            # errno); grpc says no more than that it could not bind it now
+            raise OSError(f"cannot use {address} for gRPC: grpc could not bind it")
         self.port = port
         await self._server.start()
         if self.http is not None:

@@ -14,6 +14,7 @@ from typing import Optional
 
 from aiohttp import web
 
+from trtserve.server.errors import bind_hint
 from trtserve.server.frontend.http.api import HttpApi, Reply, error_reply
 from trtserve.server.frontend.security import check_bearer
 from trtserve.server.frontend.service import InferenceService
@@ -49,8 +50,7 @@ class HttpFrontEnd:
         except OSError as e:
             await self._runner.cleanup()
             raise OSError(e.errno, f"cannot use {self.options.host}:{self.options.http_port} for HTTP: "
-                                   f"{e.strerror} (another server on this port? --http-port -1 turns HTTP off)") \
-                from None
+                                   f"{e.strerror}{bind_hint(e)}; --http-port -1 turns HTTP off") from None
         server = site._server  # aiohttp keeps the listening sockets there; the port matters when it was 0
         self.port = server.sockets[0].getsockname()[1] if server is not None else self.options.http_port
         return self.port
