@@ -28,6 +28,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--models", default="small,heavy")
     p.add_argument("--engine-cpus", default=None, help="taskset CPU list for the engine process")
     p.add_argument("--levels", default="", help="requests in flight to measure, e.g. 256 (default: per model)")
+    p.add_argument("--instances", type=int, default=0, help="instance_group count (default: per model)")
+    p.add_argument("--switch-interval-us", default="",
+                   help="GIL switch intervals of the engine to compare, e.g. 200,50 (default: what serve sets)")
     a = p.parse_args(list(argv) if argv is not None else None)
     from bench import engine_alone
     from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
@@ -48,6 +51,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows, ref, instances, levels = SETUPS[key]
         if a.levels:
             levels = tuple(int(x) for x in a.levels.split(","))
+        instances = a.instances or instances
+        # by default the GIL switch interval `trtserve serve` sets where TensorRT runs (trtserve/cli.py says why)
+        intervals = [float(x) for x in a.switch_interval_us.split(",")] if a.switch_interval_us else \
+            [DEFAULT_GIL_SWITCH_INTERVAL_US]
         onnx_dir = work / "onnx" / m.name / "1"
         m.make(onnx_dir / "model.onnx")
         backend = _open(m.name, onnx_dir, m.wire, m.dims_in, m.dims_out, ref, instances, work, dict(m.parameters))
@@ -61,21 +68,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (repo / m.name / "config.pbtxt").write_text(
             _config(m.name, m.wire, m.dims_in, m.dims_out, ref, instances, params=dict(m.parameters)))
         print(f"{key}: raw engine {raw:,.0f} rows/s at batch {ref}", flush=True)
-        # the GIL switch interval `trtserve serve` sets where TensorRT runs (trtserve/cli.py explains why)
-        engine = engine_alone.Engine(repo, a.engine_cpus, cache_dir=work / "cache",
-                                     switch_interval=DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6)
-        try:
-            for level in levels:
-                r = asyncio.run(engine_alone._level(engine, m.name, [("INPUT0", m.wire, tuple(m.dims_in))], rows,
-                                                    level, 1.0, a.seconds))
-                rows_out.append([key, str(rows), str(level), f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}",
-                                 f"{raw:,.0f}", f"{100 * r['rows_s'] / raw:.0f} %", f"{r['mean_batch']:.0f}",
-                                 f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", str(r["errors"])])
-                print(" | ".join(rows_out[-1]), flush=True)
-        finally:
-            engine.stop()
-    head = ["model", "rows/req", "concurrency", "req/s", "rows/s", "raw rows/s", "of raw", "batch", "p50 ms",
-            "engine cores", "errors"]
+        for interval in intervals:
+            engine = engine_alone.Engine(repo, a.engine_cpus, cache_dir=work / "cache",
+                                         switch_interval=interval / 1e6)
+            try:
+                for level in levels:
+                    r = asyncio.run(engine_alone._level(engine, m.name, [("INPUT0", m.wire, tuple(m.dims_in))],
+                                                        rows, level, 1.0, a.seconds))
+                    rows_out.append([key, str(instances), f"{interval:g}", str(rows), str(level),
+                                     f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}", f"{raw:,.0f}",
+                                     f"{100 * r['rows_s'] / raw:.0f} %", f"{r['mean_batch']:.0f}",
+                                     f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", str(r["errors"])])
+                    print(" | ".join(rows_out[-1]), flush=True)
+            finally:
+                engine.stop()
+    head = ["model", "instances", "GIL us", "rows/req", "concurrency", "req/s", "rows/s", "raw rows/s", "of raw",
+            "batch", "p50 ms", "engine cores", "errors"]
     widths = [max(len(r[i]) for r in [head] + rows_out) for i in range(len(head))]
     print()
     for r in [head, ["-" * w for w in widths]] + rows_out:
