@@ -79,19 +79,14 @@ def test_requests_spread_over_both_servers(two_servers):
     assert min(served) >= 30, served  # round robin: about half each (the first calls may land on one)
 
 
-_DRAIN_RACE = pytest.mark.xfail(strict=False, reason=(
-    "intermittent (about 1 run in 3 on a 2-core box): TrtServer.stop() turns health NOT_SERVING and calls "
-    "server.stop() in the same instant, and grpc core answers calls that arrived but were not yet matched to a "
-    "handler with CANCELLED instead of UNAVAILABLE (grpc/grpc#41785, fix in PR #41786), which no client may "
-    "retry. Needs a notice period in the server's drain (NOT_SERVING, wait ~0.5 s, then stop)."))
-
-
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=_DRAIN_RACE)], ids=["kill", "term"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
 async def test_client_survives_one_server_stopping(two_servers, sig):
     """8 callers in a loop; server A is killed (or drained) mid-run; every call still succeeds.
 
     A killed server's in-flight calls fail UNAVAILABLE before any response header, so the
-    client's retry policy sends them again and round robin picks the live server.
+    client's retry policy sends them again and round robin picks the live server. A drained server turns
+    NOT_SERVING for a notice period before it refuses calls, so the client's health check moves the callers
+    away first (without it, grpc answered calls caught at the stop with CANCELLED, which no client may retry).
     """
     (proc_a, port_a), (_, port_b) = two_servers
     before_b = _successes(port_b)
