@@ -31,6 +31,19 @@ def write_config(repo: pathlib.Path, name: str, text: str) -> None:
     (repo / name / "config.pbtxt").write_text(text)
 
 
+def fake_backend_model(repo: pathlib.Path, name: str, platform: str, max_batch_size: int, preferred: int,
+                       delay_us: int) -> None:
+    """A model served by a test's fake backend (``ServerOptions.backend_factories[platform]``): FP32 INPUT0 and
+    OUTPUT0 of 4 values a row, batched up to ``max_batch_size`` with one preferred size."""
+    write_config(repo, name, f"""
+name: "{name}" platform: "{platform}" max_batch_size: {max_batch_size}
+input [ {{ name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ] }} ]
+output [ {{ name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] }} ]
+dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: {delay_us} }}
+""")
+    (repo / name / "1").mkdir()
+
+
 def copy_example(repo: pathlib.Path, name: str = "mlp", config: Optional[str] = None) -> None:
     """The bundled MLP under ``name``, optionally with another config.pbtxt body."""
     shutil.copytree(EXAMPLE_REPOSITORY / "mlp", repo / name)

@@ -74,7 +74,7 @@ def server(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     from tests.test_faults import OptionsServer
     from trtserve.server.app import ServerOptions
 
-    from .models import write_config
+    from .models import fake_backend_model
 
     close = Arena.close
 
@@ -84,13 +84,7 @@ def server(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
 
     monkeypatch.setattr(Arena, "pin", lambda self: setattr(self, "pinned", True))
     monkeypatch.setattr(Arena, "close", unpin_then_close)
-    write_config(tmp_path, "direct", """
-name: "direct" platform: "tensorrt_plan" max_batch_size: 64
-input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]
-output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]
-dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 300000 }
-""")
-    (tmp_path / "direct" / "1").mkdir()
+    fake_backend_model(tmp_path, "direct", "tensorrt_plan", 64, preferred=64, delay_us=300000)
     DirectBackend.batches = []
     s = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None,
                                     gpu_metrics=False, backend_factories={"tensorrt_plan": DirectBackend}))

@@ -657,14 +657,8 @@ def test_device_inputs_and_outputs_through_the_batcher_on_a_fake_gpu(tmp_path):
     from trtserve.protos import grpc_service_pb2_grpc as pbg
     from trtserve.server.app import ServerOptions
 
-    from .models import write_config
-    write_config(tmp_path, "dev", """
-name: "dev" platform: "devcopy" max_batch_size: 8
-input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]
-output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]
-dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 2000000 }
-""")
-    (tmp_path / "dev" / "1").mkdir()
+    from .models import fake_backend_model
+    fake_backend_model(tmp_path, "dev", "devcopy", 8, preferred=4, delay_us=2000000)
     DeviceCopyBackend.seen = []
     DeviceCopyBackend.gate.clear()
     server = OptionsServer(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None,
