@@ -596,6 +596,19 @@ def test_cuda_regions_through_the_server_on_a_fake_gpu(server, client):
     assert fake.open_count == 0
 
 
+def fake_device_copies(y: np.ndarray, destinations) -> dict:
+    """What the TensorRT backend's device copies do, as memmoves: each destination gets its request's rows of
+    OUTPUT0 (``y``); returns ``BatchResult.delivered``."""
+    delivered = {}
+    for d in destinations:
+        ptr, room = d.outputs["OUTPUT0"]
+        rows = np.ascontiguousarray(y[d.row_offset:d.row_offset + d.rows])
+        assert rows.nbytes <= room
+        ctypes.memmove(ptr, rows.ctypes.data, rows.nbytes)
+        delivered[d.request] = frozenset({"OUTPUT0"})
+    return delivered
+
+
 class DeviceCopyBackend(Backend):
     """What the TensorRT backend does with CUDA shared memory, on the fake CUDA (device pointers are host
     pointers here): takes DeviceTensor and Gather inputs, and writes outputs into requests' device
@@ -631,14 +644,7 @@ class DeviceCopyBackend(Backend):
         if (x == -1).all():
             DeviceCopyBackend.gate.wait(30)
         y = 2 * x
-        delivered = {}
-        for d in destinations:
-            ptr, room = d.outputs["OUTPUT0"]
-            rows = np.ascontiguousarray(y[d.row_offset:d.row_offset + d.rows])
-            assert rows.nbytes <= room
-            ctypes.memmove(ptr, rows.ctypes.data, rows.nbytes)
-            delivered[d.request] = frozenset({"OUTPUT0"})
-        return BatchResult({"OUTPUT0": y + 1000}, delivered=delivered)
+        return BatchResult({"OUTPUT0": y + 1000}, delivered=fake_device_copies(y, destinations))
 
     def close(self) -> None:
         pass
