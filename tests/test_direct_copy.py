@@ -125,3 +125,19 @@ def test_large_requests_are_read_and_answered_in_place_and_small_ones_staged(ser
     assert seen == [{"gathered": True, "rows": 28, "destinations": [4, 8, 8, 8]},
                     {"gathered": False, "rows": 28, "destinations": [8, 16]},
                     {"gathered": False, "rows": 2, "destinations": []}], seen
+
+
+def test_the_threshold_parameter_is_read_like_the_other_integer_parameters(tmp_path) -> None:
+    from trtserve.server.engine.backends.base import BackendConfig
+    from trtserve.server.engine.backends.tensorrt import DIRECT_COPY_MIN_BYTES, _direct_copy_min_bytes
+    from trtserve.server.errors import ModelLoadError
+
+    def threshold(**parameters: str):
+        return _direct_copy_min_bytes(BackendConfig("m", "1", tmp_path, "", 8, (), (), parameters=parameters))
+
+    assert threshold() == DIRECT_COPY_MIN_BYTES
+    assert threshold(**{"trtserve.direct_copy_min_bytes": " 1024 "}) == 1024
+    assert threshold(**{"trtserve.direct_copy_min_bytes": "0"}) is None  # off
+    for bad in ("-1", "16k", ""):
+        with pytest.raises(ModelLoadError, match="parameter 'trtserve.direct_copy_min_bytes'"):
+            threshold(**{"trtserve.direct_copy_min_bytes": bad})

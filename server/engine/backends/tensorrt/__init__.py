@@ -21,7 +21,7 @@ from trtserve.server.errors import InvalidArgument, ModelLoadError
 
 from . import compat
 from .build import (BuildOptions, OnnxBuilder, PlanCache, default_cache_dir, onnx_declared_types, param_bool,
-                    plan_cache_key, sha256_file)
+                    param_int, plan_cache_key, sha256_file)
 from .context import InFlight, InstanceContext
 from .engine import EngineInfo, deserialize, inspect_engine, model_specs, validate, with_served_types
 from .profiles import (
@@ -276,13 +276,4 @@ DIRECT_COPY_MIN_BYTES = 16384
 def _direct_copy_min_bytes(config: BackendConfig) -> Optional[int]:
     """Parameter trtserve.direct_copy_min_bytes (bytes; 0 = never copy a request's tensor directly), else the
     default."""
-    raw = config.parameters.get("trtserve.direct_copy_min_bytes", "").strip()
-    if not raw:
-        return DIRECT_COPY_MIN_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ModelLoadError(f"parameter 'trtserve.direct_copy_min_bytes': expected bytes >= 0, got {raw!r}")
-    return value or None
+    return param_int(config.parameters, "trtserve.direct_copy_min_bytes", DIRECT_COPY_MIN_BYTES) or None

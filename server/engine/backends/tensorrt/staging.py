@@ -128,9 +128,8 @@ class StagedTensor:
                 elif n:
                     rt.memcpyAsync(self.ptr + offset, int(cai["data"][0]), n, rt.memcpyDeviceToDevice, stream.ptr)
             elif (n and p.dtype == self.dtype and p.flags.c_contiguous
-                  and is_page_locked(p.__array_interface__["data"][0])):
-                rt.memcpyAsync(self.ptr + offset, p.__array_interface__["data"][0], n, rt.memcpyHostToDevice,
-                               stream.ptr)
+                  and is_page_locked(src_ptr := p.__array_interface__["data"][0])):
+                rt.memcpyAsync(self.ptr + offset, src_ptr, n, rt.memcpyHostToDevice, stream.ptr)
             else:
                 src = np.ascontiguousarray(p)
                 np.copyto(host[offset:offset + n].view(self.dtype).reshape(src.shape), src,
