@@ -204,10 +204,21 @@ async def _level(engine: Engine, model: str, inputs, rows: int, concurrency: int
     rows_done = b.inference_count - a.inference_count
     execs = b.execution_count - a.execution_count
     result["mean_batch"] = rows_done / execs if execs else 0.0
+    # where a request's time went inside the engine, per successful request (Triton's cumulative statistics):
+    # queued until its batch started on an instance, then the batch's input, infer and output phases
+    ok = b.inference_stats.success.count - a.inference_stats.success.count
+    for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+        ns = getattr(b.inference_stats, key).ns - getattr(a.inference_stats, key).ns
+        result[f"{key}_us"] = ns / ok / 1e3 if ok else 0.0
     result["engine_cores"] = (c_end - c_start) / result["wall"]
     result["engine_us_per_req"] = 1e6 * (c_end - c_start) / max(1, driver.done)
     del c0
     return result
+
+
+def _phases(r: Dict[str, float]) -> str:
+    """queue/compute input/infer/output in us per request, as one cell."""
+    return "/".join(f"{r[k + '_us']:.0f}" for k in ("queue", "compute_input", "compute_infer", "compute_output"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -231,14 +242,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         print(f"engine alone: model {a.model}, {a.rows} row(s) per request, repository {repo}")
         print(f"{'concurrency':>11} {'req/s':>10} {'rows/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>7} "
-              f"{'engine cores':>12} {'engine us/req':>13} {'errors':>6}", flush=True)
+              f"{'engine cores':>12} {'engine us/req':>13} {'queue/in/infer/out us':>24} {'errors':>6}", flush=True)
         for level in [int(x) for x in a.concurrency.split(",")]:
             r = asyncio.run(_level(engine, a.model, _parse_inputs(a.inputs), a.rows, level, a.warmup, a.duration))
             r["concurrency"] = level
             rows_out.append(r)
             print(f"{level:>11} {r['req_s']:>10.0f} {r['rows_s']:>12.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
                   f"{r['mean_batch']:>7.1f} {r['engine_cores']:>12.2f} {r['engine_us_per_req']:>13.1f} "
-                  f"{r['errors']:>6}", flush=True)
+                  f"{_phases(r):>24} {r['errors']:>6}", flush=True)
     finally:
         engine.stop()
     if a.json:

@@ -31,7 +31,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--instances", type=int, default=0, help="instance_group count (default: per model)")
     p.add_argument("--switch-interval-us", default="",
                    help="GIL switch intervals of the engine to compare, e.g. 200,50 (default: what serve sets)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model config parameter for the served model, e.g. trtserve.direct_copy_min_bytes=0")
+    p.add_argument("--work", type=pathlib.Path, default=None,
+                   help="folder for the models and the engine cache (kept, so a second run skips the builds)")
     a = p.parse_args(list(argv) if argv is not None else None)
+    extra = dict(kv.split("=", 1) for kv in a.param)
     from bench import engine_alone
     from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
     from bench.gpu import _config, _open
@@ -43,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"needs CUDA, CuPy and TensorRT: {why}", file=sys.stderr)
         return 2
     print(f"TensorRT {why}, GPU {compat.gpu_name(0)}", flush=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-gpu-engine-"))
+    work = a.work or pathlib.Path(tempfile.mkdtemp(prefix="trtserve-gpu-engine-"))
     models = _models()
     rows_out: List[List[str]] = []
     for key in a.models.split(","):
@@ -63,10 +68,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             backend.close()
         repo = work / f"repo_{key}"
-        (repo / m.name / "1").mkdir(parents=True)
+        (repo / m.name / "1").mkdir(parents=True, exist_ok=True)
         (repo / m.name / "1" / "model.onnx").write_bytes((onnx_dir / "model.onnx").read_bytes())
         (repo / m.name / "config.pbtxt").write_text(
-            _config(m.name, m.wire, m.dims_in, m.dims_out, ref, instances, params=dict(m.parameters)))
+            _config(m.name, m.wire, m.dims_in, m.dims_out, ref, instances, params={**m.parameters, **extra}))
         print(f"{key}: raw engine {raw:,.0f} rows/s at batch {ref}", flush=True)
         for interval in intervals:
             engine = engine_alone.Engine(repo, a.engine_cpus, cache_dir=work / "cache",
@@ -78,12 +83,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     rows_out.append([key, str(instances), f"{interval:g}", str(rows), str(level),
                                      f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}", f"{raw:,.0f}",
                                      f"{100 * r['rows_s'] / raw:.0f} %", f"{r['mean_batch']:.0f}",
-                                     f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", str(r["errors"])])
+                                     f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", engine_alone._phases(r),
+                                     str(r["errors"])])
                     print(" | ".join(rows_out[-1]), flush=True)
             finally:
                 engine.stop()
     head = ["model", "instances", "GIL us", "rows/req", "concurrency", "req/s", "rows/s", "raw rows/s", "of raw",
-            "batch", "p50 ms", "engine cores", "errors"]
+            "batch", "p50 ms", "engine cores", "queue/in/infer/out us", "errors"]
     widths = [max(len(r[i]) for r in [head] + rows_out) for i in range(len(head))]
     print()
     for r in [head, ["-" * w for w in widths]] + rows_out:

@@ -1,5 +1,6 @@
-"""The batcher with a pipelined backend: ``enqueue`` on the instance's thread, ``collect`` on its completion
-thread, so an instance's next batch starts while the previous one is still running.
+"""The batcher with a pipelined backend: ``enqueue`` on the instance's thread (in the engine process: on the loop's
+own thread), ``collect`` on its completion thread, so an instance's next batch starts while the previous one is
+still running.
 
 A fake backend stands in for TensorRT: ``enqueue`` logs and returns a ticket, ``collect`` waits on a gate the
 test opens. Real gRPC and the real TensorRT path are covered in tests/gpu/."""
@@ -158,13 +159,39 @@ async def test_one_batch_per_instance_runs_both_halves_on_the_instance_thread():
     await b.stop()
 
 
+async def test_in_the_engine_process_the_loop_enqueues_and_the_completion_thread_waits():
+    """inline (the engine process, whose loop serves nothing else): enqueue runs on the loop's own thread, so no
+    instance thread competes with it for the GIL around each CUDA call; only the wait goes to the completion
+    thread. The next batch is still enqueued while the previous one runs."""
+    backend = PipelinedBackend()
+    backend.open_gates = False
+    b = DynamicBatcher(spec(depth=2), backend, Observer(), inline=True)
+    b.start()
+    loop_thread = threading.current_thread().name
+    futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]  # four full batches, one instance
+    await wait_for(lambda: [e[:2] for e in backend.log] == [("enqueue", 0), ("enqueue", 1)])
+    await asyncio.sleep(0.05)
+    assert len(backend.log) == 2, backend.log  # depth 2: batch 2 waits until batch 0 is answered
+    for k in range(4):
+        backend.gate(k).set()
+    results = await asyncio.gather(*futs)
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.outputs["y"], np.full((8, 4), 2 * i, np.float32))
+    where = {(w, k): t for w, k, _, t in backend.log}
+    assert all(where[("enqueue", k)] == loop_thread for k in range(4)), where
+    assert all("-done0" in where[("collect", k)] for k in range(4)), where
+    assert backend.ran_plain == 0
+    await b.stop()
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["instance-thread", "engine-loop"])
 @pytest.mark.parametrize("stage", ["enqueue", "collect"])
 @pytest.mark.parametrize("error,status", [(InvalidArgument("input 'x': bad shape"), "INVALID_ARGUMENT"),
                                           (RuntimeError("CUDA went away"), "INTERNAL")])
-async def test_a_failing_batch_fails_alone_and_the_instance_goes_on(stage, error, status):
+async def test_a_failing_batch_fails_alone_and_the_instance_goes_on(stage, error, status, inline):
     backend = PipelinedBackend()
     getattr(backend, f"fail_{stage}")[1] = error
-    b = DynamicBatcher(spec(depth=2), backend, Observer())
+    b = DynamicBatcher(spec(depth=2), backend, Observer(), inline=inline)
     b.start()
     futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]
     results = await asyncio.gather(*futs, return_exceptions=True)
@@ -199,7 +226,8 @@ async def test_preserve_ordering_holds_with_pipelining():
     await b.stop()
 
 
-async def test_every_request_gets_exactly_one_answer_under_random_failures():
+@pytest.mark.parametrize("inline", [False, True], ids=["instance-thread", "engine-loop"])
+async def test_every_request_gets_exactly_one_answer_under_random_failures(inline):
     rng = random.Random(7)
     backend = PipelinedBackend(instances=2)
     for k in range(400):
@@ -210,7 +238,7 @@ async def test_every_request_gets_exactly_one_answer_under_random_failures():
             backend.fail_collect[k] = InvalidArgument(f"collect {k}")
     s = spec(depth=2)
     s = ModelSpec(**{**s.__dict__, "instance_count": 2})
-    b = DynamicBatcher(s, backend, Observer())
+    b = DynamicBatcher(s, backend, Observer(), inline=inline)
     b.start()
     answers: Dict[int, int] = {}
     futs = []

@@ -55,6 +55,7 @@ class SimStream:
 
 class SimEvent:
     def __init__(self, *a: object, **k: object) -> None:
+        self.block = bool(k.get("block", False))  # cudaEventBlockingSync: a wait sleeps instead of spinning
         self._stream: SimStream = None  # type: ignore[assignment]
         self._marker: Callable[[], None] = lambda: None
 
@@ -298,3 +299,24 @@ def test_host_pieces_in_page_locked_memory_are_copied_to_the_device_from_where_t
     uploads = [(src, n) for _, src, n, kind in ctx.cuda.copies if kind == 1]
     assert (start, locked_piece.nbytes) in uploads
     assert all(src != plain_piece.ctypes.data for src, _ in uploads)  # copied into the mirror first
+
+
+@pytest.mark.parametrize("busy_wait", [False, True])
+def test_the_wait_for_a_batch_sleeps_unless_busy_wait_is_set(monkeypatch: pytest.MonkeyPatch, busy_wait: bool) -> None:
+    """The completion thread's wait is on each slot's "done" event: a blocking event unless trtserve.busy_wait (a
+    spinning wait holds a core per instance); the other events only time the phases."""
+    cupy = make_cupy()
+    monkeypatch.setattr(compat, "import_cupy", lambda: cupy)
+    monkeypatch.setattr(staging, "_cupy", lambda: cupy)
+    ctx = SimContext()
+    engine = types.SimpleNamespace(create_execution_context=lambda *a: ctx)
+    r = ShapeRange((1, N_IN), (8, N_IN), (MAX_ROWS, N_IN))
+    info = EngineInfo(inputs=(IOTensor("INPUT0", True, "FP32", (-1, N_IN)),),
+                      outputs=(IOTensor("OUTPUT0", False, "FP32", (-1, N_OUT)),), profiles=({"INPUT0": r},))
+    inst = InstanceContext(types.SimpleNamespace(__version__="8.6.0"), engine, info, 0, 0, 0, True,  # type: ignore
+                           "model 'sim'", slots=2, busy_wait=busy_wait)
+    inst.open()
+    try:
+        assert [[e.block for e in slot] for slot in inst._events] == [[False, False, False, not busy_wait]] * 2
+    finally:
+        inst.close()

@@ -46,6 +46,12 @@ class DynamicBatcher:
         # it saves the hand-off to the instance thread and back (most of the engine's cost per small batch),
         # and while a batch runs, new requests gather in the socket and arrive together as the next batch
         self._inline = inline and not backend.pipelined and backend.instance_count() == 1
+        # a pipelined backend's enqueue only queues work on the device and returns, so where the loop serves only
+        # the engine it runs right here, and only the wait for the device goes to the instance's completion
+        # thread: an instance thread would take and give back the GIL around each of a batch's many CUDA calls,
+        # waiting for the busy loop every time (profiled on the GPU engine: the instance threads spent most of a
+        # batch waiting for the GIL inside their CUDA calls, and the device sat idle meanwhile)
+        self._loop_enqueue = inline and backend.pipelined
         self._observer = observer
         self._clock = clock
         self._rules = ShapeRules(
@@ -58,7 +64,7 @@ class DynamicBatcher:
         }
         self._pipelined = backend.pipelined and spec.batches_per_instance > 1
         self._pool = ExecutorPool(backend.instance_count(), name=spec.name, depth=spec.batches_per_instance,
-                                  completion=self._pipelined)
+                                  completion=self._pipelined or self._loop_enqueue)
         self._queues: Dict[int, Deque[Pending]] = {lvl: collections.deque()
                                                     for lvl in range(1, spec.batching.levels + 1)}
         self._queue_policies = {lvl: spec.batching.queue_policy(lvl) for lvl in self._queues}
@@ -313,6 +319,18 @@ class DynamicBatcher:
             except BaseException as e:  # noqa: BLE001 - whatever happens, the batch gets its one answer
                 ran.set_exception(e)
             loop.call_soon(self._complete, p, seq, now, ran, done)
+            return
+        if self._loop_enqueue:
+            # the instance's slot for this batch is free: the batch that used it last was answered (and released
+            # the instance) before the pool let this one in, so enqueue does not wait here
+            try:
+                begun = self._begin(p)
+            except BaseException as e:  # noqa: BLE001 - whatever happens, the batch gets its one answer
+                failed: "concurrent.futures.Future" = concurrent.futures.Future()
+                failed.set_exception(e)
+                loop.call_soon(self._complete, p, seq, now, failed, done)
+                return
+            self._pool.complete(instance, lambda: self._end(p, *begun)).add_done_callback(finished)
             return
         if not self._pipelined:
             # a plain done-callback, not a Task awaiting run_in_executor: the result is handled in the first loop

@@ -64,6 +64,7 @@ class TensorRTBackend(Backend):
         self._runtime: Any = None
         self._engine: Any = None
         self._info: Optional[EngineInfo] = None
+        self._request_checks: Tuple[Tuple[str, np.dtype, str, bool], ...] = ()  # set by open()
         self._layout: Optional[Layout] = None
         self._instances: List[InstanceContext] = []
         self._io: Optional[Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]] = None
@@ -144,12 +145,16 @@ class TensorRTBackend(Backend):
             if layout is None:
                 layout = layout_for_plan(len(info.profiles), cfg.instance_count, share)
             self._info, self._layout = info, layout
+            # what check_request compares each request against, resolved once rather than per request
+            self._request_checks = tuple((t.name, from_wire(t.served_wire).numpy, t.served_wire, t.converted)
+                                         for t in info.inputs)
             buckets = _graph_buckets(cfg)
             captured = []
             try:
                 for i in range(cfg.instance_count):  # in order: on 8.6 instance 0 must take profile 0 first
                     inst = InstanceContext(trt, self._engine, info, i, layout.instance_to_physical[i], cfg.device_id,
-                                           cfg.max_batch_size > 0, self._what, slots=cfg.batches_per_instance)
+                                           cfg.max_batch_size > 0, self._what, slots=cfg.batches_per_instance,
+                                           busy_wait=param_bool(cfg.parameters, "trtserve.busy_wait", False))
                     self._instances.append(inst)
                     inst.open()
                     captured.append(inst.capture_graphs(buckets) if cfg.cuda_graphs else ())
@@ -200,18 +205,17 @@ class TensorRTBackend(Backend):
 
     def check_request(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Exact dtypes before batching: TensorRT never casts, and one bad request must not fail its batch."""
-        if self._info is None:
-            return
-        for t in self._info.inputs:
-            a = inputs.get(t.name)
-            want = from_wire(t.served_wire).numpy
-            if a is not None and a.dtype != want:
-                raise InvalidArgument(f"{self._what}: input '{t.name}': datatype {a.dtype} does not match the "
-                                      f"model's {t.served_wire} ({want})")
-            if a is not None and t.converted:  # INT64 narrowed to the engine's INT32: every value must fit
+        for name, want, wire, converted in self._request_checks:
+            a = inputs.get(name)
+            if a is None:
+                continue
+            if a.dtype != want:
+                raise InvalidArgument(f"{self._what}: input '{name}': datatype {a.dtype} does not match the "
+                                      f"model's {wire} ({want})")
+            if converted:  # INT64 narrowed to the engine's INT32: every value must fit
                 bad = compat.int32_range_error(a) if is_host(a) else self._device_range_error(a)
                 if bad:
-                    raise InvalidArgument(f"{self._what}: input '{t.name}': {bad}")
+                    raise InvalidArgument(f"{self._what}: input '{name}': {bad}")
 
     def _device_range_error(self, a: Any) -> str:
         """``int32_range_error`` of a request's CUDA shared-memory input (or a batch of pieces), read on the GPU."""

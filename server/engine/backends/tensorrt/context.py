@@ -84,7 +84,7 @@ class InstanceContext:
 
     def __init__(
         self, trt: ModuleType, engine: Any, info: EngineInfo, index: int, profile: int, device_id: int,
-        batched: bool, what: str, slots: int = 1,
+        batched: bool, what: str, slots: int = 1, busy_wait: bool = False,
     ) -> None:
         self._trt = trt
         self._engine = engine
@@ -105,6 +105,7 @@ class InstanceContext:
         self._activation: Any = None
         self._tensors: Dict[str, StagedTensor] = {}
         self.slots = max(1, slots)
+        self._busy_wait = busy_wait
         self._next = 0  # the slot the next batch takes
         self._slot_free = [threading.Event() for _ in range(self.slots)]
         for e in self._slot_free:
@@ -160,8 +161,11 @@ class InstanceContext:
                 )
             self._tensors[t.name] = StagedTensor(t.name, from_wire(t.wire).numpy, shape, self.slots)
         self._set_addresses()
-        # per slot, start / inputs copied / executed / done: timing events for the compute_* durations
-        self._events = [tuple(cupy.cuda.Event() for _ in range(4)) for _ in range(self.slots)]  # type: ignore
+        # per slot, start / inputs copied / executed / done: timing events for the compute_* durations. The thread
+        # that waits for "done" sleeps in the OS unless busy_wait: a spinning wait holds a core per instance, which
+        # the front ends on the same host need more (trtserve.busy_wait)
+        self._events = [tuple(cupy.cuda.Event(block=not self._busy_wait and i == 3) for i in range(4))
+                        for _ in range(self.slots)]  # type: ignore
 
     def capture_graphs(self, explicit_buckets: Optional[Sequence[int]]) -> Tuple[int, ...]:
         """Captures one graph per batch bucket; returns the buckets captured (empty when not applicable)."""
