@@ -64,7 +64,9 @@ class TensorRTBackend(Backend):
         self._runtime: Any = None
         self._engine: Any = None
         self._info: Optional[EngineInfo] = None
-        self._request_checks: Tuple[Tuple[str, np.dtype, str, bool], ...] = ()  # set by open()
+        # what check_request compares each request against, resolved once per engine info rather than per request
+        self._request_checks: Tuple[Tuple[str, np.dtype, str, bool], ...] = ()
+        self._checks_of: Optional[EngineInfo] = None
         self._layout: Optional[Layout] = None
         self._instances: List[InstanceContext] = []
         self._io: Optional[Tuple[Sequence[TensorSpec], Sequence[TensorSpec]]] = None
@@ -145,9 +147,6 @@ class TensorRTBackend(Backend):
             if layout is None:
                 layout = layout_for_plan(len(info.profiles), cfg.instance_count, share)
             self._info, self._layout = info, layout
-            # what check_request compares each request against, resolved once rather than per request
-            self._request_checks = tuple((t.name, from_wire(t.served_wire).numpy, t.served_wire, t.converted)
-                                         for t in info.inputs)
             buckets = _graph_buckets(cfg)
             captured = []
             try:
@@ -205,6 +204,13 @@ class TensorRTBackend(Backend):
 
     def check_request(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Exact dtypes before batching: TensorRT never casts, and one bad request must not fail its batch."""
+        info = self._info
+        if info is None:
+            return
+        if self._checks_of is not info:
+            self._request_checks = tuple((t.name, from_wire(t.served_wire).numpy, t.served_wire, t.converted)
+                                         for t in info.inputs)
+            self._checks_of = info
         for name, want, wire, converted in self._request_checks:
             a = inputs.get(name)
             if a is None:
