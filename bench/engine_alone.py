@@ -135,10 +135,10 @@ class Engine:
     """The real engine process on a repository."""
 
     def __init__(self, repo: pathlib.Path, cpus: Optional[str], cache_dir: Optional[pathlib.Path] = None,
-                 switch_interval: Optional[float] = None) -> None:
+                 switch_interval: Optional[float] = None, module: str = "trtserve.server.engine.process") -> None:
         self.address = channel.engine_address(f"bench-{uuid.uuid4().hex[:8]}")
         options = ServerOptions(model_repository=repo, metrics_port=None, gpu_metrics=False, cache_dir=cache_dir)
-        cmd = [sys.executable, "-m", "trtserve.server.engine.process"]
+        cmd = [sys.executable, "-m", module]
         if cpus:
             cmd = ["taskset", "-c", cpus] + cmd
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)

@@ -133,7 +133,8 @@ def _serve(repo: pathlib.Path, work: pathlib.Path):
     return ServerProcess(repo, extra=["--cache-dir", str(work / "cache")])
 
 
-def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = ()) -> List[dict]:
+def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
+                heavy_levels: Sequence[int] = (4, 16)) -> List[dict]:
     from bench.gpu_backend import _models, raw_rows_per_s
 
     pa = _pa()
@@ -167,7 +168,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = ()) ->
     with _serve(repo, work) as s:
         for name, key, n, graphs in setups:
             batch = HEAVY_REQ_ROWS if key == "heavy" else 1
-            levels = (4, 16) if key == "heavy" else (1, 8, 32)
+            levels = tuple(heavy_levels) if key == "heavy" else (1, 8, 32)
             transports = ("none", "cuda") if name == "heavy_i4" else ("none",)
             for shm in transports:
                 for level in levels:
@@ -364,6 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(os.environ.get("OUT") or DOCS))
     p.add_argument("--render", action="store_true", help="only redraw gpu.md/gpu.png from OUT/gpu.json")
     p.add_argument("--server-setups", default="", help="server part: only these setups (e.g. heavy_i4,small_i4)")
+    p.add_argument("--heavy-levels", default="4,16", help="server part: perf_analyzer concurrencies for the heavy MLP")
     p.add_argument("--resnet-images", type=int, default=16, help="images per request (resnet part)")
     p.add_argument("--resnet-instances", type=int, default=2, help="instance_group count (resnet part)")
     p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
@@ -390,7 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     data["switch_interval_us"] = a.switch_interval_us
     parts = {"executor": part_executor,
-             "server": functools.partial(part_server, only=[x for x in a.server_setups.split(",") if x]),
+             "server": functools.partial(part_server, only=[x for x in a.server_setups.split(",") if x],
+                                         heavy_levels=[int(x) for x in a.heavy_levels.split(",")]),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","))}
     for name in a.parts.split(","):

@@ -22,6 +22,9 @@ SETUPS = {  # model -> (rows per request, reference batch = max_batch_size, inst
 }
 
 
+_ENGINE_MODULES = {"loop": "trtserve.server.engine.process", "instance": "bench.engine_instance_enqueue"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=3.0)
@@ -33,6 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="GIL switch intervals of the engine to compare, e.g. 200,50 (default: what serve sets)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a model config parameter for the served model, e.g. trtserve.direct_copy_min_bytes=0")
+    p.add_argument("--enqueue-on", default="loop",
+                   help="who enqueues TensorRT batches, compared in one run: loop (the engine's, the default), "
+                        "instance (each instance's thread, as before; bench/engine_instance_enqueue.py)")
     p.add_argument("--work", type=pathlib.Path, default=None,
                    help="folder for the models and the engine cache (kept, so a second run skips the builds)")
     a = p.parse_args(list(argv) if argv is not None else None)
@@ -73,14 +79,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (repo / m.name / "config.pbtxt").write_text(
             _config(m.name, m.wire, m.dims_in, m.dims_out, ref, instances, params={**m.parameters, **extra}))
         print(f"{key}: raw engine {raw:,.0f} rows/s at batch {ref}", flush=True)
-        for interval in intervals:
+        for interval, where in [(i, w) for i in intervals for w in a.enqueue_on.split(",")]:
             engine = engine_alone.Engine(repo, a.engine_cpus, cache_dir=work / "cache",
-                                         switch_interval=interval / 1e6)
+                                         switch_interval=interval / 1e6, module=_ENGINE_MODULES[where])
             try:
                 for level in levels:
                     r = asyncio.run(engine_alone._level(engine, m.name, [("INPUT0", m.wire, tuple(m.dims_in))],
                                                         rows, level, 1.0, a.seconds))
-                    rows_out.append([key, str(instances), f"{interval:g}", str(rows), str(level),
+                    rows_out.append([key, where, str(instances), f"{interval:g}", str(rows), str(level),
                                      f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}", f"{raw:,.0f}",
                                      f"{100 * r['rows_s'] / raw:.0f} %", f"{r['mean_batch']:.0f}",
                                      f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", engine_alone._phases(r),
@@ -88,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(" | ".join(rows_out[-1]), flush=True)
             finally:
                 engine.stop()
-    head = ["model", "instances", "GIL us", "rows/req", "concurrency", "req/s", "rows/s", "raw rows/s", "of raw",
+    head = ["model", "enqueue on", "instances", "GIL us", "rows/req", "concurrency", "req/s", "rows/s", "raw rows/s", "of raw",
             "batch", "p50 ms", "engine cores", "queue/in/infer/out us", "errors"]
     widths = [max(len(r[i]) for r in [head] + rows_out) for i in range(len(head))]
     print()

@@ -6,11 +6,12 @@ always called from that instance's own thread (one instance = one execution cont
 or one ONNX Runtime session slot), so an instance never runs two batches at once; ``close()``
 releases everything. Backends never see gRPC or the batcher.
 
-A ``pipelined`` backend (TensorRT) splits a batch in two: ``enqueue`` (the instance's thread) starts it on
-the device and returns, ``collect`` waits for it, on the instance's completion thread when another batch is
-queued behind it (else on the instance's thread). The instance's thread can then enqueue the next batch behind
-the running one, so the device never waits for Python between batches; at most
-``BackendConfig.batches_per_instance`` batches of an instance are enqueued at once.
+A ``pipelined`` backend (TensorRT) splits a batch in two: ``enqueue`` starts it on the device and returns,
+``collect`` waits for it. In the engine process the event loop enqueues and the instance's completion thread
+collects; in the single-process server the instance's thread enqueues, and collects too unless another batch is
+queued behind it (then the completion thread does). Either way the next batch is enqueued behind the running
+one, so the device never waits for Python between batches; at most ``BackendConfig.batches_per_instance``
+batches of an instance are enqueued at once, and one thread at a time calls ``staging`` and ``enqueue``.
 """
 from __future__ import annotations
 
@@ -204,13 +205,14 @@ class Backend(abc.ABC):
     def staging(self, instance: int, shapes: Mapping[str, Shape]) -> Optional[Dict[str, np.ndarray]]:
         """Writable host arrays of exactly these (full) shapes that ``run`` on ``instance`` reads in place,
         or None. The batcher stacks a batch's requests straight into them, saving an allocation and
-        one copy of every input per batch (TensorRT: the instance's pinned staging buffers). Called only
-        from the instance's thread, right before ``run``."""
+        one copy of every input per batch (TensorRT: the instance's pinned staging buffers). Called right
+        before ``run`` or ``enqueue``, on the thread that calls them."""
         return None
 
     @abc.abstractmethod
     def run(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> BatchResult:
-        """Runs one batch on ``instance``. Called only from that instance's thread."""
+        """Runs one batch on ``instance``. One thread at a time per instance: its own thread, or the engine's
+        loop when that serves nothing else (see DynamicBatcher)."""
 
     def run_to_device(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
                       destinations: Sequence[DeviceDestination]) -> BatchResult:

@@ -4,7 +4,9 @@ executor pool together, and settles every request's ticket exactly once.
 Everything here runs on the event loop; only ``_work`` (stack -> backend.enqueue/collect -> split) runs on an
 instance's thread, or, for a pipelined backend, ``_begin`` (stack -> enqueue) on the instance's thread and
 ``_end`` (collect -> split) on its completion thread when another batch waits behind it, so the instance's next
-batch is enqueued while the previous one still runs (a lone batch is collected where it was enqueued). The loop
+batch is enqueued while the previous one still runs (a lone batch is collected where it was enqueued). In the
+engine process (``inline``) a pipelined backend's ``_begin`` runs on the loop itself and every ``_end`` on the
+completion thread; a backend that is not pipelined, with one instance, runs whole batches on the loop. The loop
 sleeps on an Event (new request, released slot, cancellation) with a timeout for the next deadline or queue
 delay: no busy waiting.
 """
@@ -84,6 +86,7 @@ class DynamicBatcher:
         self._scan_needed = False
         self._next_expiry: Optional[float] = None
         self._unreported: Dict[int, int] = {}  # level -> requests queued and not yet reported to the observers
+        self._cancel_hook = self._on_cancel  # bound once: every queued request's ticket holds it
 
     # ---- public API -------------------------------------------------------------------------
     @property
@@ -143,7 +146,7 @@ class DynamicBatcher:
         queue_deadline = (now + timeout / 1e6) if timeout else None
         req = Pending(inputs, outputs, rows, shapes, level, now, ticket, queue_deadline, deadline, False,
                       next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch)
-        ticket.on_cancel = self._on_cancel
+        ticket.on_cancel = self._cancel_hook
         queue.append(req)
         if deadline is not None or queue_deadline is not None:
             self._next_expiry = _earliest(self._next_expiry, deadline, queue_deadline)
@@ -400,9 +403,10 @@ class DynamicBatcher:
         out: List[DeviceDestination] = []
         offset = 0
         for i, r in enumerate(requests):
-            wanted = {n: d for n, d in r.device_outputs.items() if n not in self._unpad}
-            if wanted:
-                out.append(DeviceDestination(i, offset if self.spec.batches else 0, r.rows, wanted))
+            if r.device_outputs:  # most requests want none: no dict built for them
+                wanted = {n: d for n, d in r.device_outputs.items() if n not in self._unpad}
+                if wanted:
+                    out.append(DeviceDestination(i, offset if self.spec.batches else 0, r.rows, wanted))
             offset += r.rows
         return out
 

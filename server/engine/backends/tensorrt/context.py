@@ -3,7 +3,7 @@
 A batch, all on the instance's stream: pack into pinned memory -> H2D -> ``set_input_shape`` for every input
 -> ``infer_shapes() == []`` -> ``execute_async_v3`` -> D2H of the valid bytes -> event record. ``enqueue`` does
 that and returns at once; ``collect`` (any thread) waits for the event and copies the outputs out. In between,
-the instance's thread enqueues the next batch behind it on the same stream, so the GPU goes from one batch to
+the next batch is enqueued behind it on the same stream, so the GPU goes from one batch to
 the next without waiting for Python (Triton's TensorRT backend does the same with its completion thread and
 rotating buffer sets). Each batch in flight owns one ``slot``: a pinned host mirror of every IO tensor and its
 events; device buffers are shared, as the one stream orders every device read and write.
@@ -13,8 +13,8 @@ batch would only cost time), and shapes are set again only when they differ from
 and addresses at enqueue, so changing them while an earlier batch still runs is safe (tests/gpu enqueues
 batch k+1 with another shape before collecting batch k, and both equal ONNX Runtime's). Every TensorRT return
 value is checked and a failure names the tensor and the reason. With CUDA graphs on, a batch whose size has a
-captured bucket replays the graph of its slot instead (inputs zero-padded to the bucket). Only the instance's
-own thread calls ``staging`` and ``enqueue``.
+captured bucket replays the graph of its slot instead (inputs zero-padded to the bucket). One thread at a time
+calls ``staging`` and ``enqueue`` (the engine's loop, or the instance's own thread: base.py).
 """
 from __future__ import annotations
 
@@ -311,8 +311,8 @@ class InstanceContext:
 
     def enqueue(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
                 destinations: Sequence[DeviceDestination] = ()) -> InFlight:
-        """Checks and enqueues one batch on the stream without waiting for it; called only from this
-        instance's thread. ``destinations``: requests' rows of outputs copied device to device into their
+        """Checks and enqueues one batch on the stream without waiting for it; one caller thread at a time.
+        ``destinations``: requests' rows of outputs copied device to device into their
         CUDA shared memory, on this stream. Waits first if the next slot's batch is still in flight."""
         t0 = time.perf_counter_ns()
         rows = self.check_inputs(inputs)
