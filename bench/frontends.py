@@ -434,6 +434,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if not s.start():
                     notes.append(f"- {s.name} (`{' '.join(s.cmd[1:])}`) {s.failure}")
             idle = {}
+            time.sleep(2.0)  # past start-up (models warming, heaps settling): what an idle server costs
             for s in servers:  # all servers stay up: an idle one should cost nothing; show that it does not
                 if s.alive():
                     assert s.proc is not None
