@@ -1,9 +1,9 @@
 """The backend contract: what the batcher and executor need from a runtime (ONNX Runtime, TensorRT).
 
 Lifecycle: the constructor only stores its ``BackendConfig``; ``open()`` loads (slow: engine build,
-session creation; called off the event loop); ``run()`` executes one batch on one instance and is
-always called from that instance's own thread (one instance = one execution context + one stream,
-or one ONNX Runtime session slot), so an instance never runs two batches at once; ``close()``
+session creation; called off the event loop); ``run()`` executes one batch on one instance, called by one
+thread at a time for that instance (its own thread, or the engine's loop; one instance = one execution
+context + one stream, or one ONNX Runtime session slot), so an instance never runs two batches at once; ``close()``
 releases everything. Backends never see gRPC or the batcher.
 
 A ``pipelined`` backend (TensorRT) splits a batch in two: ``enqueue`` starts it on the device and returns,
