@@ -104,6 +104,21 @@ async def wait_for(cond, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def _two_in_flight_then_all_answered(backend: PipelinedBackend, futs: list) -> Dict[Tuple[str, int], str]:
+    """Four full batches on one instance holding two: batch 0 is held on the device and batch 1 must already be
+    enqueued behind it, while batch 2 waits until batch 0 is answered. Then the device lets every batch go and each
+    request gets its own rows back. Returns the thread of each (event, batch)."""
+    await wait_for(lambda: [e[:2] for e in backend.log] == [("enqueue", 0), ("enqueue", 1)])
+    await asyncio.sleep(0.05)
+    assert len(backend.log) == 2, backend.log
+    for k in range(4):
+        backend.gate(k).set()
+    results = await asyncio.gather(*futs)
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.outputs["y"], np.full((8, 4), 2 * i, np.float32))
+    return {(w, k): t for w, k, _, t in backend.log}
+
+
 async def test_next_batch_is_enqueued_while_the_previous_one_runs():
     backend = PipelinedBackend()
     backend.open_gates = False
@@ -113,18 +128,9 @@ async def test_next_batch_is_enqueued_while_the_previous_one_runs():
     futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]  # four full batches, one instance
     await wait_for(lambda: b._pool.holds(0) == 2)  # batch 1 is queued behind batch 0 before 0 is enqueued
     backend.enqueue_gate.set()
-    # batch 0 is held on the device: batch 1 must already be enqueued behind it, on the same instance
-    await wait_for(lambda: [e[:2] for e in backend.log] == [("enqueue", 0), ("enqueue", 1)])
-    await asyncio.sleep(0.05)
-    assert len(backend.log) == 2, backend.log  # depth 2: batch 2 waits until batch 0 is answered
-    for k in range(4):
-        backend.gate(k).set()
-    results = await asyncio.gather(*futs)
-    for i, r in enumerate(results):
-        np.testing.assert_array_equal(r.outputs["y"], np.full((8, 4), 2 * i, np.float32))
+    where = await _two_in_flight_then_all_answered(backend, futs)
     collects = [k for what, k, _, _ in backend.log if what == "collect"]
     assert collects == [0, 1, 2, 3]  # completed in the order they were enqueued
-    where = {(w, k): t for w, k, _, t in backend.log}
     assert all("-inst0" in where[("enqueue", k)] for k in range(4))
     # batch 0 had batch 1 behind it, so the completion thread waited for it; later ones may have been alone by
     # the time they were enqueued (then the instance thread collects them itself)
@@ -169,15 +175,7 @@ async def test_in_the_engine_process_the_loop_enqueues_and_the_completion_thread
     b.start()
     loop_thread = threading.current_thread().name
     futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]  # four full batches, one instance
-    await wait_for(lambda: [e[:2] for e in backend.log] == [("enqueue", 0), ("enqueue", 1)])
-    await asyncio.sleep(0.05)
-    assert len(backend.log) == 2, backend.log  # depth 2: batch 2 waits until batch 0 is answered
-    for k in range(4):
-        backend.gate(k).set()
-    results = await asyncio.gather(*futs)
-    for i, r in enumerate(results):
-        np.testing.assert_array_equal(r.outputs["y"], np.full((8, 4), 2 * i, np.float32))
-    where = {(w, k): t for w, k, _, t in backend.log}
+    where = await _two_in_flight_then_all_answered(backend, futs)
     assert all(where[("enqueue", k)] == loop_thread for k in range(4)), where
     assert all("-done0" in where[("collect", k)] for k in range(4)), where
     assert backend.ran_plain == 0

@@ -149,8 +149,8 @@ class SimContext:
         return True
 
 
-@pytest.fixture()
-def instance(monkeypatch: pytest.MonkeyPatch):
+def _open_instance(monkeypatch: pytest.MonkeyPatch, **options: object) -> Tuple[InstanceContext, SimContext]:
+    """An opened two-slot instance of the simulated engine (y = 2x + 1) on the simulated CUDA."""
     cupy = make_cupy()
     monkeypatch.setattr(compat, "import_cupy", lambda: cupy)
     monkeypatch.setattr(staging, "_cupy", lambda: cupy)
@@ -160,9 +160,16 @@ def instance(monkeypatch: pytest.MonkeyPatch):
     r = ShapeRange((1, N_IN), (8, N_IN), (MAX_ROWS, N_IN))
     info = EngineInfo(inputs=(IOTensor("INPUT0", True, "FP32", (-1, N_IN)),),
                       outputs=(IOTensor("OUTPUT0", False, "FP32", (-1, N_OUT)),), profiles=({"INPUT0": r},))
-    inst = InstanceContext(trt, engine, info, 0, 0, 0, True, "model 'sim'", slots=2)  # type: ignore[arg-type]
+    inst = InstanceContext(trt, engine, info, 0, 0, 0, True, "model 'sim'", slots=2,  # type: ignore[arg-type]
+                           **options)
     inst.open()
     ctx.cuda = cupy.cuda  # type: ignore[attr-defined]
+    return inst, ctx
+
+
+@pytest.fixture()
+def instance(monkeypatch: pytest.MonkeyPatch):
+    inst, ctx = _open_instance(monkeypatch)
     yield inst, ctx
     inst.close()
 
@@ -305,17 +312,7 @@ def test_host_pieces_in_page_locked_memory_are_copied_to_the_device_from_where_t
 def test_the_wait_for_a_batch_sleeps_unless_busy_wait_is_set(monkeypatch: pytest.MonkeyPatch, busy_wait: bool) -> None:
     """The completion thread's wait is on each slot's "done" event: a blocking event unless trtserve.busy_wait (a
     spinning wait holds a core per instance); the other events only time the phases."""
-    cupy = make_cupy()
-    monkeypatch.setattr(compat, "import_cupy", lambda: cupy)
-    monkeypatch.setattr(staging, "_cupy", lambda: cupy)
-    ctx = SimContext()
-    engine = types.SimpleNamespace(create_execution_context=lambda *a: ctx)
-    r = ShapeRange((1, N_IN), (8, N_IN), (MAX_ROWS, N_IN))
-    info = EngineInfo(inputs=(IOTensor("INPUT0", True, "FP32", (-1, N_IN)),),
-                      outputs=(IOTensor("OUTPUT0", False, "FP32", (-1, N_OUT)),), profiles=({"INPUT0": r},))
-    inst = InstanceContext(types.SimpleNamespace(__version__="8.6.0"), engine, info, 0, 0, 0, True,  # type: ignore
-                           "model 'sim'", slots=2, busy_wait=busy_wait)
-    inst.open()
+    inst, _ = _open_instance(monkeypatch, busy_wait=busy_wait)
     try:
         assert [[e.block for e in slot] for slot in inst._events] == [[False, False, False, not busy_wait]] * 2
     finally:
