@@ -218,6 +218,51 @@ def process_tree_ticks(pid: int) -> int:
     return tree_cpu_ticks(pid, _read, _list_tasks)
 
 
+def role_ticks(pid: int, read: Callable[[str], Optional[str]] = _read,
+               list_tasks: Callable[[int], Iterable[int]] = _list_tasks) -> Dict[str, int]:
+    """utime + stime per process of a trtserve server's tree, keyed "<role> <pid>" (role engine, frontend or
+    other, from the command line), plus "loop <pid>" for the engine's main thread (its event loop): which
+    process is the limit is what the table's total cannot say."""
+    out: Dict[str, int] = {}
+    seen, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        stat = read(f"/proc/{p}/stat")
+        if stat is None:
+            continue
+        cmdline = read(f"/proc/{p}/cmdline") or ""
+        role = "engine" if "engine.process" in cmdline else "frontend" if "frontend.process" in cmdline else "other"
+        out[f"{role} {p}"] = stat_cpu_ticks(stat)
+        if role == "engine":
+            main = read(f"/proc/{p}/task/{p}/stat")
+            if main is not None:
+                out[f"loop {p}"] = stat_cpu_ticks(main)
+        for tid in list_tasks(p):
+            children = read(f"/proc/{p}/task/{tid}/children")
+            if children:
+                todo.extend(parse_children(children))
+    return out
+
+
+def role_cores(before: Mapping[str, int], after: Mapping[str, int], wall_s: float, hz: int) -> Dict[str, float]:
+    """Cores used over ``wall_s`` per role: engine (whole process), loop (its main thread), frontends (all of
+    them), frontend max (the busiest one), other. Processes that started or ended between the two reads count
+    from 0 or not at all."""
+    cores: Dict[str, float] = {"engine": 0.0, "loop": 0.0, "frontends": 0.0, "frontend max": 0.0, "other": 0.0}
+    for key, ticks in after.items():
+        c = cpu_cores(before.get(key, 0), ticks, wall_s, hz)
+        role = key.split(" ", 1)[0]
+        if role == "frontend":
+            cores["frontends"] += c
+            cores["frontend max"] = max(cores["frontend max"], c)
+        else:
+            cores[role] += c
+    return cores
+
+
 _TAKEN: set = set()
 
 

@@ -6,7 +6,8 @@
 CPUs, and drives it with several perf_analyzer processes pinned to the client CPUs (their concurrencies add up to
 --concurrency; each context its own connection), all measuring at once. Beside it, in the same run, the bare
 grpc.aio ceiling server (bench/ceiling_server.py) on the same CPUs. Prints requests/s (summed), p50/p99 (the
-median of the processes' values), the mean formed batch and the server's CPU. Needs CUDA, CuPy, TensorRT and
+median of the processes' values), the mean formed batch, the server's CPU in cores (in all; the engine process
+and its event loop's thread; the front ends together and the busiest one) and the load generators' CPU. Needs CUDA, CuPy, TensorRT and
 perf_analyzer (run it with the GPU kit).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import concurrent.futures
 import csv
 import os
 import pathlib
+import resource
 import shutil
 import statistics
 import subprocess
@@ -25,6 +27,13 @@ import time
 from typing import List, Optional, Sequence
 
 from bench import frontends as fb
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's waited-for children (the perf_analyzer processes of a load, once they
+    exit): whether the load generator's cores were the limit."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _pa() -> str:
@@ -98,7 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     repo = _repo(work)
     hz = os.sysconf("SC_CLK_TCK")
     rows: List[List[str]] = []
-    head = ["server", "req/s", "p50 ms", "p99 ms", "mean batch", "server CPU"]
+    head = ["server", "req/s", "p50 ms", "p99 ms", "mean batch", "server CPU", "engine (loop)", "front ends (busiest)",
+            "load gen CPU"]
     print(f"# {os.cpu_count()} CPUs; server on {a.server_cpus}, {a.pa_processes} perf_analyzer processes on "
           f"{a.client_cpus}, concurrency {a.concurrency} in all; {a.duration:g} s windows", flush=True)
     plan: List[tuple] = [] if a.no_ceiling else [("ceiling", None)]
@@ -119,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             server = _server(name, cmd, port, mport, a.server_cpus)
         try:
             if not server.start(timeout=600):
-                rows.append([name, "failed", "", "", "", ""])
+                rows.append([name, "failed", "", "", "", "", "", "", ""])
                 continue
             for protocol in ["grpc"] if n is None else protocols:
                 url = server.url if protocol == "grpc" else f"127.0.0.1:{http_port}"
@@ -127,15 +137,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 _load(pa, url, "m", a.concurrency, a.pa_processes, 1.0, a.client_cpus, protocol)  # warm-up
                 before = fb.batch_counts(server.metrics()) if server.metrics_port else None
                 assert server.proc is not None
-                t0, c0 = time.monotonic(), fb.process_tree_ticks(server.proc.pid)
+                t0, c0, r0 = time.monotonic(), fb.process_tree_ticks(server.proc.pid), fb.role_ticks(server.proc.pid)
+                k0 = _children_cpu_s()
                 r = _load(pa, url, "m", a.concurrency, a.pa_processes, a.duration, a.client_cpus, protocol)
-                cpu = fb.cpu_cores(c0, fb.process_tree_ticks(server.proc.pid), time.monotonic() - t0, hz)
+                wall = time.monotonic() - t0
+                split_client = f"{(_children_cpu_s() - k0) / wall:.2f}"
+                cpu = fb.cpu_cores(c0, fb.process_tree_ticks(server.proc.pid), wall, hz)
+                roles = fb.role_cores(r0, fb.role_ticks(server.proc.pid), wall, hz)
+                split = ["", ""] if n is None else [f"{roles['engine']:.2f} ({roles['loop']:.2f})",
+                                                    f"{roles['frontends']:.2f} ({roles['frontend max']:.2f})"]
+                split.append(split_client)
                 batch = fb.mean_batch(before, fb.batch_counts(server.metrics())) if before else None
                 if r is None:
-                    rows.append([label, "failed", "", "", "", f"{cpu:.2f}"])
+                    rows.append([label, "failed", "", "", "", f"{cpu:.2f}"] + split)
                 else:
                     rows.append([label, f"{r['rps']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                                 "n/a" if batch is None else f"{batch:.1f}", f"{cpu:.2f}"])
+                                 "n/a" if batch is None else f"{batch:.1f}", f"{cpu:.2f}"] + split)
                 print(" | ".join(rows[-1]), flush=True)
         finally:
             server.stop()

@@ -53,6 +53,25 @@ def test_frontends_counts_cpu_of_the_whole_process_tree() -> None:
     assert cpu_cores(100, 300, 2.0, 100) == 1.0
 
 
+def test_frontends_splits_cpu_by_role() -> None:
+    from bench.frontends import role_cores, role_ticks
+
+    proc = {  # supervisor 10 -> engine 30 (main thread 30, completion thread 31), front ends 20 and 21
+        "/proc/10/stat": _stat(10, "python", 10, 0), "/proc/10/cmdline": "python\0-m\0trtserve\0serve",
+        "/proc/10/task/10/children": "30 20 21",
+        "/proc/30/stat": _stat(30, "python", 300, 100), "/proc/30/task/30/stat": _stat(30, "python", 200, 50),
+        "/proc/30/cmdline": "python\0-m\0trtserve.server.engine.process",
+        "/proc/20/stat": _stat(20, "python", 100, 0), "/proc/20/cmdline": "python\0-m\0trtserve.server.frontend.process",
+        "/proc/21/stat": _stat(21, "python", 50, 0), "/proc/21/cmdline": "python\0-m\0trtserve.server.frontend.process",
+    }
+    tasks = {10: [10], 20: [20], 21: [21], 30: [30, 31]}
+    before = role_ticks(10, proc.get, lambda pid: tasks.get(pid, []))
+    assert before == {"other 10": 10, "engine 30": 400, "loop 30": 250, "frontend 20": 100, "frontend 21": 50}
+    after = dict(before, **{"engine 30": 600, "loop 30": 350, "frontend 20": 300, "frontend 22": 100})
+    cores = role_cores(before, after, 2.0, 100)  # front end 21 died, 22 replaced it
+    assert cores == {"engine": 1.0, "loop": 0.5, "frontends": 1.5, "frontend max": 1.0, "other": 0.0}
+
+
 def test_frontends_mean_batch_from_metrics_and_goal_lines() -> None:
     pytest.importorskip("prometheus_client")
     from bench.frontends import batch_counts, goal_lines, mean_batch, median_row, table_rows
