@@ -141,3 +141,67 @@ def test_the_threshold_parameter_is_read_like_the_other_integer_parameters(tmp_p
     for bad in ("-1", "16k", ""):
         with pytest.raises(ModelLoadError, match="parameter 'trtserve.direct_copy_min_bytes'"):
             threshold(**{"trtserve.direct_copy_min_bytes": bad})
+
+
+def test_a_front_ends_arena_is_page_locked_off_the_engine_loop(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registering a whole arena with CUDA takes long: it runs on a worker thread while the engine's loop keeps
+    serving, the front end is attached once it is done, and an engine stopping meanwhile closes the connection
+    instead of attaching it."""
+    import asyncio
+    import uuid
+
+    from trtserve.server.engine.host import EngineHost
+    from trtserve.server.ipc import channel
+    from trtserve.server.options import ServerOptions
+
+    pinned: List[int] = []
+    release = threading.Event()
+
+    def slow_pin(self: Arena) -> None:
+        pinned.append(threading.get_ident())
+        release.wait(10)
+        self.pinned = False  # nothing was registered: close() has nothing to unregister
+
+    monkeypatch.setattr(Arena, "pin", slow_pin)
+
+    async def until(check, what: str) -> None:
+        for _ in range(500):
+            if check():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        host = EngineHost(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None,
+                                        gpu_metrics=False))
+        await host.start()
+        monkeypatch.setattr(host, "_serves_tensorrt", lambda: True)
+        address = channel.engine_address(uuid.uuid4().hex)
+        host.listen(address)
+        arenas = [Arena.create(1 << 16), Arena.create(1 << 16)]
+        try:
+            first = await loop.run_in_executor(None, channel.connect, address, {"name": "fe-1"}, [arenas[0].fd])
+            await until(lambda: pinned, "the pin")  # this coroutine runs meanwhile: the loop is not blocked
+            assert pinned[0] != threading.get_ident()
+            assert host.core.sessions == []  # not attached before its arena is page-locked
+            release.set()
+            await until(lambda: len(host.core.sessions) == 1, "the attach")
+            release.clear()
+            second = await loop.run_in_executor(None, channel.connect, address, {"name": "fe-2"}, [arenas[1].fd])
+            await until(lambda: len(pinned) == 2, "the second pin")
+            stopping = asyncio.ensure_future(host.stop())  # waits for the pin under way
+            await asyncio.sleep(0.05)
+            release.set()
+            await asyncio.wait_for(stopping, 10)
+            assert [s.name for s in host.core.sessions] == []
+            second.settimeout(5)
+            assert second.recv(1) == b""  # closed, never attached
+            first.close()
+            second.close()
+        finally:
+            release.set()
+            for a in arenas:
+                a.close()
+
+    asyncio.run(main())

@@ -136,8 +136,14 @@ def test_arena_array_is_a_read_only_bounds_checked_view_that_outlives_close():
     assert arena.array(128, np.dtype("<i8"), ()).shape == ()
     with pytest.raises(ValueError, match="outside the arena"):
         arena.array(arena.size - 8, np.dtype("<f4"), (4,))
+    arena.write(258, np.arange(3, dtype=np.float32))  # not item-aligned: served all the same
+    np.testing.assert_array_equal(arena.array(258, np.dtype("<f4"), (3,)), np.arange(3, dtype=np.float32))
+    y = arena.array(128, np.dtype("<f4"), (8,))
     arena.close()  # the engine closes a detached front end's arena while a batch may still read an input
     np.testing.assert_array_equal(x.reshape(-1), np.arange(8, dtype=np.float32))  # still mapped, no crash
+    np.testing.assert_array_equal(y, np.arange(8, dtype=np.float32))
+    with pytest.raises(ValueError, match="closed"):
+        arena.array(128, np.dtype("<f4"), (8,))
 
 
 def test_socket_link_keeps_order_carries_large_frames_and_reports_the_peer_closing():

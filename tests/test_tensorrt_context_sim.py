@@ -308,6 +308,29 @@ def test_host_pieces_in_page_locked_memory_are_copied_to_the_device_from_where_t
     assert all(src != plain_piece.ctypes.data for src, _ in uploads)  # copied into the mirror first
 
 
+def test_page_locked_is_asked_of_cuda_once_per_memory_owner(instance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests' inputs are views of their front end's arena: CUDA is asked whether the arena is page-locked once,
+    not once per piece per batch, and pieces of a pageable owner still go through the pinned mirror."""
+    inst, ctx = instance
+    arena = np.zeros((64, N_IN), np.float32)  # one owner, like an arena's array of one dtype
+    ctx.cuda.locked.append((arena.ctypes.data, arena.ctypes.data + arena.nbytes))
+    pageable = np.zeros((64, N_IN), np.float32)
+    asked: List[int] = []
+    real = ctx.cuda.runtime.pointerGetAttributes
+    monkeypatch.setattr(ctx.cuda.runtime, "pointerGetAttributes", lambda ptr: asked.append(ptr) or real(ptr))
+    for first in (0, 8, 16):
+        arena[first:first + 4] = _x(4, first)
+        pageable[first:first + 2] = _x(2, first + 1)
+        pieces = (arena[first:first + 2], arena[first + 2:first + 4], pageable[first:first + 2])
+        ctx.cuda.copies.clear()
+        out = inst.run({"INPUT0": Gather(pieces, (6, N_IN), np.dtype(np.float32))}, ["OUTPUT0"])  # type: ignore[dict-item]
+        np.testing.assert_array_equal(out.outputs["OUTPUT0"], np.concatenate(pieces) * 2 + 1)
+        uploads = [src for _, src, _, kind in ctx.cuda.copies if kind == 1]
+        assert pieces[0].ctypes.data in uploads and pieces[1].ctypes.data in uploads  # read where they lie
+        assert pieces[2].ctypes.data not in uploads  # through the mirror
+    assert len(asked) == 2  # the arena once, the pageable owner once
+
+
 @pytest.mark.parametrize("busy_wait", [False, True])
 def test_the_wait_for_a_batch_sleeps_unless_busy_wait_is_set(monkeypatch: pytest.MonkeyPatch, busy_wait: bool) -> None:
     """The completion thread's wait is on each slot's "done" event: a blocking event unless trtserve.busy_wait (a

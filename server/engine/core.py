@@ -195,13 +195,13 @@ class EngineCore:
                 return
             spec, batcher = mv.spec, mv.batcher
             assert spec is not None and batcher is not None
-            arrays = self._inputs(session, mv, item, inputs)
+            arrays, shapes = self._inputs(session, mv, item, inputs)
             device_outputs = self._outputs(session, mv, item, outputs, rows)
             names = tuple([o[0] for o in outputs])
             if trace is not None:
                 item.queued_ns = time.monotonic_ns()
             batcher.queue(item, arrays, names, rows, priority, timeout_us, deadline, device_outputs,
-                          on_dispatch=item.mark_dispatched)
+                          on_dispatch=item.mark_dispatched, shapes=shapes)
         except TrtServeError as e:
             if mv is not None:
                 self._observer.request_done(mv.name, mv.version, False, e.reason, rows,
@@ -214,12 +214,20 @@ class EngineCore:
             self._finish_shm(item, True)
             self._answer(session, req_id, "INTERNAL", f"{type(e).__name__}: {e}", ())
 
-    def _inputs(self, session: Session, mv: ModelVersion, item: _InFlight, inputs: tuple) -> Dict[str, Any]:
-        """NumPy views of the arena (read-only), or what client shared memory holds."""
+    def _inputs(self, session: Session, mv: ModelVersion, item: _InFlight,
+                inputs: tuple) -> Tuple[Dict[str, Any], Dict[str, Tuple[int, ...]]]:
+        """NumPy views of the arena (read-only), or what client shared memory holds; and each input's shape as
+        the batcher keys it (without the batch dimension when the model batches), taken from the descriptor
+        rather than asked of every array again."""
         arrays: Dict[str, Any] = {}
+        shapes: Dict[str, Tuple[int, ...]] = {}
         spec, backend = mv.spec, mv.backend
         assert spec is not None
+        batches = spec.batches
         for name, wire, shape, source in inputs:
+            if type(shape) is not tuple:
+                shape = tuple(shape)
+            shapes[name] = shape[1:] if batches else shape
             if source[0] == m.ARENA:
                 if session.arena is None:
                     raise Internal(f"input '{name}': no arena for this front end")
@@ -242,7 +250,7 @@ class EngineCore:
                 raise InvalidArgument(f"input '{name}': CUDA shared memory region '{ref.region}' is on device "
                                       f"{data.device_id} but model '{spec.name}' runs on device {device_id}")
             arrays[name] = data
-        return arrays
+        return arrays, shapes
 
     def _outputs(self, session: Session, mv: ModelVersion, item: _InFlight, outputs: tuple,
                  rows: int) -> Dict[str, Tuple[int, int]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import List, Optional
+from typing import List, Optional, Set
 
 from trtserve.server.engine.control import Control
 from trtserve.server.engine.core import EngineCore, Session
@@ -63,6 +63,7 @@ class EngineHost:
         self.metrics_port: Optional[int] = None
         self._metrics_server = None
         self._listener: Optional[socket.socket] = None
+        self._attaching: Set["asyncio.Future"] = set()  # front ends accepted, not yet attached
         self._trim = PeriodicTrim()  # heap pages back to the OS once a burst is over (issue 18 item 10)
 
     @staticmethod
@@ -156,13 +157,32 @@ class EngineHost:
                 log.error("a front end failed to connect: %s", e)
                 conn.close()
                 continue
-            self.attach(str(hello.get("name", "?")), SocketLink(conn), arena)
+            task = asyncio.ensure_future(self._attach_remote(str(hello.get("name", "?")), conn, arena))
+            self._attaching.add(task)
+            task.add_done_callback(self._attaching.discard)
+
+    async def _attach_remote(self, name: str, conn: socket.socket, arena: Arena) -> None:
+        """Page-locks the arena on a worker thread, then attaches: registering a whole arena with CUDA takes
+        long enough to stall every request in flight if the loop did it (a front end restarted under load)."""
+        if self._serves_tensorrt():
+            await asyncio.get_running_loop().run_in_executor(None, self._pin, arena)
+        if self._stopping:
+            conn.close()
+            arena.close()
+            return
+        self.core.attach(name, SocketLink(conn), arena)
+
+    def _serves_tensorrt(self) -> bool:
+        return any(v.backend is not None and v.backend.platform == "tensorrt_plan" for v in self.repository.loaded())
 
     def _maybe_pin(self, arena: Arena) -> None:
         """Page-locks a front end's arena when a TensorRT model is served, so input copies to the device read
         the arena directly (no copy through the instance's own pinned buffer)."""
-        if not any(v.backend is not None and v.backend.platform == "tensorrt_plan" for v in self.repository.loaded()):
-            return
+        if self._serves_tensorrt():
+            self._pin(arena)
+
+    @staticmethod
+    def _pin(arena: Arena) -> None:
         try:
             arena.pin()
         except Exception as e:  # noqa: BLE001 - serving works unpinned, only with one more host copy per batch
@@ -183,6 +203,8 @@ class EngineHost:
             asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
+        if self._attaching:  # front ends whose arena is being page-locked: they close instead of attaching
+            await asyncio.gather(*self._attaching, return_exceptions=True)
         await self.repository.close()
         self.core.close()
         self.shared_memory.close()

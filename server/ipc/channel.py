@@ -53,6 +53,7 @@ class SocketLink(Link):
         self._out: List[tuple] = []
         self._pending = bytearray()  # framed bytes the socket did not take yet
         self._inbuf = bytearray()
+        self._chunk = memoryview(bytearray(_READ_CHUNK))
         self._flush_scheduled = False
         self._writing = False
         self._on_messages: Handler = lambda m: None
@@ -101,18 +102,21 @@ class SocketLink(Link):
             self._loop.remove_writer(self._sock.fileno())
 
     def _readable(self) -> None:
+        # into one buffer kept for the link's life: recv(n) allocates n bytes per call (a fresh mapping at this
+        # size) before it knows how few arrived, and under load most calls bring a small frame
+        chunk = self._chunk
         while True:
             try:
-                chunk = self._sock.recv(_READ_CHUNK)
+                got = self._sock.recv_into(chunk)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                chunk = b""
-            if not chunk:
+                got = 0
+            if not got:
                 self._lost()
                 return
-            self._inbuf += chunk
-            if len(chunk) < _READ_CHUNK:
+            self._inbuf += chunk[:got]
+            if got < _READ_CHUNK:
                 break
         batches = []
         buf = self._inbuf

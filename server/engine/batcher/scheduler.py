@@ -109,11 +109,14 @@ class DynamicBatcher:
     def queue(self, ticket: Ticket, inputs: Mapping[str, np.ndarray], outputs: Tuple[str, ...], rows: int,
               priority: int = 0, timeout_us: int = 0, deadline: Optional[float] = None,
               device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
-              on_dispatch: Optional[Callable[[], None]] = None) -> None:
+              on_dispatch: Optional[Callable[[], None]] = None,
+              shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
         """Queues a validated request; its answer is settled on ``ticket`` (the engine's path: no future per
         request). ``device_outputs``: outputs the backend may write straight into device memory (name ->
         pointer, bytes; CUDA shared memory). ``on_dispatch``: called when the request joins a batch on an
-        instance (see ``Pending.on_dispatch``).
+        instance (see ``Pending.on_dispatch``). ``shapes``: each input's shape without the batch dimension
+        (the whole shape when the model does not batch) when the caller has them already; else read from the
+        arrays.
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -126,10 +129,11 @@ class DynamicBatcher:
         except ValueError as e:
             raise InvalidArgument(f"model '{self.spec.name}': {e}") from None
         self._backend.check_request(inputs)
-        if self._batches:
-            shapes = {n: tuple(a.shape[1:]) for n, a in inputs.items()}
-        else:
-            shapes = {n: tuple(a.shape) for n, a in inputs.items()}
+        if shapes is None:
+            if self._batches:
+                shapes = {n: tuple(a.shape[1:]) for n, a in inputs.items()}
+            else:
+                shapes = {n: tuple(a.shape) for n, a in inputs.items()}
         if not self._rules.accepts(rows, shapes):
             full = {n: list(s) for n, s in self._rules.full(rows, shapes).items()}
             raise InvalidArgument(f"model '{self.spec.name}': input shapes {full} fit no optimization profile; "

@@ -13,7 +13,8 @@ CuPy is imported lazily: this module imports on a machine without CUDA.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import weakref
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,6 +34,31 @@ def is_page_locked(ptr: int) -> bool:
         return int(rt.pointerGetAttributes(ptr).type) == int(getattr(rt, "memoryTypeHost", 1))  # cudaMemoryTypeHost
     except Exception:  # noqa: BLE001 - an address CUDA does not know: plain pageable memory
         return False
+
+
+class PageLockedOwners:
+    """``is_page_locked`` remembered per memory owner: a request's input is a view of its front end's whole arena
+    (one NumPy array per arena and dtype), so asking CUDA once per arena replaces a driver call per input per
+    batch. Only speed depends on the answer: a copy from pageable memory is still correct, just synchronous, so an
+    owner whose registration changed later costs time, not data."""
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: Dict[int, Tuple[Any, bool]] = {}  # id(owner) -> (weak reference to it, page-locked)
+
+    def __call__(self, array: np.ndarray, ptr: int) -> bool:
+        owner = array.base
+        if type(owner) is not np.ndarray:  # owns its memory, or a view of something that is not an array
+            return is_page_locked(ptr)
+        hit = self._known.get(id(owner))
+        if hit is not None and hit[0]() is owner:
+            return hit[1]
+        locked = is_page_locked(ptr)
+        if len(self._known) >= 64:  # arenas come and go with front ends: keep it small
+            self._known.clear()
+        self._known[id(owner)] = (weakref.ref(owner), locked)
+        return locked
 
 
 def nbytes_of(shape: Tuple[int, ...], dtype: np.dtype) -> int:
@@ -61,6 +87,7 @@ class StagedTensor:
         # per slot: where the next upload reads, when the input already lies in page-locked memory (a front end's
         # arena the engine registered with CUDA); 0: the slot's own pinned mirror
         self._direct = [0] * max(1, slots)
+        self._page_locked = PageLockedOwners()
         if self.ptr == 0 or self.ptr % 256:
             raise RuntimeError(f"tensor '{name}': device buffer address {self.ptr:#x} is null or not 256-byte aligned")
 
@@ -80,7 +107,7 @@ class StagedTensor:
         ptr = array.__array_interface__["data"][0]
         if ptr != self._host_ptrs[slot]:  # else stacked in place (see view)
             if (n and not pad_to_bytes and array.dtype == self.dtype and array.flags.c_contiguous
-                    and is_page_locked(ptr)):
+                    and self._page_locked(array, ptr)):
                 self._direct[slot] = ptr  # the device copy reads it where it is
                 return n
             dst = host[:n].view(self.dtype).reshape(array.shape)
@@ -128,7 +155,7 @@ class StagedTensor:
                 elif n:
                     rt.memcpyAsync(self.ptr + offset, int(cai["data"][0]), n, rt.memcpyDeviceToDevice, stream.ptr)
             elif (n and p.dtype == self.dtype and p.flags.c_contiguous
-                  and is_page_locked(src_ptr := p.__array_interface__["data"][0])):
+                  and self._page_locked(p, src_ptr := p.__array_interface__["data"][0])):
                 rt.memcpyAsync(self.ptr + offset, src_ptr, n, rt.memcpyHostToDevice, stream.ptr)
             else:
                 src = np.ascontiguousarray(p)
