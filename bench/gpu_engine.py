@@ -34,6 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--instances", type=int, default=0, help="instance_group count (default: per model)")
     p.add_argument("--switch-interval-us", default="",
                    help="GIL switch intervals of the engine to compare, e.g. 200,50 (default: what serve sets)")
+    p.add_argument("--graphs", action="store_true", help="CUDA graphs on (optimization { cuda { graphs: true } })")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a model config parameter for the served model, e.g. trtserve.direct_copy_min_bytes=0")
     p.add_argument("--enqueue-on", default="loop",
@@ -77,7 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (repo / m.name / "1").mkdir(parents=True, exist_ok=True)
         (repo / m.name / "1" / "model.onnx").write_bytes((onnx_dir / "model.onnx").read_bytes())
         (repo / m.name / "config.pbtxt").write_text(
-            _config(m.name, m.wire, m.dims_in, m.dims_out, ref, instances, params={**m.parameters, **extra}))
+            _config(m.name, m.wire, m.dims_in, m.dims_out, ref, instances, graphs=a.graphs,
+                    params={**m.parameters, **extra}))
         print(f"{key}: raw engine {raw:,.0f} rows/s at batch {ref}", flush=True)
         for interval, where in [(i, w) for i in intervals for w in a.enqueue_on.split(",")]:
             engine = engine_alone.Engine(repo, a.engine_cpus, cache_dir=work / "cache",

@@ -73,14 +73,14 @@ def _load(pa: str, url: str, model: str, total: int, processes: int, duration: f
             "p99_ms": statistics.median(r["p99_ms"] for r in results)}
 
 
-def _repo(work: pathlib.Path) -> pathlib.Path:
+def _repo(work: pathlib.Path, graphs: bool = False) -> pathlib.Path:
     from bench.gpu import _config
     from trtserve.server.examples.make_mlp import make_mlp
 
     repo = work / "repo"
     (repo / "m" / "1").mkdir(parents=True)
     make_mlp(repo / "m" / "1" / "model.onnx", 64, 256, 16)
-    (repo / "m" / "config.pbtxt").write_text(_config("m", "FP32", (64,), (16,), 256, 2))
+    (repo / "m" / "config.pbtxt").write_text(_config("m", "FP32", (64,), (16,), 256, 2, graphs=graphs))
     return repo
 
 
@@ -99,12 +99,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--server-cpus", default="0-9")
     p.add_argument("--client-cpus", default="10-15")
     p.add_argument("--no-ceiling", action="store_true")
+    p.add_argument("--graphs", action="store_true", help="the model with CUDA graphs on")
     p.add_argument("--protocols", default="grpc", help="trtserve's ports to load, in turn: grpc, http or both "
                                                       "(grpc,http); the ceiling is gRPC only")
     a = p.parse_args(list(argv) if argv is not None else None)
     pa = _pa()
     work = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-gpu-frontends-"))
-    repo = _repo(work)
+    repo = _repo(work, a.graphs)
     hz = os.sysconf("SC_CLK_TCK")
     rows: List[List[str]] = []
     head = ["server", "req/s", "p50 ms", "p99 ms", "mean batch", "server CPU", "engine (loop)", "front ends (busiest)",

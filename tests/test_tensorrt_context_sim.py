@@ -308,6 +308,23 @@ def test_host_pieces_in_page_locked_memory_are_copied_to_the_device_from_where_t
     assert all(src != plain_piece.ctypes.data for src, _ in uploads)  # copied into the mirror first
 
 
+def test_batch_sizes_seen_before_reuse_their_output_shapes(instance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load the batch size changes every batch: each new input shape is set on the context every time,
+    but its output shapes are asked of TensorRT only the first time."""
+    inst, ctx = instance
+    trt_ctx = inst._ctx
+    asked: List[int] = []
+    real = trt_ctx.infer_shapes
+    monkeypatch.setattr(trt_ctx, "infer_shapes", lambda: asked.append(1) or real())
+    for rows in (3, 5, 3, 5, 7, 3):
+        x = _x(rows, rows)
+        out = inst.run({"INPUT0": x}, ["OUTPUT0"]).outputs["OUTPUT0"]
+        assert out.shape == (rows, N_OUT)
+        np.testing.assert_array_equal(out, x * 2 + 1)
+        assert trt_ctx.shapes["INPUT0"] == (rows, N_IN)  # set for this batch, not left at the last one's
+    assert len(asked) == 3  # rows 3, 5 and 7
+
+
 def test_page_locked_is_asked_of_cuda_once_per_memory_owner(instance, monkeypatch: pytest.MonkeyPatch) -> None:
     """Requests' inputs are views of their front end's arena: CUDA is asked whether the arena is page-locked once,
     not once per piece per batch, and pieces of a pageable owner still go through the pinned mirror."""

@@ -40,6 +40,7 @@ log = logging.getLogger("trtserve.tensorrt")
 
 # how long enqueue waits for a slot's earlier batch to be collected; far beyond any batch, so only a bug trips it
 SLOT_WAIT_S = 300.0
+_KNOWN_SHAPES = 1024  # input-shape keys whose output shapes an instance remembers (variable dims: bounded)
 
 
 def _on_host(a: Any) -> bool:
@@ -117,6 +118,7 @@ class InstanceContext:
         # input shapes last set on the context, and the output shapes TensorRT inferred for them
         self._shapes: Dict[str, Tuple[int, ...]] = {}
         self._out_shapes: Dict[str, Tuple[int, ...]] = {}
+        self._known_out_shapes: Dict[tuple, Dict[str, Tuple[int, ...]]] = {}  # input shapes -> output shapes
 
     # ---- lifecycle ----
 
@@ -439,13 +441,22 @@ class InstanceContext:
             self._shapes = {}
             for name, shape in shapes.items():
                 self._set_shape(name, shape)
-            self._infer_shapes()
-            out_shapes = {}
-            for t in self._info.outputs:
-                shape = tuple(self._ctx.get_tensor_shape(t.name))
-                if any(d < 0 for d in shape):
-                    raise Internal(f"{self._what}: output '{t.name}' shape {list(shape)} unknown after infer_shapes")
-                out_shapes[t.name] = shape
+            # under load the batch size changes from one batch to the next: the output shapes of input shapes
+            # seen before are remembered (they depend on nothing else) instead of asked of TensorRT again
+            key = tuple(shapes.items())
+            out_shapes = self._known_out_shapes.get(key)  # type: ignore[assignment]
+            if out_shapes is None:
+                self._infer_shapes()
+                out_shapes = {}
+                for t in self._info.outputs:
+                    shape = tuple(self._ctx.get_tensor_shape(t.name))
+                    if any(d < 0 for d in shape):
+                        raise Internal(f"{self._what}: output '{t.name}' shape {list(shape)} unknown after "
+                                       "infer_shapes")
+                    out_shapes[t.name] = shape
+                if len(self._known_out_shapes) >= _KNOWN_SHAPES:
+                    self._known_out_shapes.clear()
+                self._known_out_shapes[key] = out_shapes
             self._shapes, self._out_shapes = shapes, out_shapes
         if not self._ctx.execute_async_v3(stream.ptr):
             raise Internal(compat.with_trt_error(f"{self._what}: execute_async_v3 failed"))
