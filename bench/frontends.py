@@ -7,7 +7,9 @@ with 1 intra-op thread, max_batch_size 32, dynamic batching with a 2 ms queue de
 server is measured in turn (the order rotates per round), so drift on a shared machine affects all alike:
 
 - ``ceiling``: bench/ceiling_server.py, decode and return a precomputed response (no model, no batching);
-- ``trtserve fN``: ``trtserve serve --frontends N`` (N = 0: the single-process mode, run without the flag).
+- ``trtserve fN``: ``trtserve serve --frontends N`` (N = 0: the single-process mode, run without the flag);
+- ``baseline fN`` (with ``--baseline DIR``): the same server run from another checkout, e.g. a git worktree of an
+  older commit, so a change is measured beside what it changed in one run.
 
 Load: perf_analyzer ``-i grpc``, ``--concurrency-range L:L``, time windows, with
 TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1 so each of its contexts opens its own connection (SO_REUSEPORT
@@ -153,7 +155,7 @@ def goal_lines(servers: Sequence[str], levels: Sequence[int], results: Mapping[T
     >= the ceiling's with mean batch >= GOAL_BATCH; at concurrency 1, p50 within GOAL_P50_MS of the ceiling's."""
     lines = []
     for server in servers:
-        if server == "ceiling":
+        if server == "ceiling" or server.startswith("baseline"):
             continue
         for level in levels:
             if level < GOAL_LEVEL and level != 1:
@@ -292,16 +294,21 @@ def make_repo(root: pathlib.Path) -> pathlib.Path:
 class Server:
     """One server under test, started in its own session (so whatever it spawns can be stopped with it)."""
 
-    def __init__(self, name: str, cmd: List[str], port: int, metrics_port: Optional[int]) -> None:
+    def __init__(self, name: str, cmd: List[str], port: int, metrics_port: Optional[int],
+                 checkout: Optional[pathlib.Path] = None) -> None:
         self.name, self.cmd, self.port, self.metrics_port = name, cmd, port, metrics_port
+        self.checkout = checkout  # another checkout to run the server from (its code, not this one's)
         self.url = f"127.0.0.1:{port}"
         self.proc: Optional[subprocess.Popen] = None
         self.tail: Deque[str] = collections.deque(maxlen=50)
         self.failure = ""  # why it did not start, for the notes under the table
 
     def start(self, timeout: float = 120.0) -> bool:
+        env = None
+        if self.checkout is not None:  # `python -m` puts the working folder first on the path: that checkout wins
+            env = dict(os.environ, PYTHONPATH=str(self.checkout))
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=ROOT, start_new_session=True)
+                                     cwd=self.checkout or ROOT, start_new_session=True, env=env)
         threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the server's logging
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -361,7 +368,8 @@ class Server:
         self.proc = None
 
 
-def make_server(name: str, repo: pathlib.Path, frontends: Optional[int]) -> Server:
+def make_server(name: str, repo: pathlib.Path, frontends: Optional[int],
+                checkout: Optional[pathlib.Path] = None) -> Server:
     port = free_port()
     if frontends is None:
         cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", MODEL,
@@ -372,7 +380,7 @@ def make_server(name: str, repo: pathlib.Path, frontends: Optional[int]) -> Serv
            "--http-port", "-1", "--metrics-port", str(metrics_port), "--log-level", "warning", "--no-gpu-metrics"]
     if frontends:  # N = 0 is the single-process mode, which needs no flag (and ran before the flag existed)
         cmd += ["--frontends", str(frontends)]
-    return Server(name, cmd, port, metrics_port)
+    return Server(name, cmd, port, metrics_port, checkout)
 
 
 def run_perf_analyzer(pa: str, url: str, level: int, duration: float, protocol: str = "grpc",
@@ -416,11 +424,12 @@ def measure(server: Server, pa: str, level: int, duration: float, hz: int) -> Op
         return None
 
 
-def _commit() -> str:
+def _commit(where: Optional[pathlib.Path] = None) -> str:
+    where = where or ROOT
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
                                capture_output=True, text=True).stdout.strip()
         return rev + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -461,6 +470,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="rounds (medians are reported)")
     p.add_argument("--write", action="store_true", help=f"write the table to {OUT.relative_to(ROOT)}")
     p.add_argument("--out", type=pathlib.Path, default=OUT, help=argparse.SUPPRESS)
+    p.add_argument("--baseline", type=pathlib.Path, default=None,
+                   help="another checkout (e.g. a git worktree of an older commit): its servers with the same "
+                        "--frontends run in the same run, named 'baseline fN'")
     a = p.parse_args(argv)
     levels = [int(x) for x in a.levels.split(",") if x]
     frontends = [int(x) for x in a.frontends.split(",") if x]
@@ -472,6 +484,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(pathlib.Path(tmp))
         servers = [make_server("ceiling", repo, None)] + [make_server(f"trtserve f{n}", repo, n) for n in frontends]
+        if a.baseline is not None:
+            servers += [make_server(f"baseline f{n}", repo, n, a.baseline.resolve()) for n in frontends]
         names = [s.name for s in servers]
         notes: List[str] = []
         try:
@@ -513,7 +527,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\n" + "\n".join(notes))
     if a.write:
         md = ["# trtserve front ends vs the grpc.aio ceiling (2-core box)\n",
-              f"- machine: {machine}", f"- command: `{command}`", f"- date: {date}", f"- commit: {_commit()}",
+              f"- machine: {machine}", f"- command: `{command}`", f"- date: {date}", f"- commit: {_commit()}"
+              + (f"; baseline fN: commit {_commit(a.baseline)}" if a.baseline is not None else ""),
               f"- model: MLP 64->256->256->16, ONNX Runtime 1 intra-op thread, max_batch_size 32, dynamic batching "
               f"2 ms queue delay, 1 row per request; perf_analyzer -i grpc, time windows of {a.duration:g} s, "
               f"TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1; medians of {a.rounds} round(s), servers interleaved "
