@@ -306,7 +306,8 @@ class Server:
     def start(self, timeout: float = 120.0) -> bool:
         env = None
         if self.checkout is not None:  # `python -m` puts the working folder first on the path: that checkout wins
-            env = dict(os.environ, PYTHONPATH=str(self.checkout))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                p for p in (str(self.checkout), os.environ.get("PYTHONPATH", "")) if p))
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      cwd=self.checkout or ROOT, start_new_session=True, env=env)
         threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the server's logging

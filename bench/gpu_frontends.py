@@ -84,10 +84,11 @@ def _repo(work: pathlib.Path, graphs: bool = False) -> pathlib.Path:
     return repo
 
 
-def _server(name: str, cmd: List[str], port: int, metrics_port: Optional[int], cpus: Optional[str]) -> fb.Server:
+def _server(name: str, cmd: List[str], port: int, metrics_port: Optional[int], cpus: Optional[str],
+            checkout: Optional[pathlib.Path] = None) -> fb.Server:
     if cpus:
         cmd = ["taskset", "-c", cpus] + cmd
-    return fb.Server(name, cmd, port, metrics_port)
+    return fb.Server(name, cmd, port, metrics_port, checkout)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -100,6 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--client-cpus", default="10-15")
     p.add_argument("--no-ceiling", action="store_true")
     p.add_argument("--graphs", action="store_true", help="the model with CUDA graphs on")
+    p.add_argument("--baseline", type=pathlib.Path, default=None,
+                   help="another checkout (an older commit): its servers with the same --frontends in the same run")
     p.add_argument("--protocols", default="grpc", help="trtserve's ports to load, in turn: grpc, http or both "
                                                       "(grpc,http); the ceiling is gRPC only")
     a = p.parse_args(list(argv) if argv is not None else None)
@@ -114,6 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{a.client_cpus}, concurrency {a.concurrency} in all; {a.duration:g} s windows", flush=True)
     plan: List[tuple] = [] if a.no_ceiling else [("ceiling", None)]
     plan += [(f"trtserve f{n}", int(n)) for n in a.frontends.split(",")]
+    if a.baseline is not None:
+        plan += [(f"baseline f{n}", int(n)) for n in a.frontends.split(",")]
     protocols = [x for x in a.protocols.split(",") if x]
     for name, n in plan:
         port, http_port = fb.free_port(), fb.free_port()
@@ -127,7 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    str(port), "--http-port", str(http_port) if "http" in protocols else "-1", "--metrics-port",
                    str(mport), "--log-level", "warning", "--no-gpu-metrics", "--frontends", str(n), "--cache-dir",
                    str(work / "cache")]
-            server = _server(name, cmd, port, mport, a.server_cpus)
+            server = _server(name, cmd, port, mport, a.server_cpus,
+                             a.baseline.resolve() if name.startswith("baseline") else None)
         try:
             if not server.start(timeout=600):
                 rows.append([name, "failed", "", "", "", "", "", "", ""])
