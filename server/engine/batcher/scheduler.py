@@ -266,10 +266,16 @@ class DynamicBatcher:
                     continue
                 waits = [w for w in (p.wait_s, None if next_deadline is None else next_deadline - now)
                          if w is not None]
+                if not waits:
+                    await self._wake.wait()
+                    continue
+                # a timer that sets the event, not asyncio.wait_for: that wraps the wait in a Task of its own and
+                # adds callbacks, on every wait of this loop (every batch under light load)
+                timer = asyncio.get_running_loop().call_later(max(0.0, min(waits)), self._wake.set)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, min(waits)) if waits else None)
-                except asyncio.TimeoutError:
-                    pass
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
         except Exception:  # a bug here must not leave requests hanging: answer them all
             log.exception("batcher loop for model '%s' failed", self.spec.name)
             for req in self._drain_all():
@@ -325,6 +331,8 @@ class DynamicBatcher:
                 ran.set_result(self._work(p))
             except BaseException as e:  # noqa: BLE001 - whatever happens, the batch gets its one answer
                 ran.set_exception(e)
+            # answered in the next turn, not this one: the instance stays held until then, so the loop goes back to
+            # its sockets between inline batches and a request that arrived meanwhile (a higher priority) is seen
             loop.call_soon(self._complete, p, seq, now, ran, done)
             return
         if self._loop_enqueue:
