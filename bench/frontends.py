@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "benchmarks" / "frontends-2core.md"
@@ -69,12 +69,12 @@ def parse_children(text: str) -> List[int]:
     return [int(x) for x in text.split()]
 
 
-def tree_cpu_ticks(pid: int, read: Callable[[str], Optional[str]],
-                   list_tasks: Callable[[int], Iterable[int]]) -> int:
-    """utime + stime of ``pid`` and all its descendants, in clock ticks. ``read(path)`` returns a /proc file's
+def tree_stats(pid: int, read: Callable[[str], Optional[str]],
+               list_tasks: Callable[[int], Iterable[int]]) -> Iterator[Tuple[int, str]]:
+    """(pid, text of /proc/<pid>/stat) for ``pid`` and all its descendants. ``read(path)`` returns a /proc file's
     text or None (the process is gone); ``list_tasks(pid)`` the thread ids under /proc/<pid>/task. A process
-    that exits between the reads counts as 0 from then on."""
-    total, seen, todo = 0, set(), [pid]
+    that exits between the reads is left out."""
+    seen, todo = set(), [pid]
     while todo:
         p = todo.pop()
         if p in seen:
@@ -83,12 +83,17 @@ def tree_cpu_ticks(pid: int, read: Callable[[str], Optional[str]],
         stat = read(f"/proc/{p}/stat")
         if stat is None:
             continue
-        total += stat_cpu_ticks(stat)
+        yield p, stat
         for tid in list_tasks(p):
             children = read(f"/proc/{p}/task/{tid}/children")
             if children:
                 todo.extend(parse_children(children))
-    return total
+
+
+def tree_cpu_ticks(pid: int, read: Callable[[str], Optional[str]],
+                   list_tasks: Callable[[int], Iterable[int]]) -> int:
+    """utime + stime of ``pid`` and all its descendants, in clock ticks (a process gone counts as 0)."""
+    return sum(stat_cpu_ticks(stat) for _, stat in tree_stats(pid, read, list_tasks))
 
 
 def batch_counts(prom_text: str, model: str = MODEL) -> Tuple[float, float]:
@@ -226,15 +231,7 @@ def role_ticks(pid: int, read: Callable[[str], Optional[str]] = _read,
     other, from the command line), plus "loop <pid>" for the engine's main thread (its event loop): which
     process is the limit is what the table's total cannot say."""
     out: Dict[str, int] = {}
-    seen, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        stat = read(f"/proc/{p}/stat")
-        if stat is None:
-            continue
+    for p, stat in tree_stats(pid, read, list_tasks):
         cmdline = read(f"/proc/{p}/cmdline") or ""
         role = "engine" if "engine.process" in cmdline else "frontend" if "frontend.process" in cmdline else "other"
         out[f"{role} {p}"] = stat_cpu_ticks(stat)
@@ -242,10 +239,6 @@ def role_ticks(pid: int, read: Callable[[str], Optional[str]] = _read,
             main = read(f"/proc/{p}/task/{p}/stat")
             if main is not None:
                 out[f"loop {p}"] = stat_cpu_ticks(main)
-        for tid in list_tasks(p):
-            children = read(f"/proc/{p}/task/{tid}/children")
-            if children:
-                todo.extend(parse_children(children))
     return out
 
 
