@@ -164,13 +164,16 @@ class EngineHost:
     async def _attach_remote(self, name: str, conn: socket.socket, arena: Arena) -> None:
         """Page-locks the arena on a worker thread, then attaches: registering a whole arena with CUDA takes
         long enough to stall every request in flight if the loop did it (a front end restarted under load)."""
-        if self._serves_tensorrt():
-            await asyncio.get_running_loop().run_in_executor(None, self._pin, arena)
-        if self._stopping:
-            conn.close()
-            arena.close()
-            return
-        self.core.attach(name, SocketLink(conn), arena)
+        try:
+            if self._serves_tensorrt():
+                await asyncio.get_running_loop().run_in_executor(None, self._pin, arena)
+            if not self._stopping:
+                self.core.attach(name, SocketLink(conn), arena)
+                return
+        except Exception:  # noqa: BLE001 - this front end fails to connect (it reconnects or is restarted), no other
+            log.exception("attaching front end %s failed", name)
+        conn.close()
+        arena.close()
 
     def _serves_tensorrt(self) -> bool:
         return any(v.backend is not None and v.backend.platform == "tensorrt_plan" for v in self.repository.loaded())

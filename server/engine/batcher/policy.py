@@ -53,9 +53,7 @@ class Plan:
 def _gather(pending: Sequence[Pending], rules: ShapeRules, enabled: bool) -> Tuple[List[Pending], int, Dict]:
     head = pending[0]
     batch, rows, shapes = [head], head.rows, dict(head.shapes)
-    if not enabled:
-        return batch, rows, shapes
-    if not rules.batches:
+    if not enabled or not rules.batches:
         return batch, rows, shapes
     limit, profiles = rules.max_batch_size, rules.profiles
     for r in pending[1:]:
