@@ -1,14 +1,16 @@
 """GPU host, the full server: the small MLP on TensorRT behind 1, 2, 4, 8 front-end processes (issue 17).
 
 ``python -m bench.gpu_frontends [--frontends 1,2,4,8] [--concurrency 256] [--pa-processes 4] [--duration 5]
-[--server-cpus 0-9] [--client-cpus 10-15] [--protocols grpc,http]`` builds the small MLP (64->256->256->16, FP32) as a TensorRT model
-(2 instances, max_batch_size 256, dynamic batching), starts ``trtserve serve --frontends N`` pinned to the server
-CPUs, and drives it with several perf_analyzer processes pinned to the client CPUs (their concurrencies add up to
---concurrency; each context its own connection), all measuring at once. Beside it, in the same run, the bare
-grpc.aio ceiling server (bench/ceiling_server.py) on the same CPUs. Prints requests/s (summed), p50/p99 (the
-median of the processes' values), the mean formed batch, the server's CPU in cores (in all; the engine process
-and its event loop's thread; the front ends together and the busiest one) and the load generators' CPU. Needs CUDA, CuPy, TensorRT and
-perf_analyzer (run it with the GPU kit).
+[--server-cpus 0-9] [--client-cpus 10-15] [--protocols grpc,http] [--graphs] [--baseline DIR]`` builds the small
+MLP (64->256->256->16, FP32) as a TensorRT model (2 instances, max_batch_size 256, dynamic batching; CUDA graphs
+with --graphs), starts ``trtserve serve --frontends N`` pinned to the server CPUs, and drives it with several
+perf_analyzer processes pinned to the client CPUs (their concurrencies add up to --concurrency; each context its
+own connection), all measuring at once. Beside it, in the same run, the bare grpc.aio ceiling server
+(bench/ceiling_server.py) on the same CPUs, and with --baseline the same servers run from another checkout (an
+older commit). Prints requests/s (summed), p50/p99 (the median of the processes' values), the mean formed batch,
+the server's CPU in cores (in all; the engine process and its event loop's thread; the front ends together and
+the busiest one) and the load generators' CPU. Needs CUDA, CuPy, TensorRT and perf_analyzer (run it with the GPU
+kit).
 """
 from __future__ import annotations
 
