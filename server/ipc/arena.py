@@ -13,6 +13,7 @@ engine has answered the request that used it, never earlier (the engine may stil
 from __future__ import annotations
 
 import bisect
+import math
 import mmap
 import os
 from typing import Dict, List, Optional, Tuple
@@ -81,21 +82,16 @@ class Arena:
         input. It is a slice of one whole-arena array per dtype, made once with frombuffer: that array holds the
         mapping's buffer export, so ``close`` cannot unmap pages a slice still reads (an ``ndarray(buffer=...)``
         would not hold it), and slicing it costs a fraction of a new frombuffer per input."""
-        count = 1
-        for d in shape:
-            count *= d
+        count = math.prod(shape)
         itemsize = dtype.itemsize
-        if offset < 0 or count < 0 or offset + itemsize * count > self.size:
-            raise ValueError(f"arena range {offset}+{itemsize * count} is outside the arena ({self.size} bytes)")
+        self._check(offset, itemsize * count)
         typed = self._typed.get(dtype)
         if typed is None:
             if self._readonly is None:
                 raise ValueError("the arena is closed")
             typed = self._typed[dtype] = np.frombuffer(self._readonly, dtype, self.size // itemsize)
         if offset % itemsize:  # not where the front end puts inputs (64-byte aligned), but still served
-            if self._readonly is None:
-                raise ValueError("the arena is closed")
-            return np.frombuffer(self._readonly, dtype, count, offset).reshape(shape)
+            return np.frombuffer(self._readonly, dtype, count, offset).reshape(shape)  # type: ignore[arg-type]
         start = offset // itemsize
         return typed[start:start + count].reshape(shape)
 

@@ -53,18 +53,11 @@ class Plan:
 def _gather(pending: Sequence[Pending], rules: ShapeRules, enabled: bool) -> Tuple[List[Pending], int, Dict]:
     head = pending[0]
     batch, rows, shapes = [head], head.rows, dict(head.shapes)
-    if not enabled or not rules.batches:
+    if not enabled:
         return batch, rows, shapes
-    limit, profiles = rules.max_batch_size, rules.profiles
     for r in pending[1:]:
-        if rows >= limit:
+        if rows >= rules.max_batch_size:
             break
-        total = rows + r.rows
-        if r.shapes == shapes:  # the usual case, inline: nothing to pad, so no merged dict to build
-            if total <= limit and (not profiles or rules.fitting(total, shapes)):
-                rows = total
-                batch.append(r)
-            continue
         merged = rules.merge(rows, shapes, r.rows, r.shapes)
         if merged is not None:
             rows, shapes = merged

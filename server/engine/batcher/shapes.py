@@ -53,14 +53,16 @@ class ShapeRules:
 
     def merge(self, rows: int, shapes: Mapping[str, Shape], other_rows: int,
               other: Mapping[str, Shape]) -> Optional[Tuple[int, Dict[str, Shape]]]:
-        """(rows, padded shapes) of the batch with ``other`` added, or None if they cannot share one."""
+        """(rows, padded shapes) of the batch with ``other`` added, or None if they cannot share one. When
+        nothing pads, the shapes given are returned as they are, not copied (one merge per queued request while a
+        batch forms): callers never change a batch's shapes."""
         if not self.batches:
             return None
         total = rows + other_rows
         if total > self.max_batch_size:
             return None
         if shapes == other:  # the usual case, checked once for the whole dict: nothing to pad
-            return (total, dict(shapes)) if not self.profiles or self.fitting(total, shapes) else None
+            return (total, shapes) if not self.profiles or self.fitting(total, shapes) else None  # type: ignore
         if set(shapes) != set(other):
             return None
         merged: Dict[str, Shape] = {}
