@@ -205,3 +205,69 @@ def test_a_front_ends_arena_is_page_locked_off_the_engine_loop(tmp_path, monkeyp
                 a.close()
 
     asyncio.run(main())
+
+
+def test_a_front_end_serves_only_once_the_engine_attached_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A front end binds its port after the engine attached it: while the engine page-locks its arena nothing
+    reads the link, so connections taken meanwhile would stall. ``attached()`` waits for that, and raises
+    Unavailable when the engine closes the link instead (it stopped during the pin)."""
+    import asyncio
+    import uuid
+
+    from trtserve.server.engine.host import EngineHost
+    from trtserve.server.errors import Unavailable
+    from trtserve.server.frontend.engine_client import EngineClient
+    from trtserve.server.ipc import channel
+    from trtserve.server.ipc.channel import SocketLink
+    from trtserve.server.options import ServerOptions
+
+    pinning = threading.Event()
+    release = threading.Event()
+
+    def slow_pin(self: Arena) -> None:
+        pinning.set()
+        release.wait(10)
+        self.pinned = False
+
+    monkeypatch.setattr(Arena, "pin", slow_pin)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        host = EngineHost(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None,
+                                        gpu_metrics=False))
+        await host.start()
+        monkeypatch.setattr(host, "_serves_tensorrt", lambda: True)
+        address = channel.engine_address(uuid.uuid4().hex)
+        host.listen(address)
+        clients = []
+        try:
+            for name in ("fe-1", "fe-2"):
+                arena = Arena.create(1 << 16)
+                sock = await loop.run_in_executor(None, channel.connect, address, {"name": name}, [arena.fd])
+                client = EngineClient(SocketLink(sock), arena)
+                client.start()
+                clients.append(client)
+                waiter = asyncio.ensure_future(client.attached())
+                assert await loop.run_in_executor(None, pinning.wait, 10)
+                await asyncio.sleep(0.1)
+                assert not waiter.done()  # the engine is still page-locking the arena
+                if name == "fe-1":
+                    release.set()
+                    await asyncio.wait_for(waiter, 10)
+                    assert await asyncio.wait_for(client.call("server_ready"), 10) is True
+                    pinning.clear()
+                    release.clear()
+                else:
+                    stopping = asyncio.ensure_future(host.stop())
+                    await asyncio.sleep(0.05)
+                    release.set()
+                    with pytest.raises(Unavailable, match="before attaching"):
+                        await asyncio.wait_for(waiter, 10)
+                    await asyncio.wait_for(stopping, 10)
+        finally:
+            release.set()
+            for c in clients:
+                c.link.close()
+                c.arena.close()
+
+    asyncio.run(main())

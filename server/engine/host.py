@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import List, Optional, Set
 
 from trtserve.server.engine.control import Control
@@ -163,10 +164,14 @@ class EngineHost:
 
     async def _attach_remote(self, name: str, conn: socket.socket, arena: Arena) -> None:
         """Page-locks the arena on a worker thread, then attaches: registering a whole arena with CUDA takes
-        long enough to stall every request in flight if the loop did it (a front end restarted under load)."""
+        long enough to stall every request in flight if the loop did it (a front end restarted under load).
+        The front end binds its port only once attached (EngineClient.attached), so no client waits on it."""
         try:
             if self._serves_tensorrt():
+                started = time.monotonic()
                 await asyncio.get_running_loop().run_in_executor(None, self._pin, arena)
+                log.info("front end %s: its arena (%d MiB) page-locked in %.2f s", name, arena.size >> 20,
+                         time.monotonic() - started)
             if not self._stopping:
                 self.core.attach(name, SocketLink(conn), arena)
                 return

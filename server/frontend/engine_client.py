@@ -48,9 +48,21 @@ class EngineClient:
         self._models: Dict[Tuple[str, str], Tuple[Any, int]] = {}
         self._lost_callbacks: List[Callable[[], None]] = []
         self.sampler = Sampler()  # which requests to trace: the engine's trace settings (SETTINGS)
+        self._attached: Optional["asyncio.Future[None]"] = None
 
     def start(self) -> None:
+        self._attached = asyncio.get_running_loop().create_future()
         self.link.start(self._on_messages, self._on_lost)
+
+    async def attached(self) -> None:
+        """Returns once the engine serves this link (its first SETTINGS comes on attach). Until then requests
+        would wait unread: the engine page-locks a front end's arena before attaching it, which takes long for
+        a large arena, so a front end that took connections meanwhile would stall its clients. Raises
+        Unavailable when the engine closes the link instead."""
+        assert self._attached is not None, "start() first"
+        await asyncio.shield(self._attached)
+        if not self.alive:
+            raise Unavailable("the engine closed the link before attaching this front end")
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         self._lost_callbacks.append(callback)
@@ -145,6 +157,8 @@ class EngineClient:
                     fut.set_result(value)
             elif msg[0] == m.SETTINGS:
                 self._apply_settings(msg[1], msg[2])
+                if self._attached is not None and not self._attached.done():
+                    self._attached.set_result(None)
 
     def _apply_settings(self, log_settings: dict, trace_view: Any) -> None:
         from trtserve.server import logsettings
@@ -159,6 +173,8 @@ class EngineClient:
         if not self.alive:
             return
         self.alive = False
+        if self._attached is not None and not self._attached.done():
+            self._attached.set_result(None)  # attached() raises: the link is gone
         (log.info if self.closing else log.error)("the engine went away: answering %d requests UNAVAILABLE",
                                                   len(self._pending))
         error = "the engine process stopped; the request may not have run"

@@ -1,6 +1,7 @@
 """``python -m trtserve.server.frontend.process``: one front-end process (gRPC and HTTP), started by the supervisor.
 
-It creates its arena, connects to the engine (handing it the arena), binds the shared port with
+It creates its arena, connects to the engine (handing it the arena), waits until the engine has attached it
+(page-locking the arena first when a TensorRT model is served), binds the shared port with
 SO_REUSEPORT and serves until SIGTERM, then drains. If the engine goes away it answers UNAVAILABLE (and
 health NOT_SERVING) until the supervisor stops it.
 """
@@ -10,6 +11,7 @@ import asyncio
 import logging
 import os
 
+from trtserve.server.errors import Unavailable
 from trtserve.server.frontend.engine_client import EngineClient
 from trtserve.server.frontend.server import FrontEnd
 from trtserve.server.ipc import channel
@@ -28,6 +30,11 @@ async def _run(payload: dict) -> int:
                            [arena.fd])
     client = EngineClient(SocketLink(sock), arena)
     client.start()
+    try:
+        await client.attached()  # not before: connections taken meanwhile would wait unread (see attached())
+    except Unavailable as e:
+        log.error("%s", e)
+        return 1
     frontend = FrontEnd(options, client, reuse_port=True)
     port = await frontend.start()
     child.settle_heap()
