@@ -37,7 +37,6 @@ class PipelinedBackend(Backend):
         self.open_gates = True
         self.fail_enqueue: Dict[int, BaseException] = {}  # batch number -> error
         self.fail_collect: Dict[int, BaseException] = {}
-        self.fail_wait: Dict[int, BaseException] = {}
         self.ran_plain = 0
         self.enqueue_gate = threading.Event()  # enqueue waits for it (set: never waits)
         self.enqueue_gate.set()
@@ -76,13 +75,6 @@ class PipelinedBackend(Backend):
         if self.open_gates:
             self.gate(k).set()
         return (k, x)
-
-    def wait(self, instance: int, ticket: object) -> None:
-        k, x = ticket  # type: ignore[misc]
-        assert self.gate(k).wait(10), f"batch {k} was never released"
-        self._note("wait", k, x.shape[0])
-        if k in self.fail_wait:
-            raise self.fail_wait[k]
 
     def collect(self, instance: int, ticket: object) -> BatchResult:
         k, x = ticket  # type: ignore[misc]
@@ -174,9 +166,9 @@ async def test_one_batch_per_instance_runs_both_halves_on_the_instance_thread():
 
 
 async def test_in_the_engine_process_the_loop_enqueues_and_the_completion_thread_waits():
-    """inline (the engine process, whose loop serves nothing else): enqueue and collect run on the loop's own
-    thread, so no other thread takes the GIL from it in the middle of a batch's CUDA calls; only the wait for the
-    device goes to the completion thread. The next batch is still enqueued while the previous one runs."""
+    """inline (the engine process, whose loop serves nothing else): enqueue runs on the loop's own thread, so no
+    instance thread competes with it for the GIL around each CUDA call; only the wait goes to the completion
+    thread. The next batch is still enqueued while the previous one runs."""
     backend = PipelinedBackend()
     backend.open_gates = False
     b = DynamicBatcher(spec(depth=2), backend, Observer(), inline=True)
@@ -185,10 +177,7 @@ async def test_in_the_engine_process_the_loop_enqueues_and_the_completion_thread
     futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]  # four full batches, one instance
     where = await _two_in_flight_then_all_answered(backend, futs)
     assert all(where[("enqueue", k)] == loop_thread for k in range(4)), where
-    assert all("-done0" in where[("wait", k)] for k in range(4)), where
-    assert all(where[("collect", k)] == loop_thread for k in range(4)), where
-    waits_then_collects = [(w, k) for w, k, _, _ in backend.log if w in ("wait", "collect")]
-    assert all(waits_then_collects.index(("wait", k)) < waits_then_collects.index(("collect", k)) for k in range(4))
+    assert all("-done0" in where[("collect", k)] for k in range(4)), where
     assert backend.ran_plain == 0
     await b.stop()
 
@@ -209,22 +198,6 @@ async def test_a_failing_batch_fails_alone_and_the_instance_goes_on(stage, error
         assert "CUDA went away" in str(results[1])
     for i in (0, 2, 3):
         np.testing.assert_array_equal(results[i].outputs["y"], np.full((8, 4), 2 * i, np.float32))
-    await b.stop()
-
-
-async def test_in_the_engine_process_a_failing_wait_fails_its_batch_alone_after_collecting_it():
-    """The wait on the completion thread fails (the device reported an error there): the batch is still collected
-    on the loop (a TensorRT instance frees the batch's slot there) and fails alone."""
-    backend = PipelinedBackend()
-    backend.fail_wait[1] = RuntimeError("CUDA went away")
-    b = DynamicBatcher(spec(depth=2), backend, Observer(), inline=True)
-    b.start()
-    results = await asyncio.gather(*[b.submit(x(8, i), ("y",), 8) for i in range(4)], return_exceptions=True)
-    assert isinstance(results[1], TrtServeError) and results[1].code == "INTERNAL", results[1]
-    assert "CUDA went away" in str(results[1])
-    for i in (0, 2, 3):
-        np.testing.assert_array_equal(results[i].outputs["y"], np.full((8, 4), 2 * i, np.float32))
-    assert [k for w, k, _, _ in backend.log if w == "collect"] == [0, 1, 2, 3]
     await b.stop()
 
 

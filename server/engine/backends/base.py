@@ -7,8 +7,8 @@ context + one stream, or one ONNX Runtime session slot), so an instance never ru
 releases everything. Backends never see gRPC or the batcher.
 
 A ``pipelined`` backend (TensorRT) splits a batch in two: ``enqueue`` starts it on the device and returns,
-``collect`` waits for it and reads it. In the engine process the event loop enqueues, the instance's completion
-thread waits for the device (``wait``) and the loop then collects; in the single-process server the instance's thread enqueues, and collects too unless another batch is
+``collect`` waits for it. In the engine process the event loop enqueues and the instance's completion thread
+collects; in the single-process server the instance's thread enqueues, and collects too unless another batch is
 queued behind it (then the completion thread does). Either way the next batch is enqueued behind the running
 one, so the device never waits for Python between batches; at most ``BackendConfig.batches_per_instance``
 batches of an instance are enqueued at once, and one thread at a time calls ``staging`` and ``enqueue``.
@@ -228,11 +228,6 @@ class Backend(abc.ABC):
         if destinations:
             return self.run_to_device(instance, inputs, outputs, destinations)
         return self.run(instance, inputs, outputs)
-
-    def wait(self, instance: int, ticket: object) -> None:
-        """Blocks until the batch ``enqueue`` started is done (any thread, holding no Python lock meanwhile), so
-        that ``collect`` then returns without waiting. A pipelined backend implements it: the engine's loop calls
-        ``collect`` only after it. Errors are left to ``collect``. Default: nothing to wait for."""
 
     def collect(self, instance: int, ticket: object) -> BatchResult:
         """Waits for a batch ``enqueue`` started; once per ticket. Raises what the batch failed with."""

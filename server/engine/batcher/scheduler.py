@@ -5,9 +5,8 @@ Everything here runs on the event loop; only ``_work`` (stack -> backend.enqueue
 instance's thread, or, for a pipelined backend, ``_begin`` (stack -> enqueue) on the instance's thread and
 ``_end`` (collect -> split) on its completion thread when another batch waits behind it, so the instance's next
 batch is enqueued while the previous one still runs (a lone batch is collected where it was enqueued). In the
-engine process (``inline``) a pipelined backend's ``_begin`` and ``_end`` run on the loop itself and only the
-wait for the device (``backend.wait``) on the completion thread; a backend that is not pipelined, with one
-instance, runs whole batches on the loop. The loop
+engine process (``inline``) a pipelined backend's ``_begin`` runs on the loop itself and every ``_end`` on the
+completion thread; a backend that is not pipelined, with one instance, runs whole batches on the loop. The loop
 sleeps on an Event (new request, released slot, cancellation) with a timeout for the next deadline or queue
 delay: no busy waiting.
 """
@@ -346,29 +345,7 @@ class DynamicBatcher:
                 failed.set_exception(e)
                 loop.call_soon(self._complete, p, seq, now, failed, done)
                 return
-            # only the wait for the device goes to the completion thread; the batch is collected (outputs read
-            # and split per request) back on the loop. A completion thread doing that Python itself takes the GIL
-            # while the loop is inside a CUDA call of the next batch, and the loop then waits to get it back
-            # (profiled on the GPU engine: the first CUDA call of each enqueue showed that wait)
-            def collect(waited: "concurrent.futures.Future") -> None:  # on the loop
-                out: "concurrent.futures.Future" = concurrent.futures.Future()
-                try:
-                    result = self._end(p, *begun)  # even after a failed wait: collect frees the batch's slot
-                    waited.result()
-                    out.set_result(result)
-                except BaseException as e:  # noqa: BLE001 - whatever happens, the batch gets its one answer
-                    out.set_exception(e)
-                self._complete(p, seq, now, out, done)
-
-            def on_device_done(waited: "concurrent.futures.Future") -> None:  # on the completion thread
-                try:
-                    loop.call_soon_threadsafe(collect, waited)
-                except RuntimeError:  # the loop is closed: the process is exiting, nobody waits for the answer
-                    pass
-
-            ticket = begun[0]
-            self._pool.complete(instance, lambda: self._backend.wait(instance, ticket)).add_done_callback(
-                on_device_done)
+            self._pool.complete(instance, lambda: self._end(p, *begun)).add_done_callback(finished)
             return
         if not self._pipelined:
             # a plain done-callback, not a Task awaiting run_in_executor: the result is handled in the first loop

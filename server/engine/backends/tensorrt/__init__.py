@@ -247,10 +247,6 @@ class TensorRTBackend(Backend):
                 destinations: Sequence[DeviceDestination] = ()) -> InFlight:
         return self._instance(instance).enqueue(inputs, outputs, destinations)
 
-    def wait(self, instance: int, ticket: object) -> None:
-        assert isinstance(ticket, InFlight)
-        self._instance(instance).wait(ticket)
-
     def collect(self, instance: int, ticket: object) -> BatchResult:
         assert isinstance(ticket, InFlight)
         return self._instance(instance).collect(ticket)

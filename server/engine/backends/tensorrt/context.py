@@ -338,14 +338,6 @@ class InstanceContext:
         self._next = (slot + 1) % self.slots
         return InFlight(slot, out_shapes, wanted, t0, t1, graph, delivered, skipped)
 
-    def wait(self, batch: InFlight) -> None:
-        """Blocks until the batch is done on the device, the GIL released meanwhile; ``collect`` then finds it done.
-        Errors are left to ``collect``, which reports them and frees the batch's slot."""
-        try:
-            self._events[batch.slot][3].synchronize()
-        except Exception:  # noqa: BLE001 - collect's own synchronize raises it again, with the slot freed
-            pass
-
     def collect(self, batch: InFlight) -> BatchResult:
         """Waits for an enqueued batch and returns its outputs; any thread, once per ``enqueue``, in order."""
         ev_start, ev_in, ev_exec, ev_done = self._events[batch.slot]
