@@ -143,16 +143,31 @@ def test_the_threshold_parameter_is_read_like_the_other_integer_parameters(tmp_p
             threshold(**{"trtserve.direct_copy_min_bytes": bad})
 
 
-def test_a_front_ends_arena_is_page_locked_off_the_engine_loop(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Registering a whole arena with CUDA takes long: it runs on a worker thread while the engine's loop keeps
-    serving, the front end is attached once it is done, and an engine stopping meanwhile closes the connection
-    instead of attaching it."""
-    import asyncio
+async def _listening_gpu_engine(repo, monkeypatch: pytest.MonkeyPatch):
+    """An engine host on an empty repository that behaves as if it served TensorRT (it page-locks the arenas of
+    front ends that connect), listening on a fresh address: (host, address)."""
     import uuid
 
     from trtserve.server.engine.host import EngineHost
     from trtserve.server.ipc import channel
     from trtserve.server.options import ServerOptions
+
+    host = EngineHost(ServerOptions(model_repository=repo, grpc_port=0, http_port=0, metrics_port=None,
+                                    gpu_metrics=False))
+    await host.start()
+    monkeypatch.setattr(host, "_serves_tensorrt", lambda: True)
+    address = channel.engine_address(uuid.uuid4().hex)
+    host.listen(address)
+    return host, address
+
+
+def test_a_front_ends_arena_is_page_locked_off_the_engine_loop(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registering a whole arena with CUDA takes long: it runs on a worker thread while the engine's loop keeps
+    serving, the front end is attached once it is done, and an engine stopping meanwhile closes the connection
+    instead of attaching it."""
+    import asyncio
+
+    from trtserve.server.ipc import channel
 
     pinned: List[int] = []
     release = threading.Event()
@@ -173,12 +188,7 @@ def test_a_front_ends_arena_is_page_locked_off_the_engine_loop(tmp_path, monkeyp
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        host = EngineHost(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None,
-                                        gpu_metrics=False))
-        await host.start()
-        monkeypatch.setattr(host, "_serves_tensorrt", lambda: True)
-        address = channel.engine_address(uuid.uuid4().hex)
-        host.listen(address)
+        host, address = await _listening_gpu_engine(tmp_path, monkeypatch)
         arenas = [Arena.create(1 << 16), Arena.create(1 << 16)]
         try:
             first = await loop.run_in_executor(None, channel.connect, address, {"name": "fe-1"}, [arenas[0].fd])
@@ -212,14 +222,11 @@ def test_a_front_end_serves_only_once_the_engine_attached_it(tmp_path, monkeypat
     reads the link, so connections taken meanwhile would stall. ``attached()`` waits for that, and raises
     Unavailable when the engine closes the link instead (it stopped during the pin)."""
     import asyncio
-    import uuid
 
-    from trtserve.server.engine.host import EngineHost
     from trtserve.server.errors import Unavailable
     from trtserve.server.frontend.engine_client import EngineClient
     from trtserve.server.ipc import channel
     from trtserve.server.ipc.channel import SocketLink
-    from trtserve.server.options import ServerOptions
 
     pinning = threading.Event()
     release = threading.Event()
@@ -233,12 +240,7 @@ def test_a_front_end_serves_only_once_the_engine_attached_it(tmp_path, monkeypat
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        host = EngineHost(ServerOptions(model_repository=tmp_path, grpc_port=0, http_port=0, metrics_port=None,
-                                        gpu_metrics=False))
-        await host.start()
-        monkeypatch.setattr(host, "_serves_tensorrt", lambda: True)
-        address = channel.engine_address(uuid.uuid4().hex)
-        host.listen(address)
+        host, address = await _listening_gpu_engine(tmp_path, monkeypatch)
         clients = []
         try:
             for name in ("fe-1", "fe-2"):
