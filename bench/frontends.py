@@ -291,6 +291,11 @@ class Server:
                  checkout: Optional[pathlib.Path] = None) -> None:
         self.name, self.cmd, self.port, self.metrics_port = name, cmd, port, metrics_port
         self.checkout = checkout  # another checkout to run the server from (its code, not this one's)
+        # `trtserve serve` prints this once every front end serves: before it, the first front end may answer
+        # while others are still starting, and a load that connects then has its connections spread (by
+        # SO_REUSEPORT) over only the front ends already bound, for the whole run
+        self._ready_line = "trtserve: serving " if "trtserve" in cmd and "serve" in cmd else None
+        self._seen_ready_line = threading.Event()
         self.url = f"127.0.0.1:{port}"
         self.proc: Optional[subprocess.Popen] = None
         self.tail: Deque[str] = collections.deque(maxlen=50)
@@ -321,8 +326,12 @@ class Server:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.tail.append(line)
+            if self._ready_line is not None and line.startswith(self._ready_line):
+                self._seen_ready_line.set()
 
     def _ready(self) -> bool:
+        if self._ready_line is not None and not self._seen_ready_line.is_set():
+            return False
         import grpc
 
         from trtserve.protos import grpc_service_pb2 as pb
