@@ -2,10 +2,10 @@
 
 Start: the gRPC port is probed without SO_REUSEPORT (so a second server on the same port is refused
 instead of silently taking half the connections) and then held by a SO_REUSEPORT socket that never
-listens; the engine starts and loads the models; then the front ends start, each binding the port
-itself. A front end that dies is started again (only its own in-flight requests fail; the engine
-drops their answers). If the engine dies, the front ends already answer UNAVAILABLE (their link is
-gone); the supervisor stops them and the server exits non-zero, for the process manager (Kubernetes,
+listens; the engine starts and loads the models; then the front ends start, all at once, each binding the
+port itself once the engine has attached it. A front end that dies is started again (only its own in-flight
+requests fail; the engine drops their answers). If the engine dies, the front ends already answer UNAVAILABLE
+(their link is gone); the supervisor stops them and the server exits non-zero, for the process manager (Kubernetes,
 Docker, systemd) to restart it: the engine holds the GPU, and a clean start is the only state known
 to be good. Stop (SIGTERM): front ends drain first, then the engine unloads, then the port is released.
 
@@ -139,11 +139,19 @@ class Supervisor:
             self.engine, info = await self._spawn("engine", 0)
             self.metrics_port = info.get("metrics_port")
             self._watch(self.engine)
-            for i in range(self.options.frontends):
-                await self._start_frontend(i)
-        except BaseException:
+            # all at once: each start waits for a Python process and, with TensorRT, for the engine to page-lock
+            # the front end's arena; one after the other, a server took N times that to start
+            started = await asyncio.gather(*(self._start_frontend(i) for i in range(self.options.frontends)),
+                                           return_exceptions=True)
+            failed = [r for r in started if isinstance(r, BaseException)]
+            if failed:  # every start has ended: the except below stops those that did start
+                raise failed[0]
+        except BaseException as e:
+            self._stopping = True  # the watchers must not take the children stopped here for crashes to restart
             await self._stop_children(5.0)
             self._release()
+            if not self._done.done():  # wait() answers too
+                self._done.set_result(e.code if isinstance(e, StartError) else 1)
             raise
         log.info("trtserve serving gRPC on %s:%d and HTTP on %s with %d front-end processes (engine pid %d; "
                  "metrics: %s)", self.options.host, port, self.http_port if self.http_port is not None else "off",
