@@ -147,11 +147,9 @@ class Supervisor:
             if failed:  # every start has ended: the except below stops those that did start
                 raise failed[0]
         except BaseException as e:
-            self._stopping = True  # the watchers must not take the children stopped here for crashes to restart
-            await self._stop_children(5.0)
-            self._release()
-            if not self._done.done():  # wait() answers too
-                self._done.set_result(e.code if isinstance(e, StartError) else 1)
+            # stopping first: the watchers must not take the children stopped here for crashes to restart; and
+            # wait() answers with the start's exit code
+            await self._shutdown(e.code if isinstance(e, StartError) else 1, grace=5.0)
             raise
         log.info("trtserve serving gRPC on %s:%d and HTTP on %s with %d front-end processes (engine pid %d; "
                  "metrics: %s)", self.options.host, port, self.http_port if self.http_port is not None else "off",
