@@ -223,6 +223,7 @@ class Supervisor:
         try:
             await self._start_frontend(child.index)
             self.restarts += 1
+            log.info("front end %d serves again (pid %d)", child.index, self.frontends[child.index].pid)
         except StartError as e:
             log.error("%s: stopping the server", e)
             await self._shutdown(1, grace=1.0)

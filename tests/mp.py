@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import List, Optional, Sequence
 
@@ -17,11 +18,15 @@ def children(pid: int) -> List[int]:
     """Direct children of ``pid`` (Linux /proc)."""
     out: List[int] = []
     try:
-        for task in os.listdir(f"/proc/{pid}/task"):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for task in tasks:  # a thread that ended since the listing has no children left to miss: skip it only
+        try:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 out.extend(int(x) for x in f.read().split())
-    except (FileNotFoundError, ProcessLookupError):
-        pass
+        except (FileNotFoundError, ProcessLookupError):
+            continue
     return out
 
 
@@ -103,14 +108,27 @@ class Serve:
             self.proc.kill()
             raise RuntimeError("trtserve serve did not start:\n" + "".join(self.lines) + self.drain_output())
         self.url = f"127.0.0.1:{self.port}"
+        # read on, so that the server's log is there when a test fails (and a full pipe never stalls a process
+        # that logs: every one of the server's processes writes to it)
+        self._reader = threading.Thread(target=self._read, name="serve-log", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
 
     def drain_output(self) -> str:
-        assert self.proc.stdout is not None
+        """The server's whole output once it exited ("" while it runs)."""
         if self.proc.poll() is None:
             return ""
-        rest = self.proc.stdout.read()
-        self.lines.append(rest)
-        return rest
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.join(10)
+        else:
+            assert self.proc.stdout is not None
+            self.lines.append(self.proc.stdout.read())
+        return self.output()
 
     def roles(self) -> dict:
         """{"engine": pid, "frontend": [pids]} from the children's command lines."""

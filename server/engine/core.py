@@ -115,13 +115,14 @@ class EngineCore:
         session.closed = True
         if session in self.sessions:
             self.sessions.remove(session)
+        inflight = len(session.inflight)
         for item in list(session.inflight.values()):  # every one is queued: _infer answers those it does not queue
             item.abandoned = True
             if not item.dispatched:
                 item.cancel()
         if not session.inflight and session.arena is not None:
             session.arena.close()
-        log.info("front end %s detached (%d requests were in flight)", session.name, len(session.inflight))
+        log.info("front end %s detached (%d requests were in flight)", session.name, inflight)
 
     def close(self) -> None:
         for s in list(self.sessions):
