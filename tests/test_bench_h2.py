@@ -228,6 +228,25 @@ def test_flow_control_holds_the_body_until_the_windows_open():
     assert [r.call_id for r in c.receive(ok_response(1))] == [call]
 
 
+def test_data_under_a_new_initial_window_goes_out_after_the_settings_ack():
+    """gRPC's server checks a stream's data against the initial window we acknowledged: DATA sent under a larger
+    window before the ACK reaches it overflows the window it knows, and it resets the stream (PROTOCOL_ERROR)."""
+    c = connect()
+    c.start_call(bytes(100_000))
+    c.data_to_send()  # the first 65,535 bytes: the default window is spent
+    c.receive(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 20)))
+    c.receive(frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 1 << 20)))
+    kinds = [(f[0], f[1]) for f in parse(c.data_to_send())]
+    assert kinds[0] == (SETTINGS, 1) and any(kind == DATA for kind, _ in kinds[1:]), kinds
+    c2 = connect()  # a call started by the same SETTINGS (its stream limit raised) waits for the ACK as well
+    c2.receive(frame(SETTINGS, 0, 0, struct.pack(">HI", 3, 0)))  # no streams: the call waits
+    c2.data_to_send()
+    c2.start_call(bytes(10))
+    assert [f[0] for f in parse(c2.data_to_send())] == []
+    c2.receive(frame(SETTINGS, 0, 0, struct.pack(">HI", 3, 10) + struct.pack(">HI", 4, 1 << 20)))
+    assert [f[0] for f in parse(c2.data_to_send())] == [SETTINGS, HEADERS, DATA]
+
+
 def test_calls_past_max_concurrent_streams_wait_in_order():
     c = connect(struct.pack(">HI", 3, 1))  # SETTINGS_MAX_CONCURRENT_STREAMS = 1
     first, second = c.start_call(b"a"), c.start_call(b"b")

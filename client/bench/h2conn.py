@@ -304,6 +304,11 @@ class H2Connection:
             if not flags & ACK:
                 self._settings_in(payload)
                 self._out.append(_frame(SETTINGS, ACK, 0))
+                # data under the new windows and stream limit only behind the ACK: gRPC's server checks a stream's
+                # data against the initial window it knows we acknowledged, and resets a stream that overflows it
+                # (PROTOCOL_ERROR), so DATA sent under a larger window ahead of the ACK would fail the call
+                self._flush_blocked()
+                self._open_waiting()
         elif kind == PING:
             if not flags & ACK:
                 self._out.append(_frame(PING, ACK, 0, payload))
@@ -350,8 +355,6 @@ class H2Connection:
                 self._peer_max_frame = value
             elif key == S_MAX_CONCURRENT_STREAMS:
                 self._peer_max_streams = value
-        self._flush_blocked()
-        self._open_waiting()
 
     def _headers_in(self, sid: int, flags: int, block: bytes, done: List[CallResult]) -> None:
         try:
