@@ -21,7 +21,7 @@ def children(pid: int) -> List[int]:
         tasks = os.listdir(f"/proc/{pid}/task")
     except (FileNotFoundError, ProcessLookupError):
         return out
-    for task in tasks:  # a thread that ended since the listing has no children left to miss: skip it only
+    for task in tasks:  # a thread that ended since the listing is skipped, not every thread after it
         try:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 out.extend(int(x) for x in f.read().split())
@@ -106,7 +106,8 @@ class Serve:
                 break
         if self.port is None:
             self.proc.kill()
-            raise RuntimeError("trtserve serve did not start:\n" + "".join(self.lines) + self.drain_output())
+            self.proc.wait(10)
+            raise RuntimeError("trtserve serve did not start:\n" + self.drain_output())
         self.url = f"127.0.0.1:{self.port}"
         # read on, so that the server's log is there when a test fails (and a full pipe never stalls a process
         # that logs: every one of the server's processes writes to it)
