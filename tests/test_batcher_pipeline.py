@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -179,6 +180,39 @@ async def test_in_the_engine_process_the_loop_enqueues_and_the_completion_thread
     assert all(where[("enqueue", k)] == loop_thread for k in range(4)), where
     assert all("-done0" in where[("collect", k)] for k in range(4)), where
     assert backend.ran_plain == 0
+    await b.stop()
+
+
+class RowTimed(PipelinedBackend):
+    """Not pipelined; each batch computes for ``row_s`` seconds per row (on the CPU, as ONNX Runtime does: the
+    batcher measures a batch by its thread's CPU time)."""
+
+    pipelined = False
+
+    def __init__(self, row_s: float) -> None:
+        super().__init__()
+        self.row_s = row_s
+
+    def enqueue(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
+                destinations: Sequence[DeviceDestination] = ()) -> object:
+        end = time.thread_time() + self.row_s * inputs["x"].shape[0]
+        while time.thread_time() < end:
+            pass
+        return super().enqueue(instance, inputs, outputs, destinations)
+
+
+@pytest.mark.parametrize("row_s, later_on_loop", [(0.0, True), (0.005, False)], ids=["short", "long"])
+async def test_in_the_engine_process_only_batches_known_to_be_short_run_on_the_loop(row_s, later_on_loop):
+    backend = RowTimed(row_s)
+    b = DynamicBatcher(spec(depth=1), backend, Observer(), inline=True)
+    b.start()
+    for i in range(4):  # one at a time
+        r = await b.submit(x(1, i), ("y",), 1)
+        np.testing.assert_array_equal(r.outputs["y"], np.full((1, 4), 2 * i, np.float32))
+    loop_thread = threading.current_thread().name
+    threads = [t for what, _, _, t in backend.log if what == "enqueue"]
+    assert threads[0] != loop_thread  # the first batch: how long a row takes is not known yet
+    assert [t == loop_thread for t in threads[1:]] == [later_on_loop] * 3, threads
     await b.stop()
 
 

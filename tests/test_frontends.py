@@ -131,9 +131,16 @@ def test_batches_form_across_connections(tmp_path):
     s = Serve(tmp_path, frontends=2)
     try:
         async def run() -> List[object]:
-            chans = [grpc.aio.insecure_channel(s.url) for _ in range(17)]
-            await asyncio.gather(*(c.channel_ready() for c in chans))  # connected (spread over both processes)
+            # a connection each (gRPC shares one among channels to one address unless told not to), spread over
+            # both processes by SO_REUSEPORT
+            chans = [grpc.aio.insecure_channel(s.url, options=[("grpc.use_local_subchannel_pool", 1)])
+                     for _ in range(17)]
+            await asyncio.gather(*(c.channel_ready() for c in chans))
             stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in chans]
+            # one request on each connection first, one at a time: every front end then knows the model (its first
+            # request asks the engine for the model's spec, and that answer would wait behind the long batch)
+            for i, stub in enumerate(stubs):
+                await stub.ModelInfer(slow_request(100 + i, rows=1), timeout=60)
             # the first one (16 rows: hundreds of ms) runs; the others queue behind it
             first = asyncio.ensure_future(stubs[0].ModelInfer(slow_request(0, rows=16), timeout=60))
             await asyncio.sleep(0.05)
@@ -146,9 +153,40 @@ def test_batches_form_across_connections(tmp_path):
         results = asyncio.run(run())
         assert all(not isinstance(r, Exception) for r in results), results
         st = statistics(s.url, "slow")
-        # 16 requests from 16 connections, which two processes took, ran as one batch behind the first
-        assert st.inference_count == 32 and st.execution_count == 2, st
-        assert [(b.batch_size, b.compute_infer.count) for b in st.batch_stats] == [(16, 2)]
+        # 16 requests from 16 connections, which two processes took, ran as one batch behind the first (after the 17
+        # single requests of the warm-up)
+        assert st.inference_count == 17 + 32 and st.execution_count == 17 + 2, st
+        assert [(b.batch_size, b.compute_infer.count) for b in st.batch_stats] == [(1, 17), (16, 2)]
+    finally:
+        assert s.stop() == 0
+
+
+def test_readiness_answers_while_a_long_batch_runs(tmp_path):
+    """The engine runs short batches on its own loop, but not one it knows takes long: meanwhile readiness,
+    metadata and every first request of a model in a front end wait on that loop (a Kubernetes probe times out
+    after a second by default)."""
+    _slow_repo(tmp_path, max_batch_size=16, extra="dynamic_batching { }")
+    s = Serve(tmp_path, frontends=1)
+    try:
+        async def run() -> Tuple[float, List[float]]:
+            async with grpc.aio.insecure_channel(s.url) as ch:
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+                await stub.ModelInfer(slow_request(0, rows=1), timeout=60)  # the engine learns how long a row takes
+                t0 = time.monotonic()
+                long = asyncio.ensure_future(stub.ModelInfer(slow_request(1, rows=16), timeout=60))
+                await asyncio.sleep(0.05)
+                waits = []
+                while not long.done():
+                    t = time.monotonic()
+                    assert (await stub.ServerReady(pb.ServerReadyRequest(), timeout=30)).ready
+                    waits.append(time.monotonic() - t)
+                    await asyncio.sleep(0.01)
+                await long
+                return time.monotonic() - t0, waits
+
+        took, waits = asyncio.run(run())
+        assert took > 0.15 and len(waits) >= 3, (took, waits)  # the batch ran long enough to ask meanwhile
+        assert max(waits) < took / 2, (took, waits)
     finally:
         assert s.stop() == 0
 

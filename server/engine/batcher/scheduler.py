@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 import types
-from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -35,6 +35,11 @@ from trtserve.server.engine.repository.model_config import ModelSpec
 
 log = logging.getLogger("trtserve.batcher")
 
+# a batch runs on the engine's loop only when it should take less than this: the hand-off to the instance thread
+# it saves costs tens of microseconds, so past a few milliseconds it is a small share of the batch, while every
+# control call (readiness, metadata, a front end's first request of a model) waits out an inline batch
+INLINE_MAX_S = 0.002
+
 
 class DynamicBatcher:
     """Queues requests for one model version and runs them in batches on the backend's instances."""
@@ -43,11 +48,14 @@ class DynamicBatcher:
                  clock: Callable[[], float] = time.monotonic, inline: bool = False) -> None:
         self.spec = spec
         self._backend = backend
-        # run batches on the loop's own thread: only where the loop does nothing else (the engine process) and
-        # the backend has one instance that is not pipelined, so no thread could run another batch meanwhile;
-        # it saves the hand-off to the instance thread and back (most of the engine's cost per small batch),
-        # and while a batch runs, new requests gather in the socket and arrive together as the next batch
+        # run short batches on the loop's own thread: only where the loop does nothing else (the engine process)
+        # and the backend has one instance that is not pipelined; it saves the hand-off to the instance thread and
+        # back (most of the engine's cost per small batch), and while a batch runs, new requests gather in the
+        # socket and arrive together as the next batch. Only batches known to be short (see _runs_inline): while
+        # one runs, the loop answers nothing else, readiness and metadata included
         self._inline = inline and not backend.pipelined and backend.instance_count() == 1
+        self._row_s: Optional[float] = None  # recent CPU seconds per row of a batch on this model (_work measures)
+        self._on_thread: Set[int] = set()  # batches (seq) handed to the instance thread and not answered yet
         # a pipelined backend's enqueue only queues work on the device and returns, so where the loop serves only
         # the engine it runs right here, and only the wait for the device goes to the instance's completion
         # thread: an instance thread would take and give back the GIL around each of a batch's many CUDA calls,
@@ -325,7 +333,7 @@ class DynamicBatcher:
                 pass
 
         instance = p.instance
-        if self._inline:
+        if self._inline and self._runs_inline(p):
             ran: "concurrent.futures.Future" = concurrent.futures.Future()
             try:
                 ran.set_result(self._work(p))
@@ -351,6 +359,8 @@ class DynamicBatcher:
             # a plain done-callback, not a Task awaiting run_in_executor: the result is handled in the first loop
             # iteration after the thread finishes (a Task, a future chain and two loop iterations per batch less:
             # fake backend, 0.4 ms per batch, one instance: 1,070-1,205 -> 1,476-1,509 batches/s)
+            if self._inline:
+                self._on_thread.add(seq)  # no batch runs on the loop until this one is answered (_complete)
             self._pool.submit(instance, lambda: self._work(p)).add_done_callback(finished)
             return
 
@@ -404,9 +414,24 @@ class DynamicBatcher:
         per_request = assemble.split(result.outputs, p.requests, self._unpad, self.spec.batches)
         return result, per_request, stack_ns + (time.perf_counter_ns() - t2), started
 
+    def _runs_inline(self, p: policy.Plan) -> bool:
+        """Whether the batch runs on the loop: when no batch is on the instance's thread (it must not run beside
+        this one) and this model's recent batches say it takes under INLINE_MAX_S. A model not measured yet runs
+        its first batch on the instance thread."""
+        row_s = self._row_s
+        return row_s is not None and row_s * p.rows < INLINE_MAX_S and not self._on_thread
+
     def _work(self, p: policy.Plan) -> Tuple[BatchResult, Sequence[Dict[str, np.ndarray]], int, float]:
         """Both halves on the instance's thread (backends that are not pipelined, or one batch per instance)."""
-        return self._end(p, *self._begin(p))
+        # CPU time of this thread, not wall time: on the instance thread, waiting for the GIL the busy loop holds
+        # would count, and the model would look slower the busier the engine is
+        t0 = time.thread_time()
+        out = self._end(p, *self._begin(p))
+        row_s = (time.thread_time() - t0) / max(1, p.rows)
+        # the latest batch weighs most, and a slow one at once: a model that turned slow leaves the loop now
+        prev = self._row_s
+        self._row_s = row_s if prev is None or row_s > prev else 0.5 * (prev + row_s)
+        return out
 
     def _destinations(self, requests: Sequence[Pending]) -> List[DeviceDestination]:
         """Where requests want outputs in device memory: each one's rows (an unbatched model: the whole
@@ -434,6 +459,7 @@ class DynamicBatcher:
                 r.ticket.settle(error=Internal(f"model '{self.spec.name}': failed to answer the batch"))
         finally:
             self._running.pop(seq, None)
+            self._on_thread.discard(seq)
             if not done.done():
                 done.set_result(None)
         self._wake.set()  # the freed instance: the loop plans what runs next
