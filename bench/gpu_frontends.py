@@ -1,16 +1,18 @@
 """GPU host, the full server: the small MLP on TensorRT behind 1, 2, 4, 8 front-end processes (issue 17).
 
 ``python -m bench.gpu_frontends [--frontends 1,2,4,8] [--concurrency 256] [--pa-processes 4] [--duration 5]
-[--server-cpus 0-9] [--client-cpus 10-15] [--protocols grpc,http] [--graphs] [--baseline DIR]`` builds the small
-MLP (64->256->256->16, FP32) as a TensorRT model (2 instances, max_batch_size 256, dynamic batching; CUDA graphs
-with --graphs), starts ``trtserve serve --frontends N`` pinned to the server CPUs, and drives it with several
-perf_analyzer processes pinned to the client CPUs (their concurrencies add up to --concurrency; each context its
-own connection), all measuring at once. Beside it, in the same run, the bare grpc.aio ceiling server
-(bench/ceiling_server.py) on the same CPUs, and with --baseline the same servers run from another checkout (an
-older commit). Prints requests/s (summed), p50/p99 (the median of the processes' values), the mean formed batch,
-the server's CPU in cores (in all; the engine process and its event loop's thread; the front ends together and
-the busiest one) and the load generators' CPU. Needs CUDA, CuPy, TensorRT and perf_analyzer (run it with the GPU
-kit).
+[--server-cpus 0-9] [--client-cpus 10-15] [--protocols grpc,http] [--graphs] [--baseline DIR] [--profile DIR]``
+builds the small MLP (64->256->256->16, FP32) as a TensorRT model (2 instances, max_batch_size 256, dynamic
+batching; CUDA graphs with --graphs), starts ``trtserve serve --frontends N`` pinned to the server CPUs, and drives
+it with several perf_analyzer processes pinned to the client CPUs (their concurrencies add up to --concurrency;
+each context its own connection), all measuring at once. Beside it, in the same run, the bare grpc.aio ceiling
+server (bench/ceiling_server.py) on the same CPUs, and with --baseline the same servers run from another checkout
+(an older commit). Prints requests/s (summed), p50/p99 (the median of the processes' values), the mean formed
+batch, the server's CPU in cores (in all; the engine process and its event loop's thread; the front ends together
+and the busiest one) and the load generators' CPU. With --profile, py-spy samples the engine and one front end of
+each trtserve server under a second load after the measured one (sampling slows what it samples: the table's
+numbers come from the load without it; bench/pyspy.py): their main threads' busiest functions are printed and the
+raw profiles kept in DIR. Needs CUDA, CuPy, TensorRT and perf_analyzer (run it with the GPU kit).
 """
 from __future__ import annotations
 
@@ -25,10 +27,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from bench import frontends as fb
+from bench import pyspy
 
 
 def _children_cpu_s() -> float:
@@ -93,6 +97,34 @@ def _server(name: str, cmd: List[str], port: int, metrics_port: Optional[int], c
     return fb.Server(name, cmd, port, metrics_port, checkout)
 
 
+class _Profiles(threading.Thread):
+    """py-spy on the engine and the first front end, started a second into a load (perf_analyzer's connections
+    are up by then) for ``seconds``."""
+
+    def __init__(self, spy: str, where: pathlib.Path, label: str, roles: Dict[str, int], seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.records: List[Tuple[str, int, pathlib.Path]] = []
+        tag = label.replace(" ", "-")
+        for role in ("engine", "frontend"):
+            pid = next((int(k.split()[1]) for k in sorted(roles) if k.startswith(role + " ")), None)
+            if pid is not None:
+                self.records.append((role, pid, where / f"{tag}-{role}-{pid}.txt"))
+        self._spy, self._seconds = spy, seconds
+
+    def run(self) -> None:
+        time.sleep(1.0)
+        procs = [pyspy.start(self._spy, pid, self._seconds, raw) for _role, pid, raw in self.records]
+        for proc in procs:
+            proc.wait()
+
+
+def _profile_later(spy: str, where: pathlib.Path, label: str, roles: Dict[str, int], seconds: float) -> _Profiles:
+    where.mkdir(parents=True, exist_ok=True)
+    profiles = _Profiles(spy, where, label, roles, seconds)
+    profiles.start()
+    return profiles
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frontends", default="1,2,4,8")
@@ -107,8 +139,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="another checkout (an older commit): its servers with the same --frontends in the same run")
     p.add_argument("--protocols", default="grpc", help="trtserve's ports to load, in turn: grpc, http or both "
                                                       "(grpc,http); the ceiling is gRPC only")
+    p.add_argument("--profile", type=pathlib.Path, default=None,
+                   help="py-spy the engine and a front end of each trtserve server during its load; raw files here")
     a = p.parse_args(list(argv) if argv is not None else None)
     pa = _pa()
+    spy = pyspy.find() if a.profile else None
+    if a.profile and spy is None:
+        print("--profile: py-spy not found ($PY_SPY, PATH): no profiles", flush=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-gpu-frontends-"))
     repo = _repo(work, a.graphs)
     hz = os.sysconf("SC_CLK_TCK")
@@ -163,6 +200,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     rows.append([label, f"{r['rps']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                                  "n/a" if batch is None else f"{batch:.1f}", f"{cpu:.2f}"] + split)
                 print(" | ".join(rows[-1]), flush=True)
+                if spy and n is not None:
+                    profiles = _profile_later(spy, a.profile, label, fb.role_ticks(server.proc.pid), a.duration)
+                    _load(pa, url, "m", a.concurrency, a.pa_processes, a.duration, a.client_cpus, protocol)
+                    profiles.join()
+                    for role, pid, raw in profiles.records:
+                        print(f"profile of {label}, {role} (pid {pid}):\n  " +
+                              "\n  ".join(pyspy.summary(raw, pid, 24)), flush=True)
         finally:
             server.stop()
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
