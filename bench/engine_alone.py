@@ -89,18 +89,23 @@ class Driver:
     def _on(self, batch: List[tuple]) -> None:
         now = time.perf_counter()
         for msg in batch:
-            if msg[0] != m.RESULT:
+            if msg[0] == m.RESULTS:  # a group's answers (server/engine/group.py): every one a success
+                answers = [(req_id, "", "") for req_id in msg[1]]
+            elif msg[0] == m.RESULT:
+                answers = [(msg[1], msg[2], msg[3])]
+            else:
                 continue
-            slot, t0 = self.sent.pop(msg[1])
-            if msg[2]:
-                self.errors += 1
-                if self.errors < 3:
-                    print("error:", msg[2], msg[3], file=sys.stderr)
-            if self.recording:
-                self.done += 1
-                self.latencies.append(now - t0)
-            if not self.stopping:
-                self._send(slot)
+            for req_id, code, message in answers:
+                slot, t0 = self.sent.pop(req_id)
+                if code:
+                    self.errors += 1
+                    if self.errors < 3:
+                        print("error:", code, message, file=sys.stderr)
+                if self.recording:
+                    self.done += 1
+                    self.latencies.append(now - t0)
+                if not self.stopping:
+                    self._send(slot)
 
     async def run(self, warmup: float, duration: float) -> Dict[str, float]:
         self.link.start(self._on, lambda: None)

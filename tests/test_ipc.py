@@ -199,3 +199,30 @@ def test_hello_carries_the_arena_descriptor():
     assert list(other.view(0, 4)) == [1, 2, 3, 4]
     other.close()
     arena.close()
+
+
+@pytest.mark.parametrize("dims", [(1, 64), (2, 16), (1, 3), (3, 5)])
+def test_arena_gather_and_scatter_move_many_pieces_in_one_copy_and_are_bounds_checked(dims):
+    arena = Arena.create(1 << 16)
+    other = Arena.attach(os.dup(arena.fd))
+    try:
+        rng = np.random.default_rng(7)
+        nbytes = 4 * int(np.prod(dims))
+        step = (nbytes + 63) // 64 * 64
+        offsets = np.array([5 * step, 0, 2 * step, 9 * step], np.int64)
+        pieces = rng.standard_normal((len(offsets),) + dims).astype(np.float32)
+        for off, piece in zip(offsets, pieces):
+            other.write(int(off), piece)
+        got = arena.gather(offsets, np.dtype(np.float32), dims)
+        np.testing.assert_array_equal(got, pieces.reshape((-1,) + dims[1:]))
+        out = offsets + 20 * step
+        arena.scatter(out, 3 * pieces)
+        for off, piece in zip(out, pieces):
+            np.testing.assert_array_equal(other.array(int(off), np.dtype(np.float32), dims), 3 * piece)
+        with pytest.raises(ValueError, match="outside the arena"):
+            arena.gather(np.array([0, arena.size - nbytes + 1], np.int64), np.dtype(np.float32), dims)
+        with pytest.raises(ValueError, match="outside the arena"):
+            arena.scatter(np.array([-64], np.int64), pieces[:1])
+    finally:
+        other.close()
+        arena.close()

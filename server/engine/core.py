@@ -29,7 +29,8 @@ import numpy as np
 
 from trtserve import dtypes
 from trtserve.server.engine.backends.base import DeviceTensor
-from trtserve.server.engine.batcher.request import Ticket
+from trtserve.server.engine import group
+from trtserve.server.engine.batcher.request import RequestResult, Ticket
 from trtserve.server.engine.repository.registry import ModelRepository, ModelVersion
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
 from trtserve.server.engine.shm.request import ShmRef
@@ -75,7 +76,7 @@ class Session:
         self.name = name
         self.link = link
         self.arena = arena
-        self.inflight: Dict[int, _InFlight] = {}
+        self.inflight: Dict[int, Any] = {}  # req_id -> its _InFlight, or the group.Group it is queued in
         self.closed = False
         # traced requests answered, waiting for the front end's TRACE: req_id -> (model, version, id, stamps)
         self.traces: Dict[int, Tuple[str, str, str, List[Tuple[str, int]]]] = {}
@@ -142,12 +143,23 @@ class EngineCore:
 
     # ---- messages -------------------------------------------------------------------------------------------------
     def _handle(self, session: Session, batch: List[tuple]) -> None:
+        alike: Optional[Dict[tuple, List[tuple]]] = None  # INFERs that may be queued together (group.py), by key
         for msg in batch:
             tag = msg[0]
             try:
                 if tag == m.INFER:
-                    self._infer(session, msg)
-                elif tag == m.CANCEL:
+                    k = group.key(msg)
+                    if k is None:
+                        self._infer(session, msg)
+                    elif alike is None:
+                        alike = {k: [msg]}
+                    else:
+                        alike.setdefault(k, []).append(msg)
+                    continue
+                if alike:  # queued before anything that may refer to them (a CANCEL)
+                    self._queue_alike(session, alike)
+                    alike = None
+                if tag == m.CANCEL:
                     self._cancel(session, msg[1])
                 elif tag == m.FAILED:
                     _, model, version, reason, rows, request_ns = msg
@@ -164,6 +176,71 @@ class EngineCore:
                     log.error("front end %s sent an unknown message tag %r", session.name, tag)
             except Exception:  # one bad message must not stop the others in the batch
                 log.exception("front end %s: handling message %r failed", session.name, tag)
+        if alike:
+            self._queue_alike(session, alike)
+
+    def _queue_alike(self, session: Session, alike: Dict[tuple, List[tuple]]) -> None:
+        for msgs in alike.values():
+            self._infer_group(session, msgs)
+
+    def _infer_group(self, session: Session, msgs: List[tuple]) -> None:
+        """Alike requests (group.key): as entries of up to what the model's batches hold, or one by one (each
+        path answers every request it takes, whatever fails)."""
+        first = msgs[0]
+        mv: Optional[ModelVersion] = None
+        per = 0
+        if len(msgs) > 1:
+            try:
+                mv = self._repo.get(first[2], first[3])
+                if mv.serial == first[4]:
+                    arena = session.arena
+                    direct = getattr(mv.backend, "direct_copy_min_bytes", None) \
+                        if arena is not None and arena.pinned else None
+                    per = group.members_per_entry(mv, first, direct)
+            except TrtServeError:
+                pass  # one by one: each request is answered why
+        if mv is None or per < 2:
+            for msg in msgs:
+                self._infer(session, msg)
+            return
+        for i in range(0, len(msgs), per):
+            part = msgs[i:i + per]
+            if len(part) == 1:
+                self._infer(session, part[0])
+            else:
+                self._queue_group(session, mv, part)
+
+    def _queue_group(self, session: Session, mv: ModelVersion, msgs: List[tuple]) -> None:
+        g = group.Group(self._group_done, session, mv, msgs)
+        for msg in msgs:
+            session.inflight[msg[1]] = g
+        first = msgs[0]
+        priority, timeout_us, _model, _version = g.fields()
+        try:
+            arena = session.arena
+            if arena is None:
+                raise Internal("no arena for this front end")
+            arrays: Dict[str, Any] = {}
+            shapes: Dict[str, Tuple[int, ...]] = {}
+            for j, (name, wire, shape, _source) in enumerate(first[5]):
+                offsets = np.fromiter((msg[5][j][3][1] for msg in msgs), np.int64, len(msgs))
+                arrays[name] = arena.gather(offsets, _ARENA_DTYPES[wire], tuple(shape))
+                shapes[name] = tuple(shape[1:])
+            names = tuple([o[0] for o in first[6]])
+            assert mv.batcher is not None
+            mv.batcher.queue(g, arrays, names, g.rows, priority, timeout_us, None, None,
+                             on_dispatch=g.mark_dispatched, shapes=shapes, count=len(msgs))
+        except TrtServeError as e:
+            self._fail_members(g, msgs, e.code, e.message, e.reason)
+        except Exception as e:
+            log.exception("model '%s': %d requests failed before they were queued", mv.name, len(msgs))
+            self._fail_members(g, msgs, "INTERNAL", f"{type(e).__name__}: {e}", "backend")
+
+    def _fail_members(self, g: group.Group, msgs: List[tuple], code: str, message: str, reason: str) -> None:
+        now = time.monotonic_ns()
+        for msg in msgs:
+            self._observer.request_done(g.mv.name, g.mv.version, False, reason, msg[7], now - msg[11], 0, 0, 0, 0)
+            self._answer(g.session, msg[1], code, message, ())
 
     async def _call(self, session: Session, call_id: int, method: str, args: tuple) -> None:
         try:
@@ -179,6 +256,13 @@ class EngineCore:
     def _cancel(self, session: Session, req_id: int) -> None:
         item = session.inflight.get(req_id)
         if item is None:
+            return
+        if isinstance(item, group.Group):
+            if item.dispatched:
+                item.gone.add(req_id)  # it runs with its group; answered CANCELLED when the group is done
+            elif item.requeue is None:
+                item.requeue = req_id  # answered now; the others are queued again without it (_group_done)
+                item.cancel()
             return
         item.abandoned = True
         if not item.dispatched:
@@ -333,7 +417,108 @@ class EngineCore:
             session.traces[req_id] = (spec.name, spec.version, trace, _timestamps(t0, item.queued_ns, result))
         self._answer(session, req_id, "", "", written)
 
-    def _write_outputs(self, session: Session, item: _InFlight, spec, outputs: tuple, result) -> tuple:
+    def _group_done(self, ticket: Ticket) -> None:
+        """A group's entry was settled: every member gets its answer, the successful ones in one RESULTS."""
+        g: group.Group = ticket  # type: ignore[assignment]
+        session, spec = g.session, g.mv.spec
+        assert spec is not None
+        if g.requeue is not None and not g.abandoned:
+            cancelled = g.requeue
+            rest = [msg for msg in g.msgs if msg[1] != cancelled]
+            self._cancelled(session, spec, [msg for msg in g.msgs if msg[1] == cancelled])
+            if rest:  # behind what arrived meanwhile: a cancel costs the others their place in the queue
+                self._infer_group(session, rest)
+            return
+        if g.cancelled or (g.abandoned and g.error is None):
+            self._cancelled(session, spec, g.msgs)
+            return
+        error: Optional[BaseException] = g.error
+        written: Optional[tuple] = None
+        live = [msg for msg in g.msgs if msg[1] not in g.gone]
+        if error is None:
+            try:
+                written = self._write_group(session, spec, g.msgs, live, g.result)
+            except TrtServeError as e:
+                error = e
+            except Exception as e:
+                log.exception("model '%s': writing a result failed", spec.name)
+                error = Internal(f"model '{spec.name}': writing the result failed: {type(e).__name__}: {e}")
+        if error is not None:
+            if isinstance(error, TrtServeError):
+                self._fail_members(g, g.msgs, error.code, error.message, error.reason)
+            else:
+                self._fail_members(g, g.msgs, "INTERNAL", f"{type(error).__name__}: {error}", "backend")
+            return
+        self._cancelled(session, spec, [msg for msg in g.msgs if msg[1] in g.gone])
+        r = g.result
+        now = time.monotonic_ns()
+        q, ci, cf, co = r.queue_ns, r.compute_input_ns, r.compute_infer_ns, r.compute_output_ns
+        if not self._succeeded:
+            asyncio.get_running_loop().call_soon(self._flush_successes)
+        self._succeeded.setdefault((spec.name, spec.version), []).extend(
+            [(msg[7], now - msg[11], q, ci, cf, co) for msg in live])
+        if written is None:  # answered one by one (an output did not fit its slots)
+            return
+        ids = tuple([msg[1] for msg in live])
+        inflight = session.inflight
+        for req_id in ids:
+            inflight.pop(req_id, None)
+        if session.closed:
+            if not inflight and session.arena is not None:
+                session.arena.close()
+            return
+        session.link.send((m.RESULTS, ids, written))
+
+    def _cancelled(self, session: Session, spec: Any, msgs: List[tuple]) -> None:
+        now = time.monotonic_ns()
+        for msg in msgs:
+            self._observer.request_done(spec.name, spec.version, False, "cancelled", msg[7], now - msg[11], 0, 0, 0, 0)
+            self._answer(session, msg[1], "CANCELLED", "the request was cancelled", ())
+
+    def _write_group(self, session: Session, spec: Any, msgs: List[tuple], live: List[tuple],
+                     result: Any) -> Optional[tuple]:
+        """Scatters each output of the group's rows into its live members' slots and returns the RESULTS outputs:
+        (name, datatype, one member's shape, slot offsets, bytes each). Members have the same rows (their shapes
+        are part of the group's key). An output larger than its slots (a variable shape) is answered one by one
+        instead, as a request on its own would be: then None."""
+        arena = session.arena if not session.closed else None
+        count, each = len(msgs), msgs[0][7]
+        index = None
+        if len(live) != count:
+            live_ids = {msg[1] for msg in live}
+            index = np.array([i for i, msg in enumerate(msgs) if msg[1] in live_ids], np.int64)
+        hosts = {}
+        pieces = []
+        fits = True
+        for j, (name, _shm, _slot) in enumerate(msgs[0][6]):
+            array = result.outputs[name]
+            if type(array) is not np.ndarray:
+                array = _to_host(array) if hasattr(array, "__cuda_array_interface__") else np.asarray(array)
+            want = _ARENA_DTYPES[spec.output(name).datatype]
+            host = np.ascontiguousarray(array if array.dtype == want else array.astype(want))
+            hosts[name] = host
+            per = host.reshape((count, each) + tuple(host.shape[1:]))
+            if index is not None:
+                per = per[index]
+            slots = np.array([msg[6][j][2] for msg in live], np.int64).reshape(-1, 2)
+            nbytes = host.nbytes // count
+            fits = fits and (not len(live) or int(slots[:, 1].min()) >= nbytes)
+            pieces.append((name, spec.output(name).datatype, (each,) + tuple(host.shape[1:]), slots[:, 0], nbytes, per))
+        if fits:
+            written = []
+            for name, wire, shape, offsets, nbytes, per in pieces:
+                if arena is not None and len(live):
+                    arena.scatter(offsets, per)
+                written.append((name, wire, shape, offsets.tolist(), nbytes))
+            return tuple(written)
+        position = {msg[1]: i for i, msg in enumerate(msgs)}
+        for msg in live:
+            start = position[msg[1]] * each
+            own = RequestResult({name: host[start:start + each] for name, host in hosts.items()}, 0, 0, 0, 0, 0)
+            self._answer(session, msg[1], "", "", self._write_outputs(session, None, spec, msg[6], own))
+        return None
+
+    def _write_outputs(self, session: Session, item: Optional[_InFlight], spec, outputs: tuple, result) -> tuple:
         written = []
         arena = session.arena if not session.closed else None
         for name, shm_ref, slot in outputs:
@@ -341,6 +526,7 @@ class EngineCore:
             wire = spec.output(name).datatype
             shape = tuple(array.shape)  # NumPy's and CuPy's shapes are tuples of Python ints
             if shm_ref is not None:
+                assert item is not None  # a request of a group (no item) never uses shared memory
                 if name not in result.delivered:  # the backend wrote those into device memory already
                     item.shm.write_output(name, wire, array)
                 written.append((name, wire, shape, (m.SHM,)))

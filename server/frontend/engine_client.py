@@ -132,7 +132,9 @@ class EngineClient:
     # ---- incoming -------------------------------------------------------------------------------------------------
     def _on_messages(self, batch: List[tuple]) -> None:
         for msg in batch:
-            if msg[0] == m.RESULT:
+            if msg[0] == m.RESULTS:
+                self._results(msg[1], msg[2])
+            elif msg[0] == m.RESULT:
                 _, req_id, code, message, outputs = msg
                 entry = self._pending.pop(req_id, None)
                 if entry is None:
@@ -159,6 +161,20 @@ class EngineClient:
                 self._apply_settings(msg[1], msg[2])
                 if self._attached is not None and not self._attached.done():
                     self._attached.set_result(None)
+
+    def _results(self, req_ids: Tuple[int, ...], outputs: tuple) -> None:
+        """The successful answers of a group of requests: each one's outputs as its own RESULT carries them."""
+        pending = self._pending
+        for i, req_id in enumerate(req_ids):
+            entry = pending.pop(req_id, None)
+            if entry is None:
+                continue
+            fut, block = entry
+            if fut.done():  # the client gave up meanwhile: the block is ours again
+                self.free(block)
+            else:
+                fut.set_result(tuple([(name, wire, shape, (m.ARENA, offsets[i], nbytes))
+                                      for name, wire, shape, offsets, nbytes in outputs]))
 
     def _apply_settings(self, log_settings: dict, trace_view: Any) -> None:
         from trtserve.server import logsettings

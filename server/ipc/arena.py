@@ -44,6 +44,7 @@ class Arena:
         self._readonly: Optional[memoryview] = self._memory.toreadonly()
         self._base = int(self.buffer.ctypes.data)
         self._typed: Dict[np.dtype, np.ndarray] = {}  # dtype -> the whole arena as read-only items of it
+        self._line_view: Optional[np.ndarray] = None  # see _lines
         self.pinned = False
 
     @classmethod
@@ -95,6 +96,46 @@ class Arena:
         start = offset // itemsize
         return typed[start:start + count].reshape(shape)
 
+    def gather(self, offsets: np.ndarray, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
+        """A new array of ``len(offsets) * shape[0]`` rows: the ``shape`` pieces of ``dtype`` at ``offsets`` (int64,
+        bounds-checked), one after the other. One indexed copy for many small requests of one group (see
+        engine/group.py), instead of an array object per request and a concatenate."""
+        nbytes = dtype.itemsize * math.prod(shape)
+        self._check_many(offsets, nbytes)
+        count = len(offsets)
+        if nbytes % ALIGN == 0 and not (offsets % ALIGN).any():  # whole cache lines: the fewest indices
+            lines = self._lines()
+            taken = lines[(offsets // ALIGN)[:, None] + np.arange(nbytes // ALIGN)]
+        else:
+            taken = self.buffer[offsets[:, None] + np.arange(nbytes)]
+        return taken.view(np.uint8).view(dtype).reshape((count * shape[0],) + tuple(shape[1:]))
+
+    def scatter(self, offsets: np.ndarray, pieces: np.ndarray) -> None:
+        """Writes row i of ``pieces`` (C-contiguous, one row per offset) at ``offsets[i]`` (bounds-checked): a group's
+        outputs into the slots its requests reserved, in one indexed copy."""
+        count = len(offsets)
+        raw = pieces.reshape(count, -1).view(np.uint8)
+        nbytes = raw.shape[1]
+        self._check_many(offsets, nbytes)
+        if nbytes % ALIGN == 0 and not (offsets % ALIGN).any():
+            self._lines()[(offsets // ALIGN)[:, None] + np.arange(nbytes // ALIGN)] = \
+                raw.view(f"V{ALIGN}")
+        else:
+            self.buffer[offsets[:, None] + np.arange(nbytes)] = raw
+
+    def _check_many(self, offsets: np.ndarray, nbytes: int) -> None:
+        if self._memory is None:
+            raise ValueError("the arena is closed")
+        if len(offsets) and (int(offsets.min()) < 0 or int(offsets.max()) + nbytes > self.size):
+            raise ValueError(f"an arena range of {nbytes} bytes at offsets {int(offsets.min())}..{int(offsets.max())} "
+                             f"is outside the arena ({self.size} bytes)")
+
+    def _lines(self) -> np.ndarray:
+        """The arena as 64-byte items (writable), made once."""
+        if self._line_view is None:
+            self._line_view = self.buffer[:self.size - self.size % ALIGN].view(f"V{ALIGN}")
+        return self._line_view
+
     def address(self, offset: int, nbytes: int) -> int:
         """The host address of [offset, offset + nbytes), for a device copy into or out of a pinned arena."""
         self._check(offset, nbytes)
@@ -141,6 +182,7 @@ class Arena:
         # lives, close() below leaves the mapping to the last of them
         self._memory = self._readonly = None
         self._typed = {}
+        self._line_view = None
         mm, self._mmap = self._mmap, None
         if mm is not None:
             try:

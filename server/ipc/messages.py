@@ -26,6 +26,9 @@ Engine -> front end
       outputs: ((name, datatype, shape, where), ...) with where (ARENA, offset, nbytes) when written
                into the request's slot, (DATA, bytes) when it did not fit, (SHM,) when written into
                the client's region
+  (RESULTS, req_ids, outputs)   successful answers of a group of alike requests (engine/group.py), each as if it
+      had its own RESULT: outputs ((name, datatype, shape, offsets, nbytes), ...), the i-th request's output
+      written at offsets[i] of its arena, nbytes long, of the shape given (one request's)
   (REPLY, call_id, code, message, value)
   (SETTINGS, log_settings, trace_view)   on attach and on every change: the front end applies the log settings
       (server/logsettings.py) and samples traces with the view (server/tracing.py Sampler)
@@ -40,6 +43,7 @@ TRACE = 5
 RESULT = 11
 REPLY = 12
 SETTINGS = 13
+RESULTS = 14
 
 ARENA = 0
 SHM = 1

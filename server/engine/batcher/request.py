@@ -95,13 +95,13 @@ class Pending:
     slots make it smaller and its creation and attribute reads cheaper."""
 
     __slots__ = ("inputs", "outputs", "rows", "shapes", "level", "arrival", "ticket", "queue_deadline", "deadline",
-                 "delayed", "seq", "device_outputs", "on_dispatch")
+                 "delayed", "seq", "device_outputs", "on_dispatch", "count")
 
     def __init__(self, inputs: Mapping[str, np.ndarray], outputs: Tuple[str, ...], rows: int, shapes: Dict[str, Shape],
                  level: int, arrival: float, ticket: Ticket, queue_deadline: Optional[float] = None,
                  deadline: Optional[float] = None, delayed: bool = False, seq: int = 0,
                  device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
-                 on_dispatch: Optional[Callable[[], None]] = None) -> None:
+                 on_dispatch: Optional[Callable[[], None]] = None, count: int = 1) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self.rows = rows
@@ -117,6 +117,9 @@ class Pending:
         # called (on the loop) when the request is handed to an instance: from then on its input memory is read
         # until its ticket is settled, even if the client cancels, so the caller must not reuse it before
         self.on_dispatch = on_dispatch
+        # client requests it stands for: the engine queues same-shaped small requests of one front end as one entry
+        # (engine/group.py); queue counts and metrics count requests, not entries
+        self.count = count
 
     def __repr__(self) -> str:
         return f"Pending(rows={self.rows}, shapes={self.shapes}, level={self.level}, seq={self.seq})"

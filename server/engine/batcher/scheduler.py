@@ -118,13 +118,14 @@ class DynamicBatcher:
               priority: int = 0, timeout_us: int = 0, deadline: Optional[float] = None,
               device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
               on_dispatch: Optional[Callable[[], None]] = None,
-              shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
+              shapes: Optional[Dict[str, Tuple[int, ...]]] = None, count: int = 1) -> None:
         """Queues a validated request; its answer is settled on ``ticket`` (the engine's path: no future per
         request). ``device_outputs``: outputs the backend may write straight into device memory (name ->
         pointer, bytes; CUDA shared memory). ``on_dispatch``: called when the request joins a batch on an
         instance (see ``Pending.on_dispatch``). ``shapes``: each input's shape without the batch dimension
         (the whole shape when the model does not batch) when the caller has them already; else read from the
-        arrays.
+        arrays. ``count``: how many client requests this entry stands for (a group of them, see
+        ``Pending.count``): the queue's size limit, queue metrics and batch statistics count those.
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -148,6 +149,7 @@ class DynamicBatcher:
                                   f"profiles: {describe_profiles(self._rules.profiles)}")
         qp = self._queue_policies[level]
         queue = self._queues[level]
+        # entries, not requests: the engine groups requests only for models without a queue size limit (group.py)
         if qp.max_queue_size and len(queue) >= qp.max_queue_size:
             raise QueueFull(f"model '{self.spec.name}': the queue for priority level {level} is full "
                               f"(max_queue_size {qp.max_queue_size}); request rejected")
@@ -157,12 +159,12 @@ class DynamicBatcher:
             timeout = min(timeout, timeout_us) if timeout else timeout_us
         queue_deadline = (now + timeout / 1e6) if timeout else None
         req = Pending(inputs, outputs, rows, shapes, level, now, ticket, queue_deadline, deadline, False,
-                      next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch)
+                      next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch, count)
         ticket.on_cancel = self._cancel_hook
         queue.append(req)
         if deadline is not None or queue_deadline is not None:
             self._next_expiry = _earliest(self._next_expiry, deadline, queue_deadline)
-        self._unreported[level] = self._unreported.get(level, 0) + 1  # reported by the loop, see _report_queued
+        self._unreported[level] = self._unreported.get(level, 0) + count  # reported by the loop, see _report_queued
         self._wake.set()
 
     def _report_queued(self) -> None:
@@ -228,7 +230,7 @@ class DynamicBatcher:
                         r.delayed = True
                         newly_delayed.append(r)
                         continue
-                    self._dequeued(r.level)
+                    self._dequeued(r.level, r.count)
                     r.ticket.settle(error=QueueTimeout(
                         f"model '{self.spec.name}': request timed out in the queue after "
                         f"{(now - r.arrival) * 1e6:.0f} us (queue policy timeout, timeout_action REJECT)"))
@@ -246,10 +248,10 @@ class DynamicBatcher:
     def _expire(self, r: Pending, now: float) -> bool:
         """True (and answered, if needed) when ``r`` was cancelled or its client deadline passed."""
         if r.ticket.done():  # cancelled by the client
-            self._dequeued(r.level)
+            self._dequeued(r.level, r.count)
             return True
         if r.deadline is not None and now >= r.deadline:
-            self._dequeued(r.level)
+            self._dequeued(r.level, r.count)
             r.ticket.settle(error=DeadlineExceeded(
                 f"model '{self.spec.name}': the request's deadline expired after "
                 f"{(now - r.arrival) * 1e3:.1f} ms in the queue; it was not executed"))
@@ -297,7 +299,7 @@ class DynamicBatcher:
             q.clear()
         self._delayed.clear()
         for r in reqs:
-            self._dequeued(r.level)
+            self._dequeued(r.level, r.count)
         return reqs
 
     def _dispatch(self, p: policy.Plan, now: float) -> None:
@@ -314,7 +316,7 @@ class DynamicBatcher:
             self._delayed = collections.deque(r for r in self._delayed if id(r) not in taken)
         levels: Dict[int, int] = {}
         for r in p.requests:
-            levels[r.level] = levels.get(r.level, 0) + 1
+            levels[r.level] = levels.get(r.level, 0) + r.count
             if r.on_dispatch is not None:
                 r.on_dispatch()
         for level, count in levels.items():  # one observer call per level, not per request
@@ -486,11 +488,11 @@ class DynamicBatcher:
         name, version = self.spec.name, self.spec.version
         if error is not None:
             if not abandoned:  # an abandoned batch never executed: no execution to count
-                self._observer.batch_done(name, version, p.rows, len(p.requests), 0, 0, 0, ok=False)
+                self._observer.batch_done(name, version, p.rows, sum(r.count for r in p.requests), 0, 0, 0, ok=False)
             self._finish(seq, lambda: [r.ticket.settle(error=error) for r in p.requests])
             return
         cin = result.compute_input_ns + extra_ns
-        self._observer.batch_done(name, version, p.rows, len(p.requests), cin, result.compute_infer_ns,
+        self._observer.batch_done(name, version, p.rows, sum(r.count for r in p.requests), cin, result.compute_infer_ns,
                                   result.compute_output_ns, ok=True)
 
         def answer() -> None:

@@ -1,0 +1,334 @@
+"""Alike small requests of one front end's frame are queued as one batcher entry (server/engine/group.py).
+
+The engine runs in this process (EngineHost) with a fake backend, and the test is its front end: it writes inputs
+into its own arena and sends INFER descriptors over a LocalLink, the way a front-end process does, so what the engine
+does with a frame of many requests is seen exactly: which entries the batcher got, what ran, what came back."""
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pytest
+
+from trtserve.server.engine.backends.base import Backend, BatchResult, TensorSpec
+from trtserve.server.engine.host import EngineHost
+from trtserve.server.events import Observer
+from trtserve.server.ipc import messages as m
+from trtserve.server.ipc.arena import Allocator, Arena
+from trtserve.server.ipc.channel import LocalLink
+from trtserve.server.options import ServerOptions
+
+from .models import write_config
+
+HELD = -1.0  # a batch holding this value waits for the gate (it occupies the one instance)
+
+
+class Doubling(Backend):
+    """OUTPUT0 = 2 * INPUT0, logging every batch's input; a batch with a HELD value waits for ``gate``."""
+
+    platform = "fake_groups"
+    batches: List[np.ndarray] = []
+    started = threading.Event()
+    gate = threading.Event()
+
+    def open(self) -> None:
+        pass
+
+    def io(self):
+        return ((TensorSpec("INPUT0", "FP32", (-1, 4)),), (TensorSpec("OUTPUT0", "FP32", (-1, 4)),))
+
+    def run(self, instance, inputs, outputs):
+        x = np.asarray(inputs["INPUT0"])
+        Doubling.batches.append(x.copy())
+        if (x == HELD).any():
+            Doubling.started.set()
+            assert Doubling.gate.wait(30)
+        return BatchResult({"OUTPUT0": 2 * x})
+
+    def close(self) -> None:
+        pass
+
+
+class Counts(Observer):
+    def __init__(self) -> None:
+        self.queued = self.dequeued = 0
+        self.batches: List[Tuple[int, int]] = []  # (rows, requests)
+
+    def request_queued(self, model, version, priority, count=1) -> None:
+        self.queued += count
+
+    def request_dequeued(self, model, version, priority, count=1) -> None:
+        self.dequeued += count
+
+    def batch_done(self, model, version, batch_size, requests, *a, **k) -> None:
+        self.batches.append((batch_size, requests))
+
+
+CONFIG = """
+name: "{name}" platform: "fake_groups" max_batch_size: {max_batch}
+input [ {{ name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ] }} ]
+output [ {{ name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] }} ]
+dynamic_batching {{ {batching} }}
+"""
+
+
+class FrontEnd:
+    """The test's side of the link: an arena, descriptors, and every message the engine sent back."""
+
+    def __init__(self, link: LocalLink, arena: Arena, serial: int) -> None:
+        self.link, self.arena, self.serial = link, arena, serial
+        self.alloc = Allocator(arena.size)
+        self.messages: List[tuple] = []
+        self.answered = asyncio.Event()
+        self._ids = 0
+        self.inputs: Dict[int, np.ndarray] = {}
+        self.slots: Dict[int, int] = {}
+
+    def on_messages(self, batch: List[tuple]) -> None:
+        self.messages.extend(batch)
+        self.answered.set()
+
+    def infer(self, model: str, x: np.ndarray, deadline: Optional[float] = None, slot_bytes: Optional[int] = None,
+              priority: int = 0) -> int:
+        self._ids += 1
+        off = self.alloc.alloc(x.nbytes)
+        self.arena.write(off, x)
+        cap = slot_bytes if slot_bytes is not None else x.nbytes
+        out = self.alloc.alloc(max(cap, 1))
+        self.inputs[self._ids], self.slots[self._ids] = x, out
+        self.link.send((m.INFER, self._ids, model, "", self.serial, (("INPUT0", "FP32", x.shape, (m.ARENA, off, x.nbytes)),),
+                        (("OUTPUT0", None, (out, cap)),), x.shape[0], priority, 0, deadline, 0, None))
+        return self._ids
+
+    def answers(self) -> Dict[int, Tuple[str, np.ndarray]]:
+        """req_id -> (code, OUTPUT0 or an empty array), from RESULT and RESULTS alike."""
+        out: Dict[int, Tuple[str, np.ndarray]] = {}
+        for msg in self.messages:
+            if msg[0] == m.RESULTS:
+                for i, req_id in enumerate(msg[1]):
+                    assert req_id not in out, f"request {req_id} answered twice"
+                    (name, wire, shape, offsets, nbytes), = msg[2]
+                    out[req_id] = ("", self.arena.array(offsets[i], np.dtype(np.float32), tuple(shape)).copy())
+            elif msg[0] == m.RESULT:
+                assert msg[1] not in out, f"request {msg[1]} answered twice"
+                value = np.empty(0)
+                if not msg[2]:
+                    (name, wire, shape, where), = msg[4]
+                    value = (self.arena.array(where[1], np.dtype(np.float32), tuple(shape)).copy()
+                             if where[0] == m.ARENA else np.frombuffer(where[1], np.float32).reshape(shape))
+                out[msg[1]] = (msg[2], value)
+        return out
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> Dict[int, Tuple[str, np.ndarray]]:
+        async def until() -> None:
+            while len(self.answers()) < count:
+                self.answered.clear()
+                await self.answered.wait()
+
+        await asyncio.wait_for(until(), timeout)
+        return self.answers()
+
+
+async def _engine(repo: pathlib.Path, counts: Counts):
+    host = EngineHost(ServerOptions(model_repository=repo, metrics_port=None, gpu_metrics=False,
+                                    backend_factories={"fake_groups": Doubling}), extra_observers=[counts])
+    await host.start()
+    ours, theirs = LocalLink.pair()
+    arena = Arena.create(1 << 20)
+    host.attach("test", theirs, arena)
+    serial = host.repository.get("m").serial
+    fe = FrontEnd(ours, arena, serial)
+    ours.start(fe.on_messages, lambda: None)
+    return host, fe
+
+
+@pytest.fixture
+def repo(tmp_path: pathlib.Path) -> pathlib.Path:
+    Doubling.batches = []
+    Doubling.started.clear()
+    Doubling.gate.clear()
+    return tmp_path
+
+
+def _model(repo: pathlib.Path, max_batch: int = 64, batching: str = "max_queue_delay_microseconds: 100") -> None:
+    write_config(repo, "m", CONFIG.format(name="m", max_batch=max_batch, batching=batching))
+    (repo / "m" / "1").mkdir()
+
+
+def _rows(n: int, seed: int, rows: int = 1) -> List[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0, 1, (rows, 4)).astype(np.float32) for _ in range(n)]
+
+
+async def _hold(fe: FrontEnd) -> int:
+    """One batch that waits for the gate on the model's one instance: what is sent next queues behind it."""
+    held = fe.infer("m", np.full((1, 4), HELD, np.float32), deadline=1e12)  # a deadline: never grouped
+    await asyncio.get_running_loop().run_in_executor(None, Doubling.started.wait, 10)
+    return held
+
+
+async def test_alike_requests_of_a_frame_are_one_entry_and_each_gets_its_own_answer(repo) -> None:
+    _model(repo)
+    counts = Counts()
+    host, fe = await _engine(repo, counts)
+    try:
+        held = await _hold(fe)
+        xs = _rows(10, 0)
+        ids = [fe.infer("m", x) for x in xs]  # one loop turn: one frame
+        odd = fe.infer("m", _rows(1, 1, rows=2)[0])  # other shape: on its own, in the same batch
+        await asyncio.sleep(0.05)
+        Doubling.gate.set()
+        answers = await fe.wait_for(12)
+        for req_id, x in zip(ids, xs):
+            code, y = answers[req_id]
+            assert code == "" and y.shape == (1, 4)
+            np.testing.assert_array_equal(y, 2 * x)
+        assert answers[odd][0] == "" and answers[held][0] == ""
+        assert [len(msg[1]) for msg in fe.messages if msg[0] == m.RESULTS] == [10]  # one message for the ten
+        assert [b.shape[0] for b in Doubling.batches] == [1, 12]  # the held batch, then one batch of all
+        stats = host.statistics.snapshot("m", "1")
+        assert (stats.success.count, stats.inference_count, stats.execution_count) == (12, 13, 2)
+        assert counts.queued == counts.dequeued == 12  # queue metrics count requests, not entries
+        assert counts.batches == [(1, 1), (12, 11)]
+    finally:
+        await host.stop()
+
+
+async def test_a_request_cancelled_in_the_queue_never_runs_and_its_group_still_does(repo) -> None:
+    _model(repo)
+    host, fe = await _engine(repo, Counts())
+    try:
+        held = await _hold(fe)
+        xs = _rows(6, 2)
+        ids = [fe.infer("m", x) for x in xs]
+        await asyncio.sleep(0.05)  # queued, as one entry, behind the held batch
+        fe.link.send((m.CANCEL, ids[2]))
+        answers = await fe.wait_for(1)
+        assert answers[ids[2]][0] == "CANCELLED"  # at once: the instance is still held
+        Doubling.gate.set()
+        answers = await fe.wait_for(7)
+        for i, (req_id, x) in enumerate(zip(ids, xs)):
+            if i != 2:
+                assert answers[req_id][0] == ""
+                np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        assert answers[held][0] == ""
+        ran = np.concatenate(Doubling.batches[1:])
+        assert ran.shape[0] == 5 and not (ran == xs[2]).all(axis=1).any()  # the cancelled row never ran
+        assert host.statistics.snapshot("m", "1").success.count == 6  # five and the held one
+    finally:
+        await host.stop()
+
+
+async def test_a_request_cancelled_while_its_group_runs_is_answered_cancelled_and_the_others_succeed(repo) -> None:
+    _model(repo)
+    host, fe = await _engine(repo, Counts())
+    try:
+        xs = _rows(4, 3)
+        xs[0][:] = HELD  # the group's batch waits for the gate
+        ids = [fe.infer("m", x) for x in xs]
+        await asyncio.get_running_loop().run_in_executor(None, Doubling.started.wait, 10)
+        fe.link.send((m.CANCEL, ids[1]))
+        await asyncio.sleep(0.05)
+        assert not fe.answers()  # it runs with its group: answered when the group is
+        Doubling.gate.set()
+        answers = await fe.wait_for(4)
+        assert answers[ids[1]][0] == "CANCELLED"
+        for i in (0, 2, 3):
+            np.testing.assert_array_equal(answers[ids[i]][1], 2 * xs[i])
+        assert [b.shape[0] for b in Doubling.batches] == [4]
+    finally:
+        await host.stop()
+
+
+@pytest.mark.parametrize("why", ["deadline", "priority", "queue limit", "not batched"])
+async def test_requests_that_are_not_alike_run_one_by_one(repo, why: str) -> None:
+    batching = "max_queue_delay_microseconds: 100"
+    if why == "queue limit":  # the limit counts entries: such a model's requests are never grouped
+        batching += " default_queue_policy { max_queue_size: 100 }"
+    elif why == "priority":
+        batching += " priority_levels: 2 default_priority_level: 1"
+    _model(repo, max_batch=1 if why == "not batched" else 64, batching=batching)
+    host, fe = await _engine(repo, Counts())
+    try:
+        held = await _hold(fe)
+        xs = _rows(4, 4)
+        ids = [fe.infer("m", x, deadline=1e12 if why == "deadline" else None,
+                        priority=1 + i % 2 if why == "priority" else 0) for i, x in enumerate(xs)]
+        await asyncio.sleep(0.05)
+        Doubling.gate.set()
+        answers = await fe.wait_for(5)
+        for req_id, x in zip(ids, xs):
+            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        assert answers[held][0] == ""
+        grouped = [len(msg[1]) for msg in fe.messages if msg[0] == m.RESULTS]
+        assert grouped == ([2, 2] if why == "priority" else [])  # alike within a priority level only
+    finally:
+        await host.stop()
+
+
+async def test_an_output_larger_than_its_slots_is_answered_one_by_one_as_bytes(repo) -> None:
+    _model(repo)
+    host, fe = await _engine(repo, Counts())
+    try:
+        held = await _hold(fe)
+        xs = _rows(3, 5)
+        ids = [fe.infer("m", x, slot_bytes=8) for x in xs]  # 16 bytes of output each
+        await asyncio.sleep(0.05)
+        Doubling.gate.set()
+        answers = await fe.wait_for(4)
+        for req_id, x in zip(ids, xs):
+            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        assert not [msg for msg in fe.messages if msg[0] == m.RESULTS]
+        assert sum(1 for msg in fe.messages if msg[0] == m.RESULT and msg[4] and msg[4][0][3][0] == m.DATA) == 3
+        assert [b.shape[0] for b in Doubling.batches] == [1, 3]  # still one entry
+        del held
+    finally:
+        await host.stop()
+
+
+async def test_a_group_whose_front_end_went_away_never_runs(repo) -> None:
+    _model(repo)
+    host, fe = await _engine(repo, Counts())
+    try:
+        await _hold(fe)
+        for x in _rows(5, 6):
+            fe.infer("m", x)
+        await asyncio.sleep(0.05)
+        fe.link.close()  # the front end's process died
+        await asyncio.sleep(0.05)
+        Doubling.gate.set()
+        await asyncio.sleep(0.2)
+        assert [b.shape[0] for b in Doubling.batches] == [1]
+        assert host.repository.get("m").batcher.pending == 0
+        assert not host.core.sessions
+    finally:
+        await host.stop()
+
+
+async def test_the_front_end_answers_each_request_of_a_results_message() -> None:
+    from trtserve.server.frontend.engine_client import EngineClient
+
+    ours, engine = LocalLink.pair()
+    arena = Arena.create(1 << 16)
+    client = EngineClient(ours, arena)
+    sent: List[tuple] = []
+    engine.start(sent.extend, lambda: None)
+    client.start()
+    blocks = [client.allocator.alloc(64) for _ in range(3)]
+    futures = [client.submit(("m", "", 1, (), (), 1, 0, 0, None, 0, None), b) for b in blocks]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    ids = tuple(msg[1] for msg in sent)
+    assert len(ids) == 3
+    client.cancel(futures[1][0])  # the client gave up: its block is freed when the answer comes
+    engine.send((m.RESULTS, ids, (("OUTPUT0", "FP32", (1, 4), [0, 64, 128], 16),)))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert await futures[0][1] == (("OUTPUT0", "FP32", (1, 4), (m.ARENA, 0, 16)),)
+    assert await futures[2][1] == (("OUTPUT0", "FP32", (1, 4), (m.ARENA, 128, 16)),)
+    assert futures[1][1].cancelled() and client.inflight == 0
+    assert client.allocator.in_use == 2 * 64  # the cancelled request's block is free again, the others are the caller's
+    arena.close()
