@@ -206,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     profiles.join()
                     for role, pid, raw in profiles.records:
                         print(f"profile of {label}, {role} (pid {pid}):\n  " +
-                              "\n  ".join(pyspy.summary(raw, pid, 24)), flush=True)
+                              "\n  ".join(pyspy.summary(raw, 24)), flush=True)
         finally:
             server.stop()
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]

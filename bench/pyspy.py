@@ -27,7 +27,8 @@ def start(py_spy: str, pid: int, seconds: float, out: pathlib.Path, rate: int = 
     """py-spy record on ``pid`` for ``seconds``, every thread, raw output with thread ids (see ``summary``)."""
     cmd = [py_spy, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", str(rate), "-f", "raw",
            "--threads", "-o", str(out)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out.with_suffix(".err"), "wb") as err:  # why a profile is missing, for ``summary`` to say
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def _function(frame: str) -> str:
@@ -36,20 +37,26 @@ def _function(frame: str) -> str:
     return f"{name} ({where.rsplit('/', 1)[-1].split(':', 1)[0]})" if where else name
 
 
-def summary(raw: pathlib.Path, pid: int, top: int = 20) -> List[str]:
+def summary(raw: pathlib.Path, top: int = 20) -> List[str]:
     """The main thread's busiest functions in ``raw`` (py-spy ``-f raw --threads``, idle samples left out):
     inclusive share, self share, of that thread's busy samples."""
     inclusive: "collections.Counter[str]" = collections.Counter()
     own: "collections.Counter[str]" = collections.Counter()
     total = 0
-    main = f"thread ({pid})"
     try:
         text = raw.read_text()
     except OSError:
-        return [f"(no profile: {raw} was not written)"]
+        try:
+            why = raw.with_suffix(".err").read_text().strip().splitlines()[-3:]
+        except OSError:
+            why = []
+        return [f"(no profile: {raw} was not written) " + " / ".join(why)]
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack.startswith(main) or not count.isdigit():
+        # the first frame names the thread: "thread (ID): NAME", the ID a native id or a pthread handle by Python
+        # version, so the main thread is known by its name
+        if not stack.startswith("thread (") or not stack.split(";", 1)[0].endswith("): MainThread") \
+                or not count.isdigit():
             continue
         n = int(count)
         total += n
