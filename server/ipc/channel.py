@@ -118,19 +118,22 @@ class SocketLink(Link):
             self._inbuf += chunk[:got]
             if got < _READ_CHUNK:
                 break
-        batches = []
+        # every frame that arrived since the last read goes to the handler as one list: a busy receiver finds
+        # several frames of one sender waiting, and handling them together is what lets the engine queue alike
+        # requests as one entry (engine/group.py) across the sender's loop turns, not only within one
+        messages: List[tuple] = []
         buf = self._inbuf
         pos = 0
         while len(buf) - pos >= 4:
             (n,) = _HEADER.unpack_from(buf, pos)
             if len(buf) - pos - 4 < n:
                 break
-            batches.append(pickle.loads(memoryview(buf)[pos + 4:pos + 4 + n]))
+            messages += pickle.loads(memoryview(buf)[pos + 4:pos + 4 + n])
             pos += 4 + n
         if pos:
             del buf[:pos]
-        for batch in batches:
-            self._on_messages(batch)
+        if messages:
+            self._on_messages(messages)
 
     def _lost(self) -> None:
         if self.closed:
