@@ -99,8 +99,9 @@ class FrontEnd:
         cap = slot_bytes if slot_bytes is not None else x.nbytes
         out = self.alloc.alloc(max(cap, 1))
         self.inputs[self._ids], self.slots[self._ids] = x, out
-        self.link.send((m.INFER, self._ids, model, "", self.serial, (("INPUT0", "FP32", x.shape, (m.ARENA, off, x.nbytes)),),
-                        (("OUTPUT0", None, (out, cap)),), x.shape[0], priority, 0, deadline, 0, None))
+        inputs = (("INPUT0", "FP32", x.shape, (m.ARENA, off, x.nbytes)),)
+        self.link.send((m.INFER, self._ids, model, "", self.serial, inputs, (("OUTPUT0", None, (out, cap)),),
+                        x.shape[0], priority, 0, deadline, 0, None))
         return self._ids
 
     def answers(self) -> Dict[int, Tuple[str, np.ndarray]]:

@@ -457,7 +457,7 @@ class EngineCore:
             asyncio.get_running_loop().call_soon(self._flush_successes)
         self._succeeded.setdefault((spec.name, spec.version), []).extend(
             [(msg[7], now - msg[11], q, ci, cf, co) for msg in live])
-        if written is None:  # answered one by one (an output did not fit its slots)
+        if written is None or not live:  # answered one by one (an output did not fit its slots), or none is left
             return
         ids = tuple([msg[1] for msg in live])
         inflight = session.inflight
@@ -503,7 +503,8 @@ class EngineCore:
             slots = np.array([msg[6][j][2] for msg in live], np.int64).reshape(-1, 2)
             nbytes = host.nbytes // count
             fits = fits and (not len(live) or int(slots[:, 1].min()) >= nbytes)
-            pieces.append((name, spec.output(name).datatype, (each,) + tuple(host.shape[1:]), slots[:, 0], nbytes, per))
+            shape = (each,) + tuple(host.shape[1:])
+            pieces.append((name, spec.output(name).datatype, shape, slots[:, 0], nbytes, per))
         if fits:
             written = []
             for name, wire, shape, offsets, nbytes, per in pieces:

@@ -1,11 +1,12 @@
 """Small requests of one front end, queued together as one batcher entry.
 
-Under load a frame from a front end carries many INFERs (channel.py sends a loop turn's messages in one frame), and
-most are alike: one model version, the same shapes, priority and timeout, inputs in the arena, outputs to slots in the
-arena. The engine's Python objects per request (a ticket, a batcher entry, NumPy views, an answer message) are what
-bound it with small requests (docs/benchmarks/gpu-frontends.md). Alike requests of a frame are queued as one entry: their
-inputs gathered from the arena in one indexed copy, their outputs scattered back into their slots in one, their answers
-sent as one RESULTS message. Each keeps its own id, answer, cancellation and statistics; a batch never splits an entry,
+Under load the engine reads many INFERs of a front end at once (channel.py: a loop turn's messages go in one frame,
+and the frames that wait are read together), and most are alike: one model version, the same shapes, priority and
+timeout, inputs in the arena, outputs to slots in the arena. The engine's Python objects per request (a ticket, a
+batcher entry, NumPy views, an answer message) are what bound it with small requests
+(docs/benchmarks/gpu-frontends.md). Alike requests read together are queued as one entry: their inputs gathered from
+the arena in one indexed copy, their outputs scattered back into their slots in one, their answers sent as one
+RESULTS message. Each keeps its own id, answer, cancellation and statistics; a batch never splits an entry,
 as it never splits a request.
 
 Requests that are not alike in this way run one by one as before: one with a deadline (each has its own), a traced
