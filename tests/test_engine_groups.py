@@ -133,9 +133,9 @@ class FrontEnd:
         return self.answers()
 
 
-async def _engine(repo: pathlib.Path, counts: Counts):
+async def _engine(repo: pathlib.Path, counts: Counts, backend: type = Doubling):
     host = EngineHost(ServerOptions(model_repository=repo, metrics_port=None, gpu_metrics=False,
-                                    backend_factories={"fake_groups": Doubling}), extra_observers=[counts])
+                                    backend_factories={"fake_groups": backend}), extra_observers=[counts])
     await host.start()
     ours, theirs = LocalLink.pair()
     arena = Arena.create(1 << 20)
@@ -333,3 +333,27 @@ async def test_the_front_end_answers_each_request_of_a_results_message() -> None
     assert futures[1][1].cancelled() and client.inflight == 0
     assert client.allocator.in_use == 2 * 64  # the cancelled request's block is free again, the others are the caller's
     arena.close()
+
+
+class NarrowProfile(Doubling):
+    """The same model whose one profile takes batches of 1-2 rows only (max_batch_size says 64)."""
+
+    def profiles(self):
+        from trtserve.server.engine.backends.base import Profile, ShapeRange
+
+        return (Profile(0, {"INPUT0": ShapeRange((1, 4), (1, 4), (2, 4))}, (0,)),)
+
+
+async def test_a_group_no_profile_takes_falls_back_to_its_requests_one_by_one(repo) -> None:
+    _model(repo)
+    host, fe = await _engine(repo, Counts(), NarrowProfile)
+    try:
+        xs = _rows(5, 8)
+        ids = [fe.infer("m", x) for x in xs]  # alike, but five rows fit no profile: each is queued on its own
+        answers = await fe.wait_for(5)
+        for req_id, x in zip(ids, xs):
+            assert answers[req_id][0] == ""
+            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        assert max(b.shape[0] for b in Doubling.batches) <= 2
+    finally:
+        await host.stop()

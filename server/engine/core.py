@@ -230,8 +230,11 @@ class EngineCore:
             assert mv.batcher is not None
             mv.batcher.queue(g, arrays, names, g.rows, priority, timeout_us, None, None,
                              on_dispatch=g.mark_dispatched, shapes=shapes, count=len(msgs))
-        except TrtServeError as e:
-            self._fail_members(g, msgs, e.code, e.message, e.reason)
+        except TrtServeError:
+            # the group as a whole was refused (its rows fit no optimization profile, the model is unloading, ...):
+            # each request goes on its own and gets its own verdict, as it would have without the group
+            for msg in msgs:
+                self._infer(session, msg)
         except Exception as e:
             log.exception("model '%s': %d requests failed before they were queued", mv.name, len(msgs))
             self._fail_members(g, msgs, "INTERNAL", f"{type(e).__name__}: {e}", "backend")
@@ -390,17 +393,9 @@ class EngineCore:
         error = item.error
         if error is None:
             result = item.result
-            try:
-                written = self._write_outputs(session, item, spec, outputs, result)
-            except TrtServeError as e:
-                error = e
-            except Exception as e:
-                log.exception("model '%s': writing a result failed", spec.name)
-                error = Internal(f"model '{spec.name}': writing the result failed: {type(e).__name__}: {e}")
+            written, error = _guarded(spec, lambda: self._write_outputs(session, item, spec, outputs, result))
         if error is not None:
-            reason = error.reason if isinstance(error, TrtServeError) else "backend"
-            code = error.code if isinstance(error, TrtServeError) else "INTERNAL"
-            message = error.message if isinstance(error, TrtServeError) else f"{type(error).__name__}: {error}"
+            code, message, reason = _failure(error)
             self._observer.request_done(spec.name, spec.version, False, reason, rows, time.monotonic_ns() - t0,
                                         0, 0, 0, 0)
             self._finish_shm(item, True)
@@ -436,18 +431,9 @@ class EngineCore:
         written: Optional[tuple] = None
         live = [msg for msg in g.msgs if msg[1] not in g.gone]
         if error is None:
-            try:
-                written = self._write_group(session, spec, g.msgs, live, g.result)
-            except TrtServeError as e:
-                error = e
-            except Exception as e:
-                log.exception("model '%s': writing a result failed", spec.name)
-                error = Internal(f"model '{spec.name}': writing the result failed: {type(e).__name__}: {e}")
+            written, error = _guarded(spec, lambda: self._write_group(session, spec, g.msgs, live, g.result))
         if error is not None:
-            if isinstance(error, TrtServeError):
-                self._fail_members(g, g.msgs, error.code, error.message, error.reason)
-            else:
-                self._fail_members(g, g.msgs, "INTERNAL", f"{type(error).__name__}: {error}", "backend")
+            self._fail_members(g, g.msgs, *_failure(error))
             return
         self._cancelled(session, spec, [msg for msg in g.msgs if msg[1] in g.gone])
         r = g.result
@@ -578,6 +564,25 @@ class EngineCore:
                 session.arena.close()  # the last request that could read it has finished
             return
         session.link.send((m.RESULT, req_id, code, message, outputs))
+
+
+def _guarded(spec: Any, write: Callable[[], Any]) -> Tuple[Any, Optional[BaseException]]:
+    """(what ``write`` returned, None), or (None, the error to answer with): writing a result must not fail the
+    batch's other answers."""
+    try:
+        return write(), None
+    except TrtServeError as e:
+        return None, e
+    except Exception as e:
+        log.exception("model '%s': writing a result failed", spec.name)
+        return None, Internal(f"model '{spec.name}': writing the result failed: {type(e).__name__}: {e}")
+
+
+def _failure(error: BaseException) -> Tuple[str, str, str]:
+    """(status code, message, statistics reason) to answer a failed request with."""
+    if isinstance(error, TrtServeError):
+        return error.code, error.message, error.reason
+    return "INTERNAL", f"{type(error).__name__}: {error}", "backend"
 
 
 def _arena_destinations(arena: Any, outputs: tuple, min_bytes: int) -> Dict[str, Tuple[int, int]]:

@@ -125,7 +125,8 @@ class DynamicBatcher:
         instance (see ``Pending.on_dispatch``). ``shapes``: each input's shape without the batch dimension
         (the whole shape when the model does not batch) when the caller has them already; else read from the
         arrays. ``count``: how many client requests this entry stands for (a group of them, see
-        ``Pending.count``): the queue's size limit, queue metrics and batch statistics count those.
+        ``Pending.count``): queue metrics and batch statistics count those; the queue's size limit counts entries
+        (the engine groups no requests of a model that has one).
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -488,11 +489,11 @@ class DynamicBatcher:
         name, version = self.spec.name, self.spec.version
         if error is not None:
             if not abandoned:  # an abandoned batch never executed: no execution to count
-                self._observer.batch_done(name, version, p.rows, sum(r.count for r in p.requests), 0, 0, 0, ok=False)
+                self._observer.batch_done(name, version, p.rows, _requests(p), 0, 0, 0, ok=False)
             self._finish(seq, lambda: [r.ticket.settle(error=error) for r in p.requests])
             return
         cin = result.compute_input_ns + extra_ns
-        self._observer.batch_done(name, version, p.rows, sum(r.count for r in p.requests), cin, result.compute_infer_ns,
+        self._observer.batch_done(name, version, p.rows, _requests(p), cin, result.compute_infer_ns,
                                   result.compute_output_ns, ok=True)
 
         def answer() -> None:
@@ -521,6 +522,11 @@ _NOTHING_DELIVERED: frozenset = frozenset()
 
 class _Abandoned(Exception):
     """Raised on the instance thread when nobody waits for the batch any more."""
+
+
+def _requests(p: policy.Plan) -> int:
+    """Client requests in a batch (an entry may stand for several, see Pending.count)."""
+    return sum(r.count for r in p.requests)
 
 
 def _earliest(current: Optional[float], *times: Optional[float]) -> Optional[float]:
