@@ -1,8 +1,9 @@
 """The engine process alone: descriptors fed from a driver process, no gRPC (issue 17's engine goals).
 
 ``python -m bench.engine_alone --model-repository R --model m --rows 1 --concurrency 1,32,256 --duration 3``
-starts the real engine process (server/engine/process.py) on R, connects one driver to it the way a front
-end does (an arena of its own, handed over with the hello), keeps C requests in flight (each its own arena
+starts the real engine process (server/engine/process.py) on R, connects a driver to it the way a front
+end does (an arena of its own, handed over with the hello; ``--links N``: N such links, as N front ends would,
+``--frames-of-one``: each descriptor in a frame of its own), keeps C requests in flight (each its own arena
 block, written once: the driver does no per-request copying) and prints, per level, requests/s, rows/s,
 p50/p99 of the descriptor round trip, the mean formed batch (from the engine's statistics), and the CPU
 the engine process used per request. ``--inputs NAME:DTYPE:DIMS`` describes the model's inputs (the batch
@@ -47,8 +48,10 @@ class Driver:
     """A front end without gRPC: C requests in flight, each re-sent as soon as it is answered."""
 
     def __init__(self, address: str, spec, serial: int, inputs: List[Tuple[str, str, Tuple[int, ...]]],
-                 rows: int, concurrency: int) -> None:
+                 rows: int, concurrency: int, frames_of_one: bool = False) -> None:
         self.spec, self.serial, self.rows = spec, serial, rows
+        # each descriptor in a frame of its own, as a front end whose loop turns each take one gRPC call sends them
+        self.frames_of_one = frames_of_one
         self.arena = Arena.create(max(64 << 20, concurrency * 4 * _request_bytes(spec, inputs, rows)))
         self.alloc = Allocator(self.arena.size)
         sock = channel.connect(address, {"name": "bench-driver", "pid": os.getpid()}, [self.arena.fd])
@@ -85,6 +88,8 @@ class Driver:
         self.sent[self._ids] = (slot, time.perf_counter())
         self.link.send((m.INFER, self._ids, self.spec.name, self.spec.version, self.serial, inputs, outputs,
                         self.rows, 0, 0, None, time.monotonic_ns(), None))
+        if self.frames_of_one:
+            self.link._flush()  # the frame goes now, before the next descriptor joins it
 
     def _on(self, batch: List[tuple]) -> None:
         now = time.perf_counter()
@@ -194,15 +199,16 @@ def _parse_inputs(specs: List[str]) -> List[Tuple[str, str, Tuple[int, ...]]]:
 
 
 async def _level(engine: Engine, model: str, inputs, rows: int, concurrency: int, warmup: float,
-                 duration: float) -> Dict[str, float]:
+                 duration: float, links: int = 1, frames_of_one: bool = False) -> Dict[str, float]:
     spec, serial = await engine.call("model_info", model, "")
     stats0 = pb.ModelStatisticsResponse.FromString(await engine.call("model_statistics", model, ""))
-    driver = Driver(engine.address, spec, serial, inputs, rows, concurrency)
+    shares = [concurrency // links + (1 if i < concurrency % links else 0) for i in range(links)]
+    drivers = [Driver(engine.address, spec, serial, inputs, rows, c, frames_of_one) for c in shares if c]
     c0 = engine.cpu()
-    run = asyncio.ensure_future(driver.run(warmup, duration))
+    run = asyncio.ensure_future(asyncio.gather(*(d.run(warmup, duration) for d in drivers)))
     await asyncio.sleep(warmup)
     c_start = engine.cpu()
-    result = await run
+    result = _combined(await run, drivers, rows)
     c_end = engine.cpu()
     stats1 = pb.ModelStatisticsResponse.FromString(await engine.call("model_statistics", model, ""))
     a, b = stats0.model_stats[0], stats1.model_stats[0]
@@ -216,9 +222,18 @@ async def _level(engine: Engine, model: str, inputs, rows: int, concurrency: int
         ns = getattr(b.inference_stats, key).ns - getattr(a.inference_stats, key).ns
         result[f"{key}_us"] = ns / ok / 1e3 if ok else 0.0
     result["engine_cores"] = (c_end - c_start) / result["wall"]
-    result["engine_us_per_req"] = 1e6 * (c_end - c_start) / max(1, driver.done)
+    result["engine_us_per_req"] = 1e6 * (c_end - c_start) / max(1, sum(d.done for d in drivers))
     del c0
     return result
+
+
+def _combined(results: List[Dict[str, float]], drivers: List["Driver"], rows: int) -> Dict[str, float]:
+    """One row for all the links: rates added up, latency percentiles over every request."""
+    wall = max(r["wall"] for r in results)
+    done = sum(d.done for d in drivers)
+    lat = np.array([x for d in drivers for x in d.latencies]) * 1e3 if done else np.zeros(1)
+    return {"req_s": done / wall, "rows_s": done * rows / wall, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": sum(int(r["errors"]) for r in results), "wall": wall}
 
 
 def _phases(r: Dict[str, float]) -> str:
@@ -237,6 +252,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--engine-cpus", default=None, help="taskset CPU list for the engine process")
+    p.add_argument("--links", type=int, default=1,
+                   help="links to the engine, each with its own arena and a share of the requests in flight (as many "
+                        "front ends would)")
+    p.add_argument("--frames-of-one", action="store_true",
+                   help="one descriptor per frame (a front end sends what one loop turn brought, often one request)")
     p.add_argument("--json", type=pathlib.Path, default=None)
     a = p.parse_args(argv)
     from trtserve.server.examples import REPOSITORY
@@ -245,11 +265,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     engine = Engine(repo, a.engine_cpus)
     rows_out = []
     try:
-        print(f"engine alone: model {a.model}, {a.rows} row(s) per request, repository {repo}")
+        print(f"engine alone: model {a.model}, {a.rows} row(s) per request, {a.links} link(s), repository {repo}")
         print(f"{'concurrency':>11} {'req/s':>10} {'rows/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>7} "
               f"{'engine cores':>12} {'engine us/req':>13} {'queue/in/infer/out us':>24} {'errors':>6}", flush=True)
         for level in [int(x) for x in a.concurrency.split(",")]:
-            r = asyncio.run(_level(engine, a.model, _parse_inputs(a.inputs), a.rows, level, a.warmup, a.duration))
+            r = asyncio.run(_level(engine, a.model, _parse_inputs(a.inputs), a.rows, level, a.warmup, a.duration,
+                                   a.links, a.frames_of_one))
             r["concurrency"] = level
             rows_out.append(r)
             print(f"{level:>11} {r['req_s']:>10.0f} {r['rows_s']:>12.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "

@@ -244,11 +244,13 @@ async def test_a_request_cancelled_while_its_group_runs_is_answered_cancelled_an
         await host.stop()
 
 
-@pytest.mark.parametrize("why", ["deadline", "priority", "queue limit", "not batched"])
+@pytest.mark.parametrize("why", ["deadline", "priority", "queue limit", "not batched", "preserve ordering"])
 async def test_requests_that_are_not_alike_run_one_by_one(repo, why: str) -> None:
     batching = "max_queue_delay_microseconds: 100"
     if why == "queue limit":  # the limit counts entries: such a model's requests are never grouped
         batching += " default_queue_policy { max_queue_size: 100 }"
+    elif why == "preserve ordering":  # a group would be queued after what was read with it and goes one by one
+        batching += " preserve_ordering: true"
     elif why == "priority":
         batching += " priority_levels: 2 default_priority_level: 1"
     _model(repo, max_batch=1 if why == "not batched" else 64, batching=batching)

@@ -149,7 +149,7 @@ class EngineCore:
             try:
                 if tag == m.INFER:
                     k = group.key(msg)
-                    if k is None:
+                    if k is None or not self._groups_allowed(msg):
                         self._infer(session, msg)
                     elif alike is None:
                         alike = {k: [msg]}
@@ -178,6 +178,15 @@ class EngineCore:
                 log.exception("front end %s: handling message %r failed", session.name, tag)
         if alike:
             self._queue_alike(session, alike)
+
+    def _groups_allowed(self, msg: tuple) -> bool:
+        """Whether the INFER's model lets its requests be grouped (group.allows); one that does not, or that is not
+        loaded, handles it one by one, in the order read."""
+        try:
+            mv = self._repo.get(msg[2], msg[3])
+        except TrtServeError:
+            return False
+        return mv.serial == msg[4] and group.allows(mv)
 
     def _queue_alike(self, session: Session, alike: Dict[tuple, List[tuple]]) -> None:
         for msgs in alike.values():

@@ -11,7 +11,8 @@ as it never splits a request.
 
 Requests that are not alike in this way run one by one as before: one with a deadline (each has its own), a traced
 one, one with client shared memory or BYTES tensors, one large enough for the backend's direct copy from the
-page-locked arena, one of a model that does not batch, has a queue size limit (which counts entries) or unpads outputs.
+page-locked arena, one of a model that does not batch, has a queue size limit (which counts entries), unpads outputs
+or preserves ordering.
 """
 from __future__ import annotations
 
@@ -42,14 +43,22 @@ def key(msg: tuple) -> Optional[tuple]:
     return (msg[_MODEL], msg[_VERSION], msg[_SERIAL], msg[_PRIORITY], msg[_TIMEOUT], tuple(shapes), tuple(names))
 
 
+def allows(mv: ModelVersion) -> bool:
+    """Whether this model's requests may be grouped: it batches, it does not unpad outputs per request, no queue size
+    limit counts its entries, and it need not answer in arrival order (a group is queued after the requests read with
+    it that go one by one, so a model that preserves ordering takes none)."""
+    spec = mv.spec
+    if spec is None or mv.batcher is None or not spec.batches or spec.unpad or spec.batching.preserve_ordering:
+        return False
+    return not any(spec.batching.queue_policy(level).max_queue_size for level in range(1, spec.batching.levels + 1))
+
+
 def members_per_entry(mv: ModelVersion, msg: tuple, direct_min: Optional[int]) -> int:
     """How many requests like ``msg`` one entry of this model may hold (below 2: none are grouped). ``direct_min``:
     the backend's direct-copy threshold where the arena is page-locked (None otherwise): requests that reach it are
     copied to and from the device where they lie, which a gathered copy would only slow down."""
-    spec, batcher = mv.spec, mv.batcher
-    if spec is None or batcher is None or not spec.batches or spec.unpad or msg[_ROWS] < 1:
-        return 0
-    if any(spec.batching.queue_policy(level).max_queue_size for level in range(1, spec.batching.levels + 1)):
+    spec = mv.spec
+    if spec is None or msg[_ROWS] < 1:
         return 0
     if direct_min is not None:
         if any(source[2] >= direct_min for _n, _w, _s, source in msg[_INPUTS]):
