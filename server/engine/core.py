@@ -95,6 +95,7 @@ class EngineCore:
         # successful requests answered in this loop turn, per model version: the observers get them in one call
         # per version and turn (a batch's answers arrive together), not one per request
         self._succeeded: Dict[Tuple[str, str], List[Done]] = {}
+        self._allowed: Dict[Tuple[str, str, int], bool] = {}  # (model, version asked, serial) -> may be grouped
         if hasattr(control, "broadcast"):
             control.broadcast = self.broadcast_settings  # type: ignore[attr-defined]
 
@@ -149,7 +150,13 @@ class EngineCore:
             try:
                 if tag == m.INFER:
                     k = group.key(msg)
-                    if k is None or not self._groups_allowed(msg):
+                    if k is not None:
+                        allowed = self._allowed.get(k[:3])  # (model, version asked, serial): see _groups_allowed
+                        if allowed is None:
+                            allowed = self._groups_allowed(msg)
+                        if not allowed:
+                            k = None
+                    if k is None:
                         self._infer(session, msg)
                     elif alike is None:
                         alike = {k: [msg]}
@@ -181,12 +188,17 @@ class EngineCore:
 
     def _groups_allowed(self, msg: tuple) -> bool:
         """Whether the INFER's model lets its requests be grouped (group.allows); one that does not, or that is not
-        loaded, handles it one by one, in the order read."""
+        loaded, handles it one by one, in the order read. Kept per loaded version (its serial): asking the
+        repository and the config for every request cost more than the grouping saved."""
         try:
             mv = self._repo.get(msg[2], msg[3])
         except TrtServeError:
-            return False
-        return mv.serial == msg[4] and group.allows(mv)
+            return False  # not kept: the model may be loaded later
+        allowed = mv.serial == msg[4] and group.allows(mv)
+        if len(self._allowed) >= 1024:  # versions come and go with reloads: start over now and then
+            self._allowed.clear()
+        self._allowed[(msg[2], msg[3], msg[4])] = allowed
+        return allowed
 
     def _queue_alike(self, session: Session, alike: Dict[tuple, List[tuple]]) -> None:
         for msgs in alike.values():
