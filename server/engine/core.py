@@ -236,7 +236,7 @@ class EngineCore:
         for msg in msgs:
             session.inflight[msg[1]] = g
         first = msgs[0]
-        priority, timeout_us, _model, _version = g.fields()
+        priority, timeout_us = first[8], first[9]
         try:
             arena = session.arena
             if arena is None:
@@ -425,9 +425,9 @@ class EngineCore:
                                           [("REQUEST_START", t0), ("QUEUE_START", item.queued_ns)])
             self._answer(session, req_id, code, message, ())
             return
-        self._count_success(spec.name, spec.version, (rows, time.monotonic_ns() - t0, result.queue_ns,
-                                                      result.compute_input_ns, result.compute_infer_ns,
-                                                      result.compute_output_ns))
+        self._count_successes(spec.name, spec.version, [(rows, time.monotonic_ns() - t0, result.queue_ns,
+                                                         result.compute_input_ns, result.compute_infer_ns,
+                                                         result.compute_output_ns)])
         self._finish_shm(item, True)
         if trace is not None and not session.closed:
             session.traces[req_id] = (spec.name, spec.version, trace, _timestamps(t0, item.queued_ns, result))
@@ -460,21 +460,12 @@ class EngineCore:
         r = g.result
         now = time.monotonic_ns()
         q, ci, cf, co = r.queue_ns, r.compute_input_ns, r.compute_infer_ns, r.compute_output_ns
-        if not self._succeeded:
-            asyncio.get_running_loop().call_soon(self._flush_successes)
-        self._succeeded.setdefault((spec.name, spec.version), []).extend(
-            [(msg[7], now - msg[11], q, ci, cf, co) for msg in live])
+        self._count_successes(spec.name, spec.version, [(msg[7], now - msg[11], q, ci, cf, co) for msg in live])
         if written is None or not live:  # answered one by one (an output did not fit its slots), or none is left
             return
         ids = tuple([msg[1] for msg in live])
-        inflight = session.inflight
-        for req_id in ids:
-            inflight.pop(req_id, None)
-        if session.closed:
-            if not inflight and session.arena is not None:
-                session.arena.close()
-            return
-        session.link.send((m.RESULTS, ids, written))
+        if _answered(session, ids):
+            session.link.send((m.RESULTS, ids, written))
 
     def _cancelled(self, session: Session, spec: Any, msgs: List[tuple]) -> None:
         now = time.monotonic_ns()
@@ -498,9 +489,7 @@ class EngineCore:
         pieces = []
         fits = True
         for j, (name, _shm, _slot) in enumerate(msgs[0][6]):
-            array = result.outputs[name]
-            if type(array) is not np.ndarray:
-                array = _to_host(array) if hasattr(array, "__cuda_array_interface__") else np.asarray(array)
+            array = _on_host(result.outputs[name])
             want = _ARENA_DTYPES[spec.output(name).datatype]
             host = np.ascontiguousarray(array if array.dtype == want else array.astype(want))
             hosts[name] = host
@@ -542,10 +531,7 @@ class EngineCore:
             if slot is not None and name in result.delivered:  # the device wrote it into the arena slot
                 written.append((name, wire, shape, (m.ARENA, slot[0], array.nbytes)))
                 continue
-            if type(array) is np.ndarray:  # the usual case: a host result
-                host = array
-            else:
-                host = np.asarray(array) if not hasattr(array, "__cuda_array_interface__") else _to_host(array)
+            host = _on_host(array)
             if wire == "BYTES":
                 written.append((name, wire, shape, (m.DATA, dtypes.serialize_bytes(host))))
                 continue
@@ -559,13 +545,13 @@ class EngineCore:
                 written.append((name, wire, shape, (m.DATA, np.ascontiguousarray(host).tobytes())))
         return tuple(written)
 
-    def _count_success(self, model: str, version: str, done: Done) -> None:
-        """Counted in the loop turn after the answer was written: the flush is queued on the loop before the
-        answer goes out, so a statistics call that follows the answer finds the request counted (a /metrics
+    def _count_successes(self, model: str, version: str, done: List[Done]) -> None:
+        """Counted in the loop turn after the answers were written: the flush is queued on the loop before the
+        answers go out, so a statistics call that follows an answer finds the request counted (a /metrics
         scrape, on its own thread, may see it one loop turn later)."""
         if not self._succeeded:
             asyncio.get_running_loop().call_soon(self._flush_successes)
-        self._succeeded.setdefault((model, version), []).append(done)
+        self._succeeded.setdefault((model, version), []).extend(done)
 
     def _flush_successes(self) -> None:
         succeeded, self._succeeded = self._succeeded, {}
@@ -579,12 +565,21 @@ class EngineCore:
             item.shm = None
 
     def _answer(self, session: Session, req_id: int, code: str, message: str, outputs: tuple) -> None:
-        session.inflight.pop(req_id, None)
-        if session.closed:
-            if not session.inflight and session.arena is not None:
-                session.arena.close()  # the last request that could read it has finished
-            return
-        session.link.send((m.RESULT, req_id, code, message, outputs))
+        if _answered(session, (req_id,)):
+            session.link.send((m.RESULT, req_id, code, message, outputs))
+
+
+def _answered(session: Session, req_ids: Tuple[int, ...]) -> bool:
+    """The requests are no longer in flight; whether their answers can go out (False once the front end went away:
+    then the arena is closed when the last request that could read it has finished)."""
+    inflight = session.inflight
+    for req_id in req_ids:
+        inflight.pop(req_id, None)
+    if session.closed:
+        if not inflight and session.arena is not None:
+            session.arena.close()
+        return False
+    return True
 
 
 def _guarded(spec: Any, write: Callable[[], Any]) -> Tuple[Any, Optional[BaseException]]:
@@ -625,6 +620,14 @@ def _timestamps(t0: int, queued: int, result: Any) -> List[Tuple[str, int]]:
         at = min(now, at + max(0, int(ns)))
         stamps.append((name, at))
     return stamps
+
+
+def _on_host(array: Any) -> np.ndarray:
+    """A backend's output as a NumPy array: as it is in the usual case (a host result), else copied from the device
+    or converted."""
+    if type(array) is np.ndarray:
+        return array
+    return _to_host(array) if hasattr(array, "__cuda_array_interface__") else np.asarray(array)
 
 
 def _to_host(array: Any) -> np.ndarray:

@@ -16,7 +16,7 @@ or preserves ordering.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Set
 
 from trtserve.server.engine.batcher.request import Ticket
 from trtserve.server.engine.repository.registry import ModelVersion
@@ -88,8 +88,3 @@ class Group(Ticket):
     @property
     def rows(self) -> int:
         return sum(msg[_ROWS] for msg in self.msgs)
-
-    def fields(self) -> Tuple[int, int, str, str]:
-        """(priority, timeout_us, model, version) the members share."""
-        first = self.msgs[0]
-        return first[_PRIORITY], first[_TIMEOUT], first[_MODEL], first[_VERSION]
