@@ -91,13 +91,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     rows_out.append([key, where, str(instances), f"{interval:g}", str(rows), str(level),
                                      f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}", f"{raw:,.0f}",
                                      f"{100 * r['rows_s'] / raw:.0f} %", f"{r['mean_batch']:.0f}",
-                                     f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", engine_alone._phases(r),
+                                     f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", f"{r['driver_cores']:.2f}",
+                                     engine_alone._phases(r),
                                      str(r["errors"])])
                     print(" | ".join(rows_out[-1]), flush=True)
             finally:
                 engine.stop()
     head = ["model", "enqueue on", "instances", "GIL us", "rows/req", "concurrency", "req/s", "rows/s", "raw rows/s", "of raw",
-            "batch", "p50 ms", "engine cores", "queue/in/infer/out us", "errors"]
+            "batch", "p50 ms", "engine cores", "driver cores", "queue/in/infer/out us", "errors"]
     widths = [max(len(r[i]) for r in [head] + rows_out) for i in range(len(head))]
     print()
     for r in [head, ["-" * w for w in widths]] + rows_out:
