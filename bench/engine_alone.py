@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -143,13 +144,15 @@ class Engine:
     """The real engine process on a repository."""
 
     def __init__(self, repo: pathlib.Path, cpus: Optional[str], cache_dir: Optional[pathlib.Path] = None,
-                 switch_interval: Optional[float] = None, module: str = "trtserve.server.engine.process") -> None:
+                 switch_interval: Optional[float] = None, module: str = "trtserve.server.engine.process",
+                 env: Optional[Dict[str, str]] = None) -> None:
         self.address = channel.engine_address(f"bench-{uuid.uuid4().hex[:8]}")
         options = ServerOptions(model_repository=repo, metrics_port=None, gpu_metrics=False, cache_dir=cache_dir)
         cmd = [sys.executable, "-m", module]
         if cpus:
             cmd = ["taskset", "-c", cpus] + cmd
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env={**os.environ, **env} if env else None)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(pickle.dumps({"role": "engine", "index": 0, "options": options,
                                             "address": self.address, "parent_pid": os.getpid(),
@@ -183,6 +186,9 @@ class Engine:
     def cpu(self) -> float:
         return _cpu_s(self.proc.pid)
 
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
@@ -197,21 +203,32 @@ def _parse_inputs(specs: List[str]) -> List[Tuple[str, str, Tuple[int, ...]]]:
 
 
 async def _level(engine: Engine, model: str, inputs, rows: int, concurrency: int, warmup: float,
-                 duration: float, links: int = 1, frames_of_one: bool = False) -> Dict[str, float]:
+                 duration: float, links: int = 1, frames_of_one: bool = False,
+                 window_signals: bool = False) -> Dict[str, float]:
+    """One level; ``window_signals``: SIGUSR1 to the engine as the measured window starts, SIGUSR2 as it ends
+    (bench/engine_cprofile.py profiles between them)."""
     spec, serial = await engine.call("model_info", model, "")
     stats0 = pb.ModelStatisticsResponse.FromString(await engine.call("model_statistics", model, ""))
     shares = [concurrency // links + (1 if i < concurrency % links else 0) for i in range(links)]
     drivers = [Driver(engine.address, spec, serial, inputs, rows, c, frames_of_one) for c in shares if c]
     run = asyncio.ensure_future(asyncio.gather(*(d.run(warmup, duration) for d in drivers)))
     await asyncio.sleep(warmup)
+    if window_signals:
+        engine.signal(signal.SIGUSR1)
+        w0 = pb.ModelStatisticsResponse.FromString(await engine.call("model_statistics", model, ""))
     c_start, d_start = engine.cpu(), time.process_time()
     result = _combined(await run, drivers, rows)
     c_end, d_end = engine.cpu(), time.process_time()
+    if window_signals:
+        engine.signal(signal.SIGUSR2)
+        w1 = pb.ModelStatisticsResponse.FromString(await engine.call("model_statistics", model, ""))
+        result["window_batches"] = w1.model_stats[0].execution_count - w0.model_stats[0].execution_count
     stats1 = pb.ModelStatisticsResponse.FromString(await engine.call("model_statistics", model, ""))
     a, b = stats0.model_stats[0], stats1.model_stats[0]
     rows_done = b.inference_count - a.inference_count
     execs = b.execution_count - a.execution_count
     result["mean_batch"] = rows_done / execs if execs else 0.0
+    result["batches"] = execs
     # where a request's time went inside the engine, per successful request (Triton's cumulative statistics):
     # queued until its batch started on an instance, then the batch's input, infer and output phases
     ok = b.inference_stats.success.count - a.inference_stats.success.count

@@ -40,6 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--enqueue-on", default="loop",
                    help="who enqueues TensorRT batches, compared in one run: loop (the engine's, the default), "
                         "instance (each instance's thread, as before; bench/engine_instance_enqueue.py)")
+    p.add_argument("--cprofile", type=pathlib.Path, default=None, metavar="DIR",
+                   help="after the measured levels, one more run of the highest with cProfile on the engine's main "
+                        "thread (bench/engine_cprofile.py); its busiest functions are printed and saved in DIR")
     p.add_argument("--work", type=pathlib.Path, default=None,
                    help="folder for the models and the engine cache (kept, so a second run skips the builds)")
     a = p.parse_args(list(argv) if argv is not None else None)
@@ -97,6 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(" | ".join(rows_out[-1]), flush=True)
             finally:
                 engine.stop()
+        if a.cprofile:
+            _profiled(a, repo, work, m, rows, max(levels), key)
     head = ["model", "enqueue on", "instances", "GIL us", "rows/req", "concurrency", "req/s", "rows/s", "raw rows/s", "of raw",
             "batch", "p50 ms", "engine cores", "driver cores", "queue/in/infer/out us", "errors"]
     widths = [max(len(r[i]) for r in [head] + rows_out) for i in range(len(head))]
@@ -104,6 +109,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in [head, ["-" * w for w in widths]] + rows_out:
         print(" | ".join(c.rjust(w) for c, w in zip(r, widths)))
     return 0
+
+
+def _profiled(a: argparse.Namespace, repo: pathlib.Path, work: pathlib.Path, m, rows: int, level: int,
+              key: str) -> None:
+    """One more level with the engine's main thread under cProfile (slower: its rate is not a result)."""
+    from bench import engine_alone, engine_cprofile
+    from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
+
+    a.cprofile.mkdir(parents=True, exist_ok=True)
+    path = a.cprofile / f"engine-{key}-{level}.prof"
+    engine = engine_alone.Engine(repo, a.engine_cpus, cache_dir=work / "cache",
+                                 switch_interval=DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6, module="bench.engine_cprofile",
+                                 env={engine_cprofile.ENV: str(path)})
+    try:
+        r = asyncio.run(engine_alone._level(engine, m.name, [("INPUT0", m.wire, tuple(m.dims_in))], rows, level,
+                                            1.0, a.seconds, window_signals=True))
+    finally:
+        engine.stop()
+    lines = engine_cprofile.summary(str(path), int(r.get("window_batches", 0)))
+    text = f"{key}, {level} in flight, under cProfile: {r['req_s']:,.0f} requests/s, mean batch " \
+           f"{r['mean_batch']:.0f}\n" + "\n".join(lines)
+    (a.cprofile / f"engine-{key}-{level}.txt").write_text(text + "\n")
+    print(text, flush=True)
 
 
 if __name__ == "__main__":
