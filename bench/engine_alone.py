@@ -282,14 +282,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         print(f"engine alone: model {a.model}, {a.rows} row(s) per request, {a.links} link(s), repository {repo}")
         print(f"{'concurrency':>11} {'req/s':>10} {'rows/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'batch':>7} "
-              f"{'engine cores':>12} {'engine us/req':>13} {'driver cores':>12} {'queue/in/infer/out us':>24} {'errors':>6}", flush=True)
+              f"{'engine cores':>12} {'engine us/req':>13} {'driver cores':>12} {'queue/in/infer/out us':>24} "
+              f"{'errors':>6}", flush=True)
         for level in [int(x) for x in a.concurrency.split(",")]:
             r = asyncio.run(_level(engine, a.model, _parse_inputs(a.inputs), a.rows, level, a.warmup, a.duration,
                                    a.links, a.frames_of_one))
             r["concurrency"] = level
             rows_out.append(r)
             print(f"{level:>11} {r['req_s']:>10.0f} {r['rows_s']:>12.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
-                  f"{r['mean_batch']:>7.1f} {r['engine_cores']:>12.2f} {r['engine_us_per_req']:>13.1f} {r['driver_cores']:>12.2f} "
+                  f"{r['mean_batch']:>7.1f} {r['engine_cores']:>12.2f} {r['engine_us_per_req']:>13.1f} "
+                  f"{r['driver_cores']:>12.2f} "
                   f"{_phases(r):>24} {r['errors']:>6}", flush=True)
     finally:
         engine.stop()
