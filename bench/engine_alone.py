@@ -228,7 +228,6 @@ async def _level(engine: Engine, model: str, inputs, rows: int, concurrency: int
     rows_done = b.inference_count - a.inference_count
     execs = b.execution_count - a.execution_count
     result["mean_batch"] = rows_done / execs if execs else 0.0
-    result["batches"] = execs
     # where a request's time went inside the engine, per successful request (Triton's cumulative statistics):
     # queued until its batch started on an instance, then the batch's input, infer and output phases
     ok = b.inference_stats.success.count - a.inference_stats.success.count
