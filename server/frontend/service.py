@@ -28,10 +28,11 @@ from trtserve.server.errors import InvalidArgument, ResourceExhausted, TrtServeE
 from trtserve.server.frontend import codec
 from trtserve.server.frontend.engine_client import EngineClient, RemoteError, StaleModel
 from trtserve.server.frontend.memory import Trimmer
+from trtserve.server.frontend.plans import Plans, layout, output_bytes
 from trtserve.server.frontend.status import grpc_code, rpc
 from trtserve.server.frontend.validation import Prechecked, precheck
 from trtserve.server.ipc import messages as m
-from trtserve.server.ipc.arena import ALIGN, ArenaFull
+from trtserve.server.ipc.arena import ArenaFull
 
 log = logging.getLogger("trtserve.protocol")
 
@@ -60,21 +61,6 @@ def _schedule_params(request: pb.ModelInferRequest) -> Tuple[int, int]:
     return priority, timeout
 
 
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) & ~(ALIGN - 1)
-
-
-def _output_bytes(spec, name: str, rows: int) -> Optional[int]:
-    """Bytes an output of a request of ``rows`` rows takes, when its shape is fixed; None otherwise."""
-    t = spec.output(name)
-    if t is None or t.datatype == "BYTES" or any(d < 0 for d in t.dims):
-        return None
-    n = dtypes.BY_WIRE[t.datatype].itemsize * (rows if spec.batches else 1)
-    for d in t.dims:
-        n *= d
-    return n
-
-
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 / Triton gRPC service of one front end."""
 
@@ -86,6 +72,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self._max_stream_inflight = max(1, max_stream_inflight)
         # memory back to the OS when this front end goes idle after a burst (server/frontend/memory.py)
         self._trimmer = Trimmer(lambda: engine.inflight > 0, engine.arena.fd, engine.arena.size)
+        self._plans = Plans()  # request shapes checked and laid out once (plans.py)
         self.ready = True  # false from the start of a drain: ServerReady/ModelReady answer false
         self.accepting = True  # false once the drain stops taking work: new inferences UNAVAILABLE
 
@@ -235,10 +222,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if engine.inflight >= self._max_inflight:
                     raise _Overloaded(f"the server is overloaded: {engine.inflight} requests in flight in this "
                                       f"front end (limit {self._max_inflight}); retry later")
-                checked = precheck(spec, request, self._max_input_bytes)
-                classify = _classification(spec, request, checked) if request.outputs else None
-                priority, timeout_us = _schedule_params(request)
-                block, inputs, outputs = self._stage(spec, request, checked)
+                datas: List[bytes] = []
+                plan = self._plans.find(spec, request, self._max_input_bytes, datas)
+                if plan is not None:  # plain: no tensor parameters (so no classification), raw data
+                    checked, classify = plan.checked, None
+                    priority, timeout_us = _schedule_params(request) if request.parameters else (0, 0)
+                    block = self._alloc(plan.total)
+                    inputs, outputs = plan.stage(engine.arena, block, datas)
+                else:
+                    checked = precheck(spec, request, self._max_input_bytes)
+                    classify = _classification(spec, request, checked) if request.outputs else None
+                    priority, timeout_us = _schedule_params(request)
+                    block, inputs, outputs = self._stage(spec, request, checked)
             except TrtServeError as e:
                 engine.report_failure(spec.name, spec.version, e.reason, 0, time.monotonic_ns() - t0)
                 raise
@@ -295,34 +290,33 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         for out in checked.outputs:
             ref = checked.output_shm.get(out)
             slots.append((out, None if ref is None else (ref.region, ref.offset, ref.byte_size),
-                          None if ref is not None else _output_bytes(spec, out, checked.rows)))
-        total = sum(_aligned(len(d[3])) for d in datas) + sum(_aligned(s[2]) for s in slots if s[2])  # type: ignore
-        block = None
-        if total:
-            try:
-                block = self._engine.allocator.alloc(total)
-            except ArenaFull as e:
-                raise Unavailable(f"the server is out of request memory right now ({e}); retry later") from None
-            except ValueError:
-                raise ResourceExhausted(f"the request needs {total} bytes of request memory, more than this server's "
-                                        f"whole arena ({self._engine.allocator.size} bytes, --arena-bytes)") from None
-        buffer = self._engine.arena.buffer
-        offset = block or 0
+                          None if ref is not None else output_bytes(spec, out, checked.rows)))
+        total, offsets, slot_offsets = layout([len(d[3]) for d in datas], [s[2] for s in slots])  # type: ignore
+        block = self._alloc(total)
+        base = block or 0
+        arena = self._engine.arena
         inputs = []
-        for name, wire, shape, data in datas:
+        for (name, wire, shape, data), offset in zip(datas, offsets):
             n = len(data)  # type: ignore[arg-type]
             if n:
-                buffer[offset:offset + n] = np.frombuffer(data, dtype=np.uint8)  # type: ignore[call-overload]
-            inputs.append((name, wire, shape, (m.ARENA, offset, n)))
-            offset += _aligned(n)
-        outputs = []
-        for out, shm_ref, size in slots:
-            slot = None
-            if size:
-                slot = (offset, size)
-                offset += _aligned(size)
-            outputs.append((out, shm_ref, slot))
+                arena.put(base + offset, data)  # type: ignore[arg-type]
+            inputs.append((name, wire, shape, (m.ARENA, base + offset, n)))
+        outputs = [(out, shm_ref, None if offset is None else (base + offset, size))
+                   for (out, shm_ref, size), offset in zip(slots, slot_offsets)]
         return block, tuple(inputs) + tuple(shm_inputs), tuple(outputs)
+
+    def _alloc(self, total: int) -> Optional[int]:
+        """A block of ``total`` bytes of this front end's arena (None for none): UNAVAILABLE while it is full,
+        RESOURCE_EXHAUSTED when it could never hold that much."""
+        if not total:
+            return None
+        try:
+            return self._engine.allocator.alloc(total)
+        except ArenaFull as e:
+            raise Unavailable(f"the server is out of request memory right now ({e}); retry later") from None
+        except ValueError:
+            raise ResourceExhausted(f"the request needs {total} bytes of request memory, more than this server's "
+                                    f"whole arena ({self._engine.allocator.size} bytes, --arena-bytes)") from None
 
     def _response(self, request: pb.ModelInferRequest, spec, result: tuple,
                   classify: Optional[Dict[str, int]] = None) -> pb.ModelInferResponse:

@@ -156,6 +156,14 @@ class Arena:
         except (TypeError, ValueError):  # not C-contiguous, or no elements: memoryview cannot cast those
             np.copyto(self.buffer[offset:offset + n].view(array.dtype).reshape(array.shape), array)
 
+    def put(self, offset: int, data: bytes) -> None:
+        """Copies ``data`` (bytes as a request brought them) to ``offset`` (bounds-checked), in one memoryview copy."""
+        n = len(data)
+        self._check(offset, n)
+        if self._memory is None:
+            raise ValueError("the arena is closed")
+        self._memory[offset:offset + n] = data
+
     def pin(self) -> None:
         """Registers the whole arena with CUDA as page-locked host memory, so a device copy of an input reads
         straight from where the front end wrote it (the TensorRT backend checks, see staging.py). It locks
