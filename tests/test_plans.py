@@ -16,7 +16,8 @@ from trtserve.server.frontend.plans import Plans, signature
 from trtserve.server.frontend.service import InferenceService
 from trtserve.server.frontend.validation import precheck
 from trtserve.server.ipc.arena import Allocator, Arena
-from tests.test_request_checks import ADD_SUB, MLP, identity_spec, mlp_req, model_requests, spec_of
+from tests.test_request_checks import (ADD_SUB, MLP, counting_request, identity_spec, mlp_req, model_requests,
+                                      spec_of)
 
 MiB = 1 << 20
 
@@ -81,7 +82,7 @@ def test_a_plan_gives_every_request_the_general_paths_verdict_and_staging(arena,
         plan, plan_error, datas, checked, block, inputs, outputs, general_error = _stage_both(
             service, arena, spec, request, SHARED)
         if plan is None and plan_error is None:  # not plain: the general path handles it, as before
-            assert signature(request, []) is None
+            assert signature(request, [], len(spec.inputs), len(spec.outputs)) is None
             break
         assert plan_error == general_error, (plan_error, general_error)
         if general_error is not None:
@@ -140,7 +141,7 @@ def test_a_reloaded_model_checks_again():
 
 
 def test_only_plain_requests_have_a_signature():
-    assert signature(mlp_req(), []) is not None
+    assert signature(mlp_req(), [], 1, 1) is not None
     shm = mlp_req()
     shm.inputs[0].parameters["shared_memory_region"].string_param = "r"
     out_param = mlp_req()
@@ -151,27 +152,45 @@ def test_only_plain_requests_have_a_signature():
     strings.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, 2])
     strings.raw_input_contents.append(b"\1\0\0\0a\1\0\0\0b")
     for request in (shm, out_param, typed, strings):
-        assert signature(request, []) is None
+        assert signature(request, [], 2, 2) is None
     datas: list = []
     two = pb.ModelInferRequest(model_name="add_sub")
     for name in ("INPUT0", "INPUT1"):
         two.inputs.add(name=name, datatype="FP32", shape=[1, 16])
         two.raw_input_contents.append(b"\0" * 64)
     two.outputs.add(name="OUTPUT1")
-    assert signature(two, datas) == ((("INPUT0", "FP32", (1, 16)), ("INPUT1", "FP32", (1, 16))), (64, 64),
+    assert signature(two, datas, 2, 2) == ((("INPUT0", "FP32", (1, 16)), ("INPUT1", "FP32", (1, 16))), (64, 64),
                                      ("OUTPUT1",))
     assert datas == [b"\0" * 64] * 2
     assert Plans().find(ADD_SUB, two, None, []).outputs == (("OUTPUT1", 128, 64),)
 
 
-def test_a_request_without_data_gets_prechecks_answer():
-    r = pb.ModelInferRequest(model_name="mlp")
-    r.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
-    with pytest.raises(InvalidArgument) as general:
-        precheck(MLP, r, None)
-    with pytest.raises(InvalidArgument) as planned:
-        Plans().find(MLP, r, None, [])
-    assert planned.value.message == general.value.message and "no data" in general.value.message
+def test_a_request_without_one_raw_entry_per_input_is_left_to_precheck():
+    none = pb.ModelInferRequest(model_name="mlp")
+    none.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
+    extra = mlp_req()
+    extra.raw_input_contents.append(b"")
+    for request in (none, extra):
+        assert Plans().find(MLP, request, None, []) is None
+        with pytest.raises(InvalidArgument):
+            precheck(MLP, request, None)
+
+
+def test_a_request_larger_than_the_model_is_left_to_precheck_unread():
+    """The signature reads no entry of a request with more inputs or outputs than the model has: precheck then
+    refuses it in work bounded by the model (test_request_checks.py counts that)."""
+    many_outputs = mlp_req()
+    for _ in range(60000):
+        many_outputs.outputs.add(name="OUTPUT0")
+    fake, counted = counting_request(many_outputs, "outputs")
+    assert signature(fake, [], 1, 1) is None and counted.read == 0
+    many_inputs = pb.ModelInferRequest(model_name="mlp")
+    for _ in range(60000):
+        many_inputs.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
+        many_inputs.raw_input_contents.append(b"")
+    fake, counted = counting_request(many_inputs, "inputs")
+    datas: list = []
+    assert signature(fake, datas, 1, 1) is None and counted.read == 0 and datas == []
 
 
 def test_kept_plans_are_bounded(monkeypatch):

@@ -3,7 +3,7 @@
 Under load a front end sees the same request again and again with other data: the same model, input names,
 datatypes and shapes, the same outputs. For a plain request (its data in ``raw_input_contents``, no tensor
 parameters, no BYTES inputs) everything ``validation.precheck`` decides is fixed by its ``signature``: the
-inputs' names, datatypes and shapes in order, the raw entries' lengths and the requested output names. So
+inputs' names, datatypes and shapes in order, the raw entries' lengths (one per input) and the requested output names. So
 the verdict of the first such request, and where its inputs and output slots lie in its arena block, are
 kept per model version and signature; the next ones cost the signature and the copy of their bytes.
 A request that fails its check is never kept (the next one is checked again and gets the same answer), and
@@ -59,9 +59,15 @@ def layout(input_sizes: Sequence[int], output_sizes: Sequence[Optional[int]],
     return offset, inputs, outputs
 
 
-def signature(request: pb.ModelInferRequest, datas: List[bytes]) -> Optional[tuple]:
+def signature(request: pb.ModelInferRequest, datas: List[bytes], max_inputs: int, max_outputs: int,
+              ) -> Optional[tuple]:
     """What precheck's verdict on a plain request depends on besides the model, or None for any other request.
-    ``datas`` receives the request's raw entries (reading one copies it: it is read once, here)."""
+    ``datas`` receives the request's raw entries (reading one copies it: it is read once, here). A request with
+    more inputs or outputs than the model has, or not one raw entry per input, is left to precheck before anything
+    is read, so the work here stays bounded by the model, as precheck's does."""
+    raw = request.raw_input_contents
+    if len(request.inputs) > max_inputs or len(request.outputs) > max_outputs or len(raw) != len(request.inputs):
+        return None
     inputs = []
     for t in request.inputs:
         if t.parameters or t.datatype == "BYTES" or t.HasField("contents"):
@@ -72,7 +78,7 @@ def signature(request: pb.ModelInferRequest, datas: List[bytes]) -> Optional[tup
         if o.parameters:
             return None
         outputs.append(o.name)
-    datas.extend(request.raw_input_contents)
+    datas.extend(raw)
     return tuple(inputs), tuple([len(d) for d in datas]), tuple(outputs)
 
 
@@ -91,7 +97,7 @@ class Plan:
         self.outputs = tuple((name, offset, size) for name, offset, size in zip(checked.outputs, slots, slot_sizes))
 
     def stage(self, arena: Arena, block: Optional[int], datas: Sequence[bytes]) -> Tuple[tuple, tuple]:
-        """Copies ``datas`` (the raw entries, none when every input is empty) into ``arena`` at ``block``; returns
+        """Copies ``datas`` (the raw entries, one per input) into ``arena`` at ``block``; returns
         the INFER's input and output descriptors (messages.py)."""
         base = block or 0
         inputs = []
@@ -114,7 +120,7 @@ class Plans:
              datas: List[bytes]) -> Optional[Plan]:
         """The plan of a plain request (checking it when its shape is new: InvalidArgument as precheck), or None
         when the request is not plain. ``datas`` receives its raw entries, to pass to ``Plan.stage``."""
-        key = signature(request, datas)
+        key = signature(request, datas, len(spec.inputs), len(spec.outputs))
         if key is None:
             return None
         entry = self._models.get(id(spec))
@@ -126,7 +132,7 @@ class Plans:
         plan = plans.get(key)
         if plan is None:
             checked = precheck(spec, request, max_input_bytes)
-            plan = Plan(spec, checked, [(name, wire) for name, wire, _shape in key[0]], key[1] or [0] * len(key[0]))
+            plan = Plan(spec, checked, [(name, wire) for name, wire, _shape in key[0]], key[1])
             if len(plans) >= MAX_SIGNATURES:
                 plans.clear()
             plans[key] = plan
