@@ -3,9 +3,9 @@
 Under load a front end sees the same request again and again with other data: the same model, input names,
 datatypes and shapes, the same outputs. For a plain request (its data in ``raw_input_contents``, no tensor
 parameters, no BYTES inputs) everything ``validation.precheck`` decides is fixed by its ``signature``: the
-inputs' names, datatypes and shapes in order, the raw entries' lengths (one per input) and the requested output names. So
-the verdict of the first such request, and where its inputs and output slots lie in its arena block, are
-kept per model version and signature; the next ones cost the signature and the copy of their bytes.
+inputs' names, datatypes and shapes in order, the raw entries' lengths (one per input) and the requested output
+names. So the verdict of the first such request, and where its inputs and output slots lie in its arena block,
+are kept per model version and signature; the next ones cost the signature and the copy of their bytes.
 A request that fails its check is never kept (the next one is checked again and gets the same answer), and
 any other request takes the general path (service.py).
 """
@@ -97,8 +97,8 @@ class Plan:
         self.outputs = tuple((name, offset, size) for name, offset, size in zip(checked.outputs, slots, slot_sizes))
 
     def stage(self, arena: Arena, block: Optional[int], datas: Sequence[bytes]) -> Tuple[tuple, tuple]:
-        """Copies ``datas`` (the raw entries, one per input) into ``arena`` at ``block``; returns
-        the INFER's input and output descriptors (messages.py)."""
+        """Copies ``datas`` (the raw entries, one per input) into ``arena`` at ``block``; returns the INFER's input
+        and output descriptors (messages.py)."""
         base = block or 0
         inputs = []
         for i, (name, wire, shape, offset, n) in enumerate(self.inputs):
