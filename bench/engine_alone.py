@@ -30,13 +30,9 @@ from trtserve import dtypes
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.server.ipc import channel
 from trtserve.server.ipc import messages as m
-from trtserve.server.ipc.arena import ALIGN, Allocator, Arena
+from trtserve.server.ipc.arena import Allocator, Arena, aligned
 from trtserve.server.ipc.channel import SocketLink
 from trtserve.server.options import ServerOptions
-
-
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
 def _cpu_s(pid: int) -> float:
@@ -134,9 +130,9 @@ class Driver:
 def _request_bytes(spec, inputs, rows: int) -> int:
     total = 0
     for _name, wire, dims in inputs:
-        total += _aligned(dtypes.BY_WIRE[wire].itemsize * rows * int(np.prod(dims)))
+        total += aligned(dtypes.BY_WIRE[wire].itemsize * rows * int(np.prod(dims)))
     for t in spec.outputs:
-        total += _aligned(dtypes.BY_WIRE[t.datatype].itemsize * rows * int(np.prod(t.dims)))
+        total += aligned(dtypes.BY_WIRE[t.datatype].itemsize * rows * int(np.prod(t.dims)))
     return total
 
 

@@ -162,7 +162,7 @@ def test_only_plain_requests_have_a_signature():
     assert signature(two, datas, 2, 2) == ((("INPUT0", "FP32", (1, 16)), ("INPUT1", "FP32", (1, 16))), (64, 64),
                                      ("OUTPUT1",))
     assert datas == [b"\0" * 64] * 2
-    assert Plans().find(ADD_SUB, two, None, []).outputs == (("OUTPUT1", 128, 64),)
+    assert Plans().find(ADD_SUB, two, None, []).outputs == (("OUTPUT1", None, 128, 64),)
 
 
 def test_a_request_without_one_raw_entry_per_input_is_left_to_precheck():

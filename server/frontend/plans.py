@@ -17,16 +17,12 @@ from trtserve import dtypes
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.server.frontend.validation import Prechecked, precheck
 from trtserve.server.ipc import messages as m
-from trtserve.server.ipc.arena import ALIGN, Arena
+from trtserve.server.ipc.arena import Arena, aligned
 
 # signatures kept per model version, and model versions kept: a client that sends ever new shapes (variable
 # dims) makes the front end start over now and then instead of growing
 MAX_SIGNATURES = 256
 MAX_MODELS = 64
-
-
-def aligned(n: int) -> int:
-    return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
 def output_bytes(spec, name: str, rows: int) -> Optional[int]:
@@ -91,23 +87,31 @@ class Plan:
         self.checked = checked
         slot_sizes = [output_bytes(spec, out, checked.rows) for out in checked.outputs]
         self.total, offsets, slots = layout(sizes, slot_sizes)
-        # (name, datatype, shape, offset in the block, bytes) per input; (name, offset or None, bytes) per output
+        # as ``place`` takes them: no output of a plain request goes to shared memory
         self.inputs = tuple((name, wire, checked.shapes[name], offset, n)
                             for (name, wire), offset, n in zip(names, offsets, sizes))
-        self.outputs = tuple((name, offset, size) for name, offset, size in zip(checked.outputs, slots, slot_sizes))
+        self.outputs = tuple((name, None, offset, size)
+                             for name, offset, size in zip(checked.outputs, slots, slot_sizes))
 
     def stage(self, arena: Arena, block: Optional[int], datas: Sequence[bytes]) -> Tuple[tuple, tuple]:
         """Copies ``datas`` (the raw entries, one per input) into ``arena`` at ``block``; returns the INFER's input
         and output descriptors (messages.py)."""
-        base = block or 0
-        inputs = []
-        for i, (name, wire, shape, offset, n) in enumerate(self.inputs):
-            at = base + offset
-            if n:
-                arena.put(at, datas[i])
-            inputs.append((name, wire, shape, (m.ARENA, at, n)))
-        return tuple(inputs), tuple([(name, None, None if offset is None else (base + offset, size))
-                                     for name, offset, size in self.outputs])
+        return place(arena, block or 0, self.inputs, datas, self.outputs)
+
+
+def place(arena: Arena, base: int, inputs: Sequence[Tuple[str, str, tuple, int, int]], datas: Sequence[bytes],
+          outputs: Sequence[Tuple[str, Optional[tuple], Optional[int], Optional[int]]]) -> Tuple[tuple, tuple]:
+    """Copies each input's bytes to its offset in the block at ``base`` and returns the INFER's input and output
+    descriptors. ``inputs``: (name, datatype, shape, offset in the block, bytes), ``datas`` their bytes in that
+    order; ``outputs``: (name, shared-memory reference or None, slot offset or None, slot bytes)."""
+    placed = []
+    for i, (name, wire, shape, offset, n) in enumerate(inputs):
+        at = base + offset
+        if n:
+            arena.put(at, datas[i])
+        placed.append((name, wire, shape, (m.ARENA, at, n)))
+    return tuple(placed), tuple([(name, shm_ref, None if offset is None else (base + offset, size))
+                                 for name, shm_ref, offset, size in outputs])
 
 
 class Plans:
@@ -139,4 +143,4 @@ class Plans:
         return plan
 
 
-__all__ = ["Plan", "Plans", "aligned", "layout", "output_bytes", "signature"]
+__all__ = ["Plan", "Plans", "layout", "output_bytes", "place", "signature"]

@@ -28,7 +28,7 @@ from trtserve.server.errors import InvalidArgument, ResourceExhausted, TrtServeE
 from trtserve.server.frontend import codec
 from trtserve.server.frontend.engine_client import EngineClient, RemoteError, StaleModel
 from trtserve.server.frontend.memory import Trimmer
-from trtserve.server.frontend.plans import Plans, layout, output_bytes
+from trtserve.server.frontend.plans import Plans, layout, output_bytes, place
 from trtserve.server.frontend.status import grpc_code, rpc
 from trtserve.server.frontend.validation import Prechecked, precheck
 from trtserve.server.ipc import messages as m
@@ -302,19 +302,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             ref = checked.output_shm.get(out)
             slots.append((out, None if ref is None else (ref.region, ref.offset, ref.byte_size),
                           None if ref is not None else output_bytes(spec, out, checked.rows)))
-        total, offsets, slot_offsets = layout([len(d[3]) for d in datas], [s[2] for s in slots])  # type: ignore
+        sizes = [len(d[3]) for d in datas]  # type: ignore[arg-type]
+        total, offsets, slot_offsets = layout(sizes, [s[2] for s in slots])  # type: ignore[misc]
         block = self._alloc(total)
-        base = block or 0
-        arena = self._engine.arena
-        inputs = []
-        for (name, wire, shape, data), offset in zip(datas, offsets):
-            n = len(data)  # type: ignore[arg-type]
-            if n:
-                arena.put(base + offset, data)  # type: ignore[arg-type]
-            inputs.append((name, wire, shape, (m.ARENA, base + offset, n)))
-        outputs = [(out, shm_ref, None if offset is None else (base + offset, size))
-                   for (out, shm_ref, size), offset in zip(slots, slot_offsets)]
-        return block, tuple(inputs) + tuple(shm_inputs), tuple(outputs)
+        inputs, outputs = place(
+            self._engine.arena, block or 0,
+            [(name, wire, shape, offset, n) for (name, wire, shape, _data), offset, n in zip(datas, offsets, sizes)],
+            [d[3] for d in datas],  # type: ignore[misc]
+            [(out, shm_ref, offset, size) for (out, shm_ref, size), offset in zip(slots, slot_offsets)])
+        return block, inputs + tuple(shm_inputs), outputs
 
     def _alloc(self, total: int) -> Optional[int]:
         """A block of ``total`` bytes of this front end's arena (None for none): UNAVAILABLE while it is full,

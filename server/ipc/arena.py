@@ -23,7 +23,8 @@ import numpy as np
 ALIGN = 64  # cache line; also what CUDA copies and NumPy's SIMD loops like to start on
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
+    """``n`` rounded up to ALIGN: the size a block or a piece of one takes in an arena."""
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
@@ -217,7 +218,7 @@ class Allocator:
 
     def alloc(self, nbytes: int) -> int:
         """Offset of a new block of at least ``nbytes``; ArenaFull when none fits now."""
-        need = _aligned(max(nbytes, 1))
+        need = aligned(max(nbytes, 1))
         if need > self.size:
             raise ValueError(f"{nbytes} bytes can never fit an arena of {self.size} bytes")
         for i, size in enumerate(self._free_sizes):
