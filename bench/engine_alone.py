@@ -141,10 +141,11 @@ class Engine:
 
     def __init__(self, repo: pathlib.Path, cpus: Optional[str], cache_dir: Optional[pathlib.Path] = None,
                  switch_interval: Optional[float] = None, module: str = "trtserve.server.engine.process",
-                 env: Optional[Dict[str, str]] = None) -> None:
+                 env: Optional[Dict[str, str]] = None, script: Optional[List[str]] = None) -> None:
+        """``script``: the engine's program and arguments in place of ``-m module`` (a stand-in backend's)."""
         self.address = channel.engine_address(f"bench-{uuid.uuid4().hex[:8]}")
         options = ServerOptions(model_repository=repo, metrics_port=None, gpu_metrics=False, cache_dir=cache_dir)
-        cmd = [sys.executable, "-m", module]
+        cmd = [sys.executable] + (script or ["-m", module])
         if cpus:
             cmd = ["taskset", "-c", cpus] + cmd
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -183,6 +183,53 @@ async def test_in_the_engine_process_the_loop_enqueues_and_the_completion_thread
     await b.stop()
 
 
+class WaitsApart(PipelinedBackend):
+    """Waits for the device apart from collecting (as TensorRT does: ``Backend.wait``)."""
+
+    def wait(self, instance: int, ticket: object) -> bool:
+        k, x = ticket  # type: ignore[misc]
+        assert self.gate(k).wait(10), f"batch {k} was never released"
+        self._note("wait", k, x.shape[0])
+        if k in self.fail_wait:
+            raise self.fail_wait[k]
+        return True
+
+    fail_wait: Dict[int, BaseException] = {}
+
+
+async def test_a_backend_that_waits_apart_is_collected_on_the_loop_and_only_waited_for_on_the_completion_thread():
+    """The completion thread holds the GIL for as little as it can: it waits for the device and hands the batch
+    back; the loop, which enqueues every batch, collects and splits it (no wait left by then)."""
+    backend = WaitsApart()
+    backend.open_gates = False
+    b = DynamicBatcher(spec(depth=2), backend, Observer(), inline=True)
+    b.start()
+    loop_thread = threading.current_thread().name
+    futs = [b.submit(x(8, i), ("y",), 8) for i in range(4)]
+    where = await _two_in_flight_then_all_answered(backend, futs)
+    assert all(where[("enqueue", k)] == loop_thread for k in range(4)), where
+    assert all("-done0" in where[("wait", k)] for k in range(4)), where
+    assert all(where[("collect", k)] == loop_thread for k in range(4)), where
+    order = [(w, k) for w, k, _, _ in backend.log]
+    assert all(order.index(("wait", k)) < order.index(("collect", k)) for k in range(4)), order
+    assert [k for w, k in order if w == "collect"] == [0, 1, 2, 3]
+    await b.stop()
+
+
+async def test_a_wait_that_fails_leaves_the_error_to_collect_and_fails_that_batch_alone():
+    backend = WaitsApart()
+    backend.fail_wait = {1: RuntimeError("synchronize failed")}
+    backend.fail_collect[1] = RuntimeError("CUDA went away")  # what collect finds when it waits again
+    b = DynamicBatcher(spec(depth=2), backend, Observer(), inline=True)
+    b.start()
+    results = await asyncio.gather(*[b.submit(x(8, i), ("y",), 8) for i in range(4)], return_exceptions=True)
+    assert isinstance(results[1], TrtServeError) and "CUDA went away" in str(results[1]), results[1]
+    for i in (0, 2, 3):
+        np.testing.assert_array_equal(results[i].outputs["y"], np.full((8, 4), 2 * i, np.float32))
+    assert ("collect", 1) in [e[:2] for e in backend.log]  # collected all the same: the instance's slot is freed
+    await b.stop()
+
+
 class RowTimed(PipelinedBackend):
     """Not pipelined; each batch computes for ``row_s`` seconds per row (on the CPU, as ONNX Runtime does: the
     batcher measures a batch by its thread's CPU time)."""

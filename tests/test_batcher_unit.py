@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -193,6 +193,31 @@ def test_pool_depth_counts_batches_per_instance():
         assert ExecutorPool(1, depth=1).queueable() == set()
     finally:
         pool.shutdown()
+
+
+def test_completion_threads_run_their_work_in_order_past_a_failure_and_finish_it_at_shutdown(caplog) -> None:
+    from trtserve.server.engine.executor.pool import ExecutorPool
+
+    pool = ExecutorPool(2, depth=2, completion=True)
+    ran: List[Tuple[int, int, str]] = []
+    gate = threading.Event()
+
+    def work(instance: int, k: int) -> None:
+        if k == 0:
+            assert gate.wait(10)
+        if k == 2:
+            raise RuntimeError("this one fails")
+        ran.append((instance, k, threading.current_thread().name))
+
+    for k in range(5):
+        pool.after(0, lambda k=k: work(0, k))
+    assert pool.complete(1, lambda: 42).result(10) == 42  # instance 1's thread is not behind instance 0's
+    assert not ran
+    gate.set()
+    pool.shutdown()  # runs what was put before it ends the threads
+    assert [k for _, k, _ in ran] == [0, 1, 3, 4]
+    assert {name for _, _, name in ran} == {"trtserve-done0"}
+    assert "completion work failed" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------

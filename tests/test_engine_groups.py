@@ -1,4 +1,5 @@
-"""Alike small requests of one front end's frame are queued as one batcher entry (server/engine/group.py).
+"""Alike requests of one front end's frame are queued as one batcher entry (server/engine/group.py): small ones
+gathered from the arena, large ones (a GPU backend's direct copies from a page-locked arena) left where they lie.
 
 The engine runs in this process (EngineHost) with a fake backend, and the test is its front end: it writes inputs
 into its own arena and sends INFER descriptors over a LocalLink, the way a front-end process does, so what the engine
@@ -6,6 +7,7 @@ does with a frame of many requests is seen exactly: which entries the batcher go
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import pathlib
 import threading
 from typing import Dict, List, Optional, Tuple
@@ -13,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pytest
 
-from trtserve.server.engine.backends.base import Backend, BatchResult, TensorSpec
+from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec
 from trtserve.server.engine.host import EngineHost
 from trtserve.server.events import Observer
 from trtserve.server.ipc import messages as m
@@ -139,6 +141,7 @@ async def _engine(repo: pathlib.Path, counts: Counts, backend: type = Doubling):
     await host.start()
     ours, theirs = LocalLink.pair()
     arena = Arena.create(1 << 20)
+    arena.pinned = bool(getattr(backend, "accepts_device_tensors", False))  # as the engine page-locks it for TensorRT
     host.attach("test", theirs, arena)
     serial = host.repository.get("m").serial
     fe = FrontEnd(ours, arena, serial)
@@ -146,11 +149,55 @@ async def _engine(repo: pathlib.Path, counts: Counts, backend: type = Doubling):
     return host, fe
 
 
+class Direct(Doubling):
+    """Doubling as the TensorRT backend does it for large requests in a page-locked arena: the input may come in
+    pieces (``Gather``: logged), each destination gets its rows by memmove (the device copy), and a request index
+    counts as delivered only when every destination of it got them. As TensorRT, it copies the output back to the
+    host only when some row was not delivered; otherwise its host result is zeros, so an answer the engine wrote
+    from it would show. A destination whose input rows hold ``refuse`` is not written (too small, say)."""
+
+    accepts_device_tensors = True
+    direct_copy_min_bytes = 16  # one row of 4 FP32: every request here is large
+    pieces: List[int] = []  # per batch: the pieces its input came in
+    destinations: List[List[Tuple[int, int, int]]] = []  # per batch: (request index, row offset, rows)
+    refuse: Optional[float] = None
+
+    def run(self, instance, inputs, outputs):
+        return self.run_to_device(instance, inputs, outputs, ())
+
+    def run_to_device(self, instance, inputs, outputs, destinations):
+        x = inputs["INPUT0"]
+        parts = x.parts if isinstance(x, Gather) else (x,)
+        Direct.pieces.append(len(parts))
+        Direct.destinations.append([(d.request, d.row_offset, d.rows) for d in destinations])
+        y = super().run(instance, {"INPUT0": np.concatenate([np.asarray(p) for p in parts])}, outputs).outputs["OUTPUT0"]
+        reached: Dict[int, bool] = {}
+        covered = 0
+        for d in destinations:
+            rows = np.ascontiguousarray(y[d.row_offset:d.row_offset + d.rows])
+            ptr, room = d.outputs["OUTPUT0"]
+            ok = rows.nbytes <= room and not (Direct.refuse is not None and (rows == 2 * Direct.refuse).any())
+            if ok:
+                ctypes.memmove(ptr, rows.ctypes.data, rows.nbytes)
+                covered += d.rows
+            reached[d.request] = reached.get(d.request, True) and ok
+        host = y if covered < y.shape[0] else np.zeros_like(y)
+        return BatchResult({"OUTPUT0": host}, delivered={i: frozenset({"OUTPUT0"}) for i, ok in reached.items() if ok})
+
+
 @pytest.fixture
-def repo(tmp_path: pathlib.Path) -> pathlib.Path:
+def repo(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     Doubling.batches = []
     Doubling.started.clear()
     Doubling.gate.clear()
+    Direct.pieces, Direct.destinations, Direct.refuse = [], [], None
+    close = Arena.close
+
+    def unpin_then_close(self: Arena) -> None:
+        self.pinned = False  # nothing was registered with CUDA
+        close(self)
+
+    monkeypatch.setattr(Arena, "close", unpin_then_close)
     return tmp_path
 
 
@@ -171,10 +218,14 @@ async def _hold(fe: FrontEnd) -> int:
     return held
 
 
-async def test_alike_requests_of_a_frame_are_one_entry_and_each_gets_its_own_answer(repo) -> None:
+BOTH = pytest.mark.parametrize("backend", [Doubling, Direct], ids=["small", "large"])
+
+
+@BOTH
+async def test_alike_requests_of_a_frame_are_one_entry_and_each_gets_its_own_answer(repo, backend) -> None:
     _model(repo)
     counts = Counts()
-    host, fe = await _engine(repo, counts)
+    host, fe = await _engine(repo, counts, backend)
     try:
         held = await _hold(fe)
         xs = _rows(10, 0)
@@ -194,13 +245,17 @@ async def test_alike_requests_of_a_frame_are_one_entry_and_each_gets_its_own_ans
         assert (stats.success.count, stats.inference_count, stats.execution_count) == (12, 13, 2)
         assert counts.queued == counts.dequeued == 12  # queue metrics count requests, not entries
         assert counts.batches == [(1, 1), (12, 11)]
+        if backend is Direct:  # the ten left in the arena, one piece each, answered where the device wrote them
+            assert Direct.pieces == [1, 11]
+            assert Direct.destinations[1] == [(0, i, 1) for i in range(10)] + [(1, 10, 2)]
     finally:
         await host.stop()
 
 
-async def test_a_request_cancelled_in_the_queue_never_runs_and_its_group_still_does(repo) -> None:
+@BOTH
+async def test_a_request_cancelled_in_the_queue_never_runs_and_its_group_still_does(repo, backend) -> None:
     _model(repo)
-    host, fe = await _engine(repo, Counts())
+    host, fe = await _engine(repo, Counts(), backend)
     try:
         held = await _hold(fe)
         xs = _rows(6, 2)
@@ -223,9 +278,10 @@ async def test_a_request_cancelled_in_the_queue_never_runs_and_its_group_still_d
         await host.stop()
 
 
-async def test_a_request_cancelled_while_its_group_runs_is_answered_cancelled_and_the_others_succeed(repo) -> None:
+@BOTH
+async def test_a_request_cancelled_while_its_group_runs_is_answered_cancelled_and_the_others_succeed(repo, backend) -> None:
     _model(repo)
-    host, fe = await _engine(repo, Counts())
+    host, fe = await _engine(repo, Counts(), backend)
     try:
         xs = _rows(4, 3)
         xs[0][:] = HELD  # the group's batch waits for the gate
@@ -292,9 +348,10 @@ async def test_an_output_larger_than_its_slots_is_answered_one_by_one_as_bytes(r
         await host.stop()
 
 
-async def test_a_group_whose_front_end_went_away_never_runs(repo) -> None:
+@BOTH
+async def test_a_group_whose_front_end_went_away_never_runs(repo, backend) -> None:
     _model(repo)
-    host, fe = await _engine(repo, Counts())
+    host, fe = await _engine(repo, Counts(), backend)
     try:
         await _hold(fe)
         for x in _rows(5, 6):
@@ -359,3 +416,47 @@ async def test_a_group_no_profile_takes_falls_back_to_its_requests_one_by_one(re
         assert max(b.shape[0] for b in Doubling.batches) <= 2
     finally:
         await host.stop()
+
+
+async def test_a_large_member_the_device_did_not_write_gets_the_whole_group_answered_from_the_host(repo) -> None:
+    """Delivered means every member got its rows from the device; when one did not, the group's output comes back
+    to the host and every member is answered from there, in one RESULTS as before."""
+    _model(repo)
+    host, fe = await _engine(repo, Counts(), Direct)
+    try:
+        held = await _hold(fe)
+        xs = _rows(4, 9)
+        xs[2][:] = 7.0
+        Direct.refuse = 7.0
+        ids = [fe.infer("m", x) for x in xs]
+        await asyncio.sleep(0.05)
+        Doubling.gate.set()
+        answers = await fe.wait_for(5)
+        for req_id, x in zip(ids, xs):
+            assert answers[req_id][0] == ""
+            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        assert [len(msg[1]) for msg in fe.messages if msg[0] == m.RESULTS] == [4]
+        assert Direct.pieces[1:] == [4] and answers[held][0] == ""
+    finally:
+        await host.stop()
+
+
+def test_which_requests_may_share_an_entry_and_how() -> None:
+    """members_per_entry: as many as a batch holds; direct when every tensor reaches the backend's direct-copy
+    size in a page-locked arena; none when some reach it and some do not."""
+    from types import SimpleNamespace
+
+    from trtserve.server.engine import group
+
+    mv = SimpleNamespace(spec=SimpleNamespace(max_batch_size=64))
+
+    def msg(rows: int, in_bytes: int, out_bytes: int) -> tuple:
+        return (m.INFER, 1, "m", "", 1, (("INPUT0", "FP32", (rows, 4), (m.ARENA, 0, in_bytes)),),
+                (("OUTPUT0", None, (4096, out_bytes)),), rows, 0, 0, None, 0, None)
+
+    assert group.members_per_entry(mv, msg(4, 64, 64), None) == (16, False)  # not page-locked: gathered
+    assert group.members_per_entry(mv, msg(4, 64, 64), 1024) == (16, False)  # small
+    assert group.members_per_entry(mv, msg(4, 2048, 1024), 1024) == (16, True)  # large
+    assert group.members_per_entry(mv, msg(4, 2048, 512), 1024) == (0, False)  # mixed: one by one
+    assert group.members_per_entry(mv, msg(4, 512, 2048), 1024) == (0, False)
+    assert group.members_per_entry(mv, msg(128, 2048, 2048), 1024) == (0, True)  # more rows than a batch

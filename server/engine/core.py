@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from trtserve import dtypes
-from trtserve.server.engine.backends.base import DeviceTensor
+from trtserve.server.engine.backends.base import DeviceTensor, Gather
 from trtserve.server.engine import group
 from trtserve.server.engine.batcher.request import RequestResult, Ticket
 from trtserve.server.engine.repository.registry import ModelRepository, ModelVersion
@@ -209,15 +209,17 @@ class EngineCore:
         path answers every request it takes, whatever fails)."""
         first = msgs[0]
         mv: Optional[ModelVersion] = None
-        per = 0
+        per, direct_min = 0, None
         if len(msgs) > 1:
             try:
                 mv = self._repo.get(first[2], first[3])
                 if mv.serial == first[4]:
                     arena = session.arena
-                    direct = getattr(mv.backend, "direct_copy_min_bytes", None) \
+                    direct_min = getattr(mv.backend, "direct_copy_min_bytes", None) \
                         if arena is not None and arena.pinned else None
-                    per = group.members_per_entry(mv, first, direct)
+                    per, direct = group.members_per_entry(mv, first, direct_min)
+                    if not direct:
+                        direct_min = None
             except TrtServeError:
                 pass  # one by one: each request is answered why
         if mv is None or per < 2:
@@ -229,9 +231,12 @@ class EngineCore:
             if len(part) == 1:
                 self._infer(session, part[0])
             else:
-                self._queue_group(session, mv, part)
+                self._queue_group(session, mv, part, direct_min)
 
-    def _queue_group(self, session: Session, mv: ModelVersion, msgs: List[tuple]) -> None:
+    def _queue_group(self, session: Session, mv: ModelVersion, msgs: List[tuple],
+                     direct_min: Optional[int] = None) -> None:
+        """One entry for ``msgs``; ``direct_min``: its members are large (group.members_per_entry), their inputs are
+        left in the arena in pieces and each member's outputs go from the device into its own slots."""
         g = group.Group(self._group_done, session, mv, msgs)
         for msg in msgs:
             session.inflight[msg[1]] = g
@@ -243,14 +248,23 @@ class EngineCore:
                 raise Internal("no arena for this front end")
             arrays: Dict[str, Any] = {}
             shapes: Dict[str, Tuple[int, ...]] = {}
+            rows = g.rows
             for j, (name, wire, shape, _source) in enumerate(first[5]):
-                offsets = np.fromiter((msg[5][j][3][1] for msg in msgs), np.int64, len(msgs))
-                arrays[name] = arena.gather(offsets, _ARENA_DTYPES[wire], tuple(shape))
-                shapes[name] = tuple(shape[1:])
+                shape = tuple(shape)
+                dtype = _ARENA_DTYPES[wire]
+                if direct_min is not None:
+                    arrays[name] = Gather(tuple([arena.array(msg[5][j][3][1], dtype, shape) for msg in msgs]),
+                                          (rows,) + shape[1:], dtype)
+                else:
+                    offsets = np.fromiter((msg[5][j][3][1] for msg in msgs), np.int64, len(msgs))
+                    arrays[name] = arena.gather(offsets, dtype, shape)
+                shapes[name] = shape[1:]
             names = tuple([o[0] for o in first[6]])
+            members = None if direct_min is None else \
+                tuple([_arena_destinations(arena, msg[6], direct_min) for msg in msgs])
             assert mv.batcher is not None
-            mv.batcher.queue(g, arrays, names, g.rows, priority, timeout_us, None, None,
-                             on_dispatch=g.mark_dispatched, shapes=shapes, count=len(msgs))
+            mv.batcher.queue(g, arrays, names, rows, priority, timeout_us, None, None,
+                             on_dispatch=g.mark_dispatched, shapes=shapes, count=len(msgs), member_outputs=members)
         except TrtServeError:
             # the group as a whole was refused (its rows fit no optimization profile, the model is unloading, ...):
             # each request goes on its own and gets its own verdict, as it would have without the group
@@ -477,8 +491,9 @@ class EngineCore:
                      result: Any) -> Optional[tuple]:
         """Scatters each output of the group's rows into its live members' slots and returns the RESULTS outputs:
         (name, datatype, one member's shape, slot offsets, bytes each). Members have the same rows (their shapes
-        are part of the group's key). An output larger than its slots (a variable shape) is answered one by one
-        instead, as a request on its own would be: then None."""
+        are part of the group's key). An output the device wrote into every member's slot (``result.delivered``) is
+        only reported. An output larger than its slots (a variable shape) is answered one by one instead, as a
+        request on its own would be: then None."""
         arena = session.arena if not session.closed else None
         count, each = len(msgs), msgs[0][7]
         index = None
@@ -488,14 +503,19 @@ class EngineCore:
         hosts = {}
         pieces = []
         fits = True
+        delivered = result.delivered  # written into every member's slot by the device (a group of large requests)
         for j, (name, _shm, _slot) in enumerate(msgs[0][6]):
             array = _on_host(result.outputs[name])
-            want = _ARENA_DTYPES[spec.output(name).datatype]
-            host = np.ascontiguousarray(array if array.dtype == want else array.astype(want))
+            per: Optional[np.ndarray] = None
+            if name in delivered:  # its host result is not read (the backend did not even copy it back)
+                host = array
+            else:
+                want = _ARENA_DTYPES[spec.output(name).datatype]
+                host = np.ascontiguousarray(array if array.dtype == want else array.astype(want))
+                per = host.reshape((count, each) + tuple(host.shape[1:]))
+                if index is not None:
+                    per = per[index]
             hosts[name] = host
-            per = host.reshape((count, each) + tuple(host.shape[1:]))
-            if index is not None:
-                per = per[index]
             slots = np.array([msg[6][j][2] for msg in live], np.int64).reshape(-1, 2)
             nbytes = host.nbytes // count
             fits = fits and (not len(live) or int(slots[:, 1].min()) >= nbytes)
@@ -504,14 +524,15 @@ class EngineCore:
         if fits:
             written = []
             for name, wire, shape, offsets, nbytes, per in pieces:
-                if arena is not None and len(live):
+                if per is not None and arena is not None and len(live):
                     arena.scatter(offsets, per)
                 written.append((name, wire, shape, offsets.tolist(), nbytes))
             return tuple(written)
         position = {msg[1]: i for i, msg in enumerate(msgs)}
         for msg in live:
             start = position[msg[1]] * each
-            own = RequestResult({name: host[start:start + each] for name, host in hosts.items()}, 0, 0, 0, 0, 0)
+            own = RequestResult({name: host[start:start + each] for name, host in hosts.items()}, 0, 0, 0, 0, 0,
+                                delivered)
             self._answer(session, msg[1], "", "", self._write_outputs(session, None, spec, msg[6], own))
         return None
 

@@ -1,22 +1,28 @@
-"""Small requests of one front end, queued together as one batcher entry.
+"""Alike requests of one front end, queued together as one batcher entry.
 
 Under load the engine reads many INFERs of a front end at once (channel.py: a loop turn's messages go in one frame,
 and the frames that wait are read together), and most are alike: one model version, the same shapes, priority and
 timeout, inputs in the arena, outputs to slots in the arena. The engine's Python objects per request (a ticket, a
-batcher entry, NumPy views, an answer message) are what bound it with small requests
-(docs/benchmarks/gpu-frontends.md). Alike requests read together are queued as one entry: their inputs gathered from
-the arena in one indexed copy, their outputs scattered back into their slots in one, their answers sent as one
-RESULTS message. Each keeps its own id, answer, cancellation and statistics; a batch never splits an entry,
-as it never splits a request.
+batcher entry, NumPy views, an answer message) are what bound it (docs/benchmarks/gpu-frontends.md). Alike requests
+read together are queued as one entry and answered in one RESULTS message. Each keeps its own id, answer,
+cancellation and statistics; a batch never splits an entry, as it never splits a request. How the entry holds its
+members' data depends on their size:
+
+- small requests: their inputs gathered from the arena in one indexed copy, their outputs scattered back into their
+  slots in one;
+- large requests (every input and output slot at least the backend's direct-copy size, in a page-locked arena): the
+  entry's input is the members' arena views left in pieces (``Gather``), which the backend copies to the device one
+  by one from where they lie, and each member's rows of each output go from the device into its own slot
+  (``Pending.member_outputs``): no host copy either way, as for such a request on its own.
 
 Requests that are not alike in this way run one by one as before: one with a deadline (each has its own), a traced
-one, one with client shared memory or BYTES tensors, one large enough for the backend's direct copy from the
-page-locked arena, one of a model that does not batch, has a queue size limit (which counts entries), unpads outputs
-or preserves ordering.
+one, one with client shared memory or BYTES tensors, one with some tensors above the direct-copy size and some
+below, one of a model that does not batch, has a queue size limit (which counts entries), unpads outputs or
+preserves ordering.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from trtserve.server.engine.batcher.request import Ticket
 from trtserve.server.engine.repository.registry import ModelVersion
@@ -53,19 +59,23 @@ def allows(mv: ModelVersion) -> bool:
     return not any(spec.batching.queue_policy(level).max_queue_size for level in range(1, spec.batching.levels + 1))
 
 
-def members_per_entry(mv: ModelVersion, msg: tuple, direct_min: Optional[int]) -> int:
-    """How many requests like ``msg`` one entry of this model may hold (below 2: none are grouped). ``direct_min``:
-    the backend's direct-copy threshold where the arena is page-locked (None otherwise): requests that reach it are
-    copied to and from the device where they lie, which a gathered copy would only slow down."""
+def members_per_entry(mv: ModelVersion, msg: tuple, direct_min: Optional[int]) -> Tuple[int, bool]:
+    """How many requests like ``msg`` one entry of this model may hold (below 2: none are grouped), and whether the
+    entry leaves their data where it lies (``direct``, see the module's docstring). ``direct_min``: the backend's
+    direct-copy threshold where the arena is page-locked (None otherwise). A request with some tensors at or
+    above it and some below is not grouped: the large ones would lose their direct copy in a gathered entry, and
+    the small ones cost a CUDA call each in a direct one."""
     spec = mv.spec
     if spec is None or msg[_ROWS] < 1:
-        return 0
+        return 0, False
+    direct = False
     if direct_min is not None:
-        if any(source[2] >= direct_min for _n, _w, _s, source in msg[_INPUTS]):
-            return 0
-        if any(slot[1] >= direct_min for _n, _shm, slot in msg[_OUTPUTS]):
-            return 0
-    return max(1, spec.max_batch_size) // msg[_ROWS]
+        sizes = [source[2] for _n, _w, _s, source in msg[_INPUTS]] + [slot[1] for _n, _shm, slot in msg[_OUTPUTS]]
+        large = sum(1 for n in sizes if n >= direct_min)
+        if large and large < len(sizes):
+            return 0, False
+        direct = large > 0
+    return max(1, spec.max_batch_size) // msg[_ROWS], direct
 
 
 class Group(Ticket):

@@ -148,6 +148,17 @@ def test_concurrent_mixed_batches_match_onnxruntime(stub, repo: pathlib.Path) ->
     assert stats.inference_count == sum(sizes)
 
 
+def test_alike_large_requests_grouped_in_the_engine_match_onnxruntime(stub, repo: pathlib.Path) -> None:
+    """32-row requests read 8 KiB and write 2 KiB, both past the model's direct-copy size (1 KiB): behind two front
+    ends, a front end's alike ones are queued as one entry whose input stays in the page-locked arena in pieces and
+    whose members each get their rows written by the device into their own slots (engine/group.py)."""
+    ort = ort_session(repo / "mlp_trt" / "1" / "model.onnx")
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        xs = [_x(32, 1000 + k) for k in range(192)]
+        for x, y in zip(xs, pool.map(lambda x: _infer(stub, "mlp_trt", x), xs)):
+            np.testing.assert_allclose(y, ort_run(ort, {"INPUT0": x})["OUTPUT0"], **TF32_TOL)
+
+
 @pytest.mark.parametrize(
     "model, x, datatype, match",
     [

@@ -125,7 +125,8 @@ class DeviceDestination:
     """Outputs one request of a batch wants written by the device itself: its rows of each named output go to
     ``(pointer, bytes available)``, in device memory (CUDA shared memory) or in page-locked host memory (a front
     end's arena the engine registered with CUDA; see ``Backend.direct_copy_min_bytes``). Only given to backends
-    with ``accepts_device_tensors``."""
+    with ``accepts_device_tensors``. A batch entry that stands for several requests (engine/group.py) has one per
+    member, all with the entry's ``request`` index."""
 
     request: int  # index of the request in the batch
     row_offset: int
@@ -141,7 +142,7 @@ class BatchResult:
     compute_input_ns: int = 0
     compute_infer_ns: int = 0
     compute_output_ns: int = 0
-    # request index -> outputs already written to that request's DeviceDestination (the server skips them)
+    # request index -> outputs already written to every DeviceDestination of that index (the server skips them)
     delivered: Dict[int, FrozenSet[str]] = dataclasses.field(default_factory=dict)
 
 
@@ -233,6 +234,13 @@ class Backend(abc.ABC):
         """Waits for a batch ``enqueue`` started; once per ticket. Raises what the batch failed with."""
         assert isinstance(ticket, BatchResult)
         return ticket
+
+    def wait(self, instance: int, ticket: object) -> bool:
+        """Blocks until the batch ``enqueue`` started has finished on the device, so that ``collect`` returns at
+        once, and says True; on another thread than ``collect`` (the engine's completion thread, while its loop
+        goes on). An error here is left for ``collect`` to raise. False (the default): this backend cannot wait
+        apart from collecting, and ``collect`` runs on the waiting thread."""
+        return False
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -19,12 +19,13 @@ def stack(requests: Sequence[Pending], shapes: Mapping[str, Shape], pad_values: 
     that many bytes are left in pieces (``Gather``), which the backend copies to the device one by one from
     where they lie, instead of concatenating them first."""
     if not batches or len(requests) == 1 and all(requests[0].shapes[n] == s for n, s in shapes.items()):
-        return {n: a if is_host(a) or hasattr(a, "__cuda_array_interface__") else np.asarray(a)
-                for n, a in requests[0].inputs.items()}
+        return {n: a if is_host(a) or isinstance(a, Gather) or hasattr(a, "__cuda_array_interface__")
+                else np.asarray(a) for n, a in requests[0].inputs.items()}
     rows = sum(r.rows for r in requests)
     batched: Dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
-        parts = [r.inputs[name] for r in requests]
+        # an entry standing for several requests may hold its input in pieces (engine/group.py): one piece each
+        parts = [p for r in requests for p in _pieces(r.inputs[name])]
         if gather_min_bytes is not None and all(is_host(p) and p.nbytes >= gather_min_bytes
                                                 and p.shape[1:] == shape for p in parts):
             batched[name] = Gather(tuple(parts), (rows,) + tuple(shape), np.dtype(parts[0].dtype))
@@ -52,6 +53,10 @@ def stack(requests: Sequence[Pending], shapes: Mapping[str, Shape], pad_values: 
             offset += p.shape[0]
         batched[name] = batch
     return batched
+
+
+def _pieces(a: object) -> Sequence[object]:
+    return a.parts if isinstance(a, Gather) else (a,)
 
 
 def split(outputs: Mapping[str, np.ndarray], requests: Sequence[Pending],

@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 import types
-from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -118,7 +118,8 @@ class DynamicBatcher:
               priority: int = 0, timeout_us: int = 0, deadline: Optional[float] = None,
               device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
               on_dispatch: Optional[Callable[[], None]] = None,
-              shapes: Optional[Dict[str, Tuple[int, ...]]] = None, count: int = 1) -> None:
+              shapes: Optional[Dict[str, Tuple[int, ...]]] = None, count: int = 1,
+              member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]] = None) -> None:
         """Queues a validated request; its answer is settled on ``ticket`` (the engine's path: no future per
         request). ``device_outputs``: outputs the backend may write straight into device memory (name ->
         pointer, bytes; CUDA shared memory). ``on_dispatch``: called when the request joins a batch on an
@@ -126,7 +127,8 @@ class DynamicBatcher:
         (the whole shape when the model does not batch) when the caller has them already; else read from the
         arrays. ``count``: how many client requests this entry stands for (a group of them, see
         ``Pending.count``): queue metrics and batch statistics count those; the queue's size limit counts entries
-        (the engine groups no requests of a model that has one).
+        (the engine groups no requests of a model that has one). ``member_outputs``: such a group's
+        ``device_outputs``, one mapping per member (members have equal rows).
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -160,7 +162,7 @@ class DynamicBatcher:
             timeout = min(timeout, timeout_us) if timeout else timeout_us
         queue_deadline = (now + timeout / 1e6) if timeout else None
         req = Pending(inputs, outputs, rows, shapes, level, now, ticket, queue_deadline, deadline, False,
-                      next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch, count)
+                      next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch, count, member_outputs)
         ticket.on_cancel = self._cancel_hook
         queue.append(req)
         if deadline is not None or queue_deadline is not None:
@@ -356,7 +358,7 @@ class DynamicBatcher:
                 failed.set_exception(e)
                 loop.call_soon(self._complete, p, seq, now, failed, done)
                 return
-            self._pool.complete(instance, lambda: self._end(p, *begun)).add_done_callback(finished)
+            self._pool.after(instance, self._waiter(p, seq, now, begun, done, loop))
             return
         if not self._pipelined:
             # a plain done-callback, not a Task awaiting run_in_executor: the result is handled in the first loop
@@ -388,6 +390,37 @@ class DynamicBatcher:
         # submitted as one function, not chained with add_done_callback: a callback added to a future that is
         # already done runs on the adding thread, and that would put the wait on the event loop
         self._pool.submit(instance, on_instance)
+
+    def _waiter(self, p: policy.Plan, seq: int, dispatched: float, begun: Tuple[object, int, float],
+                done: "asyncio.Future", loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """The completion thread's part of a batch the loop enqueued: wait for the device, then hand the batch to
+        the loop, which collects, splits and answers it (``_collected``). Only the wait runs there: anything more
+        would hold the GIL on that thread while the loop, which enqueues every batch, waits for it. A backend that
+        cannot wait apart (``Backend.wait`` says False) is collected and split on that thread instead."""
+        backend, instance, ticket = self._backend, p.instance, begun[0]
+
+        def wait() -> None:
+            outcome: Optional[_Outcome] = None
+            try:
+                apart = backend.wait(instance, ticket)  # type: ignore[arg-type]
+            except BaseException:  # noqa: BLE001 - collect raises it again, on the loop
+                apart = True
+            if not apart:
+                outcome = _Outcome.of(lambda: self._end(p, *begun))
+            try:
+                loop.call_soon_threadsafe(self._collected, p, seq, dispatched, begun, outcome, done)
+            except RuntimeError:  # the loop is closed: the process is exiting, nobody waits for the answer
+                pass
+
+        return wait
+
+    def _collected(self, p: policy.Plan, seq: int, dispatched: float, begun: Tuple[object, int, float],
+                   outcome: Optional["_Outcome"], done: "asyncio.Future") -> None:
+        """On the loop: the batch finished on the device; collected and split here unless the completion thread
+        did, then answered."""
+        if outcome is None:
+            outcome = _Outcome.of(lambda: self._end(p, *begun))
+        self._complete(p, seq, dispatched, outcome, done)
 
     def _begin(self, p: policy.Plan) -> Tuple[object, int, float]:
         """Instance thread: stacks the batch and starts it; (backend ticket, host ns spent, start time)."""
@@ -440,19 +473,24 @@ class DynamicBatcher:
 
     def _destinations(self, requests: Sequence[Pending]) -> List[DeviceDestination]:
         """Where requests want outputs in device memory: each one's rows (an unbatched model: the whole
-        output). Outputs sliced back per request along variable dims (``trtserve.unpad``) are not
-        contiguous rows, so the server writes those from the host result."""
+        output; a group: one destination per member, all with the group's index). Outputs sliced back per
+        request along variable dims (``trtserve.unpad``) are not contiguous rows, so the server writes those from
+        the host result."""
         out: List[DeviceDestination] = []
         offset = 0
         for i, r in enumerate(requests):
-            if r.device_outputs:  # most requests want none: no dict built for them
+            if r.member_outputs:  # a group: each member's rows to its own memory (groups never unpad)
+                each = r.rows // len(r.member_outputs)
+                out.extend(DeviceDestination(i, offset + k * each, each, wanted)
+                           for k, wanted in enumerate(r.member_outputs) if wanted)
+            elif r.device_outputs:  # most requests want none: no dict built for them
                 wanted = {n: d for n, d in r.device_outputs.items() if n not in self._unpad}
                 if wanted:
                     out.append(DeviceDestination(i, offset if self.spec.batches else 0, r.rows, wanted))
             offset += r.rows
         return out
 
-    def _complete(self, p: policy.Plan, seq: int, dispatched: float, f: "concurrent.futures.Future",
+    def _complete(self, p: policy.Plan, seq: int, dispatched: float, f: "Union[concurrent.futures.Future, _Outcome]",
                   done: "asyncio.Future") -> None:
         """On the loop, once the batch's work finished (``_work``, or ``_end`` on the instance or completion
         thread): answers the batch's requests and frees the instance."""
@@ -469,7 +507,8 @@ class DynamicBatcher:
                 done.set_result(None)
         self._wake.set()  # the freed instance: the loop plans what runs next
 
-    def _answer(self, p: policy.Plan, seq: int, dispatched: float, f: "concurrent.futures.Future") -> None:
+    def _answer(self, p: policy.Plan, seq: int, dispatched: float,
+                f: "Union[concurrent.futures.Future, _Outcome]") -> None:
         assert p.instance is not None
         error: Optional[BaseException] = None
         abandoned = False
@@ -518,6 +557,28 @@ class DynamicBatcher:
 
 _NO_DEVICE_OUTPUTS: Mapping[str, Tuple[int, int]] = types.MappingProxyType({})
 _NOTHING_DELIVERED: frozenset = frozenset()
+
+
+class _Outcome:
+    """What a batch's work returned or raised, read as a future's ``result()`` is (no future's lock and callbacks:
+    one is made per batch on the engine's loop)."""
+
+    __slots__ = ("_value", "_error")
+
+    def __init__(self, value: object = None, error: Optional[BaseException] = None) -> None:
+        self._value, self._error = value, error
+
+    @staticmethod
+    def of(work: Callable[[], object]) -> "_Outcome":
+        try:
+            return _Outcome(work())
+        except BaseException as e:  # noqa: BLE001 - whatever happens, the batch gets its one answer
+            return _Outcome(error=e)
+
+    def result(self) -> object:
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class _Abandoned(Exception):

@@ -8,9 +8,14 @@ next while the completion thread waits for the first, so the two batches overlap
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Callable, Dict, List, Set, TypeVar
+import logging
+import queue
+import threading
+from typing import Callable, Dict, List, Optional, Set, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("trtserve.executor")
 
 
 class ExecutorPool:
@@ -23,10 +28,7 @@ class ExecutorPool:
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-inst{i}")
             for i in range(count)
         ]
-        self._completion: List[concurrent.futures.ThreadPoolExecutor] = [
-            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-done{i}")
-            for i in range(count)
-        ] if completion else []
+        self._completion: List[_Worker] = [_Worker(f"{name}-done{i}") for i in range(count)] if completion else []
         self._held: Dict[int, int] = {i: 0 for i in range(count)}
         self._depth = depth
 
@@ -65,8 +67,54 @@ class ExecutorPool:
 
     def complete(self, instance: int, fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
         """Runs ``fn`` on the instance's completion thread (FIFO: batches finish in the order they started)."""
-        return self._completion[instance].submit(fn)
+        future: "concurrent.futures.Future[T]" = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - the caller reads it from the future
+                future.set_exception(e)
+
+        self._completion[instance].put(run)
+        return future
+
+    def after(self, instance: int, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` on the instance's completion thread, in order, with nothing handed back: ``fn`` tells its
+        loop itself and must not raise (no future per batch: the engine's loop waits for the GIL while the
+        completion thread holds it, so what that thread does per batch is kept to the least)."""
+        self._completion[instance].put(fn)
 
     def shutdown(self) -> None:
-        for t in self._threads + self._completion:  # instance threads first: they feed the completion threads
+        for t in self._threads:  # instance threads first: they feed the completion threads
             t.shutdown(wait=True)
+        for w in self._completion:
+            w.stop()
+
+
+class _Worker:
+    """One thread running the callables put to it, in order (a ThreadPoolExecutor of one thread without the
+    future, work item and condition it makes per call)."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, fn: Callable[[], None]) -> None:
+        self._queue.put(fn)
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            fn = get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except BaseException:  # noqa: BLE001 - a callable that raised must not stop the ones behind it
+                log.exception("completion work failed")
+
+    def stop(self) -> None:
+        """Runs what was put before, then ends the thread."""
+        self._queue.put(None)
+        self._thread.join()

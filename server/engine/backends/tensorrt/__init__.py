@@ -251,6 +251,10 @@ class TensorRTBackend(Backend):
         assert isinstance(ticket, InFlight)
         return self._instance(instance).collect(ticket)
 
+    def wait(self, instance: int, ticket: object) -> bool:
+        assert isinstance(ticket, InFlight)
+        return self._instance(instance).wait(ticket)
+
     def _instance(self, instance: int) -> InstanceContext:
         if not 0 <= instance < len(self._instances):
             raise InvalidArgument(f"{self._what}: no instance {instance} (have {len(self._instances)})")

@@ -338,6 +338,15 @@ class InstanceContext:
         self._next = (slot + 1) % self.slots
         return InFlight(slot, out_shapes, wanted, t0, t1, graph, delivered, skipped)
 
+    def wait(self, batch: InFlight) -> bool:
+        """Blocks (without the GIL) until the batch is done on the device; ``collect`` then finds it done. A failure
+        is left to ``collect``, which waits again and reports it."""
+        try:
+            self._events[batch.slot][3].synchronize()
+        except Exception:  # noqa: BLE001 - collect raises it, with the batch's context
+            pass
+        return True
+
     def collect(self, batch: InFlight) -> BatchResult:
         """Waits for an enqueued batch and returns its outputs; any thread, once per ``enqueue``, in order."""
         ev_start, ev_in, ev_exec, ev_done = self._events[batch.slot]
@@ -397,10 +406,11 @@ class InstanceContext:
                     rt.memcpyAsync(ptr, t.ptr + start, n, rt.memcpyDefault, stream.ptr)
                 done.append(name)
                 covered[name] = covered.get(name, 0) + (d.rows if self._batched else 1)
-            if done:
-                delivered[d.request] = frozenset(done)
+            mine = frozenset(done)  # a group's members share its index: delivered is what reached every member
+            delivered[d.request] = mine if d.request not in delivered else delivered[d.request] & mine
         whole = {n: (shape[0] if self._batched else 1) for n, shape in out_shapes.items()}
-        return delivered, frozenset(n for n, c in covered.items() if c >= whole[n] > 0)
+        return ({i: names for i, names in delivered.items() if names},
+                frozenset(n for n, c in covered.items() if c >= whole[n] > 0))
 
     def _enqueue(
         self, inputs: Mapping[str, np.ndarray], rows: Optional[int], wanted: Sequence[str],

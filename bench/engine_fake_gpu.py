@@ -1,0 +1,220 @@
+"""The engine's own cost on large GPU requests, without a GPU: the engine process serving a stand-in for the
+TensorRT backend that keeps its contract (pipelined: enqueue returns at once, collect waits; inputs read where they
+lie in the page-locked arena, outputs written into the arena slots) and whose "device" takes ``--device-us`` per
+batch, one batch after another. What is left is the engine's Python per batch and per request: descriptors in,
+queueing, batching, enqueue, answers out.
+
+    python -m bench.engine_fake_gpu [--device-us 160] [--concurrency 4,16,64] [--duration 3] [--baseline DIR]
+
+Defaults mirror bench.gpu_engine's heavy MLP (256 FP16 values per row, 256-row requests, batches of up to 1024 on
+two instances; an H200 computes such a batch in about 160 us). "of device" is the rate against what the device
+alone would allow. ``--baseline DIR``: the same run with the engine of another checkout (a ``git archive`` of an
+older commit), interleaved per level. Run as a module by the engine side too (``--serve``, internal).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import asyncio
+import dataclasses
+import os
+import pathlib
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+N = 256  # values per row, in and out
+
+
+def _backend_class():  # imported only in the engine process, where trtserve is the one being measured
+    from trtserve.server.engine.backends.base import Backend, BatchResult, Profile, ShapeRange, TensorSpec
+
+    class FakeGpu(Backend):
+        """The device is busy ``device_s`` per batch, batches queue behind each other as on one GPU; outputs are
+        zeros (the benchmark does not read them)."""
+
+        platform = "tensorrt_plan"
+        accepts_device_tensors = True
+        pipelined = True
+        direct_copy_min_bytes = 16384
+        device_s = 160e-6
+        execute_s = 30e-6  # host time of execute_async_v3, without the GIL
+
+        def open(self) -> None:
+            mb = self.config.max_batch_size
+            self._stage = [np.empty((mb, N), np.float16) for _ in range(self.config.instance_count * 2)]
+            self._free_at = 0.0
+            self._lock = threading.Lock()
+            shape = (mb, N)
+            self._profiles = [Profile(0, {"INPUT0": ShapeRange((1, N), shape, shape)},
+                                      tuple(range(self.config.instance_count)))]
+
+        def io(self):
+            return ((TensorSpec("INPUT0", "FP16", (-1, N)),), (TensorSpec("OUTPUT0", "FP16", (-1, N)),))
+
+        def profiles(self):
+            return self._profiles
+
+        def staging(self, instance: int, shapes: Mapping[str, Tuple[int, ...]]):
+            return {"INPUT0": self._stage[instance][:shapes["INPUT0"][0]]}
+
+        def run(self, instance, inputs, outputs):
+            return self.collect(instance, self.enqueue(instance, inputs, outputs))
+
+        def run_to_device(self, instance, inputs, outputs, destinations):
+            return self.collect(instance, self.enqueue(instance, inputs, outputs, destinations))
+
+        def enqueue(self, instance, inputs, outputs, destinations=()):
+            x = inputs["INPUT0"]
+            # TensorRT's enqueue makes a CUDA call per input piece, per destination, per timing event, and
+            # execute_async_v3; each gives the GIL up while it runs, as CuPy's and TensorRT's bindings do
+            for _ in range(len(getattr(x, "parts", (x,))) + len(destinations) + 4):
+                _cuda_call()
+            _cuda_call(self.execute_s)
+            # the device copies into the arena slots cost the engine a CUDA call each, not a host copy: nothing
+            # is copied here, the destinations only count as delivered
+            delivered = {d.request: frozenset({"OUTPUT0"}) for d in destinations
+                         if d.rows * N * 2 <= d.outputs["OUTPUT0"][1]}
+            rows = int(x.shape[0])
+            with self._lock:
+                start = max(time.perf_counter(), self._free_at)
+                self._free_at = start + self.device_s
+                ready = self._free_at
+            covered = sum(d.rows for d in destinations if d.request in delivered)
+            return ready, rows, delivered, covered >= rows
+
+        def wait(self, instance, ticket):
+            wait = ticket[0] - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            return True
+
+        def collect(self, instance, ticket):
+            ready, rows, delivered, all_delivered = ticket
+            self.wait(instance, ticket)
+            for _ in range(3):  # the timing events' elapsed times
+                _cuda_call()
+            out = np.broadcast_to(np.zeros((), np.float16), (rows, N)) if all_delivered else \
+                np.zeros((rows, N), np.float16)
+            return BatchResult({"OUTPUT0": out}, delivered=delivered)
+
+        def close(self) -> None:
+            pass
+
+    return FakeGpu
+
+
+_HASHED = bytes(1 << 20)
+
+
+def _cuda_call(seconds: float = 2e-6) -> None:
+    """Host time of a CUDA call without the GIL: hashlib lets the GIL go while it hashes (a buffer this large),
+    and a hash of n bytes takes time in proportion to n."""
+    hashlib.sha256(memoryview(_HASHED)[:max(2048, int(seconds * _BYTES_PER_S))])
+
+
+def _calibrate() -> float:
+    t0 = time.perf_counter()
+    for _ in range(20):
+        hashlib.sha256(_HASHED)
+    return 20 * len(_HASHED) / (time.perf_counter() - t0)
+
+
+_BYTES_PER_S = 1e9
+
+
+def serve() -> int:
+    """The engine process, with the stand-in backend and arenas that count as page-locked."""
+    from trtserve.server.engine import process
+    from trtserve.server.ipc.arena import Arena
+    from trtserve.server.process import child
+
+    Arena.pin = lambda self: setattr(self, "pinned", True)  # type: ignore[method-assign]
+    close = Arena.close
+
+    def unpin_then_close(self: Arena) -> None:
+        self.pinned = False  # nothing was registered with CUDA
+        close(self)
+
+    Arena.close = unpin_then_close  # type: ignore[method-assign]
+    payload = child.boot()
+    global _BYTES_PER_S
+    _BYTES_PER_S = _calibrate()
+    backend = _backend_class()
+    backend.device_s = float(os.environ.get("FAKE_GPU_DEVICE_US", "160")) / 1e6
+    payload["options"] = dataclasses.replace(payload["options"], backend_factories={"tensorrt_plan": backend})
+    return asyncio.run(process._run(payload))
+
+
+def _repository(root: pathlib.Path, max_batch: int, instances: int) -> pathlib.Path:
+    repo = root / "repo"
+    (repo / "heavy" / "1").mkdir(parents=True, exist_ok=True)
+    (repo / "heavy" / "config.pbtxt").write_text(
+        f'name: "heavy"\nplatform: "tensorrt_plan"\nmax_batch_size: {max_batch}\n'
+        f'input [ {{ name: "INPUT0", data_type: TYPE_FP16, dims: [ {N} ] }} ]\n'
+        f'output [ {{ name: "OUTPUT0", data_type: TYPE_FP16, dims: [ {N} ] }} ]\n'
+        f'instance_group [ {{ count: {instances}, kind: KIND_GPU }} ]\ndynamic_batching {{ }}\n')
+    return repo
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device-us", type=float, default=160.0)
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=1024)
+    p.add_argument("--instances", type=int, default=2)
+    p.add_argument("--concurrency", default="4,16,64")
+    p.add_argument("--duration", type=float, default=3.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--engine-cpus", default=None)
+    p.add_argument("--baseline", type=pathlib.Path, default=None,
+                   help="a checkout of another commit: its engine measured in the same run")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(list(argv) if argv is not None else None)
+    if a.serve:
+        return serve()
+    from bench import engine_alone
+    from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US  # what `trtserve serve` sets where TensorRT runs
+
+    root = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-fake-gpu-"))
+    repo = _repository(root, a.max_batch, a.instances)
+    here = pathlib.Path(__file__).resolve().parent.parent
+    codes: List[Tuple[str, pathlib.Path]] = [("this", here)]
+    if a.baseline is not None:
+        codes.append(("baseline", a.baseline.resolve()))
+    device_rows_s = a.max_batch / (a.device_us / 1e6)
+    print(f"engine with a stand-in GPU: {a.device_us:g} us per batch of up to {a.max_batch} rows "
+          f"(device alone: {device_rows_s:,.0f} rows/s), {a.rows}-row requests of {N} FP16, "
+          f"{a.instances} instances; medians of {a.rounds} round(s)")
+    print(f"{'code':>9} {'in flight':>9} {'req/s':>8} {'rows/s':>11} {'of device':>9} {'p50 ms':>7} {'batch':>6} "
+          f"{'engine cores':>12} {'engine us/req':>13} {'driver cores':>12}", flush=True)
+    inputs = [("INPUT0", "FP16", (N,))]
+    for level in [int(x) for x in a.concurrency.split(",")]:
+        results: Dict[str, List[Dict[str, float]]] = {name: [] for name, _ in codes}
+        for _ in range(a.rounds):
+            for name, code in codes:
+                # run as a script, so that ``trtserve`` comes from PYTHONPATH (that checkout), not the working folder
+                env = {"PYTHONPATH": str(code), "FAKE_GPU_DEVICE_US": str(a.device_us)}
+                engine = engine_alone.Engine(repo, a.engine_cpus, env=env, script=[__file__, "--serve"],
+                                             switch_interval=DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6)
+                try:
+                    results[name].append(asyncio.run(engine_alone._level(engine, "heavy", inputs, a.rows, level,
+                                                                         a.warmup, a.duration)))
+                finally:
+                    engine.stop()
+        for name, _ in codes:
+            rs = sorted(results[name], key=lambda r: r["req_s"])
+            r = rs[len(rs) // 2]
+            print(f"{name:>9} {level:>9} {r['req_s']:>8.0f} {r['rows_s']:>11.0f} "
+                  f"{r['rows_s'] / device_rows_s:>9.0%} {r['p50_ms']:>7.2f} {r['mean_batch']:>6.0f} "
+                  f"{r['engine_cores']:>12.2f} {r['engine_us_per_req']:>13.1f} {r['driver_cores']:>12.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
