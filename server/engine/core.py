@@ -506,27 +506,29 @@ class EngineCore:
         delivered = result.delivered  # written into every member's slot by the device (a group of large requests)
         for j, (name, _shm, _slot) in enumerate(msgs[0][6]):
             array = _on_host(result.outputs[name])
-            per: Optional[np.ndarray] = None
-            if name in delivered:  # its host result is not read (the backend did not even copy it back)
-                host = array
-            else:
-                want = _ARENA_DTYPES[spec.output(name).datatype]
-                host = np.ascontiguousarray(array if array.dtype == want else array.astype(want))
-                per = host.reshape((count, each) + tuple(host.shape[1:]))
-                if index is not None:
-                    per = per[index]
-            hosts[name] = host
+            wire = spec.output(name).datatype
+            if name in delivered:  # only reported: its host result is not read (the backend did not copy it back)
+                hosts[name] = array
+                pieces.append((name, wire, (each,) + tuple(array.shape[1:]), [msg[6][j][2][0] for msg in live],
+                               array.nbytes // count, None))
+                continue
+            want = _ARENA_DTYPES[wire]
+            host = hosts[name] = np.ascontiguousarray(array if array.dtype == want else array.astype(want))
+            per = host.reshape((count, each) + tuple(host.shape[1:]))
+            if index is not None:
+                per = per[index]
             slots = np.array([msg[6][j][2] for msg in live], np.int64).reshape(-1, 2)
             nbytes = host.nbytes // count
             fits = fits and (not len(live) or int(slots[:, 1].min()) >= nbytes)
-            shape = (each,) + tuple(host.shape[1:])
-            pieces.append((name, spec.output(name).datatype, shape, slots[:, 0], nbytes, per))
+            pieces.append((name, wire, (each,) + tuple(host.shape[1:]), slots[:, 0], nbytes, per))
         if fits:
             written = []
             for name, wire, shape, offsets, nbytes, per in pieces:
-                if per is not None and arena is not None and len(live):
-                    arena.scatter(offsets, per)
-                written.append((name, wire, shape, offsets.tolist(), nbytes))
+                if per is not None:
+                    if arena is not None and len(live):
+                        arena.scatter(offsets, per)
+                    offsets = offsets.tolist()
+                written.append((name, wire, shape, offsets, nbytes))
             return tuple(written)
         position = {msg[1]: i for i, msg in enumerate(msgs)}
         for msg in live:
