@@ -22,7 +22,8 @@ SETUPS = {  # model -> (rows per request, reference batch = max_batch_size, inst
 }
 
 
-_ENGINE_MODULES = {"loop": "trtserve.server.engine.process", "instance": "bench.engine_instance_enqueue"}
+_ENGINE_MODULES = {"loop": "trtserve.server.engine.process", "instance": "bench.engine_instance_enqueue",
+                   "completion-collects": "bench.engine_completion_collects"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -39,7 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="a model config parameter for the served model, e.g. trtserve.direct_copy_min_bytes=0")
     p.add_argument("--enqueue-on", default="loop",
                    help="who enqueues TensorRT batches, compared in one run: loop (the engine's, the default), "
-                        "instance (each instance's thread, as before; bench/engine_instance_enqueue.py)")
+                        "instance (each instance's thread, as before; bench/engine_instance_enqueue.py), "
+                        "completion-collects (the loop, with each batch collected on the completion thread, as "
+                        "before the loop collected them; bench/engine_completion_collects.py)")
     p.add_argument("--cprofile", type=pathlib.Path, default=None, metavar="DIR",
                    help="after the measured levels, one more run of the highest with cProfile on the engine's main "
                         "thread (bench/engine_cprofile.py); its busiest functions are printed and saved in DIR")
