@@ -6,7 +6,7 @@
 #   bash tests/gpu/device_session.sh gpu [ARGS]         python3.9 -m bench.gpu, the GPU suite (log: $OUT/bench-gpu.log)
 #   bash tests/gpu/device_session.sh python ARGS        python3.9 with the kit and the checkout on the path
 # The parts p.NN are one byte stream: the kit tarball (zstd -19 --long=31; KIT_BYTES long) followed by TensorRT's
-# builder resource (zstd --long=31); made from make-kit.sh's output by recompressing (fewer, 60 MiB parts).
+# builder resource (zstd --long=31); made from make-kit.sh's output by recompressing (58 MiB parts, see make_parts.sh).
 set -euo pipefail
 # Our own folder, not make-kit's /tmp/gpukit: another session may hold the same machine with its own kit there.
 K=/tmp/trtkit

@@ -2,8 +2,11 @@
 # Builds the parts that tests/gpu/device_session.sh unpacks on the lent GPU machine, into .gpukit/p.NN (git ignores it):
 # make-kit.sh's kit (CPython 3.9, TensorRT 8.6.0 with the builder, CuPy 13, NumPy 2.0, our cp39 dependencies) plus
 # perf_analyzer's binary (../shared/perf-analyzer/setup.sh), recompressed with zstd -19 --long=31 into one byte stream
-# cut in 61 MiB parts (8 uploads; the first also carries zstd): fewer uploads than make-kit's 56 MiB parts at -12 (each upload is one `run` call).
-#   usage: bash tests/gpu/make_parts.sh          then upload .gpukit/p.00 (with zstd, kit_bytes.txt), p.01, ... in order
+# cut in 58 MiB parts (9 uploads; kit_bytes.txt goes with the first, zstd with the last, small one). Each upload
+# is one `run` call, and a part travels with the checkout, which must stay within the 64 MiB a call may carry
+# (61 MiB parts stopped fitting once the checkout passed 3 MiB).
+#   usage: bash tests/gpu/make_parts.sh   then upload .gpukit/p.00 (with kit_bytes.txt), p.01, ..., the last with
+#   zstd, in order
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SHARED=$ROOT/../shared
@@ -24,5 +27,5 @@ zstd -q -19 -T0 --long=31 -f "$W/builder.so" -o "$W/builder.zst"
 rm -rf "$ROOT/.gpukit" && mkdir -p "$ROOT/.gpukit"
 stat -c %s "$W/kit.tar.zst" > "$ROOT/.gpukit/kit_bytes.txt"
 cp "$(command -v zstd)" "$ROOT/.gpukit/zstd"
-cat "$W/kit.tar.zst" "$W/builder.zst" | split -b 61M -d -a 2 - "$ROOT/.gpukit/p."
+cat "$W/kit.tar.zst" "$W/builder.zst" | split -b 58M -d -a 2 - "$ROOT/.gpukit/p."
 ls -la "$ROOT/.gpukit"
