@@ -441,6 +441,27 @@ async def test_a_large_member_the_device_did_not_write_gets_the_whole_group_answ
         await host.stop()
 
 
+async def test_a_large_member_whose_slot_the_device_cannot_write_sends_the_group_through_the_host(repo) -> None:
+    """One member's output slot is below the direct-copy size (and too small for its output): no member of the
+    group gets a device copy, and the output larger than its slot is answered one by one, as bytes."""
+    _model(repo)
+    host, fe = await _engine(repo, Counts(), Direct)
+    try:
+        held = await _hold(fe)
+        xs = _rows(3, 10)
+        ids = [fe.infer("m", x, slot_bytes=8 if i == 1 else None) for i, x in enumerate(xs)]
+        await asyncio.sleep(0.05)
+        Doubling.gate.set()
+        answers = await fe.wait_for(4)
+        for req_id, x in zip(ids, xs):
+            assert answers[req_id][0] == ""
+            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        assert not [msg for msg in fe.messages if msg[0] == m.RESULTS]
+        assert Direct.pieces[1:] == [3] and Direct.destinations[1:] == [[]] and answers[held][0] == ""
+    finally:
+        await host.stop()
+
+
 def test_which_requests_may_share_an_entry_and_how() -> None:
     """members_per_entry: as many as a batch holds; direct when every tensor reaches the backend's direct-copy
     size in a page-locked arena; none when some reach it and some do not."""

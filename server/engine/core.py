@@ -260,8 +260,13 @@ class EngineCore:
                     arrays[name] = arena.gather(offsets, dtype, shape)
                 shapes[name] = shape[1:]
             names = tuple([o[0] for o in first[6]])
-            members = None if direct_min is None else \
-                tuple([_arena_destinations(arena, msg[6], direct_min) for msg in msgs])
+            members = None
+            if direct_min is not None:
+                members = tuple([_arena_destinations(arena, msg[6], direct_min) for msg in msgs])
+                if not members[0] or any(d.keys() != members[0].keys() for d in members):
+                    # the device writes an output of a group for every member or for none (delivered means every
+                    # member got it): a member whose slot cannot take it sends the group's outputs through the host
+                    members = None
             assert mv.batcher is not None
             mv.batcher.queue(g, arrays, names, rows, priority, timeout_us, None, None,
                              on_dispatch=g.mark_dispatched, shapes=shapes, count=len(msgs), member_outputs=members)
