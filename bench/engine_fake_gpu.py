@@ -1,29 +1,31 @@
 """The engine's own cost on large GPU requests, without a GPU: the engine process serving a stand-in for the
-TensorRT backend that keeps its contract (pipelined: enqueue returns at once, collect waits; inputs read where they
-lie in the page-locked arena, outputs written into the arena slots) and whose "device" takes ``--device-us`` per
-batch, one batch after another. What is left is the engine's Python per batch and per request: descriptors in,
-queueing, batching, enqueue, answers out.
+TensorRT backend that keeps its contract (pipelined: enqueue returns at once, wait/collect after; inputs taken where
+they lie in the page-locked arena, outputs counted as delivered into the arena slots, as TensorRT's device copies do)
+and whose "device" takes ``--device-us`` per batch, one batch after another. Each CUDA call TensorRT makes per batch
+(a copy per input piece and per output destination, four timing events, ``execute_async_v3``, three elapsed times)
+is stood in for by a few microseconds of work without the GIL, as CuPy's and TensorRT's bindings give it up. What
+is left is the engine's Python per batch and per request: descriptors in, queueing, batching, enqueue, answers out.
 
     python -m bench.engine_fake_gpu [--device-us 160] [--concurrency 4,16,64] [--duration 3] [--baseline DIR]
 
 Defaults mirror bench.gpu_engine's heavy MLP (256 FP16 values per row, 256-row requests, batches of up to 1024 on
 two instances; an H200 computes such a batch in about 160 us). "of device" is the rate against what the device
 alone would allow. ``--baseline DIR``: the same run with the engine of another checkout (a ``git archive`` of an
-older commit), interleaved per level. Run as a module by the engine side too (``--serve``, internal).
+older commit), interleaved per level. The engine side runs this file as a script (``--serve``, internal).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import asyncio
 import dataclasses
+import hashlib
 import os
 import pathlib
 import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -43,6 +45,7 @@ def _backend_class():  # imported only in the engine process, where trtserve is 
         direct_copy_min_bytes = 16384
         device_s = 160e-6
         execute_s = 30e-6  # host time of execute_async_v3, without the GIL
+        cuda_call: Callable[..., None] = staticmethod(lambda seconds=0.0: None)  # serve() sets a _CudaCall
 
         def open(self) -> None:
             mb = self.config.max_batch_size
@@ -73,8 +76,8 @@ def _backend_class():  # imported only in the engine process, where trtserve is 
             # TensorRT's enqueue makes a CUDA call per input piece, per destination, per timing event, and
             # execute_async_v3; each gives the GIL up while it runs, as CuPy's and TensorRT's bindings do
             for _ in range(len(getattr(x, "parts", (x,))) + len(destinations) + 4):
-                _cuda_call()
-            _cuda_call(self.execute_s)
+                self.cuda_call()
+            self.cuda_call(self.execute_s)
             # the device copies into the arena slots cost the engine a CUDA call each, not a host copy: nothing
             # is copied here, the destinations only count as delivered
             delivered = {d.request: frozenset({"OUTPUT0"}) for d in destinations
@@ -97,7 +100,7 @@ def _backend_class():  # imported only in the engine process, where trtserve is 
             ready, rows, delivered, all_delivered = ticket
             self.wait(instance, ticket)
             for _ in range(3):  # the timing events' elapsed times
-                _cuda_call()
+                self.cuda_call()
             out = np.broadcast_to(np.zeros((), np.float16), (rows, N)) if all_delivered else \
                 np.zeros((rows, N), np.float16)
             return BatchResult({"OUTPUT0": out}, delivered=delivered)
@@ -108,23 +111,19 @@ def _backend_class():  # imported only in the engine process, where trtserve is 
     return FakeGpu
 
 
-_HASHED = bytes(1 << 20)
+class _CudaCall:
+    """Host time of a CUDA call without the GIL: hashlib lets the GIL go while it hashes a buffer of 2 KiB or more,
+    and takes time in proportion to its size (measured once, at start)."""
 
+    def __init__(self) -> None:
+        self._buffer = memoryview(bytes(1 << 20))
+        t0 = time.perf_counter()
+        for _ in range(20):
+            hashlib.sha256(self._buffer)
+        self._bytes_per_s = 20 * len(self._buffer) / (time.perf_counter() - t0)
 
-def _cuda_call(seconds: float = 2e-6) -> None:
-    """Host time of a CUDA call without the GIL: hashlib lets the GIL go while it hashes (a buffer this large),
-    and a hash of n bytes takes time in proportion to n."""
-    hashlib.sha256(memoryview(_HASHED)[:max(2048, int(seconds * _BYTES_PER_S))])
-
-
-def _calibrate() -> float:
-    t0 = time.perf_counter()
-    for _ in range(20):
-        hashlib.sha256(_HASHED)
-    return 20 * len(_HASHED) / (time.perf_counter() - t0)
-
-
-_BYTES_PER_S = 1e9
+    def __call__(self, seconds: float = 2e-6) -> None:
+        hashlib.sha256(self._buffer[:max(2048, int(seconds * self._bytes_per_s))])
 
 
 def serve() -> int:
@@ -142,9 +141,8 @@ def serve() -> int:
 
     Arena.close = unpin_then_close  # type: ignore[method-assign]
     payload = child.boot()
-    global _BYTES_PER_S
-    _BYTES_PER_S = _calibrate()
     backend = _backend_class()
+    backend.cuda_call = _CudaCall()
     backend.device_s = float(os.environ.get("FAKE_GPU_DEVICE_US", "160")) / 1e6
     payload["options"] = dataclasses.replace(payload["options"], backend_factories={"tensorrt_plan": backend})
     return asyncio.run(process._run(payload))
