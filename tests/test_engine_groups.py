@@ -424,19 +424,12 @@ async def test_a_large_member_the_device_did_not_write_gets_the_whole_group_answ
     _model(repo)
     host, fe = await _engine(repo, Counts(), Direct)
     try:
-        held = await _hold(fe)
         xs = _rows(4, 9)
         xs[2][:] = 7.0
         Direct.refuse = 7.0
-        ids = [fe.infer("m", x) for x in xs]
-        await asyncio.sleep(0.05)
-        Doubling.gate.set()
-        answers = await fe.wait_for(5)
-        for req_id, x in zip(ids, xs):
-            assert answers[req_id][0] == ""
-            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        await _queued_behind_a_held_batch_then_all_doubled(fe, xs, [None] * 4)
         assert [len(msg[1]) for msg in fe.messages if msg[0] == m.RESULTS] == [4]
-        assert Direct.pieces[1:] == [4] and answers[held][0] == ""
+        assert Direct.pieces[1:] == [4]
     finally:
         await host.stop()
 
@@ -447,19 +440,26 @@ async def test_a_large_member_whose_slot_the_device_cannot_write_sends_the_group
     _model(repo)
     host, fe = await _engine(repo, Counts(), Direct)
     try:
-        held = await _hold(fe)
-        xs = _rows(3, 10)
-        ids = [fe.infer("m", x, slot_bytes=8 if i == 1 else None) for i, x in enumerate(xs)]
-        await asyncio.sleep(0.05)
-        Doubling.gate.set()
-        answers = await fe.wait_for(4)
-        for req_id, x in zip(ids, xs):
-            assert answers[req_id][0] == ""
-            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        await _queued_behind_a_held_batch_then_all_doubled(fe, _rows(3, 10), [None, 8, None])
         assert not [msg for msg in fe.messages if msg[0] == m.RESULTS]
-        assert Direct.pieces[1:] == [3] and Direct.destinations[1:] == [[]] and answers[held][0] == ""
+        assert Direct.pieces[1:] == [3] and Direct.destinations[1:] == [[]]
     finally:
         await host.stop()
+
+
+async def _queued_behind_a_held_batch_then_all_doubled(fe: FrontEnd, xs: List[np.ndarray],
+                                                       slot_bytes: List[Optional[int]]) -> None:
+    """Sends ``xs`` (one frame) while a held batch occupies the instance, lets it go, and checks that every request,
+    the held one too, is answered with twice its input."""
+    held = await _hold(fe)
+    ids = [fe.infer("m", x, slot_bytes=n) for x, n in zip(xs, slot_bytes)]
+    await asyncio.sleep(0.05)
+    Doubling.gate.set()
+    answers = await fe.wait_for(len(xs) + 1)
+    for req_id, x in zip(ids, xs):
+        assert answers[req_id][0] == ""
+        np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+    assert answers[held][0] == ""
 
 
 def test_which_requests_may_share_an_entry_and_how() -> None:
