@@ -3,19 +3,15 @@ TensorRT backend that keeps its contract (pipelined: enqueue returns at once, wa
 they lie in the page-locked arena, outputs counted as delivered into the arena slots, as TensorRT's device copies do)
 and whose "device" takes ``--device-us`` per batch, one batch after another. Each CUDA call TensorRT makes per batch
 (a copy per input piece and per output destination, four timing events, ``execute_async_v3``, three elapsed times)
-is stood in for by a few microseconds of work: the short ones with the GIL held, as the backend makes them
-(server/engine/backends/tensorrt/cudart.py), ``execute_async_v3`` without it, as TensorRT's binding lets it go;
-``--calls-release-gil``: the short ones without it too, as CuPy's calls (which the backend made before). What is
-left is the engine's Python per batch and per request: descriptors in, queueing, batching, enqueue, answers out.
+is stood in for by a few microseconds of work without the GIL, as CuPy's and TensorRT's bindings give it up. What
+is left is the engine's Python per batch and per request: descriptors in, queueing, batching, enqueue, answers out.
 
     python -m bench.engine_fake_gpu [--device-us 160] [--concurrency 4,16,64] [--duration 3] [--baseline DIR]
-                                    [--calls-release-gil both]
 
 Defaults mirror bench.gpu_engine's heavy MLP (256 FP16 values per row, 256-row requests, batches of up to 1024 on
 two instances; an H200 computes such a batch in about 160 us). "of device" is the rate against what the device
 alone would allow. ``--baseline DIR``: the same run with the engine of another checkout (a ``git archive`` of an
-older commit), interleaved per level; ``--calls-release-gil both`` runs each code both ways. The engine side runs
-this file as a script (``--serve``, internal).
+older commit), interleaved per level. The engine side runs this file as a script (``--serve``, internal).
 """
 from __future__ import annotations
 
@@ -81,7 +77,7 @@ def _backend_class():  # imported only in the engine process, where trtserve is 
             # execute_async_v3; each gives the GIL up while it runs, as CuPy's and TensorRT's bindings do
             for _ in range(len(getattr(x, "parts", (x,))) + len(destinations) + 4):
                 self.cuda_call()
-            self.cuda_call(self.execute_s, release_gil=True)  # TensorRT's binding lets it go
+            self.cuda_call(self.execute_s)
             # the device copies into the arena slots cost the engine a CUDA call each, not a host copy: nothing
             # is copied here, the destinations only count as delivered
             delivered = {d.request: frozenset({"OUTPUT0"}) for d in destinations
@@ -116,25 +112,18 @@ def _backend_class():  # imported only in the engine process, where trtserve is 
 
 
 class _CudaCall:
-    """Host time of a CUDA call: hashlib takes time in proportion to what it hashes (measured once, at start),
-    and lets the GIL go while it hashes 2 KiB or more at once, not below."""
+    """Host time of a CUDA call without the GIL: hashlib lets the GIL go while it hashes a buffer of 2 KiB or more,
+    and takes time in proportion to its size (measured once, at start)."""
 
-    def __init__(self, short_ones_release_gil: bool) -> None:
+    def __init__(self) -> None:
         self._buffer = memoryview(bytes(1 << 20))
-        self._release = short_ones_release_gil
         t0 = time.perf_counter()
         for _ in range(20):
             hashlib.sha256(self._buffer)
         self._bytes_per_s = 20 * len(self._buffer) / (time.perf_counter() - t0)
 
-    def __call__(self, seconds: float = 2e-6, release_gil: bool = False) -> None:
-        n = int(seconds * self._bytes_per_s)
-        if release_gil or self._release:
-            hashlib.sha256(self._buffer[:max(2048, n)])
-            return
-        piece = self._buffer[:2000]  # below 2 KiB: the GIL stays held
-        for _ in range(max(1, n // 2000)):
-            hashlib.sha256(piece)
+    def __call__(self, seconds: float = 2e-6) -> None:
+        hashlib.sha256(self._buffer[:max(2048, int(seconds * self._bytes_per_s))])
 
 
 def serve() -> int:
@@ -153,7 +142,7 @@ def serve() -> int:
     Arena.close = unpin_then_close  # type: ignore[method-assign]
     payload = child.boot()
     backend = _backend_class()
-    backend.cuda_call = _CudaCall(os.environ.get("FAKE_GPU_CALLS_RELEASE_GIL") == "1")
+    backend.cuda_call = _CudaCall()
     backend.device_s = float(os.environ.get("FAKE_GPU_DEVICE_US", "160")) / 1e6
     payload["options"] = dataclasses.replace(payload["options"], backend_factories={"tensorrt_plan": backend})
     return asyncio.run(process._run(payload))
@@ -183,9 +172,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--engine-cpus", default=None)
     p.add_argument("--baseline", type=pathlib.Path, default=None,
                    help="a checkout of another commit: its engine measured in the same run")
-    p.add_argument("--calls-release-gil", choices=("no", "yes", "both"), default="no",
-                   help="whether the stand-in's short CUDA calls let the GIL go (as CuPy's do) or keep it (as the "
-                        "backend's cudart calls do); both: each code both ways, in the same run")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(list(argv) if argv is not None else None)
     if a.serve:
@@ -196,26 +182,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     root = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-fake-gpu-"))
     repo = _repository(root, a.max_batch, a.instances)
     here = pathlib.Path(__file__).resolve().parent.parent
-    releases = {"no": ["0"], "yes": ["1"], "both": ["0", "1"]}[a.calls_release_gil]
-    codes: List[Tuple[str, pathlib.Path, str]] = [(("this" if r == "0" else "this, calls release"), here, r)
-                                                  for r in releases]
+    codes: List[Tuple[str, pathlib.Path]] = [("this", here)]
     if a.baseline is not None:
-        codes += [(("baseline" if r == "0" else "baseline, calls release"), a.baseline.resolve(), r)
-                  for r in releases]
+        codes.append(("baseline", a.baseline.resolve()))
     device_rows_s = a.max_batch / (a.device_us / 1e6)
     print(f"engine with a stand-in GPU: {a.device_us:g} us per batch of up to {a.max_batch} rows "
           f"(device alone: {device_rows_s:,.0f} rows/s), {a.rows}-row requests of {N} FP16, "
           f"{a.instances} instances; medians of {a.rounds} round(s)")
-    print(f"{'code':>24} {'in flight':>9} {'req/s':>8} {'rows/s':>11} {'of device':>9} {'p50 ms':>7} {'batch':>6} "
+    print(f"{'code':>9} {'in flight':>9} {'req/s':>8} {'rows/s':>11} {'of device':>9} {'p50 ms':>7} {'batch':>6} "
           f"{'engine cores':>12} {'engine us/req':>13} {'driver cores':>12}", flush=True)
     inputs = [("INPUT0", "FP16", (N,))]
     for level in [int(x) for x in a.concurrency.split(",")]:
-        results: Dict[str, List[Dict[str, float]]] = {name: [] for name, _, _ in codes}
+        results: Dict[str, List[Dict[str, float]]] = {name: [] for name, _ in codes}
         for _ in range(a.rounds):
-            for name, code, release in codes:
+            for name, code in codes:
                 # run as a script, so that ``trtserve`` comes from PYTHONPATH (that checkout), not the working folder
-                env = {"PYTHONPATH": str(code), "FAKE_GPU_DEVICE_US": str(a.device_us),
-                       "FAKE_GPU_CALLS_RELEASE_GIL": release}
+                env = {"PYTHONPATH": str(code), "FAKE_GPU_DEVICE_US": str(a.device_us)}
                 engine = engine_alone.Engine(repo, a.engine_cpus, env=env, script=[__file__, "--serve"],
                                              switch_interval=DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6)
                 try:
@@ -223,10 +205,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                          a.warmup, a.duration)))
                 finally:
                     engine.stop()
-        for name, _, _ in codes:
+        for name, _ in codes:
             rs = sorted(results[name], key=lambda r: r["req_s"])
             r = rs[len(rs) // 2]
-            print(f"{name:>24} {level:>9} {r['req_s']:>8.0f} {r['rows_s']:>11.0f} "
+            print(f"{name:>9} {level:>9} {r['req_s']:>8.0f} {r['rows_s']:>11.0f} "
                   f"{r['rows_s'] / device_rows_s:>9.0%} {r['p50_ms']:>7.2f} {r['mean_batch']:>6.0f} "
                   f"{r['engine_cores']:>12.2f} {r['engine_us_per_req']:>13.1f} {r['driver_cores']:>12.2f}", flush=True)
     return 0

@@ -20,7 +20,7 @@ from trtserve.server.engine.backends.tensorrt import compat
 from trtserve.server.engine.backends.tensorrt.context import InstanceContext
 from trtserve.server.engine.backends.tensorrt.engine import EngineInfo, IOTensor
 from trtserve.server.errors import Internal, InvalidArgument
-from trtserve.server.engine.backends.tensorrt import cudart, staging
+from trtserve.server.engine.backends.tensorrt import staging
 from trtserve.server.engine.backends.base import DeviceTensor
 
 N_IN, N_OUT, MAX_ROWS = 8, 8, 16
@@ -54,12 +54,8 @@ class SimStream:
 
 
 class SimEvent:
-    registry: Dict[int, "SimEvent"] = {}
-
     def __init__(self, *a: object, **k: object) -> None:
         self.block = bool(k.get("block", False))  # cudaEventBlockingSync: a wait sleeps instead of spinning
-        self.ptr = id(self)
-        SimEvent.registry[self.ptr] = self
         self._stream: SimStream = None  # type: ignore[assignment]
         self._marker: Callable[[], None] = lambda: None
 
@@ -90,11 +86,6 @@ def make_cupy() -> types.ModuleType:
         copies.append((dst, src, n, kind))
         SimStream.registry[sp].enqueue(lambda: ctypes.memmove(dst, src, n))
 
-    # what cudart.Runtime does (the calls the context makes with the GIL held), on the same simulated streams
-    sim_runtime = types.SimpleNamespace(
-        memcpy=memcpy, record=lambda ev, sp: SimEvent.registry[ev].record(SimStream.registry[sp]),
-        elapsed_ms=lambda a, b: 0.001)
-
     def attributes(ptr: int) -> types.SimpleNamespace:
         if not any(lo <= ptr < hi for lo, hi in locked):
             raise RuntimeError("cudaErrorInvalidValue")  # what CUDA says of pageable memory
@@ -105,21 +96,13 @@ def make_cupy() -> types.ModuleType:
         getDevice=lambda: 0, setDevice=lambda d: None, memcpyAsync=memcpy, pointerGetAttributes=attributes,
     )
     cuda = types.SimpleNamespace(Stream=SimStream, Event=SimEvent, runtime=runtime, copies=copies, locked=locked,
-                                 sim_runtime=sim_runtime, alloc_pinned_memory=lambda size: bytearray(size))
+                                 get_elapsed_time=lambda a, b: 0.001,
+                                 alloc_pinned_memory=lambda size: bytearray(size))
     mod = types.ModuleType("cupy")
     mod.cuda = cuda  # type: ignore[attr-defined]
     mod.uint8 = np.uint8  # type: ignore[attr-defined]
     mod.empty = lambda size, dtype=None: types.SimpleNamespace(data=_Mem(size))  # type: ignore[attr-defined]
     return mod
-
-
-def use_sim_cuda(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """The simulated CUDA in place of CuPy and of the CUDA runtime the context calls directly (cudart.py)."""
-    cupy = make_cupy()
-    monkeypatch.setattr(compat, "import_cupy", lambda: cupy)
-    monkeypatch.setattr(staging, "_cupy", lambda: cupy)
-    monkeypatch.setattr(cudart, "load", lambda: cupy.cuda.sim_runtime)
-    return cupy
 
 
 def _array_at(ptr: int, shape: Tuple[int, ...]) -> np.ndarray:
@@ -168,7 +151,9 @@ class SimContext:
 
 def _open_instance(monkeypatch: pytest.MonkeyPatch, **options: object) -> Tuple[InstanceContext, SimContext]:
     """An opened two-slot instance of the simulated engine (y = 2x + 1) on the simulated CUDA."""
-    cupy = use_sim_cuda(monkeypatch)
+    cupy = make_cupy()
+    monkeypatch.setattr(compat, "import_cupy", lambda: cupy)
+    monkeypatch.setattr(staging, "_cupy", lambda: cupy)
     trt = types.SimpleNamespace(__version__="8.6.0")
     ctx = SimContext()
     engine = types.SimpleNamespace(create_execution_context=lambda *a: ctx)

@@ -11,9 +11,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from tests.test_tensorrt_context_sim import SimStream, _Mem, use_sim_cuda
+from tests.test_tensorrt_context_sim import SimStream, _Mem, make_cupy
 from trtserve.server.engine.backends.base import BackendConfig, DeviceDestination, Gather, ShapeRange, TensorSpec
-from trtserve.server.engine.backends.tensorrt import TensorRTBackend, compat
+from trtserve.server.engine.backends.tensorrt import TensorRTBackend, compat, staging
 from trtserve.server.engine.backends.tensorrt.context import InstanceContext
 from trtserve.server.engine.backends.tensorrt.engine import EngineInfo, IOTensor, model_specs, validate, with_served_types
 from trtserve.server.errors import InvalidArgument, ModelLoadError
@@ -159,7 +159,9 @@ class IntContext:
 
 @pytest.fixture()
 def narrowed(monkeypatch: pytest.MonkeyPatch):
-    use_sim_cuda(monkeypatch)
+    cupy = make_cupy()
+    monkeypatch.setattr(compat, "import_cupy", lambda: cupy)
+    monkeypatch.setattr(staging, "_cupy", lambda: cupy)
     trt = types.SimpleNamespace(__version__="8.6.1")
     engine = types.SimpleNamespace(create_execution_context=lambda *a: IntContext())
     info = with_served_types(_engine_info(), {"IDS": "INT64", "OUT": "INT64"})

@@ -60,33 +60,6 @@ def _x(rows: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, N_IN)).astype(np.float32)
 
 
-def test_the_calls_that_keep_the_gil_go_to_the_cuda_runtime_cupy_uses(mlp: TensorRTBackend) -> None:
-    """cudart.py loads the CUDA runtime by name, with the GIL kept around its calls: it must be the one CuPy loaded
-    (one libcudart in the process), so its copies and events act on CuPy's streams and contexts; and the ones that
-    fail say so by CUDA's name."""
-    import cupy
-
-    from trtserve.server.engine.backends.tensorrt import cudart
-
-    rt = cudart.load()
-    with open("/proc/self/maps") as f:
-        loaded = {line.split()[-1] for line in f if "libcudart.so" in line}
-    assert len(loaded) == 1, loaded
-    src = cupy.arange(16, dtype=cupy.float32)
-    dst = cupy.zeros(16, dtype=cupy.float32)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    rt.record(start.ptr, stream.ptr)
-    rt.memcpy(dst.data.ptr, src.data.ptr, 64, cudart.DEVICE_TO_DEVICE, stream.ptr)
-    rt.record(end.ptr, stream.ptr)
-    end.synchronize()
-    assert rt.elapsed_ms(start.ptr, end.ptr) >= 0.0
-    np.testing.assert_array_equal(cupy.asnumpy(dst), np.arange(16, dtype=np.float32))
-    with pytest.raises(cudart.CudaCallError, match="cudaMemcpyAsync failed: cudaErrorInvalidMemcpyDirection"):
-        rt.memcpy(dst.data.ptr, src.data.ptr, 64, 99, stream.ptr)  # refused at once, nothing queued
-    stream.synchronize()  # and the error did not stay behind for the next caller
-
-
 def test_profiles_say_which_instance_serves_what(mlp: TensorRTBackend) -> None:
     p0, p1 = mlp.profiles()
     assert (p0.index, p0.instances, p0.inputs["INPUT0"].min, p0.inputs["INPUT0"].max) == (0, (0,), (1, N_IN), (8, N_IN))

@@ -2,8 +2,7 @@
 
 Imports without TensorRT or CuPy; ``open()`` then fails the model load saying the backend is unavailable.
 Module map: compat (version rules, dtype table, lazy imports), profiles (config -> optimization profiles),
-build (ONNX -> plan, plan cache), engine (deserialize + validate by name), context (one instance), staging (its
-buffers), graphs (its CUDA graphs), cudart (the CUDA calls of a batch, made with the GIL held).
+build (ONNX -> plan, plan cache), engine (deserialize + validate by name), context (one instance).
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from trtserve.server.errors import Internal, InvalidArgument, ModelLoadError
 from trtserve.server.engine.backends.tensorrt import graphs as graph_util
 from trtserve.server.engine.backends.tensorrt.staging import StagedTensor, nbytes_of
 
-from . import compat, cudart
+from . import compat
 from .engine import EngineInfo
 
 log = logging.getLogger("trtserve.tensorrt")
@@ -115,7 +115,6 @@ class InstanceContext:
         self._graphs: Dict[Tuple[int, int], _Graph] = {}  # (rows, slot)
         self._buckets: Tuple[int, ...] = ()
         self._cupy: Any = None
-        self._rt: Optional[cudart.Runtime] = None  # enqueue's and collect's CUDA calls, the GIL held (cudart.py)
         # input shapes last set on the context, and the output shapes TensorRT inferred for them
         self._shapes: Dict[str, Tuple[int, ...]] = {}
         self._out_shapes: Dict[str, Tuple[int, ...]] = {}
@@ -127,10 +126,6 @@ class InstanceContext:
         """Creates the context, pins its profile, allocates every buffer and sets every address once."""
         trt = self._trt
         cupy = self._cupy = compat.import_cupy()
-        try:
-            self._rt = cudart.load()
-        except OSError as e:
-            raise ModelLoadError(f"{self._what}: the CUDA runtime cannot be loaded: {e}") from e
         v = compat.trt_version(trt)
         self._stream = cupy.cuda.Stream(non_blocking=True)
         if compat.has_user_managed_profile_memory(v):
@@ -159,14 +154,14 @@ class InstanceContext:
         self._infer_shapes(load=True)
         for t in self._info.inputs:
             self._tensors[t.name] = StagedTensor(t.name, from_wire(t.wire).numpy, self._ranges[t.name].max,
-                                                 self.slots, self._rt)
+                                                 self.slots)
         for t in self._info.outputs:
             shape = tuple(ctx.get_tensor_shape(t.name))
             if any(d < 0 for d in shape):
                 raise ModelLoadError(
                     f"{self._what}: output '{t.name}' has data-dependent shape {list(shape)}; not supported"
                 )
-            self._tensors[t.name] = StagedTensor(t.name, from_wire(t.wire).numpy, shape, self.slots, self._rt)
+            self._tensors[t.name] = StagedTensor(t.name, from_wire(t.wire).numpy, shape, self.slots)
         self._set_addresses()
         # per slot, start / inputs copied / executed / done: timing events for the compute_* durations. The thread
         # that waits for "done" sleeps in the OS unless busy_wait: a spinning wait holds a core per instance, which
@@ -355,15 +350,15 @@ class InstanceContext:
     def collect(self, batch: InFlight) -> BatchResult:
         """Waits for an enqueued batch and returns its outputs; any thread, once per ``enqueue``, in order."""
         ev_start, ev_in, ev_exec, ev_done = self._events[batch.slot]
-        elapsed = self._rt.elapsed_ms  # type: ignore[union-attr]
+        elapsed = self._cupy.cuda.get_elapsed_time
         try:
             ev_done.synchronize()  # releases the GIL while it waits
             if batch.graph:
-                in_ns, exec_ns, out_ns = 0, int(elapsed(ev_start.ptr, ev_done.ptr) * 1e6), 0
+                in_ns, exec_ns, out_ns = 0, int(elapsed(ev_start, ev_done) * 1e6), 0
             else:
-                in_ns = int(elapsed(ev_start.ptr, ev_in.ptr) * 1e6)
-                exec_ns = int(elapsed(ev_in.ptr, ev_exec.ptr) * 1e6)
-                out_ns = int(elapsed(ev_exec.ptr, ev_done.ptr) * 1e6)
+                in_ns = int(elapsed(ev_start, ev_in) * 1e6)
+                exec_ns = int(elapsed(ev_in, ev_exec) * 1e6)
+                out_ns = int(elapsed(ev_exec, ev_done) * 1e6)
             t2 = time.perf_counter_ns()
             result = {name: self._tensors[name].result(batch.out_shapes[name], batch.slot, self._widened.get(name))
                       if name not in batch.skipped else _unread(batch.out_shapes[name], self._tensors[name].dtype)
@@ -392,7 +387,7 @@ class InstanceContext:
         """Enqueues copies of each destination's rows of each output (device memory or page-locked host memory:
         CUDA tells which from the address); returns what went where, and the outputs whose every row went to a
         destination (nothing else reads those, so they need no copy to the host)."""
-        memcpy = self._rt.memcpy  # type: ignore[union-attr]
+        rt = self._cupy.cuda.runtime
         delivered: Dict[int, frozenset] = {}
         covered: Dict[str, int] = {}
         for d in destinations:
@@ -408,7 +403,7 @@ class InstanceContext:
                 if n > room or start + n > t.capacity:  # the server checked sizes; never write past a region
                     continue
                 if n:
-                    memcpy(ptr, t.ptr + start, n, cudart.DEFAULT, stream.ptr)
+                    rt.memcpyAsync(ptr, t.ptr + start, n, rt.memcpyDefault, stream.ptr)
                 done.append(name)
                 covered[name] = covered.get(name, 0) + (d.rows if self._batched else 1)
             mine = frozenset(done)  # a group's members share its index: delivered is what reached every member
@@ -424,7 +419,6 @@ class InstanceContext:
         """Enqueues one batch on ``slot``: (output shapes, host pack end ns, replayed a graph, outputs delivered
         to destinations, outputs not copied to the host)."""
         stream = self._stream
-        record = self._rt.record  # type: ignore[union-attr]
         ev_start, ev_in, ev_exec, ev_done = self._events[slot]
         bucket = graph_util.pick_bucket(self._buckets, rows) if rows is not None and self._buckets else None
         if bucket is not None and all(_on_host(a) and tuple(a.shape[1:]) == self._ranges[n].max[1:]
@@ -437,21 +431,21 @@ class InstanceContext:
                         else np.concatenate(a.parts, axis=0)
                 t.pack(a, pad_to_bytes=nbytes_of((bucket,) + tuple(a.shape[1:]), t.dtype), slot=slot)
             t1 = time.perf_counter_ns()
-            record(ev_start.ptr, stream.ptr)
+            ev_start.record(stream)
             g.graph.launch(stream=stream)
             out_shapes = {n: (rows,) + g.out_shapes[n][1:] for n in wanted}
             delivered, _ = self._to_devices(destinations, out_shapes, stream) if destinations else ({}, frozenset())
-            record(ev_done.ptr, stream.ptr)
+            ev_done.record(stream)
             return out_shapes, t1, True, delivered, frozenset()  # the graph copied every output to the host
         sizes = {name: self._tensors[name].pack(a, slot=slot) for name, a in inputs.items() if is_host(a)}
         t1 = time.perf_counter_ns()
-        record(ev_start.ptr, stream.ptr)
+        ev_start.record(stream)
         for name, n in sizes.items():
             self._tensors[name].upload(n, stream, slot)
         for name, a in inputs.items():
             if not is_host(a):  # CUDA shared memory: device to device, piece by piece, on this stream
                 self._tensors[name].gather(a.parts if isinstance(a, Gather) else (a,), stream, slot)
-        record(ev_in.ptr, stream.ptr)
+        ev_in.record(stream)
         shapes = {name: tuple(a.shape) for name, a in inputs.items()}
         if shapes != self._shapes:
             self._shapes = {}
@@ -476,11 +470,11 @@ class InstanceContext:
             self._shapes, self._out_shapes = shapes, out_shapes
         if not self._ctx.execute_async_v3(stream.ptr):
             raise Internal(compat.with_trt_error(f"{self._what}: execute_async_v3 failed"))
-        record(ev_exec.ptr, stream.ptr)
+        ev_exec.record(stream)
         out_shapes = {name: self._out_shapes[name] for name in wanted}
         delivered, skipped = self._to_devices(destinations, out_shapes, stream) if destinations else ({}, frozenset())
         for name, shape in out_shapes.items():
             if name not in skipped:
                 self._tensors[name].download(nbytes_of(shape, self._tensors[name].dtype), stream, slot)
-        record(ev_done.ptr, stream.ptr)
+        ev_done.record(stream)
         return out_shapes, t1, False, delivered, skipped

@@ -6,10 +6,9 @@ ended, the sticky CUDA error cleared, and the instance serves that bucket eagerl
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from typing import Any, Callable, Optional, Sequence, Tuple
-
-from . import cudart
 
 log = logging.getLogger("trtserve.executor.graphs")
 
@@ -41,12 +40,14 @@ def pick_bucket(buckets: Sequence[int], rows: int) -> Optional[int]:
 
 
 def _clear_sticky_error() -> None:
-    """cudaGetLastError() after a failed capture, so the next CUDA call does not report the old error (CuPy does
-    not wrap it: the runtime CuPy loaded, through cudart.py)."""
-    try:
-        cudart.load().clear_last_error()
-    except OSError:
-        pass
+    """cudaGetLastError() after a failed capture, so the next CUDA call does not report the old error.
+    CuPy does not wrap it; call the runtime CuPy already loaded."""
+    for lib in ("libcudart.so.12", "libcudart.so.11.0", "libcudart.so"):
+        try:
+            ctypes.CDLL(lib).cudaGetLastError()
+            return
+        except OSError:
+            continue
 
 
 def capture(stream: Any, enqueue: Callable[[], None], what: str) -> Optional[Any]:

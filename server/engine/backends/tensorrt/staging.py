@@ -5,8 +5,7 @@ Why this shape (shared/reference/tensorrt-api.md §4.5, §6.3):
   captured CUDA graphs stay valid for the instance's life; at least 512 bytes each, so an address is never 0
   (CuPy returns ptr 0 for a 0-byte allocation: the "bindings[x] || nullBindingOK" failure);
 - copies go through pinned memory with ``cudaMemcpyAsync`` on the instance's own stream: CuPy's
-  ``copy_from_host``/``copy_to_host`` use the legacy default stream and would serialize every instance; the
-  calls go through ``cudart`` (the GIL held: cudart.py says why);
+  ``copy_from_host``/``copy_to_host`` use the legacy default stream and would serialize every instance;
 - the pinned mirror comes in ``slots`` copies (one per batch an instance may have in flight), so the next batch
   is packed while the previous one still copies in and out of its own mirror. One device buffer is enough:
   every batch of an instance runs on the instance's one stream, so device reads and writes are stream-ordered.
@@ -18,9 +17,6 @@ import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
-
-from . import cudart
-from .cudart import Runtime
 
 MIN_BYTES = 512  # CuPy's allocation unit; also keeps TensorRT's 256-byte address alignment
 
@@ -76,10 +72,8 @@ class StagedTensor:
     """One IO tensor of one instance: ``capacity`` bytes on the device and ``slots`` pinned host mirrors of it.
     Every host-side method takes the mirror (``slot``) the batch owns."""
 
-    def __init__(self, name: str, dtype: np.dtype, max_shape: Tuple[int, ...], slots: int = 1,
-                 runtime: Optional[Runtime] = None) -> None:
+    def __init__(self, name: str, dtype: np.dtype, max_shape: Tuple[int, ...], slots: int = 1) -> None:
         cupy = _cupy()
-        self._rt = runtime if runtime is not None else cudart.load()
         self.name = name
         self.dtype = np.dtype(dtype)
         self.max_shape = tuple(max_shape)
@@ -132,15 +126,18 @@ class StagedTensor:
     def upload(self, nbytes: int, stream: Any, slot: int = 0) -> None:
         """Enqueues pinned mirror ``slot`` -> device for the first ``nbytes`` on ``stream``."""
         if nbytes:
-            self._rt.memcpy(self.ptr, self._direct[slot] or self._host_ptrs[slot], nbytes, cudart.HOST_TO_DEVICE,
-                            stream.ptr)
+            cupy = _cupy()
+            cupy.cuda.runtime.memcpyAsync(
+                self.ptr, self._direct[slot] or self._host_ptrs[slot], nbytes, cupy.cuda.runtime.memcpyHostToDevice,
+                stream.ptr)
 
     def gather(self, parts: Sequence[Any], stream: Any, slot: int = 0) -> int:
         """Enqueues each piece into its rows of the device buffer on ``stream``: device pieces (objects with
         ``__cuda_array_interface__``, e.g. a client's CUDA shared memory) device to device, host pieces in
         page-locked memory (a front end's arena) straight from there, other host pieces through their place in
         the pinned mirror. Returns the bytes written."""
-        memcpy = self._rt.memcpy
+        cupy = _cupy()
+        rt = cupy.cuda.runtime
         host, host_ptr = self.hosts[slot], self._host_ptrs[slot]
         offset = 0
         for p in parts:
@@ -152,21 +149,20 @@ class StagedTensor:
                 if cai.get("strides") is not None:
                     raise ValueError(f"tensor '{self.name}': a device piece must be C-contiguous")
                 if n and np.dtype(p.dtype) != self.dtype:  # INT64 -> INT32: converted on the device, on the stream
-                    cupy = _cupy()
                     dst = self.device[offset:offset + n].view(self.dtype).reshape(tuple(p.shape))
                     with stream:
                         cupy.copyto(dst, cupy.asarray(p), casting="unsafe")
                 elif n:
-                    memcpy(self.ptr + offset, int(cai["data"][0]), n, cudart.DEVICE_TO_DEVICE, stream.ptr)
+                    rt.memcpyAsync(self.ptr + offset, int(cai["data"][0]), n, rt.memcpyDeviceToDevice, stream.ptr)
             elif (n and p.dtype == self.dtype and p.flags.c_contiguous
                   and self._page_locked(p, src_ptr := p.__array_interface__["data"][0])):
-                memcpy(self.ptr + offset, src_ptr, n, cudart.HOST_TO_DEVICE, stream.ptr)
+                rt.memcpyAsync(self.ptr + offset, src_ptr, n, rt.memcpyHostToDevice, stream.ptr)
             else:
                 src = np.ascontiguousarray(p)
                 np.copyto(host[offset:offset + n].view(self.dtype).reshape(src.shape), src,
                           casting="no" if src.dtype == self.dtype else "unsafe")
                 if n:
-                    memcpy(self.ptr + offset, host_ptr + offset, n, cudart.HOST_TO_DEVICE, stream.ptr)
+                    rt.memcpyAsync(self.ptr + offset, host_ptr + offset, n, rt.memcpyHostToDevice, stream.ptr)
             offset += n
         return offset
 
@@ -175,7 +171,10 @@ class StagedTensor:
         if nbytes > self.capacity:
             raise ValueError(f"tensor '{self.name}': {nbytes} bytes exceed the buffer's {self.capacity}")
         if nbytes:
-            self._rt.memcpy(self._host_ptrs[slot], self.ptr, nbytes, cudart.DEVICE_TO_HOST, stream.ptr)
+            cupy = _cupy()
+            cupy.cuda.runtime.memcpyAsync(
+                self._host_ptrs[slot], self.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
+            )
 
     def result(self, shape: Tuple[int, ...], slot: int = 0, as_dtype: Optional[np.dtype] = None) -> np.ndarray:
         """A fresh array with the downloaded data (the pinned mirror is reused by a later batch), converted to
