@@ -7,8 +7,8 @@ context + one stream, or one ONNX Runtime session slot), so an instance never ru
 releases everything. Backends never see gRPC or the batcher.
 
 A ``pipelined`` backend (TensorRT) splits a batch in two: ``enqueue`` starts it on the device and returns,
-``collect`` waits for it. In the engine process the event loop enqueues and the instance's completion thread
-collects; in the single-process server the instance's thread enqueues, and collects too unless another batch is
+``collect`` waits for it. In the engine process the event loop enqueues, the instance's completion thread waits
+(``wait``) and the loop collects; in the single-process server the instance's thread enqueues, and collects too unless another batch is
 queued behind it (then the completion thread does). Either way the next batch is enqueued behind the running
 one, so the device never waits for Python between batches; at most ``BackendConfig.batches_per_instance``
 batches of an instance are enqueued at once, and one thread at a time calls ``staging`` and ``enqueue``.

@@ -5,8 +5,9 @@ Everything here runs on the event loop; only ``_work`` (stack -> backend.enqueue
 instance's thread, or, for a pipelined backend, ``_begin`` (stack -> enqueue) on the instance's thread and
 ``_end`` (collect -> split) on its completion thread when another batch waits behind it, so the instance's next
 batch is enqueued while the previous one still runs (a lone batch is collected where it was enqueued). In the
-engine process (``inline``) a pipelined backend's ``_begin`` runs on the loop itself and every ``_end`` on the
-completion thread; a backend that is not pipelined, with one instance, runs whole batches on the loop. The loop
+engine process (``inline``) a pipelined backend's ``_begin`` runs on the loop itself, the completion thread only
+waits for the device (``Backend.wait``), and ``_end`` runs on the loop again (``_waiter``); a backend that is not
+pipelined, with one instance, runs whole batches on the loop. The loop
 sleeps on an Event (new request, released slot, cancellation) with a timeout for the next deadline or queue
 delay: no busy waiting.
 """
