@@ -78,12 +78,18 @@ class PipelinedBackend(Backend):
         return (k, x)
 
     def collect(self, instance: int, ticket: object) -> BatchResult:
+        _, x = self._released("collect", ticket, self.fail_collect)
+        return BatchResult({"y": x * 2}, 1, 2, 3)
+
+    def _released(self, what: str, ticket: object, failures: Dict[int, BaseException]) -> Tuple[int, np.ndarray]:
+        """Waits for the batch's gate (the device finishing it), logs ``what``, and raises what ``failures`` holds
+        for it."""
         k, x = ticket  # type: ignore[misc]
         assert self.gate(k).wait(10), f"batch {k} was never released"
-        self._note("collect", k, x.shape[0])
-        if k in self.fail_collect:
-            raise self.fail_collect[k]
-        return BatchResult({"y": x * 2}, 1, 2, 3)
+        self._note(what, k, x.shape[0])
+        if k in failures:
+            raise failures[k]
+        return k, x
 
 
 def spec(depth: int = 2, preserve_ordering: bool = False) -> ModelSpec:
@@ -186,15 +192,13 @@ async def test_in_the_engine_process_the_loop_enqueues_and_the_completion_thread
 class WaitsApart(PipelinedBackend):
     """Waits for the device apart from collecting (as TensorRT does: ``Backend.wait``)."""
 
-    def wait(self, instance: int, ticket: object) -> bool:
-        k, x = ticket  # type: ignore[misc]
-        assert self.gate(k).wait(10), f"batch {k} was never released"
-        self._note("wait", k, x.shape[0])
-        if k in self.fail_wait:
-            raise self.fail_wait[k]
-        return True
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_wait: Dict[int, BaseException] = {}  # batch number -> error
 
-    fail_wait: Dict[int, BaseException] = {}
+    def wait(self, instance: int, ticket: object) -> bool:
+        self._released("wait", ticket, self.fail_wait)
+        return True
 
 
 async def test_a_backend_that_waits_apart_is_collected_on_the_loop_and_only_waited_for_on_the_completion_thread():
