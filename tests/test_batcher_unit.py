@@ -37,6 +37,27 @@ def test_idle_executor_runs_at_once():
     assert len(p.requests) == 2 and p.rows == 2 and p.instance == 0
 
 
+def test_contended_idle_executor_holds_a_partial_batch_until_hold_or_the_delay():
+    """Rule 4: an idle instance given ``hold`` (the model is contended: more requests are on their way) lets a
+    partial batch wait until then, never past the queue delay; complete batches run at once."""
+    two = [pend(arrival=0.0), pend(arrival=0.0)]
+    p = pol.plan(two, now=0.0004, policy=ON, rules=RULES, free={0}, busy=False, hold=0.0007)
+    assert not p.requests and p.wait_s == pytest.approx(0.0003)
+    p = pol.plan(two, now=0.0007, policy=ON, rules=RULES, free={0}, busy=False, hold=0.0007)
+    assert len(p.requests) == 2 and p.instance == 0
+    p = pol.plan(two, now=0.0004, policy=ON, rules=RULES, free={0}, busy=False, hold=5.0)
+    assert not p.requests and p.wait_s == pytest.approx(0.0006)  # the delay bounds the hold
+    p = pol.plan(two, now=0.001, policy=ON, rules=RULES, free={0}, busy=False, hold=5.0)
+    assert len(p.requests) == 2
+    p = pol.plan([pend(rows=4, seq=i) for i in range(2)], now=0.0, policy=ON, rules=RULES, free={0}, busy=False,
+                 hold=5.0)
+    assert p.rows == 8  # full: runs at once
+    preferred = BatchingPolicy(enabled=True, max_batch_size=8, preferred_batch_sizes=(2,), max_queue_delay_us=1000)
+    p = pol.plan([pend(seq=i) for i in range(3)], now=0.0, policy=preferred, rules=RULES, free={0}, busy=False,
+                 hold=5.0)
+    assert p.rows == 2  # a preferred size: runs at once
+
+
 def test_busy_executor_waits_for_queue_delay():
     p = pol.plan([pend(arrival=0.0)], now=0.0004, policy=ON, rules=RULES, free={1}, busy=True)
     assert not p.requests and p.wait_s == pytest.approx(0.0006)
@@ -363,6 +384,36 @@ async def test_queue_delay_with_injected_clock():
     backend.release.set()
     await asyncio.gather(blocker, waiting)
     assert sorted(backend.batches) == [1, 2]
+    await b.stop()
+
+
+async def test_a_lone_client_never_waits_but_a_contended_model_holds_while_requests_keep_coming():
+    """One request at a time never finds the model in use: each runs at once (the injected clock stands still and
+    the queue delay is a second, so a held batch would wait for ever). Once most arrivals find requests queued or
+    running, an idle instance holds a partial batch for a couple of the recent gaps between arrivals past the last
+    one (rule 4), well before the queue delay."""
+    clock = Clock()
+    backend = FakeBackend()
+    b, rec = await make(spec(max_queue_delay_us=1_000_000), backend, clock)
+    for i in range(20):
+        r = await asyncio.wait_for(b.submit(x(value=i), ("y",), 1), 5)
+        assert r.batch_size == 1
+    backend.release.clear()
+    first = b.submit(x(), ("y",), 1)
+    await started(backend)
+    contended = []
+    for i in range(7):  # each finds the first running; 1 ms apart, and the loop sees each
+        clock.t += 0.001
+        contended.append(b.submit(x(value=i), ("y",), 1))
+        await asyncio.sleep(0.01)
+    backend.release.set()
+    await first
+    await asyncio.sleep(0.05)
+    assert not any(f.done() for f in contended) and rec.pending == 7  # idle instance, partial batch: held
+    clock.t += 0.05  # far past a few gaps of 1 ms, far before the delay
+    b.poke()
+    results = await asyncio.wait_for(asyncio.gather(*contended), 5)
+    assert backend.batches[-2:] == [1, 7] and all(r.batch_size == 7 for r in results)
     await b.stop()
 
 

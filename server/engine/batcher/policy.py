@@ -13,11 +13,14 @@ The rules, in order:
    slot (it never runs where no profile accepts it).
 4. It runs now when it is full (max_batch_size), when a prefix of it reaches a preferred batch size
    (the largest such prefix runs), when its head has waited max_queue_delay, or when nothing is
-   executing on this model's instances. The last rule is why an idle executor never waits: the
-   queue has already given the batch everything it can (rule 2), so waiting could only help if new
-   requests arrived, and meanwhile the device would sit idle; under load, batches form while others
-   run, which is where batching pays. While another batch runs, a partial batch waits up to
-   max_queue_delay for more requests on a second instance instead of competing with it.
+   executing on this model's instances and the model is not contended (``hold`` False). Contended
+   (the scheduler's measure: most recent arrivals found other requests of the model queued or
+   running) means clients have more requests in flight than the one batch, so more are on their
+   way: the partial batch waits up to max_queue_delay for them, as Triton's batcher always does.
+   Not contended, an idle executor never waits: a lone client's next request comes only after this
+   one is answered, so waiting would add the whole delay to its latency and gather nothing. While
+   another batch runs, a partial batch waits up to max_queue_delay for more requests on a second
+   instance instead of competing with it.
 5. When no idle instance fits, a batch that is already complete (max_batch_size or a preferred size
    reached, or dynamic batching off) may queue behind the one running on a fitting instance
    (``queueable``: an instance with one batch in flight). It starts the moment that batch ends, on
@@ -87,10 +90,11 @@ def _preferred_prefix(batch: List[Pending], preferred: Sequence[int]) -> int:
 
 
 def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: ShapeRules, free: Set[int],
-         busy: bool, queueable: AbstractSet[int] = frozenset()) -> Plan:
+         busy: bool, queueable: AbstractSet[int] = frozenset(), hold: Optional[float] = None) -> Plan:
     """Decides the next batch. ``pending`` is in scheduling order (rule 1); ``free`` are idle
     instances; ``busy`` says whether any batch of this model is executing; ``queueable`` are busy
-    instances that may take one complete batch behind the running one (rule 5)."""
+    instances that may take one complete batch behind the running one (rule 5); ``hold``: the model is
+    contended, so even an idle instance lets a partial batch wait for the queue delay (rule 4)."""
     if not pending or not (free or queueable):
         return Plan()
     batch, rows, shapes = _gather(pending, rules, policy.enabled)
@@ -122,13 +126,13 @@ def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: 
     cut = _preferred_prefix(batch, policy.preferred_batch_sizes)
     if cut:
         return run(batch[:cut])
-    if not busy:
+    if not busy and (hold is None or now >= hold):
         return run(batch)
     waited = now - batch[0].arrival
     delay = policy.max_queue_delay_us / 1e6
     if waited >= delay:
         return run(batch)
-    return Plan(wait_s=delay - waited)
+    return Plan(wait_s=delay - waited if busy else min(delay - waited, hold - now))  # type: ignore[operator]
 
 
 def _queue_behind(batch: List[Pending], rows: int, shapes: Dict[str, Shape], policy: BatchingPolicy,
