@@ -44,7 +44,33 @@ def _stats(url: str, model: str) -> Dict[str, int]:
 
     with InferenceClient(url) as c:
         s = c.model_statistics(model).model_stats[0]
-        return {"inferences": s.inference_count, "executions": s.execution_count}
+        i = s.inference_stats
+        return {"inferences": s.inference_count, "executions": s.execution_count, "requests": i.success.count,
+                "request_ns": i.success.ns, "queue_ns": i.queue.ns, "compute_input_ns": i.compute_input.ns,
+                "compute_infer_ns": i.compute_infer.ns, "compute_output_ns": i.compute_output.ns}
+
+
+SPLIT = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def server_split(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, float]:
+    """Where a successful request's time in the server went over a run, from two ModelStatistics reads: microseconds
+    per request for the whole request (the front end's receipt to its answer), the queue, the three compute phases
+    (the batch's, counted for each of its requests) and the rest (front end, link, engine outside the batcher)."""
+    n = after["requests"] - before["requests"]
+    if n <= 0:
+        return {}
+    us = {k: (after[f"{k}_ns"] - before[f"{k}_ns"]) / n / 1e3 for k in ("request",) + SPLIT}
+    us["other"] = us["request"] - sum(us[k] for k in SPLIT)
+    return us
+
+
+def describe_split(us: Dict[str, float]) -> str:
+    """One line of ``server_split``'s numbers."""
+    if not us:
+        return "server: no successful requests"
+    return (f"server {us['request']:,.0f} us/request = queue {us['queue']:,.0f} + compute in {us['compute_input']:,.0f}"
+            f" / infer {us['compute_infer']:,.0f} / out {us['compute_output']:,.0f} + other {us['other']:,.0f}")
 
 
 def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: str = "none",
@@ -59,7 +85,8 @@ def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: st
         return None
     execs = after["executions"] - before["executions"]
     return {"tool": "perf_analyzer", "rows_per_s": r["rows_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
-            "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else float("nan")}
+            "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else float("nan"),
+            "server_us": server_split(before, after)}
 
 
 def trtserve_bench(url: str, model: str, level: int, batch: int, shm: str, seconds: float) -> Optional[dict]:
@@ -75,7 +102,8 @@ def trtserve_bench(url: str, model: str, level: int, batch: int, shm: str, secon
     after = _stats(url, model)
     execs = after["executions"] - before["executions"]
     return {"tool": "trtserve bench", "rows_per_s": r.rows_per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
-            "errors": r.errors, "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else 0}
+            "errors": r.errors, "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else 0,
+            "server_us": server_split(before, after)}
 
 
 # ---- parts -----------------------------------------------------------------------------------------------------
@@ -180,7 +208,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                     rows.append(r)
                     print(f"  {name:16} shm={shm:4} c={level:<3} {r['rows_per_s']:12,.0f} rows/s  "
                           f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
-                          f"{r['rows_per_s'] / raw[key]:.0%} of raw", flush=True)
+                          f"{r['rows_per_s'] / raw[key]:.0%} of raw; {describe_split(r['server_us'])}", flush=True)
     return rows
 
 
@@ -226,7 +254,8 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
             rows.append(r)
             print(f"  resnet {tool:15} shm={shm:6} c={level:<3} {r['rows_per_s']:9,.0f} images/s  "
                   f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
-                  f"{r['rows_per_s'] / raw[RESNET_MAX_BATCH]['compute']:.0%} of raw at {RESNET_MAX_BATCH}", flush=True)
+                  f"{r['rows_per_s'] / raw[RESNET_MAX_BATCH]['compute']:.0%} of raw at {RESNET_MAX_BATCH}; "
+                  f"{describe_split(r['server_us'])}", flush=True)
     return rows
 
 

@@ -123,3 +123,18 @@ def test_http_bench_rows_and_verdicts() -> None:
     assert "0.93x" in lines[0] and lines[0].endswith("MISSED")  # HTTP slower than gRPC at 1
     assert "no verdict" in lines[1]
     assert "2.00x" in lines[2] and lines[2].endswith("MET")
+
+
+def test_gpu_server_split_per_request() -> None:
+    from bench.gpu import describe_split, server_split
+
+    before = {"requests": 10, "request_ns": 10_000_000, "queue_ns": 1_000_000, "compute_input_ns": 100_000,
+              "compute_infer_ns": 500_000, "compute_output_ns": 100_000}
+    after = {"requests": 110, "request_ns": 510_000_000, "queue_ns": 301_000_000, "compute_input_ns": 10_100_000,
+             "compute_infer_ns": 100_500_000, "compute_output_ns": 20_100_000}
+    us = server_split(before, after)
+    assert us == pytest.approx({"request": 5000.0, "queue": 3000.0, "compute_input": 100.0, "compute_infer": 1000.0,
+                                "compute_output": 200.0, "other": 700.0})
+    assert describe_split(us) == ("server 5,000 us/request = queue 3,000 + compute in 100 / infer 1,000 / out 200 + "
+                                  "other 700")
+    assert server_split(before, before) == {} and "no successful" in describe_split({})
