@@ -21,6 +21,7 @@ import os
 import pathlib
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -74,19 +75,70 @@ def describe_split(us: Dict[str, float]) -> str:
 
 
 def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: str = "none",
-                  window_ms: int = 1500) -> Optional[dict]:
-    """One concurrency level (bench.cpu's runner) plus the mean formed batch from ModelStatistics."""
+                  window_ms: int = 1500, trace_rate: int = 0, trace_dir: Optional[pathlib.Path] = None
+                  ) -> Optional[dict]:
+    """One concurrency level (bench.cpu's runner) plus the mean formed batch from ModelStatistics; with
+    ``trace_rate`` N, 1 of N requests is traced (into ``trace_dir``) and ``trace_split`` of them is added."""
     from bench.cpu import load_perf_analyzer
 
+    traces = None
+    if trace_rate:
+        assert trace_dir is not None
+        traces = trace_dir / f"{model}-{shm}-{level}.json"
+        _trace_settings(url, {"trace_file": str(traces), "trace_level": "TIMESTAMPS", "trace_rate": str(trace_rate),
+                              "log_frequency": "20"})
     before = _stats(url, model)
     r = load_perf_analyzer(pa, url, level, window_ms / 1000, model=model, batch=batch, shm=shm, max_trials=6)
     after = _stats(url, model)
+    if traces is not None:
+        _trace_settings(url, {"trace_level": "OFF"})
     if r is None:
         return None
     execs = after["executions"] - before["executions"]
-    return {"tool": "perf_analyzer", "rows_per_s": r["rows_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
-            "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else float("nan"),
-            "server_us": server_split(before, after)}
+    out = {"tool": "perf_analyzer", "rows_per_s": r["rows_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+           "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else float("nan"),
+           "server_us": server_split(before, after)}
+    if traces is not None:
+        records: List[dict] = []
+        for f in sorted(traces.parent.glob(traces.name + ".*")):
+            if not f.name.endswith(".partial"):
+                records += json.loads(f.read_text())
+        out["trace_us"] = trace_split(records)
+    return out
+
+
+def _trace_settings(url: str, settings: Dict[str, str]) -> None:
+    from trtserve.client import InferenceClient
+    from trtserve.protos import grpc_service_pb2 as pb
+
+    request = pb.TraceSettingRequest()
+    for key, value in settings.items():
+        request.settings[key].value.append(value)
+    with InferenceClient(url) as c:
+        c._call("TraceSetting", request)
+
+
+def trace_split(records: Sequence[dict]) -> Dict[str, float]:
+    """Medians over the traced requests of Triton's trace records (us): from REQUEST_START to QUEUE_START (the front
+    end, the link, the engine before it queues the request) and from COMPUTE_END, which the engine lays after
+    QUEUE_START by the measured queue and compute durations, to REQUEST_END (a batch's wait for the device, its
+    collection and answer, the link back, the response); ``n`` traces."""
+    stamps = [{t["name"]: t["ns"] for t in r["timestamps"]} for r in records if "timestamps" in r]
+    need = {"REQUEST_START", "QUEUE_START", "COMPUTE_END", "REQUEST_END"}
+    done = [s for s in stamps if need <= s.keys()]
+    if not done:
+        return {}
+    return {"n": len(done),
+            "before_queue": statistics.median((s["QUEUE_START"] - s["REQUEST_START"]) / 1e3 for s in done),
+            "after_compute": statistics.median((s["REQUEST_END"] - s["COMPUTE_END"]) / 1e3 for s in done)}
+
+
+def describe_trace(us: Dict[str, float]) -> str:
+    """One line of ``trace_split``'s numbers (empty when nothing was traced)."""
+    if not us:
+        return ""
+    return (f"; traced (median of {us['n']:.0f}): {us['before_queue']:,.0f} us before the queue, "
+            f"{us['after_compute']:,.0f} after compute")
 
 
 def trtserve_bench(url: str, model: str, level: int, batch: int, shm: str, seconds: float) -> Optional[dict]:
@@ -162,7 +214,7 @@ def _serve(repo: pathlib.Path, work: pathlib.Path):
 
 
 def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
-                heavy_levels: Sequence[int] = (4, 16)) -> List[dict]:
+                heavy_levels: Sequence[int] = (4, 16), trace_rate: int = 0) -> List[dict]:
     from bench.gpu_backend import _models, raw_rows_per_s
 
     pa = _pa()
@@ -200,7 +252,8 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
             transports = ("none", "cuda") if name == "heavy_i4" else ("none",)
             for shm in transports:
                 for level in levels:
-                    r = perf_analyzer(pa, s.url, name, level, batch, shm) if pa else None
+                    r = perf_analyzer(pa, s.url, name, level, batch, shm, trace_rate=trace_rate,
+                                      trace_dir=work) if pa else None
                     if r is None:
                         continue
                     r.update(model=name, base=key, instances=n, graphs=graphs, shm=shm, concurrency=level,
@@ -208,12 +261,13 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                     rows.append(r)
                     print(f"  {name:16} shm={shm:4} c={level:<3} {r['rows_per_s']:12,.0f} rows/s  "
                           f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
-                          f"{r['rows_per_s'] / raw[key]:.0%} of raw; {describe_split(r['server_us'])}", flush=True)
+                          f"{r['rows_per_s'] / raw[key]:.0%} of raw; {describe_split(r['server_us'])}"
+                          f"{describe_trace(r.get('trace_us', {}))}", flush=True)
     return rows
 
 
 def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances: int = 2,
-                transports: Sequence[str] = ("cuda", "none", "system")) -> List[dict]:
+                transports: Sequence[str] = ("cuda", "none", "system"), trace_rate: int = 0) -> List[dict]:
     """``images`` per request, ``instances`` execution contexts; CUDA shared memory at 8/32/64 in flight with both
     load tools, the other transports with perf_analyzer at 32."""
     from bench.gpu_backend import raw_rows_per_s
@@ -244,7 +298,8 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
         runs += [(t, "perf_analyzer", 32) for t in transports if t != "cuda"]
         for shm, tool, level in runs:
             if tool == "perf_analyzer":
-                r = perf_analyzer(pa, s.url, "resnet", level, images, shm) if pa else None
+                r = perf_analyzer(pa, s.url, "resnet", level, images, shm, trace_rate=trace_rate,
+                                  trace_dir=work) if pa else None
             else:
                 r = trtserve_bench(s.url, "resnet", level, images, shm, max(3.0, seconds * 4))
             if r is None:
@@ -255,7 +310,7 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
             print(f"  resnet {tool:15} shm={shm:6} c={level:<3} {r['rows_per_s']:9,.0f} images/s  "
                   f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
                   f"{r['rows_per_s'] / raw[RESNET_MAX_BATCH]['compute']:.0%} of raw at {RESNET_MAX_BATCH}; "
-                  f"{describe_split(r['server_us'])}", flush=True)
+                  f"{describe_split(r['server_us'])}{describe_trace(r.get('trace_us', {}))}", flush=True)
     return rows
 
 
@@ -398,6 +453,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--resnet-images", type=int, default=16, help="images per request (resnet part)")
     p.add_argument("--resnet-instances", type=int, default=2, help="instance_group count (resnet part)")
     p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
+    p.add_argument("--trace-rate", type=int, default=0,
+                   help="served perf_analyzer levels: trace 1 of N requests and print where their time went (0: off)")
     p.add_argument("--switch-interval-us", type=float, default=DEFAULT_GIL_SWITCH_INTERVAL_US,
                    help="sys.setswitchinterval for the in-process parts, as `trtserve serve` sets it")
     a = p.parse_args(argv)
@@ -422,9 +479,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data["switch_interval_us"] = a.switch_interval_us
     parts = {"executor": part_executor,
              "server": functools.partial(part_server, only=[x for x in a.server_setups.split(",") if x],
-                                         heavy_levels=[int(x) for x in a.heavy_levels.split(",")]),
+                                         heavy_levels=[int(x) for x in a.heavy_levels.split(",")],
+                                         trace_rate=a.trace_rate),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
-                                         transports=a.resnet_transports.split(","))}
+                                         transports=a.resnet_transports.split(","), trace_rate=a.trace_rate)}
     for name in a.parts.split(","):
         t0 = time.monotonic()
         print(f"== {name}", flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import List
 
 import pytest
 
@@ -138,3 +139,18 @@ def test_gpu_server_split_per_request() -> None:
     assert describe_split(us) == ("server 5,000 us/request = queue 3,000 + compute in 100 / infer 1,000 / out 200 + "
                                   "other 700")
     assert server_split(before, before) == {} and "no successful" in describe_split({})
+
+
+def test_gpu_trace_split_medians_before_the_queue_and_after_compute() -> None:
+    from bench.gpu import describe_trace, trace_split
+
+    def trace(i: int, start: int, queued: int, computed: int, end: int) -> List[dict]:
+        names = ("REQUEST_START", "QUEUE_START", "COMPUTE_END", "REQUEST_END")
+        return [{"id": i, "model_name": "m", "model_version": 1, "request_id": ""},
+                {"id": i, "timestamps": [{"name": n, "ns": ns} for n, ns in zip(names, (start, queued, computed, end))]}]
+
+    records = trace(1, 0, 1_000, 5_000, 9_000) + trace(2, 0, 3_000, 6_000, 8_000) + trace(3, 0, 2_000, 4_000, 10_000)
+    records.append({"id": 4, "timestamps": [{"name": "REQUEST_START", "ns": 0}]})  # unfinished: not counted
+    assert trace_split(records) == {"n": 3, "before_queue": 2.0, "after_compute": 4.0}
+    assert describe_trace(trace_split(records)) == "; traced (median of 3): 2 us before the queue, 4 after compute"
+    assert trace_split([]) == {} and describe_trace({}) == ""
