@@ -11,6 +11,7 @@ import pytest
 
 from trtserve.server.engine.backends.base import Backend, BackendConfig, BatchResult, Profile, ShapeRange, TensorSpec
 from trtserve.server.engine.batcher import policy as pol
+from trtserve.server.engine.batcher.contention import Contention
 from trtserve.server.engine.batcher.request import Pending
 from trtserve.server.engine.batcher.scheduler import DynamicBatcher
 from trtserve.server.engine.batcher.shapes import ShapeRules
@@ -56,6 +57,33 @@ def test_contended_idle_executor_holds_a_partial_batch_until_hold_or_the_delay()
     p = pol.plan([pend(seq=i) for i in range(3)], now=0.0, policy=preferred, rules=RULES, free={0}, busy=False,
                  hold=5.0)
     assert p.rows == 2  # a preferred size: runs at once
+
+
+def test_contention_holds_only_for_a_contended_model_and_learns_gaps_from_joining_arrivals():
+    c = Contention()
+    for i in range(50):  # a lone client: never finds its model in use
+        c.arrival(queued=False, running=False)
+        c.look(float(i))
+    assert c.hold_until() is None
+    t = 100.0
+    for _ in range(10):  # a burst: each read finds others queued, 1 ms apart
+        t += 0.001
+        c.arrival(queued=True, running=True)
+        c.look(t)
+    assert c.share >= 0.5
+    gap = (c.hold_until() - t) / 2  # two recent gaps past the last arrival
+    assert 0.0 < gap < 0.001
+    t += 30.0  # a pause, then a request that finds nothing queued: its gap is not learnt
+    c.arrival(queued=False, running=True)
+    c.look(t)
+    assert c.hold_until() == pytest.approx(t + 2 * gap)
+    c.look(t + 1.0)  # nothing new since the last look: nothing changes
+    assert c.hold_until() == pytest.approx(t + 2 * gap)
+    for _ in range(10):  # the burst is over: a lone client again
+        t += 1.0
+        c.arrival(queued=False, running=False)
+        c.look(t)
+    assert c.hold_until() is None
 
 
 def test_busy_executor_waits_for_queue_delay():

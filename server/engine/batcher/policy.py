@@ -13,14 +13,15 @@ The rules, in order:
    slot (it never runs where no profile accepts it).
 4. It runs now when it is full (max_batch_size), when a prefix of it reaches a preferred batch size
    (the largest such prefix runs), when its head has waited max_queue_delay, or when nothing is
-   executing on this model's instances and the model is not contended (``hold`` False). Contended
-   (the scheduler's measure: most recent arrivals found other requests of the model queued or
-   running) means clients have more requests in flight than the one batch, so more are on their
-   way: the partial batch waits up to max_queue_delay for them, as Triton's batcher always does.
-   Not contended, an idle executor never waits: a lone client's next request comes only after this
-   one is answered, so waiting would add the whole delay to its latency and gather nothing. While
-   another batch runs, a partial batch waits up to max_queue_delay for more requests on a second
-   instance instead of competing with it.
+   executing on this model's instances and the model is not contended (no ``hold``). Contended (the
+   scheduler's measure: most recent arrivals found other requests of the model queued or running)
+   means clients have more requests in flight than the one batch, so more are on their way: the
+   partial batch waits for them until ``hold`` (the scheduler's estimate of when the next should
+   have come) and never past max_queue_delay; Triton's batcher holds every partial batch for the
+   whole delay. Not contended, an idle executor never waits: a lone client's next request comes only
+   after this one is answered, so waiting would add the delay to its latency and gather nothing.
+   While another batch runs, a partial batch waits up to max_queue_delay for more requests on a
+   second instance instead of competing with it.
 5. When no idle instance fits, a batch that is already complete (max_batch_size or a preferred size
    reached, or dynamic batching off) may queue behind the one running on a fitting instance
    (``queueable``: an instance with one batch in flight). It starts the moment that batch ends, on
@@ -94,7 +95,8 @@ def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: 
     """Decides the next batch. ``pending`` is in scheduling order (rule 1); ``free`` are idle
     instances; ``busy`` says whether any batch of this model is executing; ``queueable`` are busy
     instances that may take one complete batch behind the running one (rule 5); ``hold``: the model is
-    contended, so even an idle instance lets a partial batch wait for the queue delay (rule 4)."""
+    contended, so even an idle instance lets a partial batch wait until this time, within the queue delay
+    (rule 4)."""
     if not pending or not (free or queueable):
         return Plan()
     batch, rows, shapes = _gather(pending, rules, policy.enabled)

@@ -26,6 +26,7 @@ import numpy as np
 
 from trtserve.server.engine.backends.base import Backend, BatchResult, DeviceDestination
 from trtserve.server.engine.batcher import assemble, policy
+from trtserve.server.engine.batcher.contention import Contention
 from trtserve.server.engine.batcher.request import Pending, RequestResult, Ticket, TicketFuture
 from trtserve.server.engine.batcher.shapes import ShapeRules, describe_profiles
 from trtserve.server.errors import (DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout,
@@ -40,15 +41,6 @@ log = logging.getLogger("trtserve.batcher")
 # it saves costs tens of microseconds, so past a few milliseconds it is a small share of the batch, while every
 # control call (readiness, metadata, a front end's first request of a model) waits out an inline batch
 INLINE_MAX_S = 0.002
-
-# policy rule 4's contention: the weight of each arrival in the moving average (about the last ten count), and the
-# share of arrivals finding the model in use from which an idle instance holds a partial batch for the queue delay.
-# A lone client never finds its model in use (its next request waits for this answer), so it never waits; after a
-# burst, about seven of its requests go by before the average falls below the mark again
-CONTENTION_WEIGHT = 0.1
-HOLD_AT = 0.5
-GAP_WEIGHT = 0.1
-HOLD_GAPS = 2.0
 
 
 class DynamicBatcher:
@@ -104,11 +96,7 @@ class DynamicBatcher:
         self._scan_needed = False
         self._next_expiry: Optional[float] = None
         self._unreported: Dict[int, int] = {}  # level -> requests queued and not yet reported to the observers
-        # the share of recent arrivals that found another request of this model queued or running (a moving
-        # average): past HOLD_AT, an idle instance lets a partial batch wait for the queue delay (policy rule 4)
-        self._contention = 0.0
-        self._arrived_at: Optional[float] = None  # when the loop last found new requests
-        self._gap = 0.0  # moving average of the time between those, while contended
+        self._contention = Contention()  # whether an idle instance may hold a partial batch (policy rule 4)
         self._cancel_hook = self._on_cancel  # bound once: every queued request's ticket holds it
 
     # ---- public API -------------------------------------------------------------------------
@@ -179,8 +167,7 @@ class DynamicBatcher:
         req = Pending(inputs, outputs, rows, shapes, level, now, ticket, queue_deadline, deadline, False,
                       next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch, count, member_outputs)
         ticket.on_cancel = self._cancel_hook
-        contended = bool(self._running) or bool(self._delayed) or any(self._queues.values())
-        self._contention += CONTENTION_WEIGHT * (contended - self._contention)
+        self._contention.arrival(bool(self._delayed) or any(self._queues.values()), bool(self._running))
         queue.append(req)
         if deadline is not None or queue_deadline is not None:
             self._next_expiry = _earliest(self._next_expiry, deadline, queue_deadline)
@@ -282,13 +269,9 @@ class DynamicBatcher:
         try:
             while True:
                 self._wake.clear()
-                arrived = bool(self._unreported)
                 self._report_queued()
                 now = self._clock()
-                if arrived:
-                    if self._contention >= HOLD_AT and self._arrived_at is not None:
-                        self._gap += GAP_WEIGHT * (now - self._arrived_at - self._gap)
-                    self._arrived_at = now
+                self._contention.look(now)
                 next_deadline = self._purge_and_expire(now)
                 if self._closing and not self.pending and not self._running:
                     break
@@ -296,7 +279,7 @@ class DynamicBatcher:
                 # every instance full (the usual case under load, woken by each new request): nothing to plan
                 p = policy.plan(self._ordered(), now, self.spec.batching, self._rules, free,
                                 busy=self._pool.busy(), queueable=queueable,
-                                hold=self._hold_until()) if free or queueable else policy.Plan()
+                                hold=self._contention.hold_until()) if free or queueable else policy.Plan()
                 if p.requests:
                     self._dispatch(p, now)
                     continue
@@ -318,13 +301,6 @@ class DynamicBatcher:
                 req.ticket.settle(error=Internal(f"model '{self.spec.name}': scheduler failure"))
         finally:
             self._stopped.set()
-
-    def _hold_until(self) -> Optional[float]:
-        """Until when an idle instance may hold a partial batch (policy rule 4): while the model is contended, a
-        few of the recent gaps between arrivals past the last one; None when it runs at once."""
-        if self._contention < HOLD_AT or self._arrived_at is None:
-            return None
-        return self._arrived_at + HOLD_GAPS * self._gap
 
     def _drain_all(self) -> List[Pending]:
         reqs = self._ordered()
