@@ -85,13 +85,17 @@ def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: st
     if trace_rate:
         assert trace_dir is not None
         traces = trace_dir / f"{model}-{shm}-{level}.json"
+        for old in traces.parent.glob(traces.name + ".*"):  # an earlier run's, in a work folder kept between runs
+            old.unlink()
         _trace_settings(url, {"trace_file": str(traces), "trace_level": "TIMESTAMPS", "trace_rate": str(trace_rate),
                               "log_frequency": "20"})
-    before = _stats(url, model)
-    r = load_perf_analyzer(pa, url, level, window_ms / 1000, model=model, batch=batch, shm=shm, max_trials=6)
-    after = _stats(url, model)
-    if traces is not None:
-        _trace_settings(url, {"trace_level": "OFF"})
+    try:
+        before = _stats(url, model)
+        r = load_perf_analyzer(pa, url, level, window_ms / 1000, model=model, batch=batch, shm=shm, max_trials=6)
+        after = _stats(url, model)
+    finally:
+        if traces is not None:
+            _trace_settings(url, {"trace_level": "OFF"})
     if r is None:
         return None
     execs = after["executions"] - before["executions"]
