@@ -218,7 +218,8 @@ def _serve(repo: pathlib.Path, work: pathlib.Path):
 
 
 def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
-                heavy_levels: Sequence[int] = (4, 16), trace_rate: int = 0) -> List[dict]:
+                heavy_levels: Sequence[int] = (4, 16), trace_rate: int = 0,
+                heavy_max_batch: int = 1024) -> List[dict]:
     from bench.gpu_backend import _models, raw_rows_per_s
 
     pa = _pa()
@@ -227,7 +228,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
     shutil.rmtree(repo, ignore_errors=True)
     raw: Dict[str, float] = {}
     plans: Dict[str, pathlib.Path] = {}
-    ref_batch = {"heavy": 1024, "small": 256}  # also the served max_batch_size
+    ref_batch = {"heavy": heavy_max_batch, "small": 256}  # also the served max_batch_size
     for key in ("heavy", "small"):
         m = models[key]
         d = work / m.name / "1"
@@ -360,9 +361,10 @@ def render(data: dict, out: pathlib.Path) -> None:
     sv = data.get("server") or []
     if sv:
         md += ["", "## Full server under perf_analyzer (same machine)", ""] + measured("server") + [
-               f"Heavy MLP: requests of {HEAVY_REQ_ROWS} rows (`-b {HEAVY_REQ_ROWS}`), max_batch_size 1024; small "
-               "MLP: 1 row per request. served/raw = rows/s over the raw engine loop at batch 1024 (heavy) or 256 "
-               "(small) on one context. mean batch = rows per execution from ModelStatistics over the same window.",
+               f"Heavy MLP: requests of {HEAVY_REQ_ROWS} rows (`-b {HEAVY_REQ_ROWS}`), max_batch_size "
+               f"{_heavy_batch(sv)}; small MLP: 1 row per request. served/raw = rows/s over the raw engine loop at "
+               f"batch {_heavy_batch(sv)} (heavy) or 256 (small) on one context. mean batch = rows per execution "
+               "from ModelStatistics over the same window.",
                "", "| model | instances | CUDA graphs | transport | concurrency | rows/s | p50 ms | p99 ms | "
                "mean batch | served / raw |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in sv:
@@ -419,7 +421,7 @@ def _plot(data: dict, path: pathlib.Path) -> None:
     sv = [r for r in data.get("server") or [] if r["base"] == "heavy"]
     _curves(ax[1], sv, lambda r: (r["instances"], r["graphs"], r["shm"]),
             lambda k: f"x{k[0]}{' graphs' if k[1] else ''}{' CUDA shm' if k[2] == 'cuda' else ''}",
-            "raw_rows_per_s", "raw at 1024", "rows/s", "heavy MLP served (perf_analyzer)")
+            "raw_rows_per_s", f"raw at {_heavy_batch(sv)}", "rows/s", "heavy MLP served (perf_analyzer)")
     rn = [r for r in data.get("resnet") or [] if r["kind"] == "served" and r["shm"] == "cuda"]
     _curves(ax[2], rn, lambda r: (r["tool"], r["batch"], r.get("instances", 2)),
             lambda k: f"{k[0]}, CUDA shm, {k[1]}/req, x{k[2]}", "raw_compute_max_batch", "raw compute at 128",
@@ -440,6 +442,11 @@ def _curves(ax, rows: List[dict], key, label, ref: str, ref_label: str, ylabel: 
         ax.legend(fontsize=7)
 
 
+def _heavy_batch(rows: List[dict]) -> str:
+    """The heavy MLP's max_batch_size in these rows (runs before --heavy-max-batch stored none: 1024)."""
+    return "/".join(str(b) for b in sorted({r.get("raw_batch", 1024) for r in rows if r["base"] == "heavy"})) or "1024"
+
+
 def _resnet_key(r: dict) -> tuple:
     return r["kind"], r["batch"], r.get("instances"), r.get("shm"), r.get("tool"), r.get("concurrency")
 
@@ -454,6 +461,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--render", action="store_true", help="only redraw gpu.md/gpu.png from OUT/gpu.json")
     p.add_argument("--server-setups", default="", help="server part: only these setups (e.g. heavy_i4,small_i4)")
     p.add_argument("--heavy-levels", default="4,16", help="server part: perf_analyzer concurrencies for the heavy MLP")
+    p.add_argument("--heavy-max-batch", type=int, default=1024,
+                   help="server part: the heavy MLP's max_batch_size, and the batch its raw engine is measured at")
     p.add_argument("--resnet-images", type=int, default=16, help="images per request (resnet part)")
     p.add_argument("--resnet-instances", type=int, default=2, help="instance_group count (resnet part)")
     p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
@@ -484,7 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parts = {"executor": part_executor,
              "server": functools.partial(part_server, only=[x for x in a.server_setups.split(",") if x],
                                          heavy_levels=[int(x) for x in a.heavy_levels.split(",")],
-                                         trace_rate=a.trace_rate),
+                                         trace_rate=a.trace_rate, heavy_max_batch=a.heavy_max_batch),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","), trace_rate=a.trace_rate)}
     for name in a.parts.split(","):

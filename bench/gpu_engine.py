@@ -33,6 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--engine-cpus", default=None, help="taskset CPU list for the engine process")
     p.add_argument("--levels", default="", help="requests in flight to measure, e.g. 256 (default: per model)")
     p.add_argument("--instances", type=int, default=0, help="instance_group count (default: per model)")
+    p.add_argument("--max-batch", type=int, default=0,
+                   help="max_batch_size served, and the batch the raw engine is measured at (default: per model)")
     p.add_argument("--switch-interval-us", default="",
                    help="GIL switch intervals of the engine to compare, e.g. 200,50 (default: what serve sets)")
     p.add_argument("--graphs", action="store_true", help="CUDA graphs on (optimization { cuda { graphs: true } })")
@@ -70,6 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.levels:
             levels = tuple(int(x) for x in a.levels.split(","))
         instances = a.instances or instances
+        ref = a.max_batch or ref
         # by default the GIL switch interval `trtserve serve` sets where TensorRT runs (trtserve/cli.py says why)
         intervals = [float(x) for x in a.switch_interval_us.split(",")] if a.switch_interval_us else \
             [DEFAULT_GIL_SWITCH_INTERVAL_US]
@@ -80,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raw = raw_rows_per_s(backend, ref, a.seconds, with_io=False)
         finally:
             backend.close()
-        repo = work / f"repo_{key}"
+        repo = work / f"repo_{key}_{ref}"
         (repo / m.name / "1").mkdir(parents=True, exist_ok=True)
         (repo / m.name / "1" / "model.onnx").write_bytes((onnx_dir / "model.onnx").read_bytes())
         (repo / m.name / "config.pbtxt").write_text(
@@ -94,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for level in levels:
                     r = asyncio.run(engine_alone._level(engine, m.name, [("INPUT0", m.wire, tuple(m.dims_in))],
                                                         rows, level, 1.0, a.seconds))
-                    rows_out.append([key, where, str(instances), f"{interval:g}", str(rows), str(level),
+                    rows_out.append([key, where, str(instances), str(ref), f"{interval:g}", str(rows), str(level),
                                      f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}", f"{raw:,.0f}",
                                      f"{100 * r['rows_s'] / raw:.0f} %", f"{r['mean_batch']:.0f}",
                                      f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", f"{r['driver_cores']:.2f}",
@@ -105,8 +108,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 engine.stop()
         if a.cprofile:
             _profiled(a, repo, work, m, rows, max(levels), key)
-    head = ["model", "enqueue on", "instances", "GIL us", "rows/req", "concurrency", "req/s", "rows/s", "raw rows/s", "of raw",
-            "batch", "p50 ms", "engine cores", "driver cores", "queue/in/infer/out us", "errors"]
+    head = ["model", "enqueue on", "instances", "max batch", "GIL us", "rows/req", "concurrency", "req/s", "rows/s",
+            "raw rows/s", "of raw", "batch", "p50 ms", "engine cores", "driver cores", "queue/in/infer/out us",
+            "errors"]
     widths = [max(len(r[i]) for r in [head] + rows_out) for i in range(len(head))]
     print()
     for r in [head, ["-" * w for w in widths]] + rows_out:
