@@ -159,6 +159,7 @@ class Direct(Doubling):
     accepts_device_tensors = True
     direct_copy_min_bytes = 16  # one row of 4 FP32: every request here is large
     pieces: List[int] = []  # per batch: the pieces its input came in
+    addresses: List[List[int]] = []  # per batch: where each piece lies
     destinations: List[List[Tuple[int, int, int]]] = []  # per batch: (request index, row offset, rows)
     refuse: Optional[float] = None
 
@@ -169,6 +170,7 @@ class Direct(Doubling):
         x = inputs["INPUT0"]
         parts = x.parts if isinstance(x, Gather) else (x,)
         Direct.pieces.append(len(parts))
+        Direct.addresses.append([np.asarray(p).ctypes.data for p in parts])
         Direct.destinations.append([(d.request, d.row_offset, d.rows) for d in destinations])
         y = super().run(instance, {"INPUT0": np.concatenate([np.asarray(p) for p in parts])}, outputs).outputs["OUTPUT0"]
         reached: Dict[int, bool] = {}
@@ -190,7 +192,7 @@ def repo(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Pat
     Doubling.batches = []
     Doubling.started.clear()
     Doubling.gate.clear()
-    Direct.pieces, Direct.destinations, Direct.refuse = [], [], None
+    Direct.pieces, Direct.destinations, Direct.addresses, Direct.refuse = [], [], [], None
     close = Arena.close
 
     def unpin_then_close(self: Arena) -> None:
@@ -248,6 +250,32 @@ async def test_alike_requests_of_a_frame_are_one_entry_and_each_gets_its_own_ans
         if backend is Direct:  # the ten left in the arena, one piece each, answered where the device wrote them
             assert Direct.pieces == [1, 11]
             assert Direct.destinations[1] == [(0, i, 1) for i in range(10)] + [(1, 10, 2)]
+    finally:
+        await host.stop()
+
+
+async def test_large_members_are_queued_in_arena_order_and_each_still_gets_its_own_answer(repo) -> None:
+    """The backend copies members whose pieces lie at one distance from each other in one call
+    (backends/tensorrt/copies.py), so a group of large requests is ordered by where they lie in the arena."""
+    _model(repo)
+    host, fe = await _engine(repo, Counts(), Direct)
+    try:
+        held = await _hold(fe)
+        low = [fe.alloc.alloc(16) for _ in range(4)]  # room for two requests (input and output slot each)...
+        xs = _rows(4, 7)
+        ids = [fe.infer("m", xs[0]), fe.infer("m", xs[1])]  # ...so these two lie above it
+        for off in low:
+            fe.alloc.free(off)
+        ids += [fe.infer("m", xs[2]), fe.infer("m", xs[3])]  # and these two, sent later in the same frame, in it
+        await asyncio.sleep(0.05)
+        Doubling.gate.set()
+        answers = await fe.wait_for(5)
+        for req_id, x in zip(ids, xs):
+            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        assert answers[held][0] == ""
+        assert Direct.pieces == [1, 4]
+        group = Direct.addresses[1]
+        assert group == sorted(group) and group[0] == fe.arena.address(low[0], 16)  # the later ones first
     finally:
         await host.stop()
 

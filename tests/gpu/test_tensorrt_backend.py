@@ -301,3 +301,45 @@ def test_two_instances_run_concurrently(workdir: pathlib.Path) -> None:
         assert overlaps > 0
     finally:
         b.close()
+
+
+def test_members_at_one_distance_go_in_strided_copies_and_match_onnxruntime(mlp: TensorRTBackend, ort,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group of large requests (engine/group.py): each member's input read where it lies in page-locked memory and
+    its output rows written by the device into its own slot. Four members whose blocks lie at one distance go in one
+    2D copy each way (backends/tensorrt/copies.py); a fifth lies elsewhere and goes on its own."""
+    import cupy
+    from trtserve.server.engine.backends.base import DeviceDestination
+
+    rows, members = 6, 5
+    in_bytes, out_bytes = rows * N_IN * 4, rows * N_OUT * 4
+    stride = in_bytes + out_bytes + 512  # a block: the input, then the output slot, then something else
+    size = stride * 16
+    pinned = cupy.cuda.alloc_pinned_memory(size)
+    block = np.frombuffer(pinned, np.uint8, size)
+    starts = [0, stride, 2 * stride, 3 * stride, 9 * stride + 128]  # the last one breaks the run
+    xs = [_x(rows, 700 + k) for k in range(members)]
+    pieces = []
+    for s, x in zip(starts, xs):
+        piece = block[s:s + in_bytes].view(np.float32).reshape(rows, N_IN)
+        piece[:] = x
+        pieces.append(piece)
+    base = block.ctypes.data
+    destinations = [DeviceDestination(0, k * rows, rows, {"OUTPUT0": (base + s + in_bytes, out_bytes)})
+                    for k, s in enumerate(starts)]
+    calls = {"2d": 0}
+    rt = cupy.cuda.runtime
+    plain = rt.memcpy2DAsync
+
+    def counted(*args):
+        calls["2d"] += 1
+        return plain(*args)
+
+    monkeypatch.setattr(rt, "memcpy2DAsync", counted)
+    result = mlp.run_to_device(1, {"INPUT0": Gather(tuple(pieces), (rows * members, N_IN), np.dtype(np.float32))},
+                               ["OUTPUT0"], destinations)
+    assert result.delivered == {0: frozenset({"OUTPUT0"})}
+    assert calls["2d"] == 2  # the four in a run, in and out
+    for s, x in zip(starts, xs):
+        y = block[s + in_bytes:s + in_bytes + out_bytes].view(np.float32).reshape(rows, N_OUT)
+        np.testing.assert_allclose(y, ort_run(ort, {"INPUT0": x})["OUTPUT0"], **TF32_TOL)

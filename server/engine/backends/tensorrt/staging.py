@@ -14,9 +14,11 @@ CuPy is imported lazily: this module imports on a machine without CUDA.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from trtserve.server.engine.backends.tensorrt import copies
 
 MIN_BYTES = 512  # CuPy's allocation unit; also keeps TensorRT's 256-byte address alignment
 
@@ -135,11 +137,14 @@ class StagedTensor:
         """Enqueues each piece into its rows of the device buffer on ``stream``: device pieces (objects with
         ``__cuda_array_interface__``, e.g. a client's CUDA shared memory) device to device, host pieces in
         page-locked memory (a front end's arena) straight from there, other host pieces through their place in
-        the pinned mirror. Returns the bytes written."""
+        the pinned mirror; pieces that lie at a fixed distance from each other go in one call (copies.py).
+        Returns the bytes written."""
         cupy = _cupy()
         rt = cupy.cuda.runtime
         host, host_ptr = self.hosts[slot], self._host_ptrs[slot]
         offset = 0
+        from_host: List[Tuple[int, int, int]] = []  # (dst, src, bytes), enqueued after the loop
+        from_device: List[Tuple[int, int, int]] = []
         for p in parts:
             cai = getattr(p, "__cuda_array_interface__", None)
             n = int(p.nbytes) // np.dtype(p.dtype).itemsize * self.dtype.itemsize  # bytes in this buffer's type
@@ -153,17 +158,18 @@ class StagedTensor:
                     with stream:
                         cupy.copyto(dst, cupy.asarray(p), casting="unsafe")
                 elif n:
-                    rt.memcpyAsync(self.ptr + offset, int(cai["data"][0]), n, rt.memcpyDeviceToDevice, stream.ptr)
+                    from_device.append((self.ptr + offset, int(cai["data"][0]), n))
             elif (n and p.dtype == self.dtype and p.flags.c_contiguous
                   and self._page_locked(p, src_ptr := p.__array_interface__["data"][0])):
-                rt.memcpyAsync(self.ptr + offset, src_ptr, n, rt.memcpyHostToDevice, stream.ptr)
+                from_host.append((self.ptr + offset, src_ptr, n))
             else:
                 src = np.ascontiguousarray(p)
                 np.copyto(host[offset:offset + n].view(self.dtype).reshape(src.shape), src,
                           casting="no" if src.dtype == self.dtype else "unsafe")
-                if n:
-                    rt.memcpyAsync(self.ptr + offset, host_ptr + offset, n, rt.memcpyHostToDevice, stream.ptr)
+                from_host.append((self.ptr + offset, host_ptr + offset, n))
             offset += n
+        copies.enqueue(rt, from_host, rt.memcpyHostToDevice, stream.ptr)
+        copies.enqueue(rt, from_device, rt.memcpyDeviceToDevice, stream.ptr)
         return offset
 
     def download(self, nbytes: int, stream: Any, slot: int = 0) -> None:

@@ -1,0 +1,65 @@
+"""Many equal copies as few CUDA calls: a batch of large requests copies each member's rows on its own (from its
+place in the front end's arena to the batch's device buffer, and back into its own slot), and each copy is a CUDA
+call made from the engine's one Python loop, which is what bounds a GPU fed large requests. Members of one entry
+have equal sizes and their blocks in an arena usually lie at a fixed distance from each other, so a run of such
+copies is one ``cudaMemcpy2DAsync``: ``height`` rows of ``width`` bytes, each ``dpitch``/``spitch`` further on
+than the one before. CuPy is only touched through the ``runtime`` module the caller passes.
+"""
+from __future__ import annotations
+
+from typing import Any, List, NamedTuple, Sequence, Tuple
+
+# cudaMemcpy2D refuses a pitch above the device's cudaDevAttrMaxPitch, 2**31 - 1 on every current GPU; a run is
+# only formed below it (a farther step is two copies, as before)
+MAX_PITCH = 2 ** 31 - 1
+
+
+class Run(NamedTuple):
+    """``height`` copies of ``width`` bytes: the k-th from ``src + k * spitch`` to ``dst + k * dpitch``."""
+
+    dst: int
+    dpitch: int
+    src: int
+    spitch: int
+    width: int
+    height: int
+
+
+def runs(copies: Sequence[Tuple[int, int, int]]) -> List[Run]:
+    """``copies`` as (dst, src, nbytes), in order, merged into runs: consecutive copies of one size whose
+    destinations and sources each step by one constant pitch, at least the size (rows never overlap) and at most
+    MAX_PITCH. A copy of 0 bytes is dropped."""
+    out: List[Run] = []
+    i, count = 0, len(copies)
+    while i < count:
+        dst, src, n = copies[i]
+        if n <= 0:
+            i += 1
+            continue
+        height, dp, sp = 1, n, n
+        if i + 1 < count and copies[i + 1][2] == n:
+            dp, sp = copies[i + 1][0] - dst, copies[i + 1][1] - src
+            if n <= dp <= MAX_PITCH and n <= sp <= MAX_PITCH:
+                height = 2
+                while (i + height < count and copies[i + height][2] == n
+                       and copies[i + height][0] - copies[i + height - 1][0] == dp
+                       and copies[i + height][1] - copies[i + height - 1][1] == sp):
+                    height += 1
+            else:
+                dp = sp = n
+        out.append(Run(dst, dp, src, sp, n, height))
+        i += height
+    return out
+
+
+def enqueue(rt: Any, copies: Sequence[Tuple[int, int, int]], kind: int, stream_ptr: int) -> int:
+    """Enqueues ``copies`` (see ``runs``) on the stream with CUDA runtime ``rt`` (CuPy's): one call per run, a run
+    whose rows are back to back on both sides as one plain copy. Returns the number of CUDA calls made."""
+    calls = 0
+    for r in runs(copies):
+        if r.height == 1 or (r.dpitch == r.width and r.spitch == r.width):
+            rt.memcpyAsync(r.dst, r.src, r.width * r.height, kind, stream_ptr)
+        else:
+            rt.memcpy2DAsync(r.dst, r.dpitch, r.src, r.spitch, r.width, r.height, kind, stream_ptr)
+        calls += 1
+    return calls

@@ -1,0 +1,90 @@
+"""Copies of a batch's members merged into strided runs (server/engine/backends/tensorrt/copies.py), on the CPU:
+the runs a list of copies becomes, and that replaying the calls ``enqueue`` makes moves exactly the bytes the copies
+one by one would have."""
+from __future__ import annotations
+
+import random
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+
+from trtserve.server.engine.backends.tensorrt import copies
+from trtserve.server.engine.backends.tensorrt.copies import MAX_PITCH, Run
+
+
+def test_equal_copies_at_one_distance_are_one_run() -> None:
+    # four 100-byte members whose arena blocks are 256 bytes apart, into back-to-back rows of a batch buffer
+    cs = [(5000 + 100 * k, 256 * k, 100) for k in range(4)]
+    assert copies.runs(cs) == [Run(5000, 100, 0, 256, 100, 4)]
+
+
+def test_a_run_breaks_where_the_step_or_the_size_changes() -> None:
+    cs = [(0, 0, 8), (8, 64, 8), (16, 128, 8),  # step 64 on the source
+          (24, 512, 8),  # a farther step: starts the next run
+          (32, 520, 8),
+          (40, 600, 16)]  # another size
+    assert copies.runs(cs) == [Run(0, 8, 0, 64, 8, 3), Run(24, 8, 512, 8, 8, 2), Run(40, 16, 600, 16, 16, 1)]
+
+
+def test_no_run_with_overlapping_rows_backwards_steps_or_pitches_past_the_limit() -> None:
+    assert copies.runs([(0, 100, 8), (4, 200, 8)]) == [Run(0, 8, 100, 8, 8, 1), Run(4, 8, 200, 8, 8, 1)]
+    assert copies.runs([(100, 0, 8), (0, 8, 8)]) == [Run(100, 8, 0, 8, 8, 1), Run(0, 8, 8, 8, 8, 1)]
+    far = MAX_PITCH + 1
+    assert copies.runs([(0, 0, 8), (8, far, 8)]) == [Run(0, 8, 0, 8, 8, 1), Run(8, 8, far, 8, 8, 1)]
+    assert copies.runs([(0, 0, 8), (8, MAX_PITCH, 8)]) == [Run(0, 8, 0, MAX_PITCH, 8, 2)]
+
+
+def test_empty_copies_are_dropped() -> None:
+    assert copies.runs([(0, 0, 0), (0, 0, 4), (4, 4, 0)]) == [Run(0, 4, 0, 4, 4, 1)]
+    assert copies.runs([]) == []
+
+
+class _Memory:
+    """Stands in for CUDA's runtime over one flat byte array: addresses are offsets into it."""
+
+    memcpyHostToDevice = 1
+
+    def __init__(self, size: int) -> None:
+        self.bytes = np.zeros(size, np.uint8)
+        self.calls: List[Tuple[str, tuple]] = []
+
+    def memcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int) -> None:
+        self.calls.append(("1d", (dst, src, n)))
+        self.bytes[dst:dst + n] = self.bytes[src:src + n].copy()
+
+    def memcpy2DAsync(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int,
+                      stream: int) -> None:
+        assert dpitch >= width and spitch >= width, "CUDA refuses a pitch below the width"
+        self.calls.append(("2d", (dst, dpitch, src, spitch, width, height)))
+        for k in range(height):
+            self.bytes[dst + k * dpitch:dst + k * dpitch + width] = \
+                self.bytes[src + k * spitch:src + k * spitch + width].copy()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_enqueued_runs_move_the_same_bytes_as_the_copies_one_by_one(seed: int) -> None:
+    rnd = random.Random(seed)
+    size, width = 1 << 16, rnd.choice([16, 48, 100])
+    block = width + rnd.choice([0, 16, 60])
+    slots = list(range(0, 20 * block, block))  # an arena of equal blocks, some taken out of order
+    taken = sorted(rnd.sample(slots, rnd.randint(1, 12)))
+    dst0 = 40000
+    cs = [(dst0 + k * width, 1000 + off, width) for k, off in enumerate(taken)]
+    if rnd.random() < 0.5:  # and a piece of another size at the end
+        cs.append((dst0 + len(taken) * width, 30000, 24))
+    one_by_one, merged = _Memory(size), _Memory(size)
+    noise = np.frombuffer(rnd.randbytes(size), np.uint8)
+    one_by_one.bytes[:] = noise
+    merged.bytes[:] = noise
+    for dst, src, n in cs:
+        one_by_one.memcpyAsync(dst, src, n, 1, 0)
+    calls = copies.enqueue(merged, cs, merged.memcpyHostToDevice, 0)
+    np.testing.assert_array_equal(merged.bytes, one_by_one.bytes)
+    assert calls == len(copies.runs(cs)) == len(merged.calls) <= len(cs)
+
+
+def test_back_to_back_rows_go_as_one_plain_copy() -> None:
+    mem = _Memory(4096)
+    assert copies.enqueue(mem, [(1000 + 10 * k, 10 * k, 10) for k in range(5)], 1, 0) == 1
+    assert mem.calls == [("1d", (1000, 0, 50))]
