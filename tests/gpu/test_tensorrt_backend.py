@@ -343,3 +343,43 @@ def test_members_at_one_distance_go_in_strided_copies_and_match_onnxruntime(mlp:
     for s, x in zip(starts, xs):
         y = block[s + in_bytes:s + in_bytes + out_bytes].view(np.float32).reshape(rows, N_OUT)
         np.testing.assert_allclose(y, ort_run(ort, {"INPUT0": x})["OUTPUT0"], **TF32_TOL)
+
+
+def test_requests_from_two_front_ends_arenas_never_share_a_copy(mlp: TensorRTBackend, ort) -> None:
+    """One batch of requests from two front ends: their arenas are two CUDA registrations at some distance, which
+    a strided copy must not span (CUDA refuses it with an invalid argument); each arena's own run still merges."""
+    from trtserve.server.engine.backends.base import DeviceDestination
+    from trtserve.server.engine.backends.tensorrt.copies import MAX_PITCH
+    from trtserve.server.ipc.arena import Arena
+
+    rows = 4
+    out_bytes = rows * N_OUT * 4
+    arenas = sorted((Arena.create(16 << 20) for _ in range(2)), key=lambda a: a.address(0, 1))
+    try:
+        for a in arenas:
+            a.pin()
+        assert 0 < arenas[1].address(0, 1) - arenas[0].address(0, 1) <= MAX_PITCH  # a step a run could take
+        f32 = np.dtype(np.float32)
+        # a request of the first arena, a group of two of the second (a run of their own), one more of the first:
+        # the first two are one step apart, and the step of a run is whatever its first two are apart
+        places = [(arenas[0], 0), (arenas[1], 0), (arenas[1], 4096), (arenas[0], 4096)]
+        entries = [0, 1, 1, 2]
+        xs = [_x(rows, 900 + k) for k in range(len(places))]
+        pieces = []
+        for (a, off), x in zip(places, xs):
+            a.write(off, x)
+            pieces.append(a.array(off, f32, x.shape))
+        destinations = [DeviceDestination(entries[k], k * rows, rows, {"OUTPUT0": (a.address(off + 2048, out_bytes),
+                                                                               out_bytes)})
+                        for k, (a, off) in enumerate(places)]
+        result = mlp.run_to_device(1, {"INPUT0": Gather(tuple(pieces), (rows * len(places), N_IN), f32)},
+                                   ["OUTPUT0"], destinations)
+        assert result.delivered == {i: frozenset({"OUTPUT0"}) for i in (0, 1, 2)}
+        for (a, off), x in zip(places, xs):
+            y = a.array(off + 2048, f32, (rows, N_OUT))
+            np.testing.assert_allclose(y, ort_run(ort, {"INPUT0": x})["OUTPUT0"], **TF32_TOL)
+            del y
+        del pieces
+    finally:
+        for a in arenas:
+            a.close()

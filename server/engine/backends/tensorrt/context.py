@@ -392,7 +392,7 @@ class InstanceContext:
         rt = self._cupy.cuda.runtime
         delivered: Dict[int, frozenset] = {}
         covered: Dict[str, int] = {}
-        pending: Dict[str, List[Tuple[int, int, int]]] = {}  # output -> (dst, src, bytes) in destination order
+        pending: Dict[str, List[copies.Copy]] = {}  # output -> its copies, in destination order
         for d in destinations:
             done = []
             for name, (ptr, room) in d.outputs.items():
@@ -406,7 +406,9 @@ class InstanceContext:
                 if n > room or start + n > t.capacity:  # the server checked sizes; never write past a region
                     continue
                 if n:
-                    pending.setdefault(name, []).append((ptr, t.ptr + start, n))
+                    # a request's destinations lie in one block (a group's members in their front end's arena);
+                    # another request's may be anywhere
+                    pending.setdefault(name, []).append((ptr, t.ptr + start, n, d.request))
                 done.append(name)
                 covered[name] = covered.get(name, 0) + (d.rows if self._batched else 1)
             mine = frozenset(done)  # a group's members share its index: delivered is what reached every member

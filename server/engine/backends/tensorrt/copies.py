@@ -3,11 +3,15 @@ place in the front end's arena to the batch's device buffer, and back into its o
 call made from the engine's one Python loop, which is what bounds a GPU fed large requests. Members of one entry
 have equal sizes and their blocks in an arena usually lie at a fixed distance from each other, so a run of such
 copies is one ``cudaMemcpy2DAsync``: ``height`` rows of ``width`` bytes, each ``dpitch``/``spitch`` further on
-than the one before. CuPy is only touched through the ``runtime`` module the caller passes.
+than the one before. A run never leaves one memory block (one arena, one region): CUDA checks a 2D copy's whole
+extent, gaps included, against the allocation or registration it starts in, and two front ends' arenas may lie
+at any distance. CuPy is only touched through the ``runtime`` module the caller passes.
 """
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Sequence, Tuple
+from typing import Any, Hashable, List, NamedTuple, Sequence, Tuple
+
+import numpy as np
 
 # cudaMemcpy2D refuses a pitch above the device's cudaDevAttrMaxPitch, 2**31 - 1 on every current GPU; a run is
 # only formed below it (a farther step is two copies, as before)
@@ -25,23 +29,33 @@ class Run(NamedTuple):
     height: int
 
 
-def runs(copies: Sequence[Tuple[int, int, int]]) -> List[Run]:
-    """``copies`` as (dst, src, nbytes), in order, merged into runs: consecutive copies of one size whose
-    destinations and sources each step by one constant pitch, at least the size (rows never overlap) and at most
-    MAX_PITCH. A copy of 0 bytes is dropped."""
+Copy = Tuple[int, int, int, Hashable]  # (dst, src, nbytes, the memory block that the side which varies lies in)
+
+
+def block_of(array: Any) -> Hashable:
+    """The memory block a host array lies in, as far as a run may go: a front end's arena gives out views of one
+    whole-arena array (one CUDA registration), so pieces of one arena share it; any other array is a block alone."""
+    base = getattr(array, "base", None)
+    return id(base) if type(base) is np.ndarray else id(array)
+
+
+def runs(copies: Sequence[Copy]) -> List[Run]:
+    """``copies`` in order, merged into runs: consecutive copies of one size in one memory block whose destinations
+    and sources each step by one constant pitch, at least the size (rows never overlap) and at most MAX_PITCH. A
+    copy of 0 bytes is dropped."""
     out: List[Run] = []
     i, count = 0, len(copies)
     while i < count:
-        dst, src, n = copies[i]
+        dst, src, n, block = copies[i]
         if n <= 0:
             i += 1
             continue
         height, dp, sp = 1, n, n
-        if i + 1 < count and copies[i + 1][2] == n:
+        if i + 1 < count and copies[i + 1][2] == n and copies[i + 1][3] == block:
             dp, sp = copies[i + 1][0] - dst, copies[i + 1][1] - src
             if n <= dp <= MAX_PITCH and n <= sp <= MAX_PITCH:
                 height = 2
-                while (i + height < count and copies[i + height][2] == n
+                while (i + height < count and copies[i + height][2] == n and copies[i + height][3] == block
                        and copies[i + height][0] - copies[i + height - 1][0] == dp
                        and copies[i + height][1] - copies[i + height - 1][1] == sp):
                     height += 1
@@ -52,7 +66,7 @@ def runs(copies: Sequence[Tuple[int, int, int]]) -> List[Run]:
     return out
 
 
-def enqueue(rt: Any, copies: Sequence[Tuple[int, int, int]], kind: int, stream_ptr: int) -> int:
+def enqueue(rt: Any, copies: Sequence[Copy], kind: int, stream_ptr: int) -> int:
     """Enqueues ``copies`` (see ``runs``) on the stream with CUDA runtime ``rt`` (CuPy's): one call per run, a run
     whose rows are back to back on both sides as one plain copy. Returns the number of CUDA calls made."""
     calls = 0

@@ -143,8 +143,8 @@ class StagedTensor:
         rt = cupy.cuda.runtime
         host, host_ptr = self.hosts[slot], self._host_ptrs[slot]
         offset = 0
-        from_host: List[Tuple[int, int, int]] = []  # (dst, src, bytes), enqueued after the loop
-        from_device: List[Tuple[int, int, int]] = []
+        from_host: List[copies.Copy] = []  # enqueued after the loop; the block is where the source lies
+        from_device: List[copies.Copy] = []
         for p in parts:
             cai = getattr(p, "__cuda_array_interface__", None)
             n = int(p.nbytes) // np.dtype(p.dtype).itemsize * self.dtype.itemsize  # bytes in this buffer's type
@@ -158,15 +158,15 @@ class StagedTensor:
                     with stream:
                         cupy.copyto(dst, cupy.asarray(p), casting="unsafe")
                 elif n:
-                    from_device.append((self.ptr + offset, int(cai["data"][0]), n))
+                    from_device.append((self.ptr + offset, int(cai["data"][0]), n, id(p)))  # a region each
             elif (n and p.dtype == self.dtype and p.flags.c_contiguous
                   and self._page_locked(p, src_ptr := p.__array_interface__["data"][0])):
-                from_host.append((self.ptr + offset, src_ptr, n))
+                from_host.append((self.ptr + offset, src_ptr, n, copies.block_of(p)))
             else:
                 src = np.ascontiguousarray(p)
                 np.copyto(host[offset:offset + n].view(self.dtype).reshape(src.shape), src,
                           casting="no" if src.dtype == self.dtype else "unsafe")
-                from_host.append((self.ptr + offset, host_ptr + offset, n))
+                from_host.append((self.ptr + offset, host_ptr + offset, n, id(host)))
             offset += n
         copies.enqueue(rt, from_host, rt.memcpyHostToDevice, stream.ptr)
         copies.enqueue(rt, from_device, rt.memcpyDeviceToDevice, stream.ptr)
