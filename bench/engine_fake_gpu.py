@@ -2,8 +2,9 @@
 TensorRT backend that keeps its contract (pipelined: enqueue returns at once, wait/collect after; inputs taken where
 they lie in the page-locked arena, outputs counted as delivered into the arena slots, as TensorRT's device copies do)
 and whose "device" takes ``--device-us`` per batch, one batch after another. Each CUDA call TensorRT makes per batch
-(a copy per input piece and per output destination, four timing events, ``execute_async_v3``, three elapsed times)
-is stood in for by a few microseconds of work without the GIL, as CuPy's and TensorRT's bindings give it up. What
+(a copy per run of input pieces and per run of output destinations as backends/tensorrt/copies.py forms them, four
+timing events, ``execute_async_v3``, three elapsed times) is stood in for by a few microseconds of work without the
+GIL, as CuPy's and TensorRT's bindings give it up. What
 is left is the engine's Python per batch and per request: descriptors in, queueing, batching, enqueue, answers out.
 
     python -m bench.engine_fake_gpu [--device-us 160] [--concurrency 4,16,64] [--duration 3] [--baseline DIR]
@@ -73,9 +74,10 @@ def _backend_class():  # imported only in the engine process, where trtserve is 
 
         def enqueue(self, instance, inputs, outputs, destinations=()):
             x = inputs["INPUT0"]
-            # TensorRT's enqueue makes a CUDA call per input piece, per destination, per timing event, and
-            # execute_async_v3; each gives the GIL up while it runs, as CuPy's and TensorRT's bindings do
-            for _ in range(len(getattr(x, "parts", (x,))) + len(destinations) + 4):
+            # TensorRT's enqueue makes a CUDA call per run of input pieces and of destinations (copies.py), per
+            # timing event, and execute_async_v3; each gives the GIL up while it runs, as CuPy's and TensorRT's
+            # bindings do
+            for _ in range(_copy_calls(x, destinations) + 4):
                 self.cuda_call()
             self.cuda_call(self.execute_s)
             # the device copies into the arena slots cost the engine a CUDA call each, not a host copy: nothing
@@ -109,6 +111,25 @@ def _backend_class():  # imported only in the engine process, where trtserve is 
             pass
 
     return FakeGpu
+
+
+def _copy_calls(x, destinations) -> int:
+    """The CUDA calls the TensorRT backend makes for a batch's input pieces and its output destinations, worked
+    out as it does (server/engine/backends/tensorrt/copies.py) from where they lie."""
+    from trtserve.server.engine.backends.tensorrt import copies
+
+    parts = getattr(x, "parts", (x,))
+    ins, row = [], 0
+    for p in parts:
+        ins.append((row, p.__array_interface__["data"][0], p.nbytes, copies.block_of(p)))
+        row += p.nbytes
+    outs, row = [], 0
+    for d in destinations:
+        ptr, _room = d.outputs["OUTPUT0"]
+        n = d.rows * N * 2
+        outs.append((ptr, row, n, d.request))
+        row += n
+    return len(copies.runs(ins)) + len(copies.runs(outs))
 
 
 class _CudaCall:

@@ -77,14 +77,33 @@ class _Mem:
 
 
 def make_cupy() -> types.ModuleType:
-    """A CuPy stand-in; ``cuda.copies`` records every memcpyAsync (dst, src, bytes, kind) and
-    ``cuda.locked`` holds the (start, end) host ranges "registered" as page-locked."""
+    """A CuPy stand-in; ``cuda.copies`` records every memcpyAsync (dst, src, bytes, kind), ``cuda.strided`` every
+    memcpy2DAsync (dst, dpitch, src, spitch, width, height, kind), and ``cuda.locked`` holds the (start, end) host
+    ranges "registered" as page-locked."""
     copies: List[Tuple[int, int, int, int]] = []
+    strided: List[Tuple[int, int, int, int, int, int, int]] = []
     locked: List[Tuple[int, int]] = []
 
     def memcpy(dst: int, src: int, n: int, kind: int, sp: int) -> None:
         copies.append((dst, src, n, kind))
         SimStream.registry[sp].enqueue(lambda: ctypes.memmove(dst, src, n))
+
+    def within_one(lo: int, hi: int) -> bool:
+        return any(a <= lo and hi <= b for a, b in locked)
+
+    def memcpy2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int, sp: int) -> None:
+        if width > min(dpitch, spitch):
+            raise RuntimeError("cudaErrorInvalidPitchValue")
+        # CUDA checks a 2D copy's whole extent against the host registration it starts in
+        for start, pitch in ((src, spitch), (dst, dpitch)):
+            if within_one(start, start + 1) and not within_one(start, start + pitch * (height - 1) + width):
+                raise RuntimeError("cudaErrorInvalidValue")
+        strided.append((dst, dpitch, src, spitch, width, height, kind))
+
+        def rows() -> None:
+            for k in range(height):
+                ctypes.memmove(dst + k * dpitch, src + k * spitch, width)
+        SimStream.registry[sp].enqueue(rows)
 
     def attributes(ptr: int) -> types.SimpleNamespace:
         if not any(lo <= ptr < hi for lo, hi in locked):
@@ -93,9 +112,11 @@ def make_cupy() -> types.ModuleType:
 
     runtime = types.SimpleNamespace(
         memcpyHostToDevice=1, memcpyDeviceToHost=2, memcpyDeviceToDevice=3, memcpyDefault=4, memoryTypeHost=1,
-        getDevice=lambda: 0, setDevice=lambda d: None, memcpyAsync=memcpy, pointerGetAttributes=attributes,
+        getDevice=lambda: 0, setDevice=lambda d: None, memcpyAsync=memcpy, memcpy2DAsync=memcpy2d,
+        pointerGetAttributes=attributes,
     )
-    cuda = types.SimpleNamespace(Stream=SimStream, Event=SimEvent, runtime=runtime, copies=copies, locked=locked,
+    cuda = types.SimpleNamespace(Stream=SimStream, Event=SimEvent, runtime=runtime, copies=copies, strided=strided,
+                                 locked=locked,
                                  get_elapsed_time=lambda a, b: 0.001,
                                  alloc_pinned_memory=lambda size: bytearray(size))
     mod = types.ModuleType("cupy")
@@ -103,6 +124,16 @@ def make_cupy() -> types.ModuleType:
     mod.uint8 = np.uint8  # type: ignore[attr-defined]
     mod.empty = lambda size, dtype=None: types.SimpleNamespace(data=_Mem(size))  # type: ignore[attr-defined]
     return mod
+
+
+def _uploaded_from(ctx, piece: np.ndarray) -> bool:
+    """Whether a host-to-device copy read ``piece`` where it lies: a plain copy or one row of a strided one
+    covers it."""
+    lo, hi = piece.ctypes.data, piece.ctypes.data + piece.nbytes
+    if any(src <= lo and hi <= src + n for _, src, n, kind in ctx.cuda.copies if kind == 1):
+        return True
+    return any(src + k * sp <= lo and hi <= src + k * sp + width
+               for _, _, src, sp, width, height, kind in ctx.cuda.strided if kind == 1 for k in range(height))
 
 
 def _array_at(ptr: int, shape: Tuple[int, ...]) -> np.ndarray:
@@ -342,9 +373,9 @@ def test_page_locked_is_asked_of_cuda_once_per_memory_owner(instance, monkeypatc
         ctx.cuda.copies.clear()
         out = inst.run({"INPUT0": Gather(pieces, (6, N_IN), np.dtype(np.float32))}, ["OUTPUT0"])  # type: ignore[dict-item]
         np.testing.assert_array_equal(out.outputs["OUTPUT0"], np.concatenate(pieces) * 2 + 1)
-        uploads = [src for _, src, _, kind in ctx.cuda.copies if kind == 1]
-        assert pieces[0].ctypes.data in uploads and pieces[1].ctypes.data in uploads  # read where they lie
-        assert pieces[2].ctypes.data not in uploads  # through the mirror
+        # read where they lie (the two arena pieces are back to back: one copy), the third through the mirror
+        assert _uploaded_from(ctx, pieces[0]) and _uploaded_from(ctx, pieces[1])
+        assert not _uploaded_from(ctx, pieces[2])
     assert len(asked) == 2  # the arena once, the pageable owner once
 
 
@@ -357,3 +388,39 @@ def test_the_wait_for_a_batch_sleeps_unless_busy_wait_is_set(monkeypatch: pytest
         assert [[e.block for e in slot] for slot in inst._events] == [[False, False, False, not busy_wait]] * 2
     finally:
         inst.close()
+
+
+def test_members_at_one_distance_go_in_one_strided_copy_each_way_and_never_across_owners(instance) -> None:
+    """Large requests of two front ends in one batch (engine/group.py): members whose blocks lie at one distance in
+    their front end's arena are read in one strided copy and answered in one (backends/tensorrt/copies.py); a run
+    never takes in a piece of another arena (CUDA refuses a 2D copy whose extent spans two registrations)."""
+    inst, ctx = instance
+    rows, block = 2, 64  # a member: 2 rows in, 2 rows out, in a block of 64 floats of its arena
+    arenas = sorted((np.zeros(block * 8, np.float32) for _ in range(2)), key=lambda a: a.ctypes.data)
+    for a in arenas:
+        ctx.cuda.locked.append((a.ctypes.data, a.ctypes.data + a.nbytes))
+    # (arena, block): one of the first arena, two of the second, two more of the first; the first two lie at some
+    # distance, which a run starting there would take as its step
+    places = [(0, 0), (1, 3), (1, 4), (0, 1), (0, 2)]
+    xs = [_x(rows, 40 + k) for k in range(len(places))]
+    pieces, dests = [], []
+    for k, ((a, b), x) in enumerate(zip(places, xs)):
+        start = b * block
+        arenas[a][start:start + x.size] = x.ravel()
+        pieces.append(arenas[a][start:start + x.size].reshape(rows, N_IN))
+        slot = arenas[a][start + 32:start + 32 + rows * N_OUT]
+        dests.append(DeviceDestination(a, k * rows, rows, {"OUTPUT0": (slot.ctypes.data, slot.nbytes)}))
+    ctx.cuda.copies.clear()
+    ctx.cuda.strided.clear()
+    result = inst.run({"INPUT0": Gather(tuple(pieces), (rows * len(places), N_IN), np.dtype(np.float32))},
+                      ["OUTPUT0"], dests)
+    assert result.delivered == {0: frozenset({"OUTPUT0"}), 1: frozenset({"OUTPUT0"})}
+    for (a, b), x in zip(places, xs):
+        start = b * block + 32
+        np.testing.assert_array_equal(arenas[a][start:start + rows * N_OUT].reshape(rows, N_OUT), x * 2 + 1)
+    step = block * 4
+    width_in, width_out = rows * N_IN * 4, rows * N_OUT * 4
+    assert sorted((dp, sp, w, h, kind) for _, dp, _, sp, w, h, kind in ctx.cuda.strided) == [
+        (width_in, step, width_in, 2, 1), (width_in, step, width_in, 2, 1),  # each pair's inputs up in one
+        (step, width_out, width_out, 2, 4), (step, width_out, width_out, 2, 4)]  # and their outputs back in one
+    assert [k for _, _, _, k in ctx.cuda.copies if k in (1, 4)] == [1, 4]  # the first member alone, both ways
