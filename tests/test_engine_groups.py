@@ -220,6 +220,17 @@ async def _hold(fe: FrontEnd) -> int:
     return held
 
 
+async def _release_and_check(fe: FrontEnd, held: int, ids: List[int], xs: List[np.ndarray]) -> None:
+    """Lets the held batch end once the requests sent behind it queued; each of them, and the held one, is answered
+    (with 2 * its input)."""
+    await asyncio.sleep(0.05)
+    Doubling.gate.set()
+    answers = await fe.wait_for(len(ids) + 1)
+    for req_id, x in zip(ids, xs):
+        np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+    assert answers[held][0] == ""
+
+
 BOTH = pytest.mark.parametrize("backend", [Doubling, Direct], ids=["small", "large"])
 
 
@@ -267,12 +278,7 @@ async def test_large_members_are_queued_in_arena_order_and_each_still_gets_its_o
         for off in low:
             fe.alloc.free(off)
         ids += [fe.infer("m", xs[2]), fe.infer("m", xs[3])]  # and these two, sent later in the same frame, in it
-        await asyncio.sleep(0.05)
-        Doubling.gate.set()
-        answers = await fe.wait_for(5)
-        for req_id, x in zip(ids, xs):
-            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
-        assert answers[held][0] == ""
+        await _release_and_check(fe, held, ids, xs)
         assert Direct.pieces == [1, 4]
         group = Direct.addresses[1]
         assert group == sorted(group) and group[0] == fe.arena.address(low[0], 16)  # the later ones first
@@ -344,12 +350,7 @@ async def test_requests_that_are_not_alike_run_one_by_one(repo, why: str) -> Non
         xs = _rows(4, 4)
         ids = [fe.infer("m", x, deadline=1e12 if why == "deadline" else None,
                         priority=1 + i % 2 if why == "priority" else 0) for i, x in enumerate(xs)]
-        await asyncio.sleep(0.05)
-        Doubling.gate.set()
-        answers = await fe.wait_for(5)
-        for req_id, x in zip(ids, xs):
-            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
-        assert answers[held][0] == ""
+        await _release_and_check(fe, held, ids, xs)
         grouped = [len(msg[1]) for msg in fe.messages if msg[0] == m.RESULTS]
         assert grouped == ([2, 2] if why == "priority" else [])  # alike within a priority level only
     finally:
