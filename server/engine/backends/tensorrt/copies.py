@@ -13,8 +13,8 @@ from typing import Any, Hashable, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
-# cudaMemcpy2D refuses a pitch above the device's cudaDevAttrMaxPitch, 2**31 - 1 on every current GPU; a run is
-# only formed below it (a farther step is two copies, as before)
+# cudaMemcpy2D refuses a pitch above the device's cudaDevAttrMaxPitch (2**31 - 1 where CUDA reports it); a run is
+# only formed up to it (a farther step is two copies)
 MAX_PITCH = 2 ** 31 - 1
 
 
@@ -33,8 +33,9 @@ Copy = Tuple[int, int, int, Hashable]  # (dst, src, nbytes, the memory block tha
 
 
 def block_of(array: Any) -> Hashable:
-    """The memory block a host array lies in, as far as a run may go: a front end's arena gives out views of one
-    whole-arena array (one CUDA registration), so pieces of one arena share it; any other array is a block alone."""
+    """The memory block a host array lies in, as far as a run may go: the NumPy array it is a view of (a front end's
+    arena gives out views of one whole-arena array, one CUDA registration, so pieces of one arena share it), or the
+    array itself when it owns its memory or views something that is not an array."""
     base = getattr(array, "base", None)
     return id(base) if type(base) is np.ndarray else id(array)
 

@@ -158,7 +158,8 @@ class StagedTensor:
                     with stream:
                         cupy.copyto(dst, cupy.asarray(p), casting="unsafe")
                 elif n:
-                    from_device.append((self.ptr + offset, int(cai["data"][0]), n, id(p)))  # a region each
+                    # each alone: nothing says two clients' regions share an allocation
+                    from_device.append((self.ptr + offset, int(cai["data"][0]), n, id(p)))
             elif (n and p.dtype == self.dtype and p.flags.c_contiguous
                   and self._page_locked(p, src_ptr := p.__array_interface__["data"][0])):
                 from_host.append((self.ptr + offset, src_ptr, n, copies.block_of(p)))
