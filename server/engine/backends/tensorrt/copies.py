@@ -53,15 +53,13 @@ def runs(copies: Sequence[Copy]) -> List[Run]:
             continue
         height, dp, sp = 1, n, n
         if i + 1 < count and copies[i + 1][2] == n and copies[i + 1][3] == block:
-            dp, sp = copies[i + 1][0] - dst, copies[i + 1][1] - src
-            if n <= dp <= MAX_PITCH and n <= sp <= MAX_PITCH:
-                height = 2
+            step_d, step_s = copies[i + 1][0] - dst, copies[i + 1][1] - src
+            if n <= step_d <= MAX_PITCH and n <= step_s <= MAX_PITCH:
+                height, dp, sp = 2, step_d, step_s
                 while (i + height < count and copies[i + height][2] == n and copies[i + height][3] == block
                        and copies[i + height][0] - copies[i + height - 1][0] == dp
                        and copies[i + height][1] - copies[i + height - 1][1] == sp):
                     height += 1
-            else:
-                dp = sp = n
         out.append(Run(dst, dp, src, sp, n, height))
         i += height
     return out
