@@ -217,9 +217,38 @@ def _serve(repo: pathlib.Path, work: pathlib.Path):
     return ServerProcess(repo, extra=["--cache-dir", str(work / "cache")])
 
 
+def _cores_and_profile(s, label: str, profile: Optional[pathlib.Path], run):
+    """``run()``'s result, with the cores each role of the server used meanwhile (engine, its loop, front ends,
+    the busiest front end) under "cores"; with ``profile``, py-spy samples the engine and the first front end
+    for a few seconds of it and their busiest functions are printed (raw profiles kept in ``profile``)."""
+    from bench import frontends as fb, pyspy
+    from bench.gpu_frontends import _profile_later
+
+    spy = pyspy.find() if profile is not None else None
+    before, t0 = fb.role_ticks(s.proc.pid), time.monotonic()
+    profiles = _profile_later(spy, profile, label, before, 4.0) if spy and profile is not None else None
+    r = run()
+    cores = fb.role_cores(before, fb.role_ticks(s.proc.pid), time.monotonic() - t0, os.sysconf("SC_CLK_TCK"))
+    if profiles is not None:
+        profiles.join()
+        for role, pid, raw in profiles.records:
+            print(f"  profile of {label}, {role} (pid {pid}):\n    " + "\n    ".join(pyspy.summary(raw, 24)),
+                  flush=True)
+    if r is not None:
+        r["cores"] = cores
+    return r
+
+
+def describe_cores(cores: Dict[str, float]) -> str:
+    return (f"; cores: engine {cores['engine']:.2f} (loop {cores['loop']:.2f}), front ends {cores['frontends']:.2f} "
+            f"(busiest {cores['frontend max']:.2f})") if cores else ""
+
+
 def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 heavy_levels: Sequence[int] = (4, 16), trace_rate: int = 0,
-                heavy_max_batch: int = 1024) -> List[dict]:
+                heavy_max_batch: int = 1024, profile: Optional[pathlib.Path] = None) -> List[dict]:
+    """The full server under perf_analyzer, per setup, transport and level; with ``profile`` the heavy MLP's
+    levels are profiled (py-spy on the engine and a front end, raw profiles kept there)."""
     from bench.gpu_backend import _models, raw_rows_per_s
 
     pa = _pa()
@@ -257,8 +286,10 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
             transports = ("none", "cuda") if name == "heavy_i4" else ("none",)
             for shm in transports:
                 for level in levels:
-                    r = perf_analyzer(pa, s.url, name, level, batch, shm, trace_rate=trace_rate,
-                                      trace_dir=work) if pa else None
+                    label = f"{name}-{shm}-{level}"
+                    run = functools.partial(perf_analyzer, pa, s.url, name, level, batch, shm,
+                                            trace_rate=trace_rate, trace_dir=work)
+                    r = _cores_and_profile(s, label, profile if key == "heavy" else None, run) if pa else None
                     if r is None:
                         continue
                     r.update(model=name, base=key, instances=n, graphs=graphs, shm=shm, concurrency=level,
@@ -267,7 +298,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                     print(f"  {name:16} shm={shm:4} c={level:<3} {r['rows_per_s']:12,.0f} rows/s  "
                           f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
                           f"{r['rows_per_s'] / raw[key]:.0%} of raw; {describe_split(r['server_us'])}"
-                          f"{describe_trace(r.get('trace_us', {}))}", flush=True)
+                          f"{describe_trace(r.get('trace_us', {}))}{describe_cores(r.get('cores', {}))}", flush=True)
     return rows
 
 
@@ -468,6 +499,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
     p.add_argument("--trace-rate", type=int, default=0,
                    help="served perf_analyzer levels: trace 1 of N requests and print where their time went (0: off)")
+    p.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
+                   help="server part: py-spy on the engine and a front end at each heavy MLP level (needs py-spy)")
     p.add_argument("--switch-interval-us", type=float, default=DEFAULT_GIL_SWITCH_INTERVAL_US,
                    help="sys.setswitchinterval for the in-process parts, as `trtserve serve` sets it")
     a = p.parse_args(argv)
@@ -493,7 +526,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parts = {"executor": part_executor,
              "server": functools.partial(part_server, only=[x for x in a.server_setups.split(",") if x],
                                          heavy_levels=[int(x) for x in a.heavy_levels.split(",")],
-                                         trace_rate=a.trace_rate, heavy_max_batch=a.heavy_max_batch),
+                                         trace_rate=a.trace_rate, heavy_max_batch=a.heavy_max_batch,
+                                         profile=a.profile),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","), trace_rate=a.trace_rate)}
     for name in a.parts.split(","):
