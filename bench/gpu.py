@@ -211,10 +211,83 @@ def _config(name: str, wire: str, dims_in: Sequence[int], dims_out: Sequence[int
     return text
 
 
-def _serve(repo: pathlib.Path, work: pathlib.Path):
+def _serve(repo: pathlib.Path, work: pathlib.Path, cprofile: Optional[pathlib.Path] = None):
+    """``trtserve serve`` on ``repo``; with ``cprofile``, each of its processes can profile its main thread
+    between SIGUSR1 and SIGUSR2 into ``cprofile``/<pid>.prof (see ``_CPROFILE_SITE``)."""
     from bench._server import ServerProcess
 
+    if cprofile is not None:
+        site = cprofile / "site"
+        site.mkdir(parents=True, exist_ok=True)
+        (site / "sitecustomize.py").write_text(_CPROFILE_SITE)
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        os.environ[_CPROFILE_ENV] = str(cprofile)
     return ServerProcess(repo, extra=["--cache-dir", str(work / "cache")])
+
+
+# Why cProfile and a sitecustomize: py-spy cannot read the engine process on the GPU host (bench/engine_cprofile.py
+# says why), and the server starts its engine itself; Python imports sitecustomize in every process it starts.
+_CPROFILE_ENV = "TRTSERVE_BENCH_CPROFILE_DIR"
+_CPROFILE_SITE = """import os
+if os.environ.get("%s"):
+    import cProfile, signal
+    _prof = []
+    def _start(*_):
+        _prof[:] = [cProfile.Profile()]
+        _prof[0].enable()
+    def _stop(*_):
+        if _prof:
+            p = _prof.pop()
+            p.disable()
+            p.dump_stats(os.path.join(os.environ["%s"], "%%d.prof" %% os.getpid()))
+    signal.signal(signal.SIGUSR1, _start)
+    signal.signal(signal.SIGUSR2, _stop)
+""" % (_CPROFILE_ENV, _CPROFILE_ENV)
+
+
+def _engine_cprofile(s, cprofile: pathlib.Path, label: str, model: str, run) -> None:
+    """One more pass of ``run`` (a level) with the engine's main thread under cProfile for three seconds of it; its
+    busiest functions per batch and the window's requests per batch are printed (the pass is slower: its rate is not
+    a result)."""
+    import signal
+    import threading
+
+    from bench import engine_cprofile, frontends as fb
+
+    pid = next((int(k.split()[1]) for k in fb.role_ticks(s.proc.pid) if k.startswith("engine ")), None)
+    if pid is None:
+        print(f"  cprofile of {label}: no engine process found", flush=True)
+        return
+    path = cprofile / f"{pid}.prof"
+    if path.exists():
+        path.unlink()
+    window: Dict[str, Dict[str, int]] = {}
+
+    def profile() -> None:
+        time.sleep(1.5)
+        window["before"] = _stats(s.url, model)
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(3.0)
+        os.kill(pid, signal.SIGUSR2)
+        window["after"] = _stats(s.url, model)
+
+    t = threading.Thread(target=profile, daemon=True)
+    t.start()
+    run()
+    t.join()
+    for _ in range(50):  # the engine writes the profile from its signal handler
+        if path.exists():
+            break
+        time.sleep(0.1)
+    before, after = window.get("before"), window.get("after")
+    batches = after["executions"] - before["executions"] if before and after else 0
+    requests = after["requests"] - before["requests"] if before and after else 0
+    keep = cprofile / f"{label}-engine.prof"
+    if path.exists():
+        path.replace(keep)
+    lines = engine_cprofile.summary(str(keep), batches)
+    print(f"  cprofile of {label}, the engine's main thread: {requests} requests in {batches} batches "
+          f"({requests / max(1, batches):.1f} per batch)\n    " + "\n    ".join(lines), flush=True)
 
 
 def _cores_and_profile(s, label: str, profile: Optional[pathlib.Path], run):
@@ -246,9 +319,11 @@ def describe_cores(cores: Dict[str, float]) -> str:
 
 def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 heavy_levels: Sequence[int] = (4, 16), trace_rate: int = 0,
-                heavy_max_batch: int = 1024, profile: Optional[pathlib.Path] = None) -> List[dict]:
+                heavy_max_batch: int = 1024, profile: Optional[pathlib.Path] = None,
+                cprofile: Optional[pathlib.Path] = None) -> List[dict]:
     """The full server under perf_analyzer, per setup, transport and level; with ``profile`` the heavy MLP's
-    levels are profiled (py-spy on the engine and a front end, raw profiles kept there)."""
+    levels are profiled (py-spy on the engine and a front end, raw profiles kept there); with ``cprofile`` each heavy
+    level runs once more with the engine's main thread under cProfile."""
     from bench.gpu_backend import _models, raw_rows_per_s
 
     pa = _pa()
@@ -279,7 +354,9 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
         (repo / name / "config.pbtxt").write_text(_config(name, m.wire, m.dims_in, m.dims_out, ref_batch[key], n,
                                                           graphs, params))
     rows: List[dict] = []
-    with _serve(repo, work) as s:
+    if cprofile is not None:
+        cprofile.mkdir(parents=True, exist_ok=True)
+    with _serve(repo, work, cprofile) as s:
         for name, key, n, graphs in setups:
             batch = HEAVY_REQ_ROWS if key == "heavy" else 1
             levels = tuple(heavy_levels) if key == "heavy" else (1, 8, 32)
@@ -299,6 +376,8 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                           f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
                           f"{r['rows_per_s'] / raw[key]:.0%} of raw; {describe_split(r['server_us'])}"
                           f"{describe_trace(r.get('trace_us', {}))}{describe_cores(r.get('cores', {}))}", flush=True)
+                    if cprofile is not None and key == "heavy":
+                        _engine_cprofile(s, cprofile, label, name, run)
     return rows
 
 
@@ -501,6 +580,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="served perf_analyzer levels: trace 1 of N requests and print where their time went (0: off)")
     p.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
                    help="server part: py-spy on the engine and a front end at each heavy MLP level (needs py-spy)")
+    p.add_argument("--cprofile", type=pathlib.Path, default=None, metavar="DIR",
+                   help="server part: each heavy MLP level once more with the engine's main thread under cProfile")
     p.add_argument("--switch-interval-us", type=float, default=DEFAULT_GIL_SWITCH_INTERVAL_US,
                    help="sys.setswitchinterval for the in-process parts, as `trtserve serve` sets it")
     a = p.parse_args(argv)
@@ -527,7 +608,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "server": functools.partial(part_server, only=[x for x in a.server_setups.split(",") if x],
                                          heavy_levels=[int(x) for x in a.heavy_levels.split(",")],
                                          trace_rate=a.trace_rate, heavy_max_batch=a.heavy_max_batch,
-                                         profile=a.profile),
+                                         profile=a.profile, cprofile=a.cprofile),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","), trace_rate=a.trace_rate)}
     for name in a.parts.split(","):
