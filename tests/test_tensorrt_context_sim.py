@@ -424,3 +424,29 @@ def test_members_at_one_distance_go_in_one_strided_copy_each_way_and_never_acros
         (width_in, step, width_in, 2, 1), (width_in, step, width_in, 2, 1),  # each pair's inputs up in one
         (step, width_out, width_out, 2, 4), (step, width_out, width_out, 2, 4)]  # and their outputs back in one
     assert [k for _, _, _, k in ctx.cuda.copies if k in (1, 4)] == [1, 4]  # the first member alone, both ways
+
+
+def test_members_whose_memory_lies_apart_are_answered_one_copy_each_even_at_one_distance(instance) -> None:
+    """A group of CUDA shared-memory requests (engine/group.py): each member's output region is another client's
+    allocation, so its destinations each have their own block (DeviceDestination.block) and are copied one by one,
+    even where the addresses happen to step by one distance (a 2D copy must not span two allocations)."""
+    inst, ctx = instance
+    rows, members = 2, 4
+    outs = np.zeros((members, 64), np.float32)  # one distance apart, as separate allocations may well be
+    ctx.cuda.locked.append((outs.ctypes.data, outs.ctypes.data + outs.nbytes))
+    xs = [_x(rows, 60 + k) for k in range(members)]
+    dests = [DeviceDestination(0, k * rows, rows, {"OUTPUT0": (outs[k].ctypes.data, rows * N_OUT * 4)}, -1 - k * rows)
+             for k in range(members)]
+    ctx.cuda.copies.clear()
+    ctx.cuda.strided.clear()
+    result = inst.run({"INPUT0": np.concatenate(xs)}, ["OUTPUT0"], dests)
+    assert result.delivered == {0: frozenset({"OUTPUT0"})}
+    for k, x in enumerate(xs):
+        np.testing.assert_array_equal(outs[k][:rows * N_OUT].reshape(rows, N_OUT), x * 2 + 1)
+    assert not [c for c in ctx.cuda.strided if c[-1] == 4]  # no 2D copy back
+    assert sum(1 for _, _, _, k in ctx.cuda.copies if k == 4) == members  # one copy each
+    same = [DeviceDestination(0, d.row_offset, d.rows, d.outputs) for d in dests]  # one block: a run forms
+    ctx.cuda.copies.clear()
+    ctx.cuda.strided.clear()
+    inst.run({"INPUT0": np.concatenate(xs)}, ["OUTPUT0"], same)
+    assert len([c for c in ctx.cuda.strided if c[-1] == 4]) == 1

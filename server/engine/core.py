@@ -210,10 +210,14 @@ class EngineCore:
         first = msgs[0]
         mv: Optional[ModelVersion] = None
         per, direct_min = 0, None
+        shm = group.in_shared_memory(first)
         if len(msgs) > 1:
             try:
                 mv = self._repo.get(first[2], first[3])
-                if mv.serial == first[4]:
+                if mv.serial == first[4] and shm:  # the device reads and writes the members' regions
+                    if getattr(mv.backend, "accepts_device_tensors", False):
+                        per = group.members_per_entry(mv, first, None)[0]
+                elif mv.serial == first[4]:
                     arena = session.arena
                     direct_min = getattr(mv.backend, "direct_copy_min_bytes", None) \
                         if arena is not None and arena.pinned else None
@@ -230,6 +234,9 @@ class EngineCore:
             part = msgs[i:i + per]
             if len(part) == 1:
                 self._infer(session, part[0])
+                continue
+            if shm:
+                self._queue_shm_group(session, mv, part)
                 continue
             if direct_min is not None:
                 # members in arena order: their pieces then mostly lie at one distance from each other, and the
@@ -282,6 +289,103 @@ class EngineCore:
         except Exception as e:
             log.exception("model '%s': %d requests failed before they were queued", mv.name, len(msgs))
             self._fail_members(g, msgs, "INTERNAL", f"{type(e).__name__}: {e}", "backend")
+
+    def _queue_shm_group(self, session: Session, mv: ModelVersion, msgs: List[tuple]) -> None:
+        """One entry for those of ``msgs`` (every tensor in client shared memory) whose inputs and outputs all lie in
+        CUDA regions on the model's GPU: the backend reads the members' device tensors and writes each member's rows
+        into its own output regions. Each member's regions are checked and held as its own request's would be; one
+        that fails a check or lies elsewhere goes on its own (and is answered why)."""
+        spec, backend = mv.spec, mv.backend
+        assert spec is not None and mv.batcher is not None
+        device_id = getattr(getattr(backend, "config", None), "device_id", 0)
+        members: List[tuple] = []
+        shms: List[Any] = []
+        pieces: List[List[DeviceTensor]] = []
+        destinations: List[Dict[str, Tuple[int, int]]] = []
+        for msg in msgs:
+            held = self._member_shm(spec, msg, device_id)
+            if held is None:
+                self._infer(session, msg)
+                continue
+            members.append(msg)
+            shms.append(held[0])
+            pieces.append(held[1])
+            destinations.append(held[2])
+        if len(members) < 2:
+            for shm in shms:
+                shm.release(finished=True)  # nothing was handed to the backend
+            for msg in members:
+                self._infer(session, msg)
+            return
+        g = group.Group(self._group_done, session, mv, members)
+        g.shms = shms
+        for msg in members:
+            session.inflight[msg[1]] = g
+        first = members[0]
+        try:
+            rows = g.rows
+            arrays: Dict[str, Any] = {}
+            shapes: Dict[str, Tuple[int, ...]] = {}
+            for j, (name, wire, shape, _source) in enumerate(first[5]):
+                shape = tuple(shape)
+                arrays[name] = Gather(tuple([p[j] for p in pieces]), (rows,) + shape[1:], _ARENA_DTYPES[wire])
+                shapes[name] = shape[1:]
+            names = tuple([o[0] for o in first[6]])
+            mv.batcher.queue(g, arrays, names, rows, first[8], first[9], None, None, on_dispatch=g.mark_dispatched,
+                             shapes=shapes, count=len(members), member_outputs=tuple(destinations),
+                             members_apart=True)
+        except TrtServeError:
+            # refused as a whole (its rows fit no profile, the model is unloading, ...): each goes on its own
+            self._release_shms(g)
+            for msg in members:
+                self._infer(session, msg)
+        except Exception as e:
+            log.exception("model '%s': %d requests failed before they were queued", mv.name, len(members))
+            self._release_shms(g)
+            self._fail_members(g, members, "INTERNAL", f"{type(e).__name__}: {e}", "backend")
+
+    def _member_shm(self, spec: Any, msg: tuple,
+                    device_id: int) -> Optional[Tuple[Any, List[DeviceTensor], Dict[str, Tuple[int, int]]]]:
+        """A group member's regions, checked and held: (its RequestShm, its inputs as device tensors, its outputs'
+        device destinations); None, with nothing held, when a tensor does not lie in CUDA memory on ``device_id``
+        or a check fails (the request then goes on its own, which says why)."""
+        shm = self._shm.request()
+        try:
+            tensors = []
+            for name, wire, shape, source in msg[5]:
+                if name in spec.pad_values:  # padded on the host
+                    break
+                t = shm.device_input(name, dtypes.BY_WIRE[wire], tuple(shape), ShmRef(source[1], source[2],
+                                                                                       source[3]), device_id)
+                if t is None:
+                    break
+                tensors.append(t)
+            else:
+                for name, ref, _slot in msg[6]:
+                    shm.add_output(name, ShmRef(*ref))
+                rows = msg[7]
+                for t in spec.outputs:
+                    shm.check_output_size(t.name, dtypes.BY_WIRE[t.datatype], (rows,) + tuple(t.dims))
+                destinations = {}
+                for name in shm.outputs:
+                    d = shm.device_destination(name, device_id)
+                    if d is None:
+                        break
+                    destinations[name] = d
+                else:
+                    return shm, tensors, destinations
+        except TrtServeError:
+            pass
+        shm.release(finished=True)  # nothing was handed to the backend
+        return None
+
+    @staticmethod
+    def _release_shms(g: group.Group) -> None:
+        """Gives back the regions a group's members held. Its batch has finished or never started (a group is
+        cancelled only before it joins a batch, and settled after the batch that ran it), so nothing reads them."""
+        shms, g.shms = g.shms, None
+        for shm in shms or ():
+            shm.release(finished=True)
 
     def _fail_members(self, g: group.Group, msgs: List[tuple], code: str, message: str, reason: str) -> None:
         now = time.monotonic_ns()
@@ -461,6 +565,9 @@ class EngineCore:
         g: group.Group = ticket  # type: ignore[assignment]
         session, spec = g.session, g.mv.spec
         assert spec is not None
+        shms = g.shms
+        if g.cancelled or g.abandoned or g.error is not None:
+            self._release_shms(g)  # (a finished one's once its outputs are written, below)
         if g.requeue is not None and not g.abandoned:
             cancelled = g.requeue
             rest = [msg for msg in g.msgs if msg[1] != cancelled]
@@ -474,7 +581,15 @@ class EngineCore:
         error: Optional[BaseException] = g.error
         written: Optional[tuple] = None
         live = [msg for msg in g.msgs if msg[1] not in g.gone]
-        if error is None:
+        if error is None and shms is not None:
+            outcome, error = _guarded(spec, lambda: self._write_shm_group(spec, g.msgs, live, g.result, shms))
+            self._release_shms(g)
+            if outcome is not None:
+                written, failed = outcome
+                if failed:  # those members are answered alone, why; the others as the group
+                    self._fail_each(session, spec, [msg for msg in live if msg[1] in failed], failed)
+                    live = [msg for msg in live if msg[1] not in failed]
+        elif error is None:
             written, error = _guarded(spec, lambda: self._write_group(session, spec, g.msgs, live, g.result))
         if error is not None:
             self._fail_members(g, g.msgs, *_failure(error))
@@ -489,6 +604,13 @@ class EngineCore:
         ids = tuple([msg[1] for msg in live])
         if _answered(session, ids):
             session.link.send((m.RESULTS, ids, written))
+
+    def _fail_each(self, session: Session, spec: Any, msgs: List[tuple], errors: Dict[int, TrtServeError]) -> None:
+        now = time.monotonic_ns()
+        for msg in msgs:
+            code, message, reason = _failure(errors[msg[1]])
+            self._observer.request_done(spec.name, spec.version, False, reason, msg[7], now - msg[11], 0, 0, 0, 0)
+            self._answer(session, msg[1], code, message, ())
 
     def _cancelled(self, session: Session, spec: Any, msgs: List[tuple]) -> None:
         now = time.monotonic_ns()
@@ -546,6 +668,32 @@ class EngineCore:
                                 delivered)
             self._answer(session, msg[1], "", "", self._write_outputs(session, None, spec, msg[6], own))
         return None
+
+    @staticmethod
+    def _write_shm_group(spec: Any, msgs: List[tuple], live: List[tuple], result: Any,
+                         shms: List[Any]) -> Tuple[tuple, Dict[int, TrtServeError]]:
+        """A group in client shared memory: the outputs the device did not write into every member's regions are
+        written there from the host result, member by member. Returns the RESULTS outputs (``offsets`` None: each
+        member's output is in its region) and the members whose write failed, with why (each is answered alone)."""
+        each = msgs[0][7]
+        position = {msg[1]: i for i, msg in enumerate(msgs)}
+        delivered = result.delivered
+        failed: Dict[int, TrtServeError] = {}
+        written = []
+        for name, _ref, _slot in msgs[0][6]:
+            array = result.outputs[name]
+            wire = spec.output(name).datatype
+            if name not in delivered:
+                host = _on_host(array)
+                for msg in live:
+                    k = position[msg[1]]
+                    if msg[1] not in failed:
+                        try:
+                            shms[k].write_output(name, wire, host[k * each:(k + 1) * each])
+                        except TrtServeError as e:
+                            failed[msg[1]] = e
+            written.append((name, wire, (each,) + tuple(array.shape[1:]), None, 0))
+        return tuple(written), failed
 
     def _write_outputs(self, session: Session, item: Optional[_InFlight], spec, outputs: tuple, result) -> tuple:
         written = []

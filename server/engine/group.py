@@ -13,12 +13,16 @@ members' data depends on their size:
 - large requests (every input and output slot at least the backend's direct-copy size, in a page-locked arena): the
   entry's input is the members' arena views left in pieces (``Gather``), which the backend copies to the device one
   by one from where they lie, and each member's rows of each output go from the device into its own slot
-  (``Pending.member_outputs``): no host copy either way, as for such a request on its own.
+  (``Pending.member_outputs``): no host copy either way, as for such a request on its own;
+- requests whose every input and output is in client CUDA shared memory on the model's GPU, for a backend that
+  takes device tensors: the entry's input is the members' device tensors in pieces, and the device writes each
+  member's rows into its own output regions, as for such a request on its own. Each member's regions are checked
+  and held as its own request's are (a member that fails a check goes on its own and is answered why).
 
 Requests that are not alike in this way run one by one as before: one with a deadline (each has its own), a traced
-one, one with client shared memory or BYTES tensors, one with some tensors above the direct-copy size and some
-below, one of a model that does not batch, has a queue size limit (which counts entries), unpads outputs or
-preserves ordering.
+one, one with system shared memory, with some tensors in shared memory and some not, or with BYTES tensors, one
+with some tensors above the direct-copy size and some below, one of a model that does not batch, has a queue size
+limit (which counts entries), unpads outputs or preserves ordering.
 """
 from __future__ import annotations
 
@@ -33,20 +37,32 @@ _ID, _MODEL, _VERSION, _SERIAL, _INPUTS, _OUTPUTS, _ROWS, _PRIORITY, _TIMEOUT, _
 
 
 def key(msg: tuple) -> Optional[tuple]:
-    """What requests must share to be queued as one entry, or None when this one runs on its own."""
-    if msg[_DEADLINE] is not None or msg[_TRACE] is not None:
+    """What requests must share to be queued as one entry, or None when this one runs on its own. Its last item
+    says where the tensors are: m.ARENA (inputs in the arena, outputs to arena slots) or m.SHM (every input and
+    output in client shared memory)."""
+    if msg[_DEADLINE] is not None or msg[_TRACE] is not None or not msg[_INPUTS]:
+        return None
+    where = msg[_INPUTS][0][3][0]
+    if where != m.ARENA and (where != m.SHM or not msg[_OUTPUTS]):  # no outputs asked: all come in the response
         return None
     shapes = []
     for name, wire, shape, source in msg[_INPUTS]:
-        if source[0] != m.ARENA or wire == "BYTES":
+        if source[0] != where or wire == "BYTES":
             return None
         shapes.append((name, wire, tuple(shape)))
     names = []
+    in_arena = where == m.ARENA
     for name, shm, slot in msg[_OUTPUTS]:
-        if shm is not None or slot is None:
+        if (shm is not None or slot is None) if in_arena else shm is None:
             return None
         names.append(name)
-    return (msg[_MODEL], msg[_VERSION], msg[_SERIAL], msg[_PRIORITY], msg[_TIMEOUT], tuple(shapes), tuple(names))
+    return (msg[_MODEL], msg[_VERSION], msg[_SERIAL], msg[_PRIORITY], msg[_TIMEOUT], tuple(shapes), tuple(names),
+            where)
+
+
+def in_shared_memory(msg: tuple) -> bool:
+    """Whether an INFER that ``key`` accepts has its tensors in client shared memory (else in the arena)."""
+    return msg[_INPUTS][0][3][0] == m.SHM
 
 
 def allows(mv: ModelVersion) -> bool:
@@ -81,7 +97,7 @@ def members_per_entry(mv: ModelVersion, msg: tuple, direct_min: Optional[int]) -
 class Group(Ticket):
     """One batcher entry standing for ``msgs`` (INFERs of one front end): settled once for all of them."""
 
-    __slots__ = ("session", "mv", "msgs", "dispatched", "abandoned", "gone", "requeue")
+    __slots__ = ("session", "mv", "msgs", "dispatched", "abandoned", "gone", "requeue", "shms")
 
     def __init__(self, on_settled: Callable[[Ticket], None], session: Any, mv: ModelVersion,
                  msgs: List[tuple]) -> None:
@@ -91,6 +107,7 @@ class Group(Ticket):
         self.abandoned = False  # its front end went away
         self.gone: Set[int] = set()  # members whose clients cancelled after the group was dispatched
         self.requeue: Optional[int] = None  # a member cancelled while queued: the others go again without it
+        self.shms: Optional[List[Any]] = None  # members in client shared memory: each one's RequestShm, in order
 
     def mark_dispatched(self) -> None:
         self.dispatched = True

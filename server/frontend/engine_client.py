@@ -19,6 +19,7 @@ from trtserve.server.ipc.channel import Link
 from trtserve.server.tracing import Sampler
 
 log = logging.getLogger("trtserve.frontend")
+_IN_SHM = (m.SHM,)  # an output's place in a RESULT when it was written into the client's shared memory
 
 
 class RemoteError(TrtServeError):
@@ -163,7 +164,8 @@ class EngineClient:
                     self._attached.set_result(None)
 
     def _results(self, req_ids: Tuple[int, ...], outputs: tuple) -> None:
-        """The successful answers of a group of requests: each one's outputs as its own RESULT carries them."""
+        """The successful answers of a group of requests: each one's outputs as its own RESULT carries them (an
+        output without offsets is in each request's shared-memory region)."""
         pending = self._pending
         for i, req_id in enumerate(req_ids):
             entry = pending.pop(req_id, None)
@@ -173,7 +175,8 @@ class EngineClient:
             if fut.done():  # the client gave up meanwhile: the block is ours again
                 self.free(block)
             else:
-                fut.set_result(tuple([(name, wire, shape, (m.ARENA, offsets[i], nbytes))
+                fut.set_result(tuple([(name, wire, shape,
+                                       _IN_SHM if offsets is None else (m.ARENA, offsets[i], nbytes))
                                       for name, wire, shape, offsets, nbytes in outputs]))
 
     def _apply_settings(self, log_settings: dict, trace_view: Any) -> None:

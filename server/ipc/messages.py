@@ -28,7 +28,8 @@ Engine -> front end
                the client's region
   (RESULTS, req_ids, outputs)   successful answers of a group of alike requests (engine/group.py), each as if it
       had its own RESULT: outputs ((name, datatype, shape, offsets, nbytes), ...), the i-th request's output
-      written at offsets[i] of its arena, nbytes long, of the shape given (one request's)
+      written at offsets[i] of its arena, nbytes long, of the shape given (one request's); offsets None when each
+      request's output was written into its own shared-memory region (as (SHM,) in a RESULT)
   (REPLY, call_id, code, message, value)
   (SETTINGS, log_settings, trace_view)   on attach and on every change: the front end applies the log settings
       (server/logsettings.py) and samples traces with the view (server/tracing.py Sampler)

@@ -133,6 +133,48 @@ CLIENT_MIX = textwrap.dedent("""
         print(json.dumps({"x": [x.tolist() for x in xs], "y": [y.tolist() for y in ys], "stats": str(stats)}))
 """)
 
+CLIENT_GROUPS = textwrap.dedent("""
+    import json, sys, threading
+    import numpy as np
+    from trtserve.client import InferenceClient, shm
+    url, model, n, rounds = sys.argv[1], sys.argv[2], 16, 20
+    rng = np.random.default_rng(12)
+    xs = [[rng.standard_normal((4, 64)).astype(np.float32) for _ in range(rounds)] for _ in range(n)]
+    ys = [[None] * rounds for _ in range(n)]
+    with InferenceClient(url) as client:
+        regions = []
+        for i in range(n):  # each client its own allocations, as perf_analyzer's
+            r_in = shm.create_cuda_shared_memory_region(f"g_in{i}", 4 * 64 * 4, 0)
+            r_out = shm.create_cuda_shared_memory_region(f"g_out{i}", 4 * 16 * 4, 0)
+            shm.register(client, r_in)
+            shm.register(client, r_out)
+            regions.append((r_in, r_out))
+        barrier = threading.Barrier(n)
+
+        def one(i):
+            r_in, r_out = regions[i]
+            for k in range(rounds):
+                shm.set_shared_memory_region(r_in, [xs[i][k]])
+                barrier.wait()
+                req = shm.build_request(model, [shm.shm_input("INPUT0", "FP32", (4, 64), r_in)],
+                                        [shm.shm_output("OUTPUT0", r_out, byte_size=4 * 16 * 4)])
+                client.model_infer(req, timeout=120)
+                ys[i][k] = shm.get_contents_as_numpy(r_out, "FP32", [4, 16])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = client.model_statistics(model).model_stats[0]
+        for r_in, r_out in regions:
+            shm.unregister(client, r_in)
+            shm.unregister(client, r_out)
+        print(json.dumps({"x": [[x.tolist() for x in row] for row in xs], "y": [[y.tolist() for y in row] for row in ys],
+                          "requests": stats.inference_stats.success.count, "batches": stats.execution_count}))
+""")
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -365,6 +407,56 @@ dynamic_batching { }
     batches = ", ".join(line.split(":")[1].strip() for line in out["stats"].splitlines() if "batch_size:" in line)
     print(f"16 concurrent requests (8 from CUDA shared memory, 8 raw): max |trt - ort| = {worst:.2e}; "
           f"batch sizes formed: {batches}")
+
+
+def test_many_clients_regions_in_one_batch_on_tensorrt(tmp_path, monkeypatch) -> None:
+    """Sixteen clients, each with its own CUDA allocations, send alike requests together: the engine queues them as
+    groups (engine/group.py) whose members the device reads and answers where each client's memory lies, one copy
+    per member (separate allocations: never one strided copy across them). Every output matches ONNX Runtime's."""
+    from trtserve.server.engine.backends.tensorrt import compat
+
+    ok, why = compat.available()
+    if not ok:
+        pytest.skip(f"needs TensorRT: {why}")
+    from tests.conftest import RunningServer
+    from trtserve.server.engine.core import EngineCore
+
+    from .gpu_models import make_mlp, ort_run, ort_session
+
+    groups = []  # members of each group, as the engine gives their regions back
+    release = EngineCore._release_shms
+    monkeypatch.setattr(EngineCore, "_release_shms",
+                        staticmethod(lambda g: (groups.append(len(g.shms or ())), release(g))))
+    make_mlp(tmp_path / "mlp_trt" / "1" / "model.onnx", 64, 256, 16)
+    (tmp_path / "mlp_trt" / "config.pbtxt").write_text("""
+name: "mlp_trt"
+platform: "tensorrt_plan"
+max_batch_size: 64
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 64 ] } ]
+output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 16 ] } ]
+instance_group [ { count: 1, kind: KIND_GPU } ]
+dynamic_batching { max_queue_delay_microseconds: 2000 }
+""")
+    s = RunningServer(tmp_path, metrics=False)
+    try:
+        proc = subprocess.run([sys.executable, "-c", CLIENT_GROUPS, s.url, "mlp_trt"], capture_output=True,
+                              text=True, timeout=300, env=_env())
+        leftover = s.server.shared_memory.status("CUDA")
+    finally:
+        s.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert leftover == []
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    session = ort_session(tmp_path / "mlp_trt" / "1" / "model.onnx")
+    for xrow, yrow in zip(out["x"], out["y"]):
+        for x, y in zip(xrow, yrow):
+            ref = ort_run(session, {"INPUT0": np.array(x, np.float32)})["OUTPUT0"]
+            np.testing.assert_allclose(np.array(y, np.float32), ref, rtol=1e-2, atol=1e-2)  # TF32
+    assert out["requests"] == 16 * 20
+    grouped = sum(groups)
+    print(f"16 clients x 20 rounds over their own CUDA regions: {out['requests']} requests in {out['batches']} "
+          f"batches, {grouped} of them in {len([n for n in groups if n])} groups; every output as ONNX Runtime's")
+    assert grouped > 0  # requests read together were queued as groups
 
 
 @pytest.mark.skipif(not pathlib.Path(PA).is_file(), reason=f"perf_analyzer not found ({PA})")

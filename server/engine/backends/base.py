@@ -132,6 +132,10 @@ class DeviceDestination:
     row_offset: int
     rows: int
     outputs: Mapping[str, Tuple[int, int]]
+    # which memory block the outputs lie in: copies into one block may go in one call (tensorrt/copies.py), copies
+    # into two never do. None: the request's (one request's memory, or a group's members in one arena); members of a
+    # group whose memory lies apart (several clients' CUDA shared memory) each have their own
+    block: Optional[int] = None
 
 
 @dataclasses.dataclass

@@ -95,14 +95,16 @@ class Pending:
     slots make it smaller and its creation and attribute reads cheaper."""
 
     __slots__ = ("inputs", "outputs", "rows", "shapes", "level", "arrival", "ticket", "queue_deadline", "deadline",
-                 "delayed", "seq", "device_outputs", "on_dispatch", "count", "member_outputs")
+                 "delayed", "seq", "device_outputs", "on_dispatch", "count", "member_outputs",
+                 "members_apart")
 
     def __init__(self, inputs: Mapping[str, np.ndarray], outputs: Tuple[str, ...], rows: int, shapes: Dict[str, Shape],
                  level: int, arrival: float, ticket: Ticket, queue_deadline: Optional[float] = None,
                  deadline: Optional[float] = None, delayed: bool = False, seq: int = 0,
                  device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
                  on_dispatch: Optional[Callable[[], None]] = None, count: int = 1,
-                 member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]] = None) -> None:
+                 member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]] = None,
+                 members_apart: bool = False) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self.rows = rows
@@ -124,6 +126,8 @@ class Pending:
         # an entry of ``count`` members of equal rows whose outputs the device writes into each member's own memory:
         # per member, in row order, what ``device_outputs`` is for a request on its own
         self.member_outputs = member_outputs
+        # the members' output memory lies in separate blocks (see DeviceDestination.block), not in one arena
+        self.members_apart = members_apart
 
     def __repr__(self) -> str:
         return f"Pending(rows={self.rows}, shapes={self.shapes}, level={self.level}, seq={self.seq})"

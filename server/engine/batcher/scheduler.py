@@ -122,7 +122,8 @@ class DynamicBatcher:
               device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
               on_dispatch: Optional[Callable[[], None]] = None,
               shapes: Optional[Dict[str, Tuple[int, ...]]] = None, count: int = 1,
-              member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]] = None) -> None:
+              member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]] = None,
+              members_apart: bool = False) -> None:
         """Queues a validated request; its answer is settled on ``ticket`` (the engine's path: no future per
         request). ``device_outputs``: outputs the backend may write straight into device memory (name ->
         pointer, bytes; CUDA shared memory). ``on_dispatch``: called when the request joins a batch on an
@@ -131,7 +132,8 @@ class DynamicBatcher:
         arrays. ``count``: how many client requests this entry stands for (a group of them, see
         ``Pending.count``): queue metrics and batch statistics count those; the queue's size limit counts entries
         (the engine groups no requests of a model that has one). ``member_outputs``: such a group's
-        ``device_outputs``, one mapping per member (members have equal rows).
+        ``device_outputs``, one mapping per member (members have equal rows); ``members_apart``: their memory lies
+        in separate blocks (clients' CUDA shared memory), not in one arena.
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -165,7 +167,8 @@ class DynamicBatcher:
             timeout = min(timeout, timeout_us) if timeout else timeout_us
         queue_deadline = (now + timeout / 1e6) if timeout else None
         req = Pending(inputs, outputs, rows, shapes, level, now, ticket, queue_deadline, deadline, False,
-                      next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch, count, member_outputs)
+                      next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch, count, member_outputs,
+                      members_apart)
         ticket.on_cancel = self._cancel_hook
         self._contention.arrival(bool(self._delayed) or any(self._queues.values()), bool(self._running))
         queue.append(req)
@@ -487,8 +490,12 @@ class DynamicBatcher:
         for i, r in enumerate(requests):
             if r.member_outputs:  # a group: each member's rows to its own memory (groups never unpad)
                 each = r.rows // len(r.member_outputs)
-                out.extend(DeviceDestination(i, offset + k * each, each, wanted)
-                           for k, wanted in enumerate(r.member_outputs) if wanted)
+                if r.members_apart:  # a block of its own each: a row offset is unique in the batch
+                    out.extend(DeviceDestination(i, offset + k * each, each, wanted, -1 - offset - k * each)
+                               for k, wanted in enumerate(r.member_outputs) if wanted)
+                else:
+                    out.extend(DeviceDestination(i, offset + k * each, each, wanted)
+                               for k, wanted in enumerate(r.member_outputs) if wanted)
             elif r.device_outputs:  # most requests want none: no dict built for them
                 wanted = {n: d for n, d in r.device_outputs.items() if n not in self._unpad}
                 if wanted:

@@ -93,7 +93,21 @@ class RequestShm:
         datatype gives an aligned copy instead of a view. A fresh array is always aligned.
         """
         what = f"input '{name}'"
+        return self._read(self._acquire(ref, what), what, dt, shape, ref, device_tensors, out)
+
+    def device_input(self, name: str, dt: dtypes.DataType, shape: Tuple[int, ...], ref: Any,
+                     device_id: int) -> Optional[DeviceTensor]:
+        """The input as a DeviceTensor, checked as ``read_input`` checks it, when it lies in a CUDA region on
+        ``device_id``; None, without reading anything, when it lies elsewhere (the region stays held until
+        ``release`` all the same)."""
+        what = f"input '{name}'"
         region = self._acquire(ref, what)
+        if not isinstance(region, CudaRegion) or region.device_id != device_id or dt.wire == "BYTES":
+            return None
+        return self._read(region, what, dt, shape, ref, True, None)  # type: ignore[return-value]
+
+    def _read(self, region: Region, what: str, dt: dtypes.DataType, shape: Tuple[int, ...], ref: Any,
+              device_tensors: bool, out: Any) -> Union[np.ndarray, DeviceTensor]:
         if dt.wire != "BYTES":
             expected = _expected_bytes(dt, shape)
             if ref.byte_size != expected:

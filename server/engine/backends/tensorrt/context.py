@@ -406,9 +406,10 @@ class InstanceContext:
                 if n > room or start + n > t.capacity:  # the server checked sizes; never write past a region
                     continue
                 if n:
-                    # a request's destinations lie in one block (a group's members in their front end's arena);
-                    # another request's may be anywhere
-                    pending.setdefault(name, []).append((ptr, t.ptr + start, n, d.request))
+                    # a request's destinations lie in one block (a group's members in their front end's arena)
+                    # unless it says otherwise; another request's may be anywhere
+                    pending.setdefault(name, []).append((ptr, t.ptr + start, n,
+                                                         d.request if d.block is None else d.block))
                 done.append(name)
                 covered[name] = covered.get(name, 0) + (d.rows if self._batched else 1)
             mine = frozenset(done)  # a group's members share its index: delivered is what reached every member
