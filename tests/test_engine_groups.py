@@ -173,18 +173,25 @@ class Direct(Doubling):
         Direct.addresses.append([np.asarray(p).ctypes.data for p in parts])
         Direct.destinations.append([(d.request, d.row_offset, d.rows) for d in destinations])
         y = super().run(instance, {"INPUT0": np.concatenate([np.asarray(p) for p in parts])}, outputs).outputs["OUTPUT0"]
-        reached: Dict[int, bool] = {}
-        covered = 0
-        for d in destinations:
-            rows = np.ascontiguousarray(y[d.row_offset:d.row_offset + d.rows])
-            ptr, room = d.outputs["OUTPUT0"]
-            ok = rows.nbytes <= room and not (Direct.refuse is not None and (rows == 2 * Direct.refuse).any())
-            if ok:
-                ctypes.memmove(ptr, rows.ctypes.data, rows.nbytes)
-                covered += d.rows
-            reached[d.request] = reached.get(d.request, True) and ok
-        host = y if covered < y.shape[0] else np.zeros_like(y)
-        return BatchResult({"OUTPUT0": host}, delivered={i: frozenset({"OUTPUT0"}) for i, ok in reached.items() if ok})
+        return device_copies(y, destinations, Direct.refuse)
+
+
+def device_copies(y: np.ndarray, destinations, refuse: Optional[float]) -> BatchResult:
+    """OUTPUT0 ``y`` of a batch as TensorRT's device copies leave it: each destination gets its rows (memmove), unless
+    they hold 2 * ``refuse``; a request index is delivered when every destination of it got them; the host result is
+    zeros when every row was delivered (TensorRT does not copy it back then)."""
+    reached: Dict[int, bool] = {}
+    covered = 0
+    for d in destinations:
+        rows = np.ascontiguousarray(y[d.row_offset:d.row_offset + d.rows])
+        ptr, room = d.outputs["OUTPUT0"]
+        ok = rows.nbytes <= room and not (refuse is not None and (rows == 2 * refuse).any())
+        if ok:
+            ctypes.memmove(ptr, rows.ctypes.data, rows.nbytes)
+            covered += d.rows
+        reached[d.request] = reached.get(d.request, True) and ok
+    host = y if covered < y.shape[0] else np.zeros_like(y)
+    return BatchResult({"OUTPUT0": host}, delivered={i: frozenset({"OUTPUT0"}) for i, ok in reached.items() if ok})
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from trtserve.server.engine import group
-from trtserve.server.engine.backends.base import BatchResult, DeviceTensor, Gather
+from trtserve.server.engine.backends.base import DeviceTensor, Gather
 from trtserve.server.ipc import messages as m
 from trtserve.server.ipc.channel import LocalLink
 
-from .test_engine_groups import HELD, Counts, Doubling, _engine, _model
+from .test_engine_groups import HELD, Counts, Doubling, _engine, _model, device_copies
 from .test_system_shm import FakeCuda
 
 
@@ -53,19 +53,8 @@ class OnDevice(Doubling):
         OnDevice.pieces.append([type(p).__name__ for p in parts])
         OnDevice.blocks.append([d.block for d in destinations])
         x = np.concatenate([self._host(p) for p in parts])
-        y = super().run(instance, {"INPUT0": x}, outputs).outputs["OUTPUT0"]
-        reached: Dict[int, bool] = {}
-        covered = 0
-        for d in destinations:
-            rows = np.ascontiguousarray(y[d.row_offset:d.row_offset + d.rows])
-            ptr, room = d.outputs["OUTPUT0"]
-            ok = rows.nbytes <= room and not (OnDevice.refuse is not None and (rows == 2 * OnDevice.refuse).any())
-            if ok:
-                ctypes.memmove(ptr, rows.ctypes.data, rows.nbytes)
-                covered += d.rows
-            reached[d.request] = reached.get(d.request, True) and ok
-        host = y if covered < y.shape[0] else np.zeros_like(y)
-        return BatchResult({"OUTPUT0": host}, delivered={i: frozenset({"OUTPUT0"}) for i, ok in reached.items() if ok})
+        return device_copies(super().run(instance, {"INPUT0": x}, outputs).outputs["OUTPUT0"], destinations,
+                             OnDevice.refuse)
 
 
 class Clients:

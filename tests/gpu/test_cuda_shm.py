@@ -175,6 +175,22 @@ CLIENT_GROUPS = textwrap.dedent("""
 """)
 
 
+def _mlp_trt(repo: pathlib.Path, batching: str) -> None:
+    """The example MLP as a TensorRT model "mlp_trt" (built from ONNX at load), one instance."""
+    from .gpu_models import make_mlp
+
+    make_mlp(repo / "mlp_trt" / "1" / "model.onnx", 64, 256, 16)
+    (repo / "mlp_trt" / "config.pbtxt").write_text("""
+name: "mlp_trt"
+platform: "tensorrt_plan"
+max_batch_size: 64
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 64 ] } ]
+output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 16 ] } ]
+instance_group [ { count: 1, kind: KIND_GPU } ]
+dynamic_batching { %s }
+""" % batching)
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -371,18 +387,9 @@ def test_client_process_end_to_end_on_tensorrt(tmp_path) -> None:
         pytest.skip(f"needs TensorRT: {why}")
     from tests.conftest import RunningServer
 
-    from .gpu_models import make_mlp, ort_run, ort_session
+    from .gpu_models import ort_run, ort_session
 
-    make_mlp(tmp_path / "mlp_trt" / "1" / "model.onnx", 64, 256, 16)
-    (tmp_path / "mlp_trt" / "config.pbtxt").write_text("""
-name: "mlp_trt"
-platform: "tensorrt_plan"
-max_batch_size: 64
-input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 64 ] } ]
-output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 16 ] } ]
-instance_group [ { count: 1, kind: KIND_GPU } ]
-dynamic_batching { }
-""")
+    _mlp_trt(tmp_path, "")
     s = RunningServer(tmp_path, metrics=False)
     try:
         proc = subprocess.run([sys.executable, "-c", CLIENT_FLOW, s.url, "mlp_trt", "7", "3"], capture_output=True,
@@ -421,22 +428,13 @@ def test_many_clients_regions_in_one_batch_on_tensorrt(tmp_path, monkeypatch) ->
     from tests.conftest import RunningServer
     from trtserve.server.engine.core import EngineCore
 
-    from .gpu_models import make_mlp, ort_run, ort_session
+    from .gpu_models import ort_run, ort_session
 
     groups = []  # members of each group, as the engine gives their regions back
     release = EngineCore._release_shms
     monkeypatch.setattr(EngineCore, "_release_shms",
                         staticmethod(lambda g: (groups.append(len(g.shms or ())), release(g))))
-    make_mlp(tmp_path / "mlp_trt" / "1" / "model.onnx", 64, 256, 16)
-    (tmp_path / "mlp_trt" / "config.pbtxt").write_text("""
-name: "mlp_trt"
-platform: "tensorrt_plan"
-max_batch_size: 64
-input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 64 ] } ]
-output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 16 ] } ]
-instance_group [ { count: 1, kind: KIND_GPU } ]
-dynamic_batching { max_queue_delay_microseconds: 2000 }
-""")
+    _mlp_trt(tmp_path, "max_queue_delay_microseconds: 2000")
     s = RunningServer(tmp_path, metrics=False)
     try:
         proc = subprocess.run([sys.executable, "-c", CLIENT_GROUPS, s.url, "mlp_trt"], capture_output=True,
