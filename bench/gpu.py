@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -211,18 +212,32 @@ def _config(name: str, wire: str, dims_in: Sequence[int], dims_out: Sequence[int
     return text
 
 
+@contextlib.contextmanager
 def _serve(repo: pathlib.Path, work: pathlib.Path, cprofile: Optional[pathlib.Path] = None):
     """``trtserve serve`` on ``repo``; with ``cprofile``, each of its processes can profile its main thread
     between SIGUSR1 and SIGUSR2 into ``cprofile``/<pid>.prof (see ``_CPROFILE_SITE``)."""
     from bench._server import ServerProcess
 
-    if cprofile is not None:
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", _CPROFILE_ENV)}
+    if cprofile is not None:  # the server's processes inherit it; this one gets its own environment back below
         site = cprofile / "site"
         site.mkdir(parents=True, exist_ok=True)
         (site / "sitecustomize.py").write_text(_CPROFILE_SITE)
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in [saved["PYTHONPATH"]] if p])
         os.environ[_CPROFILE_ENV] = str(cprofile)
-    return ServerProcess(repo, extra=["--cache-dir", str(work / "cache")])
+    server = ServerProcess(repo, extra=["--cache-dir", str(work / "cache")])
+    try:
+        server.__enter__()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        yield server
+    finally:
+        server.__exit__(None, None, None)
 
 
 # Why cProfile and a sitecustomize: py-spy cannot read the engine process on the GPU host (bench/engine_cprofile.py
