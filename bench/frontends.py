@@ -13,7 +13,8 @@ server is measured in turn (the order rotates per round), so drift on a shared m
 
 Load: perf_analyzer ``-i grpc``, ``--concurrency-range L:L``, time windows, with
 TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1 so each of its contexts opens its own connection (SO_REUSEPORT
-balances connections, not calls). Per row: requests/s, p50 and p99 (perf_analyzer's), the mean formed batch
+balances connections, not calls); or, with ``--trtserve-bench TIMEOUT_S``, ``trtserve bench`` with a deadline on
+every request, as most clients set one. Per row: requests/s, p50 and p99 (perf_analyzer's), the mean formed batch
 (delta nv_inference_count / delta nv_inference_exec_count from /metrics, summed over the model's label sets,
 before and after the level) and the server's CPU (utime + stime of the server process and all its descendants,
 from /proc, delta over the perf_analyzer run / its wall time, in cores). Medians over rounds. A server that does
@@ -408,14 +409,37 @@ def run_perf_analyzer(pa: str, url: str, level: int, duration: float, protocol: 
                 "p99_ms": float(row["p99 latency"]) / 1000}
 
 
-def measure(server: Server, pa: str, level: int, duration: float, hz: int) -> Optional[dict]:
+def run_trtserve_bench(url: str, level: int, duration: float, timeout_s: float) -> Optional[Dict[str, float]]:
+    """One closed-loop level of ``trtserve bench``, whose requests carry a deadline (``timeout_s``), as most
+    clients' do (perf_analyzer sets none)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "bench.csv"
+        cmd = [sys.executable, "-m", "trtserve.client", "bench", "--url", url, "-m", MODEL, "--concurrency",
+               str(level), "--duration", str(duration), "--timeout", str(timeout_s), "--csv", str(out)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 4 * duration, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            print(f"trtserve bench timed out (concurrency {level})", file=sys.stderr, flush=True)
+            return None
+        if proc.returncode != 0 or not out.exists():
+            print(f"trtserve bench failed (concurrency {level}): {proc.stdout[-600:]} {proc.stderr[-600:]}",
+                  file=sys.stderr, flush=True)
+            return None
+        row = next(csv.DictReader(out.open()))
+        return {"rps": float(row["requests_per_s"]), "p50_ms": float(row["p50_ms"]), "p99_ms": float(row["p99_ms"])}
+
+
+def measure(server: Server, pa: str, level: int, duration: float, hz: int,
+            timeout_s: Optional[float] = None) -> Optional[dict]:
+    """One level against ``server``: perf_analyzer, or ``trtserve bench`` with that deadline when ``timeout_s``."""
     if not server.alive():
         return None
     try:
         before = batch_counts(server.metrics()) if server.metrics_port is not None else None
         assert server.proc is not None
         t0, c0 = time.monotonic(), process_tree_ticks(server.proc.pid)
-        r = run_perf_analyzer(pa, server.url, level, duration)
+        r = (run_perf_analyzer(pa, server.url, level, duration) if timeout_s is None
+             else run_trtserve_bench(server.url, level, duration, timeout_s))
         c1, t1 = process_tree_ticks(server.proc.pid), time.monotonic()
         if r is None:
             return None
@@ -476,6 +500,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--baseline", type=pathlib.Path, default=None,
                    help="another checkout (e.g. a git worktree of an older commit): its servers with the same "
                         "--frontends run in the same run, named 'baseline fN'")
+    p.add_argument("--trtserve-bench", type=float, default=None, metavar="TIMEOUT_S",
+                   help="load with `trtserve bench` instead of perf_analyzer, every request with this deadline")
     a = p.parse_args(argv)
     levels = [int(x) for x in a.levels.split(",") if x]
     frontends = [int(x) for x in a.frontends.split(",") if x]
@@ -512,7 +538,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for level in levels:
                     k = (rnd + levels.index(level)) % len(servers)
                     for s in servers[k:] + servers[:k]:  # rotate who goes first
-                        r = measure(s, pa, level, a.duration, hz)
+                        r = measure(s, pa, level, a.duration, hz, a.trtserve_bench)
                         samples[(s.name, level)].append(r)
                         cells = table_rows([s.name], [level], {(s.name, level): r})[0]
                         print(f"round {rnd + 1} | " + " | ".join(cells), flush=True)

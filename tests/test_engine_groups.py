@@ -10,6 +10,7 @@ import asyncio
 import ctypes
 import pathlib
 import threading
+import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -94,7 +95,7 @@ class FrontEnd:
         self.answered.set()
 
     def infer(self, model: str, x: np.ndarray, deadline: Optional[float] = None, slot_bytes: Optional[int] = None,
-              priority: int = 0) -> int:
+              priority: int = 0, trace: Optional[str] = None) -> int:
         self._ids += 1
         off = self.alloc.alloc(x.nbytes)
         self.arena.write(off, x)
@@ -103,7 +104,7 @@ class FrontEnd:
         self.inputs[self._ids], self.slots[self._ids] = x, out
         inputs = (("INPUT0", "FP32", x.shape, (m.ARENA, off, x.nbytes)),)
         self.link.send((m.INFER, self._ids, model, "", self.serial, inputs, (("OUTPUT0", None, (out, cap)),),
-                        x.shape[0], priority, 0, deadline, 0, None))
+                        x.shape[0], priority, 0, deadline, 0, trace))
         return self._ids
 
     def answers(self) -> Dict[int, Tuple[str, np.ndarray]]:
@@ -222,7 +223,7 @@ def _rows(n: int, seed: int, rows: int = 1) -> List[np.ndarray]:
 
 async def _hold(fe: FrontEnd) -> int:
     """One batch that waits for the gate on the model's one instance: what is sent next queues behind it."""
-    held = fe.infer("m", np.full((1, 4), HELD, np.float32), deadline=1e12)  # a deadline: never grouped
+    held = fe.infer("m", np.full((1, 4), HELD, np.float32))  # alone in its frame: a request on its own
     await asyncio.get_running_loop().run_in_executor(None, Doubling.started.wait, 10)
     return held
 
@@ -294,6 +295,36 @@ async def test_large_members_are_queued_in_arena_order_and_each_still_gets_its_o
 
 
 @BOTH
+async def test_requests_with_deadlines_are_one_entry_and_one_whose_deadline_passes_first_leaves_it(repo, backend) -> None:
+    """Clients' deadlines (gRPC timeouts) differ: the entry's is the earliest. When it passes in the queue, that member
+    is answered DEADLINE_EXCEEDED and never runs; the others are queued again, as one entry, and succeed."""
+    _model(repo)
+    host, fe = await _engine(repo, Counts(), backend)
+    try:
+        held = await _hold(fe)
+        xs = _rows(5, 11)
+        now = time.monotonic()
+        ids = [fe.infer("m", x, deadline=now + (0.1 if i == 2 else 60)) for i, x in enumerate(xs)]
+        answers = await fe.wait_for(1)  # the batcher expires the entry while the instance is held
+        assert answers[ids[2]][0] == "DEADLINE_EXCEEDED"
+        assert list(answers) == [ids[2]]
+        Doubling.gate.set()
+        answers = await fe.wait_for(6)
+        for i, (req_id, x) in enumerate(zip(ids, xs)):
+            if i != 2:
+                assert answers[req_id][0] == ""
+                np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        assert answers[held][0] == ""
+        assert [len(msg[1]) for msg in fe.messages if msg[0] == m.RESULTS] == [4]  # the four, still one entry
+        ran = np.concatenate(Doubling.batches[1:])
+        assert ran.shape[0] == 4 and not (ran == xs[2]).all(axis=1).any()
+        stats = host.statistics.snapshot("m", "1")
+        assert (stats.success.count, stats.fail.count) == (5, 1)
+    finally:
+        await host.stop()
+
+
+@BOTH
 async def test_a_request_cancelled_in_the_queue_never_runs_and_its_group_still_does(repo, backend) -> None:
     _model(repo)
     host, fe = await _engine(repo, Counts(), backend)
@@ -341,7 +372,7 @@ async def test_a_request_cancelled_while_its_group_runs_is_answered_cancelled_an
         await host.stop()
 
 
-@pytest.mark.parametrize("why", ["deadline", "priority", "queue limit", "not batched", "preserve ordering"])
+@pytest.mark.parametrize("why", ["traced", "priority", "queue limit", "not batched", "preserve ordering"])
 async def test_requests_that_are_not_alike_run_one_by_one(repo, why: str) -> None:
     batching = "max_queue_delay_microseconds: 100"
     if why == "queue limit":  # the limit counts entries: such a model's requests are never grouped
@@ -355,7 +386,7 @@ async def test_requests_that_are_not_alike_run_one_by_one(repo, why: str) -> Non
     try:
         held = await _hold(fe)
         xs = _rows(4, 4)
-        ids = [fe.infer("m", x, deadline=1e12 if why == "deadline" else None,
+        ids = [fe.infer("m", x, trace=str(i) if why == "traced" else None,
                         priority=1 + i % 2 if why == "priority" else 0) for i, x in enumerate(xs)]
         await _release_and_check(fe, held, ids, xs)
         grouped = [len(msg[1]) for msg in fe.messages if msg[0] == m.RESULTS]

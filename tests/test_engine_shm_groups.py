@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import pathlib
+import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -71,7 +72,8 @@ class Clients:
         self.host.shared_memory.register_cuda(name, h, 0, nbytes)
         return h
 
-    def infer(self, k: int, x: np.ndarray, out_bytes: Optional[int] = None, in_region: Optional[str] = None) -> int:
+    def infer(self, k: int, x: np.ndarray, out_bytes: Optional[int] = None, in_region: Optional[str] = None,
+              deadline: Optional[float] = None) -> int:
         """Client ``k`` writes ``x`` into its input region and asks for OUTPUT0 in its output region."""
         fe = self.fe
         fe._ids += 1
@@ -83,7 +85,7 @@ class Clients:
         room = x.nbytes if out_bytes is None else out_bytes
         inputs = (("INPUT0", "FP32", x.shape, (m.SHM, in_region or name_in, 0, x.nbytes)),)
         fe.link.send((m.INFER, fe._ids, "m", "", fe.serial, inputs, (("OUTPUT0", (name_out, 0, room), None),),
-                      x.shape[0], 0, 0, None, 0, None))
+                      x.shape[0], 0, 0, deadline, 0, None))
         self.sent[fe._ids], self.out_region[fe._ids] = x, name_out
         return fe._ids
 
@@ -153,8 +155,8 @@ async def _stop(c: Clients) -> None:
 
 
 async def _hold(c: Clients) -> int:
-    """A batch (arena input, its own deadline: never grouped) that holds the model's one instance until the gate."""
-    held = c.fe.infer("m", np.full((1, 4), HELD, np.float32), deadline=1e12)
+    """A batch (arena input, alone in its frame) that holds the model's one instance until the gate."""
+    held = c.fe.infer("m", np.full((1, 4), HELD, np.float32))
     await asyncio.get_running_loop().run_in_executor(None, Doubling.started.wait, 10)
     return held
 
@@ -251,6 +253,30 @@ async def test_a_member_cancelled_in_the_queue_never_runs_and_its_group_still_do
         ran = np.concatenate(Doubling.batches[1:])
         assert ran.shape[0] == 6 and not any((ran == row).all(axis=1).any() for row in xs[1])
         np.testing.assert_array_equal(c.output(ids[1]), 0)  # never written
+        assert c.leases() == 0
+    finally:
+        await _stop(c)
+
+
+async def test_a_member_whose_deadline_passes_in_the_queue_gives_its_regions_back_and_the_others_run(repo) -> None:
+    c = await _clients(repo)
+    try:
+        held = await _hold(c)
+        xs = _xs(4, 6)
+        now = time.monotonic()
+        ids = [c.infer(k, x, deadline=now + (0.1 if k == 0 else 60)) for k, x in enumerate(xs)]
+        answers = await c.wait_for(1)
+        assert answers[ids[0]][0] == "DEADLINE_EXCEEDED"
+        await asyncio.sleep(0.05)
+        assert c.leases() == 6  # the three queued again hold their regions; the expired one gave its two back
+        Doubling.gate.set()
+        answers = await c.wait_for(5)
+        for k in (1, 2, 3):
+            assert answers[ids[k]] == ("", "")
+            np.testing.assert_array_equal(c.output(ids[k]), 2 * xs[k])
+        np.testing.assert_array_equal(c.output(ids[0]), 0)  # never ran
+        assert answers[held][0] == ""
+        assert [len(msg[1]) for msg in c.fe.messages if msg[0] == m.RESULTS] == [3]
         assert c.leases() == 0
     finally:
         await _stop(c)

@@ -34,7 +34,7 @@ from trtserve.server.engine.batcher.request import RequestResult, Ticket
 from trtserve.server.engine.repository.registry import ModelRepository, ModelVersion
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
 from trtserve.server.engine.shm.request import ShmRef
-from trtserve.server.errors import Internal, InvalidArgument, TrtServeError
+from trtserve.server.errors import DeadlineExceeded, Internal, InvalidArgument, TrtServeError
 from trtserve.server.events import Done, Observer
 from trtserve.server.ipc import messages as m
 from trtserve.server.ipc.arena import Arena
@@ -279,7 +279,7 @@ class EngineCore:
                     # member got it): a member whose slot cannot take it sends the group's outputs through the host
                     members = None
             assert mv.batcher is not None
-            mv.batcher.queue(g, arrays, names, rows, priority, timeout_us, None, None,
+            mv.batcher.queue(g, arrays, names, rows, priority, timeout_us, group.deadline(msgs), None,
                              on_dispatch=g.mark_dispatched, shapes=shapes, count=len(msgs), member_outputs=members)
         except TrtServeError:
             # the group as a whole was refused (its rows fit no optimization profile, the model is unloading, ...):
@@ -331,9 +331,9 @@ class EngineCore:
                 arrays[name] = Gather(tuple([p[j] for p in pieces]), (rows,) + shape[1:], _ARENA_DTYPES[wire])
                 shapes[name] = shape[1:]
             names = tuple([o[0] for o in first[6]])
-            mv.batcher.queue(g, arrays, names, rows, first[8], first[9], None, None, on_dispatch=g.mark_dispatched,
-                             shapes=shapes, count=len(members), member_outputs=tuple(destinations),
-                             members_apart=True)
+            mv.batcher.queue(g, arrays, names, rows, first[8], first[9], group.deadline(members), None,
+                             on_dispatch=g.mark_dispatched, shapes=shapes, count=len(members),
+                             member_outputs=tuple(destinations), members_apart=True)
         except TrtServeError:
             # refused as a whole (its rows fit no profile, the model is unloading, ...): each goes on its own
             self._release_shms(g)
@@ -575,6 +575,9 @@ class EngineCore:
             if rest:  # behind what arrived meanwhile: a cancel costs the others their place in the queue
                 self._infer_group(session, rest)
             return
+        if isinstance(g.error, DeadlineExceeded) and not g.abandoned:
+            self._expired(g)
+            return
         if g.cancelled or (g.abandoned and g.error is None):
             self._cancelled(session, spec, g.msgs)
             return
@@ -604,6 +607,31 @@ class EngineCore:
         ids = tuple([msg[1] for msg in live])
         if _answered(session, ids):
             session.link.send((m.RESULTS, ids, written))
+
+    def _expired(self, g: group.Group) -> None:
+        """The group's deadline (its earliest member's) passed before it ran, in the queue or while its batch waited
+        for an instance, so none of it ran: members whose own deadline passed are answered DEADLINE_EXCEEDED, those
+        cancelled meanwhile CANCELLED, and the others are queued again (behind what arrived meanwhile) in the next loop
+        turn: the batcher settles an expired entry while it walks its queues. The members with the group's deadline
+        count as passed whatever this process's clock says (the batcher's may be another), so each time at least one
+        leaves."""
+        session, spec = g.session, g.mv.spec
+        first = group.deadline(g.msgs)
+        now = time.monotonic()
+        passed = [msg for msg in g.msgs if msg[10] is not None and (msg[10] <= now or msg[10] == first)
+                  and msg[1] not in g.gone]
+        self._fail_each(session, spec, passed, {msg[1]: g.error for msg in passed})
+        self._cancelled(session, spec, [msg for msg in g.msgs if msg[1] in g.gone])
+        out = {msg[1] for msg in passed} | g.gone
+        rest = [msg for msg in g.msgs if msg[1] not in out]
+        if rest:
+            asyncio.get_running_loop().call_soon(self._requeue, session, rest)
+
+    def _requeue(self, session: Session, msgs: List[tuple]) -> None:
+        if session.closed:  # its front end went away meanwhile: nobody waits for these
+            _answered(session, tuple([msg[1] for msg in msgs]))
+            return
+        self._infer_group(session, msgs)
 
     def _fail_each(self, session: Session, spec: Any, msgs: List[tuple], errors: Dict[int, TrtServeError]) -> None:
         now = time.monotonic_ns()

@@ -19,8 +19,11 @@ members' data depends on their size:
   member's rows into its own output regions, as for such a request on its own. Each member's regions are checked
   and held as its own request's are (a member that fails a check goes on its own and is answered why).
 
-Requests that are not alike in this way run one by one as before: one with a deadline (each has its own), a traced
-one, one with system shared memory, with some tensors in shared memory and some not, or with BYTES tensors, one
+Members may have deadlines (a client's gRPC timeout): the entry's is the earliest of them. When it passes before the
+entry runs, none of it ran: the members whose own deadline passed are answered DEADLINE_EXCEEDED and the others are
+queued again (engine/core.py).
+
+Requests that are not alike in this way run one by one as before: a traced one, one with system shared memory, with some tensors in shared memory and some not, or with BYTES tensors, one
 with some tensors above the direct-copy size and some below, one of a model that does not batch, has a queue size
 limit (which counts entries), unpads outputs or preserves ordering.
 """
@@ -40,7 +43,7 @@ def key(msg: tuple) -> Optional[tuple]:
     """What requests must share to be queued as one entry, or None when this one runs on its own. Its last item
     says where the tensors are: m.ARENA (inputs in the arena, outputs to arena slots) or m.SHM (every input and
     output in client shared memory)."""
-    if msg[_DEADLINE] is not None or msg[_TRACE] is not None or not msg[_INPUTS]:
+    if msg[_TRACE] is not None or not msg[_INPUTS]:
         return None
     where = msg[_INPUTS][0][3][0]
     if where != m.ARENA and (where != m.SHM or not msg[_OUTPUTS]):  # no outputs asked: all come in the response
@@ -58,6 +61,11 @@ def key(msg: tuple) -> Optional[tuple]:
         names.append(name)
     return (msg[_MODEL], msg[_VERSION], msg[_SERIAL], msg[_PRIORITY], msg[_TIMEOUT], tuple(shapes), tuple(names),
             where)
+
+
+def deadline(msgs: List[tuple]) -> Optional[float]:
+    """An entry's deadline: its earliest member's (None when none has one)."""
+    return min((msg[_DEADLINE] for msg in msgs if msg[_DEADLINE] is not None), default=None)
 
 
 def in_shared_memory(msg: tuple) -> bool:
