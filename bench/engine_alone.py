@@ -45,8 +45,9 @@ class Driver:
     """A front end without gRPC: C requests in flight, each re-sent as soon as it is answered."""
 
     def __init__(self, address: str, spec, serial: int, inputs: List[Tuple[str, str, Tuple[int, ...]]],
-                 rows: int, concurrency: int, frames_of_one: bool = False) -> None:
+                 rows: int, concurrency: int, frames_of_one: bool = False, deadline_s: Optional[float] = None) -> None:
         self.spec, self.serial, self.rows = spec, serial, rows
+        self.deadline_s = deadline_s  # each request's deadline, from when it is sent, as a client's gRPC timeout
         # each descriptor in a frame of its own, as a front end whose loop turns each take one gRPC call sends them
         self.frames_of_one = frames_of_one
         self.arena = Arena.create(max(64 << 20, concurrency * 4 * _request_bytes(spec, inputs, rows)))
@@ -84,7 +85,8 @@ class Driver:
         inputs, outputs = self.templates[slot]
         self.sent[self._ids] = (slot, time.perf_counter())
         self.link.send((m.INFER, self._ids, self.spec.name, self.spec.version, self.serial, inputs, outputs,
-                        self.rows, 0, 0, None, time.monotonic_ns(), None))
+                        self.rows, 0, 0, None if self.deadline_s is None else time.monotonic() + self.deadline_s,
+                        time.monotonic_ns(), None))
         if self.frames_of_one:
             self.link._flush()  # the frame goes now, before the next descriptor joins it
 
@@ -201,13 +203,13 @@ def _parse_inputs(specs: List[str]) -> List[Tuple[str, str, Tuple[int, ...]]]:
 
 async def _level(engine: Engine, model: str, inputs, rows: int, concurrency: int, warmup: float,
                  duration: float, links: int = 1, frames_of_one: bool = False,
-                 window_signals: bool = False) -> Dict[str, float]:
+                 window_signals: bool = False, deadline_s: Optional[float] = None) -> Dict[str, float]:
     """One level; ``window_signals``: SIGUSR1 to the engine as the measured window starts, SIGUSR2 as it ends
-    (bench/engine_cprofile.py profiles between them)."""
+    (bench/engine_cprofile.py profiles between them); ``deadline_s``: each request's deadline."""
     spec, serial = await engine.call("model_info", model, "")
     stats0 = pb.ModelStatisticsResponse.FromString(await engine.call("model_statistics", model, ""))
     shares = [concurrency // links + (1 if i < concurrency % links else 0) for i in range(links)]
-    drivers = [Driver(engine.address, spec, serial, inputs, rows, c, frames_of_one) for c in shares if c]
+    drivers = [Driver(engine.address, spec, serial, inputs, rows, c, frames_of_one, deadline_s) for c in shares if c]
     run = asyncio.ensure_future(asyncio.gather(*(d.run(warmup, duration) for d in drivers)))
     await asyncio.sleep(warmup)
     if window_signals:
@@ -268,6 +270,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "front ends would)")
     p.add_argument("--frames-of-one", action="store_true",
                    help="one descriptor per frame (a front end sends what one loop turn brought, often one request)")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="every request with this deadline (seconds from when it is sent), as clients' gRPC timeouts")
     p.add_argument("--json", type=pathlib.Path, default=None)
     a = p.parse_args(argv)
     from trtserve.server.examples import REPOSITORY
@@ -282,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{'errors':>6}", flush=True)
         for level in [int(x) for x in a.concurrency.split(",")]:
             r = asyncio.run(_level(engine, a.model, _parse_inputs(a.inputs), a.rows, level, a.warmup, a.duration,
-                                   a.links, a.frames_of_one))
+                                   a.links, a.frames_of_one, deadline_s=a.deadline_s))
             r["concurrency"] = level
             rows_out.append(r)
             print(f"{level:>11} {r['req_s']:>10.0f} {r['rows_s']:>12.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
