@@ -23,9 +23,10 @@ Members may have deadlines (a client's gRPC timeout): the entry's is the earlies
 entry runs, none of it ran: the members whose own deadline passed are answered DEADLINE_EXCEEDED and the others are
 queued again (engine/core.py).
 
-Requests that are not alike in this way run one by one as before: a traced one, one with system shared memory, with some tensors in shared memory and some not, or with BYTES tensors, one
-with some tensors above the direct-copy size and some below, one of a model that does not batch, has a queue size
-limit (which counts entries), unpads outputs or preserves ordering.
+Requests that are not alike in this way run one by one as before: a traced one, one with system shared memory,
+with some tensors in shared memory and some not, or with BYTES tensors, one with some tensors above the direct-copy
+size and some below, one of a model that does not batch, has a queue size limit (which counts entries), unpads
+outputs or preserves ordering.
 """
 from __future__ import annotations
 
