@@ -387,6 +387,21 @@ def make_server(name: str, repo: pathlib.Path, frontends: Optional[int],
     return Server(name, cmd, port, metrics_port, checkout)
 
 
+def _csv_row(tool: str, cmd: List[str], out: pathlib.Path, level: int, timeout_s: float,
+             **kwargs) -> Optional[Dict[str, str]]:
+    """Runs a load generator that writes one CSV row per level into ``out``; that row, or None (said why)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, **kwargs)
+    except subprocess.TimeoutExpired:
+        print(f"{tool} timed out (concurrency {level})", file=sys.stderr, flush=True)
+        return None
+    if proc.returncode != 0 or not out.exists():
+        print(f"{tool} failed (concurrency {level}): {proc.stdout[-600:]} {proc.stderr[-600:]}",
+              file=sys.stderr, flush=True)
+        return None
+    return next(csv.DictReader(out.open()))
+
+
 def run_perf_analyzer(pa: str, url: str, level: int, duration: float, protocol: str = "grpc",
                       ) -> Optional[Dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
@@ -395,16 +410,9 @@ def run_perf_analyzer(pa: str, url: str, level: int, duration: float, protocol: 
                "--measurement-mode", "time_windows", "--measurement-interval", str(int(duration * 1000)),
                "--stability-percentage", "100", "--max-trials", "10", "-f", str(out)]
         env = dict(os.environ, TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT="1")
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 20 * duration, env=env)
-        except subprocess.TimeoutExpired:
-            print(f"perf_analyzer timed out (concurrency {level})", file=sys.stderr, flush=True)
+        row = _csv_row("perf_analyzer", cmd, out, level, 60 + 20 * duration, env=env)
+        if row is None:
             return None
-        if proc.returncode != 0 or not out.exists():
-            print(f"perf_analyzer failed (concurrency {level}): {proc.stdout[-600:]} {proc.stderr[-600:]}",
-                  file=sys.stderr, flush=True)
-            return None
-        row = next(csv.DictReader(out.open()))
         return {"rps": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
                 "p99_ms": float(row["p99 latency"]) / 1000}
 
@@ -416,16 +424,9 @@ def run_trtserve_bench(url: str, level: int, duration: float, timeout_s: float) 
         out = pathlib.Path(tmp) / "bench.csv"
         cmd = [sys.executable, "-m", "trtserve.client", "bench", "--url", url, "-m", MODEL, "--concurrency",
                str(level), "--duration", str(duration), "--timeout", str(timeout_s), "--csv", str(out)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 4 * duration, cwd=ROOT)
-        except subprocess.TimeoutExpired:
-            print(f"trtserve bench timed out (concurrency {level})", file=sys.stderr, flush=True)
+        row = _csv_row("trtserve bench", cmd, out, level, 60 + 4 * duration, cwd=ROOT)
+        if row is None:
             return None
-        if proc.returncode != 0 or not out.exists():
-            print(f"trtserve bench failed (concurrency {level}): {proc.stdout[-600:]} {proc.stderr[-600:]}",
-                  file=sys.stderr, flush=True)
-            return None
-        row = next(csv.DictReader(out.open()))
         return {"rps": float(row["requests_per_s"]), "p50_ms": float(row["p50_ms"]), "p99_ms": float(row["p99_ms"])}
 
 
