@@ -253,6 +253,7 @@ async def test_alike_requests_of_a_frame_are_one_entry_and_each_gets_its_own_ans
         ids = [fe.infer("m", x) for x in xs]  # one loop turn: one frame
         odd = fe.infer("m", _rows(1, 1, rows=2)[0])  # other shape: on its own, in the same batch
         await asyncio.sleep(0.05)
+        assert host.repository.get("m").batcher.pending == 11  # requests, not entries: the ten are one
         Doubling.gate.set()
         answers = await fe.wait_for(12)
         for req_id, x in zip(ids, xs):

@@ -102,7 +102,8 @@ class DynamicBatcher:
     # ---- public API -------------------------------------------------------------------------
     @property
     def pending(self) -> int:
-        return sum(len(q) for q in self._queues.values()) + len(self._delayed)
+        """Requests waiting, a group of them (engine/group.py) counted as its members, as the queue metrics count."""
+        return sum(r.count for q in self._queues.values() for r in q) + sum(r.count for r in self._delayed)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.spec.name}")
