@@ -19,6 +19,7 @@ import pytest
 from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec
 from trtserve.server.engine.host import EngineHost
 from trtserve.server.events import Observer
+from trtserve.server.frontend.engine_client import EngineClient
 from trtserve.server.ipc import messages as m
 from trtserve.server.ipc.arena import Allocator, Arena
 from trtserve.server.ipc.channel import LocalLink
@@ -436,15 +437,20 @@ async def test_a_group_whose_front_end_went_away_never_runs(repo, backend) -> No
         await host.stop()
 
 
-async def test_the_front_end_answers_each_request_of_a_results_message() -> None:
-    from trtserve.server.frontend.engine_client import EngineClient
-
+def engine_client() -> Tuple[EngineClient, LocalLink, List[tuple], Arena]:
+    """A front end's EngineClient on one end of a LocalLink; the test is the engine on the other: (client, the
+    engine's end, what the client sent it, the arena)."""
     ours, engine = LocalLink.pair()
     arena = Arena.create(1 << 16)
     client = EngineClient(ours, arena)
     sent: List[tuple] = []
     engine.start(sent.extend, lambda: None)
     client.start()
+    return client, engine, sent, arena
+
+
+async def test_the_front_end_answers_each_request_of_a_results_message() -> None:
+    client, engine, sent, arena = engine_client()
     blocks = [client.allocator.alloc(64) for _ in range(3)]
     futures = [client.submit(("m", "", 1, (), (), 1, 0, 0, None, 0, None), b) for b in blocks]
     await asyncio.sleep(0)

@@ -20,9 +20,8 @@ import pytest
 from trtserve.server.engine import group
 from trtserve.server.engine.backends.base import DeviceTensor, Gather
 from trtserve.server.ipc import messages as m
-from trtserve.server.ipc.channel import LocalLink
 
-from .test_engine_groups import HELD, Counts, Doubling, _engine, _model, device_copies
+from .test_engine_groups import HELD, Counts, Doubling, _engine, _model, device_copies, engine_client
 from .test_system_shm import FakeCuda
 
 
@@ -340,15 +339,7 @@ def test_which_requests_are_alike_by_where_their_tensors_lie() -> None:
 
 
 async def test_the_front_end_answers_a_results_message_of_shared_memory_outputs() -> None:
-    from trtserve.server.frontend.engine_client import EngineClient
-    from trtserve.server.ipc.arena import Arena
-
-    ours, engine = LocalLink.pair()
-    arena = Arena.create(1 << 16)
-    client = EngineClient(ours, arena)
-    sent: List[tuple] = []
-    engine.start(sent.extend, lambda: None)
-    client.start()
+    client, engine, sent, arena = engine_client()
     futures = [client.submit(("m", "", 1, (), (), 2, 0, 0, None, 0, None), None) for _ in range(2)]
     await asyncio.sleep(0)
     await asyncio.sleep(0)

@@ -214,10 +214,12 @@ class EngineCore:
         if len(msgs) > 1:
             try:
                 mv = self._repo.get(first[2], first[3])
-                if mv.serial == first[4] and shm:  # the device reads and writes the members' regions
+                if mv.serial != first[4]:
+                    pass  # one by one: each is answered STALE
+                elif shm:  # the device reads and writes the members' regions
                     if getattr(mv.backend, "accepts_device_tensors", False):
                         per = group.members_per_entry(mv, first, None)[0]
-                elif mv.serial == first[4]:
+                else:
                     arena = session.arena
                     direct_min = getattr(mv.backend, "direct_copy_min_bytes", None) \
                         if arena is not None and arena.pinned else None
@@ -281,14 +283,8 @@ class EngineCore:
             assert mv.batcher is not None
             mv.batcher.queue(g, arrays, names, rows, priority, timeout_us, group.deadline(msgs), None,
                              on_dispatch=g.mark_dispatched, shapes=shapes, count=len(msgs), member_outputs=members)
-        except TrtServeError:
-            # the group as a whole was refused (its rows fit no optimization profile, the model is unloading, ...):
-            # each request goes on its own and gets its own verdict, as it would have without the group
-            for msg in msgs:
-                self._infer(session, msg)
         except Exception as e:
-            log.exception("model '%s': %d requests failed before they were queued", mv.name, len(msgs))
-            self._fail_members(g, msgs, "INTERNAL", f"{type(e).__name__}: {e}", "backend")
+            self._not_queued(g, e)
 
     def _queue_shm_group(self, session: Session, mv: ModelVersion, msgs: List[tuple]) -> None:
         """One entry for those of ``msgs`` (every tensor in client shared memory) whose inputs and outputs all lie in
@@ -334,15 +330,20 @@ class EngineCore:
             mv.batcher.queue(g, arrays, names, rows, first[8], first[9], group.deadline(members), None,
                              on_dispatch=g.mark_dispatched, shapes=shapes, count=len(members),
                              member_outputs=tuple(destinations), members_apart=True)
-        except TrtServeError:
-            # refused as a whole (its rows fit no profile, the model is unloading, ...): each goes on its own
-            self._release_shms(g)
-            for msg in members:
-                self._infer(session, msg)
         except Exception as e:
-            log.exception("model '%s': %d requests failed before they were queued", mv.name, len(members))
-            self._release_shms(g)
-            self._fail_members(g, members, "INTERNAL", f"{type(e).__name__}: {e}", "backend")
+            self._not_queued(g, e)
+
+    def _not_queued(self, g: group.Group, e: BaseException) -> None:
+        """A group the batcher did not take. Refused as a whole (a TrtServeError: its rows fit no optimization
+        profile, the model is unloading, ...): each member goes on its own and gets its own verdict, as it would have
+        without the group. Anything else fails each member."""
+        self._release_shms(g)
+        if isinstance(e, TrtServeError):
+            for msg in g.msgs:
+                self._infer(g.session, msg)
+            return
+        log.error("model '%s': %d requests failed before they were queued", g.mv.name, len(g.msgs), exc_info=e)
+        self._fail_members(g, g.msgs, "INTERNAL", f"{type(e).__name__}: {e}", "backend")
 
     def _member_shm(self, spec: Any, msg: tuple,
                     device_id: int) -> Optional[Tuple[Any, List[DeviceTensor], Dict[str, Tuple[int, int]]]]:
