@@ -20,7 +20,7 @@ from trtserve.server.engine.backends.tensorrt import compat
 from trtserve.server.engine.backends.tensorrt.context import InstanceContext
 from trtserve.server.engine.backends.tensorrt.engine import EngineInfo, IOTensor
 from trtserve.server.errors import Internal, InvalidArgument
-from trtserve.server.engine.backends.tensorrt import staging
+from trtserve.server.engine.backends.tensorrt import pieces, staging
 from trtserve.server.engine.backends.base import DeviceTensor
 
 N_IN, N_OUT, MAX_ROWS = 8, 8, 16
@@ -76,11 +76,12 @@ class _Mem:
         self.ptr = base + (-base % 256)  # cudaMalloc-like alignment
 
 
-def make_cupy() -> types.ModuleType:
+def make_cupy(fail_compile: bool = False) -> types.ModuleType:
     """A CuPy stand-in; ``cuda.copies`` records every memcpyAsync (dst, src, bytes, kind), ``cuda.strided`` every
-    memcpy2DAsync (dst, dpitch, src, spitch, width, height, kind), and ``cuda.locked`` holds the (start, end) host
-    ranges "registered" as page-locked."""
+    memcpy2DAsync (dst, dpitch, src, spitch, width, height, kind), ``cuda.launches`` every kernel launch (first
+    table row, pieces), and ``cuda.locked`` holds the (start, end) host ranges "registered" as page-locked."""
     copies: List[Tuple[int, int, int, int]] = []
+    launches: List[Tuple[int, int]] = []
     strided: List[Tuple[int, int, int, int, int, int, int]] = []
     locked: List[Tuple[int, int]] = []
 
@@ -105,6 +106,28 @@ def make_cupy() -> types.ModuleType:
                 ctypes.memmove(dst + k * dpitch, src + k * spitch, width)
         SimStream.registry[sp].enqueue(rows)
 
+    class RawKernel:
+        """A kernel launch as the GPU would run it: pieces.py's copy kernel, reading its table from device memory
+        when the stream reaches it (not when launched)."""
+
+        def __init__(self, code: str, name: str) -> None:
+            assert f"void {name}(" in code
+            if fail_compile:
+                raise RuntimeError("nvrtc: compilation failed")
+
+        def compile(self) -> None:
+            pass
+
+        def __call__(self, grid: Tuple[int, int], block: Tuple[int], args: tuple, stream: SimStream) -> None:
+            table, first, count = int(args[0]), int(args[1]), grid[1]
+            launches.append((first, count))
+
+            def run() -> None:
+                rows = np.ctypeslib.as_array((ctypes.c_uint64 * (3 * (first + count))).from_address(table))
+                for dst, src, n in rows.reshape(-1, 3)[first:]:
+                    ctypes.memmove(int(dst), int(src), int(n))
+            stream.enqueue(run)
+
     def attributes(ptr: int) -> types.SimpleNamespace:
         if not any(lo <= ptr < hi for lo, hi in locked):
             raise RuntimeError("cudaErrorInvalidValue")  # what CUDA says of pageable memory
@@ -116,13 +139,14 @@ def make_cupy() -> types.ModuleType:
         pointerGetAttributes=attributes,
     )
     cuda = types.SimpleNamespace(Stream=SimStream, Event=SimEvent, runtime=runtime, copies=copies, strided=strided,
-                                 locked=locked,
+                                 locked=locked, launches=launches,
                                  get_elapsed_time=lambda a, b: 0.001,
                                  alloc_pinned_memory=lambda size: bytearray(size))
     mod = types.ModuleType("cupy")
     mod.cuda = cuda  # type: ignore[attr-defined]
     mod.uint8 = np.uint8  # type: ignore[attr-defined]
     mod.empty = lambda size, dtype=None: types.SimpleNamespace(data=_Mem(size))  # type: ignore[attr-defined]
+    mod.RawKernel = RawKernel  # type: ignore[attr-defined]
     return mod
 
 
@@ -180,9 +204,10 @@ class SimContext:
         return True
 
 
-def _open_instance(monkeypatch: pytest.MonkeyPatch, **options: object) -> Tuple[InstanceContext, SimContext]:
+def _open_instance(monkeypatch: pytest.MonkeyPatch, fail_compile: bool = False,
+                   **options: object) -> Tuple[InstanceContext, SimContext]:
     """An opened two-slot instance of the simulated engine (y = 2x + 1) on the simulated CUDA."""
-    cupy = make_cupy()
+    cupy = make_cupy(fail_compile)
     monkeypatch.setattr(compat, "import_cupy", lambda: cupy)
     monkeypatch.setattr(staging, "_cupy", lambda: cupy)
     trt = types.SimpleNamespace(__version__="8.6.0")
@@ -450,3 +475,85 @@ def test_members_whose_memory_lies_apart_are_answered_one_copy_each_even_at_one_
     ctx.cuda.strided.clear()
     inst.run({"INPUT0": np.concatenate(xs)}, ["OUTPUT0"], same)
     assert len([c for c in ctx.cuda.strided if c[-1] == 4]) == 1
+
+
+def _cuda_shm_group(members: int, rows: int, seed: int) -> Tuple[Gather, List[DeviceDestination], List[np.ndarray],
+                                                                   List[_Mem]]:
+    """A group of CUDA shared-memory requests as the engine hands it over: each member's input and output in its own
+    "device allocation", one destination per member, apart and on the device."""
+    xs = [_x(rows, seed + k) for k in range(members)]
+    ins, outs = [_Mem(x.nbytes) for x in xs], [_Mem(rows * N_OUT * 4) for _ in xs]
+    for mem, x in zip(ins, xs):
+        _array_at(mem.ptr, x.shape)[:] = x
+    parts = tuple(DeviceTensor(m.ptr, x.nbytes, x.shape, np.dtype(np.float32), 0, f"r{k}")
+                  for k, (m, x) in enumerate(zip(ins, xs)))
+    dests = [DeviceDestination(0, k * rows, rows, {"OUTPUT0": (o.ptr, rows * N_OUT * 4)}, -1 - k * rows, True)
+             for k, o in enumerate(outs)]
+    return Gather(parts, (rows * members, N_IN), np.dtype(np.float32)), dests, xs, ins + outs
+
+
+def test_a_group_in_cuda_shared_memory_is_copied_in_one_launch_each_way_with_two_batches_in_flight(instance) -> None:
+    """Each member of a CUDA shared-memory group lies in its own allocation, so no copies merge: the batch's inputs
+    go in one kernel launch and its outputs back in another (pieces.py), each reading a table that belongs to the
+    batch's slot. Two batches are enqueued before either runs; each must still read its own table."""
+    inst, ctx = instance
+    first, second = _cuda_shm_group(5, 2, 10), _cuda_shm_group(6, 1, 50)
+    ctx.cuda.copies.clear()
+    a = inst.enqueue({"INPUT0": first[0]}, ["OUTPUT0"], first[1])  # type: ignore[dict-item]
+    b = inst.enqueue({"INPUT0": second[0]}, ["OUTPUT0"], second[1])  # type: ignore[dict-item]
+    assert ctx.cuda.launches == [(0, 5), (5, 5), (0, 6), (6, 6)]  # per batch: inputs, then outputs
+    assert not [c for c in ctx.cuda.copies if c[3] in (3, 4)]  # no piece copied on its own
+    assert [c[3] for c in ctx.cuda.copies] == [1, 1, 1, 1]  # the tables; every row went to a member: none down
+    for ticket, (_, dests, xs, mems) in ((a, first), (b, second)):
+        result = inst.collect(ticket)
+        assert result.delivered == {0: frozenset({"OUTPUT0"})}
+        for d, x in zip(dests, xs):
+            np.testing.assert_array_equal(_array_at(d.outputs["OUTPUT0"][0], (x.shape[0], N_OUT)), x * 2 + 1)
+
+
+def test_two_members_in_cuda_shared_memory_are_copied_one_by_one(instance) -> None:
+    """Below pieces.MIN_PIECES a launch (a table upload and the kernel) saves no call."""
+    inst, ctx = instance
+    batch, dests, xs, _ = _cuda_shm_group(2, 3, 70)
+    ctx.cuda.copies.clear()
+    inst.run({"INPUT0": batch}, ["OUTPUT0"], dests)  # type: ignore[dict-item]
+    assert not ctx.cuda.launches
+    assert sorted(c[3] for c in ctx.cuda.copies) == [3, 3, 4, 4]
+    for d, x in zip(dests, xs):
+        np.testing.assert_array_equal(_array_at(d.outputs["OUTPUT0"][0], (3, N_OUT)), x * 2 + 1)
+
+
+def test_without_the_copy_kernel_a_group_is_copied_piece_by_piece(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A CUDA toolchain that cannot build the kernel costs calls, never a model: the load says so and batches copy
+    each piece on its own."""
+    with caplog.at_level("WARNING", logger="trtserve.tensorrt"):
+        inst, ctx = _open_instance(monkeypatch, fail_compile=True)
+    assert "batched device copies unavailable (RuntimeError: nvrtc: compilation failed)" in caplog.text
+    batch, dests, xs, _ = _cuda_shm_group(4, 2, 80)
+    ctx.cuda.copies.clear()
+    inst.run({"INPUT0": batch}, ["OUTPUT0"], dests)  # type: ignore[dict-item]
+    assert sorted(c[3] for c in ctx.cuda.copies) == [3] * 4 + [4] * 4
+    for d, x in zip(dests, xs):
+        np.testing.assert_array_equal(_array_at(d.outputs["OUTPUT0"][0], (2, N_OUT)), x * 2 + 1)
+    inst.close()
+
+
+def test_a_batch_table_that_is_full_leaves_the_rest_to_plain_copies() -> None:
+    cupy = make_cupy()
+    copier = pieces.PieceCopier(cupy, slots=2, capacity=5)
+    stream = SimStream()
+    srcs, dsts = [_Mem(32) for _ in range(5)], [_Mem(32) for _ in range(5)]
+    for k, m in enumerate(srcs):
+        _array_at(m.ptr, (8,))[:] = k
+    copier.begin(1)
+    assert copier.copy([(d.ptr, s.ptr, 32, 0) for d, s in zip(dsts[:3], srcs[:3])], stream)
+    assert not copier.copy([(d.ptr, s.ptr, 32, 0) for d, s in zip(dsts[2:], srcs[2:])], stream)  # 3 + 3 > 5
+    assert not copier.copy([(dsts[3].ptr, srcs[3].ptr, 32, 0)] * 2, stream)  # too few to be worth a launch
+    stream.synchronize()
+    assert [int(_array_at(d.ptr, (8,))[0]) for d in dsts] == [0, 1, 2, 0, 0]
+    copier.begin(0)  # the next batch starts its table again
+    assert copier.copy([(d.ptr, s.ptr, 32, 0) for d, s in zip(dsts[2:], srcs[2:])], stream)
+    stream.synchronize()
+    assert [int(_array_at(d.ptr, (8,))[0]) for d in dsts] == [0, 1, 2, 3, 4]
+    assert cupy.cuda.launches == [(0, 3), (0, 3)] and copier.launches == 2

@@ -383,3 +383,58 @@ def test_requests_from_two_front_ends_arenas_never_share_a_copy(mlp: TensorRTBac
     finally:
         for a in arenas:
             a.close()
+
+
+def test_a_group_in_separate_device_allocations_is_copied_in_one_launch_each_way(mlp: TensorRTBackend, ort) -> None:
+    """A group of CUDA shared-memory requests (engine/group.py): every member's input and output in an allocation of
+    its own, so no copies merge; the batch reads them all in one kernel launch and writes them in one
+    (backends/tensorrt/pieces.py). Every output matches ONNX Runtime's."""
+    import cupy
+    from trtserve.server.engine.backends.base import DeviceDestination, DeviceTensor
+
+    for rows, members in ((3, 5), (4, 6)):
+        xs = [_x(rows, 1100 + 10 * rows + k) for k in range(members)]
+        ins = [cupy.asarray(x) for x in xs]
+        outs = [cupy.zeros((rows, N_OUT), cupy.float32) for _ in xs]
+        parts = tuple(DeviceTensor(int(a.data.ptr), a.nbytes, a.shape, np.dtype(np.float32), 0, f"r{k}")
+                      for k, a in enumerate(ins))
+        destinations = [DeviceDestination(0, k * rows, rows, {"OUTPUT0": (int(o.data.ptr), o.nbytes)}, -1 - k * rows,
+                                          True) for k, o in enumerate(outs)]
+        copier = mlp._instances[1]._copier  # noqa: SLF001 - the launches are what this test is about
+        assert copier is not None
+        before = copier.launches
+        result = mlp.run_to_device(1, {"INPUT0": Gather(parts, (rows * members, N_IN), np.dtype(np.float32))},
+                                   ["OUTPUT0"], destinations)
+        assert copier.launches - before == 2
+        assert result.delivered == {0: frozenset({"OUTPUT0"})}
+        for o, x in zip(outs, xs):
+            np.testing.assert_allclose(cupy.asnumpy(o), ort_run(ort, {"INPUT0": x})["OUTPUT0"], **TF32_TOL)
+
+
+def test_the_copy_kernel_moves_pieces_of_any_size_and_alignment() -> None:
+    """pieces.PieceCopier on its own: sources in separate allocations and at odd offsets, sizes from one byte to
+    megabytes, two launches in one batch (each its own table rows), a table too full for a third."""
+    import cupy
+    from trtserve.server.engine.backends.tensorrt.pieces import PieceCopier
+
+    copier = PieceCopier(cupy, slots=2, capacity=9)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    rng = np.random.default_rng(5)
+    sizes = [1, 17, 4096, 131072, 1_000_003, 48]
+    offsets = [0, 3, 16, 0, 5, 8]
+    srcs = [cupy.asarray(rng.integers(0, 256, n + o + 7, dtype=np.uint8)) for n, o in zip(sizes, offsets)]
+    dst = cupy.zeros(sum(sizes) + 1024, cupy.uint8)
+    places, at = [], 1  # destinations at odd offsets of one buffer
+    for n in sizes:
+        places.append(at)
+        at += n + 1
+    pieces = [(int(dst.data.ptr) + p, int(s.data.ptr) + o, n) for p, s, o, n in zip(places, srcs, offsets, sizes)]
+    copier.begin(1)
+    assert copier.copy(pieces[:3], stream) and copier.copy(pieces[3:], stream)
+    assert not copier.copy(pieces[:3], stream)  # 6 rows taken of 9
+    stream.synchronize()
+    for p, s, o, n in zip(places, srcs, offsets, sizes):
+        np.testing.assert_array_equal(cupy.asnumpy(dst[p:p + n]), cupy.asnumpy(s[o:o + n]))
+    assert int(cupy.count_nonzero(dst[:places[0]])) == 0
+    for p, n, q in zip(places, sizes, places[1:] + [at]):  # nothing written between the pieces
+        assert int(cupy.count_nonzero(dst[p + n:q])) == 0

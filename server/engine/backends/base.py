@@ -136,6 +136,9 @@ class DeviceDestination:
     # into two never do. None: the request's (one request's memory, or a group's members in one arena); members of a
     # group whose memory lies apart (several clients' CUDA shared memory) each have their own
     block: Optional[int] = None
+    # every output pointer is device memory (CUDA shared memory on the model's GPU): such copies may go as one kernel
+    # launch for the whole batch (tensorrt/pieces.py); False: CUDA tells from the address at copy time
+    on_device: bool = False
 
 
 @dataclasses.dataclass

@@ -126,7 +126,8 @@ class Pending:
         # an entry of ``count`` members of equal rows whose outputs the device writes into each member's own memory:
         # per member, in row order, what ``device_outputs`` is for a request on its own
         self.member_outputs = member_outputs
-        # the members' output memory lies in separate blocks (see DeviceDestination.block), not in one arena
+        # the members' output memory lies in separate blocks of device memory (clients' CUDA shared memory; see
+        # DeviceDestination.block and .on_device), not in one arena
         self.members_apart = members_apart
 
     def __repr__(self) -> str:

@@ -134,7 +134,7 @@ class DynamicBatcher:
         ``Pending.count``): queue metrics and batch statistics count those; the queue's size limit counts entries
         (the engine groups no requests of a model that has one). ``member_outputs``: such a group's
         ``device_outputs``, one mapping per member (members have equal rows); ``members_apart``: their memory lies
-        in separate blocks (clients' CUDA shared memory), not in one arena.
+        in separate blocks of device memory (clients' CUDA shared memory on the model's GPU), not in one arena.
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -491,8 +491,8 @@ class DynamicBatcher:
         for i, r in enumerate(requests):
             if r.member_outputs:  # a group: each member's rows to its own memory (groups never unpad)
                 each = r.rows // len(r.member_outputs)
-                if r.members_apart:  # a block of its own each: a row offset is unique in the batch
-                    out.extend(DeviceDestination(i, offset + k * each, each, wanted, -1 - offset - k * each)
+                if r.members_apart:  # a block of its own each (a row offset is unique in the batch), on the device
+                    out.extend(DeviceDestination(i, offset + k * each, each, wanted, -1 - offset - k * each, True)
                                for k, wanted in enumerate(r.member_outputs) if wanted)
                 else:
                     out.extend(DeviceDestination(i, offset + k * each, each, wanted)

@@ -31,6 +31,7 @@ from trtserve.server.engine.backends.base import BatchResult, DeviceDestination,
 from trtserve.server.errors import Internal, InvalidArgument, ModelLoadError
 from trtserve.server.engine.backends.tensorrt import copies
 from trtserve.server.engine.backends.tensorrt import graphs as graph_util
+from trtserve.server.engine.backends.tensorrt import pieces
 from trtserve.server.engine.backends.tensorrt.staging import StagedTensor, nbytes_of
 
 from . import compat
@@ -116,6 +117,7 @@ class InstanceContext:
         self._graphs: Dict[Tuple[int, int], _Graph] = {}  # (rows, slot)
         self._buckets: Tuple[int, ...] = ()
         self._cupy: Any = None
+        self._copier: Optional[pieces.PieceCopier] = None  # a batch's device-to-device copies in one launch
         # input shapes last set on the context, and the output shapes TensorRT inferred for them
         self._shapes: Dict[str, Tuple[int, ...]] = {}
         self._out_shapes: Dict[str, Tuple[int, ...]] = {}
@@ -164,6 +166,9 @@ class InstanceContext:
                 )
             self._tensors[t.name] = StagedTensor(t.name, from_wire(t.wire).numpy, shape, self.slots)
         self._set_addresses()
+        if self._batched:  # a batch holds one request at most otherwise: nothing to copy in bulk
+            members = min(min(r.max[0] for r in self._ranges.values()), pieces.MAX_TABLE_ROWS)
+            self._copier = pieces.open_copier(cupy, self.slots, members * len(self._tensors), self._what)
         # per slot, start / inputs copied / executed / done: timing events for the compute_* durations. The thread
         # that waits for "done" sleeps in the OS unless busy_wait: a spinning wait holds a core per instance, which
         # the front ends on the same host need more (trtserve.busy_wait)
@@ -226,6 +231,7 @@ class InstanceContext:
             except Exception as e:  # noqa: BLE001 - closing must go on
                 log.warning("%s: stream synchronize at close failed: %s", self._what, e)
         self._graphs.clear()
+        self._copier = None
         self._ctx = None
         self._activation = None
         for t in self._tensors.values():
@@ -393,7 +399,9 @@ class InstanceContext:
         delivered: Dict[int, frozenset] = {}
         covered: Dict[str, int] = {}
         pending: Dict[str, List[copies.Copy]] = {}  # output -> its copies, in destination order
+        on_device: List[copies.Copy] = []  # copies into device memory, every output's: one launch (pieces.py)
         for d in destinations:
+            into = on_device if d.on_device else None
             done = []
             for name, (ptr, room) in d.outputs.items():
                 shape = out_shapes.get(name)
@@ -408,12 +416,14 @@ class InstanceContext:
                 if n:
                     # a request's destinations lie in one block (a group's members in their front end's arena)
                     # unless it says otherwise; another request's may be anywhere
-                    pending.setdefault(name, []).append((ptr, t.ptr + start, n,
-                                                         d.request if d.block is None else d.block))
+                    (pending.setdefault(name, []) if into is None else into).append(
+                        (ptr, t.ptr + start, n, d.request if d.block is None else d.block))
                 done.append(name)
                 covered[name] = covered.get(name, 0) + (d.rows if self._batched else 1)
             mine = frozenset(done)  # a group's members share its index: delivered is what reached every member
             delivered[d.request] = mine if d.request not in delivered else delivered[d.request] & mine
+        if on_device and (self._copier is None or not self._copier.copy(on_device, stream)):
+            pending[""] = on_device  # not a tensor name: only the copies are read from here on
         for wanted in pending.values():
             copies.enqueue(rt, wanted, rt.memcpyDefault, stream.ptr)
         whole = {n: (shape[0] if self._batched else 1) for n, shape in out_shapes.items()}
@@ -428,6 +438,8 @@ class InstanceContext:
         to destinations, outputs not copied to the host)."""
         stream = self._stream
         ev_start, ev_in, ev_exec, ev_done = self._events[slot]
+        if self._copier is not None:
+            self._copier.begin(slot)
         bucket = graph_util.pick_bucket(self._buckets, rows) if rows is not None and self._buckets else None
         if bucket is not None and all(_on_host(a) and tuple(a.shape[1:]) == self._ranges[n].max[1:]
                                       for n, a in inputs.items()):  # a graph replays its captured host copies
@@ -452,7 +464,7 @@ class InstanceContext:
             self._tensors[name].upload(n, stream, slot)
         for name, a in inputs.items():
             if not is_host(a):  # CUDA shared memory: device to device, piece by piece, on this stream
-                self._tensors[name].gather(a.parts if isinstance(a, Gather) else (a,), stream, slot)
+                self._tensors[name].gather(a.parts if isinstance(a, Gather) else (a,), stream, slot, self._copier)
         ev_in.record(stream)
         shapes = {name: tuple(a.shape) for name, a in inputs.items()}
         if shapes != self._shapes:

@@ -133,12 +133,13 @@ class StagedTensor:
                 self.ptr, self._direct[slot] or self._host_ptrs[slot], nbytes, cupy.cuda.runtime.memcpyHostToDevice,
                 stream.ptr)
 
-    def gather(self, parts: Sequence[Any], stream: Any, slot: int = 0) -> int:
+    def gather(self, parts: Sequence[Any], stream: Any, slot: int = 0, copier: Any = None) -> int:
         """Enqueues each piece into its rows of the device buffer on ``stream``: device pieces (objects with
         ``__cuda_array_interface__``, e.g. a client's CUDA shared memory) device to device, host pieces in
         page-locked memory (a front end's arena) straight from there, other host pieces through their place in
-        the pinned mirror; pieces that lie at a fixed distance from each other go in one call (copies.py).
-        Returns the bytes written."""
+        the pinned mirror; pieces that lie at a fixed distance from each other go in one call (copies.py), and
+        device pieces in one kernel launch where ``copier`` (a pieces.PieceCopier) takes them. Returns the bytes
+        written."""
         cupy = _cupy()
         rt = cupy.cuda.runtime
         host, host_ptr = self.hosts[slot], self._host_ptrs[slot]
@@ -170,7 +171,8 @@ class StagedTensor:
                 from_host.append((self.ptr + offset, host_ptr + offset, n, id(host)))
             offset += n
         copies.enqueue(rt, from_host, rt.memcpyHostToDevice, stream.ptr)
-        copies.enqueue(rt, from_device, rt.memcpyDeviceToDevice, stream.ptr)
+        if from_device and (copier is None or not copier.copy(from_device, stream)):
+            copies.enqueue(rt, from_device, rt.memcpyDeviceToDevice, stream.ptr)
         return offset
 
     def download(self, nbytes: int, stream: Any, slot: int = 0) -> None:
