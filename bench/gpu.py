@@ -365,7 +365,9 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
         m = models[key]
         (repo / name / "1").mkdir(parents=True)
         os.symlink(plans[key], repo / name / "1" / "model.plan")
-        params = {"trtserve.graph_batch_sizes": "256,512,768,1024"} if graphs else {}
+        # a bucket per multiple of the heavy requests' rows: batches of whole requests are never padded
+        buckets = ",".join(str(HEAVY_REQ_ROWS * k) for k in range(1, ref_batch[key] // HEAVY_REQ_ROWS + 1))
+        params = {"trtserve.graph_batch_sizes": buckets} if graphs else {}
         (repo / name / "config.pbtxt").write_text(_config(name, m.wire, m.dims_in, m.dims_out, ref_batch[key], n,
                                                           graphs, params))
     rows: List[dict] = []
@@ -375,7 +377,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
         for name, key, n, graphs in setups:
             batch = HEAVY_REQ_ROWS if key == "heavy" else 1
             levels = tuple(heavy_levels) if key == "heavy" else (1, 8, 32)
-            transports = ("none", "cuda") if name == "heavy_i4" else ("none",)
+            transports = ("none", "cuda") if name in ("heavy_i4", "heavy_i4_graphs") else ("none",)
             for shm in transports:
                 for level in levels:
                     label = f"{name}-{shm}-{level}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import types
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -35,11 +35,19 @@ class SimStream:
         self.ops: List[Callable[[], None]] = []
         self.lock = threading.Lock()
         self.ptr = id(self)
+        self.captured: Optional[List[Callable[[], None]]] = None  # between begin_capture and end_capture
         SimStream.registry[self.ptr] = self
 
     def enqueue(self, op: Callable[[], None]) -> None:
         with self.lock:
-            self.ops.append(op)
+            (self.ops if self.captured is None else self.captured).append(op)
+
+    def begin_capture(self, mode: int = 0) -> None:
+        self.captured = []
+
+    def end_capture(self) -> "SimGraph":
+        ops, self.captured = self.captured, None
+        return SimGraph(ops or [])
 
     def run_until(self, marker: object = None) -> None:
         with self.lock:
@@ -51,6 +59,17 @@ class SimStream:
 
     def synchronize(self) -> None:
         self.run_until()
+
+
+class SimGraph:
+    """A captured sequence of stream operations, replayed as it was captured (addresses and shapes included)."""
+
+    def __init__(self, ops: List[Callable[[], None]]) -> None:
+        self.ops = ops
+
+    def launch(self, stream: SimStream) -> None:
+        for op in self.ops:
+            stream.enqueue(op)
 
 
 class SimEvent:
@@ -133,10 +152,13 @@ def make_cupy(fail_compile: bool = False) -> types.ModuleType:
             raise RuntimeError("cudaErrorInvalidValue")  # what CUDA says of pageable memory
         return types.SimpleNamespace(type=1)
 
+    def memset(ptr: int, value: int, n: int, sp: int) -> None:
+        SimStream.registry[sp].enqueue(lambda: ctypes.memset(ptr, value, n))
+
     runtime = types.SimpleNamespace(
         memcpyHostToDevice=1, memcpyDeviceToHost=2, memcpyDeviceToDevice=3, memcpyDefault=4, memoryTypeHost=1,
-        getDevice=lambda: 0, setDevice=lambda d: None, memcpyAsync=memcpy, memcpy2DAsync=memcpy2d,
-        pointerGetAttributes=attributes,
+        streamCaptureModeThreadLocal=1, getDevice=lambda: 0, setDevice=lambda d: None, memcpyAsync=memcpy,
+        memcpy2DAsync=memcpy2d, memsetAsync=memset, pointerGetAttributes=attributes,
     )
     cuda = types.SimpleNamespace(Stream=SimStream, Event=SimEvent, runtime=runtime, copies=copies, strided=strided,
                                  locked=locked, launches=launches,
@@ -557,3 +579,49 @@ def test_a_batch_table_that_is_full_leaves_the_rest_to_plain_copies() -> None:
     stream.synchronize()
     assert [int(_array_at(d.ptr, (8,))[0]) for d in dsts] == [0, 1, 2, 3, 4]
     assert cupy.cuda.launches == [(0, 3), (0, 3)] and copier.launches == 2
+
+
+@pytest.fixture()
+def with_graphs(monkeypatch: pytest.MonkeyPatch):
+    """The simulated instance with CUDA graphs captured for buckets 1, 2, 4, 8, 16 (graphs.capture imports cupy:
+    here the stand-in)."""
+    import sys
+
+    inst, ctx = _open_instance(monkeypatch)
+    monkeypatch.setitem(sys.modules, "cupy", staging._cupy())
+    assert inst.capture_graphs(None) == (1, 2, 4, 8, 16)
+    yield inst, ctx
+    inst.close()
+
+
+def test_a_group_in_cuda_shared_memory_replays_the_engine_graph_of_its_bucket(with_graphs) -> None:
+    """Inputs already on the device have no host copy to replay: the batch copies them into the device buffer,
+    zeroes the rows up to its bucket (as the host graphs pad theirs), replays the graph of the engine alone, and
+    copies only its own rows out, while another batch of the other slot is in flight."""
+    inst, ctx = with_graphs
+    buffer = inst._tensors["INPUT0"]  # noqa: SLF001 - the padding rows are what is checked
+    _array_at(buffer.ptr, (MAX_ROWS, N_IN))[:] = np.nan  # what earlier batches may have left there
+    batch, dests, xs, _ = _cuda_shm_group(5, 2, 90)  # 10 rows: bucket 16
+    other = inst.enqueue({"INPUT0": _x(3, 91)}, ["OUTPUT0"])  # host input: its slot's own graph
+    ticket = inst.enqueue({"INPUT0": batch}, ["OUTPUT0"], dests)  # type: ignore[dict-item]
+    assert inst.device_graph_replays == 1
+    np.testing.assert_array_equal(inst.collect(other).outputs["OUTPUT0"], _x(3, 91) * 2 + 1)
+    result = inst.collect(ticket)
+    assert result.delivered == {0: frozenset({"OUTPUT0"})} and result.outputs["OUTPUT0"].shape == (10, N_OUT)
+    for d, x in zip(dests, xs):
+        np.testing.assert_array_equal(_array_at(d.outputs["OUTPUT0"][0], (2, N_OUT)), x * 2 + 1)
+    np.testing.assert_array_equal(_array_at(buffer.ptr, (MAX_ROWS, N_IN))[10:], 0)  # padded with zeros
+    np.testing.assert_array_equal(_array_at(buffer.ptr, (MAX_ROWS, N_IN))[:10], np.concatenate(xs))
+
+
+def test_a_request_from_cuda_shared_memory_alone_replays_the_graph_and_returns_its_rows(with_graphs) -> None:
+    """One request's device input (no destination: its output comes back through the host), then batches of
+    other sizes: each replays its own bucket's graph and returns exactly its rows."""
+    inst, _ = with_graphs
+    for rows in (3, 1, 16, 7):
+        x = _x(rows, 100 + rows)
+        mem = _Mem(x.nbytes)
+        _array_at(mem.ptr, x.shape)[:] = x
+        t = DeviceTensor(mem.ptr, x.nbytes, x.shape, np.dtype(np.float32), 0, "r")
+        np.testing.assert_array_equal(inst.run({"INPUT0": t}, ["OUTPUT0"]).outputs["OUTPUT0"], x * 2 + 1)  # type: ignore[dict-item]
+    assert inst.device_graph_replays == 4

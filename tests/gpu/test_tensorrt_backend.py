@@ -239,6 +239,48 @@ def test_cuda_graphs_match_eager(mlp: TensorRTBackend, workdir: pathlib.Path) ->
         g.close()
 
 
+def test_cuda_graphs_replay_for_inputs_in_device_memory(mlp: TensorRTBackend, workdir: pathlib.Path) -> None:
+    """Inputs in CUDA shared memory (device tensors, alone or a group's pieces) are copied into the device buffer and
+    the engine's own graph of the bucket replays (context.py: no host copies in it); the rows up to the bucket are
+    zeroed; each request gets exactly its rows, the same as eager execution."""
+    import cupy
+    from trtserve.server.engine.backends.base import DeviceDestination, DeviceTensor
+
+    cfg = mlp_config(workdir / "mlp" / "1", N_IN, N_OUT, parameters={"trtserve.profiles": TWO_PROFILES},
+                     cache_dir=workdir / "cache", cuda_graphs=True)
+    g = TensorRTBackend(cfg)
+    g.open()
+    try:
+        def on_device(x: np.ndarray) -> Tuple[DeviceTensor, object]:
+            a = cupy.asarray(x)
+            return DeviceTensor(int(a.data.ptr), a.nbytes, a.shape, np.dtype(np.float32), 0, "r"), a
+
+        for instance, rows in ((0, 3), (1, 9), (1, 50), (0, 8)):
+            x = _x(rows, 300 + rows)
+            t, keep = on_device(x)
+            got = g.run(instance, {"INPUT0": t}, ["OUTPUT0"]).outputs["OUTPUT0"]  # type: ignore[dict-item]
+            assert got.shape == (rows, N_OUT)
+            np.testing.assert_allclose(got, mlp.run(instance, {"INPUT0": x}, ["OUTPUT0"]).outputs["OUTPUT0"],
+                                       **TF32_TOL)
+        rows, members = 5, 4  # a group of 20 rows: bucket 32, members in allocations of their own
+        xs = [_x(rows, 400 + k) for k in range(members)]
+        held = [on_device(x) for x in xs]
+        outs = [cupy.zeros((rows, N_OUT), cupy.float32) for _ in xs]
+        dests = [DeviceDestination(0, k * rows, rows, {"OUTPUT0": (int(o.data.ptr), o.nbytes)}, -1 - k * rows, True)
+                 for k, o in enumerate(outs)]
+        batch = Gather(tuple(t for t, _ in held), (rows * members, N_IN), np.dtype(np.float32))
+        result = g.run_to_device(1, {"INPUT0": batch}, ["OUTPUT0"], dests)  # type: ignore[dict-item]
+        assert result.delivered == {0: frozenset({"OUTPUT0"})}
+        for o, x in zip(outs, xs):
+            np.testing.assert_allclose(cupy.asnumpy(o), mlp.run(1, {"INPUT0": x}, ["OUTPUT0"]).outputs["OUTPUT0"],
+                                       **TF32_TOL)
+        replays = [inst.device_graph_replays for inst in g._instances]  # noqa: SLF001
+        print(f"\ndevice-input graph replays per instance: {replays}")
+        assert replays == [2, 3]
+    finally:
+        g.close()
+
+
 def test_dtypes_fp16_int32_bool(workdir: pathlib.Path) -> None:
     d = workdir / "multi" / "1"
     make_multi_dtype(d / "model.onnx")
@@ -417,7 +459,7 @@ def test_the_copy_kernel_moves_pieces_of_any_size_and_alignment() -> None:
     import cupy
     from trtserve.server.engine.backends.tensorrt.pieces import PieceCopier
 
-    copier = PieceCopier(cupy, slots=2, capacity=9)
+    copier = PieceCopier(cupy, slots=2, capacity=8)
     stream = cupy.cuda.Stream(non_blocking=True)
     rng = np.random.default_rng(5)
     sizes = [1, 17, 4096, 131072, 1_000_003, 48]
@@ -431,7 +473,7 @@ def test_the_copy_kernel_moves_pieces_of_any_size_and_alignment() -> None:
     pieces = [(int(dst.data.ptr) + p, int(s.data.ptr) + o, n) for p, s, o, n in zip(places, srcs, offsets, sizes)]
     copier.begin(1)
     assert copier.copy(pieces[:3], stream) and copier.copy(pieces[3:], stream)
-    assert not copier.copy(pieces[:3], stream)  # 6 rows taken of 9
+    assert not copier.copy(pieces[:3], stream)  # 6 rows taken of 8
     stream.synchronize()
     for p, s, o, n in zip(places, srcs, offsets, sizes):
         np.testing.assert_array_equal(cupy.asnumpy(dst[p:p + n]), cupy.asnumpy(s[o:o + n]))

@@ -116,6 +116,10 @@ class InstanceContext:
         self._events: List[Tuple[Any, Any, Any, Any]] = []  # per slot
         self._graphs: Dict[Tuple[int, int], _Graph] = {}  # (rows, slot)
         self._buckets: Tuple[int, ...] = ()
+        # per bucket, the engine alone (no host copies): for batches whose inputs already lie on the device
+        self._device_graphs: Dict[int, _Graph] = {}
+        self._device_buckets: Tuple[int, ...] = ()
+        self.device_graph_replays = 0  # batches that replayed one (tests, benchmarks)
         self._cupy: Any = None
         self._copier: Optional[pieces.PieceCopier] = None  # a batch's device-to-device copies in one launch
         # input shapes last set on the context, and the output shapes TensorRT inferred for them
@@ -190,6 +194,7 @@ class InstanceContext:
             if graphs is not None:
                 self._graphs.update(((rows, slot), g) for slot, g in enumerate(graphs))
         self._buckets = tuple(sorted({rows for rows, _ in self._graphs}))
+        self._device_buckets = tuple(sorted(self._device_graphs))
         self._shapes, self._out_shapes = {}, {}  # capture left the context at the last bucket's shapes
         return self._buckets
 
@@ -221,6 +226,16 @@ class InstanceContext:
             if graph is None:
                 return None
             graphs.append(_Graph(rows, graph, out_shapes))
+
+        def execute() -> None:
+            if not ctx.execute_async_v3(stream.ptr):
+                raise RuntimeError(compat.with_trt_error("execute_async_v3 returned False under capture"))
+
+        # inputs from CUDA shared memory are copied device to device before it, and outputs where they are wanted
+        # after it: no host copy to replay, so one graph serves every slot
+        graph = graph_util.capture(stream, execute, f"{self._what} graph of {rows} rows on device inputs")
+        if graph is not None:
+            self._device_graphs[rows] = _Graph(rows, graph, out_shapes)
         return graphs
 
     def close(self) -> None:
@@ -231,6 +246,7 @@ class InstanceContext:
             except Exception as e:  # noqa: BLE001 - closing must go on
                 log.warning("%s: stream synchronize at close failed: %s", self._what, e)
         self._graphs.clear()
+        self._device_graphs.clear()
         self._copier = None
         self._ctx = None
         self._activation = None
@@ -430,6 +446,56 @@ class InstanceContext:
         return ({i: names for i, names in delivered.items() if names},
                 frozenset(n for n, c in covered.items() if c >= whole[n] > 0))
 
+    def _to_device(self, inputs: Mapping[str, Any], stream: Any, slot: int) -> int:
+        """Enqueues every input's copy into its device buffer (host arrays through the slot's pinned mirror, device
+        pieces device to device) after the batch's start event; returns when host packing ended (ns)."""
+        sizes = {name: self._tensors[name].pack(a, slot=slot) for name, a in inputs.items() if is_host(a)}
+        t1 = time.perf_counter_ns()
+        self._events[slot][0].record(stream)
+        for name, n in sizes.items():
+            self._tensors[name].upload(n, stream, slot)
+        for name, a in inputs.items():
+            if not is_host(a):  # CUDA shared memory: device to device, piece by piece, on this stream
+                self._tensors[name].gather(a.parts if isinstance(a, Gather) else (a,), stream, slot, self._copier)
+        return t1
+
+    def _enqueue_device_graph(
+        self, g: _Graph, inputs: Mapping[str, Any], rows: int, wanted: Sequence[str],
+        destinations: Sequence[DeviceDestination], slot: int,
+    ) -> Tuple[Dict[str, Tuple[int, ...]], int, bool, Dict[int, frozenset], frozenset]:
+        """A batch with inputs on the device (CUDA shared memory) on a captured bucket: the inputs copied into the
+        device buffers and their rows up to the bucket zeroed (as the host graphs pad them), the engine's graph
+        replayed, then only the batch's rows of each output copied where they go."""
+        stream = self._stream
+        _, ev_in, ev_exec, _ = self._events[slot]
+        t1 = self._to_device(inputs, stream, slot)
+        rt = self._cupy.cuda.runtime
+        for name, a in inputs.items():
+            t = self._tensors[name]
+            used = nbytes_of(tuple(a.shape), t.dtype)
+            pad = nbytes_of((g.rows,) + tuple(a.shape[1:]), t.dtype) - used
+            if pad > 0:
+                rt.memsetAsync(t.ptr + used, 0, pad, stream.ptr)
+        ev_in.record(stream)
+        g.graph.launch(stream=stream)
+        ev_exec.record(stream)
+        out_shapes = {n: (rows,) + g.out_shapes[n][1:] for n in wanted}
+        delivered, skipped = self._outputs_out(out_shapes, destinations, stream, slot)
+        self.device_graph_replays += 1
+        return out_shapes, t1, False, delivered, skipped
+
+    def _outputs_out(self, out_shapes: Mapping[str, Tuple[int, ...]], destinations: Sequence[DeviceDestination],
+                     stream: Any, slot: int) -> Tuple[Dict[int, frozenset], frozenset]:
+        """After the engine ran: each destination's rows copied where it wants them, every output not wholly
+        delivered so into the slot's pinned mirror, then the batch's done event; (delivered, skipped) as
+        ``_to_devices`` returns them."""
+        delivered, skipped = self._to_devices(destinations, out_shapes, stream) if destinations else ({}, frozenset())
+        for name, shape in out_shapes.items():
+            if name not in skipped:
+                self._tensors[name].download(nbytes_of(shape, self._tensors[name].dtype), stream, slot)
+        self._events[slot][3].record(stream)
+        return delivered, skipped
+
     def _enqueue(
         self, inputs: Mapping[str, np.ndarray], rows: Optional[int], wanted: Sequence[str],
         destinations: Sequence[DeviceDestination], slot: int,
@@ -457,14 +523,12 @@ class InstanceContext:
             delivered, _ = self._to_devices(destinations, out_shapes, stream) if destinations else ({}, frozenset())
             ev_done.record(stream)
             return out_shapes, t1, True, delivered, frozenset()  # the graph copied every output to the host
-        sizes = {name: self._tensors[name].pack(a, slot=slot) for name, a in inputs.items() if is_host(a)}
-        t1 = time.perf_counter_ns()
-        ev_start.record(stream)
-        for name, n in sizes.items():
-            self._tensors[name].upload(n, stream, slot)
-        for name, a in inputs.items():
-            if not is_host(a):  # CUDA shared memory: device to device, piece by piece, on this stream
-                self._tensors[name].gather(a.parts if isinstance(a, Gather) else (a,), stream, slot, self._copier)
+        if self._device_buckets and rows is not None and not all(_on_host(a) for a in inputs.values()):
+            bucket = graph_util.pick_bucket(self._device_buckets, rows)
+            if bucket is not None and all(tuple(a.shape[1:]) == self._ranges[n].max[1:] for n, a in inputs.items()):
+                return self._enqueue_device_graph(self._device_graphs[bucket], inputs, rows, wanted, destinations,
+                                                  slot)
+        t1 = self._to_device(inputs, stream, slot)
         ev_in.record(stream)
         shapes = {name: tuple(a.shape) for name, a in inputs.items()}
         if shapes != self._shapes:
@@ -492,9 +556,5 @@ class InstanceContext:
             raise Internal(compat.with_trt_error(f"{self._what}: execute_async_v3 failed"))
         ev_exec.record(stream)
         out_shapes = {name: self._out_shapes[name] for name in wanted}
-        delivered, skipped = self._to_devices(destinations, out_shapes, stream) if destinations else ({}, frozenset())
-        for name, shape in out_shapes.items():
-            if name not in skipped:
-                self._tensors[name].download(nbytes_of(shape, self._tensors[name].dtype), stream, slot)
-        ev_done.record(stream)
+        delivered, skipped = self._outputs_out(out_shapes, destinations, stream, slot)
         return out_shapes, t1, False, delivered, skipped
