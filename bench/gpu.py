@@ -399,9 +399,11 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
 
 
 def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances: int = 2,
-                transports: Sequence[str] = ("cuda", "none", "system"), trace_rate: int = 0) -> List[dict]:
+                transports: Sequence[str] = ("cuda", "none", "system"), trace_rate: int = 0,
+                graphs: bool = False) -> List[dict]:
     """``images`` per request, ``instances`` execution contexts; CUDA shared memory at 8/32/64 in flight with both
-    load tools, the other transports with perf_analyzer at 32."""
+    load tools, the other transports with perf_analyzer at 32. ``graphs``: served with CUDA graphs, a bucket per
+    multiple of ``images`` (batches of whole requests are never padded)."""
     from bench.gpu_backend import raw_rows_per_s
     from bench.resnet import make_resnet18
 
@@ -411,8 +413,11 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
     d = repo / "resnet" / "1"
     make_resnet18(d / "model.onnx")
     params = {"trtserve.fp16": "true"}
+    served = dict(params)
+    if graphs:
+        served["trtserve.graph_batch_sizes"] = ",".join(str(k) for k in range(images, RESNET_MAX_BATCH + 1, images))
     (repo / "resnet" / "config.pbtxt").write_text(
-        _config("resnet", "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, instances, params=params))
+        _config("resnet", "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, instances, graphs, served))
     b = _open("resnet", d, "FP32", [3, 224, 224], [1000], RESNET_MAX_BATCH, instances, work, params)
     raw: Dict[int, Dict[str, float]] = {}
     try:
@@ -436,7 +441,7 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
                 r = trtserve_bench(s.url, "resnet", level, images, shm, max(3.0, seconds * 4))
             if r is None:
                 continue
-            r.update(kind="served", shm=shm, concurrency=level, batch=images, instances=instances,
+            r.update(kind="served", shm=shm, concurrency=level, batch=images, instances=instances, graphs=graphs,
                      raw_compute_max_batch=raw[RESNET_MAX_BATCH]["compute"])
             rows.append(r)
             print(f"  resnet {tool:15} shm={shm:6} c={level:<3} {r['rows_per_s']:9,.0f} images/s  "
@@ -514,7 +519,8 @@ def render(data: dict, out: pathlib.Path) -> None:
         for r in rn:
             if r["kind"] != "served":
                 continue
-            md.append(f"| {r['tool']} | {names[r['shm']]} | {r['batch']} | {r.get('instances', 2)} | "
+            md.append(f"| {r['tool']} | {names[r['shm']]}{', CUDA graphs' if r.get('graphs') else ''} | {r['batch']} | "
+                      f"{r.get('instances', 2)} | "
                       f"{r['concurrency']} | {r['rows_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                       f"{r['mean_batch']:.0f} | {r['rows_per_s'] / r['raw_compute_max_batch']:.0%} |")
     try:
@@ -575,7 +581,8 @@ def _heavy_batch(rows: List[dict]) -> str:
 
 
 def _resnet_key(r: dict) -> tuple:
-    return r["kind"], r["batch"], r.get("instances"), r.get("shm"), r.get("tool"), r.get("concurrency")
+    return (r["kind"], r["batch"], r.get("instances"), r.get("shm"), r.get("tool"), r.get("concurrency"),
+            bool(r.get("graphs")))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -593,6 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--resnet-images", type=int, default=16, help="images per request (resnet part)")
     p.add_argument("--resnet-instances", type=int, default=2, help="instance_group count (resnet part)")
     p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
+    p.add_argument("--resnet-graphs", action="store_true", help="resnet part: serve with CUDA graphs")
     p.add_argument("--trace-rate", type=int, default=0,
                    help="served perf_analyzer levels: trace 1 of N requests and print where their time went (0: off)")
     p.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
@@ -627,7 +635,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          trace_rate=a.trace_rate, heavy_max_batch=a.heavy_max_batch,
                                          profile=a.profile, cprofile=a.cprofile),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
-                                         transports=a.resnet_transports.split(","), trace_rate=a.trace_rate)}
+                                         transports=a.resnet_transports.split(","), trace_rate=a.trace_rate,
+                                         graphs=a.resnet_graphs)}
     for name in a.parts.split(","):
         t0 = time.monotonic()
         print(f"== {name}", flush=True)
