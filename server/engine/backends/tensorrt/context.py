@@ -13,8 +13,10 @@ batch would only cost time), and shapes are set again only when they differ from
 and addresses at enqueue, so changing them while an earlier batch still runs is safe (tests/gpu enqueues
 batch k+1 with another shape before collecting batch k, and both equal ONNX Runtime's). Every TensorRT return
 value is checked and a failure names the tensor and the reason. With CUDA graphs on, a batch whose size has a
-captured bucket replays the graph of its slot instead (inputs zero-padded to the bucket). One thread at a time
-calls ``staging`` and ``enqueue`` (the engine's loop, or the instance's own thread: base.py).
+captured bucket replays the graph of its slot instead (inputs zero-padded to the bucket); a batch with inputs
+already on the device (CUDA shared memory) replays the bucket's graph of the engine alone after copying them in.
+A batch's device-to-device copies go as one kernel launch each way (pieces.py). One thread at a time calls
+``staging`` and ``enqueue`` (the engine's loop, or the instance's own thread: base.py).
 """
 from __future__ import annotations
 
@@ -171,8 +173,8 @@ class InstanceContext:
             self._tensors[t.name] = StagedTensor(t.name, from_wire(t.wire).numpy, shape, self.slots)
         self._set_addresses()
         if self._batched:  # a batch holds one request at most otherwise: nothing to copy in bulk
-            members = min(min(r.max[0] for r in self._ranges.values()), pieces.MAX_TABLE_ROWS)
-            self._copier = pieces.open_copier(cupy, self.slots, members * len(self._tensors), self._what)
+            rows = min(r.max[0] for r in self._ranges.values()) * len(self._tensors)  # one row per member and tensor
+            self._copier = pieces.open_copier(cupy, self.slots, min(rows, pieces.MAX_TABLE_ROWS), self._what)
         # per slot, start / inputs copied / executed / done: timing events for the compute_* durations. The thread
         # that waits for "done" sleeps in the OS unless busy_wait: a spinning wait holds a core per instance, which
         # the front ends on the same host need more (trtserve.busy_wait)
@@ -438,9 +440,10 @@ class InstanceContext:
                 covered[name] = covered.get(name, 0) + (d.rows if self._batched else 1)
             mine = frozenset(done)  # a group's members share its index: delivered is what reached every member
             delivered[d.request] = mine if d.request not in delivered else delivered[d.request] & mine
+        plain = list(pending.values())
         if on_device and (self._copier is None or not self._copier.copy(on_device, stream)):
-            pending[""] = on_device  # not a tensor name: only the copies are read from here on
-        for wanted in pending.values():
+            plain.append(on_device)
+        for wanted in plain:
             copies.enqueue(rt, wanted, rt.memcpyDefault, stream.ptr)
         whole = {n: (shape[0] if self._batched else 1) for n, shape in out_shapes.items()}
         return ({i: names for i, names in delivered.items() if names},

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve.server.engine.backends.tensorrt import copies
+from trtserve.server.engine.backends.tensorrt import pieces
 
 MIN_BYTES = 512  # CuPy's allocation unit; also keeps TensorRT's 256-byte address alignment
 
@@ -133,7 +134,8 @@ class StagedTensor:
                 self.ptr, self._direct[slot] or self._host_ptrs[slot], nbytes, cupy.cuda.runtime.memcpyHostToDevice,
                 stream.ptr)
 
-    def gather(self, parts: Sequence[Any], stream: Any, slot: int = 0, copier: Any = None) -> int:
+    def gather(self, parts: Sequence[Any], stream: Any, slot: int = 0,
+               copier: Optional[pieces.PieceCopier] = None) -> int:
         """Enqueues each piece into its rows of the device buffer on ``stream``: device pieces (objects with
         ``__cuda_array_interface__``, e.g. a client's CUDA shared memory) device to device, host pieces in
         page-locked memory (a front end's arena) straight from there, other host pieces through their place in
