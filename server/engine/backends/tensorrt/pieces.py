@@ -16,7 +16,7 @@ module the caller passes.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -52,9 +52,6 @@ extern "C" __global__ void trtserve_copy_pieces(unsigned long long table, int fi
 }
 """
 KERNEL = "trtserve_copy_pieces"
-
-Piece = Tuple[int, int, int]  # (destination, source, bytes), both device addresses
-
 
 class PieceCopier:
     """One instance's batched device copies: ``begin(slot)`` once per batch, then ``copy`` for each group of pieces
