@@ -229,6 +229,19 @@ async def _hold(fe: FrontEnd) -> int:
     return held
 
 
+def _the_others_ran(answers: Dict[int, Tuple[str, np.ndarray]], held: int, ids: List[int], xs: List[np.ndarray],
+                    left: int) -> None:
+    """Every request but ``ids[left]`` was answered with 2 * its input, and so was the held one; the batches after
+    the held one ran those rows and never ``xs[left]``."""
+    for i, (req_id, x) in enumerate(zip(ids, xs)):
+        if i != left:
+            assert answers[req_id][0] == ""
+            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+    assert answers[held][0] == ""
+    ran = np.concatenate(Doubling.batches[1:])
+    assert ran.shape[0] == len(xs) - 1 and not (ran == xs[left]).all(axis=1).any()
+
+
 async def _release_and_check(fe: FrontEnd, held: int, ids: List[int], xs: List[np.ndarray]) -> None:
     """Lets the held batch end once the requests sent behind it queued; each of them, and the held one, is answered
     (with 2 * its input)."""
@@ -312,14 +325,8 @@ async def test_requests_with_deadlines_are_one_entry_and_one_whose_deadline_pass
         assert list(answers) == [ids[2]]
         Doubling.gate.set()
         answers = await fe.wait_for(6)
-        for i, (req_id, x) in enumerate(zip(ids, xs)):
-            if i != 2:
-                assert answers[req_id][0] == ""
-                np.testing.assert_array_equal(answers[req_id][1], 2 * x)
-        assert answers[held][0] == ""
+        _the_others_ran(answers, held, ids, xs, 2)
         assert [len(msg[1]) for msg in fe.messages if msg[0] == m.RESULTS] == [4]  # the four, still one entry
-        ran = np.concatenate(Doubling.batches[1:])
-        assert ran.shape[0] == 4 and not (ran == xs[2]).all(axis=1).any()
         stats = host.statistics.snapshot("m", "1")
         assert (stats.success.count, stats.fail.count) == (5, 1)
     finally:
@@ -340,13 +347,7 @@ async def test_a_request_cancelled_in_the_queue_never_runs_and_its_group_still_d
         assert answers[ids[2]][0] == "CANCELLED"  # at once: the instance is still held
         Doubling.gate.set()
         answers = await fe.wait_for(7)
-        for i, (req_id, x) in enumerate(zip(ids, xs)):
-            if i != 2:
-                assert answers[req_id][0] == ""
-                np.testing.assert_array_equal(answers[req_id][1], 2 * x)
-        assert answers[held][0] == ""
-        ran = np.concatenate(Doubling.batches[1:])
-        assert ran.shape[0] == 5 and not (ran == xs[2]).all(axis=1).any()  # the cancelled row never ran
+        _the_others_ran(answers, held, ids, xs, 2)  # the cancelled row never ran
         assert host.statistics.snapshot("m", "1").success.count == 6  # five and the held one
     finally:
         await host.stop()
