@@ -449,6 +449,11 @@ class InstanceContext:
         return ({i: names for i, names in delivered.items() if names},
                 frozenset(n for n, c in covered.items() if c >= whole[n] > 0))
 
+    def _captured_dims(self, inputs: Mapping[str, Any]) -> bool:
+        """Whether every input has the profile's largest dims after the batch's: the shapes graphs are captured with
+        (``_capture``), so a batch of a bucket's rows at most can replay one."""
+        return all(tuple(a.shape[1:]) == self._ranges[n].max[1:] for n, a in inputs.items())
+
     def _to_device(self, inputs: Mapping[str, Any], stream: Any, slot: int) -> int:
         """Enqueues every input's copy into its device buffer (host arrays through the slot's pinned mirror, device
         pieces device to device) after the batch's start event; returns when host packing ended (ns)."""
@@ -510,8 +515,8 @@ class InstanceContext:
         if self._copier is not None:
             self._copier.begin(slot)
         bucket = graph_util.pick_bucket(self._buckets, rows) if rows is not None and self._buckets else None
-        if bucket is not None and all(_on_host(a) and tuple(a.shape[1:]) == self._ranges[n].max[1:]
-                                      for n, a in inputs.items()):  # a graph replays its captured host copies
+        if bucket is not None and all(_on_host(a) for a in inputs.values()) \
+                and self._captured_dims(inputs):  # a graph replays its captured host copies
             g = self._graphs[(bucket, slot)]
             for name, a in inputs.items():
                 t = self._tensors[name]
@@ -528,7 +533,7 @@ class InstanceContext:
             return out_shapes, t1, True, delivered, frozenset()  # the graph copied every output to the host
         if self._device_buckets and rows is not None and not all(_on_host(a) for a in inputs.values()):
             bucket = graph_util.pick_bucket(self._device_buckets, rows)
-            if bucket is not None and all(tuple(a.shape[1:]) == self._ranges[n].max[1:] for n, a in inputs.items()):
+            if bucket is not None and self._captured_dims(inputs):
                 return self._enqueue_device_graph(self._device_graphs[bucket], inputs, rows, wanted, destinations,
                                                   slot)
         t1 = self._to_device(inputs, stream, slot)
