@@ -319,6 +319,85 @@ async def test_without_device_tensors_cuda_shm_requests_run_one_by_one(repo) -> 
         await _stop(c)
 
 
+async def _round(c: Clients, xs: List[np.ndarray], **infer) -> Tuple[List[int], Dict[int, Tuple[str, str]]]:
+    """One request per client, queued behind a held batch so they are read as one frame; their answers."""
+    before = len(c.answers())
+    held = await _hold(c)
+    ids = [c.infer(k, x, **infer) for k, x in enumerate(xs)]
+    await asyncio.sleep(0.05)
+    Doubling.gate.set()
+    answers = await c.wait_for(before + len(xs) + 1)
+    assert answers[held][0] == ""
+    Doubling.started.clear()
+    Doubling.gate.clear()
+    return ids, answers
+
+
+async def test_a_clients_next_request_over_the_same_windows_is_checked_from_memory(repo) -> None:
+    c = await _clients(repo)
+    try:
+        checks = c.host.core._members
+        for seed in (10, 11, 12):
+            xs = _xs(5, seed)
+            if seed == 12:
+                xs[3][:] = 7.0
+                OnDevice.refuse = 7.0  # the host writes this member's output: through its remembered output window
+            ids, answers = await _round(c, xs)
+            for req_id, x in zip(ids, xs):
+                assert answers[req_id] == ("", "")
+                np.testing.assert_array_equal(c.output(req_id), 2 * x)
+            assert c.leases() == 0
+        assert checks.remembered_hits == 10  # the first round checked each member, the later two remembered
+        assert [len(msg[1]) for msg in c.fe.messages if msg[0] == m.RESULTS] == [5, 5, 5]
+    finally:
+        await _stop(c)
+
+
+async def test_a_window_registered_again_is_checked_again(repo) -> None:
+    """Remembered checks go with any registration: a region unregistered, or registered again smaller under the
+    same name, fails its member's next request with the error a first check gives."""
+    c = await _clients(repo)
+    try:
+        ids, answers = await _round(c, _xs(4, 20))
+        assert all(answers[i] == ("", "") for i in ids)
+        c.host.shared_memory.unregister("CUDA", "out1")
+        c.region("out1", 16)  # room for one of the two rows the client still names
+        c.host.shared_memory.unregister("CUDA", "in3")
+        xs = _xs(4, 21)
+        ids, answers = await _round(c, xs)
+        assert answers[ids[1]][0] == "INVALID_ARGUMENT" and "past the end of CUDA shared memory region 'out1' (16 " \
+            "bytes)" in answers[ids[1]][1]
+        assert answers[ids[3]][0] == "NOT_FOUND" and "'in3' was unregistered" in answers[ids[3]][1]
+        for k in (0, 2):
+            assert answers[ids[k]] == ("", "")
+            np.testing.assert_array_equal(c.output(ids[k]), 2 * xs[k])
+        assert c.host.core._members.remembered_hits == 0
+        assert c.leases() == 0
+    finally:
+        await _stop(c)
+
+
+def test_regions_are_leased_again_only_while_nothing_was_registered_or_unregistered() -> None:
+    from trtserve.server.engine.shm.registry import SharedMemoryRegistry
+
+    fake = FakeCuda(devices=1)
+    reg = SharedMemoryRegistry(fake)
+    reg.register_cuda("a", fake.allocate(64), 0, 64)
+    generation = reg.generation
+    a = reg.acquire("a", "input")
+    assert reg.lease([a, a], generation) and a.leases == 3
+    reg.release([a, a, a])
+    reg.register_cuda("b", fake.allocate(64), 0, 64)
+    assert not reg.lease([a], generation) and a.leases == 0
+    generation = reg.generation
+    reg.unregister("CUDA", "missing")  # nothing was unregistered: nothing changes
+    assert reg.generation == generation
+    reg.unregister("CUDA", "a")
+    assert reg.generation != generation and not reg.lease([a], generation)
+    reg.close()
+    assert fake.open_count == 0
+
+
 def test_which_requests_are_alike_by_where_their_tensors_lie() -> None:
     def msg(inputs: tuple, outputs: tuple) -> tuple:
         return (m.INFER, 1, "m", "", 1, inputs, outputs, 2, 0, 0, None, 0, None)

@@ -32,6 +32,7 @@ from trtserve.server.engine.backends.base import DeviceTensor, Gather
 from trtserve.server.engine import group
 from trtserve.server.engine.batcher.request import RequestResult, Ticket
 from trtserve.server.engine.repository.registry import ModelRepository, ModelVersion
+from trtserve.server.engine.shm.members import MemberChecks
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
 from trtserve.server.engine.shm.request import ShmRef
 from trtserve.server.errors import DeadlineExceeded, Internal, InvalidArgument, TrtServeError
@@ -89,6 +90,7 @@ class EngineCore:
                  control: Callable[[str, tuple], "asyncio.Future"]) -> None:
         self._repo = repository
         self._shm = shared_memory
+        self._members = MemberChecks(shared_memory)  # group members' region checks, remembered
         self._observer = observer
         self._control = control
         self.sessions: List[Session] = []
@@ -299,7 +301,7 @@ class EngineCore:
         pieces: List[List[DeviceTensor]] = []
         destinations: List[Dict[str, Tuple[int, int]]] = []
         for msg in msgs:
-            held = self._member_shm(spec, msg, device_id)
+            held = self._members.check(spec, msg, device_id)
             if held is None:
                 self._infer(session, msg)
                 continue
@@ -344,41 +346,6 @@ class EngineCore:
             return
         log.error("model '%s': %d requests failed before they were queued", g.mv.name, len(g.msgs), exc_info=e)
         self._fail_members(g, g.msgs, "INTERNAL", f"{type(e).__name__}: {e}", "backend")
-
-    def _member_shm(self, spec: Any, msg: tuple,
-                    device_id: int) -> Optional[Tuple[Any, List[DeviceTensor], Dict[str, Tuple[int, int]]]]:
-        """A group member's regions, checked and held: (its RequestShm, its inputs as device tensors, its outputs'
-        device destinations); None, with nothing held, when a tensor does not lie in CUDA memory on ``device_id``
-        or a check fails (the request then goes on its own, which says why)."""
-        shm = self._shm.request()
-        try:
-            tensors = []
-            for name, wire, shape, source in msg[5]:
-                if name in spec.pad_values:  # padded on the host
-                    break
-                t = shm.device_input(name, dtypes.BY_WIRE[wire], tuple(shape), ShmRef(source[1], source[2],
-                                                                                       source[3]), device_id)
-                if t is None:
-                    break
-                tensors.append(t)
-            else:
-                for name, ref, _slot in msg[6]:
-                    shm.add_output(name, ShmRef(*ref))
-                rows = msg[7]
-                for t in spec.outputs:
-                    shm.check_output_size(t.name, dtypes.BY_WIRE[t.datatype], (rows,) + tuple(t.dims))
-                destinations = {}
-                for name in shm.outputs:
-                    d = shm.device_destination(name, device_id)
-                    if d is None:
-                        break
-                    destinations[name] = d
-                else:
-                    return shm, tensors, destinations
-        except TrtServeError:
-            pass
-        shm.release(finished=True)  # nothing was handed to the backend
-        return None
 
     @staticmethod
     def _release_shms(g: group.Group) -> None:

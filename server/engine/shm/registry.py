@@ -12,7 +12,7 @@ open until they finish (Triton's ``awaiting_unregister_``), but new requests can
 
 Layout of this package: cuda.py (the CUDA calls), regions.py (one region of each kind: how it is
 opened, read and written), registry.py (this: names -> regions, leases, limits), request.py (what
-one request does with them: ``RequestShm``). CuPy is imported only when a CUDA region
+one request does with them: ``RequestShm``), members.py (a group member's checks, remembered). CuPy is imported only when a CUDA region
 is registered, so everything works on machines without CUDA.
 """
 from __future__ import annotations
@@ -56,6 +56,7 @@ class SharedMemoryRegistry:
         self._cuda_api = cuda
         self._cuda_devices: Optional[int] = None  # probed once, on first need
         self._closed = False
+        self._generation = 0  # bumped by every registration and unregistration (members.py remembers by it)
 
     # -- capabilities --
     def cuda_device_count(self) -> int:
@@ -95,6 +96,7 @@ class SharedMemoryRegistry:
                 raise self._exhausted(region.name)
             self._regions[region.name] = region
             self._forgotten.pop(region.name, None)
+            self._generation += 1
 
     def _check_new(self, name: str) -> None:
         if not name:
@@ -159,6 +161,8 @@ class SharedMemoryRegistry:
         to_close = []
         with self._lock:
             names = [n for n, r in self._regions.items() if r.kind == kind and (not name or n == name)]
+            if names:
+                self._generation += 1
             for n in names:
                 region = self._regions.pop(n)
                 region.unregistered = True
@@ -189,6 +193,22 @@ class SharedMemoryRegistry:
                 raise NotFound(f"{what}: Unable to find shared memory region: '{name}'")
             region.leases += 1
             return region
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a region is registered or unregistered."""
+        return self._generation
+
+    def lease(self, regions: Iterable[Region], generation: int) -> bool:
+        """Leases ``regions`` again (one lease per entry, as ``acquire`` gave them) if nothing was registered or
+        unregistered since ``generation``, so every one of them is still registered under its name; else False,
+        with nothing leased."""
+        with self._lock:
+            if generation != self._generation:
+                return False
+            for region in regions:
+                region.leases += 1
+        return True
 
     def release(self, regions: Iterable[Region]) -> None:
         to_close = []

@@ -50,6 +50,25 @@ class RequestShm:
         self._device_regions: set = set()  # CUDA regions handed to the backend as DeviceTensor
         self.outputs: Dict[str, Tuple[Region, Any]] = {}  # name -> (region, its ShmRef)
 
+    @classmethod
+    def leased(cls, registry: SharedMemoryRegistry, regions: Sequence[Region], device_regions: frozenset,
+               outputs: Dict[str, Tuple[Region, Any]]) -> "RequestShm":
+        """One whose checks passed for another request naming the same windows (members.py): ``regions`` already
+        leased again for it (``registry.lease``), with the outputs and device regions that request resolved."""
+        shm = cls(registry)
+        shm._held = list(regions)
+        shm._device_regions = set(device_regions)
+        shm.outputs = dict(outputs)
+        return shm
+
+    def held(self) -> Tuple[Region, ...]:
+        """The regions leased so far, one entry per lease."""
+        return tuple(self._held)
+
+    def device_regions(self) -> frozenset:
+        """Names of the CUDA regions handed to the backend as device tensors or destinations."""
+        return frozenset(self._device_regions)
+
     def __enter__(self) -> "RequestShm":
         return self
 
