@@ -418,15 +418,19 @@ class InstanceContext:
         covered: Dict[str, int] = {}
         pending: Dict[str, List[copies.Copy]] = {}  # output -> its copies, in destination order
         on_device: List[copies.Copy] = []  # copies into device memory, every output's: one launch (pieces.py)
+        sizes: Dict[str, Tuple[Any, int]] = {}  # output -> (its buffer, bytes per row); once per batch, not per member
+        for name, shape in out_shapes.items():
+            if name not in self._widened:  # widened on the host; the server writes it there
+                t = self._tensors[name]
+                sizes[name] = (t, nbytes_of(tuple(shape[1:]), t.dtype) if self._batched else nbytes_of(shape, t.dtype))
         for d in destinations:
             into = on_device if d.on_device else None
             done = []
             for name, (ptr, room) in d.outputs.items():
-                shape = out_shapes.get(name)
-                if shape is None or name in self._widened:  # widened on the host; the server writes it there
+                size = sizes.get(name)
+                if size is None:
                     continue
-                t = self._tensors[name]
-                row_bytes = nbytes_of(tuple(shape[1:]), t.dtype) if self._batched else nbytes_of(shape, t.dtype)
+                t, row_bytes = size
                 n = d.rows * row_bytes if self._batched else row_bytes
                 start = d.row_offset * row_bytes if self._batched else 0
                 if n > room or start + n > t.capacity:  # the server checked sizes; never write past a region

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from trtserve.server.engine.backends.base import DeviceTensor
 from trtserve.server.engine.backends.tensorrt import copies
 from trtserve.server.engine.backends.tensorrt import pieces
 
@@ -149,6 +150,14 @@ class StagedTensor:
         from_host: List[copies.Copy] = []  # enqueued after the loop; the block is where the source lies
         from_device: List[copies.Copy] = []
         for p in parts:
+            if type(p) is DeviceTensor and p.dtype == self.dtype:  # CUDA shared memory: the common case, in short
+                n = p.nbytes
+                if offset + n > self.capacity:
+                    raise ValueError(f"tensor '{self.name}': {offset + n} bytes exceed the buffer's {self.capacity}")
+                if n:
+                    from_device.append((self.ptr + offset, p.ptr, n, id(p)))
+                offset += n
+                continue
             cai = getattr(p, "__cuda_array_interface__", None)
             n = int(p.nbytes) // np.dtype(p.dtype).itemsize * self.dtype.itemsize  # bytes in this buffer's type
             if offset + n > self.capacity:
