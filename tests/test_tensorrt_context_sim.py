@@ -95,10 +95,12 @@ class _Mem:
         self.ptr = base + (-base % 256)  # cudaMalloc-like alignment
 
 
-def make_cupy(fail_compile: bool = False) -> types.ModuleType:
+def make_cupy(fail_compile: bool = False, driver: bool = True) -> types.ModuleType:
     """A CuPy stand-in; ``cuda.copies`` records every memcpyAsync (dst, src, bytes, kind), ``cuda.strided`` every
     memcpy2DAsync (dst, dpitch, src, spitch, width, height, kind), ``cuda.launches`` every kernel launch (first
-    table row, pieces), and ``cuda.locked`` holds the (start, end) host ranges "registered" as page-locked."""
+    table row, pieces), and ``cuda.locked`` holds the (start, end) host ranges "registered" as page-locked.
+    ``driver``: kernels have a function pointer and ``cuda.driver.launchKernel`` launches them, reading their
+    parameters through the pointers it is given when called, as CUDA does (else only ``RawKernel`` calls work)."""
     copies: List[Tuple[int, int, int, int]] = []
     launches: List[Tuple[int, int]] = []
     strided: List[Tuple[int, int, int, int, int, int, int]] = []
@@ -137,8 +139,15 @@ def make_cupy(fail_compile: bool = False) -> types.ModuleType:
         def compile(self) -> None:
             pass
 
+            if driver:
+                self.kernel = types.SimpleNamespace(ptr=id(self))
+                kernels[id(self)] = self
+
         def __call__(self, grid: Tuple[int, int], block: Tuple[int], args: tuple, stream: SimStream) -> None:
-            table, first, count = int(args[0]), int(args[1]), grid[1]
+            self.run(int(args[0]), int(args[1]), grid[1], stream)
+
+        @staticmethod
+        def run(table: int, first: int, count: int, stream: SimStream) -> None:
             launches.append((first, count))
 
             def run() -> None:
@@ -146,6 +155,14 @@ def make_cupy(fail_compile: bool = False) -> types.ModuleType:
                 for dst, src, n in rows.reshape(-1, 3)[first:]:
                     ctypes.memmove(int(dst), int(src), int(n))
             stream.enqueue(run)
+
+    kernels: Dict[int, RawKernel] = {}
+
+    def launch_kernel(f: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, shared: int, sp: int,
+                      params: int, extra: int) -> None:
+        args = (ctypes.c_void_p * 2).from_address(params)
+        table, first = ctypes.c_uint64.from_address(args[0]).value, ctypes.c_int32.from_address(args[1]).value
+        kernels[f].run(table, first, gy, SimStream.registry[sp])
 
     def attributes(ptr: int) -> types.SimpleNamespace:
         if not any(lo <= ptr < hi for lo, hi in locked):
@@ -161,6 +178,7 @@ def make_cupy(fail_compile: bool = False) -> types.ModuleType:
         memcpy2DAsync=memcpy2d, memsetAsync=memset, pointerGetAttributes=attributes,
     )
     cuda = types.SimpleNamespace(Stream=SimStream, Event=SimEvent, runtime=runtime, copies=copies, strided=strided,
+                                 driver=types.SimpleNamespace(launchKernel=launch_kernel) if driver else None,
                                  locked=locked, launches=launches,
                                  get_elapsed_time=lambda a, b: 0.001,
                                  alloc_pinned_memory=lambda size: bytearray(size))
@@ -561,8 +579,9 @@ def test_without_the_copy_kernel_a_group_is_copied_piece_by_piece(monkeypatch: p
     inst.close()
 
 
-def test_a_batch_table_that_is_full_leaves_the_rest_to_plain_copies() -> None:
-    cupy = make_cupy()
+@pytest.mark.parametrize("driver", [True, False], ids=["cuLaunchKernel", "RawKernel"])
+def test_a_batch_table_that_is_full_leaves_the_rest_to_plain_copies(driver: bool) -> None:
+    cupy = make_cupy(driver=driver)
     copier = pieces.PieceCopier(cupy, slots=2, capacity=5)
     stream = SimStream()
     srcs, dsts = [_Mem(32) for _ in range(5)], [_Mem(32) for _ in range(5)]
