@@ -335,7 +335,8 @@ def describe_cores(cores: Dict[str, float]) -> str:
 def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 heavy_levels: Sequence[int] = (4, 16), trace_rate: int = 0,
                 heavy_max_batch: int = 1024, profile: Optional[pathlib.Path] = None,
-                cprofile: Optional[pathlib.Path] = None) -> List[dict]:
+                cprofile: Optional[pathlib.Path] = None,
+                heavy_transports: Sequence[str] = ("none", "cuda")) -> List[dict]:
     """The full server under perf_analyzer, per setup, transport and level; with ``profile`` the heavy MLP's
     levels are profiled (py-spy on the engine and a front end, raw profiles kept there); with ``cprofile`` each heavy
     level runs once more with the engine's main thread under cProfile."""
@@ -377,7 +378,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
         for name, key, n, graphs in setups:
             batch = HEAVY_REQ_ROWS if key == "heavy" else 1
             levels = tuple(heavy_levels) if key == "heavy" else (1, 8, 32)
-            transports = ("none", "cuda") if name in ("heavy_i4", "heavy_i4_graphs") else ("none",)
+            transports = tuple(heavy_transports) if name in ("heavy_i4", "heavy_i4_graphs") else ("none",)
             for shm in transports:
                 for level in levels:
                     label = f"{name}-{shm}-{level}"
@@ -595,6 +596,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--render", action="store_true", help="only redraw gpu.md/gpu.png from OUT/gpu.json")
     p.add_argument("--server-setups", default="", help="server part: only these setups (e.g. heavy_i4,small_i4)")
     p.add_argument("--heavy-levels", default="4,16", help="server part: perf_analyzer concurrencies for the heavy MLP")
+    p.add_argument("--heavy-transports", default="none,cuda",
+                   help="server part: how heavy_i4 and heavy_i4_graphs requests carry tensors (none: gRPC bytes)")
     p.add_argument("--heavy-max-batch", type=int, default=1024,
                    help="server part: the heavy MLP's max_batch_size, and the batch its raw engine is measured at")
     p.add_argument("--resnet-images", type=int, default=16, help="images per request (resnet part)")
@@ -633,7 +636,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "server": functools.partial(part_server, only=[x for x in a.server_setups.split(",") if x],
                                          heavy_levels=[int(x) for x in a.heavy_levels.split(",")],
                                          trace_rate=a.trace_rate, heavy_max_batch=a.heavy_max_batch,
-                                         profile=a.profile, cprofile=a.cprofile),
+                                         profile=a.profile, cprofile=a.cprofile,
+                                         heavy_transports=a.heavy_transports.split(",")),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","), trace_rate=a.trace_rate,
                                          graphs=a.resnet_graphs)}
