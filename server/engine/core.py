@@ -34,7 +34,7 @@ from trtserve.server.engine.batcher.request import RequestResult, Ticket
 from trtserve.server.engine.repository.registry import ModelRepository, ModelVersion
 from trtserve.server.engine.shm.members import MemberChecks
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
-from trtserve.server.engine.shm.request import ShmRef
+from trtserve.server.engine.shm.request import RequestShm, ShmRef
 from trtserve.server.errors import DeadlineExceeded, Internal, InvalidArgument, TrtServeError
 from trtserve.server.events import Done, Observer
 from trtserve.server.ipc import messages as m
@@ -352,8 +352,8 @@ class EngineCore:
         """Gives back the regions a group's members held. Its batch has finished or never started (a group is
         cancelled only before it joins a batch, and settled after the batch that ran it), so nothing reads them."""
         shms, g.shms = g.shms, None
-        for shm in shms or ():
-            shm.release(finished=True)
+        if shms:
+            RequestShm.release_all(shms)
 
     def _fail_members(self, g: group.Group, msgs: List[tuple], code: str, message: str, reason: str) -> None:
         now = time.monotonic_ns()

@@ -90,6 +90,16 @@ class RequestShm:
             held = [r for r in held if r.name not in self._device_regions]
         self._registry.release(held)
 
+    @staticmethod
+    def release_all(shms: Sequence["RequestShm"]) -> None:
+        """``release(finished=True)`` of each, in one step of the registry (a group's members share it)."""
+        held: List[Region] = []
+        for shm in shms:
+            held += shm._held
+            shm._held = []
+        if held:
+            shms[0]._registry.release(held)
+
     def _acquire(self, ref: Any, what: str) -> Region:
         region = self._registry.acquire(ref.region, what)
         self._held.append(region)

@@ -20,6 +20,7 @@ A batch's device-to-device copies go as one kernel launch each way (pieces.py). 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -52,6 +53,7 @@ def _on_host(a: Any) -> bool:
     return is_host(a) or isinstance(a, Gather) and all(is_host(p) for p in a.parts)
 
 
+@functools.lru_cache(maxsize=256)  # read-only views of one zero: shared by every batch of the same shape
 def _unread(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """The host result of an output that went only to destinations: its shape and type (which the answer
     reports) without its data, which nobody reads (every request was written where it asked)."""
