@@ -104,7 +104,8 @@ def main() -> None:
     for _ in range(2):  # warm: the first rounds load modules and grow the queues
         for _, call in rows:
             _per_call(call, stream, a.calls, 2)
-    print(f"host time per call, median of {a.blocks} blocks of {a.calls} calls ({cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()})")
+    gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    print(f"host time per call, median of {a.blocks} blocks of {a.calls} calls ({gpu})")
     print("| call | us |\n|---|---|")
     for label, call in rows:
         print(f"| {label} | {_per_call(call, stream, a.calls, a.blocks):.2f} |")

@@ -12,8 +12,8 @@ open until they finish (Triton's ``awaiting_unregister_``), but new requests can
 
 Layout of this package: cuda.py (the CUDA calls), regions.py (one region of each kind: how it is
 opened, read and written), registry.py (this: names -> regions, leases, limits), request.py (what
-one request does with them: ``RequestShm``), members.py (a group member's checks, remembered). CuPy is imported only when a CUDA region
-is registered, so everything works on machines without CUDA.
+one request does with them: ``RequestShm``), members.py (a group member's checks, remembered). CuPy
+is imported only when a CUDA region is registered, so everything works on machines without CUDA.
 """
 from __future__ import annotations
 
