@@ -40,7 +40,8 @@ class MemberChecks:
         """A member's regions, checked and held: (its RequestShm, its inputs as device tensors, its outputs' device
         destinations); None, with nothing held, when a tensor does not lie in CUDA memory on ``device_id`` or a
         check fails (the request then goes on its own, which says why). ``spec``: the version the INFER's serial
-        names (the caller checked it)."""
+        names (the caller checked it). The tensors and destinations are shared by every member that names the same
+        windows: read them, never change them."""
         generation = self._registry.generation
         if generation != self._generation:
             self._passed.clear()
