@@ -135,13 +135,12 @@ def make_cupy(fail_compile: bool = False, driver: bool = True) -> types.ModuleTy
             assert f"void {name}(" in code
             if fail_compile:
                 raise RuntimeError("nvrtc: compilation failed")
-
-        def compile(self) -> None:
-            pass
-
             if driver:
                 self.kernel = types.SimpleNamespace(ptr=id(self))
                 kernels[id(self)] = self
+
+        def compile(self) -> None:
+            pass
 
         def __call__(self, grid: Tuple[int, int], block: Tuple[int], args: tuple, stream: SimStream) -> None:
             self.run(int(args[0]), int(args[1]), grid[1], stream)
