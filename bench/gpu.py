@@ -146,20 +146,25 @@ def describe_trace(us: Dict[str, float]) -> str:
             f"{us['after_compute']:,.0f} after compute")
 
 
-def trtserve_bench(url: str, model: str, level: int, batch: int, shm: str, seconds: float) -> Optional[dict]:
+def trtserve_bench(url: str, model: str, level: int, batch: int, shm: str, seconds: float,
+                   processes: int = 1) -> Optional[dict]:
+    """``trtserve bench`` at one level; ``processes``: load-generating processes (one Python process is the
+    limit of the load near 5,000 requests/s, not the server)."""
     from trtserve.client.bench.runner import BenchConfig, run
 
     before = _stats(url, model)
     try:
         r = asyncio.run(run(BenchConfig(url=url, model=model, concurrency=[level], duration_s=seconds,
-                                        warmup_s=1.0, batch=batch, shared_memory=shm))).levels[0]
+                                        warmup_s=1.0, batch=batch, shared_memory=shm,
+                                        processes=processes))).levels[0]
     except Exception as e:  # report and go on: one failed level must not lose the rest of the run
         print(f"trtserve bench failed ({model} c={level} shm={shm}): {e}", flush=True)
         return None
     after = _stats(url, model)
     execs = after["executions"] - before["executions"]
-    return {"tool": "trtserve bench", "rows_per_s": r.rows_per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
-            "errors": r.errors, "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else 0,
+    return {"tool": "trtserve bench", "processes": processes, "rows_per_s": r.rows_per_s, "p50_ms": r.p50_ms,
+            "p99_ms": r.p99_ms, "errors": r.errors,
+            "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else 0,
             "server_us": server_split(before, after)}
 
 
@@ -401,7 +406,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
 
 def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances: int = 2,
                 transports: Sequence[str] = ("cuda", "none", "system"), trace_rate: int = 0,
-                graphs: bool = False) -> List[dict]:
+                graphs: bool = False, bench_processes: int = 1) -> List[dict]:
     """``images`` per request, ``instances`` execution contexts; CUDA shared memory at 8/32/64 in flight with both
     load tools, the other transports with perf_analyzer at 32. ``graphs``: served with CUDA graphs, a bucket per
     multiple of ``images`` (batches of whole requests are never padded)."""
@@ -439,7 +444,7 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
                 r = perf_analyzer(pa, s.url, "resnet", level, images, shm, trace_rate=trace_rate,
                                   trace_dir=work) if pa else None
             else:
-                r = trtserve_bench(s.url, "resnet", level, images, shm, max(3.0, seconds * 4))
+                r = trtserve_bench(s.url, "resnet", level, images, shm, max(3.0, seconds * 4), bench_processes)
             if r is None:
                 continue
             r.update(kind="served", shm=shm, concurrency=level, batch=images, instances=instances, graphs=graphs,
@@ -604,6 +609,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--resnet-instances", type=int, default=2, help="instance_group count (resnet part)")
     p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
     p.add_argument("--resnet-graphs", action="store_true", help="resnet part: serve with CUDA graphs")
+    p.add_argument("--bench-processes", type=int, default=1,
+                   help="resnet part: trtserve bench's load-generating processes (one is its limit at 32-64 in flight)")
     p.add_argument("--trace-rate", type=int, default=0,
                    help="served perf_analyzer levels: trace 1 of N requests and print where their time went (0: off)")
     p.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
@@ -640,7 +647,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          heavy_transports=a.heavy_transports.split(",")),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","), trace_rate=a.trace_rate,
-                                         graphs=a.resnet_graphs)}
+                                         graphs=a.resnet_graphs, bench_processes=a.bench_processes)}
     for name in a.parts.split(","):
         t0 = time.monotonic()
         print(f"== {name}", flush=True)
