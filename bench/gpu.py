@@ -148,8 +148,8 @@ def describe_trace(us: Dict[str, float]) -> str:
 
 def trtserve_bench(url: str, model: str, level: int, batch: int, shm: str, seconds: float,
                    processes: int = 1) -> Optional[dict]:
-    """``trtserve bench`` at one level; ``processes``: load-generating processes (one Python process is the
-    limit of the load near 5,000 requests/s, not the server)."""
+    """``trtserve bench`` at one level; ``processes``: load-generating processes (one Python process can limit the
+    load before the server does)."""
     from trtserve.client.bench.runner import BenchConfig, run
 
     before = _stats(url, model)
@@ -610,7 +610,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
     p.add_argument("--resnet-graphs", action="store_true", help="resnet part: serve with CUDA graphs")
     p.add_argument("--bench-processes", type=int, default=1,
-                   help="resnet part: trtserve bench's load-generating processes (one is its limit at 32-64 in flight)")
+                   help="resnet part: trtserve bench's load-generating processes (one can limit the load)")
     p.add_argument("--trace-rate", type=int, default=0,
                    help="served perf_analyzer levels: trace 1 of N requests and print where their time went (0: off)")
     p.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
