@@ -520,9 +520,9 @@ class InstanceContext:
         ev_start, ev_in, ev_exec, ev_done = self._events[slot]
         if self._copier is not None:
             self._copier.begin(slot)
+        on_host = all(_on_host(a) for a in inputs.values()) if self._buckets or self._device_buckets else None
         bucket = graph_util.pick_bucket(self._buckets, rows) if rows is not None and self._buckets else None
-        if bucket is not None and all(_on_host(a) for a in inputs.values()) \
-                and self._captured_dims(inputs):  # a graph replays its captured host copies
+        if bucket is not None and on_host and self._captured_dims(inputs):  # a graph replays its captured host copies
             g = self._graphs[(bucket, slot)]
             for name, a in inputs.items():
                 t = self._tensors[name]
@@ -537,7 +537,7 @@ class InstanceContext:
             delivered, _ = self._to_devices(destinations, out_shapes, stream) if destinations else ({}, frozenset())
             ev_done.record(stream)
             return out_shapes, t1, True, delivered, frozenset()  # the graph copied every output to the host
-        if self._device_buckets and rows is not None and not all(_on_host(a) for a in inputs.values()):
+        if self._device_buckets and rows is not None and not on_host:
             bucket = graph_util.pick_bucket(self._device_buckets, rows)
             if bucket is not None and self._captured_dims(inputs):
                 return self._enqueue_device_graph(self._device_graphs[bucket], inputs, rows, wanted, destinations,
