@@ -115,6 +115,48 @@ def test_request_is_never_split():
     assert p.rows == 5 and len(p.requests) == 1
 
 
+def group(members: int, each: int = 1, seq: int = 0, splittable: bool = True) -> Pending:
+    """An entry standing for ``members`` alike requests of ``each`` rows (engine/group.py)."""
+    r = pend(rows=members * each, seq=seq)
+    r.count = members
+    r.splitter = (lambda ticket, k: None) if splittable else None  # type: ignore[assignment,return-value]
+    return r
+
+
+def test_a_group_that_does_not_fit_whole_gives_the_batch_its_first_members():
+    """Rule 2: the batch takes what fits of an entry of several requests (never part of a request), even busy."""
+    reqs = [group(5, seq=0), group(6, seq=1), pend(seq=2)]
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free={1}, busy=True)
+    assert p.rows == 8 and [r.seq for r in p.requests] == [0, 1] and p.split == 3  # full: it runs at once
+    reqs = [group(3, each=2, seq=0), group(3, each=2, seq=1)]  # 6 rows, then one 2-row member of the next
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free={0}, busy=False)
+    assert p.rows == 8 and p.split == 1
+    reqs = [group(3, each=2, seq=0), group(3, each=3, seq=1)]  # 6 rows: no 3-row member fits in the 2 left
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free={0}, busy=False)
+    assert p.rows == 6 and [r.seq for r in p.requests] == [0] and p.split == 0
+    reqs = [group(5, seq=0), group(6, seq=1, splittable=False)]  # an entry without an owner's hook: whole or not
+    p = pol.plan(reqs, now=0.0, policy=ON, rules=RULES, free={0}, busy=False)
+    assert p.rows == 5 and p.split == 0
+    p = pol.plan([group(5, seq=0), pend(rows=5, seq=1)], now=0.0, policy=ON, rules=RULES, free={0}, busy=False)
+    assert p.rows == 5 and p.split == 0  # a request on its own is never split
+
+
+def test_a_split_group_counts_its_taken_rows_for_preferred_sizes_and_queueing_behind():
+    preferred = BatchingPolicy(enabled=True, max_batch_size=8, preferred_batch_sizes=(4,), max_queue_delay_us=10**6)
+    reqs = [group(2, seq=0), group(6, seq=1)]  # whole: 2 + 6; split: 2 + 6 fits, so no split at all
+    p = pol.plan(reqs, now=0.0, policy=preferred, rules=RULES, free={1}, busy=True)
+    assert p.rows == 8 and p.split == 0
+    reqs = [group(3, seq=0), group(6, seq=1)]  # 3 + 5 of 6: the prefix 3 is no preferred size, 8 is full
+    p = pol.plan(reqs, now=0.0, policy=preferred, rules=RULES, free={1}, busy=True)
+    assert p.rows == 8 and p.split == 5
+    reqs = [group(2, each=2, seq=0), group(3, each=3, seq=1)]  # 4 + 3 of 9 rows: 7, not full; 4 is preferred
+    p = pol.plan(reqs, now=0.0, policy=preferred, rules=RULES, free={1}, busy=True)
+    assert p.rows == 4 and [r.seq for r in p.requests] == [0] and p.split == 0
+    p = pol.plan([group(5, seq=0), group(6, seq=1)], now=0.0, policy=ON, rules=RULES, free=set(), busy=True,
+                 queueable={0})
+    assert p.rows == 8 and p.split == 3 and p.instance == 0  # complete by the split: it queues behind (rule 5)
+
+
 def test_no_free_instance_means_wait_for_event():
     p = pol.plan([pend()], now=0.0, policy=ON, rules=RULES, free=set(), busy=True)
     assert not p.requests and p.wait_s is None

@@ -28,6 +28,7 @@ from trtserve.server.options import ServerOptions
 from .models import write_config
 
 HELD = -1.0  # a batch holding this value waits for the gate (it occupies the one instance)
+HELD2 = -2.0  # ... and one holding this, for the second gate
 
 
 class Doubling(Backend):
@@ -37,6 +38,8 @@ class Doubling(Backend):
     batches: List[np.ndarray] = []
     started = threading.Event()
     gate = threading.Event()
+    started2 = threading.Event()
+    gate2 = threading.Event()
 
     def open(self) -> None:
         pass
@@ -50,6 +53,9 @@ class Doubling(Backend):
         if (x == HELD).any():
             Doubling.started.set()
             assert Doubling.gate.wait(30)
+        if (x == HELD2).any():
+            Doubling.started2.set()
+            assert Doubling.gate2.wait(30)
         return BatchResult({"OUTPUT0": 2 * x})
 
     def close(self) -> None:
@@ -201,6 +207,8 @@ def repo(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Pat
     Doubling.batches = []
     Doubling.started.clear()
     Doubling.gate.clear()
+    Doubling.started2.clear()
+    Doubling.gate2.clear()
     Direct.pieces, Direct.destinations, Direct.addresses, Direct.refuse = [], [], [], None
     close = Arena.close
 
@@ -284,6 +292,78 @@ async def test_alike_requests_of_a_frame_are_one_entry_and_each_gets_its_own_ans
         if backend is Direct:  # the ten left in the arena, one piece each, answered where the device wrote them
             assert Direct.pieces == [1, 11]
             assert Direct.destinations[1] == [(0, i, 1) for i in range(10)] + [(1, 10, 2)]
+    finally:
+        await host.stop()
+
+
+@BOTH
+async def test_a_group_that_does_not_fit_whole_gives_a_batch_its_first_members_and_the_rest_go_next(repo,
+                                                                                                 backend) -> None:
+    """Groups come in whatever sizes a front end's reads bring: a batch takes what fits of the next one (the batcher's
+    rule 2), so batches stay full; the rest go first in the batch after. Every request gets exactly one answer."""
+    _model(repo, max_batch=8)
+    counts = Counts()
+    host, fe = await _engine(repo, counts, backend)
+    try:
+        held = await _hold(fe)
+        xs = _rows(11, 4)
+        ids = [fe.infer("m", x) for x in xs[:5]]  # one frame: one entry of five
+        await asyncio.sleep(0.05)
+        ids += [fe.infer("m", x) for x in xs[5:]]  # the next frame: an entry of six
+        await _release_and_check(fe, held, ids, xs)
+        assert [b.shape[0] for b in Doubling.batches] == [1, 8, 3]
+        np.testing.assert_array_equal(np.concatenate(Doubling.batches[1:]), np.concatenate(xs))  # in order
+        assert [len(msg[1]) for msg in fe.messages if msg[0] == m.RESULTS] == [5, 3, 3]
+        assert counts.batches == [(1, 1), (8, 8), (3, 3)]
+        assert counts.queued == counts.dequeued == 12
+        stats = host.statistics.snapshot("m", "1")
+        assert (stats.success.count, stats.fail.count, stats.execution_count) == (12, 0, 3)
+        assert not host.repository.get("m").batcher.pending and not host.core.sessions[0].inflight
+        if backend is Direct:  # each part's members still written where the device put them
+            assert Direct.pieces == [1, 8, 3]
+            assert Direct.destinations[1] == [(0, i, 1) for i in range(5)] + [(1, 5 + i, 1) for i in range(3)]
+            assert Direct.destinations[2] == [(0, i, 1) for i in range(3)]
+    finally:
+        await host.stop()
+
+
+@BOTH
+async def test_the_members_left_by_a_split_are_cancelled_and_expire_on_their_own(repo, backend) -> None:
+    """After a batch took the first members of a group, the others are an entry of their own: a cancel or a deadline
+    among them leaves the members in the running batch alone, and a cancel of a member in the batch is answered
+    CANCELLED when that batch is done."""
+    _model(repo, max_batch=4)
+    host, fe = await _engine(repo, Counts(), backend)
+    try:
+        held = await _hold(fe)
+        bs = _rows(3, 5)
+        bs[0][:] = HELD2  # the batch of these three and the first of the next group waits for the second gate
+        now = time.monotonic()
+        b_ids = [fe.infer("m", x, deadline=now + 60) for x in bs]
+        await asyncio.sleep(0.05)
+        cs = _rows(4, 6)
+        c_ids = [fe.infer("m", x, deadline=now + (0.3 if i == 2 else 60)) for i, x in enumerate(cs)]
+        await asyncio.sleep(0.05)
+        Doubling.gate.set()
+        await asyncio.get_running_loop().run_in_executor(None, Doubling.started2.wait, 10)
+        fe.link.send((m.CANCEL, c_ids[0]))  # in the running batch
+        fe.link.send((m.CANCEL, c_ids[1]))  # left queued by the split
+        answers = await fe.wait_for(2)  # the held one, and the queued cancel at once
+        assert answers[c_ids[1]][0] == "CANCELLED" and c_ids[0] not in answers
+        answers = await fe.wait_for(3)  # then the short deadline, while the batch still runs
+        assert answers[c_ids[2]][0] == "DEADLINE_EXCEEDED"
+        Doubling.gate2.set()
+        answers = await fe.wait_for(8)
+        assert answers[c_ids[0]][0] == "CANCELLED"
+        for req_id, x in list(zip(b_ids, bs)) + [(c_ids[3], cs[3])]:
+            assert answers[req_id][0] == ""
+            np.testing.assert_array_equal(answers[req_id][1], 2 * x)
+        assert answers[held][0] == ""
+        assert [b.shape[0] for b in Doubling.batches] == [1, 4, 1]  # the held one, three and one, the last one
+        np.testing.assert_array_equal(Doubling.batches[2], cs[3])
+        stats = host.statistics.snapshot("m", "1")
+        assert (stats.success.count, stats.fail.count) == (5, 3)
+        assert not host.repository.get("m").batcher.pending and not host.core.sessions[0].inflight
     finally:
         await host.stop()
 

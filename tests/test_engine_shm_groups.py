@@ -21,7 +21,8 @@ from trtserve.server.engine import group
 from trtserve.server.engine.backends.base import DeviceTensor, Gather
 from trtserve.server.ipc import messages as m
 
-from .test_engine_groups import HELD, Counts, Doubling, _engine, _model, device_copies, engine_client
+from .models import write_config
+from .test_engine_groups import CONFIG, HELD, HELD2, Counts, Doubling, _engine, _model, device_copies, engine_client
 from .test_system_shm import FakeCuda
 
 
@@ -128,6 +129,8 @@ def repo(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Pat
     Doubling.batches = []
     Doubling.started.clear()
     Doubling.gate.clear()
+    Doubling.started2.clear()
+    Doubling.gate2.clear()
     OnDevice.pieces, OnDevice.blocks, OnDevice.refuse = [], [], None
     close = Arena.close
 
@@ -229,6 +232,40 @@ async def test_an_output_the_device_did_not_write_is_written_from_the_host_for_e
             np.testing.assert_array_equal(c.output(req_id), 2 * x)
         assert answers[held][0] == ""
         assert [len(msg[1]) for msg in c.fe.messages if msg[0] == m.RESULTS] == [4]
+    finally:
+        await _stop(c)
+
+
+async def test_a_batch_takes_the_first_members_of_a_group_and_the_rest_keep_their_regions_until_they_run(
+        repo) -> None:
+    """A group that does not fit whole gives the batch its first members (the batcher's rule 2): those members'
+    regions go back when their batch is answered, the others' stay held until their own batch is."""
+    write_config(repo, "m", CONFIG.format(name="m", max_batch=8, batching="max_queue_delay_microseconds: 100"))
+    c = await _clients(repo)
+    try:
+        held = await _hold(c)
+        xs = _xs(6, 9)  # two rows each: four fit a batch
+        xs[4][0, 0] = HELD2  # the batch of the two left over waits for the second gate
+        ids = [c.infer(k, x) for k, x in enumerate(xs[:3])]
+        await asyncio.sleep(0.05)
+        ids += [c.infer(k, x) for k, x in enumerate(xs[3:], start=3)]  # the next frame: a second group of three
+        await asyncio.sleep(0.05)
+        assert c.leases() == 12
+        Doubling.gate.set()
+        await asyncio.get_running_loop().run_in_executor(None, Doubling.started2.wait, 10)
+        assert len(await c.wait_for(5)) == 5  # the held one and the first four: their regions are back
+        assert c.leases() == 4
+        Doubling.gate2.set()
+        answers = await c.wait_for(7)
+        for req_id, x in zip(ids, xs):
+            assert answers[req_id] == ("", "")
+            np.testing.assert_array_equal(c.output(req_id), 2 * x)
+        assert answers[held][0] == ""
+        assert [b.shape[0] for b in Doubling.batches] == [1, 8, 4]
+        assert [len(msg[1]) for msg in c.fe.messages if msg[0] == m.RESULTS] == [3, 1, 2]
+        assert OnDevice.pieces[1:] == [["DeviceTensor"] * 4, ["DeviceTensor"] * 2]
+        assert all(len(set(b)) == len(b) for b in OnDevice.blocks[1:])
+        assert c.leases() == 0
     finally:
         await _stop(c)
 

@@ -30,7 +30,7 @@ import numpy as np
 from trtserve import dtypes
 from trtserve.server.engine.backends.base import DeviceTensor, Gather
 from trtserve.server.engine import group
-from trtserve.server.engine.batcher.request import RequestResult, Ticket
+from trtserve.server.engine.batcher.request import RequestResult, Split, Ticket
 from trtserve.server.engine.repository.registry import ModelRepository, ModelVersion
 from trtserve.server.engine.shm.members import MemberChecks
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
@@ -284,7 +284,8 @@ class EngineCore:
                     members = None
             assert mv.batcher is not None
             mv.batcher.queue(g, arrays, names, rows, priority, timeout_us, group.deadline(msgs), None,
-                             on_dispatch=g.mark_dispatched, shapes=shapes, count=len(msgs), member_outputs=members)
+                             on_dispatch=g.mark_dispatched, shapes=shapes, count=len(msgs), member_outputs=members,
+                             splitter=self._split_group)
         except Exception as e:
             self._not_queued(g, e)
 
@@ -331,9 +332,23 @@ class EngineCore:
             names = tuple([o[0] for o in first[6]])
             mv.batcher.queue(g, arrays, names, rows, first[8], first[9], group.deadline(members), None,
                              on_dispatch=g.mark_dispatched, shapes=shapes, count=len(members),
-                             member_outputs=tuple(destinations), members_apart=True)
+                             member_outputs=tuple(destinations), members_apart=True, splitter=self._split_group)
         except Exception as e:
             self._not_queued(g, e)
+
+    def _split_group(self, ticket: Ticket, k: int) -> Split:
+        """The batcher takes only the first ``k`` members of a queued group into a batch (its policy's rule 2): the
+        others become a group of their own, which their answers and cancels now go through. A queued group has no
+        member cancelled or gone yet (a cancel while queued settles the whole entry), so only members move."""
+        g: group.Group = ticket  # type: ignore[assignment]
+        rest = group.Group(self._group_done, g.session, g.mv, g.msgs[k:])
+        g.msgs = g.msgs[:k]
+        if g.shms is not None:
+            g.shms, rest.shms = g.shms[:k], g.shms[k:]
+        inflight = g.session.inflight
+        for msg in rest.msgs:
+            inflight[msg[1]] = rest
+        return Split(rest, rest.mark_dispatched, group.deadline(g.msgs), group.deadline(rest.msgs))
 
     def _not_queued(self, g: group.Group, e: BaseException) -> None:
         """A group the batcher did not take. Refused as a whole (a TrtServeError: its rows fit no optimization

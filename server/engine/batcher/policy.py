@@ -7,7 +7,10 @@ The rules, in order:
    requests delayed by ``timeout_action: DELAY`` come after all others).
 2. The head's batch takes every later queued request that can share it (same shape class, or
    paddable to one, still fitting a profile and max_batch_size), in that same order. A request is
-   never split across batches.
+   never split across batches. An entry standing for several alike requests (engine/group.py) that
+   does not fit whole gives the batch as many of its members as fit (``Plan.split``), and the rest
+   stay queued in its place: groups come in whatever sizes a front end's reads bring, and taken whole
+   they left batches part empty while the engine's cost per batch stayed the same.
 3. The batch runs on a free instance whose profile fits it, the one closest to ``opt`` first. If the
    fitting profiles have no free instance, the head alone is tried; otherwise the batch waits for a
    slot (it never runs where no profile accepts it).
@@ -52,13 +55,16 @@ class Plan:
     instance: Optional[int] = None
     profile: Optional[Profile] = None
     wait_s: Optional[float] = None
+    split: int = 0  # >0: the last of ``requests`` joins with only its first this many members (rule 2)
 
 
-def _gather(pending: Sequence[Pending], rules: ShapeRules, enabled: bool) -> Tuple[List[Pending], int, Dict]:
+def _gather(pending: Sequence[Pending], rules: ShapeRules,
+            enabled: bool) -> Tuple[List[Pending], int, Dict, int]:
+    """(batch, rows, shapes, split): see rule 2; ``split`` > 0 is how many members the last entry gives."""
     head = pending[0]
     batch, rows, shapes = [head], head.rows, dict(head.shapes)
     if not enabled:
-        return batch, rows, shapes
+        return batch, rows, shapes, 0
     for r in pending[1:]:
         if rows >= rules.max_batch_size:
             break
@@ -66,7 +72,24 @@ def _gather(pending: Sequence[Pending], rules: ShapeRules, enabled: bool) -> Tup
         if merged is not None:
             rows, shapes = merged
             batch.append(r)
-    return batch, rows, shapes
+            continue
+        if r.splitter is not None and r.count > 1:
+            each = r.rows // r.count
+            k = min(r.count - 1, (rules.max_batch_size - rows) // each)
+            merged = rules.merge(rows, shapes, k * each, r.shapes) if k > 0 else None
+            if merged is not None:
+                rows, shapes = merged
+                batch.append(r)
+                return batch, rows, shapes, k
+    return batch, rows, shapes, 0
+
+
+def _row_counts(batch: Sequence[Pending], split: int) -> List[int]:
+    """Each entry's rows in the batch (the last one's taken members only when it is split)."""
+    counts = [r.rows for r in batch]
+    if split:
+        counts[-1] = split * (batch[-1].rows // batch[-1].count)
+    return counts
 
 
 def _place(rules: ShapeRules, rows: int, shapes: Dict[str, Shape],
@@ -80,11 +103,11 @@ def _place(rules: ShapeRules, rows: int, shapes: Dict[str, Shape],
     return None, None
 
 
-def _preferred_prefix(batch: List[Pending], preferred: Sequence[int]) -> int:
-    """Length of the longest prefix whose rows equal a preferred size (0 if none)."""
+def _preferred_prefix(counts: Sequence[int], preferred: Sequence[int]) -> int:
+    """Length of the longest prefix whose rows (``counts``: each entry's) equal a preferred size (0 if none)."""
     best, rows = 0, 0
-    for i, r in enumerate(batch):
-        rows += r.rows
+    for i, n in enumerate(counts):
+        rows += n
         if rows in preferred:
             best = i + 1
     return best
@@ -99,22 +122,23 @@ def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: 
     (rule 4)."""
     if not pending or not (free or queueable):
         return Plan()
-    batch, rows, shapes = _gather(pending, rules, policy.enabled)
+    batch, rows, shapes, split = _gather(pending, rules, policy.enabled)
     instance, profile = _place(rules, rows, shapes, free)
     if instance is None and queueable:
-        queued = _queue_behind(batch, rows, shapes, policy, rules, queueable)
+        queued = _queue_behind(batch, rows, shapes, policy, rules, queueable, split)
         if queued is not None:
             return queued
     if instance is None and len(batch) > 1:
         head = pending[0]
-        batch, rows, shapes = [head], head.rows, dict(head.shapes)
+        batch, rows, shapes, split = [head], head.rows, dict(head.shapes), 0
         instance, profile = _place(rules, rows, shapes, free)
     if instance is None:
         return Plan()  # every fitting profile is busy: a slot's release wakes the scheduler
 
     def run(reqs: List[Pending]) -> Plan:
         if len(reqs) == len(batch):
-            return Plan(reqs, rows, shapes, instance, profile)
+            return Plan(reqs, rows, shapes, instance, profile, split=split)
+        # a prefix: the split entry, always the last, is not in it
         r_rows, r_shapes = reqs[0].rows, dict(reqs[0].shapes)
         for r in reqs[1:]:
             merged = rules.merge(r_rows, r_shapes, r.rows, r.shapes)
@@ -125,7 +149,7 @@ def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: 
 
     if not policy.enabled or rows >= rules.max_batch_size:
         return run(batch)
-    cut = _preferred_prefix(batch, policy.preferred_batch_sizes)
+    cut = _preferred_prefix(_row_counts(batch, split), policy.preferred_batch_sizes)
     if cut:
         return run(batch[:cut])
     if not busy and (hold is None or now >= hold):
@@ -138,14 +162,14 @@ def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: 
 
 
 def _queue_behind(batch: List[Pending], rows: int, shapes: Dict[str, Shape], policy: BatchingPolicy,
-                  rules: ShapeRules, queueable: AbstractSet[int]) -> Optional[Plan]:
+                  rules: ShapeRules, queueable: AbstractSet[int], split: int = 0) -> Optional[Plan]:
     """Rule 5: the complete batch (or its largest preferred prefix) on a busy instance that fits it."""
     if policy.enabled and rows < rules.max_batch_size:
-        cut = _preferred_prefix(batch, policy.preferred_batch_sizes)
+        cut = _preferred_prefix(_row_counts(batch, split), policy.preferred_batch_sizes)
         if not cut:
             return None  # partial: it waits on the queue, where it can still grow
         if cut < len(batch):
-            batch = batch[:cut]
+            batch, split = batch[:cut], 0  # the split entry, the last, is not in the prefix
             rows, shapes = batch[0].rows, dict(batch[0].shapes)
             for r in batch[1:]:
                 merged = rules.merge(rows, shapes, r.rows, r.shapes)
@@ -154,4 +178,4 @@ def _queue_behind(batch: List[Pending], rows: int, shapes: Dict[str, Shape], pol
     instance, profile = _place(rules, rows, shapes, set(queueable))
     if instance is None:
         return None
-    return Plan(batch, rows, shapes, instance, profile)
+    return Plan(batch, rows, shapes, instance, profile, split=split)

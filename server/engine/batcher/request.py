@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -96,7 +96,7 @@ class Pending:
 
     __slots__ = ("inputs", "outputs", "rows", "shapes", "level", "arrival", "ticket", "queue_deadline", "deadline",
                  "delayed", "seq", "device_outputs", "on_dispatch", "count", "member_outputs",
-                 "members_apart")
+                 "members_apart", "splitter")
 
     def __init__(self, inputs: Mapping[str, np.ndarray], outputs: Tuple[str, ...], rows: int, shapes: Dict[str, Shape],
                  level: int, arrival: float, ticket: Ticket, queue_deadline: Optional[float] = None,
@@ -104,7 +104,7 @@ class Pending:
                  device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
                  on_dispatch: Optional[Callable[[], None]] = None, count: int = 1,
                  member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]] = None,
-                 members_apart: bool = False) -> None:
+                 members_apart: bool = False, splitter: Optional["Splitter"] = None) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self.rows = rows
@@ -129,9 +129,26 @@ class Pending:
         # the members' output memory lies in separate blocks of device memory (clients' CUDA shared memory; see
         # DeviceDestination.block and .on_device), not in one arena
         self.members_apart = members_apart
+        # an entry of ``count`` members that a batch may take in part (policy rule 2): the owner's hook that moves
+        # the members after the first k to a ticket of their own (None: the entry is taken whole or not at all)
+        self.splitter = splitter
 
     def __repr__(self) -> str:
         return f"Pending(rows={self.rows}, shapes={self.shapes}, level={self.level}, seq={self.seq})"
+
+
+class Split(NamedTuple):
+    """What an entry's owner returns when a batch takes only its first members (``Splitter``): the rest's own
+    ticket and dispatch hook, and each part's deadline (its earliest member's)."""
+
+    ticket: Ticket
+    on_dispatch: Optional[Callable[[], None]]
+    head_deadline: Optional[float]
+    tail_deadline: Optional[float]
+
+
+# (the entry's ticket, k) -> Split: the ticket keeps its first k members, the returned one takes the others
+Splitter = Callable[[Ticket, int], Split]
 
 
 class RequestResult:

@@ -24,10 +24,10 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Set
 
 import numpy as np
 
-from trtserve.server.engine.backends.base import Backend, BatchResult, DeviceDestination
+from trtserve.server.engine.backends.base import Backend, BatchResult, DeviceDestination, Gather
 from trtserve.server.engine.batcher import assemble, policy
 from trtserve.server.engine.batcher.contention import Contention
-from trtserve.server.engine.batcher.request import Pending, RequestResult, Ticket, TicketFuture
+from trtserve.server.engine.batcher.request import Pending, RequestResult, Splitter, Ticket, TicketFuture
 from trtserve.server.engine.batcher.shapes import ShapeRules, describe_profiles
 from trtserve.server.errors import (DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout,
                                     TrtServeError, Unavailable)
@@ -124,7 +124,7 @@ class DynamicBatcher:
               on_dispatch: Optional[Callable[[], None]] = None,
               shapes: Optional[Dict[str, Tuple[int, ...]]] = None, count: int = 1,
               member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]] = None,
-              members_apart: bool = False) -> None:
+              members_apart: bool = False, splitter: Optional[Splitter] = None) -> None:
         """Queues a validated request; its answer is settled on ``ticket`` (the engine's path: no future per
         request). ``device_outputs``: outputs the backend may write straight into device memory (name ->
         pointer, bytes; CUDA shared memory). ``on_dispatch``: called when the request joins a batch on an
@@ -135,6 +135,8 @@ class DynamicBatcher:
         (the engine groups no requests of a model that has one). ``member_outputs``: such a group's
         ``device_outputs``, one mapping per member (members have equal rows); ``members_apart``: their memory lies
         in separate blocks of device memory (clients' CUDA shared memory on the model's GPU), not in one arena.
+        ``splitter``: a batch may take only the first members of such a group (policy rule 2; see ``Splitter``);
+        kept only for a group whose members have equal rows and whose inputs in pieces have one piece each.
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -167,9 +169,11 @@ class DynamicBatcher:
         if timeout_us > 0 and qp.allow_timeout_override:
             timeout = min(timeout, timeout_us) if timeout else timeout_us
         queue_deadline = (now + timeout / 1e6) if timeout else None
+        if splitter is not None and not _splittable(inputs, rows, count, member_outputs):
+            splitter = None
         req = Pending(inputs, outputs, rows, shapes, level, now, ticket, queue_deadline, deadline, False,
                       next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch, count, member_outputs,
-                      members_apart)
+                      members_apart, splitter)
         ticket.on_cancel = self._cancel_hook
         self._contention.arrival(bool(self._delayed) or any(self._queues.values()), bool(self._running))
         queue.append(req)
@@ -315,7 +319,35 @@ class DynamicBatcher:
             self._dequeued(r.level, r.count)
         return reqs
 
+    def _split(self, r: Pending, k: int) -> None:
+        """Policy rule 2: ``r`` keeps its first ``k`` members (and joins the batch); the others stay queued right
+        behind it as an entry of their own, with its level, arrival and order, so they go first in the next batch.
+        Queue counts need no change: the batch dequeues the ``k`` it takes."""
+        assert r.splitter is not None and 0 < k < r.count
+        head_rows = k * (r.rows // r.count)
+        head: Dict[str, object] = {}
+        tail: Dict[str, object] = {}
+        for name, a in r.inputs.items():
+            if isinstance(a, Gather):  # one piece per member (_splittable)
+                head[name] = Gather(a.parts[:k], (head_rows,) + tuple(a.shape[1:]), a.dtype)
+                tail[name] = Gather(a.parts[k:], (r.rows - head_rows,) + tuple(a.shape[1:]), a.dtype)
+            else:
+                head[name], tail[name] = a[:head_rows], a[head_rows:]  # type: ignore[index]
+        part = r.splitter(r.ticket, k)
+        members = r.member_outputs
+        rest = Pending(tail, r.outputs, r.rows - head_rows, r.shapes, r.level, r.arrival, part.ticket,
+                       r.queue_deadline, part.tail_deadline, r.delayed, r.seq, r.device_outputs, part.on_dispatch,
+                       r.count - k, None if members is None else members[k:], r.members_apart, r.splitter)
+        part.ticket.on_cancel = self._cancel_hook
+        r.inputs, r.rows, r.count, r.deadline = head, head_rows, k, part.head_deadline
+        if members is not None:
+            r.member_outputs = members[:k]
+        q = self._delayed if r.delayed else self._queues[r.level]
+        q.insert(q.index(r) + 1, rest)
+
     def _dispatch(self, p: policy.Plan, now: float) -> None:
+        if p.split:
+            self._split(p.requests[-1], p.split)
         q = self._queues[p.requests[0].level]
         n = len(p.requests)
         if not p.requests[0].delayed and len(q) >= n and all(q[i] is r for i, r in enumerate(p.requests)):
@@ -597,6 +629,15 @@ class _Outcome:
 
 class _Abandoned(Exception):
     """Raised on the instance thread when nobody waits for the batch any more."""
+
+
+def _splittable(inputs: Mapping[str, object], rows: int, count: int,
+                member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]]) -> bool:
+    """Whether a group can be cut at any member: equal rows each, one piece (or one block of rows) per member."""
+    if count < 2 or rows % count or (member_outputs is not None and len(member_outputs) != count):
+        return False
+    return all(len(a.parts) == count if isinstance(a, Gather) else getattr(a, "shape", (0,))[0] == rows
+               for a in inputs.values())
 
 
 def _requests(p: policy.Plan) -> int:
