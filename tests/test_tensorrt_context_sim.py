@@ -550,6 +550,18 @@ def test_a_group_in_cuda_shared_memory_is_copied_in_one_launch_each_way_with_two
             np.testing.assert_array_equal(_array_at(d.outputs["OUTPUT0"][0], (x.shape[0], N_OUT)), x * 2 + 1)
 
 
+def test_a_group_in_cuda_shared_memory_larger_than_the_buffer_is_refused_before_anything_is_copied(instance) -> None:
+    """The server checks every batch's rows against the profile; the staging buffer checks its bytes again, so a
+    group's pieces never write past it whatever reached it."""
+    inst, ctx = instance
+    batch, _, _, _ = _cuda_shm_group(MAX_ROWS + 1, 1, 90)
+    ctx.cuda.copies.clear()
+    inst._copier.begin(0)
+    with pytest.raises(ValueError, match=f"tensor 'INPUT0': {(MAX_ROWS + 1) * N_IN * 4} bytes exceed"):
+        inst._tensors["INPUT0"].gather(batch.parts, inst._stream, 0, inst._copier)
+    assert not ctx.cuda.copies and not ctx.cuda.launches
+
+
 def test_two_members_in_cuda_shared_memory_are_copied_one_by_one(instance) -> None:
     """Below pieces.MIN_PIECES a launch (a table upload and the kernel) saves no call."""
     inst, ctx = instance

@@ -90,12 +90,18 @@ class PieceCopier:
         """Enqueues ``pieces`` (tuples whose first three items are destination, source, bytes: device addresses)
         on ``stream`` as one launch; False, with nothing enqueued, when there are fewer than MIN_PIECES or the
         batch's table is full."""
-        count = len(pieces)
+        return self.copy_columns([p[0] for p in pieces], [p[1] for p in pieces], [p[2] for p in pieces], stream)
+
+    def copy_columns(self, dst: Sequence[int], src: Sequence[int], nbytes: Sequence[int], stream: Any) -> bool:
+        """``copy`` for pieces given as three columns (the table is filled a column at a time: a row at a time
+        cost a tuple per piece)."""
+        count = len(dst)
         first = self._used
         if count < MIN_PIECES or first + count > self.capacity or count > MAX_TABLE_ROWS:
             return False
-        self._tables[self._slot][first:first + count] = [p[:3] for p in pieces]
-        largest = max([p[2] for p in pieces])
+        rows = self._tables[self._slot][first:first + count]
+        rows[:, 0], rows[:, 1], rows[:, 2] = dst, src, nbytes
+        largest = max(nbytes)
         self._used = first + count
         rt = self._cupy.cuda.runtime
         offset = first * 24

@@ -13,6 +13,7 @@ CuPy is imported lazily: this module imports on a machine without CUDA.
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -143,6 +144,10 @@ class StagedTensor:
         the pinned mirror; pieces that lie at a fixed distance from each other go in one call (copies.py), and
         device pieces in one kernel launch where ``copier`` (a pieces.PieceCopier) takes them. Returns the bytes
         written."""
+        if copier is not None and len(parts) >= pieces.MIN_PIECES:
+            done = self._gather_shm(parts, stream, copier)
+            if done is not None:
+                return done
         cupy = _cupy()
         rt = cupy.cuda.runtime
         host, host_ptr = self.hosts[slot], self._host_ptrs[slot]
@@ -180,6 +185,24 @@ class StagedTensor:
         if from_device and (copier is None or not copier.copy(from_device, stream)):
             copies.enqueue(rt, from_device, rt.memcpyDeviceToDevice, stream.ptr)
         return offset
+
+    def _gather_shm(self, parts: Sequence[Any], stream: Any, copier: pieces.PieceCopier) -> Optional[int]:
+        """``gather`` of a group in CUDA shared memory (every piece a DeviceTensor of this tensor's type) as one
+        launch, the table built a column at a time; None, with nothing enqueued, for any other batch (the general
+        path then takes it)."""
+        dtype = self.dtype
+        for p in parts:
+            if type(p) is not DeviceTensor or p.dtype != dtype:
+                return None
+        sizes = [p.nbytes for p in parts]
+        ends = list(itertools.accumulate(sizes))
+        if ends[-1] > self.capacity:
+            raise ValueError(f"tensor '{self.name}': {ends[-1]} bytes exceed the buffer's {self.capacity}")
+        base = self.ptr
+        dst = [base + end - n for end, n in zip(ends, sizes)]
+        if not copier.copy_columns(dst, [p.ptr for p in parts], sizes, stream):
+            return None
+        return ends[-1]
 
     def download(self, nbytes: int, stream: Any, slot: int = 0) -> None:
         """Enqueues device -> pinned mirror ``slot`` for the first ``nbytes`` on ``stream``."""
