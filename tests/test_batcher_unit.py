@@ -12,7 +12,7 @@ import pytest
 from trtserve.server.engine.backends.base import Backend, BackendConfig, BatchResult, Profile, ShapeRange, TensorSpec
 from trtserve.server.engine.batcher import policy as pol
 from trtserve.server.engine.batcher.contention import Contention
-from trtserve.server.engine.batcher.request import Pending
+from trtserve.server.engine.batcher.request import Pending, Split, Ticket
 from trtserve.server.engine.batcher.scheduler import DynamicBatcher
 from trtserve.server.engine.batcher.shapes import ShapeRules
 from trtserve.server.errors import DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout
@@ -413,6 +413,62 @@ async def test_batches_form_while_executor_busy():
     for i, r in enumerate(results[1:]):
         np.testing.assert_array_equal(r.outputs["y"], np.full((1, 4), 2 * i, np.float32))
         assert r.batch_size == 5
+    assert rec.pending == 0
+    await b.stop()
+
+
+class Members(Ticket):
+    """A test owner's group: one ticket standing for several one-row requests (``members``: their ids)."""
+
+    def __init__(self, on_settled, members: List[int]) -> None:
+        super().__init__(on_settled)
+        self.members = members
+
+
+def split_members(ticket: Members, k: int) -> Split:
+    rest = Members(ticket.on_settled, ticket.members[k:])
+    ticket.members = ticket.members[:k]
+    return Split(rest, None, None, None)
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_groups_of_any_size_are_split_to_fill_batches_and_every_member_is_answered_once(seed: int):
+    """Groups of 1-8 one-row members queue behind a held batch; batches of 8 take what fits of the next group and
+    the rest go first in the batch after. Each member's answer carries its own row, exactly once."""
+    rng = np.random.default_rng(seed)
+    backend = FakeBackend()
+    backend.release.clear()
+    b, rec = await make(spec(), backend)
+    answers: Dict[int, np.ndarray] = {}
+
+    def settled(t: Ticket) -> None:
+        assert t.error is None and not t.cancelled
+        y = t.result.outputs["y"]
+        assert y.shape[0] == len(t.members)
+        for member, row in zip(t.members, y):
+            assert member not in answers, f"member {member} answered twice"
+            answers[member] = row
+
+    first = b.submit(x(value=-1.0), ("y",), 1)
+    await started(backend)
+    ids = 0
+    for _ in range(int(rng.integers(3, 12))):
+        n = int(rng.integers(1, 9))
+        members = list(range(ids, ids + n))
+        ids += n
+        data = np.repeat(np.array(members, np.float32)[:, None], 4, axis=1)
+        b.queue(Members(settled, members), {"x": data}, ("y",), n, count=n, splitter=split_members)
+    backend.release.set()
+    await first
+    for _ in range(200):
+        if len(answers) == ids:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(answers) == list(range(ids))
+    for member, row in answers.items():
+        np.testing.assert_array_equal(row, np.full(4, 2.0 * member, np.float32))
+    queued = backend.batches[1:]
+    assert sum(queued) == ids and all(rows == 8 for rows in queued[:-1])  # full until the queue ran out
     assert rec.pending == 0
     await b.stop()
 

@@ -188,9 +188,15 @@ def batching_cases(draw):
     for i in range(draw(st.integers(0, 8))):
         rows = draw(st.integers(1, max_batch))
         length = draw(st.integers(1, 6))
+        members = draw(st.integers(1, min(4, rows)))  # above 1: an entry standing for alike requests
+        rows -= rows % members
         if rules.accepts(rows, {"x": (length,)}):  # submit() rejects the others before they queue
-            pending.append(Pending(inputs={}, outputs=("y",), rows=rows, shapes={"x": (length,)}, level=1,
-                                   arrival=draw(st.floats(0, 0.02)), ticket=None, seq=i))  # type: ignore[arg-type]
+            r = Pending(inputs={}, outputs=("y",), rows=rows, shapes={"x": (length,)}, level=1,
+                        arrival=draw(st.floats(0, 0.02)), ticket=None, seq=i)  # type: ignore[arg-type]
+            if members > 1:
+                r.count = members
+                r.splitter = (lambda t, k: None) if draw(st.booleans()) else None  # type: ignore[assignment]
+            pending.append(r)
     free = draw(st.sets(st.integers(0, 2), max_size=3))
     queueable = draw(st.sets(st.integers(0, 2), max_size=3)) - free
     return rules, pol, pending, free, queueable, draw(st.booleans()), draw(st.floats(0, 0.05))
@@ -198,7 +204,7 @@ def batching_cases(draw):
 
 @FAST
 @given(batching_cases())
-def test_plan_respects_max_batch_profiles_and_never_splits(case):
+def test_plan_respects_max_batch_profiles_and_never_splits_a_request(case):
     rules, pol, pending, free, queueable, busy, now = case
     p = policy.plan(pending, now, pol, rules, free, busy, queueable)
     if not p.requests:
@@ -207,7 +213,12 @@ def test_plan_respects_max_batch_profiles_and_never_splits(case):
     ids = [id(r) for r in p.requests]
     assert len(set(ids)) == len(ids) and set(ids) <= {id(r) for r in pending}
     assert p.requests[0] is pending[0]  # the head always goes first
-    assert p.rows == sum(r.rows for r in p.requests) <= rules.max_batch_size  # whole requests, never over max
+    taken = [r.rows for r in p.requests]
+    if p.split:  # only the last entry, only one its owner can split, and whole members of it
+        last = p.requests[-1]
+        assert last.splitter is not None and 0 < p.split < last.count and len(p.requests) > 1
+        taken[-1] = p.split * (last.rows // last.count)
+    assert p.rows == sum(taken) <= rules.max_batch_size  # whole requests, never over max
     if not pol.enabled:
         assert len(p.requests) == 1
     assert p.instance in free or p.instance in queueable
