@@ -89,6 +89,12 @@ class Clients:
         self.sent[fe._ids], self.out_region[fe._ids] = x, name_out
         return fe._ids
 
+    def check_doubled(self, answers: Dict[int, Tuple[str, str]], ids: List[int], xs: List[np.ndarray]) -> None:
+        """Each of ``ids`` succeeded and its output region holds 2 * its input."""
+        for req_id, x in zip(ids, xs):
+            assert answers[req_id] == ("", "")
+            np.testing.assert_array_equal(self.output(req_id), 2 * x)
+
     def output(self, req_id: int) -> np.ndarray:
         x = self.sent[req_id]
         return self.fake.array(self.handles[self.out_region[req_id]])[:x.nbytes].view(np.float32).reshape(x.shape)
@@ -227,9 +233,7 @@ async def test_an_output_the_device_did_not_write_is_written_from_the_host_for_e
         await asyncio.sleep(0.05)
         Doubling.gate.set()
         answers = await c.wait_for(5)
-        for req_id, x in zip(ids, xs):
-            assert answers[req_id] == ("", "")
-            np.testing.assert_array_equal(c.output(req_id), 2 * x)
+        c.check_doubled(answers, ids, xs)
         assert answers[held][0] == ""
         assert [len(msg[1]) for msg in c.fe.messages if msg[0] == m.RESULTS] == [4]
     finally:
@@ -257,9 +261,7 @@ async def test_a_batch_takes_the_first_members_of_a_group_and_the_rest_keep_thei
         assert c.leases() == 4
         Doubling.gate2.set()
         answers = await c.wait_for(7)
-        for req_id, x in zip(ids, xs):
-            assert answers[req_id] == ("", "")
-            np.testing.assert_array_equal(c.output(req_id), 2 * x)
+        c.check_doubled(answers, ids, xs)
         assert answers[held][0] == ""
         assert [b.shape[0] for b in Doubling.batches] == [1, 8, 4]
         assert [len(msg[1]) for msg in c.fe.messages if msg[0] == m.RESULTS] == [3, 1, 2]
@@ -346,9 +348,7 @@ async def test_without_device_tensors_cuda_shm_requests_run_one_by_one(repo) -> 
         await asyncio.sleep(0.05)
         Doubling.gate.set()
         answers = await c.wait_for(4)
-        for req_id, x in zip(ids, xs):
-            assert answers[req_id] == ("", "")
-            np.testing.assert_array_equal(c.output(req_id), 2 * x)
+        c.check_doubled(answers, ids, xs)
         assert answers[held][0] == ""
         assert not [msg for msg in c.fe.messages if msg[0] == m.RESULTS]
         assert [b.shape[0] for b in Doubling.batches] == [1, 6]  # still batched together, as three requests
@@ -380,9 +380,7 @@ async def test_a_clients_next_request_over_the_same_windows_is_checked_from_memo
                 xs[3][:] = 7.0
                 OnDevice.refuse = 7.0  # the host writes this member's output: through its remembered output window
             ids, answers = await _round(c, xs)
-            for req_id, x in zip(ids, xs):
-                assert answers[req_id] == ("", "")
-                np.testing.assert_array_equal(c.output(req_id), 2 * x)
+            c.check_doubled(answers, ids, xs)
             assert c.leases() == 0
         assert checks.remembered_hits == 10  # the first round checked each member, the later two remembered
         assert [len(msg[1]) for msg in c.fe.messages if msg[0] == m.RESULTS] == [5, 5, 5]
