@@ -184,9 +184,7 @@ async def test_cuda_shm_requests_of_a_frame_are_one_entry_read_and_written_where
         assert c.leases() == 12  # each member holds its two regions while queued
         Doubling.gate.set()
         answers = await c.wait_for(7)
-        for req_id, x in zip(ids, xs):
-            assert answers[req_id] == ("", "")
-            np.testing.assert_array_equal(c.output(req_id), 2 * x)  # the device's copy: the host result is zeros
+        c.check_doubled(answers, ids, xs)  # the device's copy: the host result is zeros
         assert answers[held][0] == ""
         assert [len(msg[1]) for msg in c.fe.messages if msg[0] == m.RESULTS] == [6]
         assert OnDevice.pieces[1] == ["DeviceTensor"] * 6  # read where the clients wrote them

@@ -5,8 +5,9 @@ and the frames that wait are read together), and most are alike: one model versi
 timeout, inputs in the arena, outputs to slots in the arena. The engine's Python objects per request (a ticket, a
 batcher entry, NumPy views, an answer message) are what bound it (docs/benchmarks/gpu-frontends.md). Alike requests
 read together are queued as one entry and answered in one RESULTS message. Each keeps its own id, answer,
-cancellation and statistics; a batch never splits an entry, as it never splits a request. How the entry holds its
-members' data depends on their size:
+cancellation and statistics; a batch never splits a request, but it may take only the first members of an entry
+that does not fit whole (the batcher's rule 2), the others becoming an entry of their own (core's ``_split_group``).
+How the entry holds its members' data depends on their size:
 
 - small requests: their inputs gathered from the arena in one indexed copy, their outputs scattered back into their
   slots in one;
