@@ -61,7 +61,7 @@ def test_the_links_are_found() -> None:
     the test above)."""
     readme = _links(ROOT / "README.md")
     assert {"docs/http.md", "docs/bench-mlp.png", "LICENSE", "docs/client.md#perf_analyzer"} <= set(readme)
-    assert "../client_bench_mlp.png" in _links(ROOT / "docs" / "benchmarks" / "client-history.md")
+    assert "../client_bench_mlp.png" in _links(ROOT / "docs" / "benchmarks" / "client.md")
 
 
 def test_the_readme_refers_only_to_the_repository() -> None:
