@@ -1,5 +1,5 @@
 """trtserve with N gRPC front-end processes vs the bare grpc.aio ceiling, side by side, under perf_analyzer
-(``python -m bench.frontends [--frontends 0,1,2] [--levels 1,8,32,128] [--duration 4] [--rounds 1] [--write]``).
+(``python -m bench.frontends [--frontends 0,1,2] [--levels 1,8,32,128] [--duration 4] [--rounds 1] [--write PATH]``).
 
 The model is the one issue 17 measures on the 2-core box: the example-sized MLP 64->256->256->16 on ONNX Runtime
 with 1 intra-op thread, max_batch_size 32, dynamic batching with a 2 ms queue delay (the bundled example sets
@@ -18,7 +18,8 @@ every request, as most clients set one. Per row: requests/s, p50 and p99 (perf_a
 (delta nv_inference_count / delta nv_inference_exec_count from /metrics, summed over the model's label sets,
 before and after the level) and the server's CPU (utime + stime of the server process and all its descendants,
 from /proc, delta over the perf_analyzer run / its wall time, in cores). Medians over rounds. A server that does
-not start, or a level that fails, reads "failed". ``--write`` writes the table to docs/benchmarks/frontends-2core.md.
+not start, or a level that fails, reads "failed". ``--write PATH`` also writes the table and its run details as a
+Markdown page (docs/benchmarks/frontends-2core.md quotes such tables; it is not overwritten).
 """
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ import urllib.request
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-OUT = ROOT / "docs" / "benchmarks" / "frontends-2core.md"
 MODEL = "m"
 N_IN, N_OUT = 64, 16
 CONFIG = f"""
@@ -496,8 +496,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--levels", default="1,8,32,128", help="perf_analyzer concurrency levels")
     p.add_argument("--duration", type=float, default=4.0, help="perf_analyzer measurement window, seconds")
     p.add_argument("--rounds", type=int, default=1, help="rounds (medians are reported)")
-    p.add_argument("--write", action="store_true", help=f"write the table to {OUT.relative_to(ROOT)}")
-    p.add_argument("--out", type=pathlib.Path, default=OUT, help=argparse.SUPPRESS)
+    p.add_argument("--write", type=pathlib.Path, default=None, metavar="PATH",
+                   help="also write the table and the run's details as a Markdown page to PATH")
     p.add_argument("--baseline", type=pathlib.Path, default=None,
                    help="another checkout (e.g. a git worktree of an older commit): its servers with the same "
                         "--frontends run in the same run, named 'baseline fN'")
@@ -555,7 +555,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\n".join(goals))
     if notes:
         print("\n" + "\n".join(notes))
-    if a.write:
+    if a.write is not None:
         md = ["# trtserve front ends vs the grpc.aio ceiling (2-core box)\n",
               f"- machine: {machine}", f"- command: `{command}`", f"- date: {date}", f"- commit: {_commit()}"
               + (f"; baseline fN: commit {_commit(a.baseline)}" if a.baseline is not None else ""),
@@ -566,8 +566,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               "server CPU: utime+stime of the server and all its descendants over the perf_analyzer run / its wall "
               "time (load generator and server share the cores)", "", render_markdown(rows), "",
               "## Goals (issue 17)", ""] + goals + (["", "## Failures", ""] + notes if notes else [])
-        a.out.write_text("\n".join(md) + "\n")
-        print(f"wrote {a.out}")
+        a.write.write_text("\n".join(md) + "\n")
+        print(f"wrote {a.write}")
     return 0
 
 
