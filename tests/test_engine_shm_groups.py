@@ -371,7 +371,7 @@ async def _round(c: Clients, xs: List[np.ndarray], **infer) -> Tuple[List[int], 
 async def test_a_clients_next_request_over_the_same_windows_is_checked_from_memory(repo) -> None:
     c = await _clients(repo)
     try:
-        checks = c.host.core._members
+        checks = c.host.core._groups._members
         for seed in (10, 11, 12):
             xs = _xs(5, seed)
             if seed == 12:
@@ -404,7 +404,7 @@ async def test_a_window_registered_again_is_checked_again(repo) -> None:
         for k in (0, 2):
             assert answers[ids[k]] == ("", "")
             np.testing.assert_array_equal(c.output(ids[k]), 2 * xs[k])
-        assert c.host.core._members.remembered_hits == 0
+        assert c.host.core._groups._members.remembered_hits == 0
         assert c.leases() == 0
     finally:
         await _stop(c)

@@ -6,7 +6,7 @@ timeout, inputs in the arena, outputs to slots in the arena. The engine's Python
 batcher entry, NumPy views, an answer message) are what bound it (docs/benchmarks/gpu-frontends.md). Alike requests
 read together are queued as one entry and answered in one RESULTS message. Each keeps its own id, answer,
 cancellation and statistics; a batch never splits a request, but it may take only the first members of an entry
-that does not fit whole (the batcher's rule 2), the others becoming an entry of their own (core's ``_split_group``).
+that does not fit whole (the batcher's rule 2), the others becoming an entry of their own (group_path.py).
 How the entry holds its members' data depends on their size:
 
 - small requests: their inputs gathered from the arena in one indexed copy, their outputs scattered back into their
@@ -22,7 +22,7 @@ How the entry holds its members' data depends on their size:
 
 Members may have deadlines (a client's gRPC timeout): the entry's is the earliest of them. When it passes before the
 entry runs, none of it ran: the members whose own deadline passed are answered DEADLINE_EXCEEDED and the others are
-queued again (engine/core.py).
+queued again (engine/group_path.py).
 
 Requests that are not alike in this way run one by one as before: a traced one, one with system shared memory,
 with some tensors in shared memory and some not, or with BYTES tensors, one with some tensors above the direct-copy

@@ -426,13 +426,13 @@ def test_many_clients_regions_in_one_batch_on_tensorrt(tmp_path, monkeypatch) ->
     if not ok:
         pytest.skip(f"needs TensorRT: {why}")
     from tests.conftest import RunningServer
-    from trtserve.server.engine.core import EngineCore
+    from trtserve.server.engine.group_path import GroupPath
 
     from .gpu_models import ort_run, ort_session
 
     groups = []  # members of each group, as the engine gives their regions back
-    release = EngineCore._release_shms
-    monkeypatch.setattr(EngineCore, "_release_shms",
+    release = GroupPath._release_shms
+    monkeypatch.setattr(GroupPath, "_release_shms",
                         staticmethod(lambda g: (groups.append(len(g.shms or ())), release(g))))
     _mlp_trt(tmp_path, "max_queue_delay_microseconds: 2000")
     s = RunningServer(tmp_path, metrics=False)

@@ -40,7 +40,7 @@ class ModelVersion:
     backend: Optional[Backend] = None
     batcher: Optional[DynamicBatcher] = None
     # new with every load: a front end names the serial it checked a request against, so a request checked
-    # against a version that a reload has since replaced is checked again (engine/core.py)
+    # against a version that a reload has since replaced is checked again (engine/single_path.py, group_path.py)
     serial: int = 0
 
 
