@@ -8,10 +8,16 @@ connected by an in-process link (the same messages as between processes, without
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from trtserve.server.events import Observer
 from trtserve.server.options import ServerOptions
+
+if TYPE_CHECKING:
+    from trtserve.server.engine.repository.registry import ModelRepository
+    from trtserve.server.engine.shm.registry import SharedMemoryRegistry
+    from trtserve.server.frontend.service import InferenceService
+    from trtserve.server.metrics.statistics import Statistics
 
 log = logging.getLogger("trtserve")
 
@@ -42,19 +48,19 @@ class TrtServer:
 
     # the engine's parts, for embedders and tests of the single-process server
     @property
-    def repository(self):
+    def repository(self) -> "ModelRepository":
         return self.engine.repository
 
     @property
-    def statistics(self):
+    def statistics(self) -> "Statistics":
         return self.engine.statistics
 
     @property
-    def shared_memory(self):
+    def shared_memory(self) -> "SharedMemoryRegistry":
         return self.engine.shared_memory
 
     @property
-    def service(self):
+    def service(self) -> "InferenceService":
         return self.frontend.service
 
     async def start(self) -> int:

@@ -8,7 +8,7 @@ Every failure names the tensor, what was expected and what arrived.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import numpy as np
 
@@ -50,7 +50,8 @@ def decode_raw(name: str, dt: dtypes.DataType, shape: Tuple[int, ...], raw: byte
     return np.frombuffer(raw, dtype=dt.numpy.newbyteorder("<") if dt.itemsize > 1 else dt.numpy).reshape(shape)
 
 
-def decode_contents(name: str, dt: dtypes.DataType, shape: Tuple[int, ...], contents: pb.InferTensorContents):
+def decode_contents(name: str, dt: dtypes.DataType, shape: Tuple[int, ...],
+                    contents: pb.InferTensorContents) -> np.ndarray:
     count = math.prod(shape) if shape else 1
     used = [f for f in _CONTENT_FIELDS if len(getattr(contents, f))]
     if dt.contents_field is None:
@@ -72,11 +73,12 @@ def decode_contents(name: str, dt: dtypes.DataType, shape: Tuple[int, ...], cont
     if dt.numpy.kind in "iu":
         info = np.iinfo(dt.numpy)
         if arr.size and (arr.min() < info.min or arr.max() > info.max):
-            raise InvalidArgument(f"input '{name}': contents.{dt.contents_field} has values outside the {dt.wire} range")
+            raise InvalidArgument(f"input '{name}': contents.{dt.contents_field} has values outside the "
+                                  f"{dt.wire} range")
     return arr.astype(dt.numpy).reshape(shape)
 
 
-def parameter_value(p: pb.InferParameter):
+def parameter_value(p: pb.InferParameter) -> Any:
     """The Python value of an InferParameter oneof (None if unset)."""
     which = p.WhichOneof("parameter_choice")
     return getattr(p, which) if which else None

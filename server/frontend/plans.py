@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from trtserve import dtypes
 from trtserve.protos import grpc_service_pb2 as pb
+from trtserve.server.engine.repository.model_config import ModelSpec
 from trtserve.server.frontend.validation import Prechecked, precheck
 from trtserve.server.ipc import messages as m
 from trtserve.server.ipc.arena import Arena, aligned
@@ -25,7 +26,7 @@ MAX_SIGNATURES = 256
 MAX_MODELS = 64
 
 
-def output_bytes(spec, name: str, rows: int) -> Optional[int]:
+def output_bytes(spec: ModelSpec, name: str, rows: int) -> Optional[int]:
     """Bytes an output of a request of ``rows`` rows takes, when its shape is fixed; None otherwise."""
     t = spec.output(name)
     if t is None or t.datatype == "BYTES" or any(d < 0 for d in t.dims):
@@ -120,7 +121,7 @@ class Plans:
     def __init__(self) -> None:
         self._models: Dict[int, Tuple[object, Dict[tuple, Plan]]] = {}  # id(spec) -> (spec, plans)
 
-    def find(self, spec, request: pb.ModelInferRequest, max_input_bytes: Optional[int],
+    def find(self, spec: ModelSpec, request: pb.ModelInferRequest, max_input_bytes: Optional[int],
              datas: List[bytes]) -> Optional[Plan]:
         """The plan of a plain request (checking it when its shape is new: InvalidArgument as precheck), or None
         when the request is not plain. ``datas`` receives its raw entries, to pass to ``Plan.stage``."""

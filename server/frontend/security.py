@@ -10,7 +10,7 @@ import dataclasses
 import hmac
 import pathlib
 import ssl
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional, Sequence, Union
 
 import grpc
 
@@ -96,7 +96,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
                             "'authorization: Bearer <token>' metadata")
 
 
-def check_bearer(values, expected: bytes, what: str = "'Authorization: Bearer <token>' header") -> Optional[str]:
+def check_bearer(values: Sequence[Union[str, bytes]], expected: bytes,
+                 what: str = "'Authorization: Bearer <token>' header") -> Optional[str]:
     """None when ``values`` (every authorization header of one call) is exactly one ``Bearer <expected>``, else
     why not. Shared by the gRPC interceptor and the HTTP front end, so both ports refuse alike."""
     if not values:

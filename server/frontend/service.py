@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
+import grpc
 import numpy as np
 
 from trtserve import dtypes
@@ -35,6 +36,8 @@ from trtserve.server.ipc import messages as m
 from trtserve.server.ipc.arena import ArenaFull
 
 log = logging.getLogger("trtserve.protocol")
+
+Context = grpc.aio.ServicerContext
 
 # engine answers after which a front end asks for the model again instead of trusting what it cached
 _FORGET_ON = ("NOT_FOUND", "UNAVAILABLE")
@@ -87,48 +90,49 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.ready = True  # false from the start of a drain: ServerReady/ModelReady answer false
         self.accepting = True  # false once the drain stops taking work: new inferences UNAVAILABLE
 
-    async def _forward(self, method: str, response_type, *args):
+    async def _forward(self, method: str, response_type: Any, *args: Any) -> Any:
         return response_type.FromString(await self._engine.call(method, *args))
 
     # ---- health and metadata --------------------------------------------------------------------------------------
     @rpc
-    async def ServerLive(self, request, context):
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._engine.alive)
 
     @rpc
-    async def ServerReady(self, request, context):
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
         ready = self.ready and self.accepting and self._engine.alive and await self._engine.call("server_ready")
         return pb.ServerReadyResponse(ready=bool(ready))
 
     @rpc
-    async def ModelReady(self, request, context):
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         ready = self.ready and self.accepting and self._engine.alive and await self._engine.call(
             "model_ready", request.name, request.version)
         return pb.ModelReadyResponse(ready=bool(ready))
 
     @rpc
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
         return await self._forward("server_metadata", pb.ServerMetadataResponse)
 
     @rpc
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         return await self._forward("model_metadata", pb.ModelMetadataResponse, request.name, request.version)
 
     @rpc
-    async def ModelConfig(self, request, context):
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         return await self._forward("model_config", pb.ModelConfigResponse, request.name, request.version)
 
     @rpc
-    async def ModelStatistics(self, request, context):
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         return await self._forward("model_statistics", pb.ModelStatisticsResponse, request.name, request.version)
 
     # ---- repository -----------------------------------------------------------------------------------------------
     @rpc
-    async def RepositoryIndex(self, request, context):
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         return await self._forward("repository_index", pb.RepositoryIndexResponse, request.ready)
 
     @rpc
-    async def RepositoryModelLoad(self, request, context):
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: Context) -> pb.RepositoryModelLoadResponse:
         # Triton's config override (a ModelConfig in JSON) goes to the engine as it came; other parameters (file
         # overrides) go by name, for the engine to refuse after its model-control check
         params = request.parameters
@@ -139,13 +143,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     @rpc
-    async def RepositoryModelUnload(self, request, context):
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: Context) -> pb.RepositoryModelUnloadResponse:
         await self._engine.call("unload", request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # ---- shared memory --------------------------------------------------------------------------------------------
     @rpc
-    async def SystemSharedMemoryStatus(self, request, context):
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: Context) -> pb.SystemSharedMemoryStatusResponse:
         response = pb.SystemSharedMemoryStatusResponse()
         for name, key, offset, byte_size in await self._engine.call("shm_status", "system", request.name):
             response.regions[name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
@@ -153,17 +159,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @rpc
-    async def SystemSharedMemoryRegister(self, request, context):
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: Context) -> pb.SystemSharedMemoryRegisterResponse:
         await self._engine.call("shm_register_system", request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @rpc
-    async def SystemSharedMemoryUnregister(self, request, context):
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                           context: Context) -> pb.SystemSharedMemoryUnregisterResponse:
         await self._engine.call("shm_unregister", "system", request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc
-    async def CudaSharedMemoryStatus(self, request, context):
+    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
+                                     context: Context) -> pb.CudaSharedMemoryStatusResponse:
         response = pb.CudaSharedMemoryStatusResponse()
         for name, device_id, byte_size in await self._engine.call("shm_status", "CUDA", request.name):
             response.regions[name].CopyFrom(pb.CudaSharedMemoryStatusResponse.RegionStatus(
@@ -171,19 +180,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @rpc
-    async def CudaSharedMemoryRegister(self, request, context):
+    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
+                                       context: Context) -> pb.CudaSharedMemoryRegisterResponse:
         await self._engine.call("shm_register_cuda", request.name, bytes(request.raw_handle), request.device_id,
                                 request.byte_size)
         return pb.CudaSharedMemoryRegisterResponse()
 
     @rpc
-    async def CudaSharedMemoryUnregister(self, request, context):
+    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
+                                         context: Context) -> pb.CudaSharedMemoryUnregisterResponse:
         await self._engine.call("shm_unregister", "CUDA", request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
     # ---- log and trace settings -----------------------------------------------------------------------------------
     @rpc
-    async def LogSettings(self, request, context):
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: Context) -> pb.LogSettingsResponse:
         updates = {}
         for key, value in request.settings.items():
             which = value.WhichOneof("parameter_choice")
@@ -201,7 +212,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @rpc
-    async def TraceSetting(self, request, context):
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Context) -> pb.TraceSettingResponse:
         updates = {key: list(value.value) for key, value in request.settings.items()}
         current = await self._engine.call("trace_settings", request.model_name, updates)
         response = pb.TraceSettingResponse()
@@ -211,7 +222,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference ------------------------------------------------------------------------------------------------
     @rpc
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return await self.infer(request, context.time_remaining())
 
     async def infer(self, request: pb.ModelInferRequest, remaining: Optional[float]) -> pb.ModelInferResponse:
@@ -347,7 +358,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 response.raw_output_contents.append(b"")
         return response
 
-    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Bidirectional stream: requests run concurrently (through the same batcher), responses are written as
         they complete and matched by ``id``; an error answers that request only. At most max_stream_inflight
         requests are read and not yet answered and written: past that the stream stops reading, so a client
