@@ -421,8 +421,8 @@ def test_frontends_auto_follows_cpu_affinity_and_quota(tmp_path):
     from trtserve.cli import frontends_from, usable_cpus
 
     cpus = len(os.sched_getaffinity(0))
-    assert frontends_from("auto", usable_cpus(str(tmp_path))) == max(1, min(8, cpus // 2))  # no cgroup files
-    assert [frontends_from("auto", n) for n in (1, 2, 3, 4, 16, 64)] == [1, 1, 1, 2, 8, 8]
+    assert frontends_from("auto", usable_cpus(str(tmp_path))) == min(8, max(min(2, cpus), cpus // 2))  # no cgroups
+    assert [frontends_from("auto", n) for n in (1, 2, 3, 4, 5, 12, 16, 64)] == [1, 2, 2, 2, 2, 6, 8, 8]
     (tmp_path / "cpu.max").write_text("250000 100000\n")  # a Kubernetes limit of 2.5 CPUs
     assert usable_cpus(str(tmp_path)) == min(cpus, 3)
     (tmp_path / "cpu.max").write_text("max 100000\n")

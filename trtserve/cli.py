@@ -489,11 +489,11 @@ def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
 
 def frontends_from(value: str, cpus: Optional[int] = None) -> int:
     """The --frontends value: a count, or ``auto``: one front end per two CPUs this process may use (affinity and
-    CPU quota), at least one and at most eight, leaving room for the engine (docs/architecture.md says why).
+    CPU quota), but two from two CPUs up, and at most eight (docs/architecture.md gives the measurements).
     ValueError for anything else."""
     if value == "auto":
         cpus = usable_cpus() if cpus is None else cpus
-        return max(1, min(8, cpus // 2))
+        return min(8, max(min(2, cpus), cpus // 2))
     try:
         count = int(value)
     except ValueError:
