@@ -21,7 +21,7 @@ from trtserve.server.engine.session import Session
 from trtserve.server.engine.shm.members import MemberChecks
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
 from trtserve.server.engine.shm.request import RequestShm
-from trtserve.server.engine.single_path import SinglePath, arena_destinations, write_outputs
+from trtserve.server.engine.single_path import SinglePath, arena_destinations, device_of, write_outputs
 from trtserve.server.errors import DeadlineExceeded, Internal, TrtServeError
 from trtserve.server.events import Observer
 from trtserve.server.ipc import messages as m
@@ -131,7 +131,7 @@ class GroupPath:
         that fails a check or lies elsewhere goes on its own (and is answered why)."""
         spec, backend = mv.spec, mv.backend
         assert spec is not None and mv.batcher is not None
-        device_id = getattr(getattr(backend, "config", None), "device_id", 0)
+        device_id = device_of(backend)
         members: List[tuple] = []
         shms: List[Any] = []
         pieces: List[List[DeviceTensor]] = []

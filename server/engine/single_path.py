@@ -117,7 +117,7 @@ class SinglePath:
             if item.shm is None:
                 item.shm = self._shm.request()
             device_tensors = bool(getattr(backend, "accepts_device_tensors", False))
-            device_id = getattr(getattr(backend, "config", None), "device_id", 0)
+            device_id = device_of(backend)
             ref = ShmRef(source[1], source[2], source[3])
             data = item.shm.read_input(name, dt, tuple(shape), ref,
                                        device_tensors and name not in spec.pad_values)
@@ -152,7 +152,7 @@ class SinglePath:
             item.shm.check_output_size(t.name, dtypes.BY_WIRE[t.datatype], full)
         device_outputs: Dict[str, Tuple[int, int]] = {}
         if getattr(backend, "accepts_device_tensors", False):
-            device_id = getattr(getattr(backend, "config", None), "device_id", 0)
+            device_id = device_of(backend)
             for name in item.shm.outputs:
                 dest = item.shm.device_destination(name, device_id)
                 if dest is not None:
@@ -237,6 +237,11 @@ def _finish_shm(item: InFlight, finished: bool) -> None:
     if item.shm is not None:
         item.shm.release(finished=finished)
         item.shm = None
+
+
+def device_of(backend: Any) -> int:
+    """The GPU a model's backend runs on (0 for one that names none), where its device tensors must lie."""
+    return getattr(getattr(backend, "config", None), "device_id", 0)
 
 
 def arena_destinations(arena: Any, outputs: tuple, min_bytes: int) -> Dict[str, Tuple[int, int]]:

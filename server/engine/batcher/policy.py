@@ -92,6 +92,16 @@ def _row_counts(batch: Sequence[Pending], split: int) -> List[int]:
     return counts
 
 
+def _merged_prefix(prefix: Sequence[Pending], rules: ShapeRules) -> Tuple[int, Dict[str, Shape]]:
+    """Rows and shapes of a prefix of a gathered batch (whole entries only)."""
+    rows, shapes = prefix[0].rows, dict(prefix[0].shapes)
+    for r in prefix[1:]:
+        merged = rules.merge(rows, shapes, r.rows, r.shapes)
+        assert merged is not None  # a prefix of a mergeable batch is mergeable
+        rows, shapes = merged
+    return rows, shapes
+
+
 def _place(rules: ShapeRules, rows: int, shapes: Dict[str, Shape],
            free: Set[int]) -> Tuple[Optional[int], Optional[Profile]]:
     if not rules.profiles:
@@ -138,12 +148,7 @@ def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: 
     def run(reqs: List[Pending]) -> Plan:
         if len(reqs) == len(batch):
             return Plan(reqs, rows, shapes, instance, profile, split=split)
-        # a prefix: the split entry, always the last, is not in it
-        r_rows, r_shapes = reqs[0].rows, dict(reqs[0].shapes)
-        for r in reqs[1:]:
-            merged = rules.merge(r_rows, r_shapes, r.rows, r.shapes)
-            assert merged is not None  # a prefix of a mergeable batch is mergeable
-            r_rows, r_shapes = merged
+        r_rows, r_shapes = _merged_prefix(reqs, rules)  # the split entry, always the last, is not in it
         inst, prof = _place(rules, r_rows, r_shapes, free)
         return Plan(reqs, r_rows, r_shapes, inst if inst is not None else instance, prof or profile)
 
@@ -170,11 +175,7 @@ def _queue_behind(batch: List[Pending], rows: int, shapes: Dict[str, Shape], pol
             return None  # partial: it waits on the queue, where it can still grow
         if cut < len(batch):
             batch, split = batch[:cut], 0  # the split entry, the last, is not in the prefix
-            rows, shapes = batch[0].rows, dict(batch[0].shapes)
-            for r in batch[1:]:
-                merged = rules.merge(rows, shapes, r.rows, r.shapes)
-                assert merged is not None  # a prefix of a mergeable batch is mergeable
-                rows, shapes = merged
+            rows, shapes = _merged_prefix(batch, rules)
     instance, profile = _place(rules, rows, shapes, set(queueable))
     if instance is None:
         return None
