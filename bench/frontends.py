@@ -7,9 +7,10 @@ with 1 intra-op thread, max_batch_size 32, dynamic batching with a 2 ms queue de
 server is measured in turn (the order rotates per round), so drift on a shared machine affects all alike:
 
 - ``ceiling``: bench/ceiling_server.py, decode and return a precomputed response (no model, no batching);
-- ``trtserve fN``: ``trtserve serve --frontends N`` (N = 0: the single-process mode, run without the flag);
+- ``trtserve fN``: ``trtserve serve --frontends N`` (N = 0: the single-process mode);
 - ``baseline fN`` (with ``--baseline DIR``): the same server run from another checkout, e.g. a git worktree of an
-  older commit, so a change is measured beside what it changed in one run.
+  older commit, so a change is measured beside what it changed in one run;
+- ``--also 'NAME=ARGS'``: one more ``trtserve serve`` with these arguments, e.g. an option measured on and off.
 
 Load: perf_analyzer ``-i grpc``, ``--concurrency-range L:L``, time windows, with
 TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1 so each of its contexts opens its own connection (SO_REUSEPORT
@@ -29,6 +30,7 @@ import csv
 import os
 import pathlib
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -372,18 +374,21 @@ class Server:
         self.proc = None
 
 
-def make_server(name: str, repo: pathlib.Path, frontends: Optional[int],
-                checkout: Optional[pathlib.Path] = None) -> Server:
+def make_ceiling(name: str) -> Server:
     port = free_port()
-    if frontends is None:
-        cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", MODEL,
-               "--inputs", str(N_IN), "--outputs", str(N_OUT)]
-        return Server(name, cmd, port, None)
+    cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", MODEL,
+           "--inputs", str(N_IN), "--outputs", str(N_OUT)]
+    return Server(name, cmd, port, None)
+
+
+def make_server(name: str, repo: pathlib.Path, args: Sequence[str],
+                checkout: Optional[pathlib.Path] = None) -> Server:
+    """``trtserve serve`` on ``repo`` with ``args`` (which should say --frontends: without it the server chooses)."""
+    port = free_port()
     metrics_port = free_port()
     cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-           "--http-port", "-1", "--metrics-port", str(metrics_port), "--log-level", "warning", "--no-gpu-metrics"]
-    if frontends:  # N = 0 is the single-process mode, which needs no flag (and ran before the flag existed)
-        cmd += ["--frontends", str(frontends)]
+           "--http-port", "-1", "--metrics-port", str(metrics_port), "--log-level", "warning", "--no-gpu-metrics",
+           *args]
     return Server(name, cmd, port, metrics_port, checkout)
 
 
@@ -501,6 +506,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--baseline", type=pathlib.Path, default=None,
                    help="another checkout (e.g. a git worktree of an older commit): its servers with the same "
                         "--frontends run in the same run, named 'baseline fN'")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=ARGS",
+                   help="one more trtserve server in the same run, named NAME, started with these `trtserve serve` "
+                        "arguments (e.g. 'f2 normal=--frontends 2 --frontend-scheduling normal'); repeatable")
     p.add_argument("--trtserve-bench", type=float, default=None, metavar="TIMEOUT_S",
                    help="load with `trtserve bench` instead of perf_analyzer, every request with this deadline")
     a = p.parse_args(argv)
@@ -513,9 +521,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     samples: Dict[Tuple[str, int], List[Optional[dict]]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(pathlib.Path(tmp))
-        servers = [make_server("ceiling", repo, None)] + [make_server(f"trtserve f{n}", repo, n) for n in frontends]
+        servers = [make_ceiling("ceiling")] + [make_server(f"trtserve f{n}", repo, ["--frontends", str(n)])
+                                               for n in frontends]
         if a.baseline is not None:
-            servers += [make_server(f"baseline f{n}", repo, n, a.baseline.resolve()) for n in frontends]
+            servers += [make_server(f"baseline f{n}", repo, ["--frontends", str(n)], a.baseline.resolve())
+                        for n in frontends]
+        for also in a.also:
+            name, _, args = also.partition("=")
+            servers.append(make_server(name.strip(), repo, shlex.split(args)))
         names = [s.name for s in servers]
         notes: List[str] = []
         try:
