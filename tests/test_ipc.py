@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import socket
 import threading
 
@@ -153,6 +154,35 @@ def test_socket_link_keeps_order_carries_large_frames_and_reports_the_peer_closi
     assert closed == ["a"]  # a learns that b went away
     got, _ = asyncio.run(_pair_roundtrip(20000, b"x"))  # many small messages, batched per loop turn
     assert [m[1] for m in got] == list(range(20000))
+
+
+def test_socket_link_flush_sends_now_and_what_follows_in_the_turn_still_goes_once():
+    async def run():
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        right.setblocking(False)
+        a = SocketLink(left)
+        a.start(lambda batch: None, lambda: None)
+        a.send((1,))
+        with pytest.raises(BlockingIOError):
+            right.recv(1 << 16)  # queued for the end of the turn
+        a.flush()
+        first = right.recv(1 << 16)  # on the wire before the turn ends
+        a.send((2,))  # after a flush in the same turn: the flush already scheduled sends it
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        rest = right.recv(1 << 16)
+        a.close()
+        right.close()
+        return first, rest
+
+    first, rest = asyncio.run(run())
+    frames = []
+    for data in (first, rest):
+        while data:
+            n = int.from_bytes(data[:4], "little")
+            frames.append(pickle.loads(data[4:4 + n]))
+            data = data[4 + n:]
+    assert frames == [[(1,)], [(2,)]]
 
 
 def test_local_link_delivers_on_the_next_turn_and_closes_both_ends():

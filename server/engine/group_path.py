@@ -257,7 +257,7 @@ class GroupPath:
             return
         ids = tuple([msg[1] for msg in live])
         if session.answered(ids):
-            session.link.send((m.RESULTS, ids, written))
+            session.send_answers((m.RESULTS, ids, written))
 
     def _expired(self, g: group.Group) -> None:
         """The group's deadline (its earliest member's) passed before it ran, in the queue or while its batch waited

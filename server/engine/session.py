@@ -37,4 +37,11 @@ class Session:
     def answer(self, req_id: int, code: str, message: str, outputs: tuple) -> None:
         """One request's RESULT (``code`` "" for success, with ``outputs`` as written)."""
         if self.answered((req_id,)):
-            self.link.send((m.RESULT, req_id, code, message, outputs))
+            self.send_answers((m.RESULT, req_id, code, message, outputs))
+
+    def send_answers(self, message: tuple) -> None:
+        """A RESULT or RESULTS of requests ``answered`` took: once the front end has nothing else in flight, no
+        answer will join it this turn, and it goes at once."""
+        self.link.send(message)
+        if not self.inflight:
+            self.link.flush()

@@ -39,6 +39,10 @@ class Link:
     def send(self, message: tuple) -> None:
         raise NotImplementedError
 
+    def flush(self) -> None:
+        """Sends what this turn queued now instead of at the end of the turn: for a sender that knows nothing else
+        will join it (the engine, once a front end has no other request in flight), the turn saved is latency."""
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -73,8 +77,14 @@ class SocketLink(Link):
             assert self._loop is not None
             self._loop.call_soon(self._flush)
 
+    def flush(self) -> None:
+        self._send_out()  # the flush already scheduled sends what is queued after this, or finds nothing
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._send_out()
+
+    def _send_out(self) -> None:
         if self.closed or not self._out:
             return
         batch, self._out = self._out, []

@@ -283,8 +283,10 @@ class DynamicBatcher:
                 next_deadline = self._purge_and_expire(now)
                 if self._closing and not self.pending and not self._running:
                     break
-                free, queueable = self._pool.free(), self._pool.queueable()
-                # every instance full (the usual case under load, woken by each new request): nothing to plan
+                queued = self._delayed or any(self._queues.values())
+                free, queueable = (self._pool.free(), self._pool.queueable()) if queued else (None, None)
+                # every instance full (the usual case under load, woken by each new request), or nothing queued (the
+                # turn after a batch was dispatched, under light load): nothing to plan
                 p = policy.plan(self._ordered(), now, self.spec.batching, self._rules, free,
                                 busy=self._pool.busy(), queueable=queueable,
                                 hold=self._contention.hold_until()) if free or queueable else policy.Plan()
@@ -381,14 +383,11 @@ class DynamicBatcher:
 
         instance = p.instance
         if self._inline and self._runs_inline(p):
-            ran: "concurrent.futures.Future" = concurrent.futures.Future()
-            try:
-                ran.set_result(self._work(p))
-            except BaseException as e:  # noqa: BLE001 - whatever happens, the batch gets its one answer
-                ran.set_exception(e)
-            # answered in the next turn, not this one: the instance stays held until then, so the loop goes back to
-            # its sockets between inline batches and a request that arrived meanwhile (a higher priority) is seen
-            loop.call_soon(self._complete, p, seq, now, ran, done)
+            # answered at once, so the answers leave with this turn's writes; the instance is freed in the next
+            # turn, not this one, so the loop goes back to its sockets between inline batches and a request that
+            # arrived meanwhile (a higher priority) is seen before the next batch is planned
+            self._complete(p, seq, now, _Outcome.of(lambda: self._work(p)), done, release=False)
+            loop.call_soon(self._release, instance, seq, done)
             return
         if self._loop_enqueue:
             # the instance's slot for this batch is free: the batch that used it last was answered (and released
@@ -537,9 +536,10 @@ class DynamicBatcher:
         return out
 
     def _complete(self, p: policy.Plan, seq: int, dispatched: float, f: "Union[concurrent.futures.Future, _Outcome]",
-                  done: "asyncio.Future") -> None:
+                  done: "asyncio.Future", release: bool = True) -> None:
         """On the loop, once the batch's work finished (``_work``, or ``_end`` on the instance or completion
-        thread): answers the batch's requests and frees the instance."""
+        thread): answers the batch's requests and frees the instance (``release`` False: the caller frees it with
+        ``_release`` later)."""
         try:
             self._answer(p, seq, dispatched, f)
         except Exception:  # a bug while answering must not leave the batch's requests without an answer
@@ -547,11 +547,19 @@ class DynamicBatcher:
             for r in p.requests:
                 r.ticket.settle(error=Internal(f"model '{self.spec.name}': failed to answer the batch"))
         finally:
-            self._running.pop(seq, None)
-            self._on_thread.discard(seq)
-            if not done.done():
-                done.set_result(None)
-        self._wake.set()  # the freed instance: the loop plans what runs next
+            if release:
+                assert p.instance is not None
+                self._release(p.instance, seq, done)
+
+    def _release(self, instance: int, seq: int, done: "asyncio.Future") -> None:
+        """The batch is answered: its instance takes the next one."""
+        self._pool.release(instance)
+        self._running.pop(seq, None)
+        self._on_thread.discard(seq)
+        if not done.done():
+            done.set_result(None)
+        if self._closing or self._delayed or any(self._queues.values()):
+            self._wake.set()  # the loop plans what runs next on the freed instance (nothing queued: nothing to plan)
 
     def _answer(self, p: policy.Plan, seq: int, dispatched: float,
                 f: "Union[concurrent.futures.Future, _Outcome]") -> None:
@@ -569,8 +577,6 @@ class DynamicBatcher:
         except Exception as e:  # a backend bug fails this batch only; the scheduler keeps serving
             log.exception("model '%s': batch of %d rows failed", self.spec.name, p.rows, exc_info=e)
             error = Internal(f"model '{self.spec.name}': batch execution failed: {type(e).__name__}: {e}")
-        finally:
-            self._pool.release(p.instance)
         name, version = self.spec.name, self.spec.version
         if error is not None:
             if not abandoned:  # an abandoned batch never executed: no execution to count
