@@ -39,6 +39,10 @@ class ServerOptions:
     # process model: 0 = gRPC and the engine in this process; N > 0 = N gRPC front-end processes on the same port
     # and one engine process
     frontends: int = 0
+    # the front ends' CPU scheduling policy (Linux): "batch" (SCHED_BATCH) lets the engine finish its loop turn when
+    # its answers wake a front end on a shared core, instead of being preempted by it at every send
+    # (docs/architecture.md gives the measurement); "normal" leaves the policy the server was started with
+    frontend_scheduling: str = "batch"
     arena_bytes: int = 512 * MiB  # per front end: inputs and outputs of its requests in flight (touched lazily)
     max_inflight: int = 4096  # per front end: inference requests past it are answered UNAVAILABLE (counted)
     max_stream_inflight: int = 64  # per ModelStreamInfer stream: requests read but not yet answered and written

@@ -109,6 +109,32 @@ def test_one_server_seen_from_every_front_end(server):
     assert len(answers) == 1
 
 
+def _policies(pid: int) -> set:
+    """The scheduling policy of every thread of ``pid``."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add(os.sched_getscheduler(int(tid)))
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_front_ends_run_as_sched_batch_and_the_engine_keeps_its_policy(server, tmp_path):
+    roles = server.roles()
+    started_as = os.sched_getscheduler(0)
+    for pid in roles["frontend"]:  # gRPC's threads too: they start after the policy is set, and inherit it
+        assert _policies(pid) == {os.SCHED_BATCH}, pid
+    assert _policies(roles["engine"]) == {started_as}
+    assert _policies(server.proc.pid) == {started_as}
+    normal = Serve(EXAMPLE, frontends=1, args=["--frontend-scheduling", "normal"], metrics=False)
+    try:
+        assert _policies(normal.roles()["frontend"][0]) == {started_as}
+    finally:
+        assert normal.stop() == 0
+
+
 def test_exactly_one_answer_each_and_totals_exact(server):
     before = statistics(server.url)
     m_before = metric(server.metrics_port, "nv_inference_request_success")

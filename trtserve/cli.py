@@ -192,6 +192,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--frontends", action=_Given, default=_env("FRONTENDS", "auto"),
                    help="front-end processes (gRPC and HTTP) on the ports, beside one engine process; 0 serves from this one "
                         "process (debugging); auto (default): chosen from the CPUs this process may use")
+    p.add_argument("--frontend-scheduling", action=_Given, choices=["batch", "normal"],
+                   default=_env_choice("FRONTEND_SCHEDULING", "batch", ["batch", "normal"]),
+                   help="the front ends' CPU scheduling policy on Linux: batch (default) lets the engine finish its "
+                        "work when its answers wake a front end on a busy core; normal keeps the server's policy")
     p.add_argument("--arena-bytes", action=_Given, type=int, default=_env_int("ARENA_BYTES", 512 << 20),
                    help="per front end: shared memory for the tensors of its requests in flight (default 512 MiB, "
                         "taken as used); a full arena answers UNAVAILABLE")
@@ -423,6 +427,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
     options.metrics_tls, options.metrics_auth = args.metrics_tls, args.metrics_auth
     options.max_concurrent_streams = args.max_concurrent_streams
     options.frontends = checked(args, "frontends", frontends_from)
+    options.frontend_scheduling = args.frontend_scheduling
     options.arena_bytes = args.arena_bytes
     options.max_inflight = args.max_inflight
     options.max_stream_inflight = args.max_stream_inflight

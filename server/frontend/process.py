@@ -25,6 +25,8 @@ log = logging.getLogger("trtserve.frontend")
 async def _run(payload: dict) -> int:
     stop = child.stop_event()
     options = payload["options"]
+    if options.frontend_scheduling == "batch":  # before gRPC starts its threads: they inherit the policy
+        child.schedule_as_batch()
     arena = Arena.create(options.arena_bytes, f"trtserve-frontend-{payload['index']}")
     sock = channel.connect(payload["address"], {"name": f"frontend-{payload['index']}", "pid": os.getpid()},
                            [arena.fd])

@@ -43,6 +43,26 @@ def boot() -> Dict[str, Any]:
     return payload
 
 
+def schedule_as_batch() -> bool:
+    """SCHED_BATCH for every thread of this process (Linux; threads started later inherit it): such a thread woken
+    by another process's write does not preempt the writer, it waits for the writer's slice or for a free core.
+    False where the platform has no such policy or refuses it."""
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is None or not hasattr(os, "sched_setscheduler"):
+        return False
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    try:
+        for tid in threads:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+    except OSError as e:  # a sandbox that filters the call: keep the policy the process has
+        logging.getLogger("trtserve.process").warning("cannot set SCHED_BATCH (%s); front ends keep their policy", e)
+        return False
+    return True
+
+
 def report_ready(info: Dict[str, Any]) -> None:
     """One JSON line on stdout, then stdout is closed: the supervisor's start() waits for it."""
     sys.stdout.write(json.dumps(info) + "\n")
