@@ -135,6 +135,29 @@ def test_front_ends_run_as_sched_batch_and_the_engine_keeps_its_policy(server, t
         assert normal.stop() == 0
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_sched_batch_skips_threads_that_ended_and_gives_up_when_refused(monkeypatch, caplog):
+    from trtserve.server.process import child
+
+    monkeypatch.setattr(os, "listdir", lambda path: ["101", "102"])
+    calls = []
+
+    def ended(tid, policy, param):
+        calls.append(tid)
+        if tid == 101:
+            raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(os, "sched_setscheduler", ended)
+    assert child.schedule_as_batch() and calls == [101, 102]
+
+    def refused(tid, policy, param):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refused)
+    assert not child.schedule_as_batch()
+    assert "cannot set SCHED_BATCH" in caplog.text
+
+
 def test_exactly_one_answer_each_and_totals_exact(server):
     before = statistics(server.url)
     m_before = metric(server.metrics_port, "nv_inference_request_success")

@@ -54,12 +54,15 @@ def schedule_as_batch() -> bool:
         threads = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         threads = [0]
-    try:
-        for tid in threads:
+    for tid in threads:
+        try:
             os.sched_setscheduler(tid, policy, os.sched_param(0))
-    except OSError as e:  # a sandbox that filters the call: keep the policy the process has
-        logging.getLogger("trtserve.process").warning("cannot set SCHED_BATCH (%s); front ends keep their policy", e)
-        return False
+        except ProcessLookupError:  # a thread that ended since the listing
+            continue
+        except OSError as e:  # a sandbox that filters the call: keep the policy the process has
+            logging.getLogger("trtserve.process").warning("cannot set SCHED_BATCH (%s); front ends keep their "
+                                                          "policy", e)
+            return False
     return True
 
 
