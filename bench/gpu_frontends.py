@@ -1,15 +1,17 @@
 """GPU host, the full server: the small MLP on TensorRT behind 1, 2, 4, 8 front-end processes (issue 17).
 
 ``python -m bench.gpu_frontends [--frontends 1,2,4,8] [--concurrency 256] [--pa-processes 4] [--duration 5]
-[--server-cpus 0-9] [--client-cpus 10-15] [--protocols grpc,http] [--graphs] [--baseline DIR] [--profile DIR]``
+[--server-cpus 0-9] [--client-cpus 10-15] [--protocols grpc,http] [--graphs] [--baseline DIR] [--also 'NAME=ARGS']
+[--profile DIR]``
 builds the small MLP (64->256->256->16, FP32) as a TensorRT model (2 instances, max_batch_size 256, dynamic
 batching; CUDA graphs with --graphs), starts ``trtserve serve --frontends N`` pinned to the server CPUs, and drives
 it with several perf_analyzer processes pinned to the client CPUs (their concurrencies add up to --concurrency;
 each context its own connection), all measuring at once. Beside it, in the same run, the bare grpc.aio ceiling
-server (bench/ceiling_server.py) on the same CPUs, and with --baseline the same servers run from another checkout
-(an older commit). Prints requests/s (summed), p50/p99 (the median of the processes' values), the mean formed
-batch, the server's CPU in cores (in all; the engine process and its event loop's thread; the front ends together
-and the busiest one) and the load generators' CPU. With --profile, py-spy samples the engine and one front end of
+server (bench/ceiling_server.py) on the same CPUs, with --baseline the same servers run from another checkout
+(an older commit), and with --also a server started with other arguments (an option on and off). Prints
+requests/s (summed), p50/p99 (the median of the processes' values), the mean formed batch, the server's CPU in
+cores (in all; the engine process and its event loop's thread; the front ends together and the busiest one) and the
+load generators' CPU. With --profile, py-spy samples the engine and one front end of
 each trtserve server under a second load after the measured one (sampling slows what it samples: the table's
 numbers come from the load without it; bench/pyspy.py): their main threads' busiest functions are printed and the
 raw profiles kept in DIR. Needs CUDA, CuPy, TensorRT and perf_analyzer (run it with the GPU kit).
@@ -21,6 +23,7 @@ import concurrent.futures
 import csv
 import os
 import pathlib
+import shlex
 import resource
 import shutil
 import statistics
@@ -137,6 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--graphs", action="store_true", help="the model with CUDA graphs on")
     p.add_argument("--baseline", type=pathlib.Path, default=None,
                    help="another checkout (an older commit): its servers with the same --frontends in the same run")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=ARGS",
+                   help="one more trtserve server in the same run, named NAME, with these extra `trtserve serve` "
+                        "arguments (they should say --frontends), e.g. 'f6 normal=--frontends 6 "
+                        "--frontend-scheduling normal'; repeatable")
     p.add_argument("--protocols", default="grpc", help="trtserve's ports to load, in turn: grpc, http or both "
                                                       "(grpc,http); the ceiling is gRPC only")
     p.add_argument("--profile", type=pathlib.Path, default=None,
@@ -154,12 +161,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "load gen CPU"]
     print(f"# {os.cpu_count()} CPUs; server on {a.server_cpus}, {a.pa_processes} perf_analyzer processes on "
           f"{a.client_cpus}, concurrency {a.concurrency} in all; {a.duration:g} s windows", flush=True)
-    plan: List[tuple] = [] if a.no_ceiling else [("ceiling", None)]
-    plan += [(f"trtserve f{n}", int(n)) for n in a.frontends.split(",")]
+    plan: List[tuple] = [] if a.no_ceiling else [("ceiling", None, [])]
+    plan += [(f"trtserve f{n}", int(n), ["--frontends", n]) for n in a.frontends.split(",")]
     if a.baseline is not None:
-        plan += [(f"baseline f{n}", int(n)) for n in a.frontends.split(",")]
+        plan += [(f"baseline f{n}", int(n), ["--frontends", n]) for n in a.frontends.split(",")]
+    for also in a.also:
+        name, _, args = also.partition("=")
+        plan.append((name.strip(), 0, shlex.split(args)))
     protocols = [x for x in a.protocols.split(",") if x]
-    for name, n in plan:
+    for name, n, args in plan:
         port, http_port = fb.free_port(), fb.free_port()
         if n is None:
             cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", "m", "--inputs", "64",
@@ -169,8 +179,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             mport = fb.free_port()
             cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port",
                    str(port), "--http-port", str(http_port) if "http" in protocols else "-1", "--metrics-port",
-                   str(mport), "--log-level", "warning", "--no-gpu-metrics", "--frontends", str(n), "--cache-dir",
-                   str(work / "cache")]
+                   str(mport), "--log-level", "warning", "--no-gpu-metrics", "--cache-dir", str(work / "cache"),
+                   *args]
             server = _server(name, cmd, port, mport, a.server_cpus,
                              a.baseline.resolve() if name.startswith("baseline") else None)
         try:
