@@ -70,7 +70,8 @@ BAD_ENV = {
     "TRTSERVE_LOG_LEVEL": "loud", "TRTSERVE_EXIT_ON_ERROR": "maybe", "TRTSERVE_STRICT_READINESS": "2",
     "TRTSERVE_LENIENT_CONFIG": "sure", "TRTSERVE_METRICS_TLS": "y", "TRTSERVE_METRICS_AUTH": "t",
     "TRTSERVE_GPU_METRICS": "nvml", "TRTSERVE_MODEL_CONTROL_MODE": "sometimes", "TRTSERVE_REPOSITORY_POLL_SECS": "5s",
-    "TRTSERVE_FRONTENDS": "abc", "TRTSERVE_FRONTEND_SCHEDULING": "fifo", "TRTSERVE_GIL_SWITCH_INTERVAL_US": "fast", "TRTSERVE_HOST": "999.1.1.1",
+    "TRTSERVE_FRONTENDS": "abc", "TRTSERVE_FRONTEND_SCHEDULING": "fifo", "TRTSERVE_GIL_SWITCH_INTERVAL_US": "fast",
+    "TRTSERVE_HOST": "999.1.1.1",
     "TRTSERVE_MODEL_REPOSITORY": "/nonexistent", "TRTSERVE_LOAD_MODEL": "mlp", "TRTSERVE_CACHE_DIR": "/proc/x",
     "TRTSERVE_AUTH_TOKEN_FILE": "/nonexistent", "TRTSERVE_AUTH_TOKEN": "two words",
     # each alone: a certificate without its key, a key without its certificate, a CA without either

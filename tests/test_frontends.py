@@ -121,7 +121,7 @@ def _policies(pid: int) -> set:
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-def test_front_ends_run_as_sched_batch_and_the_engine_keeps_its_policy(server, tmp_path):
+def test_front_ends_run_as_sched_batch_and_the_engine_keeps_its_policy(server):
     roles = server.roles()
     started_as = os.sched_getscheduler(0)
     for pid in roles["frontend"]:  # gRPC's threads too: they start after the policy is set, and inherit it
