@@ -392,6 +392,12 @@ def make_server(name: str, repo: pathlib.Path, args: Sequence[str],
     return Server(name, cmd, port, metrics_port, checkout)
 
 
+def also_server(value: str) -> Tuple[str, List[str]]:
+    """An ``--also`` value, 'NAME=ARGS': the server's name and its ``trtserve serve`` arguments."""
+    name, _, args = value.partition("=")
+    return name.strip(), shlex.split(args)
+
+
 def _csv_row(tool: str, cmd: List[str], out: pathlib.Path, level: int, timeout_s: float,
              **kwargs) -> Optional[Dict[str, str]]:
     """Runs a load generator that writes one CSV row per level into ``out``; that row, or None (said why)."""
@@ -527,8 +533,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             servers += [make_server(f"baseline f{n}", repo, ["--frontends", str(n)], a.baseline.resolve())
                         for n in frontends]
         for also in a.also:
-            name, _, args = also.partition("=")
-            servers.append(make_server(name.strip(), repo, shlex.split(args)))
+            name, args = also_server(also)
+            servers.append(make_server(name, repo, args))
         names = [s.name for s in servers]
         notes: List[str] = []
         try:

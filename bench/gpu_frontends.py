@@ -23,7 +23,6 @@ import concurrent.futures
 import csv
 import os
 import pathlib
-import shlex
 import resource
 import shutil
 import statistics
@@ -166,8 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.baseline is not None:
         plan += [(f"baseline f{n}", int(n), ["--frontends", n]) for n in a.frontends.split(",")]
     for also in a.also:
-        name, _, args = also.partition("=")
-        plan.append((name.strip(), 0, shlex.split(args)))
+        name, args = fb.also_server(also)
+        plan.append((name, 0, args))
     protocols = [x for x in a.protocols.split(",") if x]
     for name, n, args in plan:
         port, http_port = fb.free_port(), fb.free_port()

@@ -205,11 +205,16 @@ class GroupPath:
         if shms:
             RequestShm.release_all(shms)
 
-    def _fail_members(self, g: group.Group, msgs: List[tuple], code: str, message: str, reason: str) -> None:
+    def _fail(self, session: Session, name: str, version: str, msgs: List[tuple], code: str, message: str,
+              reason: str) -> None:
+        """Members answered alike, each on its own (a failure counted per request, as Triton counts them)."""
         now = time.monotonic_ns()
         for msg in msgs:
-            self._observer.request_done(g.mv.name, g.mv.version, False, reason, msg[7], now - msg[11], 0, 0, 0, 0)
-            g.session.answer(msg[1], code, message, ())
+            self._observer.request_done(name, version, False, reason, msg[7], now - msg[11], 0, 0, 0, 0)
+            session.answer(msg[1], code, message, ())
+
+    def _fail_members(self, g: group.Group, msgs: List[tuple], code: str, message: str, reason: str) -> None:
+        self._fail(g.session, g.mv.name, g.mv.version, msgs, code, message, reason)
 
     def _group_done(self, ticket: Ticket) -> None:
         """A group's entry was settled: every member gets its answer, the successful ones in one RESULTS."""
@@ -285,17 +290,11 @@ class GroupPath:
         self.infer_group(session, msgs)
 
     def _fail_each(self, session: Session, spec: Any, msgs: List[tuple], errors: Dict[int, TrtServeError]) -> None:
-        now = time.monotonic_ns()
         for msg in msgs:
-            code, message, reason = failure(errors[msg[1]])
-            self._observer.request_done(spec.name, spec.version, False, reason, msg[7], now - msg[11], 0, 0, 0, 0)
-            session.answer(msg[1], code, message, ())
+            self._fail(session, spec.name, spec.version, [msg], *failure(errors[msg[1]]))
 
     def _cancelled(self, session: Session, spec: Any, msgs: List[tuple]) -> None:
-        now = time.monotonic_ns()
-        for msg in msgs:
-            self._observer.request_done(spec.name, spec.version, False, "cancelled", msg[7], now - msg[11], 0, 0, 0, 0)
-            session.answer(msg[1], "CANCELLED", "the request was cancelled", ())
+        self._fail(session, spec.name, spec.version, msgs, "CANCELLED", "the request was cancelled", "cancelled")
 
     def _write_group(self, session: Session, spec: Any, msgs: List[tuple], live: List[tuple],
                      result: Any) -> Optional[tuple]:

@@ -89,6 +89,7 @@ class SinglePath:
             log.exception("model '%s': request failed before it was queued", model)
             _finish_shm(item, True)
             session.answer(req_id, "INTERNAL", f"{type(e).__name__}: {e}", ())
+
     def _inputs(self, session: Session, mv: ModelVersion, item: InFlight,
                 inputs: tuple) -> Tuple[Dict[str, Any], Dict[str, Tuple[int, ...]]]:
         """NumPy views of the arena (read-only), or what client shared memory holds; and each input's shape as

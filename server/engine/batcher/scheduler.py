@@ -220,6 +220,10 @@ class DynamicBatcher:
         self._scan_needed = True
         self._wake.set()  # the loop purges it from its queue
 
+    def _queued(self) -> bool:
+        """Whether any request waits (cheaper than ``pending``, which counts them)."""
+        return bool(self._delayed) or any(self._queues.values())
+
     def _ordered(self) -> List[Pending]:
         out: List[Pending] = []
         for lvl in sorted(self._queues):
@@ -283,8 +287,7 @@ class DynamicBatcher:
                 next_deadline = self._purge_and_expire(now)
                 if self._closing and not self.pending and not self._running:
                     break
-                queued = self._delayed or any(self._queues.values())
-                free, queueable = (self._pool.free(), self._pool.queueable()) if queued else (None, None)
+                free, queueable = (self._pool.free(), self._pool.queueable()) if self._queued() else (None, None)
                 # every instance full (the usual case under load, woken by each new request), or nothing queued (the
                 # turn after a batch was dispatched, under light load): nothing to plan
                 p = policy.plan(self._ordered(), now, self.spec.batching, self._rules, free,
@@ -558,7 +561,7 @@ class DynamicBatcher:
         self._on_thread.discard(seq)
         if not done.done():
             done.set_result(None)
-        if self._closing or self._delayed or any(self._queues.values()):
+        if self._closing or self._queued():
             self._wake.set()  # the loop plans what runs next on the freed instance (nothing queued: nothing to plan)
 
     def _answer(self, p: policy.Plan, seq: int, dispatched: float,
