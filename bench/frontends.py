@@ -124,6 +124,17 @@ def cpu_cores(ticks_before: int, ticks_after: int, wall_s: float, hz: int) -> fl
     return (ticks_after - ticks_before) / hz / wall_s if wall_s > 0 else float("nan")
 
 
+def steal_ticks(read: Optional[Callable[[str], Optional[str]]] = None) -> Optional[int]:
+    """The machine's steal time so far (ticks, all CPUs; /proc/stat): time the hypervisor gave this VM's CPUs to
+    others, which a run that switches between more processes pays more often. None where it is not reported."""
+    text = (read or _read)("/proc/stat") or ""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu" and len(fields) > 8:
+            return int(fields[8])
+    return None
+
+
 def median_row(samples: Sequence[Optional[dict]]) -> Optional[dict]:
     """Per-key median over the rounds that succeeded (None when none did); ``n`` is how many did."""
     ok = [s for s in samples if s is not None]
@@ -449,13 +460,14 @@ def measure(server: Server, pa: str, level: int, duration: float, hz: int,
     try:
         before = batch_counts(server.metrics()) if server.metrics_port is not None else None
         assert server.proc is not None
-        t0, c0 = time.monotonic(), process_tree_ticks(server.proc.pid)
+        t0, c0, s0 = time.monotonic(), process_tree_ticks(server.proc.pid), steal_ticks()
         r = (run_perf_analyzer(pa, server.url, level, duration) if timeout_s is None
              else run_trtserve_bench(server.url, level, duration, timeout_s))
-        c1, t1 = process_tree_ticks(server.proc.pid), time.monotonic()
+        c1, t1, s1 = process_tree_ticks(server.proc.pid), time.monotonic(), steal_ticks()
         if r is None:
             return None
         r["cpu_cores"] = cpu_cores(c0, c1, t1 - t0, hz)
+        r["steal_cores"] = cpu_cores(s0, s1, t1 - t0, hz) if s0 is not None and s1 is not None else None
         r["mean_batch"] = mean_batch(before, batch_counts(server.metrics())) if before is not None else None
         return r
     except Exception as e:  # a server that died or whose /metrics broke: this level failed, the run goes on
@@ -561,7 +573,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         r = measure(s, pa, level, a.duration, hz, a.trtserve_bench)
                         samples[(s.name, level)].append(r)
                         cells = table_rows([s.name], [level], {(s.name, level): r})[0]
-                        print(f"round {rnd + 1} | " + " | ".join(cells), flush=True)
+                        steal = "" if r is None or r.get("steal_cores") is None else f" | steal {r['steal_cores']:.2f}"
+                        print(f"round {rnd + 1} | " + " | ".join(cells) + steal, flush=True)
         finally:
             for s in servers:
                 s.stop()

@@ -73,6 +73,15 @@ def test_frontends_splits_cpu_by_role() -> None:
     assert cores == {"engine": 1.0, "loop": 0.5, "frontends": 1.5, "frontend max": 1.0, "other": 0.0}
 
 
+def test_frontends_reads_the_machines_steal_time() -> None:
+    from bench.frontends import steal_ticks
+
+    stat = "cpu  2824266 0 737200 7201812 21682 0 59483 18307 0 0\ncpu0 1 0 1 1 1 0 1 9 0 0\n"
+    assert steal_ticks({"/proc/stat": stat}.get) == 18307  # the eighth number of the all-CPU line
+    assert steal_ticks({"/proc/stat": "cpu  1 2 3 4\n"}.get) is None  # a kernel that does not report it
+    assert steal_ticks({}.get) is None
+
+
 def test_frontends_mean_batch_from_metrics_and_goal_lines() -> None:
     pytest.importorskip("prometheus_client")
     from bench.frontends import batch_counts, goal_lines, mean_batch, median_row, table_rows
