@@ -485,3 +485,25 @@ def test_pending_counts_arrive_in_bulk(obs: PrometheusObserver) -> None:
     obs.request_queued("m", "1", 1, count=5)
     obs.request_dequeued("m", "1", 1, count=3)
     assert scrape(obs).value("nv_inference_pending_request_count", model="m", version="1") == 2
+
+
+def test_histograms_place_nanoseconds_as_the_seconds_they_are() -> None:
+    """The latency histograms bucket durations in whole ns against bounds turned into ns: every duration must land
+    where its value in seconds would (le inclusive), right at each bound and one ns either side of it."""
+    import bisect
+    import random
+
+    rng = random.Random(7)
+    durations = [int(round(b * 1e9)) + d for b in LATENCY_BUCKETS_S for d in (-1, 0, 1)]
+    durations += [rng.randrange(0, 12 * 10**9) for _ in range(500)] + [0]
+    obs = PrometheusObserver(gpu=False)
+    obs.model_state("m", "1", "READY")
+    obs.requests_done("m", "1", [(1, ns, ns, ns, 0, 0) for ns in durations])
+    s = scrape(obs)
+    for name in ("trtserve_request_duration_seconds", "trtserve_queue_duration_seconds",
+                 "trtserve_compute_duration_seconds"):
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            want = sum(1 for ns in durations if bisect.bisect_left(LATENCY_BUCKETS_S, ns / 1e9) <= i)
+            assert s.value(name + "_bucket", le=repr(bound), model="m", version="1") == want, (name, bound)
+        assert s.value(name + "_count", model="m", version="1") == len(durations)
+        assert s.value(name + "_sum", model="m", version="1") == pytest.approx(sum(durations) / 1e9)
