@@ -126,7 +126,8 @@ def cpu_cores(ticks_before: int, ticks_after: int, wall_s: float, hz: int) -> fl
 
 def steal_ticks(read: Optional[Callable[[str], Optional[str]]] = None) -> Optional[int]:
     """The machine's steal time so far (ticks, all CPUs; /proc/stat): time the hypervisor gave this VM's CPUs to
-    others, which a run that switches between more processes pays more often. None where it is not reported."""
+    others. Shown per round, so that a round slowed by the host can be told from a slow server. None where the
+    kernel does not report it."""
     text = (read or _read)("/proc/stat") or ""
     for line in text.splitlines():
         fields = line.split()

@@ -201,22 +201,22 @@ class PrometheusObserver(Observer):
             rq_counts, qu_counts, co_counts = rq.counts, qu.counts, co.counts
             rq_bounds, qu_bounds, co_bounds = rq.bounds_ns, qu.bounds_ns, co.bounds_ns
             last_compute, compute_at = -1, 0  # a batch's members share their compute time: looked up once
-            for r, a, b, c, d, e in done:
+            for n_rows, request_ns, queue_ns, input_ns, infer_ns, output_ns in done:
                 # clamped at 0 as statistics.py does, so both report the same sums
-                a = a if a > 0 else 0
-                b = b if b > 0 else 0
-                c = c if c > 0 else 0
-                d = d if d > 0 else 0
-                e = e if e > 0 else 0
-                rows += r
-                req += a
-                queue += b
-                cin += c
-                cinfer += d
-                cout += e
-                rq_counts[find(rq_bounds, a)] += 1
-                qu_counts[find(qu_bounds, b)] += 1
-                compute = c + d + e
+                request_ns = request_ns if request_ns > 0 else 0
+                queue_ns = queue_ns if queue_ns > 0 else 0
+                input_ns = input_ns if input_ns > 0 else 0
+                infer_ns = infer_ns if infer_ns > 0 else 0
+                output_ns = output_ns if output_ns > 0 else 0
+                rows += n_rows
+                req += request_ns
+                queue += queue_ns
+                cin += input_ns
+                cinfer += infer_ns
+                cout += output_ns
+                rq_counts[find(rq_bounds, request_ns)] += 1
+                qu_counts[find(qu_bounds, queue_ns)] += 1
+                compute = input_ns + infer_ns + output_ns
                 if compute != last_compute:
                     last_compute, compute_at = compute, find(co_bounds, compute)
                 co_counts[compute_at] += 1
