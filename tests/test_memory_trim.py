@@ -61,3 +61,41 @@ def test_periodic_trim_waits_for_the_burst_to_settle():
         return [await t.tick(), await t.tick(), await t.tick()]
 
     assert asyncio.run(run()) == [False, False, True]
+
+
+def test_the_idle_trim_never_drops_an_answer_not_yet_read():
+    """The engine's answer leaves the front end's in-flight table when it arrives, but the request's handler reads
+    its outputs from the arena a loop turn later. A trim in between punched the arena, and the client got zeros
+    for its outputs (found by bench.soak: 3 wrong outputs in 846,967 requests). The front end is idle for the trim
+    only while no arena block is held."""
+    import numpy as np
+
+    from trtserve.server.frontend.service import InferenceService
+    from trtserve.server.ipc.arena import Allocator, Arena
+
+    arena = Arena.create(1 << 20)
+    try:
+        class AnsweredEngine:  # the engine answered the last request: nothing in flight, its block still held
+            inflight = 0
+
+            def __init__(self) -> None:
+                self.arena = arena
+                self.allocator = Allocator(arena.size)
+
+        engine = AnsweredEngine()
+        block = engine.allocator.alloc(64)
+        outputs = np.arange(16, dtype=np.float32)
+        arena.write(block, outputs)
+        service = InferenceService(engine, max_input_bytes=1 << 20, max_inflight=8,  # type: ignore[arg-type]
+                                   max_stream_inflight=8)
+        trimmer = service._trimmer
+        trimmer._resident = lambda: 1 << 40  # far above the floor: a trim is due
+        trimmer.policy.floor, trimmer.policy.last = 0, float("-inf")
+        trimmer._check()
+        assert trimmer.trims == 0
+        assert np.array_equal(arena.buffer[block:block + 64].view(np.float32), outputs)
+        engine.allocator.free(block)  # the response was built: now the front end is idle
+        trimmer._check()
+        assert trimmer.trims == 1
+    finally:
+        arena.close()

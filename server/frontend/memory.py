@@ -121,7 +121,8 @@ class TrimPolicy:
 class Trimmer:
     """Trims a front end when it is idle after its memory grew. ``note()`` once per finished request.
 
-    ``busy()`` says whether requests are in flight (when it is false, no arena block is in use);
+    ``busy()`` says whether anything may still read or write the arena (requests in flight, or blocks held
+    by answers not yet read): the trim punches the arena's pages, and they read as zeros afterwards;
     ``arena_fd``/``arena_size`` the arena to punch (None: no arena)."""
 
     def __init__(self, busy: Callable[[], bool], arena_fd: Optional[int] = None, arena_size: int = 0,

@@ -84,8 +84,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self._max_input_bytes = max_input_bytes
         self._max_inflight = max_inflight
         self._max_stream_inflight = max(1, max_stream_inflight)
-        # memory back to the OS when this front end goes idle after a burst (server/frontend/memory.py)
-        self._trimmer = Trimmer(lambda: engine.inflight > 0, engine.arena.fd, engine.arena.size)
+        # memory back to the OS when this front end goes idle after a burst (server/frontend/memory.py). Idle means
+        # no arena block held as well as nothing in flight: an answer leaves the in-flight table when it arrives,
+        # and its handler reads the outputs from the arena a loop turn later (a trim between punched them to zeros)
+        self._trimmer = Trimmer(lambda: engine.inflight > 0 or engine.allocator.in_use > 0, engine.arena.fd,
+                                engine.arena.size)
         self._plans = Plans()  # request shapes checked and laid out once (plans.py)
         self.ready = True  # false from the start of a drain: ServerReady/ModelReady answer false
         self.accepting = True  # false once the drain stops taking work: new inferences UNAVAILABLE
