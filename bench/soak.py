@@ -73,6 +73,15 @@ def proc_figures(pid: int) -> Tuple[int, int, int]:
     return rss, threads, fds
 
 
+def _how_wrong(out: np.ndarray, want: np.ndarray) -> str:
+    """What a wrong output looks like, for the report: zeros (memory dropped under it), another request's rows, or
+    how far off."""
+    bad_rows = [i for i in range(len(out)) if not np.allclose(out[i], want[i], rtol=1e-4, atol=1e-4)]
+    zero_rows = sum(1 for i in bad_rows if not out[i].any())
+    return f"{len(bad_rows)} of {len(out)} rows wrong, {zero_rows} of them all zeros, max error " \
+           f"{float(np.max(np.abs(out - want))):.3g}"
+
+
 def valid_request(rid: str, rng: random.Random) -> Tuple[pb.ModelInferRequest, np.ndarray]:
     rows = rng.randint(1, 8)
     x = np.random.default_rng(rng.getrandbits(32)).standard_normal((rows, 64)).astype(np.float32)
@@ -140,7 +149,7 @@ async def _unary(stub, kind: str, rid: str, rng: random.Random, tally: Tally) ->
         if x is not None:
             out = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(x.shape[0], 16)
             if resp.id != rid or not np.allclose(out, reference(x), rtol=1e-4, atol=1e-4):
-                tally.wrong.append(f"{rid}: wrong output")
+                tally.wrong.append(f"{rid}: wrong output ({_how_wrong(out, reference(x))})")
             tally.checked_outputs += 1
     except asyncio.CancelledError:
         status = "CANCELLED"
@@ -185,8 +194,11 @@ class StreamWorker:
             else:
                 self.tally.codes[("stream", "OK")] += 1
                 out = np.frombuffer(msg.infer_response.raw_output_contents[0], np.float32)
-                if x is None or not np.allclose(out.reshape(x.shape[0], 16), reference(x), rtol=1e-4, atol=1e-4):
-                    self.tally.wrong.append(f"{rid} (stream): wrong output")
+                if x is None or out.size != x.shape[0] * 16:
+                    self.tally.wrong.append(f"{rid} (stream): unexpected output of {out.size} values")
+                elif not np.allclose(out.reshape(x.shape[0], 16), reference(x), rtol=1e-4, atol=1e-4):
+                    self.tally.wrong.append(f"{rid} (stream): wrong output "
+                                            f"({_how_wrong(out.reshape(x.shape[0], 16), reference(x))})")
                 self.tally.checked_outputs += 1
 
     async def close(self) -> None:
