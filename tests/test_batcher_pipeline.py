@@ -254,17 +254,26 @@ class RowTimed(PipelinedBackend):
 
 @pytest.mark.parametrize("row_s, later_on_loop", [(0.0, True), (0.005, False)], ids=["short", "long"])
 async def test_in_the_engine_process_only_batches_known_to_be_short_run_on_the_loop(row_s, later_on_loop):
+    import gc
+
     backend = RowTimed(row_s)
     b = DynamicBatcher(spec(depth=1), backend, Observer(), inline=True)
     b.start()
-    for i in range(4):  # one at a time
-        r = await b.submit(x(1, i), ("y",), 1)
-        np.testing.assert_array_equal(r.outputs["y"], np.full((1, 4), 2 * i, np.float32))
+    # a batch is timed by its thread's CPU time: a collection of the whole test session's objects inside a "short"
+    # one can take more than INLINE_MAX_S, and the next batch then rightly goes to the instance thread (the likely
+    # cause of a CI failure: the fourth batch went there)
+    gc.disable()
+    try:
+        for i in range(4):  # one at a time
+            r = await b.submit(x(1, i), ("y",), 1)
+            np.testing.assert_array_equal(r.outputs["y"], np.full((1, 4), 2 * i, np.float32))
+    finally:
+        gc.enable()
+        await b.stop()  # a failure here must not leave the instance thread to the tests after it
     loop_thread = threading.current_thread().name
     threads = [t for what, _, _, t in backend.log if what == "enqueue"]
     assert threads[0] != loop_thread  # the first batch: how long a row takes is not known yet
     assert [t == loop_thread for t in threads[1:]] == [later_on_loop] * 3, threads
-    await b.stop()
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["instance-thread", "engine-loop"])
