@@ -193,7 +193,6 @@ class PrometheusObserver(Observer):
         if not n:
             return
         rows = req = queue = cin = cinfer = cout = 0
-        compute_sum = 0
         find = bisect.bisect_left
         with self._lock:
             s = self._get(model, version)
@@ -220,10 +219,9 @@ class PrometheusObserver(Observer):
                 if compute != last_compute:
                     last_compute, compute_at = compute, find(co_bounds, compute)
                 co_counts[compute_at] += 1
-                compute_sum += compute
             rq.sum += req / 1e9
             qu.sum += queue / 1e9
-            co.sum += compute_sum / 1e9
+            co.sum += (cin + cinfer + cout) / 1e9
             s.inference_count += rows
             s.request_ns += req
             s.queue_ns += queue
