@@ -18,6 +18,7 @@ import pytest
 
 from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec
 from trtserve.server.engine.host import EngineHost
+from trtserve.server.errors import Unavailable
 from trtserve.server.events import Observer
 from trtserve.server.frontend.engine_client import EngineClient
 from trtserve.server.ipc import messages as m
@@ -546,6 +547,19 @@ async def test_the_front_end_answers_each_request_of_a_results_message() -> None
     assert await futures[2][1] == (("OUTPUT0", "FP32", (1, 4), (m.ARENA, 128, 16)),)
     assert futures[1][1].cancelled() and client.inflight == 0
     assert client.allocator.in_use == 2 * 64  # the cancelled request's block is free again, the others are the caller's
+    arena.close()
+
+
+async def test_a_request_submitted_after_the_engine_went_away_frees_its_block() -> None:
+    client, engine, sent, arena = engine_client()
+    engine.close()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not client.alive
+    block = client.allocator.alloc(64)
+    with pytest.raises(Unavailable, match="not running"):
+        client.submit(("m", "", 1, (), (), 1, 0, 0, None, 0, None), block)
+    assert client.allocator.in_use == 0 and client.inflight == 0
     arena.close()
 
 
