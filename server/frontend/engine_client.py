@@ -100,8 +100,8 @@ class EngineClient:
     # ---- inference ------------------------------------------------------------------------------------------------
     def submit(self, descriptor: tuple, block: Optional[int]) -> Tuple[int, "asyncio.Future"]:
         """Sends an INFER (``descriptor`` is the message without its tag and id); the future resolves to the
-        outputs tuple of the RESULT. The block is the engine's to read from here on, and freed by this client
-        whatever happens: at once when the engine is gone."""
+        outputs tuple of the RESULT. The engine reads ``block`` until it answers: then the caller frees it once the
+        outputs are read, or this client does if the caller gave up; sent to an engine that is gone, at once."""
         if not self.alive:
             self.free(block)  # nothing will answer this request, so nothing else would free its block
             raise Unavailable("the engine process is not running")
