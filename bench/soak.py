@@ -73,10 +73,14 @@ def proc_figures(pid: int) -> Tuple[int, int, int]:
     return rss, threads, fds
 
 
-def _how_wrong(out: np.ndarray, want: np.ndarray) -> str:
-    """What a wrong output looks like, for the report: zeros (memory dropped under it), another request's rows, or
-    how far off."""
-    bad_rows = [i for i in range(len(out)) if not np.allclose(out[i], want[i], rtol=1e-4, atol=1e-4)]
+def _wrong(out: np.ndarray, x: np.ndarray) -> Optional[str]:
+    """None when ``out`` is the model's answer to ``x``; else what the wrong output looks like, for the report: how
+    many rows are off, how many of them are all zeros (memory dropped under it), and by how much."""
+    want = reference(x)
+    close = np.isclose(out, want, rtol=1e-4, atol=1e-4).all(axis=1)
+    if close.all():
+        return None
+    bad_rows = np.flatnonzero(~close)
     zero_rows = sum(1 for i in bad_rows if not out[i].any())
     return f"{len(bad_rows)} of {len(out)} rows wrong, {zero_rows} of them all zeros, max error " \
            f"{float(np.max(np.abs(out - want))):.3g}"
@@ -148,8 +152,11 @@ async def _unary(stub, kind: str, rid: str, rng: random.Random, tally: Tally) ->
         resp = await call
         if x is not None:
             out = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(x.shape[0], 16)
-            if resp.id != rid or not np.allclose(out, reference(x), rtol=1e-4, atol=1e-4):
-                tally.wrong.append(f"{rid}: wrong output ({_how_wrong(out, reference(x))})")
+            how = _wrong(out, x)
+            if resp.id != rid:
+                tally.wrong.append(f"{rid}: answered with id {resp.id!r}")
+            elif how is not None:
+                tally.wrong.append(f"{rid}: wrong output ({how})")
             tally.checked_outputs += 1
     except asyncio.CancelledError:
         status = "CANCELLED"
@@ -196,9 +203,10 @@ class StreamWorker:
                 out = np.frombuffer(msg.infer_response.raw_output_contents[0], np.float32)
                 if x is None or out.size != x.shape[0] * 16:
                     self.tally.wrong.append(f"{rid} (stream): unexpected output of {out.size} values")
-                elif not np.allclose(out.reshape(x.shape[0], 16), reference(x), rtol=1e-4, atol=1e-4):
-                    self.tally.wrong.append(f"{rid} (stream): wrong output "
-                                            f"({_how_wrong(out.reshape(x.shape[0], 16), reference(x))})")
+                else:
+                    how = _wrong(out.reshape(x.shape[0], 16), x)
+                    if how is not None:
+                        self.tally.wrong.append(f"{rid} (stream): wrong output ({how})")
                 self.tally.checked_outputs += 1
 
     async def close(self) -> None:
