@@ -1,10 +1,11 @@
 """GPU host, the full server: the small MLP on TensorRT behind 1, 2, 4, 8 front-end processes (issue 17).
 
 ``python -m bench.gpu_frontends [--frontends 1,2,4,8] [--concurrency 256] [--pa-processes 4] [--duration 5]
-[--server-cpus 0-9] [--client-cpus 10-15] [--protocols grpc,http] [--graphs] [--baseline DIR] [--also 'NAME=ARGS']
-[--profile DIR]``
+[--server-cpus 0-9] [--client-cpus 10-15] [--protocols grpc,http] [--graphs] [--instances 2] [--queue-delay-us 0]
+[--baseline DIR] [--also 'NAME=ARGS'] [--profile DIR]``
 builds the small MLP (64->256->256->16, FP32) as a TensorRT model (2 instances, max_batch_size 256, dynamic
-batching; CUDA graphs with --graphs), starts ``trtserve serve --frontends N`` pinned to the server CPUs, and drives
+batching; CUDA graphs with --graphs; --instances and --queue-delay-us change the model's instance count and
+max_queue_delay_microseconds), starts ``trtserve serve --frontends N`` pinned to the server CPUs, and drives
 it with several perf_analyzer processes pinned to the client CPUs (their concurrencies add up to --concurrency;
 each context its own connection), all measuring at once. Beside it, in the same run, the bare grpc.aio ceiling
 server (bench/ceiling_server.py) on the same CPUs, with --baseline the same servers run from another checkout
@@ -81,14 +82,18 @@ def _load(pa: str, url: str, model: str, total: int, processes: int, duration: f
             "p99_ms": statistics.median(r["p99_ms"] for r in results)}
 
 
-def _repo(work: pathlib.Path, graphs: bool = False) -> pathlib.Path:
+def _repo(work: pathlib.Path, graphs: bool = False, instances: int = 2, queue_delay_us: int = 0) -> pathlib.Path:
     from bench.gpu import _config
     from trtserve.server.examples.make_mlp import make_mlp
 
     repo = work / "repo"
     (repo / "m" / "1").mkdir(parents=True)
     make_mlp(repo / "m" / "1" / "model.onnx", 64, 256, 16)
-    (repo / "m" / "config.pbtxt").write_text(_config("m", "FP32", (64,), (16,), 256, 2, graphs=graphs))
+    text = _config("m", "FP32", (64,), (16,), 256, instances, graphs=graphs)
+    if queue_delay_us:
+        text = text.replace("dynamic_batching { }",
+                            f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
+    (repo / "m" / "config.pbtxt").write_text(text)
     return repo
 
 
@@ -137,6 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--client-cpus", default="10-15")
     p.add_argument("--no-ceiling", action="store_true")
     p.add_argument("--graphs", action="store_true", help="the model with CUDA graphs on")
+    p.add_argument("--instances", type=int, default=2, help="the model's instance count")
+    p.add_argument("--queue-delay-us", type=int, default=0, help="the model's max_queue_delay_microseconds")
     p.add_argument("--baseline", type=pathlib.Path, default=None,
                    help="another checkout (an older commit): its servers with the same --frontends in the same run")
     p.add_argument("--also", action="append", default=[], metavar="NAME=ARGS",
@@ -153,13 +160,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.profile and spy is None:
         print("--profile: py-spy not found ($PY_SPY, PATH): no profiles", flush=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-gpu-frontends-"))
-    repo = _repo(work, a.graphs)
+    repo = _repo(work, a.graphs, a.instances, a.queue_delay_us)
     hz = os.sysconf("SC_CLK_TCK")
     rows: List[List[str]] = []
     head = ["server", "req/s", "p50 ms", "p99 ms", "mean batch", "server CPU", "engine (loop)", "front ends (busiest)",
             "load gen CPU"]
     print(f"# {os.cpu_count()} CPUs; server on {a.server_cpus}, {a.pa_processes} perf_analyzer processes on "
-          f"{a.client_cpus}, concurrency {a.concurrency} in all; {a.duration:g} s windows", flush=True)
+          f"{a.client_cpus}, concurrency {a.concurrency} in all; {a.duration:g} s windows; the model on {a.instances} "
+          f"instance{'s' if a.instances != 1 else ''}, max_queue_delay_microseconds {a.queue_delay_us}", flush=True)
     plan: List[tuple] = [] if a.no_ceiling else [("ceiling", None, [])]
     plan += [(f"trtserve f{n}", int(n), ["--frontends", n]) for n in a.frontends.split(",")]
     if a.baseline is not None:
