@@ -15,6 +15,19 @@ def test_batcher_overhead_measures_requests() -> None:
     assert measure(batch=64, instances=2, run_s=0.0002, seconds=0.3) > 0
 
 
+def test_fuzz_runs_every_property_of_the_fuzz_test_module(capsys: "pytest.CaptureFixture[str]") -> None:
+    pytest.importorskip("hypothesis")
+    from bench import fuzz
+    from tests import test_fuzz_properties
+
+    names = fuzz.properties()
+    assert names and all(callable(getattr(test_fuzz_properties, n)) for n in names)
+    assert "test_plan_respects_max_batch_profiles_and_never_splits_a_request" in names
+    assert fuzz.main(["--minutes", "0.02", "--chunk", "2", "--no-wire"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{n}: " in out for n in names) and "0 crashes" in out
+
+
 def test_agreement_takes_medians_per_tool_and_level(monkeypatch: pytest.MonkeyPatch) -> None:
     import bench.agreement as agreement
 
