@@ -205,11 +205,12 @@ def _plan_path(work: pathlib.Path, backend) -> pathlib.Path:
 
 
 def _config(name: str, wire: str, dims_in: Sequence[int], dims_out: Sequence[int], max_batch: int, instances: int,
-            graphs: bool = False, params: Optional[Dict[str, str]] = None) -> str:
+            graphs: bool = False, params: Optional[Dict[str, str]] = None, queue_delay_us: int = 0) -> str:
+    delay = f" max_queue_delay_microseconds: {queue_delay_us} " if queue_delay_us else " "
     text = (f'name: "{name}"\nplatform: "tensorrt_plan"\nmax_batch_size: {max_batch}\n'
             f'input [ {{ name: "INPUT0", data_type: TYPE_{wire}, dims: {list(dims_in)} }} ]\n'
             f'output [ {{ name: "OUTPUT0", data_type: TYPE_{wire}, dims: {list(dims_out)} }} ]\n'
-            f'instance_group [ {{ count: {instances}, kind: KIND_GPU }} ]\ndynamic_batching {{ }}\n')
+            f'instance_group [ {{ count: {instances}, kind: KIND_GPU }} ]\ndynamic_batching {{{delay}}}\n')
     if graphs:
         text += "optimization { cuda { graphs: true } }\n"
     for k, v in (params or {}).items():

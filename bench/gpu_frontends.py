@@ -89,11 +89,8 @@ def _repo(work: pathlib.Path, graphs: bool = False, instances: int = 2, queue_de
     repo = work / "repo"
     (repo / "m" / "1").mkdir(parents=True)
     make_mlp(repo / "m" / "1" / "model.onnx", 64, 256, 16)
-    text = _config("m", "FP32", (64,), (16,), 256, instances, graphs=graphs)
-    if queue_delay_us:
-        text = text.replace("dynamic_batching { }",
-                            f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
-    (repo / "m" / "config.pbtxt").write_text(text)
+    (repo / "m" / "config.pbtxt").write_text(_config("m", "FP32", (64,), (16,), 256, instances, graphs=graphs,
+                                                      queue_delay_us=queue_delay_us))
     return repo
 
 

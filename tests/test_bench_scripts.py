@@ -28,6 +28,18 @@ def test_fuzz_runs_every_property_of_the_fuzz_test_module(capsys: "pytest.Captur
     assert all(f"{n}: " in out for n in names) and "0 crashes" in out
 
 
+def test_gpu_frontends_model_takes_the_instance_count_and_queue_delay(tmp_path) -> None:
+    pytest.importorskip("onnx")  # the model is built as ONNX
+    from bench.gpu_frontends import _repo
+    from trtserve.server.engine.repository.pbtxt import read_config
+
+    plain = read_config(_repo(tmp_path / "a") / "m")
+    assert plain.instance_group[0].count == 2 and plain.dynamic_batching.max_queue_delay_microseconds == 0
+    assert plain.HasField("dynamic_batching")
+    tuned = read_config(_repo(tmp_path / "b", instances=1, queue_delay_us=500) / "m")
+    assert tuned.instance_group[0].count == 1 and tuned.dynamic_batching.max_queue_delay_microseconds == 500
+
+
 def test_agreement_takes_medians_per_tool_and_level(monkeypatch: pytest.MonkeyPatch) -> None:
     import bench.agreement as agreement
 
