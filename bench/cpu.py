@@ -1,5 +1,5 @@
-"""CPU benchmark suite, one run, side by side (``python -m bench.cpu [--duration 3] [--levels 1,8,32,128] [--models mlp,wide]
-[--no-perf-analyzer] [--out DIR] [--name NAME]``).
+"""CPU benchmark suite, one run, side by side (``python -m bench.cpu [--duration 3] [--levels 1,8,32,128]
+[--models mlp,wide] [--no-perf-analyzer] [--out DIR] [--name NAME]``).
 
 For the example MLP and a larger CPU model (1024 -> 4096 -> 1024), in one run:
 (a) the Python gRPC ceiling (bench/ceiling_server.py: decode, return a precomputed response),
