@@ -67,6 +67,33 @@ def reserve_port(host: str, port: int, what: str = "gRPC") -> Tuple[socket.socke
     return hold, port
 
 
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def migration_warning(frontends: int, path: str = MIGRATE_REQ) -> Optional[str]:
+    """What to tell the operator when a dying front end would reset connections (None when it would not).
+
+    Every front end has a listening socket of its own on the shared port (SO_REUSEPORT). The kernel drops a killed
+    process's listener a few milliseconds after its connections, and the clients that reconnect at once can land in
+    that listener's queue: when it closes, those connections are reset, and gRPC clients then fail every call for
+    their reconnect backoff (about a second) though other front ends serve. With ``net.ipv4.tcp_migrate_req`` set
+    to 1 (Linux 5.14 and later, per network namespace) the kernel moves them to another front end's listener."""
+    if frontends < 2:  # one front end: nothing to move them to while it restarts
+        return None
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+    except OSError:
+        return ("this kernel cannot move connections between listeners (net.ipv4.tcp_migrate_req, Linux 5.14 and "
+                "later): when a front-end process dies, clients that were connecting to it fail their calls for "
+                "about a second (see docs/reliability.md)")
+    if value != "0":
+        return None
+    return ("net.ipv4.tcp_migrate_req is 0: when a front-end process dies, clients that were connecting to it fail "
+            "their calls for about a second instead of moving to the other front ends; set it to 1 (docs/deploy.md, "
+            "'Front-end restarts')")
+
+
 class Child:
     """One child process and the thread that waits for its exit."""
 
@@ -132,6 +159,9 @@ class Supervisor:
         hold, port = reserve_port(self.options.host, self.options.grpc_port)
         self._hold.append(hold)
         self.grpc_port = port
+        warning = migration_warning(self.options.frontends)
+        if warning is not None:
+            log.warning("%s", warning)
         try:
             if self.options.http_port is not None:
                 hold, self.http_port = reserve_port(self.options.host, self.options.http_port, "HTTP")

@@ -596,7 +596,8 @@ def render_with_components(overlay: str, components: List[str]) -> List[Dict[str
         return render(pathlib.Path(tmp))
 
 
-VARIANTS = ["cpu", "gpu", "gpu+servicemonitor", "cpu+models-init", "gpu+servicemonitor+models-init"]
+VARIANTS = ["cpu", "gpu", "gpu+servicemonitor", "cpu+models-init", "gpu+servicemonitor+models-init",
+            "gpu+migrate-connections"]
 
 
 @pytest.fixture(scope="module")
@@ -898,6 +899,19 @@ def test_pods_run_hardened(rendered: Dict[str, List[Dict[str, Any]]]) -> None:
             assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
             assert sc["readOnlyRootFilesystem"] is True
             assert any(m["mountPath"] == "/tmp" for m in ctr["volumeMounts"]), (variant, ctr["name"])
+
+
+MIGRATE = {"name": "net.ipv4.tcp_migrate_req", "value": "1"}
+
+
+def test_connection_migration_is_the_components_choice(rendered: Dict[str, List[Dict[str, Any]]]) -> None:
+    """The migrate-connections component sets net.ipv4.tcp_migrate_req in the pod, keeping the pod's hardening; the
+    overlays alone do not (kubelets refuse an unsafe sysctl they were not told to allow). Compose sets it."""
+    for variant, docs in rendered.items():
+        sysctls = one(docs, "Deployment")["spec"]["template"]["spec"]["securityContext"].get("sysctls", [])
+        assert sysctls == ([MIGRATE] if "migrate-connections" in variant else []), variant
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    assert str(compose["services"]["trtserve"]["sysctls"]["net.ipv4.tcp_migrate_req"]) == "1"
 
 
 # ---------------------------------------------------------------- HPA and the Prometheus adapter

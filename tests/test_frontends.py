@@ -3,9 +3,12 @@ exactly one answer per request, and faults of any process handled as documented 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests import models
-from tests.mp import Serve, alive, dev_shm, tree
+from tests.mp import ROOT, Serve, alive, dev_shm, tree
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.server.examples import REPOSITORY as EXAMPLE
@@ -390,6 +393,30 @@ def test_a_killed_front_end_fails_only_its_requests_and_is_restarted(tmp_path):
         assert all(not isinstance(r, Exception) for _, r in again), s.output()
     finally:
         assert s.stop() == 0
+
+
+def _killed_with_queued_connections(migrate: int) -> dict:
+    """tests/reuseport_kill.py in a private network namespace with net.ipv4.tcp_migrate_req = ``migrate``."""
+    proc = subprocess.run([sys.executable, "-m", "tests.reuseport_kill", str(migrate)], cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=240)
+    if proc.returncode == 3:
+        pytest.skip("needs the right to create a network namespace (root or CAP_SYS_ADMIN)")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_connections_queued_at_a_killed_front_end_move_to_the_other_when_the_kernel_may_migrate_them():
+    """Clients that reconnect just as their front end dies can land in its listener's queue. With
+    tcp_migrate_req 0 those connections are reset and their calls fail though the other front end serves, and the
+    server says so at start; with 1 they move to the other front end and every call is answered."""
+    without = _killed_with_queued_connections(0)
+    assert without["warned"] and without["exit_code"] == 0, without
+    assert without["before"] < len(without["outcomes"]), without  # some calls were queued at the victim
+    assert any("Connection reset" in o for o in without["outcomes"]), without  # the failure this guards against
+    moved = _killed_with_queued_connections(1)
+    assert not moved["warned"] and moved["exit_code"] == 0, moved
+    assert moved["before"] < len(moved["outcomes"]), moved
+    assert moved["outcomes"] == ["OK"] * len(moved["outcomes"]), moved
 
 
 def test_a_killed_engine_answers_unavailable_at_once_and_the_server_exits_1(tmp_path):

@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 import pytest
 
 from trtserve.server.options import ServerOptions
-from trtserve.server.supervisor import Child, StartError, Supervisor
+from trtserve.server.supervisor import Child, StartError, Supervisor, migration_warning
 
 FRONTENDS = 3
 
@@ -65,3 +65,13 @@ async def test_a_front_end_that_fails_to_start_fails_the_start_and_every_child_i
     assert await asyncio.wait_for(sup.wait(), 5) == 1  # not left waiting, and no front end started again
     await asyncio.sleep(0.3)
     assert len(children) == FRONTENDS + 1
+
+
+def test_migration_warning_follows_the_kernel_setting(tmp_path) -> None:
+    setting = tmp_path / "tcp_migrate_req"
+    setting.write_text("0\n")
+    assert "tcp_migrate_req is 0" in migration_warning(2, str(setting))
+    assert migration_warning(1, str(setting)) is None  # one front end: no other listener to move connections to
+    setting.write_text("1\n")
+    assert migration_warning(2, str(setting)) is None
+    assert "cannot move connections" in migration_warning(8, str(tmp_path / "absent"))
