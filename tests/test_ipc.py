@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 import socket
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -183,6 +185,47 @@ def test_socket_link_flush_sends_now_and_what_follows_in_the_turn_still_goes_onc
             frames.append(pickle.loads(data[4:4 + n]))
             data = data[4 + n:]
     assert frames == [[(1,)], [(2,)]]
+
+
+class _Owner:
+    """What owns a link and is referred to by its handlers, as the engine's session of a front end is."""
+
+    def __init__(self, link: SocketLink) -> None:
+        self.link = link
+        self.seen: list = []
+        link.start(lambda batch: self.seen.extend(batch), self.gone)
+
+    def gone(self) -> None:
+        self.seen.append("gone")
+
+
+def test_a_link_that_closes_lets_its_owner_go_without_the_cyclic_collector():
+    """A front end that went away is freed at once, its read buffer with it: the engine runs the cyclic collector
+    seldom (process/child.py), and before this every restarted front end left a MiB behind in it."""
+    async def run(end: str) -> tuple:
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        owner = _Owner(SocketLink(left))
+        peer = SocketLink(right)
+        peer.start(lambda batch: None, lambda: None)
+        peer.send((1, b"x" * 1000))
+        await asyncio.sleep(0.05)
+        if end == "peer":  # the front end's process died: the engine's side learns it from the socket
+            peer.close()
+            await asyncio.sleep(0.05)
+        else:
+            owner.link.close()
+            peer.close()
+        seen = list(owner.seen)
+        ref = weakref.ref(owner)
+        del owner
+        return seen, ref() is None
+
+    gc.disable()
+    try:
+        assert asyncio.run(run("peer")) == ([(1, b"x" * 1000), "gone"], True)
+        assert asyncio.run(run("owner")) == ([(1, b"x" * 1000)], True)
+    finally:
+        gc.enable()
 
 
 def test_local_link_delivers_on_the_next_turn_and_closes_both_ends():

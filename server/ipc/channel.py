@@ -28,6 +28,14 @@ MAX_FRAME = 1 << 31  # a frame is a batch of descriptors; anything near this is 
 Handler = Callable[[List[tuple]], None]
 
 
+def _ignore_messages(batch: List[tuple]) -> None:
+    """A closed link's handler."""
+
+
+def _nothing() -> None:
+    """A closed link's close handler."""
+
+
 class Link:
     """One end of a front end <-> engine connection."""
 
@@ -60,8 +68,8 @@ class SocketLink(Link):
         self._chunk = memoryview(bytearray(_READ_CHUNK))
         self._flush_scheduled = False
         self._writing = False
-        self._on_messages: Handler = lambda m: None
-        self._on_closed: Callable[[], None] = lambda: None
+        self._on_messages: Handler = _ignore_messages
+        self._on_closed: Callable[[], None] = _nothing
 
     def start(self, on_messages: Handler, on_closed: Callable[[], None]) -> None:
         self._loop = asyncio.get_running_loop()
@@ -148,8 +156,9 @@ class SocketLink(Link):
     def _lost(self) -> None:
         if self.closed:
             return
+        on_closed = self._on_closed
         self.close()
-        self._on_closed()
+        on_closed()
 
     def close(self) -> None:
         if self.closed:
@@ -163,6 +172,14 @@ class SocketLink(Link):
             except (ValueError, RuntimeError):  # the loop is closing
                 pass
         self._sock.close()
+        # the handlers refer to the link's owner, which refers to the link (the engine's session of a front end): a
+        # cycle that would keep the read buffer (a MiB) and the unread bytes until the cyclic collector runs, and a
+        # settled heap (process/child.py) runs it seldom, so every front end that went away stayed in the engine
+        self._on_messages, self._on_closed = _ignore_messages, _nothing
+        self._chunk = memoryview(bytearray())
+        self._inbuf = bytearray()
+        self._pending = bytearray()
+        self._out = []
 
 
 class LocalLink(Link):
