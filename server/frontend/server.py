@@ -140,11 +140,15 @@ class FrontEnd:
             # balancers) move away before calls start being refused; grpc core answers calls it had received but
             # not dispatched at shutdown with CANCELLED, which no client may retry
             await asyncio.sleep(min(self.options.drain_notice_seconds, grace / 4))
-        self.service.accepting = False
         stops = [self._server.stop(grace)] if self._server is not None else []
         if self.http is not None:
             stops.append(self.http.stop(grace))
-        await asyncio.gather(*stops)
+        stopping = asyncio.gather(*stops)
+        # after grpc's stop has begun (its listener closed, GOAWAY sent): unary calls that still reach the service
+        # were sent before their clients could know, and are served; streams and HTTP requests are refused from here
+        await asyncio.sleep(0)
+        self.service.accepting = False
+        await stopping
         self.engine.closing = True
 
     async def wait(self) -> None:

@@ -226,13 +226,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # ---- inference ------------------------------------------------------------------------------------------------
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return await self.infer(request, context.time_remaining())
+        # served even while draining: grpc takes no new call once its stop has begun, so a call that gets here
+        # was on the wire before its client could see the GOAWAY, and within the drain's grace it can be answered
+        return await self.infer(request, context.time_remaining(), refuse_when_draining=False)
 
-    async def infer(self, request: pb.ModelInferRequest, remaining: Optional[float]) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, remaining: Optional[float],
+                    refuse_when_draining: bool = True) -> pb.ModelInferResponse:
         """One inference; the engine reports it to statistics and metrics exactly once (a request refused here
-        is reported through ``report_failure``)."""
+        is reported through ``report_failure``). Once the drain stops taking work, a request on a stream (or an
+        HTTP connection) that stays open is refused, so that the stream ends within the drain."""
         t0 = time.monotonic_ns()
-        if not self.accepting:
+        if not self.accepting and refuse_when_draining:
             raise Unavailable("the server is shutting down and accepts no new requests")
         engine = self._engine
         name, version = request.model_name, request.model_version
