@@ -48,6 +48,13 @@ class ServerOptions:
     max_stream_inflight: int = 64  # per ModelStreamInfer stream: requests read but not yet answered and written
     max_shm_regions: int = 1024  # registered shared-memory regions per server (each holds a descriptor)
     restart_frontends: bool = True  # a front end that dies is started again (its own requests fail)
+    # a front end whose own memory (anonymous RSS: not its arena, not shared libraries) passes this many bytes is
+    # replaced: a new one starts, then the old one drains. grpc.aio keeps native memory of every call a client
+    # cancels (or whose deadline passes) while grpc awaits the call's message or answer, so without it a front
+    # end grows with cancellations for its whole life (docs/reliability.md). 0: never
+    frontend_max_memory_bytes: int = 1024 * MiB
+    frontend_memory_check_s: float = 5.0  # how often the supervisor reads the front ends' memory
+    frontend_min_age_s: float = 60.0  # a front end younger than this is not replaced (a limit below a new one's size)
     # a model that fails to load at start stops the server (StartupFailure; the CLI exits 1), as Triton's
     # --exit-on-error; False: the server starts with the models that loaded
     exit_on_error: bool = True

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from trtserve.server.errors import bind_hint
 from trtserve.server.ipc import channel
@@ -94,11 +94,25 @@ def migration_warning(frontends: int, path: str = MIGRATE_REQ) -> Optional[str]:
             "'Front-end restarts')")
 
 
+def own_memory(pid: int) -> Optional[int]:
+    """Bytes of a process's anonymous resident memory (its heap: not its arena, which is shared memory, nor the
+    pages of its libraries); None when it cannot be read (the process ended, or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class Child:
     """One child process and the thread that waits for its exit."""
 
     def __init__(self, role: str, index: int, proc: subprocess.Popen) -> None:
         self.role, self.index, self.proc = role, index, proc
+        self.started = time.monotonic()
         self.exited: "asyncio.Future[int]" = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
 
@@ -148,6 +162,8 @@ class Supervisor:
         self.http_port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self.restarts = 0
+        self.replacements = 0  # front ends replaced for their memory (frontend_max_memory_bytes)
+        self._retiring: Set[Child] = set()  # replaced front ends that are draining
         self._hold: List[socket.socket] = []
         self._stopping = False
         self._done: Optional["asyncio.Future[int]"] = None
@@ -181,6 +197,8 @@ class Supervisor:
             # wait() answers with the start's exit code
             await self._shutdown(e.code if isinstance(e, StartError) else 1, grace=5.0)
             raise
+        if self.options.frontend_max_memory_bytes > 0 and self.options.frontends > 0:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._watch_memory()))
         log.info("trtserve serving gRPC on %s:%d and HTTP on %s with %d front-end processes (engine pid %d; "
                  "metrics: %s)", self.options.host, port, self.http_port if self.http_port is not None else "off",
                  self.options.frontends, self.engine.pid,
@@ -227,15 +245,57 @@ class Supervisor:
 
     async def _start_frontend(self, index: int) -> None:
         child, _ = await self._spawn("frontend", index)
+        if self._stopping:  # the server began to stop while this one started (a restart or a replacement)
+            await child.stop(self.options.drain_notice_seconds + 5.0)
+            return
         self.frontends[index] = child
         self._watch(child)
 
     def _watch(self, child: Child) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(self._on_exit(child)))
 
+    async def _watch_memory(self) -> None:
+        """Replaces, one at a time, a front end whose own memory passed ``frontend_max_memory_bytes``."""
+        limit = self.options.frontend_max_memory_bytes
+        while not self._stopping:
+            await asyncio.sleep(self.options.frontend_memory_check_s)
+            for child in list(self.frontends):
+                if child is None or self._stopping or time.monotonic() - child.started < self.options.frontend_min_age_s:
+                    continue
+                used = own_memory(child.pid)
+                if used is not None and used > limit:
+                    await self._replace(child, used)
+
+    async def _replace(self, old: Child, used: int) -> None:
+        """A new front end first, so the port keeps its capacity; then the old one drains as on SIGTERM: its
+        listener closes and its connections get GOAWAY, so their clients move to the other front ends."""
+        log.warning("front end %d (pid %d) holds %d MiB of its own memory, more than --frontend-max-memory-mib %d: "
+                    "starting a new one, then draining it", old.index, old.pid, used >> 20,
+                    self.options.frontend_max_memory_bytes >> 20)
+        self._retiring.add(old)  # its exit from now on is planned: _on_exit leaves it alone
+        try:
+            await self._start_frontend(old.index)
+        except StartError as e:
+            self._retiring.discard(old)
+            if old.exited.done():  # it died meanwhile, and nothing could take its place: as a failed restart
+                log.error("%s: stopping the server", e)
+                await self._shutdown(1, grace=1.0)
+                return
+            old.started = time.monotonic()  # tried again once it has been up its minimum age once more
+            log.error("front end %d could not be replaced (%s); it keeps serving", old.index, e)
+            return
+        code = await old.stop(self.options.drain_seconds + self.options.drain_notice_seconds + 5.0)
+        self._retiring.discard(old)
+        if self._stopping:
+            return
+        self.replacements += 1
+        new = self.frontends[old.index]
+        log.info("front end %d replaced: pid %d drained (exit code %d), pid %s serves", old.index, old.pid, code,
+                 new.pid if new is not None else "-")
+
     async def _on_exit(self, child: Child) -> None:
         code = await child.exited
-        if self._stopping:
+        if self._stopping or child in self._retiring:
             return
         if child.role == "engine":
             log.error("the engine process (pid %d) exited with code %d: stopping the front ends; the server "
@@ -252,6 +312,8 @@ class Supervisor:
             return
         try:
             await self._start_frontend(child.index)
+            if self._stopping:
+                return
             self.restarts += 1
             log.info("front end %d serves again (pid %d)", child.index, self.frontends[child.index].pid)
         except StartError as e:
@@ -268,7 +330,7 @@ class Supervisor:
             self._done.set_result(code)
 
     async def _stop_children(self, grace: float) -> None:
-        fronts = [c for c in self.frontends if c is not None]
+        fronts = [c for c in self.frontends if c is not None] + [c for c in self._retiring if c not in self.frontends]
         # front ends drain first (their in-flight requests still need the engine), then the engine unloads
         await asyncio.gather(*(c.stop(grace + self.options.drain_notice_seconds + 5.0) for c in fronts))
         if self.engine is not None:

@@ -1,12 +1,17 @@
-"""A front end killed while connections wait in its listener's queue, in a private network namespace with
-``net.ipv4.tcp_migrate_req`` set as asked (tests/test_frontends.py runs this as a script; it needs the right to
-create a network namespace, and exits 3 without it).
+"""Front ends going away under clients, in a private network namespace with ``net.ipv4.tcp_migrate_req`` set as
+asked (tests/test_frontends.py runs this as a script; it needs the right to create a network namespace, and exits 3
+without it). Prints one JSON line.
 
-The victim is stopped (SIGSTOP) first, so that new connections the kernel hands to its listener stay queued there,
-as those of clients reconnecting just as a front end dies do; then it is killed. Prints one JSON line: how many calls
-were answered before the kill, each call's outcome, and whether the server warned about the setting.
+    python -m tests.reuseport_kill 0|1           # kill: a front end killed with connections queued at it
+    python -m tests.reuseport_kill 1 replace     # replace: front ends replaced for their memory under load
 
-    python -m tests.reuseport_kill 0|1
+kill: the victim is stopped (SIGSTOP) first, so that new connections the kernel hands to its listener stay queued
+there, as those of clients reconnecting just as a front end dies do; then it is killed. Prints how many calls were
+answered before the kill, each call's outcome, and whether the server warned about the setting.
+
+replace: a supervisor whose memory limit is below a new front end's size replaces its two front ends in turn while
+eight connections keep calling, until two replacements are done (a minute at most); prints the replacements, the
+restarts (crashes) and the calls' outcomes.
 """
 from __future__ import annotations
 
@@ -64,9 +69,55 @@ async def calls(url: str, victim: int) -> dict:
     return {"before": before, "outcomes": await asyncio.gather(*tasks)}
 
 
+async def replacements(seconds: float) -> dict:
+    import collections
+
+    import grpc
+
+    from tests.test_frontends import ONE_CONNECTION, mlp_request
+    from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
+    from trtserve.server.examples import REPOSITORY
+    from trtserve.server.options import ServerOptions
+    from trtserve.server.supervisor import Supervisor
+
+    sup = Supervisor(ServerOptions(model_repository=REPOSITORY, grpc_port=0, http_port=None, metrics_port=None,
+                                   gpu_metrics=False, frontends=2, drain_seconds=5.0,
+                                   frontend_max_memory_bytes=1 << 20, frontend_memory_check_s=0.2,
+                                   frontend_min_age_s=1.5))
+    port, _ = await sup.start()
+    first = sorted(sup.pids().values())
+    outcomes: "collections.Counter[str]" = collections.Counter()
+    done = asyncio.Event()
+
+    async def connection() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=ONE_CONNECTION) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            while not done.is_set():
+                try:
+                    await stub.ModelInfer(mlp_request(1.0), timeout=10)
+                    outcomes["OK"] += 1
+                except grpc.aio.AioRpcError as e:
+                    outcomes[e.code().name] += 1
+
+    calls = [asyncio.ensure_future(connection()) for _ in range(8)]
+    started = asyncio.get_running_loop().time()
+    while sup.replacements < 2 and asyncio.get_running_loop().time() - started < seconds:  # both, once at least
+        await asyncio.sleep(0.2)
+    done.set()
+    await asyncio.gather(*calls)
+    result = {"replacements": sup.replacements, "restarts": sup.restarts, "outcomes": dict(outcomes),
+              "new_pids": len(set(sup.pids().values()) - set(first))}
+    await sup.stop(2.0)
+    result["exit_code"] = await sup.wait()
+    return result
+
+
 def main() -> int:
     if not private_network(sys.argv[1]):
         return 3
+    if sys.argv[2:] == ["replace"]:
+        print(json.dumps(asyncio.run(replacements(60.0))))
+        return 0
     from tests.mp import Serve
     from trtserve.server.examples import REPOSITORY
 

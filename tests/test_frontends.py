@@ -395,9 +395,9 @@ def test_a_killed_front_end_fails_only_its_requests_and_is_restarted(tmp_path):
         assert s.stop() == 0
 
 
-def _killed_with_queued_connections(migrate: int) -> dict:
+def _in_private_network(migrate: int, *scenario: str) -> dict:
     """tests/reuseport_kill.py in a private network namespace with net.ipv4.tcp_migrate_req = ``migrate``."""
-    proc = subprocess.run([sys.executable, "-m", "tests.reuseport_kill", str(migrate)], cwd=str(ROOT),
+    proc = subprocess.run([sys.executable, "-m", "tests.reuseport_kill", str(migrate), *scenario], cwd=str(ROOT),
                           capture_output=True, text=True, timeout=240)
     if proc.returncode == 3:
         pytest.skip("needs the right to create a network namespace (root or CAP_SYS_ADMIN)")
@@ -409,14 +409,26 @@ def test_connections_queued_at_a_killed_front_end_move_to_the_other_when_the_ker
     """Clients that reconnect just as their front end dies can land in its listener's queue. With
     tcp_migrate_req 0 those connections are reset and their calls fail though the other front end serves, and the
     server says so at start; with 1 they move to the other front end and every call is answered."""
-    without = _killed_with_queued_connections(0)
+    without = _in_private_network(0)
     assert without["warned"] and without["exit_code"] == 0, without
     assert without["before"] < len(without["outcomes"]), without  # some calls were queued at the victim
     assert any("Connection reset" in o for o in without["outcomes"]), without  # the failure this guards against
-    moved = _killed_with_queued_connections(1)
+    moved = _in_private_network(1)
     assert not moved["warned"] and moved["exit_code"] == 0, moved
     assert moved["before"] < len(moved["outcomes"]), moved
     assert moved["outcomes"] == ["OK"] * len(moved["outcomes"]), moved
+
+
+def test_front_ends_past_their_memory_limit_are_replaced_in_turn_while_clients_are_served():
+    """A limit below a new front end's size: the supervisor replaces the two front ends one after the other under
+    load (a new one first, then the old one drains). No call fails but those grpc had taken off the wire and not yet
+    handed to the drained front end (CANCELLED, as in any drain), and no replacement counts as a crash."""
+    result = _in_private_network(1, "replace")
+    outcomes = result["outcomes"]
+    assert result["replacements"] >= 2 and result["new_pids"] >= 1, result
+    assert result["restarts"] == 0 and result["exit_code"] == 0, result
+    assert set(outcomes) <= {"OK", "CANCELLED"}, result
+    assert outcomes.get("CANCELLED", 0) <= 10 * result["replacements"] < outcomes["OK"] / 10, result
 
 
 def test_a_killed_engine_answers_unavailable_at_once_and_the_server_exits_1(tmp_path):

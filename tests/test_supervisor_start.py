@@ -5,6 +5,7 @@ processes start in tests/test_frontends.py."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from typing import Dict, List, Tuple
@@ -12,7 +13,8 @@ from typing import Dict, List, Tuple
 import pytest
 
 from trtserve.server.options import ServerOptions
-from trtserve.server.supervisor import Child, StartError, Supervisor, migration_warning
+from trtserve.server import supervisor
+from trtserve.server.supervisor import Child, StartError, Supervisor, migration_warning, own_memory
 
 FRONTENDS = 3
 
@@ -75,3 +77,77 @@ def test_migration_warning_follows_the_kernel_setting(tmp_path) -> None:
     setting.write_text("1\n")
     assert migration_warning(2, str(setting)) is None
     assert "cannot move connections" in migration_warning(8, str(tmp_path / "absent"))
+
+
+def test_own_memory_reads_this_process_and_gives_none_for_one_that_is_gone() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert own_memory(proc.pid) is None
+    assert 1 << 20 < own_memory(os.getpid()) < 64 << 30  # type: ignore[operator]
+
+
+def _replacing(tmp_path, monkeypatch) -> Tuple[Supervisor, List[Child], Dict[int, int]]:
+    """A supervisor of stand-in children that checks memory every 50 ms; ``memory[pid]`` is what a child holds."""
+    sup, children, _ = _supervisor(tmp_path)
+    sup.options.frontend_max_memory_bytes = 100 << 20
+    sup.options.frontend_memory_check_s = 0.05
+    sup.options.frontend_min_age_s = 0.0
+    memory: Dict[int, int] = {}
+    monkeypatch.setattr(supervisor, "own_memory", lambda pid: memory.get(pid, 50 << 20))
+    return sup, children, memory
+
+
+async def _until(condition, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_front_end_past_its_memory_limit_is_replaced_first_then_drained(tmp_path, monkeypatch) -> None:
+    sup, children, memory = _replacing(tmp_path, monkeypatch)
+    await asyncio.wait_for(sup.start(), 30)
+    try:
+        before = list(sup.frontends)
+        victim = before[1]
+        memory[victim.pid] = 200 << 20
+        await _until(lambda: sup.replacements == 1)
+        new = sup.frontends[1]
+        assert new is not victim and new.proc.poll() is None
+        assert victim.proc.poll() is not None  # drained: stopped with SIGTERM, not killed by the kernel
+        assert victim.exited.result() == -15
+        assert sup.frontends[0] is before[0] and sup.frontends[2] is before[2]  # only the one past its limit
+        assert sup.restarts == 0  # a planned exit is not a crash
+        await asyncio.sleep(0.3)
+        assert sup.replacements == 1 and len(children) == 1 + FRONTENDS + 1  # the new one is under the limit
+    finally:
+        await asyncio.wait_for(sup.stop(1.0), 60)
+    assert all(c.proc.poll() is not None for c in children)
+
+
+async def test_a_front_end_that_cannot_be_replaced_keeps_serving(tmp_path, monkeypatch) -> None:
+    sup, children, memory = _replacing(tmp_path, monkeypatch)
+    await asyncio.wait_for(sup.start(), 30)
+    spawn = sup._spawn
+    attempts: List[int] = []
+
+    async def failing(role: str, index: int):
+        attempts.append(index)
+        raise StartError(f"the frontend process {index} exited with code 1 before it was ready")
+
+    try:
+        victim = sup.frontends[0]
+        sup.options.frontend_min_age_s = 0.5
+        victim.started -= 1.0  # up long enough
+        sup._spawn = failing  # type: ignore[method-assign]
+        memory[victim.pid] = 200 << 20
+        await asyncio.sleep(0.3)
+        assert attempts == [0]  # once, then not before it has been up its minimum age again
+        assert sup.frontends[0] is victim and victim.proc.poll() is None  # the old one serves on
+        assert sup.replacements == 0 and sup.restarts == 0
+        sup._spawn = spawn  # type: ignore[method-assign]
+        await _until(lambda: sup.replacements == 1)
+        assert sup.frontends[0] is not victim and victim.proc.poll() is not None
+    finally:
+        await asyncio.wait_for(sup.stop(1.0), 60)
+    assert all(c.proc.poll() is not None for c in children)

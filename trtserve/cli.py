@@ -199,6 +199,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--arena-bytes", action=_Given, type=int, default=_env_int("ARENA_BYTES", 512 << 20),
                    help="per front end: shared memory for the tensors of its requests in flight (default 512 MiB, "
                         "taken as used); a full arena answers UNAVAILABLE")
+    p.add_argument("--frontend-max-memory-mib", action=_Given, type=int,
+                   default=_env_int("FRONTEND_MAX_MEMORY_MIB", 1024),
+                   help="a front end whose own memory passes this many MiB is replaced by a new one while it drains "
+                        "(bounds what client cancellations leave in gRPC; default %(default)s; 0: never)")
     p.add_argument("--max-inflight", action=_Given, type=int, default=_env_int("MAX_INFLIGHT", 4096),
                    help="per front end: inference requests in flight before new ones are answered UNAVAILABLE "
                         "(default %(default)s)")
@@ -261,7 +265,7 @@ def between(low: float, high: Optional[float] = None, above: bool = False) -> Ca
 RANGES = {
     "grpc_port": between(0, 65535), "http_port": between(-1, 65535), "metrics_port": between(-1, 65535),
     "max_message_bytes": between(1, INT32_MAX), "max_concurrent_streams": between(0, INT32_MAX),
-    "arena_bytes": between(1), "max_inflight": between(1), "max_stream_inflight": between(1),
+    "arena_bytes": between(1), "frontend_max_memory_mib": between(0), "max_inflight": between(1), "max_stream_inflight": between(1),
     "max_shm_regions": between(0), "drain_seconds": between(0), "repository_poll_secs": between(0, above=True),
 }
 
@@ -429,6 +433,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
     options.frontends = checked(args, "frontends", frontends_from)
     options.frontend_scheduling = args.frontend_scheduling
     options.arena_bytes = args.arena_bytes
+    options.frontend_max_memory_bytes = args.frontend_max_memory_mib << 20
     options.max_inflight = args.max_inflight
     options.max_stream_inflight = args.max_stream_inflight
     options.max_shm_regions = args.max_shm_regions
