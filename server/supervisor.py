@@ -260,11 +260,16 @@ class Supervisor:
         while not self._stopping:
             await asyncio.sleep(self.options.frontend_memory_check_s)
             for child in list(self.frontends):
-                if child is None or self._stopping or time.monotonic() - child.started < self.options.frontend_min_age_s:
+                young = child is not None and time.monotonic() - child.started < self.options.frontend_min_age_s
+                if child is None or young or self._stopping:
                     continue
                 used = own_memory(child.pid)
-                if used is not None and used > limit:
+                if used is None or used <= limit:
+                    continue
+                try:
                     await self._replace(child, used)
+                except Exception:  # noqa: BLE001 - the server serves on; the next check tries again
+                    log.exception("replacing front end %d failed", child.index)
 
     async def _replace(self, old: Child, used: int) -> None:
         """A new front end first, so the port keeps its capacity; then the old one drains as on SIGTERM: its
