@@ -265,7 +265,8 @@ def between(low: float, high: Optional[float] = None, above: bool = False) -> Ca
 RANGES = {
     "grpc_port": between(0, 65535), "http_port": between(-1, 65535), "metrics_port": between(-1, 65535),
     "max_message_bytes": between(1, INT32_MAX), "max_concurrent_streams": between(0, INT32_MAX),
-    "arena_bytes": between(1), "frontend_max_memory_mib": between(0), "max_inflight": between(1), "max_stream_inflight": between(1),
+    "arena_bytes": between(1), "frontend_max_memory_mib": between(0), "max_inflight": between(1),
+    "max_stream_inflight": between(1),
     "max_shm_regions": between(0), "drain_seconds": between(0), "repository_poll_secs": between(0, above=True),
 }
 
