@@ -260,8 +260,9 @@ class Supervisor:
         while not self._stopping:
             await asyncio.sleep(self.options.frontend_memory_check_s)
             for child in list(self.frontends):
-                young = child is not None and time.monotonic() - child.started < self.options.frontend_min_age_s
-                if child is None or young or self._stopping:
+                if child is None or self._stopping:
+                    continue
+                if time.monotonic() - child.started < self.options.frontend_min_age_s:
                     continue
                 used = own_memory(child.pid)
                 if used is None or used <= limit:
