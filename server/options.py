@@ -55,6 +55,9 @@ class ServerOptions:
     frontend_max_memory_bytes: int = 1024 * MiB
     frontend_memory_check_s: float = 5.0  # how often the supervisor reads the front ends' memory
     frontend_min_age_s: float = 60.0  # a front end younger than this is not replaced (a limit below a new one's size)
+    # a child (front end or engine) whose event loop has not run for this many seconds is killed, and then handled
+    # as one that died (server/process/heartbeat.py). 0: never
+    watchdog_seconds: float = 30.0
     # a model that fails to load at start stops the server (StartupFailure; the CLI exits 1), as Triton's
     # --exit-on-error; False: the server starts with the models that loaded
     exit_on_error: bool = True

@@ -7,7 +7,8 @@ port itself once the engine has attached it. A front end that dies is started ag
 requests fail; the engine drops their answers). If the engine dies, the front ends already answer UNAVAILABLE
 (their link is gone); the supervisor stops them and the server exits non-zero, for the process manager (Kubernetes,
 Docker, systemd) to restart it: the engine holds the GPU, and a clean start is the only state known
-to be good. Stop (SIGTERM): front ends drain first, then the engine unloads, then the port is released.
+to be good. A child whose event loop stops beating (heartbeat.py) for ``watchdog_seconds`` is killed, and then
+handled as one that died. Stop (SIGTERM): front ends drain first, then the engine unloads, then the port is released.
 
 Children die with the supervisor (PR_SET_PDEATHSIG), the engine's socket has an abstract name and the
 arenas are memfds: a SIGKILL anywhere leaves no process, file or shared-memory segment behind.
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from trtserve.server.errors import bind_hint
 from trtserve.server.ipc import channel
 from trtserve.server.options import ServerOptions
+from trtserve.server.process import heartbeat
 
 log = logging.getLogger("trtserve.supervisor")
 
@@ -113,6 +116,8 @@ class Child:
     def __init__(self, role: str, index: int, proc: subprocess.Popen) -> None:
         self.role, self.index, self.proc = role, index, proc
         self.started = time.monotonic()
+        self.last_beat: Optional[float] = None  # when its heartbeat was last read; None: not watched
+        self.hung_for: Optional[float] = None  # set when the watchdog killed it: how long it had been silent
         self.exited: "asyncio.Future[int]" = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
 
@@ -138,8 +143,6 @@ class Child:
 
     async def stop(self, timeout: float) -> int:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit code."""
-        import signal
-
         self.signal(signal.SIGTERM)
         try:
             return await asyncio.wait_for(asyncio.shield(self.exited), timeout)
@@ -199,6 +202,8 @@ class Supervisor:
             raise
         if self.options.frontend_max_memory_bytes > 0 and self.options.frontends > 0:
             self._tasks.append(asyncio.get_running_loop().create_task(self._watch_memory()))
+        if self.options.watchdog_seconds > 0:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._watch_hangs()))
         log.info("trtserve serving gRPC on %s:%d and HTTP on %s with %d front-end processes (engine pid %d; "
                  "metrics: %s)", self.options.host, port, self.http_port if self.http_port is not None else "off",
                  self.options.frontends, self.engine.pid,
@@ -214,7 +219,9 @@ class Supervisor:
         # children log and switch threads as this process does (the CLI set both up)
         return {"role": f"{role}-{index}" if role == "frontend" else role, "index": index, "options": options,
                 "address": self.address, "parent_pid": os.getpid(),
-                "log_level": logging.getLogger().getEffectiveLevel(), "switch_interval": sys.getswitchinterval()}
+                "log_level": logging.getLogger().getEffectiveLevel(), "switch_interval": sys.getswitchinterval(),
+                "beat_interval": (heartbeat.beat_interval(self.options.watchdog_seconds)
+                                  if self.options.watchdog_seconds > 0 else None)}
 
     async def _spawn(self, role: str, index: int) -> Tuple[Child, Dict[str, Any]]:
         module = "trtserve.server.engine.process" if role == "engine" else "trtserve.server.frontend.process"
@@ -230,17 +237,23 @@ class Supervisor:
             await loop.run_in_executor(None, _write_and_close, proc.stdin, payload)
             line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), START_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError, pickle.PicklingError, AttributeError, TypeError) as e:
+            proc.stdout.close()
             child.signal(9)
             raise StartError(f"the {role} process failed to start: {type(e).__name__}: {e}") from None
-        finally:
-            proc.stdout.close()
         if not line:
+            proc.stdout.close()
             code = await child.exited
             raise StartError(f"the {role} process exited with code {code} before it was ready (see its log above)")
         info = json.loads(line)
         if "error" in info:  # the child said why it cannot start (a model failed to load, a port is taken)
+            proc.stdout.close()
             await child.exited
             raise StartError(info["error"], int(info.get("code", 1)))
+        if self.options.watchdog_seconds > 0:  # from now on the pipe carries the child's heartbeats
+            child.last_beat = time.monotonic()
+            await heartbeat.read_beats(proc.stdout, lambda t: setattr(child, "last_beat", t))
+        else:
+            proc.stdout.close()
         return child, info
 
     async def _start_frontend(self, index: int) -> None:
@@ -271,6 +284,32 @@ class Supervisor:
                     await self._replace(child, used)
                 except Exception:  # noqa: BLE001 - the server serves on; the next check tries again
                     log.exception("replacing front end %d failed", child.index)
+
+    async def _watch_hangs(self) -> None:
+        """Kills a child whose heartbeat has been silent for ``watchdog_seconds``; its exit watch (_on_exit) then
+        handles it as a death."""
+        limit = self.options.watchdog_seconds
+        step = heartbeat.beat_interval(limit)
+        last = time.monotonic()
+        while not self._stopping:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            watched = [c for c in (self.engine, *self.frontends, *self._retiring) if c is not None]
+            if now - last > 2 * step + 1.0:
+                # this process itself did not run (stopped, starved): the children's beats wait unread in their
+                # pipes, so their silence says nothing; count from now
+                for c in watched:
+                    if c.last_beat is not None:
+                        c.last_beat = now
+            last = now
+            for c in watched:
+                if c.last_beat is None or c.exited.done() or now - c.last_beat <= limit:
+                    continue
+                c.hung_for = now - c.last_beat
+                c.last_beat = None
+                log.error("%s (pid %d) has not run its event loop for %.0f s (--watchdog-seconds %g): killing it",
+                          "the engine" if c.role == "engine" else f"front end {c.index}", c.pid, c.hung_for, limit)
+                c.signal(signal.SIGKILL)
 
     async def _replace(self, old: Child, used: int) -> None:
         """A new front end first, so the port keeps its capacity; then the old one drains as on SIGTERM: its

@@ -66,7 +66,7 @@ def test_every_flag_of_every_subcommand_has_help() -> None:
 BAD_ENV = {
     "TRTSERVE_GRPC_PORT": "abc", "TRTSERVE_HTTP_PORT": "80 00", "TRTSERVE_METRICS_PORT": "8002x", "TRTSERVE_DRAIN_SECONDS": "30s",
     "TRTSERVE_MAX_MESSAGE_BYTES": "1G", "TRTSERVE_ARENA_BYTES": "big", "TRTSERVE_MAX_INFLIGHT": "1e3",
-    "TRTSERVE_FRONTEND_MAX_MEMORY_MIB": "1GiB",
+    "TRTSERVE_FRONTEND_MAX_MEMORY_MIB": "1GiB", "TRTSERVE_WATCHDOG_SECONDS": "30s",
     "TRTSERVE_MAX_STREAM_INFLIGHT": "-", "TRTSERVE_MAX_SHM_REGIONS": "lots", "TRTSERVE_MAX_CONCURRENT_STREAMS": "x",
     "TRTSERVE_LOG_LEVEL": "loud", "TRTSERVE_EXIT_ON_ERROR": "maybe", "TRTSERVE_STRICT_READINESS": "2",
     "TRTSERVE_LENIENT_CONFIG": "sure", "TRTSERVE_METRICS_TLS": "y", "TRTSERVE_METRICS_AUTH": "t",
@@ -134,6 +134,7 @@ BAD_SETTINGS = [
     ({"TRTSERVE_MAX_MESSAGE_BYTES": str(1 << 31)}, [], f"TRTSERVE_MAX_MESSAGE_BYTES={1 << 31}: must be from 1 to"),
     ({"TRTSERVE_ARENA_BYTES": "0"}, [], "TRTSERVE_ARENA_BYTES=0: must be at least 1"),
     ({}, ["--frontend-max-memory-mib", "-1"], "--frontend-max-memory-mib -1: must be at least 0"),
+    ({"TRTSERVE_WATCHDOG_SECONDS": "-1"}, [], "TRTSERVE_WATCHDOG_SECONDS=-1: must be at least 0"),
     ({"TRTSERVE_REPOSITORY_POLL_SECS": "0"}, [], "TRTSERVE_REPOSITORY_POLL_SECS=0: must be more than 0"),
     ({"TRTSERVE_HOST": "192.0.2.1"}, [], "TRTSERVE_HOST=192.0.2.1: not a usable address"),  # TEST-NET-1
     ({"TRTSERVE_MODEL_REPOSITORY": "{garbage}"}, [], "TRTSERVE_MODEL_REPOSITORY={garbage}: not a folder"),

@@ -395,6 +395,93 @@ def test_a_killed_front_end_fails_only_its_requests_and_is_restarted(tmp_path):
         assert s.stop() == 0
 
 
+def _wait_for(s: Serve, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in s.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert text in s.output(), s.output()
+
+
+def test_a_hung_front_end_is_killed_and_restarted_and_its_clients_are_answered(tmp_path):
+    """A front end that stops running (SIGSTOP stands for a deadlock) keeps its share of the port: without the
+    watchdog its clients would wait for their deadlines. With --watchdog-seconds 1 every call is answered within a
+    few seconds (those of the stopped front end UNAVAILABLE) and the front end is replaced; the one that ran on under
+    load is left alone."""
+    s = Serve(EXAMPLE, frontends=2, args=["--watchdog-seconds", "1"])
+    try:
+        victim, other = s.roles()["frontend"]
+        os.kill(victim, signal.SIGSTOP)
+
+        async def run() -> Tuple[float, List[Tuple[float, object]]]:
+            t0 = time.monotonic()
+            results = await load(s.url, connections=16, per_connection=4, timeout=60.0)
+            return time.monotonic() - t0, results
+
+        took, results = asyncio.run(run())
+        assert len(results) == 64 and took < 15.0, (took, s.output())
+        failed = [r for _, r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert all(e.code() == grpc.StatusCode.UNAVAILABLE for e in failed), failed
+        assert len(failed) < len(results), "the other front end served"
+        _wait_for(s, "serves again")
+        assert f"(pid {victim}) has not run its event loop" in s.output(), s.output()
+        assert s.output().count("has not run its event loop") == 1, s.output()
+        fronts = s.roles()["frontend"]
+        assert len(fronts) == 2 and victim not in fronts and other in fronts, (fronts, s.output())
+        again = asyncio.run(load(s.url, connections=8, per_connection=4))
+        assert all(not isinstance(r, Exception) for _, r in again), s.output()
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_hung_engine_is_killed_its_requests_answered_unavailable_and_the_server_exits_1(tmp_path):
+    _slow_repo(tmp_path)
+    shm_before = dev_shm()
+    s = Serve(tmp_path, frontends=2, args=["--watchdog-seconds", "1"])
+    pids = tree(s.proc.pid)
+    stopped_at: Dict[str, float] = {}
+
+    async def run() -> Tuple[float, List[Tuple[float, object]]]:
+        calls = asyncio.ensure_future(load(s.url, connections=4, per_connection=8, make=slow_request))
+        await asyncio.sleep(0.3)
+        stopped_at["t"] = time.monotonic()
+        os.kill(s.roles()["engine"], signal.SIGSTOP)
+        results = await calls
+        return time.monotonic() - stopped_at["t"], results
+
+    took, results = asyncio.run(run())
+    assert len(results) == 32 and took < 5.0, took
+    failed = [r for _, r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert failed and all(e.code() == grpc.StatusCode.UNAVAILABLE for e in failed), failed
+    assert s.proc.wait(30) == 1
+    s.drain_output()
+    assert "the engine (pid" in s.output() and "has not run its event loop" in s.output(), s.output()
+    time.sleep(0.2)
+    assert not [p for p in pids if alive(p)]
+    assert dev_shm() == shm_before
+
+
+def test_a_server_frozen_whole_and_thawed_is_not_taken_for_hung(tmp_path):
+    """Every process stopped at once (a paused container, a suspended VM) and the supervisor let run first: its
+    children's silence was its own, and nothing is killed."""
+    s = Serve(EXAMPLE, frontends=2, args=["--watchdog-seconds", "1"])
+    try:
+        pids = tree(s.proc.pid)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(3.0)
+        os.kill(s.proc.pid, signal.SIGCONT)
+        time.sleep(0.2)
+        for pid in pids[1:]:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(2.0)
+        assert "has not run its event loop" not in s.output(), s.output()
+        assert all(alive(p) for p in pids)
+        again = asyncio.run(load(s.url, connections=4, per_connection=4))
+        assert all(not isinstance(r, Exception) for _, r in again), s.output()
+    finally:
+        assert s.stop() == 0
+
+
 def _in_private_network(migrate: int, *scenario: str) -> dict:
     """tests/reuseport_kill.py in a private network namespace with net.ipv4.tcp_migrate_req = ``migrate``."""
     proc = subprocess.run([sys.executable, "-m", "tests.reuseport_kill", str(migrate), *scenario], cwd=str(ROOT),

@@ -203,6 +203,9 @@ def add_serve_parser(sub) -> None:
                    default=_env_int("FRONTEND_MAX_MEMORY_MIB", 1024),
                    help="a front end whose own memory passes this many MiB is replaced by a new one while it drains "
                         "(bounds what client cancellations leave in gRPC; default %(default)s; 0: never)")
+    p.add_argument("--watchdog-seconds", action=_Given, type=float, default=_env_float("WATCHDOG_SECONDS", 30.0),
+                   help="a front end or engine process whose event loop has not run for this long is killed, then "
+                        "handled as one that died (default %(default)s; 0: never)")
     p.add_argument("--max-inflight", action=_Given, type=int, default=_env_int("MAX_INFLIGHT", 4096),
                    help="per front end: inference requests in flight before new ones are answered UNAVAILABLE "
                         "(default %(default)s)")
@@ -267,7 +270,8 @@ RANGES = {
     "max_message_bytes": between(1, INT32_MAX), "max_concurrent_streams": between(0, INT32_MAX),
     "arena_bytes": between(1), "frontend_max_memory_mib": between(0), "max_inflight": between(1),
     "max_stream_inflight": between(1),
-    "max_shm_regions": between(0), "drain_seconds": between(0), "repository_poll_secs": between(0, above=True),
+    "max_shm_regions": between(0), "drain_seconds": between(0), "watchdog_seconds": between(0),
+    "repository_poll_secs": between(0, above=True),
 }
 
 
@@ -435,6 +439,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
     options.frontend_scheduling = args.frontend_scheduling
     options.arena_bytes = args.arena_bytes
     options.frontend_max_memory_bytes = args.frontend_max_memory_mib << 20
+    options.watchdog_seconds = args.watchdog_seconds
     options.max_inflight = args.max_inflight
     options.max_stream_inflight = args.max_stream_inflight
     options.max_shm_regions = args.max_shm_regions

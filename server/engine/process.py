@@ -25,7 +25,7 @@ async def _run(payload: dict) -> int:
         return e.code
     host.listen(payload["address"])
     child.settle_heap()
-    child.report_ready({"metrics_port": host.metrics_port})
+    child.report_ready({"metrics_port": host.metrics_port}, payload.get("beat_interval"))
     await stop.wait()
     log.info("engine stopping: unloading models")
     await host.stop()

@@ -40,7 +40,7 @@ async def _run(payload: dict) -> int:
     frontend = FrontEnd(options, client, reuse_port=True)
     port = await frontend.start()
     child.settle_heap()
-    child.report_ready({"port": port, "http_port": frontend.http_port})
+    child.report_ready({"port": port, "http_port": frontend.http_port}, payload.get("beat_interval"))
     await stop.wait()
     await frontend.stop(options.drain_seconds)
     client.link.close()

@@ -15,7 +15,9 @@ import os
 import pickle
 import signal
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Optional
+
+from trtserve.server.process.heartbeat import Heartbeat
 
 _PR_SET_PDEATHSIG = 1
 
@@ -66,13 +68,20 @@ def schedule_as_batch() -> bool:
     return True
 
 
-def report_ready(info: Dict[str, Any]) -> None:
-    """One JSON line on stdout, then stdout is closed: the supervisor's start() waits for it."""
+def report_ready(info: Dict[str, Any], beat_interval: Optional[float] = None) -> None:
+    """One JSON line on stdout: the supervisor's start() waits for it. The pipe then carries only heartbeats
+    (heartbeat.py), every ``beat_interval`` seconds from the running loop, or nothing when that is None; fd 1
+    becomes /dev/null, so that nothing a library prints can pass for a beat."""
     sys.stdout.write(json.dumps(info) + "\n")
     sys.stdout.flush()
+    pipe = os.dup(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
+    if beat_interval is None:
+        os.close(pipe)
+    else:
+        Heartbeat(pipe, beat_interval).start()
 
 
 def settle_heap() -> None:
