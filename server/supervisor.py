@@ -167,6 +167,7 @@ class Supervisor:
         self.restarts = 0
         self.replacements = 0  # front ends replaced for their memory (frontend_max_memory_bytes)
         self._retiring: Set[Child] = set()  # replaced front ends that are draining
+        self._starts: Set["asyncio.Future[None]"] = set()  # front-end starts under way (restarts, replacements)
         self._hold: List[socket.socket] = []
         self._stopping = False
         self._done: Optional["asyncio.Future[int]"] = None
@@ -257,12 +258,18 @@ class Supervisor:
         return child, info
 
     async def _start_frontend(self, index: int) -> None:
-        child, _ = await self._spawn("frontend", index)
-        if self._stopping:  # the server began to stop while this one started (a restart or a replacement)
-            await child.stop(self.options.drain_notice_seconds + 5.0)
-            return
-        self.frontends[index] = child
-        self._watch(child)
+        started = asyncio.get_running_loop().create_future()
+        self._starts.add(started)  # a stop waits for it: the engine must outlive a front end that attached to it
+        try:
+            child, _ = await self._spawn("frontend", index)
+            if self._stopping:  # the server began to stop while this one started (a restart or a replacement)
+                await child.stop(self.options.drain_notice_seconds + 5.0)
+                return
+            self.frontends[index] = child
+            self._watch(child)
+        finally:
+            self._starts.discard(started)
+            started.set_result(None)
 
     def _watch(self, child: Child) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(self._on_exit(child)))
@@ -322,6 +329,8 @@ class Supervisor:
             await self._start_frontend(old.index)
         except StartError as e:
             self._retiring.discard(old)
+            if self._stopping:  # the server stops: the new one's start was cut short, as expected
+                return
             if old.exited.done():  # it died meanwhile, and nothing could take its place: as a failed restart
                 log.error("%s: stopping the server", e)
                 await self._shutdown(1, grace=1.0)
@@ -362,6 +371,8 @@ class Supervisor:
             self.restarts += 1
             log.info("front end %d serves again (pid %d)", child.index, self.frontends[child.index].pid)
         except StartError as e:
+            if self._stopping:  # the server stops: the new one's start was cut short, as expected
+                return
             log.error("%s: stopping the server", e)
             await self._shutdown(1, grace=1.0)
 
@@ -376,8 +387,13 @@ class Supervisor:
 
     async def _stop_children(self, grace: float) -> None:
         fronts = [c for c in self.frontends if c is not None] + [c for c in self._retiring if c not in self.frontends]
-        # front ends drain first (their in-flight requests still need the engine), then the engine unloads
-        await asyncio.gather(*(c.stop(grace + self.options.drain_notice_seconds + 5.0) for c in fronts))
+        # front ends drain first (their in-flight requests still need the engine), then the engine unloads; a front
+        # end still starting finishes its start and is stopped by it (_start_frontend) before the engine goes, so
+        # that it never finds the engine gone
+        timeout = grace + self.options.drain_notice_seconds + 5.0
+        starts = list(self._starts)
+        await asyncio.gather(*(c.stop(timeout) for c in fronts),
+                             *([asyncio.wait(starts, timeout=START_TIMEOUT_S)] if starts else []))
         if self.engine is not None:
             await self.engine.stop(self.options.drain_seconds + 10.0)
 

@@ -151,3 +151,28 @@ async def test_a_front_end_that_cannot_be_replaced_keeps_serving(tmp_path, monke
     finally:
         await asyncio.wait_for(sup.stop(1.0), 60)
     assert all(c.proc.poll() is not None for c in children)
+
+
+async def test_a_stop_during_a_restart_stops_the_new_front_end_before_the_engine(tmp_path, monkeypatch) -> None:
+    """A front end restarted just as the server stops attaches to the engine; the engine must outlive it (else it
+    finds the engine gone, and logs it as an error), so the stop waits for the start and stops it first."""
+    sup, children, _ = _supervisor(tmp_path)
+    await asyncio.wait_for(sup.start(), 30)
+    order: List[str] = []
+    stop = Child.stop
+
+    async def recorded(self: Child, timeout: float) -> int:
+        code = await stop(self, timeout)
+        order.append(f"{self.role}-{self.index}-{self.pid}")
+        return code
+
+    monkeypatch.setattr(Child, "stop", recorded)
+    victim = sup.frontends[1]
+    victim.signal(9)
+    await _until(lambda: len(children) == 1 + FRONTENDS + 1)  # the restart has begun: its start takes 0.3 s
+    new = children[-1]
+    await asyncio.wait_for(sup.stop(1.0), 60)
+    assert order[-1].startswith("engine-"), order
+    assert f"frontend-1-{new.pid}" in order, order  # stopped by its own start, before the engine
+    assert all(c.proc.poll() is not None for c in children)
+    assert sup.restarts == 0  # it never served
