@@ -351,13 +351,15 @@ class Supervisor:
         code = await child.exited
         if self._stopping or child in self._retiring:
             return
+        how = (f"was killed by the watchdog after {child.hung_for:.0f} s without running its event loop"
+               if child.hung_for is not None else f"exited with code {code}")
         if child.role == "engine":
-            log.error("the engine process (pid %d) exited with code %d: stopping the front ends; the server "
-                      "exits with code 1 for its process manager to restart it", child.pid, code)
+            log.error("the engine process (pid %d) %s: stopping the front ends; the server exits with code 1 for its "
+                      "process manager to restart it", child.pid, how)
             await self._shutdown(1, grace=1.0)
             return
-        log.error("front end %d (pid %d) exited with code %d: its requests in flight failed; starting it again",
-                  child.index, child.pid, code)
+        log.error("front end %d (pid %d) %s: its requests in flight failed; starting it again", child.index, child.pid,
+                  how)
         now = time.monotonic()
         self._restart_times = [t for t in self._restart_times if now - t < 60.0] + [now]
         if not self.options.restart_frontends or len(self._restart_times) > RESTARTS_PER_MINUTE:

@@ -455,6 +455,7 @@ def test_a_hung_engine_is_killed_its_requests_answered_unavailable_and_the_serve
     assert s.proc.wait(30) == 1
     s.drain_output()
     assert "the engine (pid" in s.output() and "has not run its event loop" in s.output(), s.output()
+    assert "was killed by the watchdog" in s.output() and "exits with code 1" in s.output(), s.output()
     time.sleep(0.2)
     assert not [p for p in pids if alive(p)]
     assert dev_shm() == shm_before
