@@ -211,20 +211,22 @@ class Supervisor:
                  self.metrics_port if self.metrics_port is not None else "off")
         return port, self.metrics_port
 
-    def _payload(self, role: str, index: int) -> Dict[str, Any]:
+    def _payload(self, role: str, index: int, reason: str = "start") -> Dict[str, Any]:
         options = self.options
         if role == "frontend":
             import dataclasses
 
             options = dataclasses.replace(options, grpc_port=self.grpc_port, http_port=self.http_port)
         # children log and switch threads as this process does (the CLI set both up)
+        # why this front end starts: it tells the engine, which counts it in trtserve_frontend_starts_total
         return {"role": f"{role}-{index}" if role == "frontend" else role, "index": index, "options": options,
+                "start_reason": reason,
                 "address": self.address, "parent_pid": os.getpid(),
                 "log_level": logging.getLogger().getEffectiveLevel(), "switch_interval": sys.getswitchinterval(),
                 "beat_interval": (heartbeat.beat_interval(self.options.watchdog_seconds)
                                   if self.options.watchdog_seconds > 0 else None)}
 
-    async def _spawn(self, role: str, index: int) -> Tuple[Child, Dict[str, Any]]:
+    async def _spawn(self, role: str, index: int, reason: str = "start") -> Tuple[Child, Dict[str, Any]]:
         module = "trtserve.server.engine.process" if role == "engine" else "trtserve.server.frontend.process"
         # a session of its own: a signal to the whole process group (Ctrl-C in a terminal, `timeout`, a shell
         # script's kill 0) reaches only this process, which stops the children in order (front ends drain first)
@@ -234,7 +236,7 @@ class Supervisor:
         assert proc.stdin is not None and proc.stdout is not None
         loop = asyncio.get_running_loop()
         try:
-            payload = pickle.dumps(self._payload(role, index))
+            payload = pickle.dumps(self._payload(role, index, reason))
             await loop.run_in_executor(None, _write_and_close, proc.stdin, payload)
             line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), START_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError, pickle.PicklingError, AttributeError, TypeError) as e:
@@ -257,11 +259,11 @@ class Supervisor:
             proc.stdout.close()
         return child, info
 
-    async def _start_frontend(self, index: int) -> None:
+    async def _start_frontend(self, index: int, reason: str = "start") -> None:
         started = asyncio.get_running_loop().create_future()
         self._starts.add(started)  # a stop waits for it: the engine must outlive a front end that attached to it
         try:
-            child, _ = await self._spawn("frontend", index)
+            child, _ = await self._spawn("frontend", index, reason)
             if self._stopping:  # the server began to stop while this one started (a restart or a replacement)
                 await child.stop(self.options.drain_notice_seconds + 5.0)
                 return
@@ -326,7 +328,7 @@ class Supervisor:
                     self.options.frontend_max_memory_bytes >> 20)
         self._retiring.add(old)  # its exit from now on is planned: _on_exit leaves it alone
         try:
-            await self._start_frontend(old.index)
+            await self._start_frontend(old.index, "replacement")
         except StartError as e:
             self._retiring.discard(old)
             if self._stopping:  # the server stops: the new one's start was cut short, as expected
@@ -367,7 +369,7 @@ class Supervisor:
             await self._shutdown(1, grace=1.0)
             return
         try:
-            await self._start_frontend(child.index)
+            await self._start_frontend(child.index, "watchdog" if child.hung_for is not None else "restart")
             if self._stopping:
                 return
             self.restarts += 1

@@ -141,9 +141,13 @@ def _section(prefix: str) -> Exported:
     return matches[0]
 
 
-def test_docs_list_exactly_the_per_model_metrics_a_server_exports(scrape: str) -> None:
+def test_docs_list_exactly_the_metrics_a_server_exports(scrape: str) -> None:
+    """Per model version and of the server's processes: every series /metrics has is in one of the two tables, with
+    its type and labels, and nothing else is."""
     exported, _ = _scraped(scrape)
-    documented = _section("Per model version")
+    per_model, processes = _section("Per model version"), _section("Server processes")
+    assert not set(per_model) & set(processes)
+    documented = {**per_model, **processes}
     assert sorted(exported) == sorted(documented), "docs/metrics.md and /metrics differ"
     for name, (kind, labels) in exported.items():
         assert documented[name] == (kind, labels), name

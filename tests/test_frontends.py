@@ -91,6 +91,17 @@ def metric(metrics_port: int, name: str, model: str = "mlp") -> float:
     return total
 
 
+def frontend_starts(metrics_port: int) -> Dict[str, float]:
+    """trtserve_frontend_starts_total by reason, parsed from /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return {s.labels["reason"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "trtserve_frontend_starts_total"}
+
+
 @pytest.fixture(scope="module")
 def server():
     s = Serve(EXAMPLE, frontends=2)
@@ -389,6 +400,7 @@ def test_a_killed_front_end_fails_only_its_requests_and_is_restarted(tmp_path):
             time.sleep(0.1)
         fronts = s.roles()["frontend"]
         assert len(fronts) == 2 and victim not in fronts, (fronts, s.output())
+        assert frontend_starts(s.metrics_port) == {"start": 2, "restart": 1, "watchdog": 0, "replacement": 0}
         again = asyncio.run(load(s.url, connections=8, per_connection=1, make=slow_request))
         assert all(not isinstance(r, Exception) for _, r in again), s.output()
     finally:
@@ -427,6 +439,7 @@ def test_a_hung_front_end_is_killed_and_restarted_and_its_clients_are_answered(t
         assert s.output().count("has not run its event loop") == 1, s.output()
         fronts = s.roles()["frontend"]
         assert len(fronts) == 2 and victim not in fronts and other in fronts, (fronts, s.output())
+        assert frontend_starts(s.metrics_port) == {"start": 2, "restart": 0, "watchdog": 1, "replacement": 0}
         again = asyncio.run(load(s.url, connections=8, per_connection=4))
         assert all(not isinstance(r, Exception) for _, r in again), s.output()
     finally:

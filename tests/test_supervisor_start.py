@@ -27,9 +27,10 @@ def _supervisor(tmp_path, fail_index: int = -1) -> Tuple[Supervisor, List[Child]
     children: List[Child] = []
     starting = {"now": 0, "most": 0}
 
-    async def spawn(role: str, index: int):
+    async def spawn(role: str, index: int, reason: str = "start"):
         proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
         child = Child(role, index, proc)
+        child.reason = reason  # type: ignore[attr-defined]  # what the real payload would tell the child
         children.append(child)
         if role == "engine":
             return child, {}
@@ -114,6 +115,7 @@ async def test_a_front_end_past_its_memory_limit_is_replaced_first_then_drained(
         await _until(lambda: sup.replacements == 1)
         new = sup.frontends[1]
         assert new is not victim and new.proc.poll() is None
+        assert new.reason == "replacement" and victim.reason == "start"  # what the engine counts them as
         assert victim.proc.poll() is not None  # drained: stopped with SIGTERM, not killed by the kernel
         assert victim.exited.result() == -15
         assert sup.frontends[0] is before[0] and sup.frontends[2] is before[2]  # only the one past its limit
@@ -131,7 +133,7 @@ async def test_a_front_end_that_cannot_be_replaced_keeps_serving(tmp_path, monke
     spawn = sup._spawn
     attempts: List[int] = []
 
-    async def failing(role: str, index: int):
+    async def failing(role: str, index: int, reason: str = "start"):
         attempts.append(index)
         raise StartError(f"the frontend process {index} exited with code 1 before it was ready")
 
@@ -171,6 +173,7 @@ async def test_a_stop_during_a_restart_stops_the_new_front_end_before_the_engine
     victim.signal(9)
     await _until(lambda: len(children) == 1 + FRONTENDS + 1)  # the restart has begun: its start takes 0.3 s
     new = children[-1]
+    assert new.reason == "restart"
     await asyncio.wait_for(sup.stop(1.0), 60)
     assert order[-1].startswith("engine-"), order
     assert f"frontend-1-{new.pid}" in order, order  # stopped by its own start, before the engine

@@ -20,6 +20,7 @@ from trtserve.server.frontend.memory import PeriodicTrim
 from trtserve.server.ipc import channel
 from trtserve.server.ipc.arena import Arena
 from trtserve.server.ipc.channel import Link, SocketLink
+from trtserve.server.metrics.frontends import FrontEndStarts
 from trtserve.server.metrics.statistics import Statistics
 from trtserve.server.options import ServerOptions
 
@@ -42,11 +43,13 @@ class EngineHost:
         self.options = options
         self.statistics = Statistics()
         self.prometheus = None
+        self.frontend_starts: Optional[FrontEndStarts] = None
         observers: List[Observer] = [self.statistics]
         if options.metrics_port is not None:
             from trtserve.server.metrics.prometheus import PrometheusObserver
 
             self.prometheus = PrometheusObserver(gpu=options.gpu_metrics)
+            self.frontend_starts = FrontEndStarts(self.prometheus.registry)
             observers.append(self.prometheus)
         observers.extend(extra_observers or [])
         self.observer = Fanout(observers)
@@ -158,11 +161,12 @@ class EngineHost:
                 log.error("a front end failed to connect: %s", e)
                 conn.close()
                 continue
-            task = asyncio.ensure_future(self._attach_remote(str(hello.get("name", "?")), conn, arena))
+            task = asyncio.ensure_future(self._attach_remote(str(hello.get("name", "?")), conn, arena,
+                                                             str(hello.get("start", "start"))))
             self._attaching.add(task)
             task.add_done_callback(self._attaching.discard)
 
-    async def _attach_remote(self, name: str, conn: socket.socket, arena: Arena) -> None:
+    async def _attach_remote(self, name: str, conn: socket.socket, arena: Arena, reason: str = "start") -> None:
         """Page-locks the arena on a worker thread, then attaches: registering a whole arena with CUDA takes
         long enough to stall every request in flight if the loop did it (a front end restarted under load).
         The front end binds its port only once attached (EngineClient.attached), so no client waits on it."""
@@ -174,6 +178,8 @@ class EngineHost:
                          time.monotonic() - started)
             if not self._stopping:
                 self.core.attach(name, SocketLink(conn), arena)
+                if self.frontend_starts is not None:
+                    self.frontend_starts.started(reason)
                 return
         except Exception:  # noqa: BLE001 - this front end fails to connect (it reconnects or is restarted), no other
             log.exception("attaching front end %s failed", name)

@@ -28,8 +28,8 @@ async def _run(payload: dict) -> int:
     if options.frontend_scheduling == "batch":  # before gRPC starts its threads: they inherit the policy
         child.schedule_as_batch()
     arena = Arena.create(options.arena_bytes, f"trtserve-frontend-{payload['index']}")
-    sock = channel.connect(payload["address"], {"name": f"frontend-{payload['index']}", "pid": os.getpid()},
-                           [arena.fd])
+    hello = {"name": f"frontend-{payload['index']}", "pid": os.getpid(), "start": payload.get("start_reason", "start")}
+    sock = channel.connect(payload["address"], hello, [arena.fd])
     client = EngineClient(SocketLink(sock), arena)
     client.start()
     try:
