@@ -74,17 +74,17 @@ async def replacements(seconds: float) -> dict:
 
     import grpc
 
-    from tests.test_frontends import ONE_CONNECTION, mlp_request
+    from tests.test_frontends import ONE_CONNECTION, frontend_starts, mlp_request
     from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
     from trtserve.server.examples import REPOSITORY
     from trtserve.server.options import ServerOptions
     from trtserve.server.supervisor import Supervisor
 
-    sup = Supervisor(ServerOptions(model_repository=REPOSITORY, grpc_port=0, http_port=None, metrics_port=None,
+    sup = Supervisor(ServerOptions(model_repository=REPOSITORY, grpc_port=0, http_port=None, metrics_port=0,
                                    gpu_metrics=False, frontends=2, drain_seconds=5.0,
                                    frontend_max_memory_bytes=1 << 20, frontend_memory_check_s=0.2,
                                    frontend_min_age_s=1.5))
-    port, _ = await sup.start()
+    port, metrics_port = await sup.start()
     first = sorted(sup.pids().values())
     outcomes: "collections.Counter[str]" = collections.Counter()
     done = asyncio.Event()
@@ -106,7 +106,8 @@ async def replacements(seconds: float) -> dict:
     done.set()
     await asyncio.gather(*calls)
     result = {"replacements": sup.replacements, "restarts": sup.restarts, "outcomes": dict(outcomes),
-              "new_pids": len(set(sup.pids().values()) - set(first))}
+              "new_pids": len(set(sup.pids().values()) - set(first)),
+              "starts": await asyncio.get_running_loop().run_in_executor(None, frontend_starts, metrics_port)}
     await sup.stop(2.0)
     result["exit_code"] = await sup.wait()
     return result

@@ -528,6 +528,9 @@ def test_front_ends_past_their_memory_limit_are_replaced_in_turn_while_clients_a
     outcomes = result["outcomes"]
     assert result["replacements"] >= 2 and result["new_pids"] >= 1, result
     assert result["restarts"] == 0 and result["exit_code"] == 0, result
+    starts = result["starts"]  # /metrics: a replacement is counted as one, and is no restart
+    assert starts["start"] == 2 and starts["restart"] == starts["watchdog"] == 0, result
+    assert starts["replacement"] >= result["replacements"], result
     assert set(outcomes) <= {"OK", "CANCELLED"}, result
     assert outcomes.get("CANCELLED", 0) <= 10 * result["replacements"] < outcomes["OK"] / 10, result
 
