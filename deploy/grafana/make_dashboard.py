@@ -158,10 +158,17 @@ def panels() -> List[Dict[str, Any]]:
                             "{{model}} v{{version}} {{state}}"),
                            ("max by (model, version) (trtserve_model_load_seconds{%s})" % SEL,
                             "{{model}} v{{version}} load s")], "short"))
+    out.append(timeseries(lay, "Front-end processes started again",
+                          "trtserve_frontend_starts_total by reason, starts with the server left out: restart (one "
+                          "died), watchdog (its event loop stopped and the supervisor killed it), replacement (one "
+                          "passed --frontend-max-memory-mib). Each restart or watchdog kill failed that front end's "
+                          "requests in flight.",
+                          [('sum by (instance, reason) (increase(trtserve_frontend_starts_total{%s,reason!="start"}'
+                            '[%s]))' % (GPU_SEL, RI), "{{instance}} {{reason}}")], "short", stack=True))
     out.append(timeseries(lay, "Throughput by server",
                           "Requests/s per trtserve instance: shows how evenly clients spread the load.",
                           [("sum by (instance) (rate(nv_inference_request_success{%s}[%s]))" % (SEL, RI),
-                            "{{instance}}")], "reqps", w=24, h=7, stack=True))
+                            "{{instance}}")], "reqps", stack=True))
 
     out.append(row(lay, "Latency"))
     out.append(timeseries(lay, "Request latency p50 / p95 / p99",
