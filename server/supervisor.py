@@ -235,28 +235,29 @@ class Supervisor:
         child = Child(role, index, proc)
         assert proc.stdin is not None and proc.stdout is not None
         loop = asyncio.get_running_loop()
+        beats = False
         try:
             payload = pickle.dumps(self._payload(role, index, reason))
             await loop.run_in_executor(None, _write_and_close, proc.stdin, payload)
             line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), START_TIMEOUT_S)
+            info = json.loads(line) if line else None
+            # a child that is ready keeps the pipe: from now on it carries the child's heartbeats
+            beats = info is not None and "error" not in info and self.options.watchdog_seconds > 0
         except (OSError, asyncio.TimeoutError, pickle.PicklingError, AttributeError, TypeError) as e:
-            proc.stdout.close()
             child.signal(9)
             raise StartError(f"the {role} process failed to start: {type(e).__name__}: {e}") from None
-        if not line:
-            proc.stdout.close()
+        finally:
+            if not beats:
+                proc.stdout.close()
+        if info is None:
             code = await child.exited
             raise StartError(f"the {role} process exited with code {code} before it was ready (see its log above)")
-        info = json.loads(line)
         if "error" in info:  # the child said why it cannot start (a model failed to load, a port is taken)
-            proc.stdout.close()
             await child.exited
             raise StartError(info["error"], int(info.get("code", 1)))
-        if self.options.watchdog_seconds > 0:  # from now on the pipe carries the child's heartbeats
+        if beats:
             child.last_beat = time.monotonic()
             await heartbeat.read_beats(proc.stdout, lambda t: setattr(child, "last_beat", t))
-        else:
-            proc.stdout.close()
         return child, info
 
     async def _start_frontend(self, index: int, reason: str = "start") -> None:
