@@ -93,13 +93,10 @@ def metric(metrics_port: int, name: str, model: str = "mlp") -> float:
 
 def frontend_starts(metrics_port: int) -> Dict[str, float]:
     """trtserve_frontend_starts_total by reason, parsed from /metrics."""
-    import urllib.request
+    from tests.test_metrics_live import scrape
 
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return {s.labels["reason"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == "trtserve_frontend_starts_total"}
+    found = scrape(f"http://127.0.0.1:{metrics_port}/metrics").matching("trtserve_frontend_starts_total")
+    return {labels["reason"]: value for labels, value in found}
 
 
 @pytest.fixture(scope="module")
