@@ -14,10 +14,10 @@ W=${GPUKIT_WORK:-/tmp/trtkit-build}
 rm -rf "$W/kit" "$W/tree" && mkdir -p "$W"
 bash "$SHARED/gpu-kit/make-kit.sh" "$W/kit" --builder grpcio==1.80.0 'protobuf>=6.31,<7' grpcio-health-checking==1.80.0 \
   grpcio-reflection==1.80.0 prometheus-client onnx onnxruntime python-rapidjson packaging ml_dtypes \
-  aiohttp multidict yarl frozenlist aiosignal attrs propcache aiohappyeyeballs async-timeout typing_extensions idna
+  aiohttp multidict yarl frozenlist aiosignal attrs propcache aiohappyeyeballs async-timeout typing_extensions idna uvloop
 mkdir -p "$W/tree"
 cat "$W"/kit/kit.* | zstd -q -d | tar -x -C "$W/tree"
-cat "$W"/kit/builder.* | zstd -q -d --long=27 -o "$W/builder.so"
+cat "$W"/kit/builder.* | zstd -q -d -f --long=27 -o "$W/builder.so"
 rm -rf "$W/tree/site/onnx/backend/test"  # 62 MB of ONNX conformance data
 PA=${PA_HOME:-/tmp/perf-analyzer}
 [ -x "$PA/whl/perf_analyzer/bin/perf_analyzer" ] || bash "$SHARED/perf-analyzer/setup.sh" "$PA"
