@@ -2,7 +2,8 @@
 precomputed response, with just enough metadata RPCs for perf_analyzer and trtserve bench.
 
 ``python -m bench.ceiling_server --port 0 --model m --inputs 64 --outputs 16`` prints its port. Nothing
-can serve the same protocol from Python faster than this, so trtserve is measured against it.
+can serve the same protocol from Python faster than this, so trtserve is measured against it. ``--event-loop
+uvloop`` runs it on uvloop, the loop trtserve's processes take where it is installed: the ceiling of that loop.
 """
 from __future__ import annotations
 
@@ -72,8 +73,14 @@ def main() -> None:
     p.add_argument("--model", default="m")
     p.add_argument("--inputs", type=int, default=64)
     p.add_argument("--outputs", type=int, default=16)
+    p.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio")
     a = p.parse_args()
-    asyncio.run(serve(a.port, a.model, a.inputs, a.outputs))
+    if a.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(a.port, a.model, a.inputs, a.outputs))
+    else:
+        asyncio.run(serve(a.port, a.model, a.inputs, a.outputs))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from trtserve.server.ipc import messages as m
 from trtserve.server.ipc.arena import Allocator, Arena, aligned
 from trtserve.server.ipc.channel import SocketLink
 from trtserve.server.options import ServerOptions
+from trtserve.server.process import loops
 
 
 def _cpu_s(pid: int) -> float:
@@ -143,10 +144,13 @@ class Engine:
 
     def __init__(self, repo: pathlib.Path, cpus: Optional[str], cache_dir: Optional[pathlib.Path] = None,
                  switch_interval: Optional[float] = None, module: str = "trtserve.server.engine.process",
-                 env: Optional[Dict[str, str]] = None, script: Optional[List[str]] = None) -> None:
-        """``script``: the engine's program and arguments in place of ``-m module`` (a stand-in backend's)."""
+                 env: Optional[Dict[str, str]] = None, script: Optional[List[str]] = None,
+                 event_loop: str = "auto") -> None:
+        """``script``: the engine's program and arguments in place of ``-m module`` (a stand-in backend's);
+        ``event_loop``: as ``trtserve serve --event-loop`` (auto: uvloop where installed, as serve takes it)."""
         self.address = channel.engine_address(f"bench-{uuid.uuid4().hex[:8]}")
         options = ServerOptions(model_repository=repo, metrics_port=None, gpu_metrics=False, cache_dir=cache_dir)
+        options.event_loop = loops.resolve(event_loop)
         cmd = [sys.executable] + (script or ["-m", module])
         if cpus:
             cmd = ["taskset", "-c", cpus] + cmd

@@ -28,6 +28,9 @@ import threading
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+if sys.path and pathlib.Path(sys.path[0] or ".").resolve() == pathlib.Path(__file__).resolve().parent:
+    del sys.path[0]  # run as a script (the engine side): bench/http.py would hide the standard library's http
+
 import numpy as np
 
 N = 256  # values per row, in and out
@@ -151,7 +154,7 @@ def serve() -> int:
     """The engine process, with the stand-in backend and arenas that count as page-locked."""
     from trtserve.server.engine import process
     from trtserve.server.ipc.arena import Arena
-    from trtserve.server.process import child
+    from trtserve.server.process import child, loops
 
     Arena.pin = lambda self: setattr(self, "pinned", True)  # type: ignore[method-assign]
     close = Arena.close
@@ -166,7 +169,7 @@ def serve() -> int:
     backend.cuda_call = _CudaCall()
     backend.device_s = float(os.environ.get("FAKE_GPU_DEVICE_US", "160")) / 1e6
     payload["options"] = dataclasses.replace(payload["options"], backend_factories={"tensorrt_plan": backend})
-    return asyncio.run(process._run(payload))
+    return loops.run(lambda: process._run(payload), payload["options"].event_loop)
 
 
 def _repository(root: pathlib.Path, max_batch: int, instances: int) -> pathlib.Path:
@@ -193,6 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--engine-cpus", default=None)
     p.add_argument("--baseline", type=pathlib.Path, default=None,
                    help="a checkout of another commit: its engine measured in the same run")
+    p.add_argument("--event-loops", default="auto",
+                   help="the engine's event loops to compare, e.g. uvloop,asyncio (default: what serve takes)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(list(argv) if argv is not None else None)
     if a.serve:
@@ -203,9 +208,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     root = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-fake-gpu-"))
     repo = _repository(root, a.max_batch, a.instances)
     here = pathlib.Path(__file__).resolve().parent.parent
-    codes: List[Tuple[str, pathlib.Path]] = [("this", here)]
+    choices = [x for x in a.event_loops.split(",") if x]
+    codes: List[Tuple[str, pathlib.Path, str]] = [("this" if len(choices) == 1 else x, here, x) for x in choices]
     if a.baseline is not None:
-        codes.append(("baseline", a.baseline.resolve()))
+        codes.append(("baseline", a.baseline.resolve(), "auto"))
     device_rows_s = a.max_batch / (a.device_us / 1e6)
     print(f"engine with a stand-in GPU: {a.device_us:g} us per batch of up to {a.max_batch} rows "
           f"(device alone: {device_rows_s:,.0f} rows/s), {a.rows}-row requests of {N} FP16, "
@@ -214,19 +220,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{'engine cores':>12} {'engine us/req':>13} {'driver cores':>12}", flush=True)
     inputs = [("INPUT0", "FP16", (N,))]
     for level in [int(x) for x in a.concurrency.split(",")]:
-        results: Dict[str, List[Dict[str, float]]] = {name: [] for name, _ in codes}
+        results: Dict[str, List[Dict[str, float]]] = {name: [] for name, _, _ in codes}
         for _ in range(a.rounds):
-            for name, code in codes:
+            for name, code, event_loop in codes:
                 # run as a script, so that ``trtserve`` comes from PYTHONPATH (that checkout), not the working folder
                 env = {"PYTHONPATH": str(code), "FAKE_GPU_DEVICE_US": str(a.device_us)}
                 engine = engine_alone.Engine(repo, a.engine_cpus, env=env, script=[__file__, "--serve"],
-                                             switch_interval=DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6)
+                                             switch_interval=DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6,
+                                             event_loop=event_loop)
                 try:
                     results[name].append(asyncio.run(engine_alone._level(engine, "heavy", inputs, a.rows, level,
                                                                          a.warmup, a.duration)))
                 finally:
                     engine.stop()
-        for name, _ in codes:
+        for name, _, _ in codes:
             rs = sorted(results[name], key=lambda r: r["req_s"])
             r = rs[len(rs) // 2]
             print(f"{name:>9} {level:>9} {r['req_s']:>8.0f} {r['rows_s']:>11.0f} "

@@ -37,6 +37,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="max_batch_size served, and the batch the raw engine is measured at (default: per model)")
     p.add_argument("--switch-interval-us", default="",
                    help="GIL switch intervals of the engine to compare, e.g. 200,50 (default: what serve sets)")
+    p.add_argument("--event-loops", default="auto",
+                   help="the engine's event loops to compare in one run, e.g. uvloop,asyncio (default: auto, what "
+                        "`trtserve serve` takes: uvloop where installed)")
     p.add_argument("--graphs", action="store_true", help="CUDA graphs on (optimization { cuda { graphs: true } })")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a model config parameter for the served model, e.g. trtserve.direct_copy_min_bytes=0")
@@ -54,6 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extra = dict(kv.split("=", 1) for kv in a.param)
     from bench import engine_alone
     from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
+    from trtserve.server.process import loops
     from bench.gpu import _config, _open
     from bench.gpu_backend import _models, raw_rows_per_s
     from trtserve.server.engine.backends.tensorrt import compat
@@ -90,14 +94,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _config(m.name, m.wire, m.dims_in, m.dims_out, ref, instances, graphs=a.graphs,
                     params={**m.parameters, **extra}))
         print(f"{key}: raw engine {raw:,.0f} rows/s at batch {ref}", flush=True)
-        for interval, where in [(i, w) for i in intervals for w in a.enqueue_on.split(",")]:
+        for interval, where, loop in [(i, w, x) for i in intervals for w in a.enqueue_on.split(",")
+                                      for x in a.event_loops.split(",")]:
             engine = engine_alone.Engine(repo, a.engine_cpus, cache_dir=work / "cache",
-                                         switch_interval=interval / 1e6, module=_ENGINE_MODULES[where])
+                                         switch_interval=interval / 1e6, module=_ENGINE_MODULES[where],
+                                         event_loop=loop)
             try:
                 for level in levels:
                     r = asyncio.run(engine_alone._level(engine, m.name, [("INPUT0", m.wire, tuple(m.dims_in))],
                                                         rows, level, 1.0, a.seconds))
-                    rows_out.append([key, where, str(instances), str(ref), f"{interval:g}", str(rows), str(level),
+                    rows_out.append([key, where, loops.resolve(loop), str(instances), str(ref), f"{interval:g}", str(rows), str(level),
                                      f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}", f"{raw:,.0f}",
                                      f"{100 * r['rows_s'] / raw:.0f} %", f"{r['mean_batch']:.0f}",
                                      f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", f"{r['driver_cores']:.2f}",
@@ -108,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 engine.stop()
         if a.cprofile:
             _profiled(a, repo, work, m, rows, max(levels), key)
-    head = ["model", "enqueue on", "instances", "max batch", "GIL us", "rows/req", "concurrency", "req/s", "rows/s",
+    head = ["model", "enqueue on", "loop", "instances", "max batch", "GIL us", "rows/req", "concurrency", "req/s", "rows/s",
             "raw rows/s", "of raw", "batch", "p50 ms", "engine cores", "driver cores", "queue/in/infer/out us",
             "errors"]
     widths = [max(len(r[i]) for r in [head] + rows_out) for i in range(len(head))]

@@ -138,6 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--server-cpus", default="0-9")
     p.add_argument("--client-cpus", default="10-15")
     p.add_argument("--no-ceiling", action="store_true")
+    p.add_argument("--uvloop-ceiling", action="store_true",
+                   help="also the ceiling server on uvloop, the loop trtserve's processes take where it is installed")
     p.add_argument("--graphs", action="store_true", help="the model with CUDA graphs on")
     p.add_argument("--instances", type=int, default=2, help="the model's instance count")
     p.add_argument("--queue-delay-us", type=int, default=0, help="the model's max_queue_delay_microseconds")
@@ -166,6 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{a.client_cpus}, concurrency {a.concurrency} in all; {a.duration:g} s windows; the model on {a.instances} "
           f"instance{'s' if a.instances != 1 else ''}, max_queue_delay_microseconds {a.queue_delay_us}", flush=True)
     plan: List[tuple] = [] if a.no_ceiling else [("ceiling", None, [])]
+    if a.uvloop_ceiling:
+        plan.append(("ceiling uvloop", None, ["--event-loop", "uvloop"]))
     plan += [(f"trtserve f{n}", int(n), ["--frontends", n]) for n in a.frontends.split(",")]
     if a.baseline is not None:
         plan += [(f"baseline f{n}", int(n), ["--frontends", n]) for n in a.frontends.split(",")]
@@ -177,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         port, http_port = fb.free_port(), fb.free_port()
         if n is None:
             cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", "m", "--inputs", "64",
-                   "--outputs", "16"]
+                   "--outputs", "16", *args]
             server = _server(name, cmd, port, None, a.server_cpus)
         else:
             mport = fb.free_port()

@@ -43,6 +43,8 @@ class ServerOptions:
     # its answers wake a front end on a shared core, instead of being preempted by it at every send
     # (docs/architecture.md gives the measurement); "normal" leaves the policy the server was started with
     frontend_scheduling: str = "batch"
+    # every process's asyncio event loop, resolved ("uvloop" or "asyncio"; server/process/loops.py says why)
+    event_loop: str = "asyncio"
     arena_bytes: int = 512 * MiB  # per front end: inputs and outputs of its requests in flight (touched lazily)
     max_inflight: int = 4096  # per front end: inference requests past it are answered UNAVAILABLE (counted)
     max_stream_inflight: int = 64  # per ModelStreamInfer stream: requests read but not yet answered and written

@@ -13,6 +13,8 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, TypeVar
 
+from trtserve.server.process import loops
+
 if TYPE_CHECKING:
     from trtserve.server.app import ServerOptions
     from trtserve.server.frontend.security import TlsOptions
@@ -196,6 +198,10 @@ def add_serve_parser(sub) -> None:
                    default=_env_choice("FRONTEND_SCHEDULING", "batch", ["batch", "normal"]),
                    help="the front ends' CPU scheduling policy on Linux: batch (default) lets the engine finish its "
                         "work when its answers wake a front end on a busy core; normal keeps the server's policy")
+    p.add_argument("--event-loop", action=_Given, choices=list(loops.CHOICES),
+                   default=_env_choice("EVENT_LOOP", "auto", list(loops.CHOICES)),
+                   help="every process's event loop: auto (default) takes uvloop where it is installed (it is a "
+                        "dependency), else asyncio's own")
     p.add_argument("--arena-bytes", action=_Given, type=int, default=_env_int("ARENA_BYTES", 512 << 20),
                    help="per front end: shared memory for the tensors of its requests in flight (default 512 MiB, "
                         "taken as used); a full arena answers UNAVAILABLE")
@@ -437,6 +443,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
     options.max_concurrent_streams = args.max_concurrent_streams
     options.frontends = checked(args, "frontends", frontends_from)
     options.frontend_scheduling = args.frontend_scheduling
+    options.event_loop = checked(args, "event_loop", loops.resolve)
     options.arena_bytes = args.arena_bytes
     options.frontend_max_memory_bytes = args.frontend_max_memory_mib << 20
     options.watchdog_seconds = args.watchdog_seconds
@@ -546,7 +553,7 @@ def serve(args: argparse.Namespace) -> int:
     from trtserve.server.supervisor import StartError
 
     try:
-        return asyncio.run(_serve(options))
+        return loops.run(lambda: _serve(options), options.event_loop)
     except OSError as e:  # a port that is taken: one line, not a traceback
         print(f"trtserve: {e.strerror or e}" if e.filename is None else f"trtserve: {e}", file=sys.stderr)
         return 2

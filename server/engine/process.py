@@ -5,11 +5,10 @@ client shared-memory regions, statistics and /metrics, and serves front ends on 
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from trtserve.server.engine.host import EngineHost, StartupFailure
-from trtserve.server.process import child
+from trtserve.server.process import child, loops
 
 log = logging.getLogger("trtserve.engine")
 
@@ -33,7 +32,8 @@ async def _run(payload: dict) -> int:
 
 
 def main() -> int:
-    return asyncio.run(_run(child.boot()))
+    payload = child.boot()
+    return loops.run(lambda: _run(payload), payload["options"].event_loop)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ health NOT_SERVING) until the supervisor stops it.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 
@@ -17,7 +16,7 @@ from trtserve.server.frontend.server import FrontEnd
 from trtserve.server.ipc import channel
 from trtserve.server.ipc.arena import Arena
 from trtserve.server.ipc.channel import SocketLink
-from trtserve.server.process import child
+from trtserve.server.process import child, loops
 
 log = logging.getLogger("trtserve.frontend")
 
@@ -48,7 +47,8 @@ async def _run(payload: dict) -> int:
 
 
 def main() -> int:
-    return asyncio.run(_run(child.boot()))
+    payload = child.boot()
+    return loops.run(lambda: _run(payload), payload["options"].event_loop)
 
 
 if __name__ == "__main__":
