@@ -130,7 +130,7 @@ def _copy_calls(x, destinations) -> int:
     for d in destinations:
         ptr, _room = d.outputs["OUTPUT0"]
         n = d.rows * N * 2
-        outs.append((ptr, row, n, d.request))
+        outs.append((ptr, row, n, d.request if d.block is None else d.block))  # as context.py forms them
         row += n
     return len(copies.runs(ins)) + len(copies.runs(outs))
 
