@@ -43,7 +43,8 @@ class ServerOptions:
     # its answers wake a front end on a shared core, instead of being preempted by it at every send
     # (docs/architecture.md gives the measurement); "normal" leaves the policy the server was started with
     frontend_scheduling: str = "batch"
-    # every process's asyncio event loop, resolved ("uvloop" or "asyncio"; server/process/loops.py says why)
+    # every process's asyncio event loop, resolved: "uvloop" or "asyncio" (server/process/loops.py says why); the CLI
+    # resolves --event-loop (auto: uvloop where installed), an embedder that does not set it gets asyncio's loop
     event_loop: str = "asyncio"
     arena_bytes: int = 512 * MiB  # per front end: inputs and outputs of its requests in flight (touched lazily)
     max_inflight: int = 4096  # per front end: inference requests past it are answered UNAVAILABLE (counted)

@@ -1,6 +1,6 @@
 """Which asyncio event loop a server process runs: ``--event-loop`` auto (uvloop where it is installed), uvloop or
-asyncio. A front end spends most of its time in event-loop and gRPC machinery (docs/architecture.md gives the
-profile and the measurement), and uvloop runs that machinery in C."""
+asyncio. A front end spends most of its time in event-loop and gRPC machinery, not in trtserve's own code, and uvloop
+runs the event loop's part in C (docs/architecture.md gives the measurement)."""
 from __future__ import annotations
 
 import asyncio
