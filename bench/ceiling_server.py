@@ -8,7 +8,6 @@ uvloop`` runs it on uvloop, the loop trtserve's processes take where it is insta
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import grpc
 import numpy as np
@@ -16,6 +15,7 @@ import numpy as np
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.protos import model_config_pb2 as mc
+from trtserve.server.process import loops
 
 
 class CeilingService(pb_grpc.GRPCInferenceServiceServicer):
@@ -75,12 +75,7 @@ def main() -> None:
     p.add_argument("--outputs", type=int, default=16)
     p.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio")
     a = p.parse_args()
-    if a.event_loop == "uvloop":
-        import uvloop
-
-        uvloop.run(serve(a.port, a.model, a.inputs, a.outputs))
-    else:
-        asyncio.run(serve(a.port, a.model, a.inputs, a.outputs))
+    loops.run(lambda: serve(a.port, a.model, a.inputs, a.outputs), a.event_loop)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ class Engine:
         ``event_loop``: as ``trtserve serve --event-loop`` (auto: uvloop where installed, as serve takes it)."""
         self.address = channel.engine_address(f"bench-{uuid.uuid4().hex[:8]}")
         options = ServerOptions(model_repository=repo, metrics_port=None, gpu_metrics=False, cache_dir=cache_dir)
-        options.event_loop = loops.resolve(event_loop)
+        options.event_loop = self.event_loop = loops.resolve(event_loop)
         cmd = [sys.executable] + (script or ["-m", module])
         if cpus:
             cmd = ["taskset", "-c", cpus] + cmd

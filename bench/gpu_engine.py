@@ -57,7 +57,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extra = dict(kv.split("=", 1) for kv in a.param)
     from bench import engine_alone
     from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
-    from trtserve.server.process import loops
     from bench.gpu import _config, _open
     from bench.gpu_backend import _models, raw_rows_per_s
     from trtserve.server.engine.backends.tensorrt import compat
@@ -103,7 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for level in levels:
                     r = asyncio.run(engine_alone._level(engine, m.name, [("INPUT0", m.wire, tuple(m.dims_in))],
                                                         rows, level, 1.0, a.seconds))
-                    rows_out.append([key, where, loops.resolve(loop), str(instances), str(ref), f"{interval:g}", str(rows), str(level),
+                    rows_out.append([key, where, engine.event_loop, str(instances), str(ref), f"{interval:g}",
+                                     str(rows), str(level),
                                      f"{r['req_s']:,.0f}", f"{r['rows_s']:,.0f}", f"{raw:,.0f}",
                                      f"{100 * r['rows_s'] / raw:.0f} %", f"{r['mean_batch']:.0f}",
                                      f"{r['p50_ms']:.2f}", f"{r['engine_cores']:.2f}", f"{r['driver_cores']:.2f}",
@@ -114,9 +114,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 engine.stop()
         if a.cprofile:
             _profiled(a, repo, work, m, rows, max(levels), key)
-    head = ["model", "enqueue on", "loop", "instances", "max batch", "GIL us", "rows/req", "concurrency", "req/s", "rows/s",
-            "raw rows/s", "of raw", "batch", "p50 ms", "engine cores", "driver cores", "queue/in/infer/out us",
-            "errors"]
+    head = ["model", "enqueue on", "loop", "instances", "max batch", "GIL us", "rows/req", "concurrency", "req/s",
+            "rows/s", "raw rows/s", "of raw", "batch", "p50 ms", "engine cores", "driver cores",
+            "queue/in/infer/out us", "errors"]
     widths = [max(len(r[i]) for r in [head] + rows_out) for i in range(len(head))]
     print()
     for r in [head, ["-" * w for w in widths]] + rows_out:
