@@ -80,19 +80,15 @@ def _backend_class():  # imported only in the engine process, where trtserve is 
             # TensorRT's enqueue makes a CUDA call per run of input pieces and of destinations (copies.py), per
             # timing event, and execute_async_v3; each gives the GIL up while it runs, as CuPy's and TensorRT's
             # bindings do
-            for _ in range(_copy_calls(x, destinations) + 4):
+            calls, delivered, covered = _copies(x, destinations)
+            for _ in range(calls + 4):
                 self.cuda_call()
             self.cuda_call(self.execute_s)
-            # the device copies into the arena slots cost the engine a CUDA call each, not a host copy: nothing
-            # is copied here, the destinations only count as delivered
-            delivered = {d.request: frozenset({"OUTPUT0"}) for d in destinations
-                         if d.rows * N * 2 <= d.outputs["OUTPUT0"][1]}
             rows = int(x.shape[0])
             with self._lock:
                 start = max(time.perf_counter(), self._free_at)
                 self._free_at = start + self.device_s
                 ready = self._free_at
-            covered = sum(d.rows for d in destinations if d.request in delivered)
             return ready, rows, delivered, covered >= rows
 
         def wait(self, instance, ticket):
@@ -116,23 +112,46 @@ def _backend_class():  # imported only in the engine process, where trtserve is 
     return FakeGpu
 
 
-def _copy_calls(x, destinations) -> int:
+def _copies(x, destinations) -> Tuple[int, Dict[int, frozenset], int]:
     """The CUDA calls the TensorRT backend makes for a batch's input pieces and its output destinations, worked
-    out as it does (server/engine/backends/tensorrt/copies.py) from where they lie."""
+    out as it does (server/engine/backends/tensorrt/context.py and copies.py) from where they lie, with the
+    outputs delivered and the rows they cover. The device copies into the arena slots cost the engine a CUDA call
+    each, not a host copy: nothing is copied here, the destinations only count as delivered."""
+    from trtserve.server.engine.backends import base
     from trtserve.server.engine.backends.tensorrt import copies
 
-    parts = getattr(x, "parts", (x,))
-    ins, row = [], 0
-    for p in parts:
-        ins.append((row, p.__array_interface__["data"][0], p.nbytes, copies.block_of(p)))
-        row += p.nbytes
-    outs, row = [], 0
+    members = getattr(base, "MemberDestinations", None)  # absent from a --baseline engine older than columns
+    calls = 0
+    columns = getattr(x, "columns", None)
+    if columns is not None:
+        n = columns.nbytes
+        dst = np.arange(len(columns), dtype=np.int64) * n
+        calls += len(copies.column_runs(dst, columns.addresses, n, columns.blocks))
+    else:
+        ins, row = [], 0
+        for p in getattr(x, "parts", (x,)):
+            ins.append((row, p.__array_interface__["data"][0], p.nbytes, copies.block_of(p)))
+            row += p.nbytes
+        calls += len(copies.runs(ins))
+    outs, delivered, covered = [], {}, 0
     for d in destinations:
-        ptr, _room = d.outputs["OUTPUT0"]
+        if members is not None and type(d) is members:
+            ptrs, rooms = d.outputs["OUTPUT0"]
+            n = d.rows * N * 2
+            starts = (d.row_offset + np.arange(d.count, dtype=np.int64) * d.rows) * N * 2
+            calls += len(copies.column_runs(np.asarray(ptrs, np.int64), starts, n,
+                                            np.full(d.count, d.request, np.int64)))
+            if bool((np.asarray(rooms) >= n).all()):
+                delivered[d.request] = frozenset({"OUTPUT0"})
+                covered += d.rows * d.count
+            continue
+        ptr, room = d.outputs["OUTPUT0"]
         n = d.rows * N * 2
-        outs.append((ptr, row, n, d.request if d.block is None else d.block))  # as context.py forms them
-        row += n
-    return len(copies.runs(ins)) + len(copies.runs(outs))
+        outs.append((ptr, d.row_offset * N * 2, n, d.request if d.block is None else d.block))
+        if n <= room:
+            delivered[d.request] = frozenset({"OUTPUT0"})
+            covered += d.rows
+    return calls + len(copies.runs(outs)), delivered, covered
 
 
 class _CudaCall:

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pytest
 
-from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec
+from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec, each_destination
 from trtserve.server.engine.host import EngineHost
 from trtserve.server.errors import Unavailable
 from trtserve.server.events import Observer
@@ -170,6 +170,8 @@ class Direct(Doubling):
     pieces: List[int] = []  # per batch: the pieces its input came in
     addresses: List[List[int]] = []  # per batch: where each piece lies
     destinations: List[List[Tuple[int, int, int]]] = []  # per batch: (request index, row offset, rows)
+    columns: List[bool] = []  # per batch: the input came as columns (PieceColumns)
+    kinds: List[List[str]] = []  # per batch: its destinations' types
     refuse: Optional[float] = None
 
     def run(self, instance, inputs, outputs):
@@ -177,10 +179,12 @@ class Direct(Doubling):
 
     def run_to_device(self, instance, inputs, outputs, destinations):
         x = inputs["INPUT0"]
+        Direct.columns.append(isinstance(x, Gather) and x.columns is not None)
+        Direct.kinds.append([type(d).__name__ for d in destinations])
         parts = x.parts if isinstance(x, Gather) else (x,)
         Direct.pieces.append(len(parts))
         Direct.addresses.append([np.asarray(p).ctypes.data for p in parts])
-        Direct.destinations.append([(d.request, d.row_offset, d.rows) for d in destinations])
+        Direct.destinations.append([(d.request, d.row_offset, d.rows) for d in each_destination(destinations)])
         y = super().run(instance, {"INPUT0": np.concatenate([np.asarray(p) for p in parts])}, outputs).outputs["OUTPUT0"]
         return device_copies(y, destinations, Direct.refuse)
 
@@ -191,7 +195,7 @@ def device_copies(y: np.ndarray, destinations, refuse: Optional[float]) -> Batch
     zeros when every row was delivered (TensorRT does not copy it back then)."""
     reached: Dict[int, bool] = {}
     covered = 0
-    for d in destinations:
+    for d in each_destination(destinations):
         rows = np.ascontiguousarray(y[d.row_offset:d.row_offset + d.rows])
         ptr, room = d.outputs["OUTPUT0"]
         ok = rows.nbytes <= room and not (refuse is not None and (rows == 2 * refuse).any())
@@ -211,6 +215,7 @@ def repo(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Pat
     Doubling.started2.clear()
     Doubling.gate2.clear()
     Direct.pieces, Direct.destinations, Direct.addresses, Direct.refuse = [], [], [], None
+    Direct.columns, Direct.kinds = [], []
     close = Arena.close
 
     def unpin_then_close(self: Arena) -> None:
@@ -293,6 +298,8 @@ async def test_alike_requests_of_a_frame_are_one_entry_and_each_gets_its_own_ans
         if backend is Direct:  # the ten left in the arena, one piece each, answered where the device wrote them
             assert Direct.pieces == [1, 11]
             assert Direct.destinations[1] == [(0, i, 1) for i in range(10)] + [(1, 10, 2)]
+            # the ten as columns, the odd one as a destination of its own (so the batch's input is in parts)
+            assert Direct.kinds[1] == ["MemberDestinations", "DeviceDestination"] and Direct.columns == [False, False]
     finally:
         await host.stop()
 
@@ -324,6 +331,9 @@ async def test_a_group_that_does_not_fit_whole_gives_a_batch_its_first_members_a
             assert Direct.pieces == [1, 8, 3]
             assert Direct.destinations[1] == [(0, i, 1) for i in range(5)] + [(1, 5 + i, 1) for i in range(3)]
             assert Direct.destinations[2] == [(0, i, 1) for i in range(3)]
+            # groups and parts of groups in columns, joined in one batch: no array per member on the way
+            assert Direct.columns == [False, True, True]
+            assert Direct.kinds[1:] == [["MemberDestinations"] * 2, ["MemberDestinations"]]
     finally:
         await host.stop()
 

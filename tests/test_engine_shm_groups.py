@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from trtserve.server.engine import group
-from trtserve.server.engine.backends.base import DeviceTensor, Gather
+from trtserve.server.engine.backends.base import DeviceTensor, Gather, each_destination
 from trtserve.server.ipc import messages as m
 
 from .models import write_config
@@ -52,7 +52,7 @@ class OnDevice(Doubling):
         x = inputs["INPUT0"]
         parts = x.parts if isinstance(x, Gather) else (x,)
         OnDevice.pieces.append([type(p).__name__ for p in parts])
-        OnDevice.blocks.append([d.block for d in destinations])
+        OnDevice.blocks.append([d.block for d in each_destination(destinations)])
         x = np.concatenate([self._host(p) for p in parts])
         return device_copies(super().run(instance, {"INPUT0": x}, outputs).outputs["OUTPUT0"], destinations,
                              OnDevice.refuse)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import pytest
 
-from trtserve.server.engine.backends.base import DeviceDestination, Gather, ShapeRange
+from trtserve.server.engine.backends.base import DeviceDestination, Gather, MemberDestinations, PieceColumns, ShapeRange
 from trtserve.server.engine.backends.tensorrt import compat
 from trtserve.server.engine.backends.tensorrt.context import InstanceContext
 from trtserve.server.engine.backends.tensorrt.engine import EngineInfo, IOTensor
@@ -655,3 +655,95 @@ def test_a_request_from_cuda_shared_memory_alone_replays_the_graph_and_returns_i
         t = DeviceTensor(mem.ptr, x.nbytes, x.shape, np.dtype(np.float32), 0, "r")
         np.testing.assert_array_equal(inst.run({"INPUT0": t}, ["OUTPUT0"]).outputs["OUTPUT0"], x * 2 + 1)  # type: ignore[dict-item]
     assert inst.device_graph_replays == 4
+
+
+def _arena_group(arena: np.ndarray, blocks: List[int], rows: int, seed: int, block: int = 64,
+                 room: Optional[List[int]] = None) -> Tuple[PieceColumns, Dict[str, Tuple[np.ndarray, np.ndarray]],
+                                                            List[np.ndarray]]:
+    """A group of large requests in one page-locked arena as the engine hands it over: its members' input pieces and
+    output slots as columns (input at the start of each member's block of ``block`` floats, output slot 32 floats
+    on)."""
+    xs = [_x(rows, seed + k) for k in range(len(blocks))]
+    base = arena.ctypes.data
+    for b, x in zip(blocks, xs):
+        arena[b * block:b * block + x.size] = x.ravel()
+    starts = np.array([base + b * block * 4 for b in blocks], np.int64)
+    pieces = lambda: tuple(arena[b * block:b * block + rows * N_IN].reshape(rows, N_IN) for b in blocks)  # noqa: E731
+    rooms = np.array(room if room is not None else [rows * N_OUT * 4] * len(blocks), np.int64)
+    return (PieceColumns(starts, np.full(len(blocks), id(arena), np.int64), rows * N_IN * 4, pieces),
+            {"OUTPUT0": (starts + 32 * 4, rooms)}, xs)
+
+
+def test_groups_given_as_columns_go_in_one_strided_copy_each_way_per_arena(instance) -> None:
+    """Groups of large requests as the engine hands them over (columns: PieceColumns in, MemberDestinations out),
+    two front ends' groups in one batch: each group's members lie at one distance in their arena, so each goes in
+    one 2D copy each way, never spanning both arenas; every member's rows land in its slot and nothing is copied
+    back to the host."""
+    inst, ctx = instance
+    rows, block = 2, 64
+    arenas = sorted((np.zeros(block * 8, np.float32) for _ in range(2)), key=lambda a: a.ctypes.data)
+    for a in arenas:
+        ctx.cuda.locked.append((a.ctypes.data, a.ctypes.data + a.nbytes))
+    one = _arena_group(arenas[0], [0, 1, 2], rows, 10)
+    two = _arena_group(arenas[1], [3, 4], rows, 20)
+    joined = PieceColumns.join([one[0], two[0]])
+    assert joined is not None
+    batch = Gather(None, (rows * 5, N_IN), np.dtype(np.float32), joined)
+    dests = [MemberDestinations(0, 0, rows, 3, one[1]), MemberDestinations(1, 3 * rows, rows, 2, two[1])]
+    other = inst.enqueue({"INPUT0": _x(7, 9)}, ["OUTPUT0"])  # a batch ahead of it on the same stream
+    ctx.cuda.copies.clear()
+    ctx.cuda.strided.clear()
+    ticket = inst.enqueue({"INPUT0": batch}, ["OUTPUT0"], dests)  # type: ignore[dict-item]
+    np.testing.assert_array_equal(inst.collect(other).outputs["OUTPUT0"], _x(7, 9) * 2 + 1)
+    result = inst.collect(ticket)
+    assert result.delivered == {0: frozenset({"OUTPUT0"}), 1: frozenset({"OUTPUT0"})}
+    for arena, blocks, xs in ((arenas[0], [0, 1, 2], one[2]), (arenas[1], [3, 4], two[2])):
+        for b, x in zip(blocks, xs):
+            start = b * block + 32
+            np.testing.assert_array_equal(arena[start:start + rows * N_OUT].reshape(rows, N_OUT), x * 2 + 1)
+    step = block * 4
+    width_in, width_out = rows * N_IN * 4, rows * N_OUT * 4
+    assert sorted((dp, sp, w, h, kind) for _, dp, _, sp, w, h, kind in ctx.cuda.strided) == [
+        (width_in, step, width_in, 2, 1), (width_in, step, width_in, 3, 1),  # each group's inputs up in one
+        (step, width_out, width_out, 2, 4), (step, width_out, width_out, 3, 4)]  # and its outputs back in one
+    assert not [c for c in ctx.cuda.copies if c[3] in (2, 4)]  # nothing back to the host, no copy on its own
+    assert batch._parts is None  # the pieces were never made one by one
+
+
+def test_a_member_whose_slot_is_too_small_is_left_to_the_host_and_the_others_still_get_their_rows(instance) -> None:
+    """A group's output is delivered only if every member got it (columns: one room per member): a slot too small
+    for its rows is never written past, the output then also goes back to the host (which the engine answers that
+    member from), and the members that fit still got theirs from the device."""
+    inst, ctx = instance
+    rows, block = 2, 64
+    arena = np.zeros(block * 8, np.float32)
+    ctx.cuda.locked.append((arena.ctypes.data, arena.ctypes.data + arena.nbytes))
+    pieces, outputs, xs = _arena_group(arena, [0, 1, 2], rows, 30, room=[rows * N_OUT * 4, rows * N_OUT * 4 - 4,
+                                                                          rows * N_OUT * 4])
+    result = inst.run({"INPUT0": Gather(None, (rows * 3, N_IN), np.dtype(np.float32), pieces)}, ["OUTPUT0"],
+                      [MemberDestinations(0, 0, rows, 3, outputs)])
+    assert result.delivered == {}
+    np.testing.assert_array_equal(result.outputs["OUTPUT0"], np.concatenate(xs) * 2 + 1)  # downloaded after all
+    for b, x in zip([0, 2], [xs[0], xs[2]]):
+        np.testing.assert_array_equal(arena[b * block + 32:b * block + 32 + rows * N_OUT].reshape(rows, N_OUT),
+                                      x * 2 + 1)
+    assert not arena[block + 32:block + 32 + rows * N_OUT].any()  # the small slot was not written
+
+
+def test_a_cuda_shared_memory_group_given_as_columns_is_answered_in_one_launch(instance) -> None:
+    """A group of CUDA shared-memory requests with its destinations as columns (``apart``: each member's memory an
+    allocation of its own): its outputs join the batch's one launch back, and each member's rows land in its own
+    region."""
+    inst, ctx = instance
+    batch, dests, xs, _mems = _cuda_shm_group(5, 2, 70)
+    columns = MemberDestinations(0, 0, 2, 5, {"OUTPUT0": ([d.outputs["OUTPUT0"][0] for d in dests],
+                                                          [d.outputs["OUTPUT0"][1] for d in dests])}, apart=True)
+    assert [(d.row_offset, d.block, d.on_device) for d in columns.members()] == \
+        [(d.row_offset, d.block, d.on_device) for d in dests]  # taken apart, the same destinations
+    ctx.cuda.copies.clear()
+    ctx.cuda.launches.clear()
+    result = inst.run({"INPUT0": batch}, ["OUTPUT0"], [columns])  # type: ignore[dict-item]
+    assert ctx.cuda.launches == [(0, 5), (5, 5)]
+    assert result.delivered == {0: frozenset({"OUTPUT0"})}
+    for d, x in zip(dests, xs):
+        np.testing.assert_array_equal(_array_at(d.outputs["OUTPUT0"][0], (x.shape[0], N_OUT)), x * 2 + 1)

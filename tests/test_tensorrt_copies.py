@@ -113,3 +113,34 @@ def test_back_to_back_rows_go_as_one_plain_copy() -> None:
     mem = _Memory(4096)
     assert copies.enqueue(mem, [(1000 + 10 * k, 10 * k, 10, 1) for k in range(5)], 1, 0) == 1
     assert mem.calls == [("1d", (1000, 0, 50))]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_copies_given_as_columns_make_the_runs_the_copies_one_by_one_make(seed: int) -> None:
+    """``column_runs`` (a group's pieces or destinations as address columns) finds a single run with array
+    arithmetic and leaves anything else to ``runs``: either way the runs are exactly those of the same copies as a
+    list. Layouts: one distance throughout (the usual case), a break in the step, two blocks, overlapping or
+    backwards steps, a pitch past the limit, one copy, none."""
+    rng = random.Random(seed)
+    count = rng.choice([0, 1, 2, 3, 8, 32])
+    n = rng.choice([0, 8, 64, 100])
+    step_d, step_s = rng.choice([n, n + 64, max(1, n // 2)]), rng.choice([n, 256, MAX_PITCH, MAX_PITCH + 1, -64])
+    dst = [1000 + k * step_d for k in range(count)]
+    src = [1 << 40 if step_s < 0 else 1 << 20] * count
+    src = [s + k * step_s for k, s in enumerate(src)]
+    blocks = [7] * count
+    if count > 2 and rng.random() < 0.4:  # the step breaks somewhere
+        at = rng.randrange(1, count)
+        src = src[:at] + [s + 4096 for s in src[at:]]
+    if count > 2 and rng.random() < 0.3:  # the last pieces lie in another block
+        at = rng.randrange(1, count)
+        blocks = blocks[:at] + [9] * (count - at)
+    as_list = copies.runs([(d, s, n, b) for d, s, b in zip(dst, src, blocks)])
+    got = copies.column_runs(np.array(dst, np.int64), np.array(src, np.int64), n, np.array(blocks, np.int64))
+    assert got == as_list
+
+
+def test_a_group_in_arena_order_is_one_run_found_without_walking_its_members() -> None:
+    dst = 5000 + 100 * np.arange(32, dtype=np.int64)
+    src = 256 * np.arange(32, dtype=np.int64)
+    assert copies.column_runs(dst, src, 100, np.zeros(32, np.int64)) == [Run(5000, 100, 0, 256, 100, 32)]

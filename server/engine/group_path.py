@@ -7,21 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from trtserve.server.engine import group
-from trtserve.server.engine.backends.base import DeviceTensor, Gather
-from trtserve.server.engine.batcher.request import RequestResult, Split, Ticket
+from trtserve.server.engine.backends.base import DeviceTensor, Gather, PieceColumns
+from trtserve.server.engine.batcher.request import MemberOutputs, RequestResult, Split, Ticket
 from trtserve.server.engine.outcome import ARENA_DTYPES, Successes, failure, guarded, on_host
 from trtserve.server.engine.repository.registry import ModelRepository, ModelVersion
 from trtserve.server.engine.session import Session
 from trtserve.server.engine.shm.members import MemberChecks
 from trtserve.server.engine.shm.registry import SharedMemoryRegistry
 from trtserve.server.engine.shm.request import RequestShm
-from trtserve.server.engine.single_path import SinglePath, arena_destinations, device_of, write_outputs
+from trtserve.server.engine.single_path import SinglePath, device_of, write_outputs
 from trtserve.server.errors import DeadlineExceeded, Internal, TrtServeError
 from trtserve.server.events import Observer
 from trtserve.server.ipc import messages as m
@@ -103,20 +104,13 @@ class GroupPath:
                 shape = tuple(shape)
                 dtype = ARENA_DTYPES[wire]
                 if direct_min is not None:
-                    arrays[name] = Gather(tuple([arena.array(msg[5][j][3][1], dtype, shape) for msg in msgs]),
-                                          (rows,) + shape[1:], dtype)
+                    arrays[name] = _arena_pieces(arena, msgs, j, dtype, shape, rows)
                 else:
                     offsets = np.fromiter((msg[5][j][3][1] for msg in msgs), np.int64, len(msgs))
                     arrays[name] = arena.gather(offsets, dtype, shape)
                 shapes[name] = shape[1:]
             names = tuple([o[0] for o in first[6]])
-            members = None
-            if direct_min is not None:
-                members = tuple([arena_destinations(arena, msg[6], direct_min) for msg in msgs])
-                if not members[0] or any(d.keys() != members[0].keys() for d in members):
-                    # the device writes an output of a group for every member or for none (delivered means every
-                    # member got it): a member whose slot cannot take it sends the group's outputs through the host
-                    members = None
+            members = _arena_members(arena, msgs, direct_min) if direct_min is not None else None
             assert mv.batcher is not None
             mv.batcher.queue(g, arrays, names, rows, priority, timeout_us, group.deadline(msgs), None,
                              on_dispatch=g.mark_dispatched, shapes=shapes, count=len(msgs), member_outputs=members,
@@ -165,9 +159,14 @@ class GroupPath:
                 arrays[name] = Gather(tuple([p[j] for p in pieces]), (rows,) + shape[1:], ARENA_DTYPES[wire])
                 shapes[name] = shape[1:]
             names = tuple([o[0] for o in first[6]])
+            count = len(members)
+            # lists, not arrays: members apart are copied one by one (MemberDestinations)
+            columns = {name: ([d[name][0] for d in destinations], [d[name][1] for d in destinations])
+                       for name in destinations[0]}
             mv.batcher.queue(g, arrays, names, rows, first[8], first[9], group.deadline(members), None,
-                             on_dispatch=g.mark_dispatched, shapes=shapes, count=len(members),
-                             member_outputs=tuple(destinations), members_apart=True, splitter=self.split)
+                             on_dispatch=g.mark_dispatched, shapes=shapes, count=count,
+                             member_outputs=MemberOutputs(columns, count) if columns else None, members_apart=True,
+                             splitter=self.split)
         except Exception as e:
             self._not_queued(g, e)
 
@@ -372,6 +371,34 @@ class GroupPath:
                             failed[msg[1]] = e
             written.append((name, wire, (each,) + tuple(array.shape[1:]), None, 0))
         return tuple(written), failed
+
+
+def _arena_pieces(arena: Any, msgs: List[tuple], j: int, dtype: np.dtype, shape: Tuple[int, ...],
+                  rows: int) -> Gather:
+    """Input ``j`` of a group of large requests, left where each lies in the (page-locked) arena, as columns."""
+    count = len(msgs)
+    offsets = np.fromiter((msg[5][j][3][1] for msg in msgs), np.int64, count)
+    nbytes = dtype.itemsize * math.prod(shape)
+    columns = PieceColumns(arena.addresses(offsets, nbytes), np.full(count, id(arena), np.int64), nbytes,
+                           lambda: tuple([arena.array(o, dtype, shape) for o in offsets.tolist()]))
+    return Gather(None, (rows,) + tuple(shape[1:]), dtype, columns)
+
+
+def _arena_members(arena: Any, msgs: List[tuple], min_bytes: int) -> Optional[MemberOutputs]:
+    """Where the device writes each member's outputs: the outputs whose every member's slot holds at least
+    ``min_bytes``, as columns. None when an output's slots are large for some members and not for others (the
+    device writes an output of a group for every member or for none, as delivered means every member got it: then
+    the group's outputs go through the host) or when no output goes so."""
+    outputs: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+    for j, (name, _shm, _slot) in enumerate(msgs[0][6]):
+        slots = np.array([msg[6][j][2] for msg in msgs], np.int64).reshape(-1, 2)
+        large = slots[:, 1] >= min_bytes
+        if not large.all():
+            if large.any():
+                return None
+            continue
+        outputs[name] = (arena.addresses(slots[:, 0], slots[:, 1]), slots[:, 1])
+    return MemberOutputs(outputs, len(msgs)) if outputs else None
 
 
 def _arena_offset(msg: tuple) -> int:

@@ -16,7 +16,7 @@ import bisect
 import math
 import mmap
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -143,6 +143,17 @@ class Arena:
         if self._memory is None:
             raise ValueError("the arena is closed")
         return self._base + offset
+
+    def addresses(self, offsets: np.ndarray, nbytes: Union[np.ndarray, int]) -> np.ndarray:
+        """``address`` of many ranges at once (int64 offsets; sizes, one each or one for all; bounds-checked): a
+        group's pieces and slots."""
+        if self._memory is None:
+            raise ValueError("the arena is closed")
+        if len(offsets) and (int(offsets.min()) < 0 or int(np.min(nbytes)) < 0
+                             or int(np.max(offsets + nbytes)) > self.size):
+            raise ValueError(f"an arena range at offsets {int(offsets.min())}..{int(offsets.max())} is outside the "
+                             f"arena ({self.size} bytes)")
+        return offsets + self._base
 
     def write(self, offset: int, array: np.ndarray) -> None:
         """Copies ``array``'s bytes to ``offset`` (bounds-checked). A C-contiguous array goes in one memoryview

@@ -345,13 +345,16 @@ def test_two_instances_run_concurrently(workdir: pathlib.Path) -> None:
         b.close()
 
 
-def test_members_at_one_distance_go_in_strided_copies_and_match_onnxruntime(mlp: TensorRTBackend, ort,
+@pytest.mark.parametrize("columns", [False, True], ids=["per-member", "columns"])
+def test_members_at_one_distance_go_in_strided_copies_and_match_onnxruntime(mlp: TensorRTBackend, ort, columns: bool,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A group of large requests (engine/group.py): each member's input read where it lies in page-locked memory and
     its output rows written by the device into its own slot. Four members whose blocks lie at one distance go in one
-    2D copy each way (backends/tensorrt/copies.py); a fifth lies elsewhere and goes on its own."""
+    2D copy each way (backends/tensorrt/copies.py); a fifth lies elsewhere and goes on its own. The same whether the
+    group comes as a piece and a destination per member or as columns (PieceColumns, MemberDestinations), as the
+    engine hands its groups over."""
     import cupy
-    from trtserve.server.engine.backends.base import DeviceDestination
+    from trtserve.server.engine.backends.base import DeviceDestination, MemberDestinations, PieceColumns
 
     rows, members = 6, 5
     in_bytes, out_bytes = rows * N_IN * 4, rows * N_OUT * 4
@@ -378,8 +381,14 @@ def test_members_at_one_distance_go_in_strided_copies_and_match_onnxruntime(mlp:
         return plain(*args)
 
     monkeypatch.setattr(rt, "memcpy2DAsync", counted)
-    result = mlp.run_to_device(1, {"INPUT0": Gather(tuple(pieces), (rows * members, N_IN), np.dtype(np.float32))},
-                               ["OUTPUT0"], destinations)
+    batch = Gather(tuple(pieces), (rows * members, N_IN), np.dtype(np.float32))
+    if columns:
+        at = np.array(starts, np.int64) + base
+        batch = Gather(None, batch.shape, batch.dtype,
+                       PieceColumns(at, np.zeros(members, np.int64), in_bytes, lambda: tuple(pieces)))
+        destinations = [MemberDestinations(0, 0, rows, members, {"OUTPUT0": (at + in_bytes,
+                                                                             np.full(members, out_bytes, np.int64))})]
+    result = mlp.run_to_device(1, {"INPUT0": batch}, ["OUTPUT0"], destinations)
     assert result.delivered == {0: frozenset({"OUTPUT0"})}
     assert calls["2d"] == 2  # the four in a run, in and out
     for s, x in zip(starts, xs):

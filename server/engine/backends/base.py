@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import pathlib
-from typing import Any, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -72,20 +72,88 @@ class Profile:
         ) + ")"
 
 
-@dataclasses.dataclass(frozen=True)
+class PieceColumns:
+    """Host pieces of one size (``nbytes`` each), each in page-locked memory, as columns: ``addresses`` (int64, in
+    row order) and ``blocks`` (int64, the memory block each lies in: a copy never spans two, see tensorrt/copies.py).
+    A group of large requests hands its inputs over so (engine/group.py): the backend plans their copies with array
+    arithmetic over the addresses instead of reading an array object per member, which the engine's one loop would
+    pay for every member of every batch. ``views`` makes the pieces as arrays, for whatever reads them one by one."""
+
+    __slots__ = ("addresses", "blocks", "nbytes", "_views")
+
+    def __init__(self, addresses: np.ndarray, blocks: np.ndarray, nbytes: int,
+                 views: Callable[[], Tuple[np.ndarray, ...]]) -> None:
+        self.addresses = addresses
+        self.blocks = blocks
+        self.nbytes = nbytes
+        self._views = views
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def views(self) -> Tuple[np.ndarray, ...]:
+        return self._views()
+
+    def __getitem__(self, part: slice) -> "PieceColumns":
+        return PieceColumns(self.addresses[part], self.blocks[part], self.nbytes, lambda: self._views()[part])
+
+    @staticmethod
+    def join(columns: Sequence["PieceColumns"]) -> Optional["PieceColumns"]:
+        """The pieces of several entries of a batch, one after the other; None when their sizes differ."""
+        if len({c.nbytes for c in columns}) != 1:
+            return None
+        return PieceColumns(np.concatenate([c.addresses for c in columns]), np.concatenate([c.blocks for c in columns]),
+                            columns[0].nbytes, lambda: tuple(v for c in columns for v in c.views()))
+
+
 class Gather:
     """A batch input left in pieces because some are in device memory (CUDA shared memory inputs, see
-    ``Backend.accepts_device_tensors``): host arrays and objects with ``__cuda_array_interface__``,
-    in row order, each of ``shape[1:]``. The backend copies every piece to its rows on its own stream
-    (device to device for device pieces), so nothing makes a round trip through host memory."""
+    ``Backend.accepts_device_tensors``) or in page-locked host memory the device copies from directly: host arrays
+    and objects with ``__cuda_array_interface__``, in row order, each of ``shape[1:]``. The backend copies every
+    piece to its rows on its own stream (device to device for device pieces), so nothing makes a round trip through
+    host memory. ``columns``: the same pieces as PieceColumns (host pieces of a group of large requests); ``parts``
+    is then made from them only if something asks for it."""
 
-    parts: Tuple[object, ...]
-    shape: Shape
-    dtype: np.dtype
+    __slots__ = ("_parts", "shape", "dtype", "columns")
+
+    def __init__(self, parts: Optional[Tuple[object, ...]], shape: Shape, dtype: np.dtype,
+                 columns: Optional[PieceColumns] = None) -> None:
+        if parts is None and columns is None:
+            raise ValueError("a Gather needs its pieces, as parts or as columns")
+        self._parts = parts
+        self.shape = shape
+        self.dtype = dtype
+        self.columns = columns
+
+    @property
+    def parts(self) -> Tuple[object, ...]:
+        if self._parts is None:
+            assert self.columns is not None
+            self._parts = self.columns.views()
+        return self._parts
+
+    @property
+    def count(self) -> int:
+        """How many pieces, without making them."""
+        return len(self.columns) if self._parts is None and self.columns is not None else len(self.parts)
+
+    def split(self, k: int, head_rows: int) -> Tuple["Gather", "Gather"]:
+        """The first ``k`` pieces (``head_rows`` rows) and the others, as two Gathers."""
+        cols = self.columns
+        rest = (self.shape[0] - head_rows,) + tuple(self.shape[1:])
+        head_parts = tail_parts = None
+        if self._parts is not None:
+            head_parts, tail_parts = self._parts[:k], self._parts[k:]
+        return (Gather(head_parts, (head_rows,) + tuple(self.shape[1:]), self.dtype,
+                       None if cols is None else cols[:k]),
+                Gather(tail_parts, rest, self.dtype, None if cols is None else cols[k:]))
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"Gather(shape={self.shape}, dtype={self.dtype}, pieces={self.count})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +207,50 @@ class DeviceDestination:
     # every output pointer is device memory (CUDA shared memory on the model's GPU): such copies may go as one kernel
     # launch for the whole batch (tensorrt/pieces.py); False: CUDA tells from the address at copy time
     on_device: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberDestinations:
+    """The DeviceDestinations of a group's ``count`` members as columns (engine/group.py): member k's rows of the
+    batch are ``row_offset + k * rows`` on, and its rows of output ``name`` go to ``outputs[name][0][k]``, which has
+    room for ``outputs[name][1][k]`` bytes (every member names the same outputs). All carry the entry's ``request``
+    index. Members in one block (their front end's page-locked arena) come as int64 arrays, which a backend plans
+    its copies from with array arithmetic. ``apart``: each member's memory is a block of its own in device memory
+    (clients' CUDA shared memory: DeviceDestination's ``block`` and ``on_device`` for each); those come as lists,
+    since each is copied on its own anyway."""
+
+    request: int
+    row_offset: int
+    rows: int  # each member's
+    count: int
+    outputs: Mapping[str, Tuple[Sequence[int], Sequence[int]]]
+    apart: bool = False
+
+    def members(self) -> Iterator[DeviceDestination]:
+        """Each member's DeviceDestination, for a backend that copies them one by one."""
+        names = tuple(self.outputs)
+        columns = [tuple(c.tolist() if isinstance(c, np.ndarray) else c for c in pair)
+                   for pair in self.outputs.values()]
+        for k in range(self.count):
+            row = self.row_offset + k * self.rows
+            outputs = {n: (c[0][k], c[1][k]) for n, c in zip(names, columns)}
+            if self.apart:
+                yield DeviceDestination(self.request, row, self.rows, outputs, -1 - row, True)
+            else:
+                yield DeviceDestination(self.request, row, self.rows, outputs)
+
+
+def each_destination(destinations: Sequence["Destination"]) -> Iterator[DeviceDestination]:
+    """A batch's destinations one request or member at a time (a group's columns taken apart)."""
+    for d in destinations:
+        if type(d) is MemberDestinations:
+            yield from d.members()
+        else:
+            yield d  # type: ignore[misc]
+
+
+# what a batch's ``destinations`` hold: a request's own, or a group's members' as columns
+Destination = Union[DeviceDestination, MemberDestinations]
 
 
 @dataclasses.dataclass
@@ -223,13 +335,13 @@ class Backend(abc.ABC):
         loop when that serves nothing else (see DynamicBatcher)."""
 
     def run_to_device(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
-                      destinations: Sequence[DeviceDestination]) -> BatchResult:
+                      destinations: Sequence[Destination]) -> BatchResult:
         """``run`` that also writes outputs straight into requests' device memory where it can, saying which in
         ``BatchResult.delivered``; whatever it does not deliver the server writes from the host result."""
         return self.run(instance, inputs, outputs)
 
     def enqueue(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
-                destinations: Sequence[DeviceDestination] = ()) -> object:
+                destinations: Sequence[Destination] = ()) -> object:
         """Starts one batch on ``instance`` from its thread and returns a ticket for ``collect``. Batches of an
         instance are collected in the order they were enqueued. Default: runs the whole batch (the result is
         the ticket)."""

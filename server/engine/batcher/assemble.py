@@ -5,7 +5,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from trtserve.server.engine.backends.base import Gather, is_host
+from trtserve.server.engine.backends.base import Gather, PieceColumns, is_host
 from trtserve.server.engine.batcher.request import Pending, Shape
 from trtserve.server.errors import Internal
 
@@ -24,8 +24,13 @@ def stack(requests: Sequence[Pending], shapes: Mapping[str, Shape], pad_values: 
     rows = sum(r.rows for r in requests)
     batched: Dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
+        ins = [r.inputs[name] for r in requests]
+        joined = _joined(ins, tuple(shape)) if gather_min_bytes is not None else None
+        if joined is not None:  # groups of large requests, each in columns: the batch too
+            batched[name] = Gather(None, (rows,) + tuple(shape), ins[0].dtype, joined)
+            continue
         # an entry standing for several requests may hold its input in pieces (engine/group.py): one piece each
-        parts = [p for r in requests for p in _pieces(r.inputs[name])]
+        parts = [p for a in ins for p in _pieces(a)]
         if gather_min_bytes is not None and all(is_host(p) and p.nbytes >= gather_min_bytes
                                                 and p.shape[1:] == shape for p in parts):
             batched[name] = Gather(tuple(parts), (rows,) + tuple(shape), np.dtype(parts[0].dtype))
@@ -53,6 +58,15 @@ def stack(requests: Sequence[Pending], shapes: Mapping[str, Shape], pad_values: 
             offset += p.shape[0]
         batched[name] = batch
     return batched
+
+
+def _joined(ins: Sequence[object], shape: Shape) -> Optional[PieceColumns]:
+    """The entries' pieces as one set of columns, where every entry holds its input as columns of one type."""
+    if not all(isinstance(a, Gather) and a.columns is not None and a.shape[1:] == shape for a in ins):
+        return None
+    if len({a.dtype for a in ins}) != 1:  # type: ignore[attr-defined]
+        return None
+    return PieceColumns.join([a.columns for a in ins])  # type: ignore[attr-defined,misc]
 
 
 def _pieces(a: object) -> Sequence[object]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Dict, FrozenSet, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -87,6 +87,25 @@ class TicketFuture(asyncio.Future):
         return True
 
 
+class MemberOutputs:
+    """A group's ``device_outputs`` as columns (engine/group.py): per output, each member's address and room in bytes,
+    in member order (int64 arrays for members in one arena, lists for members apart; see
+    backends.base.MemberDestinations). Sliced when a batch takes only the first members."""
+
+    __slots__ = ("outputs", "count")
+
+    def __init__(self, outputs: Dict[str, Tuple[Sequence[int], Sequence[int]]], count: int) -> None:
+        self.outputs = outputs
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, part: slice) -> "MemberOutputs":
+        return MemberOutputs({n: (a[part], r[part]) for n, (a, r) in self.outputs.items()},
+                             len(range(self.count)[part]))
+
+
 class Pending:
     """One validated request. ``shapes`` are the non-batch shapes per input (full shape when the
     model does not batch); ``rows`` is its batch dimension (1 when the model does not batch).
@@ -103,7 +122,7 @@ class Pending:
                  deadline: Optional[float] = None, delayed: bool = False, seq: int = 0,
                  device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
                  on_dispatch: Optional[Callable[[], None]] = None, count: int = 1,
-                 member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]] = None,
+                 member_outputs: Optional[MemberOutputs] = None,
                  members_apart: bool = False, splitter: Optional["Splitter"] = None) -> None:
         self.inputs = inputs
         self.outputs = outputs
@@ -124,7 +143,7 @@ class Pending:
         # (engine/group.py); queue counts and metrics count requests, not entries
         self.count = count
         # an entry of ``count`` members of equal rows whose outputs the device writes into each member's own memory:
-        # per member, in row order, what ``device_outputs`` is for a request on its own
+        # what ``device_outputs`` is for a request on its own, for every member, as columns
         self.member_outputs = member_outputs
         # the members' output memory lies in separate blocks of device memory (clients' CUDA shared memory; see
         # DeviceDestination.block and .on_device), not in one arena

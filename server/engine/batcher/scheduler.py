@@ -24,10 +24,11 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Set
 
 import numpy as np
 
-from trtserve.server.engine.backends.base import Backend, BatchResult, DeviceDestination, Gather
+from trtserve.server.engine.backends.base import (Backend, BatchResult, Destination, DeviceDestination, Gather,
+                                                  MemberDestinations)
 from trtserve.server.engine.batcher import assemble, policy
 from trtserve.server.engine.batcher.contention import Contention
-from trtserve.server.engine.batcher.request import Pending, RequestResult, Splitter, Ticket, TicketFuture
+from trtserve.server.engine.batcher.request import MemberOutputs, Pending, RequestResult, Splitter, Ticket, TicketFuture
 from trtserve.server.engine.batcher.shapes import ShapeRules, describe_profiles
 from trtserve.server.errors import (DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout,
                                     TrtServeError, Unavailable)
@@ -123,7 +124,7 @@ class DynamicBatcher:
               device_outputs: Optional[Mapping[str, Tuple[int, int]]] = None,
               on_dispatch: Optional[Callable[[], None]] = None,
               shapes: Optional[Dict[str, Tuple[int, ...]]] = None, count: int = 1,
-              member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]] = None,
+              member_outputs: Optional[MemberOutputs] = None,
               members_apart: bool = False, splitter: Optional[Splitter] = None) -> None:
         """Queues a validated request; its answer is settled on ``ticket`` (the engine's path: no future per
         request). ``device_outputs``: outputs the backend may write straight into device memory (name ->
@@ -133,8 +134,9 @@ class DynamicBatcher:
         arrays. ``count``: how many client requests this entry stands for (a group of them, see
         ``Pending.count``): queue metrics and batch statistics count those; the queue's size limit counts entries
         (the engine groups no requests of a model that has one). ``member_outputs``: such a group's
-        ``device_outputs``, one mapping per member (members have equal rows); ``members_apart``: their memory lies
-        in separate blocks of device memory (clients' CUDA shared memory on the model's GPU), not in one arena.
+        ``device_outputs``, as columns with a row per member (members have equal rows); ``members_apart``: their
+        memory lies in separate blocks of device memory (clients' CUDA shared memory on the model's GPU), not in one
+        arena.
         ``splitter``: a batch may take only the first members of such a group (policy rule 2; see ``Splitter``);
         kept only for a group whose members have equal rows and whose inputs in pieces have one piece each.
 
@@ -334,8 +336,7 @@ class DynamicBatcher:
         tail: Dict[str, object] = {}
         for name, a in r.inputs.items():
             if isinstance(a, Gather):  # one piece per member (_splittable)
-                head[name] = Gather(a.parts[:k], (head_rows,) + tuple(a.shape[1:]), a.dtype)
-                tail[name] = Gather(a.parts[k:], (r.rows - head_rows,) + tuple(a.shape[1:]), a.dtype)
+                head[name], tail[name] = a.split(k, head_rows)
             else:
                 head[name], tail[name] = a[:head_rows], a[head_rows:]  # type: ignore[index]
         part = r.splitter(r.ticket, k)
@@ -515,22 +516,18 @@ class DynamicBatcher:
         self._row_s = row_s if prev is None or row_s > prev else 0.5 * (prev + row_s)
         return out
 
-    def _destinations(self, requests: Sequence[Pending]) -> List[DeviceDestination]:
+    def _destinations(self, requests: Sequence[Pending]) -> List[Destination]:
         """Where requests want outputs in device memory: each one's rows (an unbatched model: the whole
-        output; a group: one destination per member, all with the group's index). Outputs sliced back per
+        output; a group: its members' as columns, MemberDestinations, with the group's index). Outputs sliced back per
         request along variable dims (``trtserve.unpad``) are not contiguous rows, so the server writes those from
         the host result."""
-        out: List[DeviceDestination] = []
+        out: List[Destination] = []
         offset = 0
         for i, r in enumerate(requests):
-            if r.member_outputs:  # a group: each member's rows to its own memory (groups never unpad)
-                each = r.rows // len(r.member_outputs)
-                if r.members_apart:  # a block of its own each (a row offset is unique in the batch), on the device
-                    out.extend(DeviceDestination(i, offset + k * each, each, wanted, -1 - offset - k * each, True)
-                               for k, wanted in enumerate(r.member_outputs) if wanted)
-                else:
-                    out.extend(DeviceDestination(i, offset + k * each, each, wanted)
-                               for k, wanted in enumerate(r.member_outputs) if wanted)
+            if r.member_outputs:  # a group: each member's rows to its own memory (groups never unpad), as columns
+                members = r.member_outputs
+                out.append(MemberDestinations(i, offset, r.rows // members.count, members.count, members.outputs,
+                                              r.members_apart))
             elif r.device_outputs:  # most requests want none: no dict built for them
                 wanted = {n: d for n, d in r.device_outputs.items() if n not in self._unpad}
                 if wanted:
@@ -641,11 +638,11 @@ class _Abandoned(Exception):
 
 
 def _splittable(inputs: Mapping[str, object], rows: int, count: int,
-                member_outputs: Optional[Tuple[Mapping[str, Tuple[int, int]], ...]]) -> bool:
+                member_outputs: Optional[MemberOutputs]) -> bool:
     """Whether a group can be cut at any member: equal rows each, one piece (or one block of rows) per member."""
     if count < 2 or rows % count or (member_outputs is not None and len(member_outputs) != count):
         return False
-    return all(len(a.parts) == count if isinstance(a, Gather) else getattr(a, "shape", (0,))[0] == rows
+    return all(a.count == count if isinstance(a, Gather) else getattr(a, "shape", (0,))[0] == rows
                for a in inputs.values())
 
 

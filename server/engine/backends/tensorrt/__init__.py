@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve.dtypes import from_wire
-from trtserve.server.engine.backends.base import (Backend, BackendConfig, BatchResult, DeviceDestination, Profile,
+from trtserve.server.engine.backends.base import (Backend, BackendConfig, BatchResult, Destination, Profile,
                                                   TensorSpec, is_host)
 from trtserve.server.errors import InvalidArgument, ModelLoadError
 
@@ -240,11 +240,11 @@ class TensorRTBackend(Backend):
         return self.run_to_device(instance, inputs, outputs, ())
 
     def run_to_device(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
-                      destinations: Sequence[DeviceDestination]) -> BatchResult:
+                      destinations: Sequence[Destination]) -> BatchResult:
         return self._instance(instance).run(inputs, outputs, destinations)
 
     def enqueue(self, instance: int, inputs: Dict[str, np.ndarray], outputs: Sequence[str],
-                destinations: Sequence[DeviceDestination] = ()) -> InFlight:
+                destinations: Sequence[Destination] = ()) -> InFlight:
         return self._instance(instance).enqueue(inputs, outputs, destinations)
 
     def collect(self, instance: int, ticket: object) -> BatchResult:

@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve.dtypes import from_wire
-from trtserve.server.engine.backends.base import BatchResult, DeviceDestination, Gather, ShapeRange, is_host
+from trtserve.server.engine.backends.base import (BatchResult, Destination, Gather, MemberDestinations, ShapeRange,
+                                                  is_host)
 from trtserve.server.errors import Internal, InvalidArgument, ModelLoadError
 from trtserve.server.engine.backends.tensorrt import copies
 from trtserve.server.engine.backends.tensorrt import graphs as graph_util
@@ -50,7 +51,7 @@ _KNOWN_SHAPES = 1024  # input-shape keys whose output shapes an instance remembe
 
 def _on_host(a: Any) -> bool:
     """A host array, or a batch left in host pieces (``Gather``)."""
-    return is_host(a) or isinstance(a, Gather) and all(is_host(p) for p in a.parts)
+    return is_host(a) or isinstance(a, Gather) and (a.columns is not None or all(is_host(p) for p in a.parts))
 
 
 @functools.lru_cache(maxsize=256)  # read-only views of one zero: shared by every batch of the same shape
@@ -84,6 +85,24 @@ class InFlight:
         self.graph = graph
         self.delivered = delivered
         self.skipped = skipped  # outputs every row of which went to a destination: never copied to the host
+
+
+class _Delivery:
+    """What a batch's copies to destinations gather as ``_to_devices`` walks them."""
+
+    __slots__ = ("delivered", "covered", "pending", "on_device")
+
+    def __init__(self) -> None:
+        self.delivered: Dict[int, frozenset] = {}  # request index -> outputs that reached every destination of it
+        self.covered: Dict[str, int] = {}  # output -> rows copied to a destination
+        self.pending: Dict[str, List[copies.Copy]] = {}  # output -> its other copies, in destination order
+        self.on_device: List[copies.Copy] = []  # copies into device memory, every output's: one launch (pieces.py)
+
+    def reached(self, request: int, names: frozenset) -> None:
+        """A destination of ``request`` got ``names``: a group's members share its index, and what is delivered
+        is what reached every member."""
+        had = self.delivered.get(request)
+        self.delivered[request] = names if had is None else had & names
 
 
 class InstanceContext:
@@ -334,12 +353,12 @@ class InstanceContext:
             raise Internal(f"{self._what}: slot {slot}'s previous batch was not collected within {SLOT_WAIT_S:.0f} s")
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
-            destinations: Sequence[DeviceDestination] = ()) -> BatchResult:
+            destinations: Sequence[Destination] = ()) -> BatchResult:
         """One batch, start to end: ``collect(enqueue(...))``."""
         return self.collect(self.enqueue(inputs, outputs, destinations))
 
     def enqueue(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
-                destinations: Sequence[DeviceDestination] = ()) -> InFlight:
+                destinations: Sequence[Destination] = ()) -> InFlight:
         """Checks and enqueues one batch on the stream without waiting for it; one caller thread at a time.
         ``destinations``: requests' rows of outputs copied device to device into their
         CUDA shared memory, on this stream. Waits first if the next slot's batch is still in flight."""
@@ -409,24 +428,25 @@ class InstanceContext:
         except Exception as e:  # noqa: BLE001 - report the original error, log this one
             log.error("%s: stream synchronize after a failed batch: %s", self._what, e)
 
-    def _to_devices(self, destinations: Sequence[DeviceDestination], out_shapes: Mapping[str, Tuple[int, ...]],
+    def _to_devices(self, destinations: Sequence[Destination], out_shapes: Mapping[str, Tuple[int, ...]],
                     stream: Any) -> Tuple[Dict[int, frozenset], frozenset]:
         """Enqueues copies of each destination's rows of each output (device memory or page-locked host memory:
         CUDA tells which from the address); returns what went where, and the outputs whose every row went to a
         destination (nothing else reads those, so they need no copy to the host). The copies of one output go
-        in as few calls as their addresses allow (copies.py)."""
+        in as few calls as their addresses allow (copies.py), and copies into device memory in one launch where
+        the copier takes them (pieces.py)."""
         rt = self._cupy.cuda.runtime
-        delivered: Dict[int, frozenset] = {}
-        covered: Dict[str, int] = {}
-        pending: Dict[str, List[copies.Copy]] = {}  # output -> its copies, in destination order
-        on_device: List[copies.Copy] = []  # copies into device memory, every output's: one launch (pieces.py)
+        out = _Delivery()
         sizes: Dict[str, Tuple[Any, int]] = {}  # output -> (its buffer, bytes per row); once per batch, not per member
         for name, shape in out_shapes.items():
             if name not in self._widened:  # widened on the host; the server writes it there
                 t = self._tensors[name]
                 sizes[name] = (t, nbytes_of(tuple(shape[1:]), t.dtype) if self._batched else nbytes_of(shape, t.dtype))
         for d in destinations:
-            into = on_device if d.on_device else None
+            if type(d) is MemberDestinations:
+                self._members_to_devices(d, sizes, out, rt, stream)
+                continue
+            into = out.on_device if d.on_device else None
             done = []
             for name, (ptr, room) in d.outputs.items():
                 size = sizes.get(name)
@@ -440,20 +460,55 @@ class InstanceContext:
                 if n:
                     # a request's destinations lie in one block (a group's members in their front end's arena)
                     # unless it says otherwise; another request's may be anywhere
-                    (pending.setdefault(name, []) if into is None else into).append(
+                    (out.pending.setdefault(name, []) if into is None else into).append(
                         (ptr, t.ptr + start, n, d.request if d.block is None else d.block))
                 done.append(name)
-                covered[name] = covered.get(name, 0) + (d.rows if self._batched else 1)
-            mine = frozenset(done)  # a group's members share its index: delivered is what reached every member
-            delivered[d.request] = mine if d.request not in delivered else delivered[d.request] & mine
-        plain = list(pending.values())
+                out.covered[name] = out.covered.get(name, 0) + (d.rows if self._batched else 1)
+            out.reached(d.request, frozenset(done))
+        plain = list(out.pending.values())
+        on_device = out.on_device
         if on_device and (self._copier is None or not self._copier.copy(on_device, stream)):
             plain.append(on_device)
         for wanted in plain:
             copies.enqueue(rt, wanted, rt.memcpyDefault, stream.ptr)
         whole = {n: (shape[0] if self._batched else 1) for n, shape in out_shapes.items()}
-        return ({i: names for i, names in delivered.items() if names},
-                frozenset(n for n, c in covered.items() if c >= whole[n] > 0))
+        return ({i: names for i, names in out.delivered.items() if names},
+                frozenset(n for n, c in out.covered.items() if c >= whole[n] > 0))
+
+    def _members_to_devices(self, d: MemberDestinations, sizes: Mapping[str, Tuple[Any, int]], out: "_Delivery",
+                            rt: Any, stream: Any) -> None:
+        """``_to_devices`` for a group's members given as columns. Members in one arena: each output's copies worked
+        out with array arithmetic, a run at one distance in one call. Members apart (each in its own device
+        allocation, so no two copies merge): each copy joins the batch's one launch."""
+        count = d.count
+        done = []
+        for name, (ptrs, rooms) in d.outputs.items():
+            size = sizes.get(name)
+            if size is None:
+                continue
+            t, row_bytes = size
+            n = d.rows * row_bytes
+            if d.apart:
+                got = 0
+                for k in range(count):
+                    row = d.row_offset + k * d.rows
+                    start = row * row_bytes
+                    if n <= rooms[k] and start + n <= t.capacity:  # never write past a region
+                        if n:
+                            out.on_device.append((ptrs[k], t.ptr + start, n, -1 - row))  # a block of its own
+                        got += 1
+            else:
+                starts = (d.row_offset + np.arange(count, dtype=np.int64) * d.rows) * row_bytes
+                fits = (rooms >= n) & (starts + n <= t.capacity)  # the server checked sizes; never write past a slot
+                got = int(fits.sum())
+                if n and got:
+                    dst, src = (ptrs, starts + t.ptr) if got == count else (ptrs[fits], starts[fits] + t.ptr)
+                    copies.enqueue_columns(rt, dst, src, n, np.full(got, d.request, np.int64), rt.memcpyDefault,
+                                           stream.ptr)
+            if got == count:
+                done.append(name)
+            out.covered[name] = out.covered.get(name, 0) + got * d.rows
+        out.reached(d.request, frozenset(done))
 
     def _captured_dims(self, inputs: Mapping[str, Any]) -> bool:
         """Whether every input has the profile's largest dims after the batch's: the shapes graphs are captured with
@@ -469,13 +524,18 @@ class InstanceContext:
         for name, n in sizes.items():
             self._tensors[name].upload(n, stream, slot)
         for name, a in inputs.items():
-            if not is_host(a):  # CUDA shared memory: device to device, piece by piece, on this stream
-                self._tensors[name].gather(a.parts if isinstance(a, Gather) else (a,), stream, slot, self._copier)
+            if not is_host(a):  # pieces (CUDA shared memory, or large requests in an arena): each to its rows
+                t = self._tensors[name]
+                columns = a.columns if isinstance(a, Gather) else None
+                if columns is not None and a.dtype == t.dtype:
+                    t.gather_columns(columns, stream)
+                else:
+                    t.gather(a.parts if isinstance(a, Gather) else (a,), stream, slot, self._copier)
         return t1
 
     def _enqueue_device_graph(
         self, g: _Graph, inputs: Mapping[str, Any], rows: int, wanted: Sequence[str],
-        destinations: Sequence[DeviceDestination], slot: int,
+        destinations: Sequence[Destination], slot: int,
     ) -> Tuple[Dict[str, Tuple[int, ...]], int, bool, Dict[int, frozenset], frozenset]:
         """A batch with inputs on the device (CUDA shared memory) on a captured bucket: the inputs copied into the
         device buffers and their rows up to the bucket zeroed (as the host graphs pad them), the engine's graph
@@ -498,7 +558,7 @@ class InstanceContext:
         self.device_graph_replays += 1
         return out_shapes, t1, False, delivered, skipped
 
-    def _outputs_out(self, out_shapes: Mapping[str, Tuple[int, ...]], destinations: Sequence[DeviceDestination],
+    def _outputs_out(self, out_shapes: Mapping[str, Tuple[int, ...]], destinations: Sequence[Destination],
                      stream: Any, slot: int) -> Tuple[Dict[int, frozenset], frozenset]:
         """After the engine ran: each destination's rows copied where it wants them, every output not wholly
         delivered so into the slot's pinned mirror, then the batch's done event; (delivered, skipped) as
@@ -512,7 +572,7 @@ class InstanceContext:
 
     def _enqueue(
         self, inputs: Mapping[str, np.ndarray], rows: Optional[int], wanted: Sequence[str],
-        destinations: Sequence[DeviceDestination], slot: int,
+        destinations: Sequence[Destination], slot: int,
     ) -> Tuple[Dict[str, Tuple[int, ...]], int, bool, Dict[int, frozenset], frozenset]:
         """Enqueues one batch on ``slot``: (output shapes, host pack end ns, replayed a graph, outputs delivered
         to destinations, outputs not copied to the host)."""

@@ -65,11 +65,37 @@ def runs(copies: Sequence[Copy]) -> List[Run]:
     return out
 
 
+def column_runs(dst: np.ndarray, src: np.ndarray, nbytes: int, blocks: np.ndarray) -> List[Run]:
+    """``runs`` of copies given as columns (int64 arrays, one copy of ``nbytes`` each): where every copy steps by one
+    distance on each side within one block (a group's members in arena order, the usual case) the run is found with
+    array arithmetic; otherwise ``runs`` merges them one by one, so the result is always what ``runs`` gives."""
+    count = len(dst)
+    if nbytes <= 0 or not count:
+        return []
+    if count == 1:
+        return [Run(int(dst[0]), nbytes, int(src[0]), nbytes, nbytes, 1)]
+    step_d, step_s = int(dst[1] - dst[0]), int(src[1] - src[0])
+    if (nbytes <= step_d <= MAX_PITCH and nbytes <= step_s <= MAX_PITCH and bool((blocks == blocks[0]).all())
+            and bool((np.diff(dst) == step_d).all()) and bool((np.diff(src) == step_s).all())):
+        return [Run(int(dst[0]), step_d, int(src[0]), step_s, nbytes, count)]
+    return runs(list(zip(dst.tolist(), src.tolist(), [nbytes] * count, blocks.tolist())))
+
+
+def enqueue_columns(rt: Any, dst: np.ndarray, src: np.ndarray, nbytes: int, blocks: np.ndarray, kind: int,
+                    stream_ptr: int) -> int:
+    """``enqueue`` for copies given as columns (see ``column_runs``)."""
+    return _enqueue_runs(rt, column_runs(dst, src, nbytes, blocks), kind, stream_ptr)
+
+
 def enqueue(rt: Any, copies: Sequence[Copy], kind: int, stream_ptr: int) -> int:
     """Enqueues ``copies`` (see ``runs``) on the stream with CUDA runtime ``rt`` (CuPy's): one call per run, a run
     whose rows are back to back on both sides as one plain copy. Returns the number of CUDA calls made."""
+    return _enqueue_runs(rt, runs(copies), kind, stream_ptr)
+
+
+def _enqueue_runs(rt: Any, found: Sequence[Run], kind: int, stream_ptr: int) -> int:
     calls = 0
-    for r in runs(copies):
+    for r in found:
         if r.height == 1 or (r.dpitch == r.width and r.spitch == r.width):
             rt.memcpyAsync(r.dst, r.src, r.width * r.height, kind, stream_ptr)
         else:
