@@ -14,7 +14,7 @@ from typing import Iterator, List, Sequence
 import numpy as np
 import pytest
 
-from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec
+from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec, each_destination
 from trtserve.server.ipc.arena import Arena
 
 from .test_system_shm import fake_device_copies
@@ -53,12 +53,13 @@ class DirectBackend(Backend):
             DirectBackend.gate.wait(30)
             return BatchResult({"OUTPUT0": y})
         delivered = fake_device_copies(y, destinations)
+        each = list(each_destination(destinations))
         host = y.copy()
-        for d in destinations:
+        for d in each:
             host[d.row_offset:d.row_offset + d.rows] += 1000
         with self.lock:
             DirectBackend.batches.append({"gathered": isinstance(x, Gather), "rows": int(y.shape[0]),
-                                          "destinations": sorted(d.rows for d in destinations)})
+                                          "destinations": sorted(d.rows for d in each)})
         return BatchResult({"OUTPUT0": host}, delivered=delivered)
 
     def close(self) -> None:

@@ -30,7 +30,8 @@ except Exception as e:  # ImportError, or pkg_resources missing under tritonclie
 needs_tc = pytest.mark.skipif(bool(_NO_TC), reason=_NO_TC or "-")
 
 from .models import add_sub, copy_example, identity  # noqa: E402
-from trtserve.server.engine.backends.base import Backend, BatchResult, Gather, TensorSpec  # noqa: E402
+from trtserve.server.engine.backends.base import (Backend, BatchResult, Gather, TensorSpec,  # noqa: E402
+                                                  each_destination)
 from trtserve.server.errors import AlreadyExists, InvalidArgument, NotFound  # noqa: E402
 from trtserve.server.examples.make_mlp import reference  # noqa: E402
 from trtserve.server.engine.shm.cuda import CudaApi  # noqa: E402
@@ -600,7 +601,7 @@ def fake_device_copies(y: np.ndarray, destinations) -> dict:
     """What the TensorRT backend's device copies do, as memmoves: each destination gets its request's rows of
     OUTPUT0 (``y``); returns ``BatchResult.delivered``."""
     delivered = {}
-    for d in destinations:
+    for d in each_destination(destinations):
         ptr, room = d.outputs["OUTPUT0"]
         rows = np.ascontiguousarray(y[d.row_offset:d.row_offset + d.rows])
         assert rows.nbytes <= room
