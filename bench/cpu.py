@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import AbstractSet, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -63,9 +63,11 @@ def load_trtserve(url: str, level: int, duration: float, model: str = "m", engin
 
 
 def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: str = "m", batch: int = 1,
-                       shm: str = "none", max_trials: int = 10) -> Optional[Dict[str, float]]:
+                       shm: str = "none", max_trials: int = 10,
+                       cpus: Optional[AbstractSet[int]] = None) -> Optional[Dict[str, float]]:
     """One concurrency level of perf_analyzer; rps is requests/s, rows_per_s its Inferences/Second (requests x
-    batch). ``shm``: none, system or cuda (output regions of 1 MiB). None when perf_analyzer fails."""
+    batch). ``shm``: none, system or cuda (output regions of 1 MiB). ``cpus``: perf_analyzer runs on these CPUs
+    only. None when perf_analyzer fails."""
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "pa.csv"
         cmd = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", str(batch), "--concurrency-range", f"{level}:{level}",
@@ -73,7 +75,8 @@ def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: st
                "--max-trials", str(max_trials), "-f", str(out)]
         if shm != "none":
             cmd += ["--shared-memory", shm, "--output-shared-memory-size", str(1 << 20)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, close_fds=False)
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # type: ignore[arg-type]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, close_fds=False, preexec_fn=pin)
         if proc.returncode != 0 or not out.exists():
             print(f"perf_analyzer failed ({model} concurrency {level} shm={shm}): {proc.stdout[-600:]} "
                   f"{proc.stderr[-600:]}", file=sys.stderr, flush=True)

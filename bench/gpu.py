@@ -26,8 +26,9 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import AbstractSet, Dict, List, Optional, Sequence
 
+from bench.agreement import cpu_list
 from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
@@ -76,10 +77,11 @@ def describe_split(us: Dict[str, float]) -> str:
 
 
 def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: str = "none",
-                  window_ms: int = 1500, trace_rate: int = 0, trace_dir: Optional[pathlib.Path] = None
-                  ) -> Optional[dict]:
+                  window_ms: int = 1500, trace_rate: int = 0, trace_dir: Optional[pathlib.Path] = None,
+                  cpus: Optional[AbstractSet[int]] = None) -> Optional[dict]:
     """One concurrency level (bench.cpu's runner) plus the mean formed batch from ModelStatistics; with
-    ``trace_rate`` N, 1 of N requests is traced (into ``trace_dir``) and ``trace_split`` of them is added."""
+    ``trace_rate`` N, 1 of N requests is traced (into ``trace_dir``) and ``trace_split`` of them is added;
+    ``cpus``: perf_analyzer runs on these CPUs only."""
     from bench.cpu import load_perf_analyzer
 
     traces = None
@@ -92,7 +94,8 @@ def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: st
                               "log_frequency": "20"})
     try:
         before = _stats(url, model)
-        r = load_perf_analyzer(pa, url, level, window_ms / 1000, model=model, batch=batch, shm=shm, max_trials=6)
+        r = load_perf_analyzer(pa, url, level, window_ms / 1000, model=model, batch=batch, shm=shm, max_trials=6,
+                               cpus=cpus)
         after = _stats(url, model)
     finally:
         if traces is not None:
@@ -342,10 +345,12 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 heavy_levels: Sequence[int] = (4, 16), trace_rate: int = 0,
                 heavy_max_batch: int = 1024, profile: Optional[pathlib.Path] = None,
                 cprofile: Optional[pathlib.Path] = None,
-                heavy_transports: Sequence[str] = ("none", "cuda")) -> List[dict]:
+                heavy_transports: Sequence[str] = ("none", "cuda"),
+                engine_cpus: Optional[AbstractSet[int]] = None) -> List[dict]:
     """The full server under perf_analyzer, per setup, transport and level; with ``profile`` the heavy MLP's
     levels are profiled (py-spy on the engine and a front end, raw profiles kept there); with ``cprofile`` each heavy
-    level runs once more with the engine's main thread under cProfile."""
+    level runs once more with the engine's main thread under cProfile; with ``engine_cpus`` the engine runs on
+    those CPUs alone, the server's other processes and perf_analyzer on the others (bench.frontends.pin_engine)."""
     from bench.gpu_backend import _models, raw_rows_per_s
 
     pa = _pa()
@@ -380,7 +385,15 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
     rows: List[dict] = []
     if cprofile is not None:
         cprofile.mkdir(parents=True, exist_ok=True)
+    others = set(os.sched_getaffinity(0)) - set(engine_cpus) if engine_cpus else None
+    if engine_cpus and not others:
+        raise SystemExit(f"--engine-cpus {sorted(engine_cpus)} leaves no CPU for the front ends and the load")
     with _serve(repo, work, cprofile) as s:
+        if engine_cpus:
+            from bench import frontends as fb
+
+            print(f"  engine on CPUs {sorted(engine_cpus)}, the other processes and perf_analyzer on {len(others)} "
+                  f"others ({fb.pin_engine(s.proc.pid, engine_cpus, others)} threads)", flush=True)
         for name, key, n, graphs in setups:
             batch = HEAVY_REQ_ROWS if key == "heavy" else 1
             levels = tuple(heavy_levels) if key == "heavy" else (1, 8, 32)
@@ -389,7 +402,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 for level in levels:
                     label = f"{name}-{shm}-{level}"
                     run = functools.partial(perf_analyzer, pa, s.url, name, level, batch, shm,
-                                            trace_rate=trace_rate, trace_dir=work)
+                                            trace_rate=trace_rate, trace_dir=work, cpus=others)
                     r = _cores_and_profile(s, label, profile if key == "heavy" else None, run) if pa else None
                     if r is None:
                         continue
@@ -620,6 +633,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="server part: each heavy MLP level once more with the engine's main thread under cProfile")
     p.add_argument("--switch-interval-us", type=float, default=DEFAULT_GIL_SWITCH_INTERVAL_US,
                    help="sys.setswitchinterval for the in-process parts, as `trtserve serve` sets it")
+    p.add_argument("--engine-cpus", type=cpu_list, default=None, metavar="LIST",
+                   help="server part: the engine process on these CPUs alone (e.g. 0 or 0,8), its other processes "
+                        "and perf_analyzer on the rest (default: where the OS puts them)")
     a = p.parse_args(argv)
     if a.switch_interval_us > 0:
         sys.setswitchinterval(a.switch_interval_us / 1e6)
@@ -645,7 +661,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          heavy_levels=[int(x) for x in a.heavy_levels.split(",")],
                                          trace_rate=a.trace_rate, heavy_max_batch=a.heavy_max_batch,
                                          profile=a.profile, cprofile=a.cprofile,
-                                         heavy_transports=a.heavy_transports.split(",")),
+                                         heavy_transports=a.heavy_transports.split(","), engine_cpus=a.engine_cpus),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","), trace_rate=a.trace_rate,
                                          graphs=a.resnet_graphs, bench_processes=a.bench_processes)}
