@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from types import ModuleType
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,6 +85,15 @@ class InFlight:
         self.graph = graph
         self.delivered = delivered
         self.skipped = skipped  # outputs every row of which went to a destination: never copied to the host
+
+
+def _sized(outputs: Mapping[str, Any], sizes: Mapping[str, Tuple[Any, int]]) -> Iterator[Tuple[str, Any, Any, int]]:
+    """(name, where it goes, its buffer, bytes per row) of the outputs a destination names that the device writes
+    (``sizes``: the batch's, see ``_to_devices``)."""
+    for name, where in outputs.items():
+        size = sizes.get(name)
+        if size is not None:
+            yield name, where, size[0], size[1]
 
 
 class _Delivery:
@@ -448,11 +457,7 @@ class InstanceContext:
                 continue
             into = out.on_device if d.on_device else None
             done = []
-            for name, (ptr, room) in d.outputs.items():
-                size = sizes.get(name)
-                if size is None:
-                    continue
-                t, row_bytes = size
+            for name, (ptr, room), t, row_bytes in _sized(d.outputs, sizes):
                 n = d.rows * row_bytes if self._batched else row_bytes
                 start = d.row_offset * row_bytes if self._batched else 0
                 if n > room or start + n > t.capacity:  # the server checked sizes; never write past a region
@@ -482,11 +487,7 @@ class InstanceContext:
         allocation, so no two copies merge): each copy joins the batch's one launch."""
         count = d.count
         done = []
-        for name, (ptrs, rooms) in d.outputs.items():
-            size = sizes.get(name)
-            if size is None:
-                continue
-            t, row_bytes = size
+        for name, (ptrs, rooms), t, row_bytes in _sized(d.outputs, sizes):
             n = d.rows * row_bytes
             if d.apart:
                 got = 0
