@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import threading
@@ -225,39 +226,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US  # what `trtserve serve` sets where TensorRT runs
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-fake-gpu-"))
-    repo = _repository(root, a.max_batch, a.instances)
-    here = pathlib.Path(__file__).resolve().parent.parent
-    choices = [x for x in a.event_loops.split(",") if x]
-    codes: List[Tuple[str, pathlib.Path, str]] = [("this" if len(choices) == 1 else x, here, x) for x in choices]
-    if a.baseline is not None:
-        codes.append(("baseline", a.baseline.resolve(), "auto"))
-    device_rows_s = a.max_batch / (a.device_us / 1e6)
-    print(f"engine with a stand-in GPU: {a.device_us:g} us per batch of up to {a.max_batch} rows "
-          f"(device alone: {device_rows_s:,.0f} rows/s), {a.rows}-row requests of {N} FP16, "
-          f"{a.instances} instances; medians of {a.rounds} round(s)")
-    print(f"{'code':>9} {'in flight':>9} {'req/s':>8} {'rows/s':>11} {'of device':>9} {'p50 ms':>7} {'batch':>6} "
-          f"{'engine cores':>12} {'engine us/req':>13} {'driver cores':>12}", flush=True)
-    inputs = [("INPUT0", "FP16", (N,))]
-    for level in [int(x) for x in a.concurrency.split(",")]:
-        results: Dict[str, List[Dict[str, float]]] = {name: [] for name, _, _ in codes}
-        for _ in range(a.rounds):
-            for name, code, event_loop in codes:
-                # run as a script, so that ``trtserve`` comes from PYTHONPATH (that checkout), not the working folder
-                env = {"PYTHONPATH": str(code), "FAKE_GPU_DEVICE_US": str(a.device_us)}
-                engine = engine_alone.Engine(repo, a.engine_cpus, env=env, script=[__file__, "--serve"],
-                                             switch_interval=DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6,
-                                             event_loop=event_loop)
-                try:
-                    results[name].append(asyncio.run(engine_alone._level(engine, "heavy", inputs, a.rows, level,
-                                                                         a.warmup, a.duration)))
-                finally:
-                    engine.stop()
-        for name, _, _ in codes:
-            rs = sorted(results[name], key=lambda r: r["req_s"])
-            r = rs[len(rs) // 2]
-            print(f"{name:>9} {level:>9} {r['req_s']:>8.0f} {r['rows_s']:>11.0f} "
-                  f"{r['rows_s'] / device_rows_s:>9.0%} {r['p50_ms']:>7.2f} {r['mean_batch']:>6.0f} "
-                  f"{r['engine_cores']:>12.2f} {r['engine_us_per_req']:>13.1f} {r['driver_cores']:>12.2f}", flush=True)
+    try:
+        repo = _repository(root, a.max_batch, a.instances)
+        here = pathlib.Path(__file__).resolve().parent.parent
+        choices = [x for x in a.event_loops.split(",") if x]
+        codes: List[Tuple[str, pathlib.Path, str]] = [("this" if len(choices) == 1 else x, here, x) for x in choices]
+        if a.baseline is not None:
+            codes.append(("baseline", a.baseline.resolve(), "auto"))
+        device_rows_s = a.max_batch / (a.device_us / 1e6)
+        print(f"engine with a stand-in GPU: {a.device_us:g} us per batch of up to {a.max_batch} rows "
+              f"(device alone: {device_rows_s:,.0f} rows/s), {a.rows}-row requests of {N} FP16, "
+              f"{a.instances} instances; medians of {a.rounds} round(s)")
+        print(f"{'code':>9} {'in flight':>9} {'req/s':>8} {'rows/s':>11} {'of device':>9} {'p50 ms':>7} {'batch':>6} "
+              f"{'engine cores':>12} {'engine us/req':>13} {'driver cores':>12}", flush=True)
+        inputs = [("INPUT0", "FP16", (N,))]
+        for level in [int(x) for x in a.concurrency.split(",")]:
+            results: Dict[str, List[Dict[str, float]]] = {name: [] for name, _, _ in codes}
+            for _ in range(a.rounds):
+                for name, code, event_loop in codes:
+                    # run as a script, so that ``trtserve`` comes from PYTHONPATH (that checkout), not the working
+                    # folder
+                    env = {"PYTHONPATH": str(code), "FAKE_GPU_DEVICE_US": str(a.device_us)}
+                    engine = engine_alone.Engine(repo, a.engine_cpus, env=env, script=[__file__, "--serve"],
+                                                 switch_interval=DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6,
+                                                 event_loop=event_loop)
+                    try:
+                        results[name].append(asyncio.run(engine_alone._level(engine, "heavy", inputs, a.rows, level,
+                                                                             a.warmup, a.duration)))
+                    finally:
+                        engine.stop()
+            for name, _, _ in codes:
+                rs = sorted(results[name], key=lambda r: r["req_s"])
+                r = rs[len(rs) // 2]
+                print(f"{name:>9} {level:>9} {r['req_s']:>8.0f} {r['rows_s']:>11.0f} "
+                      f"{r['rows_s'] / device_rows_s:>9.0%} {r['p50_ms']:>7.2f} {r['mean_batch']:>6.0f} "
+                      f"{r['engine_cores']:>12.2f} {r['engine_us_per_req']:>13.1f} {r['driver_cores']:>12.2f}",
+                      flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the model repository: nothing in it is kept
     return 0
 
 
