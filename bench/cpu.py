@@ -64,10 +64,12 @@ def load_trtserve(url: str, level: int, duration: float, model: str = "m", engin
 
 def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: str = "m", batch: int = 1,
                        shm: str = "none", max_trials: int = 10,
-                       cpus: Optional[AbstractSet[int]] = None) -> Optional[Dict[str, float]]:
+                       cpus: Optional[AbstractSet[int]] = None,
+                       share: Optional[int] = None) -> Optional[Dict[str, float]]:
     """One concurrency level of perf_analyzer; rps is requests/s, rows_per_s its Inferences/Second (requests x
     batch). ``shm``: none, system or cuda (output regions of 1 MiB). ``cpus``: perf_analyzer runs on these CPUs
-    only. None when perf_analyzer fails."""
+    only. ``share``: its contexts per gRPC connection (tritonclient's TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT;
+    None: tritonclient's default). None when perf_analyzer fails."""
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "pa.csv"
         cmd = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", str(batch), "--concurrency-range", f"{level}:{level}",
@@ -76,7 +78,9 @@ def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: st
         if shm != "none":
             cmd += ["--shared-memory", shm, "--output-shared-memory-size", str(1 << 20)]
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # type: ignore[arg-type]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, close_fds=False, preexec_fn=pin)
+        env = dict(os.environ, TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=str(share)) if share else None
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, close_fds=False, preexec_fn=pin,
+                              env=env)
         if proc.returncode != 0 or not out.exists():
             print(f"perf_analyzer failed ({model} concurrency {level} shm={shm}): {proc.stdout[-600:]} "
                   f"{proc.stderr[-600:]}", file=sys.stderr, flush=True)

@@ -34,6 +34,11 @@ from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 HEAVY_REQ_ROWS = 256  # rows per request for the heavy MLP (4 requests fill a batch of 1024)
 RESNET_MAX_BATCH = 128
+# perf_analyzer's contexts per gRPC connection in the served parts. SO_REUSEPORT hands each connection to one front
+# end, so tritonclient's default (6 contexts a connection) gives the eight front ends of a 16-CPU host a few
+# connections each, hashed unevenly: one busy front end then holds back all the requests it was dealt. A connection
+# per context spreads them as goal (a)'s load does (bench/gpu_frontends.py).
+PA_SHARE = 1
 
 
 def _pa() -> str:
@@ -78,10 +83,10 @@ def describe_split(us: Dict[str, float]) -> str:
 
 def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: str = "none",
                   window_ms: int = 1500, trace_rate: int = 0, trace_dir: Optional[pathlib.Path] = None,
-                  cpus: Optional[AbstractSet[int]] = None) -> Optional[dict]:
+                  cpus: Optional[AbstractSet[int]] = None, share: Optional[int] = None) -> Optional[dict]:
     """One concurrency level (bench.cpu's runner) plus the mean formed batch from ModelStatistics; with
     ``trace_rate`` N, 1 of N requests is traced (into ``trace_dir``) and ``trace_split`` of them is added;
-    ``cpus``: perf_analyzer runs on these CPUs only."""
+    ``cpus``: perf_analyzer runs on these CPUs only; ``share``: its contexts per gRPC connection."""
     from bench.cpu import load_perf_analyzer
 
     traces = None
@@ -95,7 +100,7 @@ def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: st
     try:
         before = _stats(url, model)
         r = load_perf_analyzer(pa, url, level, window_ms / 1000, model=model, batch=batch, shm=shm, max_trials=6,
-                               cpus=cpus)
+                               cpus=cpus, share=share)
         after = _stats(url, model)
     finally:
         if traces is not None:
@@ -346,11 +351,12 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 heavy_max_batch: int = 1024, profile: Optional[pathlib.Path] = None,
                 cprofile: Optional[pathlib.Path] = None,
                 heavy_transports: Sequence[str] = ("none", "cuda"),
-                engine_cpus: Optional[AbstractSet[int]] = None) -> List[dict]:
+                engine_cpus: Optional[AbstractSet[int]] = None, pa_share: Optional[int] = PA_SHARE) -> List[dict]:
     """The full server under perf_analyzer, per setup, transport and level; with ``profile`` the heavy MLP's
     levels are profiled (py-spy on the engine and a front end, raw profiles kept there); with ``cprofile`` each heavy
     level runs once more with the engine's main thread under cProfile; with ``engine_cpus`` the engine runs on
-    those CPUs alone, the server's other processes and perf_analyzer on the others (bench.frontends.pin_engine)."""
+    those CPUs alone, the server's other processes and perf_analyzer on the others (bench.frontends.pin_engine);
+    ``pa_share``: perf_analyzer's contexts per gRPC connection (PA_SHARE says why)."""
     from bench.gpu_backend import _models, raw_rows_per_s
 
     pa = _pa()
@@ -402,7 +408,8 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 for level in levels:
                     label = f"{name}-{shm}-{level}"
                     run = functools.partial(perf_analyzer, pa, s.url, name, level, batch, shm,
-                                            trace_rate=trace_rate, trace_dir=work, cpus=others)
+                                            trace_rate=trace_rate, trace_dir=work, cpus=others,
+                                            share=pa_share)
                     r = _cores_and_profile(s, label, profile if key == "heavy" else None, run) if pa else None
                     if r is None:
                         continue
@@ -420,10 +427,10 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
 
 def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances: int = 2,
                 transports: Sequence[str] = ("cuda", "none", "system"), trace_rate: int = 0,
-                graphs: bool = False, bench_processes: int = 1) -> List[dict]:
+                graphs: bool = False, bench_processes: int = 1, pa_share: Optional[int] = PA_SHARE) -> List[dict]:
     """``images`` per request, ``instances`` execution contexts; CUDA shared memory at 8/32/64 in flight with both
     load tools, the other transports with perf_analyzer at 32. ``graphs``: served with CUDA graphs, a bucket per
-    multiple of ``images`` (batches of whole requests are never padded)."""
+    multiple of ``images`` (batches of whole requests are never padded). ``pa_share``: as for part_server."""
     from bench.gpu_backend import raw_rows_per_s
     from bench.resnet import make_resnet18
 
@@ -456,7 +463,7 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
         for shm, tool, level in runs:
             if tool == "perf_analyzer":
                 r = perf_analyzer(pa, s.url, "resnet", level, images, shm, trace_rate=trace_rate,
-                                  trace_dir=work) if pa else None
+                                  trace_dir=work, share=pa_share) if pa else None
             else:
                 r = trtserve_bench(s.url, "resnet", level, images, shm, max(3.0, seconds * 4), bench_processes)
             if r is None:
@@ -636,6 +643,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--engine-cpus", type=cpu_list, default=None, metavar="LIST",
                    help="server part: the engine process on these CPUs alone (e.g. 0 or 0,8), its other processes "
                         "and perf_analyzer on the rest (default: where the OS puts them)")
+    p.add_argument("--pa-share", type=int, default=PA_SHARE, metavar="N",
+                   help="server and resnet parts: perf_analyzer's contexts per gRPC connection "
+                        "(TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT; 6 is tritonclient's default)")
     a = p.parse_args(argv)
     if a.switch_interval_us > 0:
         sys.setswitchinterval(a.switch_interval_us / 1e6)
@@ -661,10 +671,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          heavy_levels=[int(x) for x in a.heavy_levels.split(",")],
                                          trace_rate=a.trace_rate, heavy_max_batch=a.heavy_max_batch,
                                          profile=a.profile, cprofile=a.cprofile,
-                                         heavy_transports=a.heavy_transports.split(","), engine_cpus=a.engine_cpus),
+                                         heavy_transports=a.heavy_transports.split(","), engine_cpus=a.engine_cpus,
+                                         pa_share=a.pa_share),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","), trace_rate=a.trace_rate,
-                                         graphs=a.resnet_graphs, bench_processes=a.bench_processes)}
+                                         graphs=a.resnet_graphs, bench_processes=a.bench_processes,
+                                         pa_share=a.pa_share)}
     for name in a.parts.split(","):
         t0 = time.monotonic()
         print(f"== {name}", flush=True)

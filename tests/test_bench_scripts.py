@@ -234,3 +234,24 @@ def test_pin_engine_on_a_live_server(tmp_path) -> None:
         with InferenceClient(s.url) as c:
             out = c.infer("m", {"INPUT0": np.ones((1, 64), np.float32)})
         assert out["OUTPUT0"].shape == (1, 16)
+
+
+@pytest.mark.parametrize("share, seen", [(1, "1"), (None, "unset")])
+def test_load_perf_analyzer_sets_contexts_per_connection(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                        share, seen) -> None:
+    """``share`` reaches perf_analyzer as TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT (how many of its contexts share
+    one gRPC connection, and so one front end under SO_REUSEPORT); without it tritonclient's default applies. A
+    stand-in perf_analyzer records what it was given and writes the CSV the real one writes."""
+    from bench.cpu import load_perf_analyzer
+
+    monkeypatch.delenv("TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT", raising=False)
+    record = tmp_path / "env.txt"
+    pa = tmp_path / "perf_analyzer"
+    pa.write_text("#!/bin/sh\n"
+                  f'echo "${{TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT:-unset}}" > {record}\n'
+                  'while [ "$1" != "-f" ]; do shift; done\n'
+                  'printf "Concurrency,Inferences/Second,p50 latency,p99 latency\\n32,2048,1500,3000\\n" > "$2"\n')
+    pa.chmod(0o755)
+    r = load_perf_analyzer(str(pa), "127.0.0.1:1", 32, 1.0, model="m", batch=2, share=share)
+    assert record.read_text().strip() == seen
+    assert r == {"rps": 1024.0, "rows_per_s": 2048.0, "p50_ms": 1.5, "p99_ms": 3.0, "errors": 0}
