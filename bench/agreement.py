@@ -20,22 +20,14 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from bench._server import ServerProcess
 from bench.batching import make_repo
 from bench.cpu import load_perf_analyzer, load_trtserve, perf_analyzer_path
+from trtserve.server.process.placement import cpu_list
 
 BAND = 0.15
-
-
-def cpu_list(text: str) -> Set[int]:
-    """"0-3,8" -> {0, 1, 2, 3, 8} (taskset's list format)."""
-    out: Set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def compare(url: str, levels: Sequence[int], rounds: int, duration: float, pa: str,

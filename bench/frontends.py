@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import AbstractSet, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODEL = "m"
@@ -258,27 +258,6 @@ def role_ticks(pid: int, read: Callable[[str], Optional[str]] = _read,
 
 def _role(cmdline: str) -> str:
     return "engine" if "engine.process" in cmdline else "frontend" if "frontend.process" in cmdline else "other"
-
-
-def pin_engine(pid: int, engine_cpus: AbstractSet[int], other_cpus: AbstractSet[int],
-               read: Callable[[str], Optional[str]] = _read,
-               list_tasks: Callable[[int], Iterable[int]] = _list_tasks,
-               set_affinity: Optional[Callable[[int, AbstractSet[int]], None]] = None) -> Dict[str, int]:
-    """Every thread of a trtserve server's engine process on ``engine_cpus``, every thread of its other processes
-    (supervisor, front ends) on ``other_cpus``: the engine's loop with a core of its own, which a benchmark compares
-    with the scheduler's own placement. Threads are pinned one by one (an affinity set on a process reaches only its
-    main thread); a thread started later takes its creator's. Returns the threads pinned per role."""
-    pin = set_affinity or os.sched_setaffinity  # Linux
-    pinned = {"engine": 0, "other": 0}
-    for p, _stat in tree_stats(pid, read, list_tasks):
-        engine = _role(read(f"/proc/{p}/cmdline") or "") == "engine"
-        for tid in list_tasks(p):
-            try:
-                pin(tid, engine_cpus if engine else other_cpus)
-            except OSError:  # the thread ended meanwhile
-                continue
-            pinned["engine" if engine else "other"] += 1
-    return pinned
 
 
 def role_cores(before: Mapping[str, int], after: Mapping[str, int], wall_s: float, hz: int) -> Dict[str, float]:

@@ -34,11 +34,10 @@ from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 HEAVY_REQ_ROWS = 256  # rows per request for the heavy MLP (4 requests fill a batch of 1024)
 RESNET_MAX_BATCH = 128
-# perf_analyzer's contexts per gRPC connection in the served parts. SO_REUSEPORT hands each connection to one front
-# end, so tritonclient's default (6 contexts a connection) gives the eight front ends of a 16-CPU host a few
-# connections each, hashed unevenly: one busy front end then holds back all the requests it was dealt. A connection
-# per context spreads them as goal (a)'s load does (bench/gpu_frontends.py).
-PA_SHARE = 1
+# perf_analyzer's contexts per gRPC connection in the served parts (None: tritonclient's default, 6). SO_REUSEPORT
+# hands each connection to one front end, so with few connections some front ends get more than others; a connection
+# per context (--pa-share 1) did not change the heavy MLP's or ResNet-18's results (docs/benchmarks/gpu-frontends.md)
+PA_SHARE: Optional[int] = None
 
 
 def _pa() -> str:
@@ -227,9 +226,11 @@ def _config(name: str, wire: str, dims_in: Sequence[int], dims_out: Sequence[int
 
 
 @contextlib.contextmanager
-def _serve(repo: pathlib.Path, work: pathlib.Path, cprofile: Optional[pathlib.Path] = None):
+def _serve(repo: pathlib.Path, work: pathlib.Path, cprofile: Optional[pathlib.Path] = None,
+           engine_cpus: Optional[AbstractSet[int]] = None):
     """``trtserve serve`` on ``repo``; with ``cprofile``, each of its processes can profile its main thread
-    between SIGUSR1 and SIGUSR2 into ``cprofile``/<pid>.prof (see ``_CPROFILE_SITE``)."""
+    between SIGUSR1 and SIGUSR2 into ``cprofile``/<pid>.prof (see ``_CPROFILE_SITE``); ``engine_cpus``: its
+    --engine-cpus."""
     from bench._server import ServerProcess
 
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", _CPROFILE_ENV)}
@@ -239,7 +240,10 @@ def _serve(repo: pathlib.Path, work: pathlib.Path, cprofile: Optional[pathlib.Pa
         (site / "sitecustomize.py").write_text(_CPROFILE_SITE)
         os.environ["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in [saved["PYTHONPATH"]] if p])
         os.environ[_CPROFILE_ENV] = str(cprofile)
-    server = ServerProcess(repo, extra=["--cache-dir", str(work / "cache")])
+    extra = ["--cache-dir", str(work / "cache")]
+    if engine_cpus:
+        extra += ["--engine-cpus", ",".join(map(str, sorted(engine_cpus)))]
+    server = ServerProcess(repo, extra=extra)
     try:
         server.__enter__()
     finally:
@@ -354,8 +358,8 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 engine_cpus: Optional[AbstractSet[int]] = None, pa_share: Optional[int] = PA_SHARE) -> List[dict]:
     """The full server under perf_analyzer, per setup, transport and level; with ``profile`` the heavy MLP's
     levels are profiled (py-spy on the engine and a front end, raw profiles kept there); with ``cprofile`` each heavy
-    level runs once more with the engine's main thread under cProfile; with ``engine_cpus`` the engine runs on
-    those CPUs alone, the server's other processes and perf_analyzer on the others (bench.frontends.pin_engine);
+    level runs once more with the engine's main thread under cProfile; with ``engine_cpus`` the server runs its
+    engine on those CPUs alone (--engine-cpus) and its front ends on the others, where perf_analyzer runs too;
     ``pa_share``: perf_analyzer's contexts per gRPC connection (PA_SHARE says why)."""
     from bench.gpu_backend import _models, raw_rows_per_s
 
@@ -394,12 +398,10 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
     others = set(os.sched_getaffinity(0)) - set(engine_cpus) if engine_cpus else None
     if engine_cpus and not others:
         raise SystemExit(f"--engine-cpus {sorted(engine_cpus)} leaves no CPU for the front ends and the load")
-    with _serve(repo, work, cprofile) as s:
+    with _serve(repo, work, cprofile, engine_cpus) as s:
         if engine_cpus:
-            from bench import frontends as fb
-
-            print(f"  engine on CPUs {sorted(engine_cpus)}, the other processes and perf_analyzer on {len(others)} "
-                  f"others ({fb.pin_engine(s.proc.pid, engine_cpus, others)} threads)", flush=True)
+            print(f"  engine on CPUs {sorted(engine_cpus)} (--engine-cpus), the front ends and perf_analyzer on "
+                  f"the {len(others)} others", flush=True)
         for name, key, n, graphs in setups:
             batch = HEAVY_REQ_ROWS if key == "heavy" else 1
             levels = tuple(heavy_levels) if key == "heavy" else (1, 8, 32)
@@ -641,11 +643,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--switch-interval-us", type=float, default=DEFAULT_GIL_SWITCH_INTERVAL_US,
                    help="sys.setswitchinterval for the in-process parts, as `trtserve serve` sets it")
     p.add_argument("--engine-cpus", type=cpu_list, default=None, metavar="LIST",
-                   help="server part: the engine process on these CPUs alone (e.g. 0 or 0,8), its other processes "
-                        "and perf_analyzer on the rest (default: where the OS puts them)")
+                   help="server part: serve with --engine-cpus LIST (e.g. 0-1), perf_analyzer on the other CPUs "
+                        "(default: where the OS puts them)")
     p.add_argument("--pa-share", type=int, default=PA_SHARE, metavar="N",
                    help="server and resnet parts: perf_analyzer's contexts per gRPC connection "
-                        "(TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT; 6 is tritonclient's default)")
+                        "(TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT; default: tritonclient's, 6)")
     a = p.parse_args(argv)
     if a.switch_interval_us > 0:
         sys.setswitchinterval(a.switch_interval_us / 1e6)

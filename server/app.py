@@ -42,6 +42,8 @@ class TrtServer:
 
             self.supervisor = Supervisor(options)
             return
+        if options.engine_cpus:
+            raise ValueError("engine_cpus needs front-end processes (frontends > 0)")
         from trtserve.server.engine.host import EngineHost
 
         self.engine = EngineHost(options, extra_observers)

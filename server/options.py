@@ -43,6 +43,9 @@ class ServerOptions:
     # its answers wake a front end on a shared core, instead of being preempted by it at every send
     # (docs/architecture.md gives the measurement); "normal" leaves the policy the server was started with
     frontend_scheduling: str = "batch"
+    # Linux: the engine process's threads run on these CPUs and the front ends' on the others the server may use
+    # (docs/architecture.md gives the measurement); None: the OS places every process
+    engine_cpus: Optional[Tuple[int, ...]] = None
     # every process's asyncio event loop, resolved: "uvloop" or "asyncio" (server/process/loops.py says why); the CLI
     # resolves --event-loop (auto: uvloop where installed), an embedder that does not set it gets asyncio's loop
     event_loop: str = "asyncio"

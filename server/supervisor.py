@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from trtserve.server.errors import bind_hint
 from trtserve.server.ipc import channel
 from trtserve.server.options import ServerOptions
-from trtserve.server.process import heartbeat
+from trtserve.server.process import heartbeat, placement
 
 log = logging.getLogger("trtserve.supervisor")
 
@@ -176,6 +176,11 @@ class Supervisor:
 
     async def start(self) -> Tuple[int, Optional[int]]:
         self._done = asyncio.get_running_loop().create_future()
+        if self.options.engine_cpus:  # the CLI checked it; an embedder's ServerOptions may not be
+            try:
+                placement.engine_cpus(",".join(map(str, self.options.engine_cpus)))
+            except ValueError as e:
+                raise StartError(f"engine_cpus {list(self.options.engine_cpus)}: {e}", 2) from None
         hold, port = reserve_port(self.options.host, self.options.grpc_port)
         self._hold.append(hold)
         self.grpc_port = port
@@ -220,11 +225,19 @@ class Supervisor:
         # children log and switch threads as this process does (the CLI set both up)
         # why this front end starts: it tells the engine, which counts it in trtserve_frontend_starts_total
         return {"role": f"{role}-{index}" if role == "frontend" else role, "index": index, "options": options,
-                "start_reason": reason,
+                "start_reason": reason, "cpus": self._cpus(role),
                 "address": self.address, "parent_pid": os.getpid(),
                 "log_level": logging.getLogger().getEffectiveLevel(), "switch_interval": sys.getswitchinterval(),
                 "beat_interval": (heartbeat.beat_interval(self.options.watchdog_seconds)
                                   if self.options.watchdog_seconds > 0 else None)}
+
+    def _cpus(self, role: str) -> Optional[Tuple[int, ...]]:
+        """Where a child's threads run (--engine-cpus): the engine on its CPUs, the front ends on the others this
+        process may use; None: where the OS puts them."""
+        engine = self.options.engine_cpus
+        if not engine:
+            return None
+        return tuple(engine) if role == "engine" else placement.frontend_cpus(engine)
 
     async def _spawn(self, role: str, index: int, reason: str = "start") -> Tuple[Child, Dict[str, Any]]:
         module = "trtserve.server.engine.process" if role == "engine" else "trtserve.server.frontend.process"

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import itertools
-import os
-from typing import Dict, List, Set
+from typing import List
 
-import numpy as np
 import pytest
 
 pytest.importorskip("bench.agreement", reason="the bench/ folder is not on the path")
@@ -190,50 +188,6 @@ def test_gpu_trace_split_medians_before_the_queue_and_after_compute() -> None:
     assert trace_split(records) == {"n": 3, "before_queue": 2.0, "after_compute": 4.0}
     assert describe_trace(trace_split(records)) == "; traced (median of 3): 2 us before the queue, 4 after compute"
     assert trace_split([]) == {} and describe_trace({}) == ""
-
-
-def test_pin_engine_puts_every_engine_thread_on_its_cpus_and_the_rest_elsewhere() -> None:
-    from bench.frontends import pin_engine
-
-    proc = {  # supervisor 10 -> engine 30 (threads 30, 31), front end 20
-        "/proc/10/stat": _stat(10, "python", 1, 0), "/proc/10/cmdline": "python\0-m\0trtserve\0serve",
-        "/proc/10/task/10/children": "30 20",
-        "/proc/30/stat": _stat(30, "python", 1, 0), "/proc/30/cmdline": "python\0-m\0trtserve.server.engine.process",
-        "/proc/20/stat": _stat(20, "python", 1, 0), "/proc/20/cmdline": "python\0-m\0trtserve.server.frontend.process",
-    }
-    tasks = {10: [10], 20: [20, 21], 30: [30, 31, 32]}
-    calls: Dict[int, Set[int]] = {}
-
-    def pin(tid: int, cpus: Set[int]) -> None:
-        if tid == 32:
-            raise ProcessLookupError(tid)  # a thread that ended between the listing and the call
-        calls[tid] = set(cpus)
-
-    got = pin_engine(10, {0}, {1, 2}, proc.get, lambda pid: tasks.get(pid, []), pin)
-    assert got == {"engine": 2, "other": 3}
-    assert calls == {30: {0}, 31: {0}, 10: {1, 2}, 20: {1, 2}, 21: {1, 2}}
-
-
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_pin_engine_on_a_live_server(tmp_path) -> None:
-    """``bench.gpu --engine-cpus``: a real server with two front ends; afterwards every thread of its engine may run
-    on the first CPU only and every thread of its other processes on the second only, and it still answers."""
-    from bench._server import ServerProcess
-    from bench.frontends import make_repo, pin_engine, role_ticks
-    from trtserve.client import InferenceClient
-
-    first, second = sorted(os.sched_getaffinity(0))[:2]
-    with ServerProcess(make_repo(tmp_path), extra=["--frontends", "2"]) as s:
-        got = pin_engine(s.proc.pid, {first}, {second})
-        assert got["engine"] >= 2 and got["other"] >= 3  # the engine's loop and its threads; supervisor, front ends
-        roles = {int(key.split()[1]): key.split()[0] for key in role_ticks(s.proc.pid) if not key.startswith("loop")}
-        assert sorted(roles.values()) == ["engine", "frontend", "frontend", "other"]
-        for p, role in roles.items():
-            for tid in os.listdir(f"/proc/{p}/task"):
-                assert os.sched_getaffinity(int(tid)) == ({first} if role == "engine" else {second}), (p, role, tid)
-        with InferenceClient(s.url) as c:
-            out = c.infer("m", {"INPUT0": np.ones((1, 64), np.float32)})
-        assert out["OUTPUT0"].shape == (1, 16)
 
 
 @pytest.mark.parametrize("share, seen", [(1, "1"), (None, "unset")])

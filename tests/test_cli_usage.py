@@ -72,7 +72,7 @@ BAD_ENV = {
     "TRTSERVE_LENIENT_CONFIG": "sure", "TRTSERVE_METRICS_TLS": "y", "TRTSERVE_METRICS_AUTH": "t",
     "TRTSERVE_GPU_METRICS": "nvml", "TRTSERVE_MODEL_CONTROL_MODE": "sometimes", "TRTSERVE_REPOSITORY_POLL_SECS": "5s",
     "TRTSERVE_FRONTENDS": "abc", "TRTSERVE_FRONTEND_SCHEDULING": "fifo", "TRTSERVE_EVENT_LOOP": "trio",
-    "TRTSERVE_GIL_SWITCH_INTERVAL_US": "fast",
+    "TRTSERVE_GIL_SWITCH_INTERVAL_US": "fast", "TRTSERVE_ENGINE_CPUS": "first",
     "TRTSERVE_HOST": "999.1.1.1",
     "TRTSERVE_MODEL_REPOSITORY": "/nonexistent", "TRTSERVE_LOAD_MODEL": "mlp", "TRTSERVE_CACHE_DIR": "/proc/x",
     "TRTSERVE_AUTH_TOKEN_FILE": "/nonexistent", "TRTSERVE_AUTH_TOKEN": "two words",
@@ -123,6 +123,7 @@ BAD_SETTINGS = [
     # the flag wins over its variable, and the message names the one that was used
     ({"TRTSERVE_FRONTENDS": "abc"}, ["--frontends", "x y"], "--frontends 'x y': must be auto or a number >= 0"),
     ({}, ["--gil-switch-interval-us", "-1"], "--gil-switch-interval-us -1: must be auto or a number >= 0"),
+    ({"TRTSERVE_ENGINE_CPUS": "0"}, ["--engine-cpus", "4096"], "--engine-cpus 4096: CPU 4096 is not among the CPUs"),
     ({"TRTSERVE_CACHE_DIR": "{garbage}"}, ["--cache-dir", "/proc/x"], "--cache-dir /proc/x: cannot create it"),
     ({}, ["--auth-token-file", "/nonexistent"], "--auth-token-file /nonexistent: cannot read it: No such file"),
     ({}, ["--host", "999.1.1.1"], "--host 999.1.1.1: not a usable address"),

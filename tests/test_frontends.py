@@ -626,6 +626,75 @@ def test_frontends_auto_follows_cpu_affinity_and_quota(tmp_path):
         frontends_from("-1")
 
 
+def _affinities(pid: int) -> set:
+    """The CPU sets of every thread of ``pid``."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add(frozenset(os.sched_getaffinity(int(tid))))
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs")
+def test_engine_cpus_places_the_engine_and_the_front_ends_apart_also_after_a_restart():
+    """--engine-cpus: every thread of the engine (its loop, the instances', ONNX Runtime's) on the CPUs named,
+    every thread of each front end on the others, the supervisor where it was started; a front end started again
+    after a SIGKILL is placed as the first was, and the server answers throughout."""
+    allowed = frozenset(os.sched_getaffinity(0))
+    engine_cpu = min(allowed)
+    s = Serve(EXAMPLE, frontends=2, args=["--engine-cpus", str(engine_cpu)], metrics=False)
+    try:
+        roles = s.roles()
+        assert _affinities(roles["engine"]) == {frozenset({engine_cpu})}
+        for pid in roles["frontend"]:
+            assert _affinities(pid) == {allowed - {engine_cpu}}, pid
+        assert _affinities(s.proc.pid) == {allowed}
+        killed = roles["frontend"][0]
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            fresh = [p for p in s.roles()["frontend"] if p not in roles["frontend"]]
+            if fresh:
+                break
+            time.sleep(0.1)
+        assert fresh, "the killed front end was not started again"
+        while _affinities(fresh[0]) != {allowed - {engine_cpu}} and time.monotonic() < deadline:
+            time.sleep(0.05)  # found before it read its boot payload, which places it
+        assert _affinities(fresh[0]) == {allowed - {engine_cpu}}
+        with grpc.insecure_channel(s.url) as ch:
+            resp = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(mlp_request(0.5), timeout=30)
+        np.testing.assert_allclose(output(resp), reference(0.5), rtol=1e-5, atol=1e-5)
+    finally:
+        assert s.stop() == 0
+
+
+def test_engine_cpus_is_checked_before_anything_starts(monkeypatch):
+    from trtserve import cli
+    from trtserve.server.process import placement
+
+    assert placement.cpu_list("0-2,5, 7") == {0, 1, 2, 5, 7} and placement.cpu_list("") == set()
+    for bad in ("a", "3-1", "-1", "1-x"):
+        with pytest.raises(ValueError, match="is not a CPU or a range"):
+            placement.cpu_list(bad)
+    assert placement.engine_cpus("1,0", {0, 1, 2, 3}) == (0, 1)
+    with pytest.raises(ValueError, match=r"^CPU 9 is not among the CPUs this server may use \(0, 1, 2, 3\)"):
+        placement.engine_cpus("0,9", {0, 1, 2, 3})
+    with pytest.raises(ValueError, match="leaves no CPU for the front ends"):
+        placement.engine_cpus("0-3", {0, 1, 2, 3})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.setattr(cli, "usable_cpus", lambda: 8)
+    options = cli.server_options(cli.build_parser().parse_args(["serve", "--engine-cpus", "0-1"]))
+    assert options.engine_cpus == (0, 1) and options.frontends == 3  # auto: one per two of the six left
+    monkeypatch.setenv("TRTSERVE_ENGINE_CPUS", "0,12")
+    with pytest.raises(cli.OptionError, match=r"^TRTSERVE_ENGINE_CPUS=0,12: CPU 12 is not among"):
+        cli.server_options(cli.build_parser().parse_args(["serve"]))
+    with pytest.raises(cli.OptionError, match=r"^--engine-cpus 0: needs front-end processes \(--frontends 0 "):
+        cli.server_options(cli.build_parser().parse_args(["serve", "--engine-cpus", "0", "--frontends", "0"]))
+
+
 def test_a_full_arena_answers_unavailable_and_a_request_larger_than_it_resource_exhausted(tmp_path):
     _slow_repo(tmp_path, max_batch_size=16, extra="dynamic_batching { }")
     # 16 rows in and out: 32 KiB of arena; 48 KiB hold one such request at a time

@@ -13,7 +13,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, TypeVar
 
-from trtserve.server.process import loops
+from trtserve.server.process import loops, placement
 
 if TYPE_CHECKING:
     from trtserve.server.app import ServerOptions
@@ -194,6 +194,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--frontends", action=_Given, default=_env("FRONTENDS", "auto"),
                    help="front-end processes (gRPC and HTTP) on the ports, beside one engine process; 0 serves from this one "
                         "process (debugging); auto (default): chosen from the CPUs this process may use")
+    p.add_argument("--engine-cpus", action=_Given, default=_env("ENGINE_CPUS", ""), metavar="LIST",
+                   help="Linux: run the engine process on these CPUs (a list such as 0-1 or 0,8) and the front ends "
+                        "on the others this process may use, so that no front end takes the engine's cores "
+                        "(default: the OS places every process; docs/architecture.md)")
     p.add_argument("--frontend-scheduling", action=_Given, choices=["batch", "normal"],
                    default=_env_choice("FRONTEND_SCHEDULING", "batch", ["batch", "normal"]),
                    help="the front ends' CPU scheduling policy on Linux: batch (default) lets the engine finish its "
@@ -441,7 +445,12 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
                           "TRTSERVE_AUTH_TOKEN")
     options.metrics_tls, options.metrics_auth = args.metrics_tls, args.metrics_auth
     options.max_concurrent_streams = args.max_concurrent_streams
-    options.frontends = checked(args, "frontends", frontends_from)
+    options.engine_cpus = checked(args, "engine_cpus", placement.engine_cpus) if args.engine_cpus else None
+    spare = max(1, usable_cpus() - len(options.engine_cpus)) if options.engine_cpus else None
+    options.frontends = checked(args, "frontends", lambda value: frontends_from(value, spare))
+    if options.engine_cpus and options.frontends == 0:
+        raise OptionError(f"{written(args, 'engine_cpus')}: needs front-end processes ({written(args, 'frontends')} "
+                          "serves from one process)")
     options.frontend_scheduling = args.frontend_scheduling
     options.event_loop = checked(args, "event_loop", loops.resolve)
     options.arena_bytes = args.arena_bytes
@@ -512,8 +521,8 @@ def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
 
 def frontends_from(value: str, cpus: Optional[int] = None) -> int:
     """The --frontends value: a count, or ``auto``: one front end per two CPUs this process may use (affinity and
-    CPU quota), but two from two CPUs up, and at most eight (docs/architecture.md gives the measurements).
-    ValueError for anything else."""
+    CPU quota; ``cpus``: those left to the front ends), but two from two CPUs up, and at most eight
+    (docs/architecture.md gives the measurements). ValueError for anything else."""
     if value == "auto":
         cpus = usable_cpus() if cpus is None else cpus
         return min(8, max(min(2, cpus), cpus // 2))

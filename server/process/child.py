@@ -15,7 +15,7 @@ import os
 import pickle
 import signal
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from trtserve.server.process.heartbeat import Heartbeat
 
@@ -42,7 +42,27 @@ def boot() -> Dict[str, Any]:
                         format=f"%(asctime)s %(levelname)s {payload['role']}: %(name)s: %(message)s")
     if payload.get("switch_interval"):
         sys.setswitchinterval(payload["switch_interval"])
+    if payload.get("cpus"):
+        run_on(payload["cpus"])
     return payload
+
+
+def _threads() -> List[int]:
+    """This process's threads (Linux), or this thread alone where /proc cannot tell."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def run_on(cpus: Iterable[int]) -> None:
+    """Every thread of this process on ``cpus`` (threads started later inherit it): the CPU placement the
+    supervisor chose (--engine-cpus). Threads exist before this runs (those libraries start at import)."""
+    for tid in _threads():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:  # a thread that ended since the listing
+            continue
 
 
 def schedule_as_batch() -> bool:
@@ -52,11 +72,7 @@ def schedule_as_batch() -> bool:
     policy = getattr(os, "SCHED_BATCH", None)
     if policy is None or not hasattr(os, "sched_setscheduler"):
         return False
-    try:
-        threads = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        threads = [0]
-    for tid in threads:
+    for tid in _threads():
         try:
             os.sched_setscheduler(tid, policy, os.sched_param(0))
         except ProcessLookupError:  # a thread that ended since the listing
