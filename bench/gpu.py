@@ -429,10 +429,12 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
 
 def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances: int = 2,
                 transports: Sequence[str] = ("cuda", "none", "system"), trace_rate: int = 0,
-                graphs: bool = False, bench_processes: int = 1, pa_share: Optional[int] = PA_SHARE) -> List[dict]:
+                graphs: bool = False, bench_processes: int = 1, pa_share: Optional[int] = PA_SHARE,
+                engine_cpus: Optional[AbstractSet[int]] = None) -> List[dict]:
     """``images`` per request, ``instances`` execution contexts; CUDA shared memory at 8/32/64 in flight with both
     load tools, the other transports with perf_analyzer at 32. ``graphs``: served with CUDA graphs, a bucket per
-    multiple of ``images`` (batches of whole requests are never padded). ``pa_share``: as for part_server."""
+    multiple of ``images`` (batches of whole requests are never padded). ``pa_share``, ``engine_cpus``: as for
+    part_server."""
     from bench.gpu_backend import raw_rows_per_s
     from bench.resnet import make_resnet18
 
@@ -458,16 +460,23 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
     finally:
         b.close()
     rows: List[dict] = [{"kind": "raw", "batch": k, **v} for k, v in raw.items()]
-    with _serve(repo, work) as s:
+    others = set(os.sched_getaffinity(0)) - set(engine_cpus) if engine_cpus else None
+    with _serve(repo, work, engine_cpus=engine_cpus) as s:
         runs = [("cuda", tool, c) for tool in ("perf_analyzer", "trtserve bench") for c in (8, 32, 64)
                 if "cuda" in transports]
         runs += [(t, "perf_analyzer", 32) for t in transports if t != "cuda"]
         for shm, tool, level in runs:
             if tool == "perf_analyzer":
                 r = perf_analyzer(pa, s.url, "resnet", level, images, shm, trace_rate=trace_rate,
-                                  trace_dir=work, share=pa_share) if pa else None
+                                  trace_dir=work, share=pa_share, cpus=others) if pa else None
             else:
-                r = trtserve_bench(s.url, "resnet", level, images, shm, max(3.0, seconds * 4), bench_processes)
+                mine = os.sched_getaffinity(0)
+                if others:  # its load processes inherit it
+                    os.sched_setaffinity(0, others)
+                try:
+                    r = trtserve_bench(s.url, "resnet", level, images, shm, max(3.0, seconds * 4), bench_processes)
+                finally:
+                    os.sched_setaffinity(0, mine)
             if r is None:
                 continue
             r.update(kind="served", shm=shm, concurrency=level, batch=images, instances=instances, graphs=graphs,
@@ -643,8 +652,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--switch-interval-us", type=float, default=DEFAULT_GIL_SWITCH_INTERVAL_US,
                    help="sys.setswitchinterval for the in-process parts, as `trtserve serve` sets it")
     p.add_argument("--engine-cpus", type=cpu_list, default=None, metavar="LIST",
-                   help="server part: serve with --engine-cpus LIST (e.g. 0-1), perf_analyzer on the other CPUs "
-                        "(default: where the OS puts them)")
+                   help="server and resnet parts: serve with --engine-cpus LIST (e.g. 0-1), the load tools on the "
+                        "other CPUs (default: where the OS puts them)")
     p.add_argument("--pa-share", type=int, default=PA_SHARE, metavar="N",
                    help="server and resnet parts: perf_analyzer's contexts per gRPC connection "
                         "(TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT; default: tritonclient's, 6)")
@@ -678,7 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","), trace_rate=a.trace_rate,
                                          graphs=a.resnet_graphs, bench_processes=a.bench_processes,
-                                         pa_share=a.pa_share)}
+                                         pa_share=a.pa_share, engine_cpus=a.engine_cpus)}
     for name in a.parts.split(","):
         t0 = time.monotonic()
         print(f"== {name}", flush=True)
