@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,7 +70,8 @@ def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: st
     """One concurrency level of perf_analyzer; rps is requests/s, rows_per_s its Inferences/Second (requests x
     batch). ``shm``: none, system or cuda (output regions of 1 MiB). ``cpus``: perf_analyzer runs on these CPUs
     only. ``share``: its contexts per gRPC connection (tritonclient's TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT;
-    None: tritonclient's default). None when perf_analyzer fails."""
+    None: tritonclient's default). ``client_cores``: the CPU perf_analyzer used over its whole run (trials included)
+    per second of it. None when perf_analyzer fails."""
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "pa.csv"
         cmd = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", str(batch), "--concurrency-range", f"{level}:{level}",
@@ -79,8 +81,10 @@ def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: st
             cmd += ["--shared-memory", shm, "--output-shared-memory-size", str(1 << 20)]
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # type: ignore[arg-type]
         env = dict(os.environ, TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=str(share)) if share else None
+        used, t0 = _children_cpu_s(), time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, close_fds=False, preexec_fn=pin,
                               env=env)
+        client_cores = (_children_cpu_s() - used) / max(time.monotonic() - t0, 1e-9)
         if proc.returncode != 0 or not out.exists():
             print(f"perf_analyzer failed ({model} concurrency {level} shm={shm}): {proc.stdout[-600:]} "
                   f"{proc.stderr[-600:]}", file=sys.stderr, flush=True)
@@ -88,7 +92,13 @@ def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: st
         row = next(csv.DictReader(out.open()))
         rows_per_s = float(row["Inferences/Second"])
         return {"rps": rows_per_s / batch, "rows_per_s": rows_per_s, "p50_ms": float(row["p50 latency"]) / 1000,
-                "p99_ms": float(row["p99 latency"]) / 1000, "errors": 0}
+                "p99_ms": float(row["p99 latency"]) / 1000, "errors": 0, "client_cores": client_cores}
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's children that ended and were waited for."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def raw_ort(model_dir: pathlib.Path, n_in: int, batch: int, iters: int = 300) -> Tuple[float, float]:

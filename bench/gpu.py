@@ -108,6 +108,7 @@ def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: st
         return None
     execs = after["executions"] - before["executions"]
     out = {"tool": "perf_analyzer", "rows_per_s": r["rows_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+           "client_cores": r["client_cores"],
            "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else float("nan"),
            "server_us": server_split(before, after)}
     if traces is not None:
@@ -341,13 +342,16 @@ def _cores_and_profile(s, label: str, profile: Optional[pathlib.Path], run):
             print(f"  profile of {label}, {role} (pid {pid}):\n    " + "\n    ".join(pyspy.summary(raw, 24)),
                   flush=True)
     if r is not None:
+        if "client_cores" in r:
+            cores["client"] = r["client_cores"]
         r["cores"] = cores
     return r
 
 
 def describe_cores(cores: Dict[str, float]) -> str:
+    client = f", perf_analyzer {cores['client']:.2f}" if "client" in cores else ""
     return (f"; cores: engine {cores['engine']:.2f} (loop {cores['loop']:.2f}), front ends {cores['frontends']:.2f} "
-            f"(busiest {cores['frontend max']:.2f})") if cores else ""
+            f"(busiest {cores['frontend max']:.2f}){client}") if cores else ""
 
 
 def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),

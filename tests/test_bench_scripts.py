@@ -194,8 +194,9 @@ def test_gpu_trace_split_medians_before_the_queue_and_after_compute() -> None:
 def test_load_perf_analyzer_sets_contexts_per_connection(tmp_path, monkeypatch: pytest.MonkeyPatch,
                                                         share, seen) -> None:
     """``share`` reaches perf_analyzer as TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT (how many of its contexts share
-    one gRPC connection, and so one front end under SO_REUSEPORT); without it tritonclient's default applies. A
-    stand-in perf_analyzer records what it was given and writes the CSV the real one writes."""
+    one gRPC connection, and so one front end under SO_REUSEPORT); without it tritonclient's default applies; the
+    CPU it used is counted. A stand-in perf_analyzer records what it was given, spins, and writes the CSV the real
+    one writes."""
     from bench.cpu import load_perf_analyzer
 
     monkeypatch.delenv("TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT", raising=False)
@@ -203,9 +204,11 @@ def test_load_perf_analyzer_sets_contexts_per_connection(tmp_path, monkeypatch: 
     pa = tmp_path / "perf_analyzer"
     pa.write_text("#!/bin/sh\n"
                   f'echo "${{TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT:-unset}}" > {record}\n'
+                  'i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done\n'
                   'while [ "$1" != "-f" ]; do shift; done\n'
                   'printf "Concurrency,Inferences/Second,p50 latency,p99 latency\\n32,2048,1500,3000\\n" > "$2"\n')
     pa.chmod(0o755)
     r = load_perf_analyzer(str(pa), "127.0.0.1:1", 32, 1.0, model="m", batch=2, share=share)
     assert record.read_text().strip() == seen
+    assert r is not None and r.pop("client_cores") > 0
     assert r == {"rps": 1024.0, "rows_per_s": 2048.0, "p50_ms": 1.5, "p99_ms": 3.0, "errors": 0}
