@@ -1,10 +1,10 @@
 """Where the server's processes run (--engine-cpus): the engine on CPUs of its own, the front ends on the others.
 
-The engine's event loop forms, enqueues and answers every batch, so its core is the server's limit under load (a
-busy loop serves fewer requests a second than its front ends can feed it). Left to the OS, a front end or a load
-generator on the same host lands on the engine's core from time to time; given CPUs of its own, the engine keeps
-them (docs/architecture.md gives the measurement). Linux only (sched_setaffinity); each child applies its own
-placement at start (child.run_on).
+The engine's event loop forms, enqueues and answers every batch, so time it loses to another process on its core
+is time no batch is formed in. Left to the OS, the engine shares cores with the front ends and whatever else runs on
+the host; with --engine-cpus no front end of this server runs on the engine's CPUs (docs/architecture.md gives what
+that did to throughput). Linux only (sched_setaffinity); each child applies its own placement at start
+(child.run_on), so a front end started again is placed as the first was.
 """
 from __future__ import annotations
 
