@@ -81,10 +81,10 @@ def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: st
             cmd += ["--shared-memory", shm, "--output-shared-memory-size", str(1 << 20)]
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # type: ignore[arg-type]
         env = dict(os.environ, TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=str(share)) if share else None
-        used, t0 = _children_cpu_s(), time.monotonic()
+        used, t0 = children_cpu_s(), time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, close_fds=False, preexec_fn=pin,
                               env=env)
-        client_cores = (_children_cpu_s() - used) / max(time.monotonic() - t0, 1e-9)
+        client_cores = (children_cpu_s() - used) / max(time.monotonic() - t0, 1e-9)
         if proc.returncode != 0 or not out.exists():
             print(f"perf_analyzer failed ({model} concurrency {level} shm={shm}): {proc.stdout[-600:]} "
                   f"{proc.stderr[-600:]}", file=sys.stderr, flush=True)
@@ -95,7 +95,7 @@ def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: st
                 "p99_ms": float(row["p99 latency"]) / 1000, "errors": 0, "client_cores": client_cores}
 
 
-def _children_cpu_s() -> float:
+def children_cpu_s() -> float:
     """User + system CPU seconds of this process's children that ended and were waited for."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime

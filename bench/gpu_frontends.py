@@ -24,7 +24,6 @@ import concurrent.futures
 import csv
 import os
 import pathlib
-import resource
 import shutil
 import statistics
 import subprocess
@@ -36,13 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from bench import frontends as fb
 from bench import pyspy
-
-
-def _children_cpu_s() -> float:
-    """CPU seconds of this process's waited-for children (the perf_analyzer processes of a load, once they
-    exit): whether the load generator's cores were the limit."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+from bench.cpu import children_cpu_s
 
 
 def _pa() -> str:
@@ -202,10 +195,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 before = fb.batch_counts(server.metrics()) if server.metrics_port else None
                 assert server.proc is not None
                 t0, c0, r0 = time.monotonic(), fb.process_tree_ticks(server.proc.pid), fb.role_ticks(server.proc.pid)
-                k0 = _children_cpu_s()
+                k0 = children_cpu_s()
                 r = _load(pa, url, "m", a.concurrency, a.pa_processes, a.duration, a.client_cpus, protocol)
                 wall = time.monotonic() - t0
-                split_client = f"{(_children_cpu_s() - k0) / wall:.2f}"
+                split_client = f"{(children_cpu_s() - k0) / wall:.2f}"
                 cpu = fb.cpu_cores(c0, fb.process_tree_ticks(server.proc.pid), wall, hz)
                 roles = fb.role_cores(r0, fb.role_ticks(server.proc.pid), wall, hz)
                 split = ["", ""] if n is None else [f"{roles['engine']:.2f} ({roles['loop']:.2f})",
