@@ -194,7 +194,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--frontends", action=_Given, default=_env("FRONTENDS", "auto"),
                    help="front-end processes (gRPC and HTTP) on the ports, beside one engine process; 0 serves from this one "
                         "process (debugging); auto (default): chosen from the CPUs this process may use")
-    p.add_argument("--engine-cpus", action=_Given, default=_env("ENGINE_CPUS", ""), metavar="LIST",
+    p.add_argument("--engine-cpus", action=_Given, default=_env("ENGINE_CPUS", "") or None, metavar="LIST",
                    help="Linux: run the engine process on these CPUs (a list such as 0-1 or 0,8) and the front ends "
                         "on the others this process may use, so that no front end takes the engine's cores "
                         "(default: the OS places every process; docs/architecture.md)")
