@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import AbstractSet, Dict, List, Optional, Sequence
+from typing import AbstractSet, Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 from bench.agreement import cpu_list
 from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
@@ -34,6 +34,7 @@ from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 HEAVY_REQ_ROWS = 256  # rows per request for the heavy MLP (4 requests fill a batch of 1024)
 RESNET_MAX_BATCH = 128
+T = TypeVar("T")
 # perf_analyzer's contexts per gRPC connection in the served parts (None: tritonclient's default, 6). SO_REUSEPORT
 # hands each connection to one front end, so with few connections some front ends get more than others; a connection
 # per context (--pa-share 1) did not change the heavy MLP's or ResNet-18's results (docs/benchmarks/gpu-frontends.md)
@@ -174,6 +175,18 @@ def trtserve_bench(url: str, model: str, level: int, batch: int, shm: str, secon
             "p99_ms": r.p99_ms, "errors": r.errors,
             "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else 0,
             "server_us": server_split(before, after)}
+
+
+def _pinned(cpus: Optional[AbstractSet[int]], fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with this process on ``cpus`` (None: where it is), as the processes it starts meanwhile: a
+    load generator kept off the CPUs given to the server's engine."""
+    mine = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        return fn(*args)
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 # ---- parts -----------------------------------------------------------------------------------------------------
@@ -359,8 +372,11 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 heavy_max_batch: int = 1024, profile: Optional[pathlib.Path] = None,
                 cprofile: Optional[pathlib.Path] = None,
                 heavy_transports: Sequence[str] = ("none", "cuda"),
-                engine_cpus: Optional[AbstractSet[int]] = None, pa_share: Optional[int] = PA_SHARE) -> List[dict]:
-    """The full server under perf_analyzer, per setup, transport and level; with ``profile`` the heavy MLP's
+                engine_cpus: Optional[AbstractSet[int]] = None, pa_share: Optional[int] = PA_SHARE,
+                heavy_tools: Sequence[str] = ("perf_analyzer",), bench_processes: int = 1) -> List[dict]:
+    """The full server under perf_analyzer, per setup, transport and level (the heavy MLP also under ``trtserve
+    bench`` in ``bench_processes`` processes when ``heavy_tools`` names it: another load generator, for when the
+    one in use may be what holds the server back); with ``profile`` the heavy MLP's
     levels are profiled (py-spy on the engine and a front end, raw profiles kept there); with ``cprofile`` each heavy
     level runs once more with the engine's main thread under cProfile; with ``engine_cpus`` the server runs its
     engine on those CPUs alone (--engine-cpus) and its front ends on the others, where perf_analyzer runs too;
@@ -410,24 +426,29 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
             batch = HEAVY_REQ_ROWS if key == "heavy" else 1
             levels = tuple(heavy_levels) if key == "heavy" else (1, 8, 32)
             transports = tuple(heavy_transports) if name in ("heavy_i4", "heavy_i4_graphs") else ("none",)
-            for shm in transports:
-                for level in levels:
-                    label = f"{name}-{shm}-{level}"
+            tools = tuple(heavy_tools) if key == "heavy" else ("perf_analyzer",)
+            for shm, tool, level in ((t, u, c) for t in transports for u in tools for c in levels):
+                label = f"{name}-{shm}-{level}" + ("" if tool == "perf_analyzer" else "-trtserve-bench")
+                if tool == "perf_analyzer":
                     run = functools.partial(perf_analyzer, pa, s.url, name, level, batch, shm,
-                                            trace_rate=trace_rate, trace_dir=work, cpus=others,
-                                            share=pa_share)
+                                            trace_rate=trace_rate, trace_dir=work, cpus=others, share=pa_share)
                     r = _cores_and_profile(s, label, profile if key == "heavy" else None, run) if pa else None
-                    if r is None:
-                        continue
-                    r.update(model=name, base=key, instances=n, graphs=graphs, shm=shm, concurrency=level,
-                             batch=batch, raw_rows_per_s=raw[key], raw_batch=ref_batch[key])
-                    rows.append(r)
-                    print(f"  {name:16} shm={shm:4} c={level:<3} {r['rows_per_s']:12,.0f} rows/s  "
-                          f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
-                          f"{r['rows_per_s'] / raw[key]:.0%} of raw; {describe_split(r['server_us'])}"
-                          f"{describe_trace(r.get('trace_us', {}))}{describe_cores(r.get('cores', {}))}", flush=True)
-                    if cprofile is not None and key == "heavy":
-                        _engine_cprofile(s, cprofile, label, name, run)
+                else:
+                    run = functools.partial(_pinned, others, trtserve_bench, s.url, name, level, batch, shm,
+                                            max(3.0, seconds * 4), bench_processes)
+                    r = _cores_and_profile(s, label, None, run)
+                if r is None:
+                    continue
+                r.update(model=name, base=key, instances=n, graphs=graphs, shm=shm, concurrency=level,
+                         batch=batch, raw_rows_per_s=raw[key], raw_batch=ref_batch[key])
+                rows.append(r)
+                by = "" if tool == "perf_analyzer" else f" ({tool})"
+                print(f"  {name:16} shm={shm:4} c={level:<3} {r['rows_per_s']:12,.0f} rows/s  "
+                      f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
+                      f"{r['rows_per_s'] / raw[key]:.0%} of raw{by}; {describe_split(r['server_us'])}"
+                      f"{describe_trace(r.get('trace_us', {}))}{describe_cores(r.get('cores', {}))}", flush=True)
+                if cprofile is not None and key == "heavy":
+                    _engine_cprofile(s, cprofile, label, name, run)
     return rows
 
 
@@ -474,13 +495,8 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
                 r = perf_analyzer(pa, s.url, "resnet", level, images, shm, trace_rate=trace_rate,
                                   trace_dir=work, share=pa_share, cpus=others) if pa else None
             else:
-                mine = os.sched_getaffinity(0)
-                if others:  # its load processes inherit it
-                    os.sched_setaffinity(0, others)
-                try:
-                    r = trtserve_bench(s.url, "resnet", level, images, shm, max(3.0, seconds * 4), bench_processes)
-                finally:
-                    os.sched_setaffinity(0, mine)
+                r = _pinned(others, trtserve_bench, s.url, "resnet", level, images, shm, max(3.0, seconds * 4),
+                            bench_processes)
             if r is None:
                 continue
             r.update(kind="served", shm=shm, concurrency=level, batch=images, instances=instances, graphs=graphs,
@@ -534,16 +550,17 @@ def render(data: dict, out: pathlib.Path) -> None:
                       + (f"{max(r['batcher_serial'].values()) / r['raw']:.0%} |" if r.get("batcher_serial") else "- |"))
     sv = data.get("server") or []
     if sv:
-        md += ["", "## Full server under perf_analyzer (same machine)", ""] + measured("server") + [
+        md += ["", "## Full server under load (same machine)", ""] + measured("server") + [
                f"Heavy MLP: requests of {HEAVY_REQ_ROWS} rows (`-b {HEAVY_REQ_ROWS}`), max_batch_size "
                f"{_heavy_batch(sv)}; small MLP: 1 row per request. served/raw = rows/s over the raw engine loop at "
                f"batch {_heavy_batch(sv)} (heavy) or 256 (small) on one context. mean batch = rows per execution "
                "from ModelStatistics over the same window.",
-               "", "| model | instances | CUDA graphs | transport | concurrency | rows/s | p50 ms | p99 ms | "
-               "mean batch | served / raw |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+               "", "| model | instances | CUDA graphs | transport | load tool | concurrency | rows/s | p50 ms | "
+               "p99 ms | mean batch | served / raw |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in sv:
             md.append(f"| {r['base']} | {r['instances']} | {'on' if r['graphs'] else 'off'} | "
-                      f"{'CUDA shm' if r['shm'] == 'cuda' else 'gRPC bytes'} | {r['concurrency']} | "
+                      f"{'CUDA shm' if r['shm'] == 'cuda' else 'gRPC bytes'} | {r.get('tool', 'perf_analyzer')} | "
+                      f"{r['concurrency']} | "
                       f"{r['rows_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch']:.0f} | "
                       f"{r['rows_per_s'] / r['raw_rows_per_s']:.0%} |")
     rn = data.get("resnet") or []
@@ -627,6 +644,14 @@ def _resnet_key(r: dict) -> tuple:
             bool(r.get("graphs")))
 
 
+def _tool(name: str) -> str:
+    """A --heavy-tools entry as the rows name it."""
+    tools = {"perf_analyzer": "perf_analyzer", "trtserve-bench": "trtserve bench"}
+    if name not in tools:
+        raise SystemExit(f"--heavy-tools: {name!r} is not one of {', '.join(tools)}")
+    return tools[name]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="executor,server,resnet")
@@ -646,7 +671,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--resnet-transports", default="cuda,none,system", help="cuda, none (gRPC bytes), system")
     p.add_argument("--resnet-graphs", action="store_true", help="resnet part: serve with CUDA graphs")
     p.add_argument("--bench-processes", type=int, default=1,
-                   help="resnet part: trtserve bench's load-generating processes (one can limit the load)")
+                   help="resnet part, and the server part's trtserve bench: its load-generating processes (one can "
+                        "limit the load)")
+    p.add_argument("--heavy-tools", default="perf_analyzer",
+                   help="server part: the heavy MLP's load tools, perf_analyzer and/or trtserve-bench "
+                        "(comma-separated)")
     p.add_argument("--trace-rate", type=int, default=0,
                    help="served perf_analyzer levels: trace 1 of N requests and print where their time went (0: off)")
     p.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
@@ -687,7 +716,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          trace_rate=a.trace_rate, heavy_max_batch=a.heavy_max_batch,
                                          profile=a.profile, cprofile=a.cprofile,
                                          heavy_transports=a.heavy_transports.split(","), engine_cpus=a.engine_cpus,
-                                         pa_share=a.pa_share),
+                                         pa_share=a.pa_share, bench_processes=a.bench_processes,
+                                         heavy_tools=[_tool(x) for x in a.heavy_tools.split(",")]),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","), trace_rate=a.trace_rate,
                                          graphs=a.resnet_graphs, bench_processes=a.bench_processes,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from typing import List
 
 import pytest
@@ -212,3 +213,26 @@ def test_load_perf_analyzer_sets_contexts_per_connection(tmp_path, monkeypatch: 
     assert record.read_text().strip() == seen
     assert r is not None and r.pop("client_cores") > 0
     assert r == {"rps": 1024.0, "rows_per_s": 2048.0, "p50_ms": 1.5, "p99_ms": 3.0, "errors": 0}
+
+
+def test_gpu_report_names_each_rows_load_tool_and_load_runs_off_the_engines_cpus(tmp_path) -> None:
+    """bench.gpu's server table has a row per load tool (``--heavy-tools``), older rows read as perf_analyzer's;
+    ``_pinned`` runs a load on the CPUs given and gives this process its CPUs back; an unknown tool is refused."""
+    from bench import gpu
+
+    row = {"base": "heavy", "instances": 4, "graphs": True, "shm": "cuda", "concurrency": 128, "rows_per_s": 3.5e6,
+           "p50_ms": 9.0, "p99_ms": 14.0, "mean_batch": 5000.0, "raw_rows_per_s": 7.0e6, "raw_batch": 8192}
+    gpu.render({"server": [dict(row, tool="perf_analyzer"), dict(row, tool="trtserve bench", rows_per_s=2.8e6),
+                           row]}, tmp_path)
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| heavy | 4 | on | CUDA shm | perf_analyzer | 128 | 3,500,000 | 9.00 | 14.00 | 5000 | 50% |" in md
+    assert "| heavy | 4 | on | CUDA shm | trtserve bench | 128 | 2,800,000 | 9.00 | 14.00 | 5000 | 40% |" in md
+    assert md.count("| CUDA shm | perf_analyzer |") == 2
+    mine = os.sched_getaffinity(0)
+    one = {min(mine)}
+    assert gpu._pinned(one, os.sched_getaffinity, 0) == one
+    assert os.sched_getaffinity(0) == mine
+    assert gpu._pinned(None, os.sched_getaffinity, 0) == mine
+    assert gpu._tool("trtserve-bench") == "trtserve bench"
+    with pytest.raises(SystemExit, match="'wrk' is not one of perf_analyzer, trtserve-bench"):
+        gpu._tool("wrk")
