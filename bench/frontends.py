@@ -247,17 +247,14 @@ def role_ticks(pid: int, read: Callable[[str], Optional[str]] = _read,
     process is the limit is what the table's total cannot say."""
     out: Dict[str, int] = {}
     for p, stat in tree_stats(pid, read, list_tasks):
-        role = _role(read(f"/proc/{p}/cmdline") or "")
+        cmdline = read(f"/proc/{p}/cmdline") or ""
+        role = "engine" if "engine.process" in cmdline else "frontend" if "frontend.process" in cmdline else "other"
         out[f"{role} {p}"] = stat_cpu_ticks(stat)
         if role == "engine":
             main = read(f"/proc/{p}/task/{p}/stat")
             if main is not None:
                 out[f"loop {p}"] = stat_cpu_ticks(main)
     return out
-
-
-def _role(cmdline: str) -> str:
-    return "engine" if "engine.process" in cmdline else "frontend" if "frontend.process" in cmdline else "other"
 
 
 def role_cores(before: Mapping[str, int], after: Mapping[str, int], wall_s: float, hz: int) -> Dict[str, float]:

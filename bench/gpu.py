@@ -30,6 +30,7 @@ from typing import AbstractSet, Any, Callable, Dict, List, Optional, Sequence, T
 
 from bench.agreement import cpu_list
 from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
+from trtserve.server.process import placement
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 HEAVY_REQ_ROWS = 256  # rows per request for the heavy MLP (4 requests fill a batch of 1024)
@@ -415,7 +416,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
     rows: List[dict] = []
     if cprofile is not None:
         cprofile.mkdir(parents=True, exist_ok=True)
-    others = set(os.sched_getaffinity(0)) - set(engine_cpus) if engine_cpus else None
+    others = set(placement.frontend_cpus(engine_cpus)) if engine_cpus else None
     if engine_cpus and not others:
         raise SystemExit(f"--engine-cpus {sorted(engine_cpus)} leaves no CPU for the front ends and the load")
     with _serve(repo, work, cprofile, engine_cpus) as s:
@@ -485,7 +486,7 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
     finally:
         b.close()
     rows: List[dict] = [{"kind": "raw", "batch": k, **v} for k, v in raw.items()]
-    others = set(os.sched_getaffinity(0)) - set(engine_cpus) if engine_cpus else None
+    others = set(placement.frontend_cpus(engine_cpus)) if engine_cpus else None
     with _serve(repo, work, engine_cpus=engine_cpus) as s:
         runs = [("cuda", tool, c) for tool in ("perf_analyzer", "trtserve bench") for c in (8, 32, 64)
                 if "cuda" in transports]

@@ -178,7 +178,7 @@ class Supervisor:
         self._done = asyncio.get_running_loop().create_future()
         if self.options.engine_cpus:  # the CLI checked it; an embedder's ServerOptions may not be
             try:
-                placement.engine_cpus(",".join(map(str, self.options.engine_cpus)))
+                placement.checked(set(self.options.engine_cpus))
             except ValueError as e:
                 raise StartError(f"engine_cpus {list(self.options.engine_cpus)}: {e}", 2) from None
         hold, port = reserve_port(self.options.host, self.options.grpc_port)

@@ -695,6 +695,21 @@ def test_engine_cpus_is_checked_before_anything_starts(monkeypatch):
         cli.server_options(cli.build_parser().parse_args(["serve", "--engine-cpus", "0", "--frontends", "0"]))
 
 
+def test_an_embedders_engine_cpus_are_checked_before_anything_starts():
+    """ServerOptions built without the CLI: the supervisor refuses CPUs it may not use before it takes a port or
+    starts a child, and the single-process server refuses the option (it has no engine process to place)."""
+    from trtserve.server.app import TrtServer
+    from trtserve.server.options import ServerOptions
+    from trtserve.server.supervisor import StartError, Supervisor
+
+    supervisor = Supervisor(ServerOptions(model_repository=EXAMPLE, frontends=1, engine_cpus=(4096,)))
+    with pytest.raises(StartError, match=r"^engine_cpus \[4096\]: CPU 4096 is not among the CPUs") as e:
+        asyncio.run(supervisor.start())
+    assert e.value.code == 2 and supervisor.engine is None and supervisor.grpc_port is None
+    with pytest.raises(ValueError, match="engine_cpus needs front-end processes"):
+        TrtServer(ServerOptions(model_repository=EXAMPLE, frontends=0, engine_cpus=(0,)))
+
+
 def test_a_full_arena_answers_unavailable_and_a_request_larger_than_it_resource_exhausted(tmp_path):
     _slow_repo(tmp_path, max_batch_size=16, extra="dynamic_batching { }")
     # 16 rows in and out: 32 KiB of arena; 48 KiB hold one such request at a time

@@ -28,9 +28,13 @@ def cpu_list(text: str) -> Set[int]:
 
 
 def engine_cpus(value: str, allowed: Optional[Set[int]] = None) -> Tuple[int, ...]:
-    """The --engine-cpus value: CPUs among those this process may use (``allowed``, default its affinity), leaving
-    at least one for the front ends. ValueError otherwise."""
-    cpus = cpu_list(value)
+    """The --engine-cpus value, read (``cpu_list``) and checked (``checked``). ValueError otherwise."""
+    return checked(cpu_list(value), allowed)
+
+
+def checked(cpus: Set[int], allowed: Optional[Set[int]] = None) -> Tuple[int, ...]:
+    """``cpus`` for the engine, sorted, if they are among those this process may use (``allowed``, default its
+    affinity) and leave at least one for the front ends. ValueError otherwise."""
     if allowed is None:
         if not hasattr(os, "sched_getaffinity"):
             raise ValueError("placing processes on CPUs needs Linux")
