@@ -417,8 +417,6 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
     if cprofile is not None:
         cprofile.mkdir(parents=True, exist_ok=True)
     others = set(placement.frontend_cpus(engine_cpus)) if engine_cpus else None
-    if engine_cpus and not others:
-        raise SystemExit(f"--engine-cpus {sorted(engine_cpus)} leaves no CPU for the front ends and the load")
     with _serve(repo, work, cprofile, engine_cpus) as s:
         if engine_cpus:
             print(f"  engine on CPUs {sorted(engine_cpus)} (--engine-cpus), the front ends and perf_analyzer on "
@@ -692,6 +690,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="server and resnet parts: perf_analyzer's contexts per gRPC connection "
                         "(TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT; default: tritonclient's, 6)")
     a = p.parse_args(argv)
+    if a.engine_cpus:  # as `trtserve serve` will, before any model is built
+        try:
+            placement.checked(a.engine_cpus)
+        except ValueError as e:
+            p.error(f"--engine-cpus: {e}")
     if a.switch_interval_us > 0:
         sys.setswitchinterval(a.switch_interval_us / 1e6)
     a.out.mkdir(parents=True, exist_ok=True)
