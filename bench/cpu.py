@@ -71,7 +71,8 @@ def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: st
     batch). ``shm``: none, system or cuda (output regions of 1 MiB). ``cpus``: perf_analyzer runs on these CPUs
     only. ``share``: its contexts per gRPC connection (tritonclient's TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT;
     None: tritonclient's default). ``client_cores``: the CPU perf_analyzer used over its whole run (trials included)
-    per second of it. None when perf_analyzer fails."""
+    per second of it; ``client_us``: its latency split (CLIENT_SPLIT), where its CSV has it. None when perf_analyzer
+    fails."""
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "pa.csv"
         cmd = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", str(batch), "--concurrency-range", f"{level}:{level}",
@@ -91,8 +92,18 @@ def load_perf_analyzer(pa: str, url: str, level: int, duration: float, model: st
             return None
         row = next(csv.DictReader(out.open()))
         rows_per_s = float(row["Inferences/Second"])
-        return {"rps": rows_per_s / batch, "rows_per_s": rows_per_s, "p50_ms": float(row["p50 latency"]) / 1000,
-                "p99_ms": float(row["p99 latency"]) / 1000, "errors": 0, "client_cores": client_cores}
+        r = {"rps": rows_per_s / batch, "rows_per_s": rows_per_s, "p50_ms": float(row["p50 latency"]) / 1000,
+             "p99_ms": float(row["p99 latency"]) / 1000, "errors": 0, "client_cores": client_cores}
+        split = {k: float(row[c]) for k, c in CLIENT_SPLIT.items() if row.get(c)}
+        if split:
+            r["client_us"] = split
+        return r
+
+
+# perf_analyzer's CSV columns that split its mean latency (us) by where it was spent: its own send and receive
+# work, and the rest of the wait for the response less the server's queue and compute ("network+server": the
+# transport both ways and the server's time outside its queue and compute).
+CLIENT_SPLIT = {"send": "Client Send", "network_server": "Network+Server Send/Recv", "recv": "Client Recv"}
 
 
 def children_cpu_s() -> float:

@@ -82,6 +82,16 @@ def describe_split(us: Dict[str, float]) -> str:
             f" / infer {us['compute_infer']:,.0f} / out {us['compute_output']:,.0f} + other {us['other']:,.0f}")
 
 
+def describe_client(client: Dict[str, float], server: Dict[str, float]) -> str:
+    """Where perf_analyzer's mean request spent the time the server's statistics do not hold (us): its own send and
+    receive work, and the transport (gRPC and the kernel, both ways, client and front end: perf_analyzer's
+    network+server share less the server's time outside its queue and compute)."""
+    if not client or not server:
+        return ""
+    return (f"; outside the server: perf_analyzer {client['send'] + client['recv']:,.0f} us, "
+            f"transport {client['network_server'] - server['other']:,.0f}")
+
+
 def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: str = "none",
                   window_ms: int = 1500, trace_rate: int = 0, trace_dir: Optional[pathlib.Path] = None,
                   cpus: Optional[AbstractSet[int]] = None, share: Optional[int] = None) -> Optional[dict]:
@@ -113,6 +123,8 @@ def perf_analyzer(pa: str, url: str, model: str, level: int, batch: int, shm: st
            "client_cores": r["client_cores"],
            "mean_batch": (after["inferences"] - before["inferences"]) / execs if execs else float("nan"),
            "server_us": server_split(before, after)}
+    if "client_us" in r:
+        out["client_us"] = r["client_us"]
     if traces is not None:
         records: List[dict] = []
         for f in sorted(traces.parent.glob(traces.name + ".*")):
@@ -242,10 +254,10 @@ def _config(name: str, wire: str, dims_in: Sequence[int], dims_out: Sequence[int
 
 @contextlib.contextmanager
 def _serve(repo: pathlib.Path, work: pathlib.Path, cprofile: Optional[pathlib.Path] = None,
-           engine_cpus: Optional[AbstractSet[int]] = None):
+           engine_cpus: Optional[AbstractSet[int]] = None, frontends: Optional[int] = None):
     """``trtserve serve`` on ``repo``; with ``cprofile``, each of its processes can profile its main thread
     between SIGUSR1 and SIGUSR2 into ``cprofile``/<pid>.prof (see ``_CPROFILE_SITE``); ``engine_cpus``: its
-    --engine-cpus."""
+    --engine-cpus; ``frontends``: its --frontends (None: the server's default)."""
     from bench._server import ServerProcess
 
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", _CPROFILE_ENV)}
@@ -258,6 +270,8 @@ def _serve(repo: pathlib.Path, work: pathlib.Path, cprofile: Optional[pathlib.Pa
     extra = ["--cache-dir", str(work / "cache")]
     if engine_cpus:
         extra += ["--engine-cpus", ",".join(map(str, sorted(engine_cpus)))]
+    if frontends is not None:
+        extra += ["--frontends", str(frontends)]
     server = ServerProcess(repo, extra=extra)
     try:
         server.__enter__()
@@ -374,14 +388,16 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 cprofile: Optional[pathlib.Path] = None,
                 heavy_transports: Sequence[str] = ("none", "cuda"),
                 engine_cpus: Optional[AbstractSet[int]] = None, pa_share: Optional[int] = PA_SHARE,
-                heavy_tools: Sequence[str] = ("perf_analyzer",), bench_processes: int = 1) -> List[dict]:
+                heavy_tools: Sequence[str] = ("perf_analyzer",), bench_processes: int = 1,
+                frontends: Optional[int] = None) -> List[dict]:
     """The full server under perf_analyzer, per setup, transport and level (the heavy MLP also under ``trtserve
     bench`` in ``bench_processes`` processes when ``heavy_tools`` names it: another load generator, for when the
     one in use may be what holds the server back); with ``profile`` the heavy MLP's
     levels are profiled (py-spy on the engine and a front end, raw profiles kept there); with ``cprofile`` each heavy
     level runs once more with the engine's main thread under cProfile; with ``engine_cpus`` the server runs its
     engine on those CPUs alone (--engine-cpus) and its front ends on the others, where perf_analyzer runs too;
-    ``pa_share``: perf_analyzer's contexts per gRPC connection (PA_SHARE says why)."""
+    ``pa_share``: perf_analyzer's contexts per gRPC connection (PA_SHARE says why); ``frontends``: the server's
+    --frontends (None: its default)."""
     from bench.gpu_backend import _models, raw_rows_per_s
 
     pa = _pa()
@@ -417,7 +433,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
     if cprofile is not None:
         cprofile.mkdir(parents=True, exist_ok=True)
     others = set(placement.frontend_cpus(engine_cpus)) if engine_cpus else None
-    with _serve(repo, work, cprofile, engine_cpus) as s:
+    with _serve(repo, work, cprofile, engine_cpus, frontends) as s:
         if engine_cpus:
             print(f"  engine on CPUs {sorted(engine_cpus)} (--engine-cpus), the front ends and perf_analyzer on "
                   f"the {len(others)} others", flush=True)
@@ -445,7 +461,9 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
                 print(f"  {name:16} shm={shm:4} c={level:<3} {r['rows_per_s']:12,.0f} rows/s  "
                       f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
                       f"{r['rows_per_s'] / raw[key]:.0%} of raw{by}; {describe_split(r['server_us'])}"
-                      f"{describe_trace(r.get('trace_us', {}))}{describe_cores(r.get('cores', {}))}", flush=True)
+                      f"{describe_client(r.get('client_us', {}), r['server_us'])}"
+                      f"{describe_trace(r.get('trace_us', {}))}"
+                      f"{describe_cores(r.get('cores', {}))}", flush=True)
                 if cprofile is not None and key == "heavy":
                     _engine_cprofile(s, cprofile, label, name, run)
     return rows
@@ -454,11 +472,11 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
 def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances: int = 2,
                 transports: Sequence[str] = ("cuda", "none", "system"), trace_rate: int = 0,
                 graphs: bool = False, bench_processes: int = 1, pa_share: Optional[int] = PA_SHARE,
-                engine_cpus: Optional[AbstractSet[int]] = None) -> List[dict]:
+                engine_cpus: Optional[AbstractSet[int]] = None, frontends: Optional[int] = None) -> List[dict]:
     """``images`` per request, ``instances`` execution contexts; CUDA shared memory at 8/32/64 in flight with both
     load tools, the other transports with perf_analyzer at 32. ``graphs``: served with CUDA graphs, a bucket per
-    multiple of ``images`` (batches of whole requests are never padded). ``pa_share``, ``engine_cpus``: as for
-    part_server."""
+    multiple of ``images`` (batches of whole requests are never padded). ``pa_share``, ``engine_cpus``,
+    ``frontends``: as for part_server."""
     from bench.gpu_backend import raw_rows_per_s
     from bench.resnet import make_resnet18
 
@@ -485,7 +503,7 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
         b.close()
     rows: List[dict] = [{"kind": "raw", "batch": k, **v} for k, v in raw.items()]
     others = set(placement.frontend_cpus(engine_cpus)) if engine_cpus else None
-    with _serve(repo, work, engine_cpus=engine_cpus) as s:
+    with _serve(repo, work, engine_cpus=engine_cpus, frontends=frontends) as s:
         runs = [("cuda", tool, c) for tool in ("perf_analyzer", "trtserve bench") for c in (8, 32, 64)
                 if "cuda" in transports]
         runs += [(t, "perf_analyzer", 32) for t in transports if t != "cuda"]
@@ -504,7 +522,8 @@ def part_resnet(work: pathlib.Path, seconds: float, images: int = 16, instances:
             print(f"  resnet {tool:15} shm={shm:6} c={level:<3} {r['rows_per_s']:9,.0f} images/s  "
                   f"p50 {r['p50_ms']:7.2f} ms  batch {r['mean_batch']:6.1f}  "
                   f"{r['rows_per_s'] / raw[RESNET_MAX_BATCH]['compute']:.0%} of raw at {RESNET_MAX_BATCH}; "
-                  f"{describe_split(r['server_us'])}{describe_trace(r.get('trace_us', {}))}", flush=True)
+                  f"{describe_split(r['server_us'])}{describe_client(r.get('client_us', {}), r['server_us'])}"
+                  f"{describe_trace(r.get('trace_us', {}))}", flush=True)
     return rows
 
 
@@ -689,6 +708,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--pa-share", type=int, default=PA_SHARE, metavar="N",
                    help="server and resnet parts: perf_analyzer's contexts per gRPC connection "
                         "(TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT; default: tritonclient's, 6)")
+    p.add_argument("--frontends", type=int, default=None, metavar="N",
+                   help="server and resnet parts: serve with --frontends N (default: the server's own default)")
     a = p.parse_args(argv)
     if a.engine_cpus:  # as `trtserve serve` will, before any model is built
         try:
@@ -721,11 +742,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          profile=a.profile, cprofile=a.cprofile,
                                          heavy_transports=a.heavy_transports.split(","), engine_cpus=a.engine_cpus,
                                          pa_share=a.pa_share, bench_processes=a.bench_processes,
-                                         heavy_tools=[_tool(x) for x in a.heavy_tools.split(",")]),
+                                         heavy_tools=[_tool(x) for x in a.heavy_tools.split(",")],
+                                         frontends=a.frontends),
              "resnet": functools.partial(part_resnet, images=a.resnet_images, instances=a.resnet_instances,
                                          transports=a.resnet_transports.split(","), trace_rate=a.trace_rate,
                                          graphs=a.resnet_graphs, bench_processes=a.bench_processes,
-                                         pa_share=a.pa_share, engine_cpus=a.engine_cpus)}
+                                         pa_share=a.pa_share, engine_cpus=a.engine_cpus, frontends=a.frontends)}
     for name in a.parts.split(","):
         t0 = time.monotonic()
         print(f"== {name}", flush=True)

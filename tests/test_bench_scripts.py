@@ -207,12 +207,31 @@ def test_load_perf_analyzer_sets_contexts_per_connection(tmp_path, monkeypatch: 
                   f'echo "${{TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT:-unset}}" > {record}\n'
                   'i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done\n'
                   'while [ "$1" != "-f" ]; do shift; done\n'
-                  'printf "Concurrency,Inferences/Second,p50 latency,p99 latency\\n32,2048,1500,3000\\n" > "$2"\n')
+                  f'printf "{PA_CSV}" > "$2"\n')
     pa.chmod(0o755)
     r = load_perf_analyzer(str(pa), "127.0.0.1:1", 32, 1.0, model="m", batch=2, share=share)
     assert record.read_text().strip() == seen
     assert r is not None and r.pop("client_cores") > 0
-    assert r == {"rps": 1024.0, "rows_per_s": 2048.0, "p50_ms": 1.5, "p99_ms": 3.0, "errors": 0}
+    assert r == {"rps": 1024.0, "rows_per_s": 2048.0, "p50_ms": 1.5, "p99_ms": 3.0, "errors": 0,
+                 "client_us": {"send": 2.0, "network_server": 1183.0, "recv": 1.0}}
+
+
+# perf_analyzer 2.x's CSV (-f), as it wrote it against trtserve (columns in its order; numbers made up)
+PA_CSV = ("Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,"
+          "Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency"
+          "\\n32,2048,2,1183,285,20,30,1,1,1500,2036,2144,3000\\n")
+
+
+def test_gpu_rows_say_where_time_outside_the_server_went() -> None:
+    """The transport's share is perf_analyzer's network+server time less the server's time outside its queue and
+    compute; nothing is printed where either side is missing (older rows, trtserve bench)."""
+    from bench import gpu
+
+    client = {"send": 2.0, "network_server": 1183.0, "recv": 1.0}
+    server = {"request": 526.0, "queue": 285.0, "compute_input": 20.0, "compute_infer": 30.0, "compute_output": 1.0,
+              "other": 190.0}
+    assert gpu.describe_client(client, server) == "; outside the server: perf_analyzer 3 us, transport 993"
+    assert gpu.describe_client({}, server) == gpu.describe_client(client, {}) == ""
 
 
 def test_gpu_report_names_each_rows_load_tool_and_load_runs_off_the_engines_cpus(tmp_path) -> None:
