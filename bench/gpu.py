@@ -415,6 +415,7 @@ def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
         try:
             raw[key] = raw_rows_per_s(b, ref_batch[key], seconds, with_io=False)
             plans[key] = _plan_path(work, b)
+            print(f"  {key} raw batch {ref_batch[key]}: {raw[key]:,.0f} rows/s compute only", flush=True)
         finally:
             b.close()
     setups = [("heavy_i1", "heavy", 1, False), ("heavy_i2", "heavy", 2, False), ("heavy_i4", "heavy", 4, False),
