@@ -216,7 +216,7 @@ def test_load_perf_analyzer_sets_contexts_per_connection(tmp_path, monkeypatch: 
                  "client_us": {"send": 2.0, "network_server": 1183.0, "recv": 1.0}}
 
 
-# perf_analyzer 2.x's CSV (-f), as it wrote it against trtserve (columns in its order; numbers made up)
+# perf_analyzer's CSV (-f) as it writes it for a gRPC server with statistics (its columns, in its order)
 PA_CSV = ("Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,"
           "Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency"
           "\\n32,2048,2,1183,285,20,30,1,1,1500,2036,2144,3000\\n")
