@@ -360,10 +360,14 @@ def _cores_and_profile(s, label: str, profile: Optional[pathlib.Path], run):
     from bench.gpu_frontends import _profile_later
 
     spy = pyspy.find() if profile is not None else None
-    before, t0 = fb.role_ticks(s.proc.pid), time.monotonic()
+    before, t0, steal0 = fb.role_ticks(s.proc.pid), time.monotonic(), fb.steal_ticks()
     profiles = _profile_later(spy, profile, label, before, 4.0) if spy and profile is not None else None
     r = run()
-    cores = fb.role_cores(before, fb.role_ticks(s.proc.pid), time.monotonic() - t0, os.sysconf("SC_CLK_TCK"))
+    after, wall, steal1 = fb.role_ticks(s.proc.pid), time.monotonic() - t0, fb.steal_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    cores = fb.role_cores(before, after, wall, hz)
+    if steal0 is not None and steal1 is not None:  # a run slowed by the host, not by the server, shows here
+        cores["steal"] = fb.cpu_cores(steal0, steal1, wall, hz)
     if profiles is not None:
         profiles.join()
         for role, pid, raw in profiles.records:
@@ -377,9 +381,11 @@ def _cores_and_profile(s, label: str, profile: Optional[pathlib.Path], run):
 
 
 def describe_cores(cores: Dict[str, float]) -> str:
+    """One line of ``_cores_and_profile``'s numbers (empty when none were read)."""
     client = f", perf_analyzer {cores['client']:.2f}" if "client" in cores else ""
+    steal = f", stolen by the host {cores['steal']:.2f}" if "steal" in cores else ""
     return (f"; cores: engine {cores['engine']:.2f} (loop {cores['loop']:.2f}), front ends {cores['frontends']:.2f} "
-            f"(busiest {cores['frontend max']:.2f}){client}") if cores else ""
+            f"(busiest {cores['frontend max']:.2f}){client}{steal}") if cores else ""
 
 
 def part_server(work: pathlib.Path, seconds: float, only: Sequence[str] = (),
@@ -618,7 +624,8 @@ def _plot(data: dict, path: pathlib.Path) -> None:
 
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     ex = data.get("executor") or []
-    for model, graphs, inputs, label in (("heavy", False, "host", "heavy MLP"), ("heavy", True, "host", "heavy MLP, graphs"),
+    for model, graphs, inputs, label in (("heavy", False, "host", "heavy MLP"),
+                                         ("heavy", True, "host", "heavy MLP, graphs"),
                                          ("conv", False, "host", "conv, host inputs"),
                                          ("conv", False, "device", "conv, device inputs")):
         pts = [r for r in ex if r["model"] == model and r["graphs"] == graphs and r.get("inputs", "host") == inputs]

@@ -255,3 +255,21 @@ def test_gpu_report_names_each_rows_load_tool_and_load_runs_off_the_engines_cpus
     assert gpu._tool("trtserve-bench") == "trtserve bench"
     with pytest.raises(SystemExit, match="'wrk' is not one of perf_analyzer, trtserve-bench"):
         gpu._tool("wrk")
+
+
+def test_gpu_rows_name_the_cores_each_role_used_and_the_hosts_steal() -> None:
+    """``_cores_and_profile`` adds the cores each server role and perf_analyzer used, and the host's steal time over
+    the run (a run slowed by the hypervisor is told apart from a slow server); the line names each."""
+    import types
+
+    from bench import gpu
+
+    server = types.SimpleNamespace(proc=types.SimpleNamespace(pid=os.getpid()))
+    r = gpu._cores_and_profile(server, "x", None, lambda: {"client_cores": 1.5})
+    assert r is not None and r["cores"]["client"] == 1.5
+    assert r["cores"]["steal"] >= 0.0  # Linux's /proc/stat reports it
+    line = gpu.describe_cores(dict(r["cores"], engine=1.0, loop=0.9, frontends=5.0, steal=0.25))
+    assert line.startswith("; cores: engine 1.00 (loop 0.90), front ends 5.00")
+    assert line.endswith(", perf_analyzer 1.50, stolen by the host 0.25")
+    del r["cores"]["steal"]
+    assert "stolen" not in gpu.describe_cores(r["cores"])
