@@ -53,6 +53,25 @@ def test_trimmer_trims_once_idle_after_a_mid_burst_trim():
     assert trims >= 2 and later >= trims  # it kept looking while the memory was up
 
 
+def test_a_look_before_the_trim_is_due_looks_again():
+    """The burst's last answer schedules the look for when the policy's wait after a mid-burst trim ends, and an
+    event loop may run that timer a little early. That look must come back later, not end the trimming: with no
+    request left to schedule another, the burst's memory stayed resident (CI saw several hundred MiB)."""
+    sizes = {"now": 100 * MiB}
+
+    async def run() -> list:
+        t = Trimmer(lambda: False, resident=lambda: sizes["now"], interval=0.2, max_interval=1.0)
+        sizes["now"] = 500 * MiB
+        t.trim()  # a pause mid-burst: nothing comes back, the next trim waits longer
+        t._check()  # the timer that ran early: not due yet
+        looking = t._handle is not None
+        await asyncio.sleep(0.6)  # past the policy's wait
+        return [looking, t.trims]
+
+    looking, trims = asyncio.run(run())
+    assert looking and trims >= 2
+
+
 def test_periodic_trim_waits_for_the_burst_to_settle():
     sizes = iter([100, 400, 500, 500, 110])  # floor at start, growing, settled, after the trim
 

@@ -151,11 +151,18 @@ class Trimmer:
         if self._busy():
             self.note()  # not idle yet: look again later
             return
-        if self.policy.due(self._resident(), time.monotonic()):
-            if self.trim() - self.policy.floor >= self.policy.threshold:
-                # grpc may still hold the last responses' buffers (an answer counts as done once handed to
-                # grpc, not once written): look again after the policy's wait
-                self.note()
+        resident = self._resident()
+        if resident - self.policy.floor < self.policy.threshold:
+            return  # nothing to give back; the next request looks again
+        if not self.policy.due(resident, time.monotonic()):
+            # too soon after the last trim (a pause in the burst): the event loop may run a timer a little before
+            # its time, and with no request left to look again the burst's memory would stay until the next one
+            self.note()
+            return
+        if self.trim() - self.policy.floor >= self.policy.threshold:
+            # grpc may still hold the last responses' buffers (an answer counts as done once handed to
+            # grpc, not once written): look again after the policy's wait
+            self.note()
 
     def trim(self) -> int:
         """Gives the memory back now; the caller makes sure no arena block is in use. The resident size after."""
