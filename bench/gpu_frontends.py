@@ -156,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     hz = os.sysconf("SC_CLK_TCK")
     rows: List[List[str]] = []
     head = ["server", "req/s", "p50 ms", "p99 ms", "mean batch", "server CPU", "engine (loop)", "front ends (busiest)",
-            "load gen CPU"]
+            "load gen CPU", "steal"]
     print(f"# {os.cpu_count()} CPUs; server on {a.server_cpus}, {a.pa_processes} perf_analyzer processes on "
           f"{a.client_cpus}, concurrency {a.concurrency} in all; {a.duration:g} s windows; the model on {a.instances} "
           f"instance{'s' if a.instances != 1 else ''}, max_queue_delay_microseconds {a.queue_delay_us}", flush=True)
@@ -186,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              a.baseline.resolve() if name.startswith("baseline") else None)
         try:
             if not server.start(timeout=600):
-                rows.append([name, "failed", "", "", "", "", "", "", ""])
+                rows.append([name, "failed"] + [""] * (len(head) - 2))
                 continue
             for protocol in ["grpc"] if n is None else protocols:
                 url = server.url if protocol == "grpc" else f"127.0.0.1:{http_port}"
@@ -195,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 before = fb.batch_counts(server.metrics()) if server.metrics_port else None
                 assert server.proc is not None
                 t0, c0, r0 = time.monotonic(), fb.process_tree_ticks(server.proc.pid), fb.role_ticks(server.proc.pid)
-                k0 = children_cpu_s()
+                k0, s0 = children_cpu_s(), fb.steal_ticks()
                 r = _load(pa, url, "m", a.concurrency, a.pa_processes, a.duration, a.client_cpus, protocol)
                 wall = time.monotonic() - t0
                 split_client = f"{(children_cpu_s() - k0) / wall:.2f}"
@@ -204,6 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 split = ["", ""] if n is None else [f"{roles['engine']:.2f} ({roles['loop']:.2f})",
                                                     f"{roles['frontends']:.2f} ({roles['frontend max']:.2f})"]
                 split.append(split_client)
+                s1 = fb.steal_ticks()  # the host's: a run it slowed is told from a slow server
+                split.append("n/a" if s0 is None or s1 is None else f"{fb.cpu_cores(s0, s1, wall, hz):.2f}")
                 batch = fb.mean_batch(before, fb.batch_counts(server.metrics())) if before else None
                 if r is None:
                     rows.append([label, "failed", "", "", "", f"{cpu:.2f}"] + split)
