@@ -152,6 +152,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.profile and spy is None:
         print("--profile: py-spy not found ($PY_SPY, PATH): no profiles", flush=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix="trtserve-gpu-frontends-"))
+    try:
+        return _measure(a, pa, spy, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the model and its engine cache: made again by each run
+
+
+def _measure(a: argparse.Namespace, pa: str, spy: Optional[str], work: pathlib.Path) -> int:
+    """Each server of the plan in turn under the same load, a row each; the table at the end."""
     repo = _repo(work, a.graphs, a.instances, a.queue_delay_us)
     hz = os.sysconf("SC_CLK_TCK")
     rows: List[List[str]] = []
