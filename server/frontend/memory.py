@@ -104,8 +104,12 @@ class TrimPolicy:
         self.wait = interval  # seconds from one trim to the next
         self.last = float("-inf")  # monotonic time of the last trim
 
+    def grown(self, resident: int) -> bool:
+        """Whether there is enough to give back, whenever the next trim may run."""
+        return resident - self.floor >= self.threshold
+
     def due(self, resident: int, now: float) -> bool:
-        return resident - self.floor >= self.threshold and now - self.last >= self.wait
+        return self.grown(resident) and now - self.last >= self.wait
 
     def trimmed(self, before: int, after: int, now: float) -> None:
         self.last = now
@@ -152,14 +156,14 @@ class Trimmer:
             self.note()  # not idle yet: look again later
             return
         resident = self._resident()
-        if resident - self.policy.floor < self.policy.threshold:
+        if not self.policy.grown(resident):
             return  # nothing to give back; the next request looks again
         if not self.policy.due(resident, time.monotonic()):
             # too soon after the last trim (a pause in the burst): the event loop may run a timer a little before
             # its time, and with no request left to look again the burst's memory would stay until the next one
             self.note()
             return
-        if self.trim() - self.policy.floor >= self.policy.threshold:
+        if self.policy.grown(self.trim()):
             # grpc may still hold the last responses' buffers (an answer counts as done once handed to
             # grpc, not once written): look again after the policy's wait
             self.note()
