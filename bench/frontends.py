@@ -136,6 +136,11 @@ def steal_ticks(read: Optional[Callable[[str], Optional[str]]] = None) -> Option
     return None
 
 
+def steal_cores(before: Optional[int], after: Optional[int], wall_s: float, hz: int) -> Optional[float]:
+    """Cores the hypervisor took between two ``steal_ticks`` reads (None where the kernel does not report it)."""
+    return None if before is None or after is None else cpu_cores(before, after, wall_s, hz)
+
+
 def median_row(samples: Sequence[Optional[dict]]) -> Optional[dict]:
     """Per-key median over the rounds that succeeded (None when none did); ``n`` is how many did."""
     ok = [s for s in samples if s is not None]
@@ -468,7 +473,7 @@ def measure(server: Server, pa: str, level: int, duration: float, hz: int,
         if r is None:
             return None
         r["cpu_cores"] = cpu_cores(c0, c1, t1 - t0, hz)
-        r["steal_cores"] = cpu_cores(s0, s1, t1 - t0, hz) if s0 is not None and s1 is not None else None
+        r["steal_cores"] = steal_cores(s0, s1, t1 - t0, hz)
         r["mean_batch"] = mean_batch(before, batch_counts(server.metrics())) if before is not None else None
         return r
     except Exception as e:  # a server that died or whose /metrics broke: this level failed, the run goes on

@@ -28,7 +28,6 @@ import tempfile
 import time
 from typing import AbstractSet, Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
-from bench.agreement import cpu_list
 from trtserve.cli import DEFAULT_GIL_SWITCH_INTERVAL_US
 from trtserve.server.process import placement
 
@@ -366,8 +365,9 @@ def _cores_and_profile(s, label: str, profile: Optional[pathlib.Path], run):
     after, wall, steal1 = fb.role_ticks(s.proc.pid), time.monotonic() - t0, fb.steal_ticks()
     hz = os.sysconf("SC_CLK_TCK")
     cores = fb.role_cores(before, after, wall, hz)
-    if steal0 is not None and steal1 is not None:  # a run slowed by the host, not by the server, shows here
-        cores["steal"] = fb.cpu_cores(steal0, steal1, wall, hz)
+    steal = fb.steal_cores(steal0, steal1, wall, hz)
+    if steal is not None:  # a run slowed by the host, not by the server, shows here
+        cores["steal"] = steal
     if profiles is not None:
         profiles.join()
         for role, pid, raw in profiles.records:
@@ -710,7 +710,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="server part: each heavy MLP level once more with the engine's main thread under cProfile")
     p.add_argument("--switch-interval-us", type=float, default=DEFAULT_GIL_SWITCH_INTERVAL_US,
                    help="sys.setswitchinterval for the in-process parts, as `trtserve serve` sets it")
-    p.add_argument("--engine-cpus", type=cpu_list, default=None, metavar="LIST",
+    p.add_argument("--engine-cpus", type=placement.cpu_list, default=None, metavar="LIST",
                    help="server and resnet parts: serve with --engine-cpus LIST (e.g. 0-1), the load tools on the "
                         "other CPUs (default: where the OS puts them)")
     p.add_argument("--pa-share", type=int, default=PA_SHARE, metavar="N",

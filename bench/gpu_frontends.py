@@ -213,7 +213,8 @@ def _measure(a: argparse.Namespace, pa: str, spy: Optional[str], work: pathlib.P
                                                     f"{roles['frontends']:.2f} ({roles['frontend max']:.2f})"]
                 split.append(split_client)
                 s1 = fb.steal_ticks()  # the host's: a run it slowed is told from a slow server
-                split.append("n/a" if s0 is None or s1 is None else f"{fb.cpu_cores(s0, s1, wall, hz):.2f}")
+                steal = fb.steal_cores(s0, s1, wall, hz)
+                split.append("n/a" if steal is None else f"{steal:.2f}")
                 batch = fb.mean_batch(before, fb.batch_counts(server.metrics())) if before else None
                 if r is None:
                     rows.append([label, "failed", "", "", "", f"{cpu:.2f}"] + split)
