@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+from typing import Tuple
 
 import numpy as np
 
 
-def mlp_weights(n_in: int = 64, hidden: int = 32, n_out: int = 16, seed: int = 0):
+def mlp_weights(n_in: int = 64, hidden: int = 32, n_out: int = 16,
+                seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     w1 = (rng.standard_normal((n_in, hidden)) / np.sqrt(n_in)).astype(np.float32)
     b1 = (rng.standard_normal(hidden) * 0.1).astype(np.float32)

@@ -6,6 +6,7 @@ import pathlib
 import re
 from typing import Dict, List, Sequence, Tuple
 
+from trtserve.protos import model_config_pb2 as mc
 from trtserve.server.errors import NotFound
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -40,7 +41,7 @@ def available_versions(path: pathlib.Path) -> List[int]:
     return sorted(int(v.name) for v in path.iterdir() if v.is_dir() and v.name.isdigit())
 
 
-def select_versions(available: Sequence[int], policy) -> List[int]:
+def select_versions(available: Sequence[int], policy: mc.ModelVersionPolicy) -> List[int]:
     """Applies a ModelVersionPolicy message (latest{num_versions} / all / specific{versions})."""
     choice = policy.WhichOneof("policy_choice") if policy is not None else None
     if choice == "all":

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 from typing import Dict, Mapping, Optional, Tuple
 
 from trtserve import dtypes
+from trtserve.protos import model_config_pb2 as mc
 from trtserve.server.engine.backends.base import TensorSpec
 from trtserve.server.errors import ModelLoadError
 
@@ -105,7 +107,8 @@ class ModelSpec:
         return {t.name: t for t in self.inputs}, {t.name: t for t in self.outputs}
 
     @classmethod
-    def from_proto(cls, config, version: str, model_dir=None) -> "ModelSpec":
+    def from_proto(cls, config: mc.ModelConfig, version: str,
+                   model_dir: Optional[pathlib.Path] = None) -> "ModelSpec":
         """Builds and checks the spec from a (complete) ``inference.ModelConfig`` message; ``model_dir`` (the
         model's folder) is where outputs' label files are read from."""
         name = config.name
@@ -152,11 +155,9 @@ class ModelSpec:
         )
 
 
-def _labels(model: str, config, model_dir) -> Dict[str, Tuple[str, ...]]:
+def _labels(model: str, config: mc.ModelConfig, model_dir: Optional[pathlib.Path]) -> Dict[str, Tuple[str, ...]]:
     """Each output's label file (Triton's label_filename, a file in the model's folder, one label per line);
     a file that is missing or outside the folder fails the load."""
-    import pathlib
-
     out: Dict[str, Tuple[str, ...]] = {}
     for t in config.output:
         if not t.label_filename:
@@ -187,8 +188,6 @@ def batches_per_instance(model: str, params: Mapping[str, str]) -> int:
 
 
 def _tensor(model: str, kind: str, t, data_type: int, dims, optional: bool) -> TensorSpec:
-    from trtserve.protos import model_config_pb2 as mc
-
     enum_name = mc.DataType.Name(data_type)
     if enum_name not in dtypes.BY_CONFIG:
         raise ModelLoadError(f"model '{model}': {kind} '{t.name}' has unsupported data_type {enum_name}")
@@ -200,8 +199,6 @@ def _tensor(model: str, kind: str, t, data_type: int, dims, optional: bool) -> T
 
 
 def _queue_policy(p) -> QueuePolicy:
-    from trtserve.protos import model_config_pb2 as mc
-
     return QueuePolicy(
         timeout_action=mc.ModelQueuePolicy.TimeoutAction.Name(p.timeout_action),
         default_timeout_us=int(p.default_timeout_microseconds),

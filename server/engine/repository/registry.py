@@ -13,7 +13,7 @@ import itertools
 import logging
 import pathlib
 import time
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from trtserve.protos import model_config_pb2 as mc
 from trtserve.server.engine.backends import BackendFactory, create_backend
@@ -232,7 +232,7 @@ class ModelRepository:
             old = list(self._models.pop(name, {}).values())
             await self._retire(old)
 
-    async def poll(self, stopping=lambda: False) -> None:
+    async def poll(self, stopping: Callable[[], bool] = lambda: False) -> None:
         """One scan of the repository (model control mode poll): loads added models, reloads changed ones (a
         config or version folder that changed, a version added or removed: new instances first, then the old
         ones drain) and unloads removed models once their requests finish. A model that fails keeps what it

@@ -11,12 +11,13 @@ from typing import Any, Dict
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
           FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 
 
-def to_json(message) -> Dict[str, Any]:
+def to_json(message: Message) -> Dict[str, Any]:
     """``message`` as a JSON-ready dict: .proto field names, defaults included, 64-bit integers as numbers."""
     out = json_format.MessageToDict(message, preserving_proto_field_name=True,
                                     always_print_fields_with_no_presence=True)
