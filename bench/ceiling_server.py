@@ -4,6 +4,9 @@ precomputed response, with just enough metadata RPCs for perf_analyzer and trtse
 ``python -m bench.ceiling_server --port 0 --model m --inputs 64 --outputs 16`` prints its port. Nothing
 can serve the same protocol from Python faster than this, so trtserve is measured against it. ``--event-loop
 uvloop`` runs it on uvloop, the loop trtserve's processes take where it is installed: the ceiling of that loop.
+``--registered inference`` registers only ModelInfer and ModelStreamInfer as grpc registered methods (the others
+are served through the generic handler), as trtserve does; the default registers every method, as the generated
+``add_GRPCInferenceServiceServicer_to_server`` does, and is the ceiling the goals are read against.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import numpy as np
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.protos import model_config_pb2 as mc
+from trtserve.server.frontend.registration import HOT_METHODS
 from trtserve.server.process import loops
 
 
@@ -58,9 +62,23 @@ class CeilingService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name="ceiling", version="0", extensions=[])
 
 
-async def serve(port: int, model: str, n_in: int, n_out: int) -> None:
+class _InferenceRegistered:
+    """The server as the generated registration sees it, registering only the inference methods."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: tuple) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self._server.add_registered_method_handlers(service, {k: v for k, v in handlers.items() if k in HOT_METHODS})
+
+
+async def serve(port: int, model: str, n_in: int, n_out: int, registered: str = "all") -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(CeilingService(model, n_in, n_out), server)
+    target = server if registered == "all" else _InferenceRegistered(server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(CeilingService(model, n_in, n_out), target)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"ceiling serving on 127.0.0.1:{bound} ", flush=True)
@@ -74,8 +92,10 @@ def main() -> None:
     p.add_argument("--inputs", type=int, default=64)
     p.add_argument("--outputs", type=int, default=16)
     p.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio")
+    p.add_argument("--registered", choices=["all", "inference"], default="all",
+                   help="grpc registered methods: every method (the generated code's way) or the inference ones")
     a = p.parse_args()
-    loops.run(lambda: serve(a.port, a.model, a.inputs, a.outputs), a.event_loop)
+    loops.run(lambda: serve(a.port, a.model, a.inputs, a.outputs, a.registered), a.event_loop)
 
 
 if __name__ == "__main__":

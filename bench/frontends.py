@@ -391,10 +391,10 @@ class Server:
         self.proc = None
 
 
-def make_ceiling(name: str, event_loop: str = "asyncio") -> Server:
+def make_ceiling(name: str, event_loop: str = "asyncio", registered: str = "all") -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", MODEL,
-           "--inputs", str(N_IN), "--outputs", str(N_OUT), "--event-loop", event_loop]
+           "--inputs", str(N_IN), "--outputs", str(N_OUT), "--event-loop", event_loop, "--registered", registered]
     return Server(name, cmd, port, None)
 
 
@@ -536,6 +536,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--uvloop-ceiling", action="store_true",
                    help="also the ceiling server on uvloop (trtserve's loop where uvloop is installed); the goals are "
                         "read against the asyncio ceiling, as issue 17 set them")
+    p.add_argument("--registered-ceiling", action="store_true",
+                   help="also the ceiling on uvloop with only the inference methods registered with grpc, as "
+                        "trtserve registers them (what that choice gives a bare server)")
     p.add_argument("--trtserve-bench", type=float, default=None, metavar="TIMEOUT_S",
                    help="load with `trtserve bench` instead of perf_analyzer, every request with this deadline")
     a = p.parse_args(argv)
@@ -551,6 +554,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         servers = [make_ceiling("ceiling")]
         if a.uvloop_ceiling:
             servers.append(make_ceiling("ceiling uvloop", "uvloop"))
+        if a.registered_ceiling:
+            servers.append(make_ceiling("ceiling uvloop inference-registered", "uvloop", "inference"))
         servers += [make_server(f"trtserve f{n}", repo, ["--frontends", str(n)]) for n in frontends]
         if a.baseline is not None:
             servers += [make_server(f"baseline f{n}", repo, ["--frontends", str(n)], a.baseline.resolve())

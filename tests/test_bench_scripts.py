@@ -273,3 +273,30 @@ def test_gpu_rows_name_the_cores_each_role_used_and_the_hosts_steal() -> None:
     assert line.endswith(", perf_analyzer 1.50, stolen by the host 0.25")
     del r["cores"]["steal"]
     assert "stolen" not in gpu.describe_cores(r["cores"])
+
+
+@pytest.mark.parametrize("registered", ["all", "inference"])
+def test_ceiling_server_serves_inference_and_metadata_however_methods_are_registered(registered: str) -> None:
+    import subprocess
+    import sys
+
+    import grpc
+
+    from trtserve.protos import grpc_service_pb2 as pb
+    from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
+
+    proc = subprocess.Popen([sys.executable, "-m", "bench.ceiling_server", "--port", "0", "--registered", registered],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline().split(":")[1].split()[0])  # type: ignore[union-attr]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ModelMetadata(pb.ModelMetadataRequest(name="m"), timeout=10).outputs[0].shape == [-1, 16]
+            request = pb.ModelInferRequest(model_name="m", id="9")
+            request.inputs.add(name="INPUT0", datatype="FP32", shape=[2, 64])
+            request.raw_input_contents.append(bytes(2 * 64 * 4))
+            response = stub.ModelInfer(request, timeout=10)
+            assert response.id == "9" and list(response.outputs[0].shape) == [2, 16]
+    finally:
+        proc.terminate()
+        proc.wait(10)

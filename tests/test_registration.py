@@ -15,7 +15,7 @@ import pytest
 
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
-from trtserve.server.frontend.registration import UNDECODABLE, add_inference_service, method_handlers
+from trtserve.server.frontend.registration import HOT_METHODS, UNDECODABLE, add_inference_service, method_handlers
 
 GARBAGE = b"\xff" * 10
 SERVICE = "/inference.GRPCInferenceService/"
@@ -201,3 +201,39 @@ def test_method_table_matches_the_generated_one():
     assert ours["ModelInfer"].request_deserializer(GARBAGE) is UNDECODABLE
     assert ours["ModelInfer"].request_deserializer(_good(3)).id == "3"
     assert set(method_handlers(object())) == set()  # nothing defined, nothing registered
+
+
+def test_only_the_inference_methods_are_registered_methods_and_the_generic_handler_serves_all():
+    """grpc.aio waits on one pending call per registered method at every incoming call: the other methods
+    go through the generic handler, which must still know every one of them."""
+    registered, generic = {}, []
+
+    class Recorder:
+        def add_generic_rpc_handlers(self, handlers):
+            generic.extend(handlers)
+
+        def add_registered_method_handlers(self, service, handlers):
+            registered[service] = set(handlers)
+
+    servicer = StubServicer()
+    add_inference_service(Recorder(), servicer)
+    assert registered == {"inference.GRPCInferenceService": set(HOT_METHODS)}
+
+    class Details:
+        def __init__(self, method: str) -> None:
+            self.method, self.invocation_metadata = method, ()
+
+    for name in ("ServerLive", "ModelInfer", "ModelStreamInfer"):
+        assert generic[0].service(Details(SERVICE + name)) is not None
+
+
+def test_a_method_that_is_not_registered_is_served_through_the_generic_handler():
+    async def test(channel, servicer):
+        live = channel.unary_unary(SERVICE + "ServerLive", request_serializer=pb.ServerLiveRequest.SerializeToString,
+                                   response_deserializer=pb.ServerLiveResponse.FromString)
+        assert (await live(pb.ServerLiveRequest())).live
+        infer = channel.unary_unary(SERVICE + "ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        assert (await infer(pb.ModelInferRequest(model_name="m", id="7"))).id == "7"
+
+    run(test)
