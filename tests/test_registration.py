@@ -237,3 +237,21 @@ def test_a_method_that_is_not_registered_is_served_through_the_generic_handler()
         assert (await infer(pb.ModelInferRequest(model_name="m", id="7"))).id == "7"
 
     run(test)
+
+
+def test_a_servicer_without_the_inference_methods_registers_none():
+    registered = {}
+
+    class Recorder:
+        def add_generic_rpc_handlers(self, handlers):
+            pass
+
+        def add_registered_method_handlers(self, service, handlers):
+            registered[service] = set(handlers)
+
+    class OnlyLive:
+        async def ServerLive(self, request, context):
+            return pb.ServerLiveResponse(live=True)
+
+    add_inference_service(Recorder(), OnlyLive())
+    assert registered == {"inference.GRPCInferenceService": set()}

@@ -142,7 +142,7 @@ def add_inference_service(server: grpc.aio.Server, servicer: Any) -> None:
     # ends). Only they: grpc.aio's accept loop runs an asyncio.wait over one pending call per registered method at
     # every incoming call, so registering all twenty methods makes each inference pay for the other nineteen.
     if hasattr(server, "add_registered_method_handlers"):
-        server.add_registered_method_handlers(SERVICE, {name: handlers[name] for name in HOT_METHODS})
+        server.add_registered_method_handlers(SERVICE, {n: h for n, h in handlers.items() if n in HOT_METHODS})
 
 
 __all__ = ["HOT_METHODS", "UNDECODABLE", "SERVICE", "add_inference_service", "method_handlers"]
