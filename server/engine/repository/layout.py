@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from trtserve.protos import model_config_pb2 as mc
 from trtserve.server.errors import NotFound
@@ -41,8 +41,9 @@ def available_versions(path: pathlib.Path) -> List[int]:
     return sorted(int(v.name) for v in path.iterdir() if v.is_dir() and v.name.isdigit())
 
 
-def select_versions(available: Sequence[int], policy: mc.ModelVersionPolicy) -> List[int]:
-    """Applies a ModelVersionPolicy message (latest{num_versions} / all / specific{versions})."""
+def select_versions(available: Sequence[int], policy: Optional[mc.ModelVersionPolicy]) -> List[int]:
+    """Applies a ModelVersionPolicy message (latest{num_versions} / all / specific{versions}); None, as a config
+    without one, keeps the latest version, Triton's default."""
     choice = policy.WhichOneof("policy_choice") if policy is not None else None
     if choice == "all":
         return list(available)
