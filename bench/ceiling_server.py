@@ -18,7 +18,7 @@ import numpy as np
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.protos import model_config_pb2 as mc
-from trtserve.server.frontend.registration import HOT_METHODS
+from trtserve.server.frontend.registration import hot_handlers
 from trtserve.server.process import loops
 
 
@@ -72,7 +72,7 @@ class _InferenceRegistered:
         self._server.add_generic_rpc_handlers(handlers)
 
     def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self._server.add_registered_method_handlers(service, {k: v for k, v in handlers.items() if k in HOT_METHODS})
+        self._server.add_registered_method_handlers(service, hot_handlers(handlers))
 
 
 async def serve(port: int, model: str, n_in: int, n_out: int, registered: str = "all") -> None:

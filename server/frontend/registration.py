@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, AsyncIterator, Callable, Dict
+from typing import Any, AsyncIterator, Callable, Dict, Mapping
 
 import grpc
 
@@ -130,6 +130,11 @@ def method_handlers(servicer: Any) -> Dict[str, grpc.RpcMethodHandler]:
     return handlers
 
 
+def hot_handlers(handlers: Mapping[str, Any]) -> Dict[str, Any]:
+    """The inference methods among ``handlers``: the only ones worth registering with grpc (add_inference_service)."""
+    return {name: h for name, h in handlers.items() if name in HOT_METHODS}
+
+
 def add_inference_service(server: grpc.aio.Server, servicer: Any) -> None:
     """Registers the GRPCInferenceService methods of ``servicer`` (grpc.aio signatures:
     ``async def ModelInfer(self, request, context)``, ``async def ModelStreamInfer(self,
@@ -142,7 +147,7 @@ def add_inference_service(server: grpc.aio.Server, servicer: Any) -> None:
     # ends). Only they: grpc.aio's accept loop runs an asyncio.wait over one pending call per registered method at
     # every incoming call, so registering all twenty methods makes each inference pay for the other nineteen.
     if hasattr(server, "add_registered_method_handlers"):
-        server.add_registered_method_handlers(SERVICE, {n: h for n, h in handlers.items() if n in HOT_METHODS})
+        server.add_registered_method_handlers(SERVICE, hot_handlers(handlers))
 
 
-__all__ = ["HOT_METHODS", "UNDECODABLE", "SERVICE", "add_inference_service", "method_handlers"]
+__all__ = ["HOT_METHODS", "UNDECODABLE", "SERVICE", "add_inference_service", "hot_handlers", "method_handlers"]
