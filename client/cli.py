@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from trtserve.client._errors import InferenceServerError
+from trtserve.client.bench.load import INFLIGHT_PER_CHANNEL
 from trtserve.client.sync import InferenceClient
 
 __all__ = ["add_bench_parser", "add_infer_parser", "add_models_parser", "main"]
@@ -244,8 +245,9 @@ def add_bench_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
     p.add_argument("--output-shared-memory-size", type=int, default=102400,
                    help="bytes per output region when the output shape has -1 dims (default %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds (default %(default)s)")
-    p.add_argument("--inflight-per-channel", type=int, default=200,
-                   help="requests in flight per channel, i.e. HTTP/2 connection (default %(default)s)")
+    p.add_argument("--inflight-per-channel", type=int, default=INFLIGHT_PER_CHANNEL,
+                   help="requests in flight per channel, i.e. HTTP/2 connection (default %(default)s, as "
+                        "perf_analyzer: a server with several front-end processes is spread by connection)")
     p.add_argument("--engine", default="auto", choices=["auto", "asyncio", "threads"],
                    help="auto (default): threads for closed-loop levels of <= 4 in flight, asyncio above; asyncio: "
                         "one event loop; threads: one thread per request in flight making blocking calls, "

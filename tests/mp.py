@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -74,6 +74,46 @@ def dev_shm() -> set:
     server itself names nothing there (its arenas are memfds), so any other new name is a leak."""
     names = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     return {n for n in names if not n.startswith(("trtserve_harden_", "trtserve_test_"))}
+
+
+def tcp_established() -> List[Tuple[int, int, str]]:
+    """(local port, remote port, socket inode) of every established TCP connection (/proc/net/tcp, tcp6)."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "01":
+                out.append((int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16), f[9]))
+    return out
+
+
+def client_ports(port: int) -> set:
+    """Local ports of the client ends of the connections to ``port`` (client and server share loopback)."""
+    return {local for local, remote, _ in tcp_established() if remote == port}
+
+
+def front_end_of(port: int, pids: Sequence[int]) -> Dict[int, int]:
+    """{client port: pid of the process in ``pids`` that holds the server end} for the connections to ``port``
+    (/proc/net/tcp gives the server ends' inodes, /proc/PID/fd which process holds them)."""
+    by_inode = {inode: remote for local, remote, inode in tcp_established() if local == port}
+    out = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in by_inode:
+                out[by_inode[link[8:-1]]] = pid
+    return out
 
 
 class Serve:

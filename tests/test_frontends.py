@@ -3,12 +3,14 @@ exactly one answer per request, and faults of any process handled as documented 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests import models
-from tests.mp import ROOT, Serve, alive, dev_shm, tree
+from tests.mp import ROOT, Serve, alive, dev_shm, front_end_of, tree
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.server.examples import REPOSITORY as EXAMPLE
@@ -187,6 +189,36 @@ def test_exactly_one_answer_each_and_totals_exact(server):
     assert after.inference_count - before.inference_count == 400
     assert after.execution_count - before.execution_count <= 400
     assert metric(server.metrics_port, "nv_inference_request_success") - m_before == 400
+
+
+def test_trtserve_bench_loads_the_front_ends_through_several_connections(server):
+    """SO_REUSEPORT hands each connection to one front end, so a load tester that sent everything over one would
+    load one front end: ``trtserve bench`` opens a connection per six requests in flight, as perf_analyzer does."""
+    from trtserve.client.bench.runner import BenchConfig, run
+
+    fronts = server.roles()["frontend"]
+    seen: Dict[int, int] = {}  # client port -> the front end holding that connection, over the whole run
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(front_end_of(server.port, fronts))
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = asyncio.run(run(BenchConfig(url=server.url, model="mlp", concurrency=[32], duration_s=1.0,
+                                             warmup_s=0.3)))
+    finally:
+        stop.set()
+        watcher.join()
+    level = result.levels[0]
+    assert level.errors == 0 and level.requests > 0
+    assert result.channels == 6
+    # the load's six connections (and the one that read the model and the statistics), each held by a front end
+    assert len(seen) >= 6 and set(seen.values()) <= set(fronts), seen
+    print(f"connections per front end: {collections.Counter(seen.values())}")
 
 
 def test_batches_form_across_connections(tmp_path):

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from tests import models
-from tests.mp import Serve, alive, dev_shm, tree
+from tests.mp import Serve, alive, client_ports, dev_shm, front_end_of, tree
 from tests.test_auth_hardening import _PeakRss, _rss
 from tests.test_frontends import _slow_repo, metric
 from tests.test_perf_analyzer import PA
@@ -82,46 +82,6 @@ def _ident_data(n: int) -> np.ndarray:
 
 def _slow_data(n: int, rows: int) -> np.ndarray:
     return np.full((rows, 256), n, np.float32)
-
-
-def _tcp_established() -> List[Tuple[int, int, str]]:
-    """(local port, remote port, socket inode) of every established TCP connection (/proc/net/tcp, tcp6)."""
-    out = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "01":
-                out.append((int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16), f[9]))
-    return out
-
-
-def _client_ports(port: int) -> set:
-    """Local ports of the client ends of the connections to ``port`` (client and server share loopback)."""
-    return {local for local, remote, _ in _tcp_established() if remote == port}
-
-
-def _front_end_of(port: int, pids: Sequence[int]) -> Dict[int, int]:
-    """{client port: pid of the process in ``pids`` that holds the server end} for the connections to ``port``
-    (/proc/net/tcp gives the server ends' inodes, /proc/PID/fd which process holds them)."""
-    by_inode = {inode: remote for local, remote, inode in _tcp_established() if local == port}
-    out = {}
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except FileNotFoundError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:[") and link[8:-1] in by_inode:
-                out[by_inode[link[8:-1]]] = pid
-    return out
 
 
 def _stats(port: int, model: str) -> dict:
@@ -201,7 +161,7 @@ def test_exactly_one_answer_each_over_http_and_grpc_together(server):
         elapsed = time.monotonic() - t0
         # the HTTP connections are still open: both front-end processes hold some
         fronts = server.roles()["frontend"]
-        held = collections.Counter(_front_end_of(server.http_port, fronts).values())
+        held = collections.Counter(front_end_of(server.http_port, fronts).values())
     finally:
         for c in http_clients + grpc_clients:
             c.close()
@@ -365,10 +325,10 @@ def test_a_killed_front_end_fails_only_its_http_requests(repo):
             with connecting:
                 for _ in range(20):
                     c = _http_client(s.http_port)
-                    before = _client_ports(s.http_port)
+                    before = client_ports(s.http_port)
                     assert c.is_server_live()
-                    (port,) = _client_ports(s.http_port) - before
-                    pid = _front_end_of(s.http_port, fronts)[port]
+                    (port,) = client_ports(s.http_port) - before
+                    pid = front_end_of(s.http_port, fronts)[port]
                     if len(clients_of[pid]) < n - 2:
                         clients_of[pid].add(k)
                         return c

@@ -17,6 +17,7 @@ from typing import Awaitable, Callable, List, Optional, Sequence, Tuple
 import grpc
 import numpy as np
 
+from trtserve.client.bench.load import INFLIGHT_PER_CHANNEL
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import model_config_pb2 as mc
 
@@ -160,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--duration", type=float, default=3.0, help="seconds measured per level")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
     p.add_argument("--servers", type=int, default=2, help="trivial server processes sharing the port")
-    p.add_argument("--inflight-per-channel", type=int, default=200)
+    p.add_argument("--inflight-per-channel", type=int, default=INFLIGHT_PER_CHANNEL)
     p.add_argument("--engine", default="auto", choices=["auto", "asyncio", "threads"])
     p.add_argument("--transport", default="auto", choices=["auto", "h2", "grpcio"])
     p.add_argument("--processes", type=int, default=1, help="generator processes")

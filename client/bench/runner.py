@@ -24,7 +24,7 @@ from trtserve.client.bench import inputs as bench_inputs
 from trtserve.client.bench.h2load import H2Load
 from trtserve.client.bench.h2sync import H2ThreadLoad
 from trtserve.client.bench.h2target import H2Target, h2_address
-from trtserve.client.bench.load import LevelRecords, Load, run_closed, run_open
+from trtserve.client.bench.load import INFLIGHT_PER_CHANNEL, LevelRecords, Load, run_closed, run_open
 from trtserve.client.bench.threaded import ThreadLoad, run_closed_threaded, run_open_threaded
 from trtserve.client.bench.stats import LevelStats, server_view, summarize
 
@@ -46,7 +46,7 @@ class BenchConfig:
     shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     input_data: str = "random"  # random | zero | path to .npz
     timeout_s: Optional[float] = 30.0
-    inflight_per_channel: int = 200
+    inflight_per_channel: int = INFLIGHT_PER_CHANNEL
     processes: int = 1  # generator processes (asyncio engine in each); more when one process is the limit
     shared_memory: str = "none"  # none | system | cuda: tensors in regions registered once (client/shm.py)
     output_shared_memory_size: int = 102400  # bytes per output region when its shape has -1 (perf_analyzer's)
