@@ -15,10 +15,14 @@ from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 
-__all__ = ["INT32_MAX", "ChannelSpec", "KeepAliveOptions", "TlsOptions", "channel_options", "credentials", "make_spec",
-           "parse_target", "resolve_addresses"]
+__all__ = ["INFLIGHT_PER_CHANNEL", "INT32_MAX", "ChannelSpec", "KeepAliveOptions", "TlsOptions", "channel_options",
+           "credentials", "make_spec", "parse_target", "resolve_addresses"]
 
 INT32_MAX = 2**31 - 1
+# The load tester's connections: one per six requests in flight, as perf_analyzer's gRPC client shares one among six
+# contexts. A server that spreads connections over processes (SO_REUSEPORT, trtserve's --frontends N) is spread over
+# them only when the load opens several, and the two tools then load a server through the same number of connections.
+INFLIGHT_PER_CHANNEL = 6
 SERVICE = "inference.GRPCInferenceService"
 Url = Union[str, Sequence[str]]
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")

@@ -81,7 +81,7 @@ def tcp_established() -> List[Tuple[int, int, str]]:
     out = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            lines = open(table).read().splitlines()[1:]
+            lines = pathlib.Path(table).read_text().splitlines()[1:]
         except FileNotFoundError:
             continue
         for line in lines:

@@ -17,7 +17,7 @@ from typing import Awaitable, Callable, List, Optional, Sequence, Tuple
 import grpc
 import numpy as np
 
-from trtserve.client.bench.load import INFLIGHT_PER_CHANNEL
+from trtserve.client._channel import INFLIGHT_PER_CHANNEL
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import model_config_pb2 as mc
 

@@ -4,7 +4,7 @@ The loops drive any load with ``channels`` and ``send(index)``: ``Load`` here (g
 grpcio transport) or ``h2load.H2Load`` (the generator's own HTTP/2 client, the default).
 The request is serialized once and sent as bytes, and responses are not parsed, so the generator
 spends its time in gRPC rather than in protobuf. Calls spread over one channel per
-``inflight_per_channel`` requests in flight (``INFLIGHT_PER_CHANNEL`` unless told).
+``inflight_per_channel`` requests in flight (``_channel.INFLIGHT_PER_CHANNEL`` unless told).
 Open-loop latency runs from each request's *scheduled* send time: when the server (or this
 generator) falls behind, the wait shows up in the percentiles instead of silently thinning the
 load (coordinated omission).
@@ -22,12 +22,7 @@ import numpy as np
 from trtserve.client._channel import ChannelSpec
 from trtserve.client._errors import InferenceServerError
 
-__all__ = ["INFLIGHT_PER_CHANNEL", "LevelRecords", "Load", "run_closed", "run_open"]
-
-# A connection per six requests in flight, as perf_analyzer's gRPC client shares one among six contexts: a server
-# that spreads connections over processes (SO_REUSEPORT, trtserve's --frontends N) is spread over them only when the
-# load opens several, and the two tools then load a server through the same number of connections.
-INFLIGHT_PER_CHANNEL = 6
+__all__ = ["LevelRecords", "Load", "run_closed", "run_open"]
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 ProgressFn = Callable[[str, float, float, int, int], None]  # (phase, elapsed_s, phase_total_s, ok, errors)

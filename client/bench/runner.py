@@ -17,14 +17,14 @@ import numpy as np
 
 from trtserve import dtypes
 from trtserve.client import _codec
-from trtserve.client._channel import make_spec
+from trtserve.client._channel import INFLIGHT_PER_CHANNEL, make_spec
 from trtserve.client._errors import InferenceServerError
 from trtserve.client.aio import AsyncInferenceClient
 from trtserve.client.bench import inputs as bench_inputs
 from trtserve.client.bench.h2load import H2Load
 from trtserve.client.bench.h2sync import H2ThreadLoad
 from trtserve.client.bench.h2target import H2Target, h2_address
-from trtserve.client.bench.load import INFLIGHT_PER_CHANNEL, LevelRecords, Load, run_closed, run_open
+from trtserve.client.bench.load import LevelRecords, Load, run_closed, run_open
 from trtserve.client.bench.threaded import ThreadLoad, run_closed_threaded, run_open_threaded
 from trtserve.client.bench.stats import LevelStats, server_view, summarize
 
