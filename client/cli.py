@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from trtserve.client._errors import InferenceServerError
 from trtserve.client._channel import INFLIGHT_PER_CHANNEL
+from trtserve.client._errors import InferenceServerError
 from trtserve.client.sync import InferenceClient
 
 __all__ = ["add_bench_parser", "add_infer_parser", "add_models_parser", "main"]
