@@ -86,6 +86,34 @@ def test_contention_holds_only_for_a_contended_model_and_learns_gaps_from_joinin
     assert c.hold_until() is None
 
 
+def test_contention_learns_the_gap_per_request_however_many_one_look_finds():
+    # the same arrivals, 4 requests a millisecond, seen by a loop that looks at each request (polling) and by one
+    # that finds the four together (woken once): both learn a quarter of a millisecond, so a loop that sleeps
+    # until woken does not hold batches four times as long
+    def learnt(per_look: int) -> float:
+        c = Contention()
+        t = 0.0
+        for _ in range(200):
+            for i in range(4 // per_look):
+                t += 0.001 / (4 // per_look)
+                for _ in range(per_look):
+                    c.arrival(queued=True, running=True)
+                c.look(t)
+        hold = c.hold_until()
+        assert hold is not None
+        return (hold - t) / 2
+
+    assert learnt(1) == pytest.approx(0.00025, rel=0.01)
+    assert learnt(4) == pytest.approx(0.00025, rel=0.01)
+    c = Contention()  # an entry standing for several requests (a group) counts as that many
+    t = 0.0
+    for _ in range(200):
+        t += 0.001
+        c.arrival(queued=True, running=True, count=4)
+        c.look(t)
+    assert (c.hold_until() - t) / 2 == pytest.approx(0.00025, rel=0.01)
+
+
 def test_busy_executor_waits_for_queue_delay():
     p = pol.plan([pend(arrival=0.0)], now=0.0004, policy=ON, rules=RULES, free={1}, busy=True)
     assert not p.requests and p.wait_s == pytest.approx(0.0006)

@@ -5,7 +5,9 @@ Contended: most recent arrivals found other requests of the model queued or runn
 in flight than one batch and more are on their way. A lone client never finds its model in use (its next request
 waits for this answer), so its requests never wait. A held batch waits past the last arrival for a few of the
 recent gaps between arrivals, so a hold ends soon after requests stop coming instead of always lasting the queue
-delay.
+delay. The gap is per request: requests read together (one wake-up of the engine) share the time since the last
+read, so how often the loop happens to look (a loop that sleeps until woken reads more at once than one that
+polls) does not stretch the hold.
 """
 from __future__ import annotations
 
@@ -29,27 +31,27 @@ class Contention:
         self.share = 0.0  # moving average: arrivals that found the model in use
         self._gap = 0.0  # moving average of the time between looks that found new requests, see ``look``
         self._last: Optional[float] = None  # when a look last found new requests
-        self._arrived = False  # a request arrived since the last look
+        self._arrived = 0  # requests arrived since the last look
         self._joined = False  # ... and found others queued
 
-    def arrival(self, queued: bool, running: bool) -> None:
-        """A request arrived; ``queued``: others of the model were waiting in its queue; ``running``: a batch of it was
-        running."""
-        self._arrived = True
+    def arrival(self, queued: bool, running: bool, count: int = 1) -> None:
+        """A request arrived (``count``: an entry standing for that many); ``queued``: others of the model were waiting
+        in its queue; ``running``: a batch of it was running."""
+        self._arrived += count
         self._joined = self._joined or queued
         self.share += WEIGHT * ((queued or running) - self.share)
 
     def look(self, now: float) -> None:
-        """The scheduler looks at its queue at ``now``: what arrived since the last look counts as one arrival then
-        (requests read together arrive together). The gap to the previous such arrival is learnt only while the model
-        is contended and when something joined requests already queued: the gap before the first request of a burst
-        (often a pause, or the wait for the previous batch's answers) says nothing about how soon the next one joins
-        a held batch."""
+        """The scheduler looks at its queue at ``now``: what arrived since the last look arrived then, spread over the
+        time since the previous look that found arrivals (the gap learnt is that time over their number). It is learnt
+        only while the model is contended and when something joined requests already queued: the gap before the first
+        request of a burst (often a pause, or the wait for the previous batch's answers) says nothing about how soon
+        the next one joins a held batch."""
         if not self._arrived:
             return
         if self._joined and self.share >= HOLD_AT and self._last is not None:
-            self._gap += GAP_WEIGHT * (now - self._last - self._gap)
-        self._last, self._arrived, self._joined = now, False, False
+            self._gap += GAP_WEIGHT * ((now - self._last) / self._arrived - self._gap)
+        self._last, self._arrived, self._joined = now, 0, False
 
     def hold_until(self) -> Optional[float]:
         """Until when an idle instance may hold a partial batch; None when it runs at once (not contended)."""

@@ -33,6 +33,7 @@ from trtserve.server.engine.batcher.shapes import ShapeRules, describe_profiles
 from trtserve.server.errors import (DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout,
                                     TrtServeError, Unavailable)
 from trtserve.server.events import Observer
+from trtserve.server.process.alarm import Alarm
 from trtserve.server.engine.executor.pool import ExecutorPool
 from trtserve.server.engine.repository.model_config import ModelSpec
 
@@ -177,7 +178,7 @@ class DynamicBatcher:
                       next(self._seq), device_outputs or _NO_DEVICE_OUTPUTS, on_dispatch, count, member_outputs,
                       members_apart, splitter)
         ticket.on_cancel = self._cancel_hook
-        self._contention.arrival(bool(self._delayed) or any(self._queues.values()), bool(self._running))
+        self._contention.arrival(bool(self._delayed) or any(self._queues.values()), bool(self._running), count)
         queue.append(req)
         if deadline is not None or queue_deadline is not None:
             self._next_expiry = _earliest(self._next_expiry, deadline, queue_deadline)
@@ -280,6 +281,7 @@ class DynamicBatcher:
         return False
 
     async def _loop(self) -> None:
+        alarm = Alarm(self._wake.set)  # holds and queue delays are fractions of a millisecond: see process/alarm.py
         try:
             while True:
                 self._wake.clear()
@@ -303,18 +305,19 @@ class DynamicBatcher:
                 if not waits:
                     await self._wake.wait()
                     continue
-                # a timer that sets the event, not asyncio.wait_for: that wraps the wait in a Task of its own and
+                # an alarm that sets the event, not asyncio.wait_for: that wraps the wait in a Task of its own and
                 # adds callbacks, on every wait of this loop (every batch under light load)
-                timer = asyncio.get_running_loop().call_later(max(0.0, min(waits)), self._wake.set)
+                alarm.set(min(waits))
                 try:
                     await self._wake.wait()
                 finally:
-                    timer.cancel()
+                    alarm.cancel()
         except Exception:  # a bug here must not leave requests hanging: answer them all
             log.exception("batcher loop for model '%s' failed", self.spec.name)
             for req in self._drain_all():
                 req.ticket.settle(error=Internal(f"model '{self.spec.name}': scheduler failure"))
         finally:
+            alarm.close()
             self._stopped.set()
 
     def _drain_all(self) -> List[Pending]:

@@ -1,0 +1,109 @@
+"""A one-shot wake-up on the running event loop at sub-millisecond precision, without spinning.
+
+The batcher waits fractions of a millisecond: ``max_queue_delay_microseconds`` and the hold of a partial batch
+(engine/batcher/policy.py) are often a few hundred microseconds. The event loops keep time in milliseconds:
+uvloop's ``call_later`` runs any delay under half a millisecond as ``call_soon``, so a loop that waits until a
+moment 300 us away wakes at once, finds the moment not reached and waits again, a busy wait for the whole delay
+(measured: 5 us per such wait, against 1.1 ms for a 0.8 ms delay); asyncio's loop rounds a wait up to whole
+milliseconds, so a 300 us delay lasts about a millisecond. On Linux the alarm is a timerfd instead, armed with
+nanoseconds and read by the loop like any socket: the loop sleeps until that moment and no longer. Elsewhere it
+falls back to ``call_later`` with the delay rounded up to a millisecond: late, but never a spin.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import os
+import sys
+from typing import Callable, Optional
+
+_MS = 0.001
+
+
+class _TimerFd:
+    """timerfd_create / timerfd_settime from libc (the os module has them only from Python 3.13)."""
+
+    CLOCK_MONOTONIC = 1
+    NONBLOCK_CLOEXEC = 0o4000 | 0o2000000  # TFD_NONBLOCK | TFD_CLOEXEC, as O_NONBLOCK | O_CLOEXEC
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self._settime = libc.timerfd_settime
+        self._settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+        # struct itimerspec: it_interval (sec, nsec), then it_value (sec, nsec); no interval: it fires once
+        self._spec = (ctypes.c_long * 4)()
+        self._spec_ref = ctypes.byref(self._spec)
+        fd = libc.timerfd_create(self.CLOCK_MONOTONIC, self.NONBLOCK_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create failed")
+        self.fd = fd
+
+    def arm(self, ns: int) -> None:
+        """Fires once, ``ns`` (> 0) from now; 0 disarms. Either drops an expiry not read yet."""
+        self._spec[2], self._spec[3] = divmod(ns, 1_000_000_000)
+        if self._settime(self.fd, 0, self._spec_ref, None) != 0:
+            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+
+
+def _timerfd() -> Optional[_TimerFd]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return _TimerFd()
+    except (OSError, AttributeError):  # no timerfd here (an old kernel, a libc without it)
+        return None
+
+
+class Alarm:
+    """Calls ``callback`` on the running loop once ``set``'s delay has passed, unless cancelled or set again first.
+    Create and use it on the loop's thread; ``close`` it when done (it holds a descriptor)."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+        self._loop = asyncio.get_running_loop()
+        self._timer = _timerfd()
+        self._armed = False
+        self._handle: Optional[asyncio.Handle] = None  # a delay of 0, or the fallback's timer
+        if self._timer is not None:
+            self._loop.add_reader(self._timer.fd, self._fired)
+
+    def set(self, delay_s: float) -> None:
+        self.cancel()
+        if delay_s <= 0:
+            self._handle = self._loop.call_soon(self._callback)
+        elif self._timer is None:
+            self._handle = self._loop.call_later(max(delay_s, _MS), self._callback)
+        else:
+            self._timer.arm(max(1, int(delay_s * 1e9)))
+            self._armed = True
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._armed:
+            self._armed = False
+            assert self._timer is not None
+            self._timer.arm(0)
+
+    def _fired(self) -> None:
+        assert self._timer is not None
+        try:
+            os.read(self._timer.fd, 8)
+        except BlockingIOError:  # set again or cancelled after it expired, before this callback ran
+            return
+        if self._armed:
+            self._armed = False
+            self._callback()
+
+    def close(self) -> None:
+        self.cancel()
+        if self._timer is not None:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._timer.fd)
+            os.close(self._timer.fd)
+            self._timer = None
+
+
+__all__ = ["Alarm"]

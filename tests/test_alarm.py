@@ -1,0 +1,181 @@
+"""The batcher's wake-up (server/process/alarm.py): sub-millisecond delays kept, and no spinning while it waits."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Callable, List
+
+import pytest
+
+from tests.test_batcher_unit import FakeBackend, Recorder, spec, x
+from trtserve.server.engine.backends.base import BatchResult
+from trtserve.server.engine.batcher import scheduler
+from trtserve.server.process import alarm as alarm_module, loops
+from trtserve.server.process.alarm import Alarm
+
+LOOPS = ["asyncio"] + (["uvloop"] if loops.resolve("auto") == "uvloop" else [])
+
+
+def _run(choice: str, body: Callable[[], "asyncio.Future"]):
+    return loops.run(body, choice)
+
+
+async def _waits(delay_s: float, count: int) -> List[float]:
+    """``count`` waits of ``delay_s`` on one alarm; how long each took."""
+    fired = asyncio.Event()
+    a = Alarm(fired.set)
+    took = []
+    try:
+        for _ in range(count):
+            fired.clear()
+            start = time.monotonic()
+            a.set(delay_s)
+            await fired.wait()
+            took.append(time.monotonic() - start)
+    finally:
+        a.close()
+    return took
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_sub_millisecond_wait_sleeps_instead_of_spinning(choice: str) -> None:
+    # uvloop runs call_later(0.0004) as call_soon: a loop waiting for that moment spun until it came, its thread
+    # busy for the whole wait. The alarm's thread sleeps: it uses a small share of the time it waits.
+    async def body() -> tuple:
+        cpu = time.thread_time()
+        wall = time.monotonic()
+        took = await _waits(0.0004, 100)
+        return took, time.thread_time() - cpu, time.monotonic() - wall
+
+    took, cpu_s, wall_s = _run(choice, body)
+    assert min(took) >= 0.0004  # never early
+    assert cpu_s < 0.5 * wall_s, f"the loop's thread was busy {cpu_s:.4f} s of {wall_s:.4f} s: it spun"
+
+
+def test_the_timerfd_keeps_the_sub_millisecond_part() -> None:
+    # asyncio's own timers round a 400 us wait up to about a millisecond; the alarm wakes at 400 us (the median
+    # of many waits leaves room for a busy machine: rounded, it would be above a millisecond)
+    async def body() -> List[float]:
+        return await _waits(0.0004, 101)
+
+    if alarm_module._timerfd() is None:
+        pytest.skip("no timerfd on this platform: the alarm rounds up")
+    took = sorted(_run("asyncio", body))
+    assert took[0] >= 0.0004
+    assert took[50] < 0.00095, f"median wait {took[50] * 1e6:.0f} us for 400 us"
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_cancel_and_set_again(choice: str) -> None:
+    async def body() -> List[str]:
+        calls: List[str] = []
+        a = Alarm(lambda: calls.append("fired"))
+        try:
+            a.set(0.002)
+            a.cancel()
+            await asyncio.sleep(0.01)
+            calls.append("after cancel")
+            a.set(0.05)
+            a.set(0.001)  # replaces the first: one call, early
+            await asyncio.sleep(0.02)
+            calls.append("after set again")
+            a.set(0)  # at once, on the next turn
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            a.set(0.001)
+            a.close()  # closing cancels
+            await asyncio.sleep(0.01)
+        finally:
+            a.close()
+        return calls
+
+    assert _run(choice, body) == ["after cancel", "fired", "after set again", "fired"]
+
+
+def test_an_expiry_not_read_before_a_cancel_does_not_fire() -> None:
+    # the timer can expire (its descriptor readable) and be cancelled before the loop gets to read it
+    async def body() -> List[str]:
+        calls: List[str] = []
+        a = Alarm(lambda: calls.append("fired"))
+        try:
+            a.set(0.0001)
+            time.sleep(0.002)  # blocks the loop past the expiry
+            a.cancel()
+            await asyncio.sleep(0.01)
+        finally:
+            a.close()
+        return calls
+
+    assert _run("asyncio", body) == []
+
+
+def test_close_gives_the_descriptor_back() -> None:
+    async def body() -> int:
+        a = Alarm(lambda: None)
+        fd = a._timer.fd if a._timer is not None else -1
+        a.close()
+        a.close()  # twice is fine
+        return fd
+
+    fd = _run("asyncio", body)
+    if fd < 0:
+        pytest.skip("no timerfd on this platform")
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_without_a_timerfd_it_rounds_up_and_still_sleeps(choice: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(alarm_module, "_timerfd", lambda: None)
+
+    async def body() -> tuple:
+        cpu = time.thread_time()
+        wall = time.monotonic()
+        took = await _waits(0.0003, 30)
+        return took, time.thread_time() - cpu, time.monotonic() - wall
+
+    _took, cpu_s, wall_s = _run(choice, body)
+    assert cpu_s < 0.5 * wall_s, f"the loop's thread was busy {cpu_s:.4f} s of {wall_s:.4f} s: it spun"
+
+
+class _FirstInstanceHeld(FakeBackend):
+    """Two instances; a batch on instance 0 waits for ``release``, one on instance 1 runs at once."""
+
+    def run(self, instance: int, inputs, outputs):
+        if instance == 0:
+            self.started.release()
+            self.release.wait(10)
+        return BatchResult({"y": inputs["x"] * 2}, 1, 2, 3)
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_the_batcher_sleeps_through_a_short_queue_delay(choice: str) -> None:
+    # While one batch runs, a lone request waits out max_queue_delay_microseconds (450 us) for company before it
+    # takes the free instance: the scheduler's loop sleeps meanwhile (on uvloop it spun: its thread was busy for
+    # the whole delay of every request, a core taken from the front ends on a small host)
+    async def body() -> tuple:
+        backend = _FirstInstanceHeld(instances=2)
+        backend.release.clear()
+        b = scheduler.DynamicBatcher(spec(batches_per_instance=1, max_queue_delay_us=450), backend, Recorder())
+        b.start()
+        try:
+            first = b.submit(x(), ("y",), 1)
+            await asyncio.get_running_loop().run_in_executor(None, backend.started.acquire)
+            cpu, wall = time.thread_time(), time.monotonic()
+            took = []
+            for _ in range(60):
+                start = time.monotonic()
+                await b.submit(x(), ("y",), 1)
+                took.append(time.monotonic() - start)
+            cpu, wall = time.thread_time() - cpu, time.monotonic() - wall
+            backend.release.set()
+            await first
+        finally:
+            backend.release.set()
+            await b.stop()
+        return took, cpu, wall
+
+    took, cpu_s, wall_s = _run(choice, body)
+    assert min(took) >= 0.00045  # each waited out the delay: the wait was there to spin in
+    assert cpu_s < 0.6 * wall_s, f"the batcher's loop was busy {cpu_s:.4f} s of {wall_s:.4f} s: it spun"
