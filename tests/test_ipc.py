@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from trtserve.server.ipc import channel
-from trtserve.server.ipc.arena import ALIGN, Allocator, Arena, ArenaFull
+from trtserve.server.ipc.arena import ALIGN, SLICED_MAX, Allocator, Arena, ArenaFull
 from trtserve.server.ipc.channel import LocalLink, SocketLink
 
 
@@ -274,28 +274,34 @@ def test_hello_carries_the_arena_descriptor():
     arena.close()
 
 
+@pytest.mark.parametrize("count", [4, SLICED_MAX + 8])  # copied slice by slice, and in one indexed copy
+@pytest.mark.parametrize("as_list", [False, True])
 @pytest.mark.parametrize("dims", [(1, 64), (2, 16), (1, 3), (3, 5)])
-def test_arena_gather_and_scatter_move_many_pieces_in_one_copy_and_are_bounds_checked(dims):
-    arena = Arena.create(1 << 16)
+def test_arena_gather_and_scatter_move_many_pieces_in_one_copy_and_are_bounds_checked(dims, as_list, count):
+    arena = Arena.create(1 << 18)
     other = Arena.attach(os.dup(arena.fd))
     try:
         rng = np.random.default_rng(7)
         nbytes = 4 * int(np.prod(dims))
         step = (nbytes + 63) // 64 * 64
-        offsets = np.array([5 * step, 0, 2 * step, 9 * step], np.int64)
+        offsets = rng.permutation(2 * count)[:count].astype(np.int64) * step  # out of order, some apart
         pieces = rng.standard_normal((len(offsets),) + dims).astype(np.float32)
         for off, piece in zip(offsets, pieces):
             other.write(int(off), piece)
-        got = arena.gather(offsets, np.dtype(np.float32), dims)
+        got = arena.gather(offsets.tolist() if as_list else offsets, np.dtype(np.float32), dims)
         np.testing.assert_array_equal(got, pieces.reshape((-1,) + dims[1:]))
-        out = offsets + 20 * step
-        arena.scatter(out, 3 * pieces)
+        out = offsets + 2 * count * step
+        arena.scatter(out.tolist() if as_list else out, 3 * pieces)
         for off, piece in zip(out, pieces):
             np.testing.assert_array_equal(other.array(int(off), np.dtype(np.float32), dims), 3 * piece)
         with pytest.raises(ValueError, match="outside the arena"):
             arena.gather(np.array([0, arena.size - nbytes + 1], np.int64), np.dtype(np.float32), dims)
         with pytest.raises(ValueError, match="outside the arena"):
             arena.scatter(np.array([-64], np.int64), pieces[:1])
+        with pytest.raises(ValueError, match="outside the arena"):  # one bad offset among this many
+            arena.gather(np.append(offsets[1:], arena.size - nbytes + 1), np.dtype(np.float32), dims)
+        with pytest.raises(ValueError, match="outside the arena"):
+            arena.scatter(np.append(out[1:], -64), 3 * pieces)
     finally:
         other.close()
         arena.close()

@@ -106,8 +106,7 @@ class GroupPath:
                 if direct_min is not None:
                     arrays[name] = _arena_pieces(arena, msgs, j, dtype, shape, rows)
                 else:
-                    offsets = np.fromiter((msg[5][j][3][1] for msg in msgs), np.int64, len(msgs))
-                    arrays[name] = arena.gather(offsets, dtype, shape)
+                    arrays[name] = arena.gather([msg[5][j][3][1] for msg in msgs], dtype, shape)
                 shapes[name] = shape[1:]
             names = tuple([o[0] for o in first[6]])
             members = _arena_members(arena, msgs, direct_min) if direct_min is not None else None
@@ -325,17 +324,16 @@ class GroupPath:
             per = host.reshape((count, each) + tuple(host.shape[1:]))
             if index is not None:
                 per = per[index]
-            slots = np.array([msg[6][j][2] for msg in live], np.int64).reshape(-1, 2)
+            slots = [msg[6][j][2] for msg in live]  # (offset, bytes) of each live member's slot
             nbytes = host.nbytes // count
-            fits = fits and (not len(live) or int(slots[:, 1].min()) >= nbytes)
-            pieces.append((name, wire, (each,) + tuple(host.shape[1:]), slots[:, 0], nbytes, per))
+            fits = fits and all(size >= nbytes for _offset, size in slots)
+            pieces.append((name, wire, (each,) + tuple(host.shape[1:]), [offset for offset, _size in slots], nbytes,
+                           per))
         if fits:
             written = []
             for name, wire, shape, offsets, nbytes, per in pieces:
-                if per is not None:
-                    if arena is not None and len(live):
-                        arena.scatter(offsets, per)
-                    offsets = offsets.tolist()
+                if per is not None and arena is not None and live:
+                    arena.scatter(offsets, per)
                 written.append((name, wire, shape, offsets, nbytes))
             return tuple(written)
         position = {msg[1]: i for i, msg in enumerate(msgs)}

@@ -21,6 +21,11 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 ALIGN = 64  # cache line; also what CUDA copies and NumPy's SIMD loops like to start on
+# gather and scatter copy up to this many pieces one memoryview slice at a time: NumPy's indexed copy costs more to set
+# up (index arrays, a broadcast sum, the bounds reductions) than a few dozen slice copies, and the engine's groups are
+# mostly that small; past it the indexed copy is the faster (docs/benchmarks/frontends-2core.md)
+SLICED_MAX = 32
+Offsets = Union[np.ndarray, List[int]]
 
 
 def aligned(n: int) -> int:
@@ -97,13 +102,23 @@ class Arena:
         start = offset // itemsize
         return typed[start:start + count].reshape(shape)
 
-    def gather(self, offsets: np.ndarray, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
-        """A new array of ``len(offsets) * shape[0]`` rows: the ``shape`` pieces of ``dtype`` at ``offsets`` (int64,
-        bounds-checked), one after the other. One indexed copy for many small requests of one group (see
+    def gather(self, offsets: Offsets, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
+        """A new array of ``len(offsets) * shape[0]`` rows: the ``shape`` pieces of ``dtype`` at ``offsets`` (ints,
+        bounds-checked), one after the other. One copy for the many small requests of one group (see
         engine/group.py), instead of an array object per request and a concatenate."""
         nbytes = dtype.itemsize * math.prod(shape)
-        self._check_many(offsets, nbytes)
         count = len(offsets)
+        if count <= SLICED_MAX:
+            starts = self._checked(offsets, nbytes)
+            out = np.empty((count * shape[0],) + tuple(shape[1:]), dtype)
+            if nbytes:
+                dst, memory = memoryview(out).cast("B"), self._memory
+                assert memory is not None
+                for i, start in enumerate(starts):
+                    dst[i * nbytes:(i + 1) * nbytes] = memory[start:start + nbytes]
+            return out
+        offsets = np.asarray(offsets, np.int64)
+        self._check_many(offsets, nbytes)
         if nbytes % ALIGN == 0 and not (offsets % ALIGN).any():  # whole cache lines: the fewest indices
             lines = self._lines()
             taken = lines[(offsets // ALIGN)[:, None] + np.arange(nbytes // ALIGN)]
@@ -111,18 +126,37 @@ class Arena:
             taken = self.buffer[offsets[:, None] + np.arange(nbytes)]
         return taken.view(np.uint8).view(dtype).reshape((count * shape[0],) + tuple(shape[1:]))
 
-    def scatter(self, offsets: np.ndarray, pieces: np.ndarray) -> None:
+    def scatter(self, offsets: Offsets, pieces: np.ndarray) -> None:
         """Writes row i of ``pieces`` (C-contiguous, one row per offset) at ``offsets[i]`` (bounds-checked): a group's
-        outputs into the slots its requests reserved, in one indexed copy."""
+        outputs into the slots its requests reserved, in one copy."""
         count = len(offsets)
         raw = pieces.reshape(count, -1).view(np.uint8)
         nbytes = raw.shape[1]
+        if count <= SLICED_MAX:
+            starts = self._checked(offsets, nbytes)
+            if nbytes:
+                src, memory = memoryview(np.ascontiguousarray(raw)).cast("B"), self._memory
+                assert memory is not None
+                for i, start in enumerate(starts):
+                    memory[start:start + nbytes] = src[i * nbytes:(i + 1) * nbytes]
+            return
+        offsets = np.asarray(offsets, np.int64)
         self._check_many(offsets, nbytes)
         if nbytes % ALIGN == 0 and not (offsets % ALIGN).any():
             self._lines()[(offsets // ALIGN)[:, None] + np.arange(nbytes // ALIGN)] = \
                 raw.view(f"V{ALIGN}")
         else:
             self.buffer[offsets[:, None] + np.arange(nbytes)] = raw
+
+    def _checked(self, offsets: Offsets, nbytes: int) -> List[int]:
+        """A few ``offsets`` as ints, each [offset, offset + nbytes) checked to lie in the arena."""
+        if self._memory is None:
+            raise ValueError("the arena is closed")
+        starts = offsets.tolist() if isinstance(offsets, np.ndarray) else list(offsets)
+        if starts and (min(starts) < 0 or max(starts) + nbytes > self.size):
+            raise ValueError(f"an arena range of {nbytes} bytes at offsets {min(starts)}..{max(starts)} "
+                             f"is outside the arena ({self.size} bytes)")
+        return starts
 
     def _check_many(self, offsets: np.ndarray, nbytes: int) -> None:
         if self._memory is None:
