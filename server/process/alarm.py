@@ -4,9 +4,10 @@ The batcher waits fractions of a millisecond: ``max_queue_delay_microseconds`` a
 (engine/batcher/policy.py) are often a few hundred microseconds. The event loops keep time in milliseconds:
 uvloop's ``call_later`` runs any delay under half a millisecond as ``call_soon``, so a loop that waits until a
 moment 300 us away wakes at once, finds the moment not reached and waits again, a busy wait for the whole delay;
-asyncio's loop rounds a wait up to whole milliseconds, so a 300 us delay lasts about a millisecond. On Linux the alarm is a timerfd instead, armed with
-nanoseconds and read by the loop like any socket: the loop sleeps until that moment and no longer. Elsewhere it
-falls back to ``call_later`` with the delay rounded up to a millisecond: late, but never a spin.
+asyncio's loop rounds a wait up to whole milliseconds, so a 300 us delay lasts about a millisecond. On Linux the
+alarm is a timerfd instead, armed with nanoseconds and read by the loop like any socket: the loop sleeps until that
+moment and no longer. Elsewhere it falls back to ``call_later`` with the delay rounded up to a millisecond: late, but
+never a spin.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class Alarm:
             self._loop.add_reader(self._timer.fd, self._fired)
 
     def set(self, delay_s: float) -> None:
+        """Fires ``delay_s`` from now (at once, on the next loop turn, for 0 or less), replacing any earlier set."""
         self.cancel()
         if delay_s <= 0:
             self._handle = self._loop.call_soon(self._callback)
@@ -78,6 +80,7 @@ class Alarm:
             self._armed = True
 
     def cancel(self) -> None:
+        """Nothing fires until the next ``set``, even an expiry the loop has not read yet."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -97,6 +100,7 @@ class Alarm:
             self._callback()
 
     def close(self) -> None:
+        """Cancels and gives the descriptor back; closing twice is fine."""
         self.cancel()
         if self._timer is not None:
             if not self._loop.is_closed():
