@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Callable, List
+from typing import List
 
 import pytest
 
@@ -15,10 +15,6 @@ from trtserve.server.process import alarm as alarm_module, loops
 from trtserve.server.process.alarm import Alarm
 
 LOOPS = ["asyncio"] + (["uvloop"] if loops.resolve("auto") == "uvloop" else [])
-
-
-def _run(choice: str, body: Callable[[], "asyncio.Future"]):
-    return loops.run(body, choice)
 
 
 async def _waits(delay_s: float, count: int) -> List[float]:
@@ -46,7 +42,7 @@ def _timed_waits(choice: str, delay_s: float, count: int) -> List[float]:
         took = await _waits(delay_s, count)
         return took, time.thread_time() - cpu, time.monotonic() - wall
 
-    took, cpu_s, wall_s = _run(choice, body)
+    took, cpu_s, wall_s = loops.run(body, choice)
     assert cpu_s < 0.5 * wall_s, f"the loop's thread was busy {cpu_s:.4f} s of {wall_s:.4f} s: it spun"
     return took
 
@@ -66,7 +62,7 @@ def test_the_timerfd_keeps_the_sub_millisecond_part() -> None:
 
     if alarm_module._timerfd() is None:
         pytest.skip("no timerfd on this platform: the alarm rounds up")
-    took = sorted(_run("asyncio", body))
+    took = sorted(loops.run(body, "asyncio"))
     assert took[0] >= 0.0004
     assert took[50] < 0.00095, f"median wait {took[50] * 1e6:.0f} us for 400 us"
 
@@ -95,7 +91,7 @@ def test_cancel_and_set_again(choice: str) -> None:
             a.close()
         return calls
 
-    assert _run(choice, body) == ["after cancel", "fired", "after set again", "fired"]
+    assert loops.run(body, choice) == ["after cancel", "fired", "after set again", "fired"]
 
 
 def test_an_expiry_not_read_before_a_cancel_does_not_fire() -> None:
@@ -112,7 +108,7 @@ def test_an_expiry_not_read_before_a_cancel_does_not_fire() -> None:
             a.close()
         return calls
 
-    assert _run("asyncio", body) == []
+    assert loops.run(body, "asyncio") == []
 
 
 def test_close_gives_the_descriptor_back() -> None:
@@ -123,7 +119,7 @@ def test_close_gives_the_descriptor_back() -> None:
         a.close()  # twice is fine
         return fd
 
-    fd = _run("asyncio", body)
+    fd = loops.run(body, "asyncio")
     if fd < 0:
         pytest.skip("no timerfd on this platform")
     with pytest.raises(OSError):
@@ -173,6 +169,6 @@ def test_the_batcher_sleeps_through_a_short_queue_delay(choice: str) -> None:
             await b.stop()
         return took, cpu, wall
 
-    took, cpu_s, wall_s = _run(choice, body)
+    took, cpu_s, wall_s = loops.run(body, choice)
     assert min(took) >= 0.00045  # each waited out the delay: the wait was there to spin in
     assert cpu_s < 0.6 * wall_s, f"the batcher's loop was busy {cpu_s:.4f} s of {wall_s:.4f} s: it spun"

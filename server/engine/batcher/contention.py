@@ -29,7 +29,7 @@ class Contention:
 
     def __init__(self) -> None:
         self.share = 0.0  # moving average: arrivals that found the model in use
-        self._gap = 0.0  # moving average of the time between looks that found new requests, see ``look``
+        self._gap = 0.0  # moving average of the time between requests (per request of each look), see ``look``
         self._last: Optional[float] = None  # when a look last found new requests
         self._arrived = 0  # requests arrived since the last look
         self._joined = False  # ... and found others queued

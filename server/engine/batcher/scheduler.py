@@ -33,9 +33,9 @@ from trtserve.server.engine.batcher.shapes import ShapeRules, describe_profiles
 from trtserve.server.errors import (DeadlineExceeded, Internal, InvalidArgument, QueueFull, QueueTimeout,
                                     TrtServeError, Unavailable)
 from trtserve.server.events import Observer
-from trtserve.server.process.alarm import Alarm
 from trtserve.server.engine.executor.pool import ExecutorPool
 from trtserve.server.engine.repository.model_config import ModelSpec
+from trtserve.server.process.alarm import Alarm
 
 log = logging.getLogger("trtserve.batcher")
 
