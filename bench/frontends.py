@@ -19,8 +19,11 @@ every request, as most clients set one. Per row: requests/s, p50 and p99 (perf_a
 (delta nv_inference_count / delta nv_inference_exec_count from /metrics, summed over the model's label sets,
 before and after the level) and the server's CPU (utime + stime of the server process and all its descendants,
 from /proc, delta over the perf_analyzer run / its wall time, in cores). Medians over rounds. A server that does
-not start, or a level that fails, reads "failed". ``--write PATH`` also writes the table and its run details as a
-Markdown page (docs/benchmarks/frontends-2core.md quotes such tables; it is not overwritten).
+not start, or a level that fails, reads "failed". The goal lines give each round's throughput ratio beside the
+verdict on the medians. ``--per-process`` adds a table of CPU per request: the whole server, its front ends, its
+engine, and the rest of the machine (/proc/stat's busy time less the server's: the load generator, which shares the
+cores). ``--write PATH`` also writes the tables and the run's details as a Markdown page
+(docs/benchmarks/frontends-2core.md quotes such tables; it is not overwritten).
 """
 from __future__ import annotations
 
@@ -141,6 +144,25 @@ def steal_cores(before: Optional[int], after: Optional[int], wall_s: float, hz: 
     return None if before is None or after is None else cpu_cores(before, after, wall_s, hz)
 
 
+def busy_ticks(read: Optional[Callable[[str], Optional[str]]] = None) -> Optional[int]:
+    """CPU time the whole machine spent running anything so far (ticks, all CPUs; /proc/stat: user, nice, system,
+    irq and softirq; guest time is inside user). With the server's own share taken out, what is left is the load
+    generator's (and the rest of the machine's), which on a box they share decides as much as the server's.
+    None where /proc/stat cannot be read."""
+    text = (read or _read)("/proc/stat") or ""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu" and len(fields) > 7:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+            return user + nice + system + irq + softirq
+    return None
+
+
+def per_request_us(cores: Optional[float], rps: Optional[float]) -> Optional[float]:
+    """CPU per request in microseconds from cores used at ``rps`` requests/s (None when either is unknown)."""
+    return None if cores is None or not rps else cores / rps * 1e6
+
+
 def median_row(samples: Sequence[Optional[dict]]) -> Optional[dict]:
     """Per-key median over the rounds that succeeded (None when none did); ``n`` is how many did."""
     ok = [s for s in samples if s is not None]
@@ -174,10 +196,18 @@ def table_rows(servers: Sequence[str], levels: Sequence[int], results: Mapping[T
     return out
 
 
-def goal_lines(servers: Sequence[str], levels: Sequence[int], results: Mapping[Tuple[str, int], Optional[dict]]
-               ) -> List[str]:
+def round_ratios(server: Sequence[Optional[dict]], ceiling: Sequence[Optional[dict]]) -> List[float]:
+    """The server's requests/s over the ceiling's, round by round (the i-th sample of each is round i; a round in
+    which either failed is left out): the two ran minutes apart at most, so these ratios are steadier than the
+    ratio of two medians on a box whose speed moves from hour to hour."""
+    return [r["rps"] / c["rps"] for r, c in zip(server, ceiling) if r is not None and c is not None and c["rps"]]
+
+
+def goal_lines(servers: Sequence[str], levels: Sequence[int], results: Mapping[Tuple[str, int], Optional[dict]],
+               rounds: Optional[Mapping[Tuple[str, int], Sequence[Optional[dict]]]] = None) -> List[str]:
     """Issue 17's 2-core goals, one line per trtserve server and level: at GOAL_LEVEL and above, throughput
-    >= the ceiling's with mean batch >= GOAL_BATCH; at concurrency 1, p50 within GOAL_P50_MS of the ceiling's."""
+    >= the ceiling's with mean batch >= GOAL_BATCH; at concurrency 1, p50 within GOAL_P50_MS of the ceiling's.
+    ``rounds``: each round's samples, to show each round's throughput ratio beside the verdict on the medians."""
     lines = []
     for server in servers:
         if server.startswith(("ceiling", "baseline")):
@@ -203,24 +233,45 @@ def goal_lines(servers: Sequence[str], levels: Sequence[int], results: Mapping[T
                 verdict = "MET" if ok_t and ok_b else "MISSED: " + ", ".join(
                     ([f"throughput {(1 - ratio) * 100:.0f}% short"] if not ok_t else [])
                     + ([f"mean batch {_fmt(mb, '.1f')} < {GOAL_BATCH:g}"] if not ok_b else []))
+                each = round_ratios(rounds.get((server, level), ()), rounds.get(("ceiling", level), ())) \
+                    if rounds is not None else []
+                per_round = f"; rounds {', '.join(f'{x:.2f}x' for x in each)}" if len(each) > 1 else ""
                 lines.append(f"- {server}, concurrency {level}: {r['rps']:.0f} vs ceiling {c['rps']:.0f} req/s "
-                             f"({ratio:.2f}x, goal >= 1.00x), mean batch {_fmt(mb, '.1f')} (goal >= {GOAL_BATCH:g}): "
-                             f"{verdict}")
+                             f"({ratio:.2f}x, goal >= 1.00x{per_round}), mean batch {_fmt(mb, '.1f')} "
+                             f"(goal >= {GOAL_BATCH:g}): {verdict}")
     return lines
 
 
 HEADER = ["server", "concurrency", "req/s", "p50 ms", "p99 ms", "mean batch", "server CPU (cores)"]
+PROCESS_HEADER = ["server", "concurrency", "req/s", "server us/req", "front ends us/req", "engine us/req",
+                  "rest of the machine us/req"]
 
 
-def render_text(rows: List[List[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADER)]
+def process_rows(servers: Sequence[str], levels: Sequence[int],
+                 results: Mapping[Tuple[str, int], Optional[dict]]) -> List[List[str]]:
+    """``--per-process``: CPU per request of the whole server, of its front ends and of its engine (n/a for the
+    ceiling, one process), and of everything else the machine ran meanwhile (the load generator)."""
+    out = []
+    for level in levels:
+        for server in servers:
+            r = results.get((server, level))
+            if r is None:
+                out.append([server, str(level)] + ["failed"] * 5)
+                continue
+            out.append([server, str(level), _fmt(r["rps"], ".0f")]
+                       + [_fmt(r.get(k), ".0f") for k in ("server_us", "frontends_us", "engine_us", "rest_us")])
+    return out
+
+
+def render_text(rows: List[List[str]], header: Sequence[str] = HEADER) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(HEADER)] + [line(r) for r in rows])
+    return "\n".join([line(header)] + [line(r) for r in rows])
 
 
-def render_markdown(rows: List[List[str]]) -> str:
-    return "\n".join(["| " + " | ".join(HEADER) + " |", "|---|" + "---:|" * (len(HEADER) - 1)]
+def render_markdown(rows: List[List[str]], header: Sequence[str] = HEADER) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
 
@@ -459,26 +510,45 @@ def run_trtserve_bench(url: str, level: int, duration: float, timeout_s: float) 
 
 
 def measure(server: Server, pa: str, level: int, duration: float, hz: int,
-            timeout_s: Optional[float] = None) -> Optional[dict]:
-    """One level against ``server``: perf_analyzer, or ``trtserve bench`` with that deadline when ``timeout_s``."""
+            timeout_s: Optional[float] = None, per_process: bool = False) -> Optional[dict]:
+    """One level against ``server``: perf_analyzer, or ``trtserve bench`` with that deadline when ``timeout_s``;
+    ``per_process``: also the CPU per request by process (``process_rows``)."""
     if not server.alive():
         return None
     try:
         before = batch_counts(server.metrics()) if server.metrics_port is not None else None
         assert server.proc is not None
+        roles0, busy0 = (role_ticks(server.proc.pid), busy_ticks()) if per_process else ({}, None)
         t0, c0, s0 = time.monotonic(), process_tree_ticks(server.proc.pid), steal_ticks()
         r = (run_perf_analyzer(pa, server.url, level, duration) if timeout_s is None
              else run_trtserve_bench(server.url, level, duration, timeout_s))
         c1, t1, s1 = process_tree_ticks(server.proc.pid), time.monotonic(), steal_ticks()
+        roles1, busy1 = (role_ticks(server.proc.pid), busy_ticks()) if per_process else ({}, None)
         if r is None:
             return None
         r["cpu_cores"] = cpu_cores(c0, c1, t1 - t0, hz)
+        if per_process:
+            r.update(_by_process(r, roles0, roles1, busy0, busy1, t1 - t0, hz))
         r["steal_cores"] = steal_cores(s0, s1, t1 - t0, hz)
         r["mean_batch"] = mean_batch(before, batch_counts(server.metrics())) if before is not None else None
         return r
     except Exception as e:  # a server that died or whose /metrics broke: this level failed, the run goes on
         print(f"{server.name} concurrency {level}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return None
+
+
+def _by_process(r: Mapping[str, float], roles0: Mapping[str, int], roles1: Mapping[str, int], busy0: Optional[int],
+                busy1: Optional[int], wall_s: float, hz: int) -> Dict[str, Optional[float]]:
+    """CPU per request (us) of the server, its front ends and engine (None for a server without them), and the rest
+    of the machine, from ``measure``'s readings around one level."""
+    rps = r["rps"]
+    cores = role_cores(roles0, roles1, wall_s, hz)
+    split = any(k.startswith(("engine ", "frontend ")) for k in roles1)
+    rest = None if busy0 is None or busy1 is None else cpu_cores(busy0, busy1, wall_s, hz) - r["cpu_cores"]
+    return {"server_us": per_request_us(r["cpu_cores"], rps),
+            "frontends_us": per_request_us(cores["frontends"], rps) if split else None,
+            "engine_us": per_request_us(cores["engine"], rps) if split else None,
+            "rest_us": per_request_us(rest, rps)}
 
 
 def _commit(where: Optional[pathlib.Path] = None) -> str:
@@ -539,6 +609,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--registered-ceiling", action="store_true",
                    help="also the ceiling on uvloop with only the inference methods registered with grpc, as "
                         "trtserve registers them (what that choice gives a bare server)")
+    p.add_argument("--per-process", action="store_true",
+                   help="also a table of CPU per request: the whole server, its front ends, its engine, and the rest "
+                        "of the machine (the load generator, which shares the cores)")
     p.add_argument("--trtserve-bench", type=float, default=None, metavar="TIMEOUT_S",
                    help="load with `trtserve bench` instead of perf_analyzer, every request with this deadline")
     a = p.parse_args(argv)
@@ -586,7 +659,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for level in levels:
                     k = (rnd + levels.index(level)) % len(servers)
                     for s in servers[k:] + servers[:k]:  # rotate who goes first
-                        r = measure(s, pa, level, a.duration, hz, a.trtserve_bench)
+                        r = measure(s, pa, level, a.duration, hz, a.trtserve_bench, a.per_process)
                         samples[(s.name, level)].append(r)
                         cells = table_rows([s.name], [level], {(s.name, level): r})[0]
                         steal = "" if r is None or r.get("steal_cores") is None else f" | steal {r['steal_cores']:.2f}"
@@ -596,15 +669,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                 s.stop()
     results = {key: median_row(v) for key, v in samples.items()}
     rows = table_rows(names, levels, results)
-    goals = goal_lines(names, levels, results)
+    goals = goal_lines(names, levels, results, samples)
+    by_process = process_rows(names, levels, results) if a.per_process else []
     print()
     print(render_text(rows))
+    if by_process:
+        print()
+        print(render_text(by_process, PROCESS_HEADER))
     print()
     print("\n".join(goals))
     if notes:
         print("\n" + "\n".join(notes))
     if a.write is not None:
-        md = ["# trtserve front ends vs the grpc.aio ceiling (2-core box)\n",
+        md: List[str] = ["# trtserve front ends vs the grpc.aio ceiling (2-core box)\n",
               f"- machine: {machine}", f"- command: `{command}`", f"- date: {date}", f"- commit: {_commit()}"
               + (f"; baseline fN: commit {_commit(a.baseline)}" if a.baseline is not None else ""),
               f"- model: MLP 64->256->256->16, ONNX Runtime 1 intra-op thread, max_batch_size 32, dynamic batching "
@@ -612,8 +689,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1; medians of {a.rounds} round(s), servers interleaved "
               "per level", "- mean batch: delta nv_inference_count / delta nv_inference_exec_count from /metrics; "
               "server CPU: utime+stime of the server and all its descendants over the perf_analyzer run / its wall "
-              "time (load generator and server share the cores)", "", render_markdown(rows), "",
-              "## Goals (issue 17)", ""] + goals + (["", "## Failures", ""] + notes if notes else [])
+              "time (load generator and server share the cores)", "", render_markdown(rows), ""]
+        if by_process:
+            md += ["## CPU per request by process", "", render_markdown(by_process, PROCESS_HEADER), ""]
+        md += ["## Goals (issue 17)", ""] + goals + (["", "## Failures", ""] + notes if notes else [])
         a.write.write_text("\n".join(md) + "\n")
         print(f"wrote {a.write}")
     return 0

@@ -139,8 +139,33 @@ def test_frontends_mean_batch_from_metrics_and_goal_lines() -> None:
     assert rows[2][5] == "n/a" and rows[-1][2:] == ["failed"] * 5
     goals = goal_lines(["ceiling", "trtserve f2"], [1, 8, 32, 128], results)
     assert len(goals) == 3  # level 8 has no goal
-    assert "MET" in goals[0] and "MET" in goals[1] and "1.10x" in goals[1]
+    assert "MET" in goals[0] and "MET" in goals[1] and "1.10x" in goals[1] and "rounds" not in goals[1]
     assert "no verdict" in goals[2]
+    # each round's ratio beside the verdict on the medians; a round where either side failed is left out
+    rounds = {("ceiling", 32): [{"rps": 3000.0}, {"rps": 2000.0}, None, {"rps": 4000.0}],
+              ("trtserve f2", 32): [{"rps": 3300.0}, {"rps": 1900.0}, {"rps": 9999.0}, None]}
+    goals = goal_lines(["ceiling", "trtserve f2"], [32], results, rounds)
+    assert "(1.10x, goal >= 1.00x; rounds 1.10x, 0.95x)" in goals[0]
+
+
+def test_frontends_cpu_per_request_by_process() -> None:
+    from bench.frontends import _by_process, busy_ticks, process_rows
+
+    stat = "cpu  2000 10 500 7201812 21682 30 60 18307 0 0\ncpu0 1 0 1 1 1 0 1 9 0 0\n"
+    assert busy_ticks({"/proc/stat": stat}.get) == 2000 + 10 + 500 + 30 + 60  # neither idle, iowait nor steal
+    assert busy_ticks({}.get) is None
+    # a trtserve server over 2 s at 100 ticks/s: 1.5 cores in all, front ends 1.0, engine 0.4; the machine 2.0
+    roles0 = {"other 10": 0, "engine 30": 0, "loop 30": 0, "frontend 20": 0, "frontend 21": 0}
+    roles1 = {"other 10": 20, "engine 30": 80, "loop 30": 70, "frontend 20": 120, "frontend 21": 80}
+    r = {"rps": 4000.0, "cpu_cores": 1.5}
+    split = _by_process(r, roles0, roles1, 1000, 1400, 2.0, 100)
+    assert split == pytest.approx({"server_us": 375.0, "frontends_us": 250.0, "engine_us": 100.0, "rest_us": 125.0})
+    # the ceiling is one process: no front ends or engine of its own; no /proc/stat: no rest
+    ceiling = _by_process({"rps": 5000.0, "cpu_cores": 1.0}, {"other 5": 0}, {"other 5": 200}, None, None, 2.0, 100)
+    assert ceiling == {"server_us": 200.0, "frontends_us": None, "engine_us": None, "rest_us": None}
+    rows = process_rows(["ceiling", "trtserve f2"], [32], {("ceiling", 32): dict(ceiling, rps=5000.0),
+                                                          ("trtserve f2", 32): None})
+    assert rows == [["ceiling", "32", "5000", "200", "n/a", "n/a", "n/a"], ["trtserve f2", "32"] + ["failed"] * 5]
 
 
 def test_http_bench_rows_and_verdicts() -> None:
