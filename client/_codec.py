@@ -24,9 +24,17 @@ __all__ = [
     "encode_tensor",
     "float32_to_bf16",
     "load_request",
+    "version_str",
 ]
 
 ParamValue = Union[bool, int, float, str]
+Version = Optional[Union[str, int]]  # a model version as the clients take it: None (the server's choice), 3 or "3"
+
+
+def version_str(version: Version) -> str:
+    """The protocol's ``model_version`` field: empty for the server's choice."""
+    return "" if version is None else str(version)
+
 # names with a meaning fixed by the protocol; set through infer()'s own arguments
 _RESERVED_PARAMS = ("priority", "timeout", "sequence_id", "sequence_start", "sequence_end")
 

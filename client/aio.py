@@ -11,18 +11,14 @@ import numpy as np
 
 from trtserve.client import _codec
 from trtserve.client._channel import KeepAliveOptions, TlsOptions, Url, make_spec
+from trtserve.client._codec import Version
+from trtserve.client._codec import version_str as _v
 from trtserve.client._errors import from_rpc_error
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.protos import model_config_pb2 as mc
 
 __all__ = ["AsyncInferenceClient"]
-
-Version = Optional[Union[str, int]]
-
-
-def _v(version: Version) -> str:
-    return "" if version is None else str(version)
 
 
 class AsyncInferenceClient:
