@@ -681,7 +681,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if notes:
         print("\n" + "\n".join(notes))
     if a.write is not None:
-        md: List[str] = ["# trtserve front ends vs the grpc.aio ceiling (2-core box)\n",
+        md = ["# trtserve front ends vs the grpc.aio ceiling (2-core box)\n",
               f"- machine: {machine}", f"- command: `{command}`", f"- date: {date}", f"- commit: {_commit()}"
               + (f"; baseline fN: commit {_commit(a.baseline)}" if a.baseline is not None else ""),
               f"- model: MLP 64->256->256->16, ONNX Runtime 1 intra-op thread, max_batch_size 32, dynamic batching "

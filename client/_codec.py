@@ -35,6 +35,7 @@ def version_str(version: Version) -> str:
     """The protocol's ``model_version`` field: empty for the server's choice."""
     return "" if version is None else str(version)
 
+
 # names with a meaning fixed by the protocol; set through infer()'s own arguments
 _RESERVED_PARAMS = ("priority", "timeout", "sequence_id", "sequence_start", "sequence_end")
 
