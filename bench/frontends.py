@@ -179,21 +179,24 @@ def _fmt(v: Optional[float], spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def table_rows(servers: Sequence[str], levels: Sequence[int], results: Mapping[Tuple[str, int], Optional[dict]]
-               ) -> List[List[str]]:
-    """[server, level, req/s, p50 ms, p99 ms, mean batch, CPU cores] per server and level, "failed" where the
-    measurement failed."""
+def _rows(servers: Sequence[str], levels: Sequence[int], results: Mapping[Tuple[str, int], Optional[dict]],
+          cells: Callable[[dict], List[str]]) -> List[List[str]]:
+    """[server, level, *cells(result)] per level and server, "failed" in every cell where the measurement failed."""
     out = []
     for level in levels:
         for server in servers:
             r = results.get((server, level))
-            if r is None:
-                out.append([server, str(level)] + ["failed"] * 5)
-            else:
-                out.append([server, str(level), _fmt(r["rps"], ".0f"), _fmt(r["p50_ms"], ".2f"),
-                            _fmt(r["p99_ms"], ".2f"), _fmt(r.get("mean_batch"), ".1f"),
-                            _fmt(r.get("cpu_cores"), ".2f")])
+            out.append([server, str(level)] + (["failed"] * 5 if r is None else cells(r)))
     return out
+
+
+def table_rows(servers: Sequence[str], levels: Sequence[int], results: Mapping[Tuple[str, int], Optional[dict]]
+               ) -> List[List[str]]:
+    """[server, level, req/s, p50 ms, p99 ms, mean batch, CPU cores] per server and level, "failed" where the
+    measurement failed."""
+    return _rows(servers, levels, results, lambda r: [
+        _fmt(r["rps"], ".0f"), _fmt(r["p50_ms"], ".2f"), _fmt(r["p99_ms"], ".2f"), _fmt(r.get("mean_batch"), ".1f"),
+        _fmt(r.get("cpu_cores"), ".2f")])
 
 
 def round_ratios(server: Sequence[Optional[dict]], ceiling: Sequence[Optional[dict]]) -> List[float]:
@@ -251,16 +254,8 @@ def process_rows(servers: Sequence[str], levels: Sequence[int],
                  results: Mapping[Tuple[str, int], Optional[dict]]) -> List[List[str]]:
     """``--per-process``: CPU per request of the whole server, of its front ends and of its engine (n/a for the
     ceiling, one process), and of everything else the machine ran meanwhile (the load generator)."""
-    out = []
-    for level in levels:
-        for server in servers:
-            r = results.get((server, level))
-            if r is None:
-                out.append([server, str(level)] + ["failed"] * 5)
-                continue
-            out.append([server, str(level), _fmt(r["rps"], ".0f")]
-                       + [_fmt(r.get(k), ".0f") for k in ("server_us", "frontends_us", "engine_us", "rest_us")])
-    return out
+    return _rows(servers, levels, results, lambda r: [_fmt(r["rps"], ".0f")] + [
+        _fmt(r.get(k), ".0f") for k in ("server_us", "frontends_us", "engine_us", "rest_us")])
 
 
 def render_text(rows: List[List[str]], header: Sequence[str] = HEADER) -> str:
