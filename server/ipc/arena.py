@@ -150,19 +150,20 @@ class Arena:
 
     def _checked(self, offsets: Offsets, nbytes: int) -> List[int]:
         """A few ``offsets`` as ints, each [offset, offset + nbytes) checked to lie in the arena."""
-        if self._memory is None:
-            raise ValueError("the arena is closed")
         starts = offsets.tolist() if isinstance(offsets, np.ndarray) else list(offsets)
-        if starts and (min(starts) < 0 or max(starts) + nbytes > self.size):
-            raise ValueError(f"an arena range of {nbytes} bytes at offsets {min(starts)}..{max(starts)} "
-                             f"is outside the arena ({self.size} bytes)")
+        self._check_span(min(starts, default=None), max(starts, default=None), nbytes)
         return starts
 
     def _check_many(self, offsets: np.ndarray, nbytes: int) -> None:
+        lo, hi = (int(offsets.min()), int(offsets.max())) if len(offsets) else (None, None)
+        self._check_span(lo, hi, nbytes)
+
+    def _check_span(self, lo: Optional[int], hi: Optional[int], nbytes: int) -> None:
+        """Ranges of ``nbytes`` at offsets from ``lo`` to ``hi`` (None: there are none) lie in the open arena."""
         if self._memory is None:
             raise ValueError("the arena is closed")
-        if len(offsets) and (int(offsets.min()) < 0 or int(offsets.max()) + nbytes > self.size):
-            raise ValueError(f"an arena range of {nbytes} bytes at offsets {int(offsets.min())}..{int(offsets.max())} "
+        if lo is not None and hi is not None and (lo < 0 or hi + nbytes > self.size):
+            raise ValueError(f"an arena range of {nbytes} bytes at offsets {lo}..{hi} "
                              f"is outside the arena ({self.size} bytes)")
 
     def _lines(self) -> np.ndarray:
