@@ -111,6 +111,25 @@ def test_an_expiry_not_read_before_a_cancel_does_not_fire() -> None:
     assert loops.run(body, "asyncio") == []
 
 
+def test_an_expiry_not_read_before_a_new_set_does_not_fire_early() -> None:
+    # setting again re-arms the timer without disarming it first: the re-arming must drop the unread expiry too
+    async def body() -> List[str]:
+        calls: List[str] = []
+        a = Alarm(lambda: calls.append("fired"))
+        try:
+            a.set(0.0001)
+            time.sleep(0.002)  # blocks the loop past the expiry
+            a.set(0.05)
+            await asyncio.sleep(0.01)
+            calls.append("before the new moment")
+            await asyncio.sleep(0.08)
+        finally:
+            a.close()
+        return calls
+
+    assert loops.run(body, "asyncio") == ["before the new moment", "fired"]
+
+
 def test_close_gives_the_descriptor_back() -> None:
     async def body() -> int:
         a = Alarm(lambda: None)

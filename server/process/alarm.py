@@ -70,14 +70,18 @@ class Alarm:
 
     def set(self, delay_s: float) -> None:
         """Fires ``delay_s`` from now (at once, on the next loop turn, for 0 or less), replacing any earlier set."""
+        if delay_s > 0 and self._timer is not None:
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+            self._timer.arm(max(1, int(delay_s * 1e9)))  # replaces an earlier arming: no disarm first
+            self._armed = True
+            return
         self.cancel()
         if delay_s <= 0:
             self._handle = self._loop.call_soon(self._callback)
-        elif self._timer is None:
-            self._handle = self._loop.call_later(max(delay_s, _MS), self._callback)
         else:
-            self._timer.arm(max(1, int(delay_s * 1e9)))
-            self._armed = True
+            self._handle = self._loop.call_later(max(delay_s, _MS), self._callback)
 
     def cancel(self) -> None:
         """Nothing fires until the next ``set``, even an expiry the loop has not read yet."""
