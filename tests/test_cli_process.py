@@ -24,26 +24,76 @@ def test_switch_interval_auto_follows_tensorrt(monkeypatch: pytest.MonkeyPatch) 
             cli._switch_interval_us(bad)
 
 
-def test_bench_turns_the_eventengine_client_off_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_and_bench_turn_eventengine_io_off_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
-    cli._bench_grpc_experiments(["infer", "--model", "m"])
-    assert "GRPC_EXPERIMENTS" not in os.environ  # only the load generator
-    cli._bench_grpc_experiments(["bench", "--model", "m"])
-    assert os.environ["GRPC_EXPERIMENTS"] == "-event_engine_client"
+    cli._grpc_experiments(["infer", "--model", "m"])
+    assert "GRPC_EXPERIMENTS" not in os.environ  # the server and the load generator only
+    cli._grpc_experiments([])
+    assert "GRPC_EXPERIMENTS" not in os.environ
+    cli._grpc_experiments(["bench", "--model", "m"])
+    assert os.environ["GRPC_EXPERIMENTS"] == cli.BENCH_GRPC_EXPERIMENTS == "-event_engine_client"
+    monkeypatch.delenv("GRPC_EXPERIMENTS")
+    cli._grpc_experiments(["serve", "--frontends", "2"])
+    assert os.environ["GRPC_EXPERIMENTS"] == cli.SERVE_GRPC_EXPERIMENTS
     monkeypatch.setenv("GRPC_EXPERIMENTS", "")  # the user's choice, even an empty one, stands
-    cli._bench_grpc_experiments(["bench"])
+    cli._grpc_experiments(["serve"])
+    cli._grpc_experiments(["bench"])
     assert os.environ["GRPC_EXPERIMENTS"] == ""
 
 
-def test_bench_process_sets_it_before_grpc_loads() -> None:
+def test_grpcio_release_is_read_without_importing_grpc(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+    import importlib.util
+
+    import grpc
+
+    expected = tuple(int(x) for x in grpc.__version__.split(".")[:2])
+    assert cli._grpcio_release() == expected
+
+    def no_metadata(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_metadata)  # a site without metadata: the version file
+    assert cli._grpcio_release() == expected
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert cli._grpcio_release() is None  # neither: gRPC's defaults are left alone
+    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+    cli._grpc_experiments(["serve"])
+    assert "GRPC_EXPERIMENTS" not in os.environ
+
+
+@pytest.mark.parametrize("command", ["bench", "serve"])
+def test_the_process_sets_it_before_grpc_loads(command: str) -> None:
     """In a fresh interpreter, main() must run before anything imports grpc, or gRPC never reads the variable."""
     code = ("import os, sys\nfrom trtserve import cli\nassert 'grpc' not in sys.modules\n"
-            "try:\n    cli.main(['bench', '--help'])\nexcept SystemExit:\n    pass\n"
+            f"try:\n    cli.main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
             "print(os.environ.get('GRPC_EXPERIMENTS'))")
     env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "-event_engine_client"
+    expected = cli.BENCH_GRPC_EXPERIMENTS if command == "bench" else cli.SERVE_GRPC_EXPERIMENTS
+    assert out.stdout.strip().splitlines()[-1] == expected
+
+
+@pytest.mark.parametrize("value", [cli.SERVE_GRPC_EXPERIMENTS, cli.BENCH_GRPC_EXPERIMENTS])
+def test_the_installed_grpc_knows_every_experiment_named(value: str) -> None:
+    """gRPC only logs a name it does not know and goes on with its defaults: a release that drops one of these would
+    silently serve as before, so this fails instead."""
+    code = ("import asyncio, grpc\n"
+            "async def main():\n"
+            "    server = grpc.aio.server()\n"
+            "    server.add_insecure_port('127.0.0.1:0')\n"
+            "    await server.start()\n"
+            "    await server.stop(0)\n"
+            "asyncio.run(main())\n"
+            "grpc.insecure_channel('127.0.0.1:1').close()\n")
+    env = dict(os.environ, GRPC_EXPERIMENTS=value)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Unknown experiment" not in out.stderr, out.stderr
+    bogus = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, GRPC_EXPERIMENTS="-no_such_experiment_here"))
+    assert "Unknown experiment" in bogus.stderr  # the check above would see one
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")

@@ -20,6 +20,7 @@ import pytest
 
 from tests import models
 from tests.mp import ROOT, Serve, alive, dev_shm, front_end_of, tree
+from trtserve import cli
 from trtserve.protos import grpc_service_pb2 as pb
 from trtserve.protos import grpc_service_pb2_grpc as pb_grpc
 from trtserve.server.examples import REPOSITORY as EXAMPLE
@@ -146,6 +147,26 @@ def test_front_ends_run_as_sched_batch_and_the_engine_keeps_its_policy(server):
         assert _policies(normal.roles()["frontend"][0]) == {started_as}
     finally:
         assert normal.stop() == 0
+
+
+def _environ(pid: int) -> Dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+def test_front_ends_serve_grpc_without_eventengine_io_unless_the_user_chose(server):
+    """``trtserve serve`` sets GRPC_EXPERIMENTS for its gRPC servers (cli._grpc_experiments): the front ends inherit
+    it. One the user set stands."""
+    if "GRPC_EXPERIMENTS" in os.environ:
+        pytest.skip("this test run sets GRPC_EXPERIMENTS itself")
+    for pid in server.roles()["frontend"]:
+        assert _environ(pid).get("GRPC_EXPERIMENTS") == cli.SERVE_GRPC_EXPERIMENTS, pid
+    own = Serve(EXAMPLE, frontends=1, metrics=False, env={"GRPC_EXPERIMENTS": ""})
+    try:
+        assert _environ(own.roles()["frontend"][0]).get("GRPC_EXPERIMENTS") == ""
+    finally:
+        assert own.stop() == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")

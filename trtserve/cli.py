@@ -11,7 +11,7 @@ import shlex
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, TypeVar
 
 from trtserve.server.process import loops, placement
 
@@ -590,30 +590,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _bench_grpc_experiments(argv: List[str]) -> None:
-    """For ``trtserve bench``: gRPC's EventEngine client off, unless GRPC_EXPERIMENTS is already set.
+# GRPC_EXPERIMENTS per subcommand where the user has not set it (see _grpc_experiments)
+BENCH_GRPC_EXPERIMENTS = "-event_engine_client"
+SERVE_GRPC_EXPERIMENTS = "-event_engine_listener,-event_engine_for_all_other_endpoints,-event_engine_client"
 
-    With it on (grpcio's default), every blocking call's completion passes between gRPC's own threads and the
-    caller's: 4 voluntary context switches per call against 1 without it, and 50-120 us more client CPU
-    (``python -m bench.client_floor``: grpcio 1.85 on the 2-core VM, 1.80 on the H200 host's 16 cores, where the
-    round trip to a server that answers at once fell from 0.76 to 0.59 ms). A load generator should add as little
-    of its own to the latency it reports as it can (issue #6: agree with perf_analyzer at concurrency 1). gRPC
-    reads the variable once, when it is imported, so this runs before anything imports grpc; the library API is
+
+def _grpc_experiments(argv: List[str]) -> None:
+    """gRPC's EventEngine I/O off for ``trtserve serve`` and ``trtserve bench``, unless GRPC_EXPERIMENTS is already
+    set (the user's choice, even an empty one, stands).
+
+    - ``serve``: with EventEngine's listener and endpoints (grpcio's default) gRPC reads and writes the sockets on a
+      thread pool of its own and hands every event to the thread that polls the completion queue, which hands it to
+      the event loop; without them the polling thread does the I/O itself, a hand-off between threads less per event.
+      A grpc.aio server then spends less CPU per call and serves more where that is the limit (measured beside each
+      other: docs/architecture.md, "gRPC's I/O"). Front-end processes inherit the variable; so does the
+      single-process mode's gRPC server.
+    - ``bench``: with the EventEngine client every blocking call's completion passes between gRPC's own threads and
+      the caller's: 4 voluntary context switches per call against 1 without it, and 50-120 us more client CPU
+      (``python -m bench.client_floor``). A load generator should add as little of its own to the latency it
+      reports as it can (issue #6: agree with perf_analyzer at concurrency 1).
+
+    gRPC reads the variable once, when it is imported, so this runs before anything imports grpc; the library API is
     left as it is."""
-    if "bench" not in argv[:1] or "GRPC_EXPERIMENTS" in os.environ:
-        return
+    value = grpc_experiments_for(argv[0] if argv else "")
+    if value is not None:
+        os.environ["GRPC_EXPERIMENTS"] = value
+
+
+def grpc_experiments_for(command: str) -> Optional[str]:
+    """The GRPC_EXPERIMENTS value ``trtserve COMMAND`` sets (``_grpc_experiments``); None where it sets none: another
+    command, a variable the user set, or a grpcio release it was not measured on."""
+    value = {"serve": SERVE_GRPC_EXPERIMENTS, "bench": BENCH_GRPC_EXPERIMENTS}.get(command)
+    if value is None or "GRPC_EXPERIMENTS" in os.environ:
+        return None
+    release = _grpcio_release()
+    # the releases this was measured on (1.80 and 1.85) carry these experiments; a test fails on one that does not
+    return value if release is not None and release >= (1, 80) else None
+
+
+def _grpcio_release() -> Optional[Tuple[int, int]]:
+    """grpcio's (major, minor) without importing grpc (which would read GRPC_EXPERIMENTS): from the package's
+    metadata, or from the version file grpcio installs (a site without metadata, such as the GPU kit's); None when
+    neither says."""
+    text = None
     try:
         from importlib.metadata import version
 
-        major, minor = (int(x) for x in version("grpcio").split(".")[:2])
-    except Exception:  # noqa: BLE001 - no metadata (e.g. the GPU kit's unpacked site): leave gRPC's defaults
-        return
-    if (major, minor) >= (1, 70):  # the releases this was measured on carry the experiment
-        os.environ["GRPC_EXPERIMENTS"] = "-event_engine_client"
+        text = version("grpcio")
+    except Exception:  # noqa: BLE001 - no metadata
+        import importlib.util
+
+        spec = importlib.util.find_spec("grpc")  # finds the package without running it
+        if spec is not None and spec.submodule_search_locations:
+            path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "_grpcio_metadata.py"
+            try:
+                found = re.search(r"(\d+\.\d+)", path.read_text())
+                text = found.group(1) if found else None
+            except OSError:
+                text = None
+    try:
+        major, minor = (int(x) for x in (text or "").split(".")[:2])
+    except ValueError:
+        return None
+    return major, minor
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    _bench_grpc_experiments(list(sys.argv[1:] if argv is None else argv))
+    _grpc_experiments(list(sys.argv[1:] if argv is None else argv))
     try:
         parser = build_parser()  # reads the variables, so even --help reports a bad one
         args, extra = parser.parse_known_args(argv)
