@@ -6,7 +6,9 @@ with 1 intra-op thread, max_batch_size 32, dynamic batching with a 2 ms queue de
 500 us; the issue's numbers use 2 ms), 1 row per request. For every concurrency level, and for every round, each
 server is measured in turn (the order rotates per round), so drift on a shared machine affects all alike:
 
-- ``ceiling``: bench/ceiling_server.py, decode and return a precomputed response (no model, no batching);
+- ``ceiling``: bench/ceiling_server.py, decode and return a precomputed response (no model, no batching), on the
+  gRPC I/O ``trtserve serve`` sets up (GRPC_EXPERIMENTS, trtserve/cli.py), so that only what they serve differs;
+  ``--ceiling-grpc-defaults`` adds it on grpcio's defaults (``ceiling grpc defaults``);
 - ``trtserve fN``: ``trtserve serve --frontends N`` (N = 0: the single-process mode);
 - ``baseline fN`` (with ``--baseline DIR``): the same server run from another checkout, e.g. a git worktree of an
   older commit, so a change is measured beside what it changed in one run;
@@ -354,9 +356,10 @@ class Server:
     """One server under test, started in its own session (so whatever it spawns can be stopped with it)."""
 
     def __init__(self, name: str, cmd: List[str], port: int, metrics_port: Optional[int],
-                 checkout: Optional[pathlib.Path] = None) -> None:
+                 checkout: Optional[pathlib.Path] = None, env: Optional[Mapping[str, str]] = None) -> None:
         self.name, self.cmd, self.port, self.metrics_port = name, cmd, port, metrics_port
         self.checkout = checkout  # another checkout to run the server from (its code, not this one's)
+        self.env = dict(env or {})  # variables set for this server only
         # `trtserve serve` prints this once every front end serves: before it, the first front end may answer
         # while others are still starting, and a load that connects then has its connections spread (by
         # SO_REUSEPORT) over only the front ends already bound, for the whole run
@@ -368,10 +371,9 @@ class Server:
         self.failure = ""  # why it did not start, for the notes under the table
 
     def start(self, timeout: float = 120.0) -> bool:
-        env = None
+        env = dict(os.environ, **self.env)
         if self.checkout is not None:  # `python -m` puts the working folder first on the path: that checkout wins
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                p for p in (str(self.checkout), os.environ.get("PYTHONPATH", "")) if p))
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.checkout), os.environ.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      cwd=self.checkout or ROOT, start_new_session=True, env=env)
         threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the server's logging
@@ -437,11 +439,17 @@ class Server:
         self.proc = None
 
 
-def make_ceiling(name: str, event_loop: str = "asyncio", registered: str = "all") -> Server:
+def make_ceiling(name: str, event_loop: str = "asyncio", registered: str = "all",
+                 grpc_defaults: bool = False) -> Server:
+    """The ceiling server on gRPC's I/O as ``trtserve serve`` sets it up (GRPC_EXPERIMENTS, trtserve/cli.py), so the
+    two differ only in what they serve; ``grpc_defaults``: on grpcio's own defaults instead."""
+    from trtserve import cli
+
     port = free_port()
     cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", MODEL,
            "--inputs", str(N_IN), "--outputs", str(N_OUT), "--event-loop", event_loop, "--registered", registered]
-    return Server(name, cmd, port, None)
+    experiments = None if grpc_defaults else cli.grpc_experiments_for("serve")
+    return Server(name, cmd, port, None, env={"GRPC_EXPERIMENTS": experiments} if experiments is not None else None)
 
 
 def make_server(name: str, repo: pathlib.Path, args: Sequence[str],
@@ -598,6 +606,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--also", action="append", default=[], metavar="NAME=ARGS",
                    help="one more trtserve server in the same run, named NAME, started with these `trtserve serve` "
                         "arguments (e.g. 'f2 normal=--frontends 2 --frontend-scheduling normal'); repeatable")
+    p.add_argument("--ceiling-grpc-defaults", action="store_true",
+                   help="also the ceiling on grpcio's default I/O (EventEngine); the goals are read against the "
+                        "ceiling on the gRPC I/O `trtserve serve` sets up (trtserve/cli.py, GRPC_EXPERIMENTS)")
     p.add_argument("--uvloop-ceiling", action="store_true",
                    help="also the ceiling server on uvloop (trtserve's loop where uvloop is installed); the goals are "
                         "read against the asyncio ceiling, as issue 17 set them")
@@ -620,6 +631,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(pathlib.Path(tmp))
         servers = [make_ceiling("ceiling")]
+        if a.ceiling_grpc_defaults:
+            servers.append(make_ceiling("ceiling grpc defaults", grpc_defaults=True))
         if a.uvloop_ceiling:
             servers.append(make_ceiling("ceiling uvloop", "uvloop"))
         if a.registered_ceiling:

@@ -2,14 +2,16 @@
 
 ``python -m bench.gpu_frontends [--frontends 1,2,4,8] [--concurrency 256] [--pa-processes 4] [--duration 5]
 [--server-cpus 0-9] [--client-cpus 10-15] [--protocols grpc,http] [--graphs] [--instances 2] [--queue-delay-us 0]
-[--baseline DIR] [--also 'NAME=ARGS'] [--profile DIR]``
+[--ceiling-grpc-defaults] [--baseline DIR] [--also 'NAME=ARGS'] [--profile DIR]``
 builds the small MLP (64->256->256->16, FP32) as a TensorRT model (2 instances, max_batch_size 256, dynamic
 batching; CUDA graphs with --graphs; --instances and --queue-delay-us change the model's instance count and
 max_queue_delay_microseconds), starts ``trtserve serve --frontends N`` pinned to the server CPUs, and drives
 it with several perf_analyzer processes pinned to the client CPUs (their concurrencies add up to --concurrency;
 each context its own connection), all measuring at once. Beside it, in the same run, the bare grpc.aio ceiling
-server (bench/ceiling_server.py) on the same CPUs, with --baseline the same servers run from another checkout
-(an older commit), and with --also a server started with other arguments (an option on and off). Prints
+server (bench/ceiling_server.py) on the same CPUs and on the gRPC I/O ``trtserve serve`` sets up (GRPC_EXPERIMENTS,
+trtserve/cli.py; --ceiling-grpc-defaults adds one on grpcio's defaults), with --baseline the same servers run from
+another checkout (an older commit), and with --also a server started with other arguments (an option on and off).
+Prints
 requests/s (summed), p50/p99 (the median of the processes' values), the mean formed batch, the server's CPU in
 cores (in all; the engine process and its event loop's thread; the front ends together and the busiest one) and the
 load generators' CPU. With --profile, py-spy samples the engine and one front end of
@@ -88,10 +90,18 @@ def _repo(work: pathlib.Path, graphs: bool = False, instances: int = 2, queue_de
 
 
 def _server(name: str, cmd: List[str], port: int, metrics_port: Optional[int], cpus: Optional[str],
-            checkout: Optional[pathlib.Path] = None) -> fb.Server:
+            checkout: Optional[pathlib.Path] = None, env: Optional[Dict[str, str]] = None) -> fb.Server:
     if cpus:
         cmd = ["taskset", "-c", cpus] + cmd
-    return fb.Server(name, cmd, port, metrics_port, checkout)
+    return fb.Server(name, cmd, port, metrics_port, checkout, env)
+
+
+def _ceiling_env(grpc_defaults: bool) -> Dict[str, str]:
+    """The ceiling on gRPC's I/O as ``trtserve serve`` sets it up (trtserve/cli.py), or on grpcio's defaults."""
+    from trtserve import cli
+
+    experiments = None if grpc_defaults else cli.grpc_experiments_for("serve")
+    return {"GRPC_EXPERIMENTS": experiments} if experiments is not None else {}
 
 
 class _Profiles(threading.Thread):
@@ -133,6 +143,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-ceiling", action="store_true")
     p.add_argument("--uvloop-ceiling", action="store_true",
                    help="also the ceiling server on uvloop, the loop trtserve's processes take where it is installed")
+    p.add_argument("--ceiling-grpc-defaults", action="store_true",
+                   help="also the ceiling on grpcio's default I/O (EventEngine); the others run on the gRPC I/O "
+                        "`trtserve serve` sets up (trtserve/cli.py, GRPC_EXPERIMENTS)")
     p.add_argument("--graphs", action="store_true", help="the model with CUDA graphs on")
     p.add_argument("--instances", type=int, default=2, help="the model's instance count")
     p.add_argument("--queue-delay-us", type=int, default=0, help="the model's max_queue_delay_microseconds")
@@ -171,6 +184,8 @@ def _measure(a: argparse.Namespace, pa: str, spy: Optional[str], work: pathlib.P
     plan: List[tuple] = [] if a.no_ceiling else [("ceiling", None, [])]
     if a.uvloop_ceiling:
         plan.append(("ceiling uvloop", None, ["--event-loop", "uvloop"]))
+    if a.ceiling_grpc_defaults:
+        plan.append(("ceiling grpc defaults", None, []))
     plan += [(f"trtserve f{n}", int(n), ["--frontends", n]) for n in a.frontends.split(",")]
     if a.baseline is not None:
         plan += [(f"baseline f{n}", int(n), ["--frontends", n]) for n in a.frontends.split(",")]
@@ -183,7 +198,7 @@ def _measure(a: argparse.Namespace, pa: str, spy: Optional[str], work: pathlib.P
         if n is None:
             cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", "m", "--inputs", "64",
                    "--outputs", "16", *args]
-            server = _server(name, cmd, port, None, a.server_cpus)
+            server = _server(name, cmd, port, None, a.server_cpus, env=_ceiling_env(name == "ceiling grpc defaults"))
         else:
             mport = fb.free_port()
             cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port",

@@ -325,3 +325,16 @@ def test_ceiling_server_serves_inference_and_metadata_however_methods_are_regist
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_frontends_ceiling_runs_on_the_grpc_io_trtserve_serve_sets_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import frontends
+    from trtserve import cli
+
+    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+    expected = cli.grpc_experiments_for("serve")
+    assert expected == cli.SERVE_GRPC_EXPERIMENTS  # the grpcio the tests run on is one it was measured on
+    assert frontends.make_ceiling("ceiling").env == {"GRPC_EXPERIMENTS": expected}
+    assert frontends.make_ceiling("ceiling grpc defaults", grpc_defaults=True).env == {}
+    monkeypatch.setenv("GRPC_EXPERIMENTS", "-event_engine_client")  # the user's: every server inherits it
+    assert frontends.make_ceiling("ceiling").env == {}
