@@ -11,13 +11,12 @@ each context its own connection), all measuring at once. Beside it, in the same 
 server (bench/ceiling_server.py) on the same CPUs and on the gRPC I/O ``trtserve serve`` sets up (GRPC_EXPERIMENTS,
 trtserve/cli.py; --ceiling-grpc-defaults adds one on grpcio's defaults), with --baseline the same servers run from
 another checkout (an older commit), and with --also a server started with other arguments (an option on and off).
-Prints
-requests/s (summed), p50/p99 (the median of the processes' values), the mean formed batch, the server's CPU in
+Prints requests/s (summed), p50/p99 (the median of the processes' values), the mean formed batch, the server's CPU in
 cores (in all; the engine process and its event loop's thread; the front ends together and the busiest one) and the
-load generators' CPU. With --profile, py-spy samples the engine and one front end of
-each trtserve server under a second load after the measured one (sampling slows what it samples: the table's
-numbers come from the load without it; bench/pyspy.py): their main threads' busiest functions are printed and the
-raw profiles kept in DIR. Needs CUDA, CuPy, TensorRT and perf_analyzer (run it with the GPU kit).
+load generators' CPU. With --profile, py-spy samples the engine and one front end of each trtserve server under a
+second load after the measured one (sampling slows what it samples: the table's numbers come from the load without
+it; bench/pyspy.py): their main threads' busiest functions are printed and the raw profiles kept in DIR. Needs CUDA,
+CuPy, TensorRT and perf_analyzer (run it with the GPU kit).
 """
 from __future__ import annotations
 
