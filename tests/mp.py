@@ -121,8 +121,9 @@ class Serve:
 
     def __init__(self, repo: pathlib.Path, frontends: int = 2, args: Sequence[str] = (), metrics: bool = True,
                  drain_seconds: float = 5.0, new_session: bool = False,
-                 env: Optional[Dict[str, str]] = None) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))  # ``env``: variables set for this server
+                 env: Optional[Dict[str, Optional[str]]] = None) -> None:
+        given = env or {}  # variables set for this server (None: removed)
+        env = {k: v for k, v in dict(os.environ, PYTHONUNBUFFERED="1", **given).items() if v is not None}
         cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port", "0", "--http-port", "0",
                "--metrics-port", "0" if metrics else "-1", "--no-gpu-metrics", "--frontends", str(frontends),
                "--drain-seconds", str(drain_seconds), *args]

@@ -24,15 +24,23 @@ def test_switch_interval_auto_follows_tensorrt(monkeypatch: pytest.MonkeyPatch) 
             cli._switch_interval_us(bad)
 
 
-def test_serve_and_bench_turn_eventengine_io_off_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+@pytest.fixture
+def unset_grpc_experiments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRPC_EXPERIMENTS unset for the test and as it was after it: the code under test sets it in os.environ itself,
+    which monkeypatch undoes only for a variable it has recorded (a test after this one would inherit the value)."""
+    monkeypatch.setenv("GRPC_EXPERIMENTS", "recorded")
+    monkeypatch.delenv("GRPC_EXPERIMENTS")
+
+
+def test_serve_and_bench_turn_eventengine_io_off_only_when_unset(monkeypatch: pytest.MonkeyPatch,
+                                                                  unset_grpc_experiments: None) -> None:
     cli._grpc_experiments(["infer", "--model", "m"])
     assert "GRPC_EXPERIMENTS" not in os.environ  # the server and the load generator only
     cli._grpc_experiments([])
     assert "GRPC_EXPERIMENTS" not in os.environ
     cli._grpc_experiments(["bench", "--model", "m"])
     assert os.environ["GRPC_EXPERIMENTS"] == cli.BENCH_GRPC_EXPERIMENTS == "-event_engine_client"
-    monkeypatch.delenv("GRPC_EXPERIMENTS")
+    del os.environ["GRPC_EXPERIMENTS"]
     cli._grpc_experiments(["serve", "--frontends", "2"])
     assert os.environ["GRPC_EXPERIMENTS"] == cli.SERVE_GRPC_EXPERIMENTS
     monkeypatch.setenv("GRPC_EXPERIMENTS", "")  # the user's choice, even an empty one, stands
@@ -41,7 +49,8 @@ def test_serve_and_bench_turn_eventengine_io_off_only_when_unset(monkeypatch: py
     assert os.environ["GRPC_EXPERIMENTS"] == ""
 
 
-def test_grpcio_release_is_read_without_importing_grpc(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grpcio_release_is_read_without_importing_grpc(monkeypatch: pytest.MonkeyPatch,
+                                                      unset_grpc_experiments: None) -> None:
     import importlib.metadata
     import importlib.util
 
@@ -57,7 +66,6 @@ def test_grpcio_release_is_read_without_importing_grpc(monkeypatch: pytest.Monke
     assert cli._grpcio_release() == expected
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert cli._grpcio_release() is None  # neither: gRPC's defaults are left alone
-    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
     cli._grpc_experiments(["serve"])
     assert "GRPC_EXPERIMENTS" not in os.environ
 

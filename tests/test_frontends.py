@@ -155,18 +155,17 @@ def _environ(pid: int) -> Dict[str, str]:
     return {k.decode(): v.decode() for k, v in pairs}
 
 
-def test_front_ends_serve_grpc_without_eventengine_io_unless_the_user_chose(server):
-    """``trtserve serve`` sets GRPC_EXPERIMENTS for its gRPC servers (cli._grpc_experiments): the front ends inherit
-    it. One the user set stands."""
-    if "GRPC_EXPERIMENTS" in os.environ:
-        pytest.skip("this test run sets GRPC_EXPERIMENTS itself")
-    for pid in server.roles()["frontend"]:
-        assert _environ(pid).get("GRPC_EXPERIMENTS") == cli.SERVE_GRPC_EXPERIMENTS, pid
-    own = Serve(EXAMPLE, frontends=1, metrics=False, env={"GRPC_EXPERIMENTS": ""})
+@pytest.mark.parametrize("given, expected", [(None, cli.SERVE_GRPC_EXPERIMENTS), ("", ""),
+                                             ("-event_engine_client", "-event_engine_client")])
+def test_front_ends_serve_grpc_without_eventengine_io_unless_the_user_chose(given: Optional[str],
+                                                                            expected: str) -> None:
+    """``trtserve serve`` sets GRPC_EXPERIMENTS for its gRPC servers (cli._grpc_experiments) where it is not set: the
+    front ends inherit it. One the user set stands, even an empty one."""
+    s = Serve(EXAMPLE, frontends=1, metrics=False, env={"GRPC_EXPERIMENTS": given})
     try:
-        assert _environ(own.roles()["frontend"][0]).get("GRPC_EXPERIMENTS") == ""
+        assert _environ(s.roles()["frontend"][0]).get("GRPC_EXPERIMENTS") == expected
     finally:
-        assert own.stop() == 0
+        assert s.stop() == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
