@@ -439,17 +439,22 @@ class Server:
         self.proc = None
 
 
-def make_ceiling(name: str, event_loop: str = "asyncio", registered: str = "all",
-                 grpc_defaults: bool = False) -> Server:
-    """The ceiling server on gRPC's I/O as ``trtserve serve`` sets it up (GRPC_EXPERIMENTS, trtserve/cli.py), so the
-    two differ only in what they serve; ``grpc_defaults``: on grpcio's own defaults instead."""
+def ceiling_env(grpc_defaults: bool = False) -> Dict[str, str]:
+    """The ceiling's variables: gRPC's I/O as ``trtserve serve`` sets it up (GRPC_EXPERIMENTS, trtserve/cli.py), so
+    the two differ only in what they serve; ``grpc_defaults``: none, grpcio's own defaults (or the user's variable)."""
     from trtserve import cli
 
+    experiments = None if grpc_defaults else cli.grpc_experiments_for("serve")
+    return {"GRPC_EXPERIMENTS": experiments} if experiments is not None else {}
+
+
+def make_ceiling(name: str, event_loop: str = "asyncio", registered: str = "all",
+                 grpc_defaults: bool = False) -> Server:
+    """The ceiling server, with ``ceiling_env(grpc_defaults)``."""
     port = free_port()
     cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", MODEL,
            "--inputs", str(N_IN), "--outputs", str(N_OUT), "--event-loop", event_loop, "--registered", registered]
-    experiments = None if grpc_defaults else cli.grpc_experiments_for("serve")
-    return Server(name, cmd, port, None, env={"GRPC_EXPERIMENTS": experiments} if experiments is not None else None)
+    return Server(name, cmd, port, None, env=ceiling_env(grpc_defaults))
 
 
 def make_server(name: str, repo: pathlib.Path, args: Sequence[str],

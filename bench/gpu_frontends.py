@@ -95,14 +95,6 @@ def _server(name: str, cmd: List[str], port: int, metrics_port: Optional[int], c
     return fb.Server(name, cmd, port, metrics_port, checkout, env)
 
 
-def _ceiling_env(grpc_defaults: bool) -> Dict[str, str]:
-    """The ceiling on gRPC's I/O as ``trtserve serve`` sets it up (trtserve/cli.py), or on grpcio's defaults."""
-    from trtserve import cli
-
-    experiments = None if grpc_defaults else cli.grpc_experiments_for("serve")
-    return {"GRPC_EXPERIMENTS": experiments} if experiments is not None else {}
-
-
 class _Profiles(threading.Thread):
     """py-spy on the engine and the first front end, started a second into a load (perf_analyzer's connections
     are up by then) for ``seconds``."""
@@ -197,7 +189,7 @@ def _measure(a: argparse.Namespace, pa: str, spy: Optional[str], work: pathlib.P
         if n is None:
             cmd = [sys.executable, "-m", "bench.ceiling_server", "--port", str(port), "--model", "m", "--inputs", "64",
                    "--outputs", "16", *args]
-            server = _server(name, cmd, port, None, a.server_cpus, env=_ceiling_env(name == "ceiling grpc defaults"))
+            server = _server(name, cmd, port, None, a.server_cpus, env=fb.ceiling_env(name == "ceiling grpc defaults"))
         else:
             mport = fb.free_port()
             cmd = [sys.executable, "-m", "trtserve", "serve", "--model-repository", str(repo), "--grpc-port",
