@@ -119,6 +119,91 @@ def test_an_expiry_not_read_is_dropped_by_a_cancel_or_a_new_set(then: str, expec
     assert loops.run(body, "asyncio") == expected
 
 
+class _CountingTimer:
+    """Wraps the alarm's timerfd, counting its armings (each one a system call)."""
+
+    def __init__(self, timer) -> None:
+        self.timer, self.armed = timer, []
+        self.fd = timer.fd
+
+    def arm_at(self, ns: int) -> None:
+        self.armed.append(ns)
+        self.timer.arm_at(ns)
+
+
+def test_the_same_moment_asked_for_again_arms_the_timer_once() -> None:
+    # the batcher sets the alarm on each turn of its loop and cancels it on each wake-up; for the same moment (the
+    # queue delay of the same oldest request) the timer is armed once, and a cancel costs no system call
+    async def body() -> tuple:
+        calls: List[str] = []
+        a = Alarm(lambda: calls.append("fired"))
+        if a._timer is None:
+            a.close()
+            return None, None
+        counting = a._timer = _CountingTimer(a._timer)
+        try:
+            now = time.monotonic()
+            for turn in range(5):  # five turns, each a little later, each asking for the moment 20 ms after now
+                a.set(0.02 - 0.001 * turn, since=now + 0.001 * turn)
+                a.cancel()
+            a.set(0.02, since=now)
+            await asyncio.sleep(0.05)
+            calls.append("after the moment")
+            a.set(0.01)  # a new moment: armed again
+            await asyncio.sleep(0.03)
+        finally:
+            a.close()
+        return calls, counting.armed
+
+    calls, armed = loops.run(body, "asyncio")
+    if calls is None:
+        pytest.skip("no timerfd on this platform")
+    assert calls == ["fired", "after the moment", "fired"]
+    assert len(armed) == 2 and armed[1] > armed[0]
+
+
+def test_a_cancelled_alarm_left_armed_never_calls_back() -> None:
+    # cancel leaves the timer armed; its expiry is read and dropped, and a later set for another moment fires then,
+    # not at the old one
+    async def body() -> List[tuple]:
+        calls: List[tuple] = []
+        a = Alarm(lambda: calls.append(("fired", time.monotonic())))
+        try:
+            a.set(0.005)
+            a.cancel()
+            await asyncio.sleep(0.02)  # the old moment passes: nothing fires
+            calls.append(("after cancel", time.monotonic()))
+            a.set(0.005)
+            a.cancel()
+            start = time.monotonic()
+            a.set(0.03)  # later than the kept arming: armed again for the later moment
+            await asyncio.sleep(0.06)
+            calls.append(("started", start))
+        finally:
+            a.close()
+        return calls
+
+    calls = loops.run(body, "asyncio")
+    assert [c[0] for c in calls] == ["after cancel", "fired", "started"]
+    assert calls[1][1] - calls[2][1] >= 0.03  # never early
+
+
+def test_a_moment_already_passed_fires_on_the_next_turn() -> None:
+    async def body() -> List[str]:
+        calls: List[str] = []
+        a = Alarm(lambda: calls.append("fired"))
+        try:
+            a.set(0.001, since=time.monotonic() - 1.0)
+            calls.append("set")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        finally:
+            a.close()
+        return calls
+
+    assert loops.run(body, "asyncio") == ["set", "fired"]
+
+
 def test_close_gives_the_descriptor_back() -> None:
     async def body() -> int:
         a = Alarm(lambda: None)

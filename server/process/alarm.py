@@ -8,6 +8,11 @@ asyncio's loop rounds a wait up to whole milliseconds, so a 300 us delay lasts a
 alarm is a timerfd instead, armed with nanoseconds and read by the loop like any socket: the loop sleeps until that
 moment and no longer. Elsewhere it falls back to ``call_later`` with the delay rounded up to a millisecond: late, but
 never a spin.
+
+The batcher sets the alarm on most turns of its loop and cancels it on every wake-up, and each arming is a system
+call (on a virtual machine reprogramming a timer can cost more than the rest of the turn). So the timer is armed for
+an absolute moment, rounded up to a whole microsecond, and left alone when a later turn asks for the same moment
+again; a cancel only stops the callback, and an expiry that nobody wants any more is read and dropped.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import time
 from typing import Callable, Optional
 
 _MS = 0.001
@@ -24,8 +30,9 @@ _MS = 0.001
 class _TimerFd:
     """timerfd_create / timerfd_settime from libc (the os module has them only from Python 3.13)."""
 
-    CLOCK_MONOTONIC = 1
+    CLOCK_MONOTONIC = 1  # the clock of time.monotonic_ns on Linux
     NONBLOCK_CLOEXEC = 0o4000 | 0o2000000  # TFD_NONBLOCK | TFD_CLOEXEC, as O_NONBLOCK | O_CLOEXEC
+    ABSTIME = 1  # TFD_TIMER_ABSTIME
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -39,10 +46,11 @@ class _TimerFd:
             raise OSError(ctypes.get_errno(), "timerfd_create failed")
         self.fd = fd
 
-    def arm(self, ns: int) -> None:
-        """Fires once, ``ns`` (> 0) from now; 0 disarms. Either drops an expiry not read yet."""
+    def arm_at(self, ns: int) -> None:
+        """Fires once at ``ns`` (> 0) on the monotonic clock, at once if that has passed; drops an expiry not read
+        yet."""
         self._spec[2], self._spec[3] = divmod(ns, 1_000_000_000)
-        if self._settime(self.fd, 0, self._spec_ref, None) != 0:
+        if self._settime(self.fd, self.ABSTIME, self._spec_ref, None) != 0:
             raise OSError(ctypes.get_errno(), "timerfd_settime failed")
 
 
@@ -63,44 +71,52 @@ class Alarm:
         self._callback = callback
         self._loop = asyncio.get_running_loop()
         self._timer = _timerfd()
-        self._armed = False
+        self._due = 0  # the monotonic ns the timer is armed for; 0: not armed, or its expiry was read
+        self._wanted = False  # whether the timer's expiry calls back (a cancel leaves the timer armed)
         self._handle: Optional[asyncio.Handle] = None  # a delay of 0, or the fallback's timer
         if self._timer is not None:
             self._loop.add_reader(self._timer.fd, self._fired)
 
-    def set(self, delay_s: float) -> None:
-        """Fires ``delay_s`` from now (at once, on the next loop turn, for 0 or less), replacing any earlier set."""
-        if delay_s > 0 and self._timer is not None:
-            if self._handle is not None:
-                self._handle.cancel()
-                self._handle = None
-            self._timer.arm(max(1, int(delay_s * 1e9)))  # replaces an earlier arming: no disarm first
-            self._armed = True
+    def set(self, delay_s: float, since: Optional[float] = None) -> None:
+        """Fires ``delay_s`` after ``since`` (a ``time.monotonic()`` reading; default: now), at once, on the next loop
+        turn, for a moment that has passed; replaces any earlier set. A caller that reads the clock once per turn
+        passes its reading, so the same moment asked for again finds the timer armed for it already."""
+        if self._timer is not None:
+            start = time.monotonic_ns() if since is None else int(since * 1e9)
+            due = -(-(start + int(delay_s * 1e9)) // 1000) * 1000  # rounded up to a microsecond: never early
+            if due > time.monotonic_ns():
+                if self._handle is not None:
+                    self._handle.cancel()
+                    self._handle = None
+                if due != self._due:
+                    self._timer.arm_at(due)  # replaces an earlier arming and drops an expiry not read yet
+                    self._due = due
+                self._wanted = True
+                return
+        elif delay_s > 0:
+            self.cancel()
+            self._handle = self._loop.call_later(max(delay_s, _MS), self._callback)
             return
         self.cancel()
-        if delay_s <= 0:
-            self._handle = self._loop.call_soon(self._callback)
-        else:
-            self._handle = self._loop.call_later(max(delay_s, _MS), self._callback)
+        self._handle = self._loop.call_soon(self._callback)
 
     def cancel(self) -> None:
-        """Nothing fires until the next ``set``, even an expiry the loop has not read yet."""
+        """Nothing fires until the next ``set``, even an expiry the loop has not read yet. The timer stays armed: its
+        expiry, if it comes, is read and dropped (cheaper than a disarm on every wake-up of the batcher)."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        if self._armed:
-            self._armed = False
-            assert self._timer is not None
-            self._timer.arm(0)
+        self._wanted = False
 
     def _fired(self) -> None:
         assert self._timer is not None
         try:
             os.read(self._timer.fd, 8)
-        except BlockingIOError:  # set again or cancelled after it expired, before this callback ran
+        except BlockingIOError:  # armed again after it expired, before this callback ran
             return
-        if self._armed:
-            self._armed = False
+        self._due = 0
+        if self._wanted:
+            self._wanted = False
             self._callback()
 
     def close(self) -> None:

@@ -307,7 +307,9 @@ class DynamicBatcher:
                     continue
                 # an alarm that sets the event, not asyncio.wait_for: that wraps the wait in a Task of its own and
                 # adds callbacks, on every wait of this loop (every batch under light load)
-                alarm.set(min(waits))
+                # from this turn's clock reading: a moment asked for again on a later turn (the queue delay of the
+                # same oldest request) finds the alarm armed for it already (process/alarm.py)
+                alarm.set(min(waits), since=now if self._clock is time.monotonic else None)
                 try:
                     await self._wake.wait()
                 finally:
