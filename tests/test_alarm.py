@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from typing import List
@@ -142,7 +143,9 @@ def test_the_same_moment_asked_for_again_arms_the_timer_once() -> None:
             return None, None
         counting = a._timer = _CountingTimer(a._timer)
         try:
-            now = time.monotonic()
+            # half a microsecond past a whole one: the float sums below may differ in their last bit, and the
+            # moment, rounded up to a microsecond, must come out the same each turn
+            now = math.floor(time.monotonic() * 1e6) / 1e6 + 5e-7
             for turn in range(5):  # five turns, each a little later, each asking for the moment 20 ms after now
                 a.set(0.02 - 0.001 * turn, since=now + 0.001 * turn)
                 a.cancel()
