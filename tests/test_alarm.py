@@ -191,8 +191,13 @@ def test_a_cancelled_alarm_left_armed_never_calls_back() -> None:
     assert calls[1][1] - calls[2][1] >= 0.03  # never early
 
 
-def test_a_moment_already_passed_fires_on_the_next_turn() -> None:
-    async def body() -> List[str]:
+@pytest.mark.parametrize("timerfd", [True, False])
+def test_the_delay_counts_from_since(timerfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a moment already passed fires on the next turn; one still ahead fires then, not a whole delay from the set
+    if not timerfd:
+        monkeypatch.setattr(alarm_module, "_timerfd", lambda: None)
+
+    async def body() -> tuple:
         calls: List[str] = []
         a = Alarm(lambda: calls.append("fired"))
         try:
@@ -200,11 +205,19 @@ def test_a_moment_already_passed_fires_on_the_next_turn() -> None:
             calls.append("set")
             await asyncio.sleep(0)
             await asyncio.sleep(0)
+            fired = asyncio.Event()
+            b = Alarm(fired.set)
+            start = time.monotonic()
+            b.set(1.0, since=start - 0.95)  # 50 ms from now
+            await asyncio.wait_for(fired.wait(), 0.5)
+            b.close()
+            return calls, time.monotonic() - start
         finally:
             a.close()
-        return calls
 
-    assert loops.run(body, "asyncio") == ["set", "fired"]
+    calls, took = loops.run(body, "asyncio")
+    assert calls == ["set", "fired"]
+    assert 0.049 <= took < 0.5  # the fallback rounds in the loop's clock, to its resolution
 
 
 def test_close_gives_the_descriptor_back() -> None:

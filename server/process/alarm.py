@@ -10,7 +10,7 @@ moment and no longer. Elsewhere it falls back to ``call_later`` with the delay r
 never a spin.
 
 The batcher sets the alarm on most turns of its loop and cancels it on every wake-up, and each arming is a system
-call (on a virtual machine reprogramming a timer can cost more than the rest of the turn). So the timer is armed for
+call that reprograms a kernel timer, dear beside a turn of that loop. So the timer is armed for
 an absolute moment, rounded up to a whole microsecond, and left alone when a later turn asks for the same moment
 again; a cancel only stops the callback, and an expiry that nobody wants any more is read and dropped.
 """
@@ -93,10 +93,13 @@ class Alarm:
                     self._due = due
                 self._wanted = True
                 return
-        elif delay_s > 0:
-            self.cancel()
-            self._handle = self._loop.call_later(max(delay_s, _MS), self._callback)
-            return
+        else:
+            if since is not None:
+                delay_s -= time.monotonic() - since
+            if delay_s > 0:
+                self.cancel()
+                self._handle = self._loop.call_later(max(delay_s, _MS), self._callback)
+                return
         self.cancel()
         self._handle = self._loop.call_soon(self._callback)
 
