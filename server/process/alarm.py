@@ -10,9 +10,9 @@ moment and no longer. Elsewhere it falls back to ``call_later`` with the delay r
 never a spin.
 
 The batcher sets the alarm on most turns of its loop and cancels it on every wake-up, and each arming is a system
-call that reprograms a kernel timer, dear beside a turn of that loop. So the timer is armed for
-an absolute moment, rounded up to a whole microsecond, and left alone when a later turn asks for the same moment
-again; a cancel only stops the callback, and an expiry that nobody wants any more is read and dropped.
+call that reprograms a kernel timer, costly next to the rest of a turn. So the timer is armed for an absolute moment,
+rounded up to a whole microsecond, and left alone when a later turn asks for the same moment again; a cancel only
+stops the callback, and an expiry that nobody wants any more is read and dropped.
 """
 from __future__ import annotations
 
