@@ -82,9 +82,10 @@ class Alarm:
         turn, for a moment that has passed; replaces any earlier set. A caller that reads the clock once per turn
         passes its reading, so the same moment asked for again finds the timer armed for it already."""
         if self._timer is not None:
-            start = time.monotonic_ns() if since is None else int(since * 1e9)
+            now = time.monotonic_ns()
+            start = now if since is None else int(since * 1e9)
             due = -(-(start + int(delay_s * 1e9)) // 1000) * 1000  # rounded up to a microsecond: never early
-            if due > time.monotonic_ns():
+            if due > now:
                 if self._handle is not None:
                     self._handle.cancel()
                     self._handle = None
