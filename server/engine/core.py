@@ -100,6 +100,13 @@ class EngineCore:
 
     # ---- messages -------------------------------------------------------------------------------------------------
     def _handle(self, session: Session, batch: List[tuple]) -> None:
+        if len(batch) == 1 and batch[0][0] == m.INFER:
+            # the read brought one request: no group to form, and the batcher may run it at once (a lone client)
+            try:
+                self._single.infer(session, batch[0], alone=True)
+            except Exception:  # as below: logged, and the path has answered it
+                log.exception("front end %s: handling message %r failed", session.name, m.INFER)
+            return
         alike: Optional[Dict[tuple, List[tuple]]] = None  # INFERs that may be queued together (group.py), by key
         for msg in batch:
             tag = msg[0]

@@ -59,7 +59,8 @@ class SinglePath:
         self._observer = observer
         self._successes = successes
 
-    def infer(self, session: Session, msg: tuple) -> None:
+    def infer(self, session: Session, msg: tuple, alone: bool = False) -> None:
+        """``alone``: no other request came with this one (the batcher may run it at once, see its ``queue``)."""
         (_, req_id, model, version, serial, inputs, outputs, rows, priority, timeout_us, deadline, t0, trace) = msg
         item = InFlight(self._done, session, req_id, outputs, rows, t0, trace)
         session.inflight[req_id] = item
@@ -77,7 +78,7 @@ class SinglePath:
             if trace is not None:
                 item.queued_ns = time.monotonic_ns()
             batcher.queue(item, arrays, names, rows, priority, timeout_us, deadline, device_outputs,
-                          on_dispatch=item.mark_dispatched, shapes=shapes)
+                          on_dispatch=item.mark_dispatched, shapes=shapes, at_once=alone)
         except TrtServeError as e:
             if mv is not None:
                 self._observer.request_done(mv.name, mv.version, False, e.reason, rows,

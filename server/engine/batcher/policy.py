@@ -102,8 +102,9 @@ def _merged_prefix(prefix: Sequence[Pending], rules: ShapeRules) -> Tuple[int, D
     return rows, shapes
 
 
-def _place(rules: ShapeRules, rows: int, shapes: Dict[str, Shape],
+def place(rules: ShapeRules, rows: int, shapes: Dict[str, Shape],
            free: Set[int]) -> Tuple[Optional[int], Optional[Profile]]:
+    """Rule 3: the idle instance (and its profile) a batch of these rows and shapes runs on, or (None, None)."""
     if not rules.profiles:
         return (min(free), None) if free else (None, None)
     for p in rules.fitting(rows, shapes):
@@ -133,7 +134,7 @@ def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: 
     if not pending or not (free or queueable):
         return Plan()
     batch, rows, shapes, split = _gather(pending, rules, policy.enabled)
-    instance, profile = _place(rules, rows, shapes, free)
+    instance, profile = place(rules, rows, shapes, free)
     if instance is None and queueable:
         queued = _queue_behind(batch, rows, shapes, policy, rules, queueable, split)
         if queued is not None:
@@ -141,7 +142,7 @@ def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: 
     if instance is None and len(batch) > 1:
         head = pending[0]
         batch, rows, shapes, split = [head], head.rows, dict(head.shapes), 0
-        instance, profile = _place(rules, rows, shapes, free)
+        instance, profile = place(rules, rows, shapes, free)
     if instance is None:
         return Plan()  # every fitting profile is busy: a slot's release wakes the scheduler
 
@@ -149,7 +150,7 @@ def plan(pending: Sequence[Pending], now: float, policy: BatchingPolicy, rules: 
         if len(reqs) == len(batch):
             return Plan(reqs, rows, shapes, instance, profile, split=split)
         r_rows, r_shapes = _merged_prefix(reqs, rules)  # the split entry, always the last, is not in it
-        inst, prof = _place(rules, r_rows, r_shapes, free)
+        inst, prof = place(rules, r_rows, r_shapes, free)
         return Plan(reqs, r_rows, r_shapes, inst if inst is not None else instance, prof or profile)
 
     if not policy.enabled or rows >= rules.max_batch_size:
@@ -176,7 +177,7 @@ def _queue_behind(batch: List[Pending], rows: int, shapes: Dict[str, Shape], pol
         if cut < len(batch):
             batch, split = batch[:cut], 0  # the split entry, the last, is not in the prefix
             rows, shapes = _merged_prefix(batch, rules)
-    instance, profile = _place(rules, rows, shapes, set(queueable))
+    instance, profile = place(rules, rows, shapes, set(queueable))
     if instance is None:
         return None
     return Plan(batch, rows, shapes, instance, profile, split=split)

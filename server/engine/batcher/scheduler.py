@@ -126,7 +126,7 @@ class DynamicBatcher:
               on_dispatch: Optional[Callable[[], None]] = None,
               shapes: Optional[Dict[str, Tuple[int, ...]]] = None, count: int = 1,
               member_outputs: Optional[MemberOutputs] = None,
-              members_apart: bool = False, splitter: Optional[Splitter] = None) -> None:
+              members_apart: bool = False, splitter: Optional[Splitter] = None, at_once: bool = False) -> None:
         """Queues a validated request; its answer is settled on ``ticket`` (the engine's path: no future per
         request). ``device_outputs``: outputs the backend may write straight into device memory (name ->
         pointer, bytes; CUDA shared memory). ``on_dispatch``: called when the request joins a batch on an
@@ -140,6 +140,9 @@ class DynamicBatcher:
         arena.
         ``splitter``: a batch may take only the first members of such a group (policy rule 2; see ``Splitter``);
         kept only for a group whose members have equal rows and whose inputs in pieces have one piece each.
+        ``at_once``: the caller knows of no other request arriving with this one; where the batcher would run it
+        alone on its next turn anyway, it runs here and now, and its ticket is settled before this returns (see
+        ``_at_once``).
 
         Raises (synchronously) InvalidArgument for a bad priority or a shape no profile accepts, and
         Unavailable when the model is shutting down or the priority level's queue is full.
@@ -179,11 +182,42 @@ class DynamicBatcher:
                       members_apart, splitter)
         ticket.on_cancel = self._cancel_hook
         self._contention.arrival(bool(self._delayed) or any(self._queues.values()), bool(self._running), count)
+        if at_once:
+            p = self._at_once(req, now)
+            if p is not None:
+                if on_dispatch is not None:
+                    on_dispatch()
+                self._complete(p, None, now, _Outcome.of(lambda: self._work(p)), None, release=False)
+                return
         queue.append(req)
         if deadline is not None or queue_deadline is not None:
             self._next_expiry = _earliest(self._next_expiry, deadline, queue_deadline)
         self._unreported[level] = self._unreported.get(level, 0) + count  # reported by the loop, see _report_queued
         self._wake.set()
+
+    def _at_once(self, req: Pending, now: float) -> Optional[policy.Plan]:
+        """The batch of ``req`` alone, when the batcher's next turn would run exactly that batch on the loop
+        (rule 4 with nothing else queued or running and the model not contended, on an idle instance that fits it,
+        a batch short enough for the loop); None otherwise, and the request is queued as usual. Run here, a lone
+        client's request skips the queue, the loop's turn and the batch's hand-offs between them, a good part of the
+        engine's own time per request when one is in flight (docs/architecture.md, "The engine's own cost").
+        A request of another front end read in the same turn of the loop, which the queue would have put in this batch,
+        finds the model idle again and runs on its own."""
+        if not self._inline or self._closing or self._running or self._queued() or req.count != 1:
+            return None
+        if req.deadline is not None and now >= req.deadline:
+            return None  # the queue answers it DEADLINE_EXCEEDED, unexecuted
+        row_s = self._row_s
+        if row_s is None or row_s * req.rows >= INLINE_MAX_S or self._on_thread:
+            return None
+        self._contention.look(now)
+        hold = self._contention.hold_until()
+        if hold is not None and now < hold:
+            return None  # contended: the batch waits on the queue for the requests on their way
+        instance, profile = policy.place(self._rules, req.rows, req.shapes, self._pool.free())
+        if instance is None:
+            return None
+        return policy.Plan([req], req.rows, req.shapes, instance, profile)
 
     def _report_queued(self) -> None:
         """Tells the observers about the requests queued since the last report, one call per level: the loop
@@ -540,11 +574,12 @@ class DynamicBatcher:
             offset += r.rows
         return out
 
-    def _complete(self, p: policy.Plan, seq: int, dispatched: float, f: "Union[concurrent.futures.Future, _Outcome]",
-                  done: "asyncio.Future", release: bool = True) -> None:
+    def _complete(self, p: policy.Plan, seq: Optional[int], dispatched: float,
+                  f: "Union[concurrent.futures.Future, _Outcome]", done: "Optional[asyncio.Future]",
+                  release: bool = True) -> None:
         """On the loop, once the batch's work finished (``_work``, or ``_end`` on the instance or completion
         thread): answers the batch's requests and frees the instance (``release`` False: the caller frees it with
-        ``_release`` later)."""
+        ``_release`` later, or it was never taken: a batch run at once, ``seq`` None)."""
         try:
             self._answer(p, seq, dispatched, f)
         except Exception:  # a bug while answering must not leave the batch's requests without an answer
@@ -553,7 +588,7 @@ class DynamicBatcher:
                 r.ticket.settle(error=Internal(f"model '{self.spec.name}': failed to answer the batch"))
         finally:
             if release:
-                assert p.instance is not None
+                assert p.instance is not None and seq is not None and done is not None
                 self._release(p.instance, seq, done)
 
     def _release(self, instance: int, seq: int, done: "asyncio.Future") -> None:
@@ -566,7 +601,7 @@ class DynamicBatcher:
         if self._closing or self._queued():
             self._wake.set()  # the loop plans what runs next on the freed instance (nothing queued: nothing to plan)
 
-    def _answer(self, p: policy.Plan, seq: int, dispatched: float,
+    def _answer(self, p: policy.Plan, seq: Optional[int], dispatched: float,
                 f: "Union[concurrent.futures.Future, _Outcome]") -> None:
         assert p.instance is not None
         error: Optional[BaseException] = None
@@ -589,8 +624,6 @@ class DynamicBatcher:
             self._finish(seq, lambda: [r.ticket.settle(error=error) for r in p.requests])
             return
         cin = result.compute_input_ns + extra_ns
-        self._observer.batch_done(name, version, p.rows, _requests(p), cin, result.compute_infer_ns,
-                                  result.compute_output_ns, ok=True)
 
         def answer() -> None:
             start, infer_ns, output_ns, delivered = (max(started, dispatched), result.compute_infer_ns,
@@ -599,11 +632,18 @@ class DynamicBatcher:
                 r.ticket.settle(RequestResult(outs, int((start - r.arrival) * 1e9), cin, infer_ns, output_ns, p.rows,
                                               delivered.get(i, _NOTHING_DELIVERED)))
 
-        self._finish(seq, answer)
+        try:
+            self._finish(seq, answer)
+        finally:
+            # counted once the answers are out: nothing reads the counts before this turn of the loop ends (a
+            # statistics call is handled on a later one), and with one request in flight the client waits on them
+            self._observer.batch_done(name, version, p.rows, _requests(p), cin, result.compute_infer_ns,
+                                      result.compute_output_ns, ok=True)
 
-    def _finish(self, seq: int, answer: Callable[[], object]) -> None:
-        """Answers now, or in dispatch order when preserve_ordering is set."""
-        if not self.spec.batching.preserve_ordering:
+    def _finish(self, seq: Optional[int], answer: Callable[[], object]) -> None:
+        """Answers now, or in dispatch order when preserve_ordering is set (a batch run at once, ``seq`` None, had
+        nothing before it to wait for)."""
+        if seq is None or not self.spec.batching.preserve_ordering:
             answer()
             return
         self._finished[seq] = answer
