@@ -77,6 +77,7 @@ async def test_a_lone_request_is_answered_before_queue_returns_and_counted_once(
         assert t.done() and t.times == 1 and t.error is None  # answered inside queue()
         np.testing.assert_array_equal(t.result.outputs["y"], np.full((1, 4), 2 * i, np.float32))
         assert t.result.batch_size == 1 and t.result.queue_ns >= 0
+        await asyncio.sleep(0)  # the loop's next turn frees the instance
     assert backend.batches == [1, 1, 1, 1] and rec.batches == [1, 1, 1, 1] and rec.ok == [True] * 4
     assert rec.queued == queued_before and rec.pending == 0  # never waited in a queue: never reported as pending
     after = await asyncio.wait_for(b.submit(x(), ("y",), 1), 5)  # the loop serves on as before
@@ -117,6 +118,19 @@ async def test_a_request_already_queued_is_not_overtaken_and_the_two_share_a_bat
     await settled(t)
     await settled(waiting)
     assert backend.batches[-1] == 2 and t.result.batch_size == 2 and waiting.result.batch_size == 2
+    await b.stop()
+
+
+async def test_a_request_read_in_the_same_turn_finds_the_model_in_use():
+    """The instance stays held until the loop's next turn, as after any batch run on the loop: the next request read
+    before then is queued (it would have found the first one queued) and counts as one that met another."""
+    b, backend, rec = await measured()
+    first, second = queue(b, value=1.0), queue(b, value=2.0)
+    assert first.done() and not second.done()
+    await settled(second)
+    np.testing.assert_array_equal(second.result.outputs["y"], np.full((1, 4), 4.0, np.float32))
+    assert backend.batches[-2:] == [1, 1]
+    assert queue(b).done()  # the loop turned: the model is idle again
     await b.stop()
 
 
@@ -161,6 +175,7 @@ async def test_a_failing_batch_at_once_answers_its_request_once_and_the_model_se
     assert t.done() and t.times == 1 and isinstance(t.error, Internal) and "injected failure" in str(t.error)
     assert rec.ok[-1] is False
     backend.fail_when_rows = None
+    await asyncio.sleep(0)
     ok = queue(b)
     assert ok.done() and ok.error is None and rec.ok[-1] is True
     await b.stop()

@@ -187,7 +187,7 @@ class DynamicBatcher:
             if p is not None:
                 if on_dispatch is not None:
                     on_dispatch()
-                self._complete(p, None, now, _Outcome.of(lambda: self._work(p)), None, release=False)
+                self._start(p, now)  # on the loop, answered before this returns; the instance is freed next turn
                 return
         queue.append(req)
         if deadline is not None or queue_deadline is not None:
@@ -201,8 +201,9 @@ class DynamicBatcher:
         a batch short enough for the loop); None otherwise, and the request is queued as usual. Run here, a lone
         client's request skips the queue, the loop's turn and the batch's hand-offs between them, a good part of the
         engine's own time per request when one is in flight (docs/architecture.md, "The engine's own cost").
-        A request of another front end read in the same turn of the loop, which the queue would have put in this batch,
-        finds the model idle again and runs on its own."""
+        It runs as a batch the loop dispatched does (``_start``): its instance stays held until the loop's next turn,
+        so a request read after it in the same turn finds the model in use, as it would have found it queued, and the
+        model's contention (rule 4) reads the same as without this lane."""
         if not self._inline or self._closing or self._running or self._queued() or req.count != 1:
             return None
         if req.deadline is not None and now >= req.deadline:
@@ -411,6 +412,10 @@ class DynamicBatcher:
                 r.on_dispatch()
         for level, count in levels.items():  # one observer call per level, not per request
             self._dequeued(level, count)
+        self._start(p, now)
+
+    def _start(self, p: policy.Plan, now: float) -> None:
+        """Runs a batch taken from the queue (or one run at once, ``_at_once``) on its instance."""
         assert p.instance is not None
         self._pool.acquire(p.instance)
         seq = next(self._batch_seq)
@@ -574,12 +579,11 @@ class DynamicBatcher:
             offset += r.rows
         return out
 
-    def _complete(self, p: policy.Plan, seq: Optional[int], dispatched: float,
-                  f: "Union[concurrent.futures.Future, _Outcome]", done: "Optional[asyncio.Future]",
-                  release: bool = True) -> None:
+    def _complete(self, p: policy.Plan, seq: int, dispatched: float, f: "Union[concurrent.futures.Future, _Outcome]",
+                  done: "asyncio.Future", release: bool = True) -> None:
         """On the loop, once the batch's work finished (``_work``, or ``_end`` on the instance or completion
         thread): answers the batch's requests and frees the instance (``release`` False: the caller frees it with
-        ``_release`` later, or it was never taken: a batch run at once, ``seq`` None)."""
+        ``_release`` later)."""
         try:
             self._answer(p, seq, dispatched, f)
         except Exception:  # a bug while answering must not leave the batch's requests without an answer
@@ -588,7 +592,7 @@ class DynamicBatcher:
                 r.ticket.settle(error=Internal(f"model '{self.spec.name}': failed to answer the batch"))
         finally:
             if release:
-                assert p.instance is not None and seq is not None and done is not None
+                assert p.instance is not None
                 self._release(p.instance, seq, done)
 
     def _release(self, instance: int, seq: int, done: "asyncio.Future") -> None:
@@ -601,7 +605,7 @@ class DynamicBatcher:
         if self._closing or self._queued():
             self._wake.set()  # the loop plans what runs next on the freed instance (nothing queued: nothing to plan)
 
-    def _answer(self, p: policy.Plan, seq: Optional[int], dispatched: float,
+    def _answer(self, p: policy.Plan, seq: int, dispatched: float,
                 f: "Union[concurrent.futures.Future, _Outcome]") -> None:
         assert p.instance is not None
         error: Optional[BaseException] = None
@@ -640,10 +644,9 @@ class DynamicBatcher:
             self._observer.batch_done(name, version, p.rows, _requests(p), cin, result.compute_infer_ns,
                                       result.compute_output_ns, ok=True)
 
-    def _finish(self, seq: Optional[int], answer: Callable[[], object]) -> None:
-        """Answers now, or in dispatch order when preserve_ordering is set (a batch run at once, ``seq`` None, had
-        nothing before it to wait for)."""
-        if seq is None or not self.spec.batching.preserve_ordering:
+    def _finish(self, seq: int, answer: Callable[[], object]) -> None:
+        """Answers now, or in dispatch order when preserve_ordering is set."""
+        if not self.spec.batching.preserve_ordering:
             answer()
             return
         self._finished[seq] = answer
