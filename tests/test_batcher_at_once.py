@@ -134,6 +134,20 @@ async def test_a_request_read_in_the_same_turn_finds_the_model_in_use():
     await b.stop()
 
 
+async def test_a_model_whose_requests_often_meet_is_left_to_the_queue():
+    """Half the arrivals meet another: not a lone client's requests, so the request is queued (a request of another
+    front end read in the same turn could still join it) and runs on the loop's next turn."""
+    b, backend, rec = await measured(max_queue_delay_us=1_000_000)
+    for _ in range(8):  # pairs read together: half the arrivals find another queued
+        pair = [queue(b, at_once=False), queue(b, at_once=False)]
+        for t in pair:
+            await settled(t)
+    t = queue(b)
+    assert not t.done()  # queued, not run inside queue()
+    assert (await settled(t)).result.batch_size == 1
+    await b.stop()
+
+
 async def test_a_contended_model_holds_the_request_on_the_queue():
     """Once most arrivals find others queued, a new one waits for those on their way (rule 4), at_once or not."""
     clock = Clock()

@@ -18,6 +18,10 @@ from typing import Optional
 # by before the average falls below the mark again
 WEIGHT = 0.1
 HOLD_AT = 0.5
+# below this share the model's requests are a lone client's (they seldom meet another): one may run at once,
+# inside the read that brought it (scheduler.py ``_at_once``); between it and HOLD_AT the queue decides, so that
+# requests read in the same turn of the engine's loop still share a batch
+LONE_BELOW = 0.25
 # a held batch waits past the last arrival this many of the recent gaps between arrivals (a moving average with
 # this weight)
 GAP_WEIGHT = 0.1
@@ -52,6 +56,10 @@ class Contention:
         if self._joined and self.share >= HOLD_AT and self._last is not None:
             self._gap += GAP_WEIGHT * ((now - self._last) / self._arrived - self._gap)
         self._last, self._arrived, self._joined = now, 0, False
+
+    def lone(self) -> bool:
+        """Whether recent arrivals seldom found the model in use (a lone client's)."""
+        return self.share < LONE_BELOW
 
     def hold_until(self) -> Optional[float]:
         """Until when an idle instance may hold a partial batch; None when it runs at once (not contended)."""

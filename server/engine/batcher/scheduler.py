@@ -197,8 +197,9 @@ class DynamicBatcher:
 
     def _at_once(self, req: Pending, now: float) -> Optional[policy.Plan]:
         """The batch of ``req`` alone, when the batcher's next turn would run exactly that batch on the loop
-        (rule 4 with nothing else queued or running and the model not contended, on an idle instance that fits it,
-        a batch short enough for the loop); None otherwise, and the request is queued as usual. Run here, a lone
+        (rule 4 with nothing else queued or running, on an idle instance that fits it, a batch short enough for the
+        loop) and the model's requests are a lone client's (``Contention.lone``: else a request of another front end
+        read in the same turn could still join it); None otherwise, and the request is queued as usual. Run here, a lone
         client's request skips the queue, the loop's turn and the batch's hand-offs between them, a good part of the
         engine's own time per request when one is in flight (docs/architecture.md, "The engine's own cost").
         It runs as a batch the loop dispatched does (``_start``): its instance stays held until the loop's next turn,
@@ -212,9 +213,8 @@ class DynamicBatcher:
         if row_s is None or row_s * req.rows >= INLINE_MAX_S or self._on_thread:
             return None
         self._contention.look(now)
-        hold = self._contention.hold_until()
-        if hold is not None and now < hold:
-            return None  # contended: the batch waits on the queue for the requests on their way
+        if not self._contention.lone():
+            return None  # others' requests may be on their way: the queue decides (and may hold the batch)
         instance, profile = policy.place(self._rules, req.rows, req.shapes, self._pool.free())
         if instance is None:
             return None
