@@ -7,6 +7,7 @@ on any repository; ``example_server`` is the bundled example, shared by a whole 
 from __future__ import annotations
 
 import os
+import subprocess
 
 # Tests fork subprocesses (openssl, perf_analyzer, trtserve serve, kubectl, ...) from a process that runs
 # gRPC servers and channels. Python 3.9 forks with fork() (3.10+ uses vfork), and grpcio's fork handlers
@@ -103,7 +104,6 @@ def spawn(cmd, **kwargs) -> "subprocess.CompletedProcess":
     (gRPC's fork handlers) before it execs. Python uses posix_spawn only for a full executable path,
     close_fds=False and no cwd, so callers pass absolute paths instead of cwd."""
     import shutil
-    import subprocess
 
     exe = shutil.which(cmd[0]) or cmd[0]
     return subprocess.run([exe, *cmd[1:]], close_fds=False, **kwargs)
