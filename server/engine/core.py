@@ -100,18 +100,15 @@ class EngineCore:
 
     # ---- messages -------------------------------------------------------------------------------------------------
     def _handle(self, session: Session, batch: List[tuple]) -> None:
-        if len(batch) == 1 and batch[0][0] == m.INFER:
-            # the read brought one request: no group to form, and the batcher may run it at once (a lone client)
-            try:
-                self._single.infer(session, batch[0], alone=True)
-            except Exception:  # as below: logged, and the path has answered it
-                log.exception("front end %s: handling message %r failed", session.name, m.INFER)
-            return
         alike: Optional[Dict[tuple, List[tuple]]] = None  # INFERs that may be queued together (group.py), by key
+        alone = len(batch) == 1
         for msg in batch:
             tag = msg[0]
             try:
                 if tag == m.INFER:
+                    if alone:  # the read brought one request: no group to form, and the batcher may run it at once
+                        self._single.infer(session, msg, alone=True)
+                        continue
                     k = group.key(msg)
                     if k is not None:
                         allowed = self._allowed.get(k[:3])  # (model, version asked, serial): see _groups_allowed

@@ -209,8 +209,7 @@ class DynamicBatcher:
             return None
         if req.deadline is not None and now >= req.deadline:
             return None  # the queue answers it DEADLINE_EXCEEDED, unexecuted
-        row_s = self._row_s
-        if row_s is None or row_s * req.rows >= INLINE_MAX_S or self._on_thread:
+        if not self._runs_inline(req.rows):
             return None
         self._contention.look(now)
         if not self._contention.lone():
@@ -430,7 +429,7 @@ class DynamicBatcher:
                 pass
 
         instance = p.instance
-        if self._inline and self._runs_inline(p):
+        if self._inline and self._runs_inline(p.rows):
             # answered at once, so the answers leave with this turn's writes; the instance is freed in the next
             # turn, not this one, so the loop goes back to its sockets between inline batches and a request that
             # arrived meanwhile (a higher priority) is seen before the next batch is planned
@@ -539,12 +538,12 @@ class DynamicBatcher:
         per_request = assemble.split(result.outputs, p.requests, self._unpad, self.spec.batches)
         return result, per_request, stack_ns + (time.perf_counter_ns() - t2), started
 
-    def _runs_inline(self, p: policy.Plan) -> bool:
-        """Whether the batch runs on the loop: when no batch is on the instance's thread (it must not run beside
-        this one) and this model's recent batches say it takes under INLINE_MAX_S. A model not measured yet runs
-        its first batch on the instance thread."""
+    def _runs_inline(self, rows: int) -> bool:
+        """Whether a batch of ``rows`` runs on the loop: when no batch is on the instance's thread (it must not run
+        beside this one) and this model's recent batches say it takes under INLINE_MAX_S. A model not measured yet
+        runs its first batch on the instance thread."""
         row_s = self._row_s
-        return row_s is not None and row_s * p.rows < INLINE_MAX_S and not self._on_thread
+        return row_s is not None and row_s * rows < INLINE_MAX_S and not self._on_thread
 
     def _work(self, p: policy.Plan) -> Tuple[BatchResult, Sequence[Dict[str, np.ndarray]], int, float]:
         """Both halves on the instance's thread (backends that are not pipelined, or one batch per instance)."""
